@@ -1,0 +1,63 @@
+#include "core/units.hpp"
+
+#include <cctype>
+#include <charconv>
+#include <cmath>
+#include <string>
+
+#include <fmt/format.h>
+
+#include "core/error.hpp"
+
+namespace zinf {
+
+std::uint64_t parse_bytes(std::string_view text) {
+  const auto bad = [&] {
+    return Error(ErrorKind::invalid,
+                 fmt::format("'{}' is not a byte size (examples: 4096, 64K, 16M, 4G)",
+                             text));
+  };
+  std::string_view rest = text;
+  while (!rest.empty() && std::isspace(static_cast<unsigned char>(rest.front()))) rest.remove_prefix(1);
+  while (!rest.empty() && std::isspace(static_cast<unsigned char>(rest.back()))) rest.remove_suffix(1);
+  std::size_t digits = 0;
+  while (digits < rest.size() &&
+         (std::isdigit(static_cast<unsigned char>(rest[digits])) || rest[digits] == '.')) {
+    ++digits;
+  }
+  if (digits == 0) throw bad();
+  double number = 0;
+  const auto parsed = std::from_chars(rest.data(), rest.data() + digits, number);
+  if (parsed.ec != std::errc() || parsed.ptr != rest.data() + digits || number < 0) throw bad();
+
+  std::string suffix;
+  for (char c : rest.substr(digits)) {
+    if (!std::isspace(static_cast<unsigned char>(c))) suffix += static_cast<char>(std::tolower(c));
+  }
+  std::uint64_t scale = 1;
+  if (suffix.empty() || suffix == "b") scale = 1;
+  else if (suffix == "k" || suffix == "kb" || suffix == "kib") scale = KiB;
+  else if (suffix == "m" || suffix == "mb" || suffix == "mib") scale = MiB;
+  else if (suffix == "g" || suffix == "gb" || suffix == "gib") scale = GiB;
+  else if (suffix == "t" || suffix == "tb" || suffix == "tib") scale = 1024 * GiB;
+  else throw bad();
+
+  const double bytes = number * static_cast<double>(scale);
+  if (bytes != std::floor(bytes) || bytes > 1.8e19) throw bad();
+  return static_cast<std::uint64_t>(bytes);
+}
+
+std::string format_bytes(std::uint64_t bytes) {
+  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double value = static_cast<double>(bytes);
+  int unit = 0;
+  while (value >= 1024.0 && unit < 4) {
+    value /= 1024.0;
+    ++unit;
+  }
+  if (unit == 0) return fmt::format("{} B", bytes);
+  if (value == std::floor(value)) return fmt::format("{:.0f} {}", value, kUnits[unit]);
+  return fmt::format("{:.1f} {}", value, kUnits[unit]);
+}
+
+}  // namespace zinf

@@ -1,0 +1,270 @@
+// Behaviour every engine shares, run against io_uring, posix and memory.
+#include <algorithm>
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "aio/engine.hpp"
+#include "aio/file.hpp"
+#include "aio/thread_pool_engine.hpp"
+#include "aio/uring_engine.hpp"
+#include "core/error.hpp"
+#include "pinned_pool/pinned_pool.hpp"
+#include "test_util.hpp"
+#include "zinf_config.h"
+
+namespace zinf::aio {
+namespace {
+
+using zinf::testing::aligned_bytes;
+using zinf::testing::fill_random;
+using zinf::testing::TempDir;
+
+struct EngineCase {
+  std::string kind;  // uring, posix, memory
+  AioOptions options;
+  std::string label;
+};
+
+std::unique_ptr<Engine> make(const EngineCase& c) {
+  if (c.kind == "memory") return make_memory_engine(c.options);
+  if (c.kind == "posix") return make_posix_engine(c.options);
+  return make_engine(EngineKind::uring, c.options);
+}
+
+class EngineTest : public ::testing::TestWithParam<EngineCase> {
+ protected:
+  void SetUp() override {
+#if !ZINF_HAVE_LIBURING
+    if (GetParam().kind == "uring") GTEST_SKIP() << "built without liburing";
+#endif
+    try {
+      engine_ = make(GetParam());
+    } catch (const Error& error) {
+      if (error.kind() == ErrorKind::unsupported) GTEST_SKIP() << "io_uring refused here: " << error.what();
+      throw;
+    }
+    file_ = std::make_unique<File>(File::open(dir_ / "data.bin", OpenMode::create));
+    engine_->register_file(*file_);
+  }
+  void TearDown() override {
+    if (engine_ && file_) engine_->unregister_file(*file_);
+  }
+  std::uint32_t unit() const { return std::max<std::uint32_t>(file_->offset_alignment(), 1); }
+
+  TempDir dir_;
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<File> file_;
+};
+
+TEST_P(EngineTest, WriteThenReadRandomSizesAndOffsets) {
+  std::mt19937_64 random(42);
+  const std::uint64_t u = 4096;
+  struct Extent {
+    std::uint64_t offset, length;
+  };
+  std::vector<Extent> extents;
+  std::uint64_t offset = 0;
+  for (int i = 0; i < 24; ++i) {
+    const std::uint64_t length = (1 + random() % 700) * u;  // up to ~2.7 MiB: several pieces
+    offset += (random() % 3) * u;                            // leave holes sometimes
+    extents.push_back({offset, length});
+    offset += length;
+  }
+  auto source = aligned_bytes(offset);
+  fill_random({source.get(), offset}, 7);
+  std::vector<Request> writes;
+  for (const Extent& e : extents) {
+    writes.push_back({Op::write, file_.get(), e.offset, source.get() + e.offset, e.length});
+  }
+  std::uint64_t total = 0;
+  for (const Extent& e : extents) total += e.length;
+  EXPECT_EQ(engine_->wait(engine_->submit(writes)), total);
+
+  auto back = aligned_bytes(offset);
+  std::memset(back.get(), 0xAB, offset);
+  std::vector<Ticket> tickets;
+  for (const Extent& e : extents) {
+    tickets.push_back(engine_->submit({Op::read, file_.get(), e.offset, back.get() + e.offset, e.length}));
+  }
+  std::reverse(tickets.begin(), tickets.end());  // waiting order is the caller's business
+  for (Ticket t : tickets) engine_->wait(t);
+  for (const Extent& e : extents) {
+    ASSERT_EQ(std::memcmp(source.get() + e.offset, back.get() + e.offset, e.length), 0)
+        << "extent at " << e.offset << " length " << e.length;
+  }
+}
+
+TEST_P(EngineTest, MisalignedRequestIsRefusedBeforeSubmission) {
+  if (!file_->direct()) GTEST_SKIP() << "file is not O_DIRECT here (" << file_->filesystem() << ")";
+  auto buffer = aligned_bytes(3 * 4096);
+  const auto stats_before = engine_->stats();
+  struct Case {
+    std::uint64_t offset;
+    std::size_t buffer_shift;
+    std::uint64_t length;
+  };
+  for (const Case c : {Case{1, 0, 4096}, Case{0, 1, 4096}, Case{0, 0, 100}}) {
+    try {
+      engine_->submit({Op::write, file_.get(), c.offset, buffer.get() + c.buffer_shift, c.length});
+      ADD_FAILURE() << "accepted offset " << c.offset << " shift " << c.buffer_shift;
+    } catch (const Error& error) {
+      EXPECT_EQ(error.kind(), ErrorKind::alignment);
+      EXPECT_EQ(error.context().path, file_->path());
+      EXPECT_EQ(error.context().offset_bytes, c.offset);
+    }
+  }
+  EXPECT_EQ(engine_->outstanding_tickets(), 0u);
+  EXPECT_EQ(engine_->stats().pieces_completed, stats_before.pieces_completed);
+}
+
+TEST_P(EngineTest, ReadPastEndOfFileIsAnErrorNotSuccess) {
+  auto buffer = aligned_bytes(8192);
+  std::memset(buffer.get(), 1, 8192);
+  engine_->wait(engine_->submit({Op::write, file_.get(), 0, buffer.get(), 4096}));
+  try {
+    engine_->wait(engine_->submit({Op::read, file_.get(), 0, buffer.get(), 8192}));
+    FAIL() << "a read past EOF succeeded";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.context().path, file_->path());
+    EXPECT_EQ(error.context().offset_bytes, 4096u);
+    EXPECT_NE(std::string(error.what()).find("end of file"), std::string::npos);
+  }
+}
+
+TEST_P(EngineTest, WaitingTwiceOnATicketIsRefused) {
+  auto buffer = aligned_bytes(4096);
+  const Ticket t = engine_->submit({Op::write, file_.get(), 0, buffer.get(), 4096});
+  engine_->wait(t);
+  EXPECT_THROW(engine_->wait(t), Error);
+}
+
+TEST_P(EngineTest, WaitAllCollectsEveryTicket) {
+  auto buffer = aligned_bytes(64 * 4096);
+  for (int i = 0; i < 16; ++i) {
+    engine_->submit({Op::write, file_.get(), static_cast<std::uint64_t>(i) * 4 * 4096,
+                     buffer.get() + i * 4 * 4096, 4 * 4096});
+  }
+  engine_->wait_all();
+  EXPECT_EQ(engine_->outstanding_tickets(), 0u);
+  EXPECT_EQ(engine_->stats().bytes_written, 64u * 4096);
+}
+
+TEST_P(EngineTest, ConcurrentSubmittersEachWaitOnTheirOwnTickets) {
+  constexpr int kThreads = 4;
+  constexpr std::uint64_t kSlice = 256 * 1024;
+  auto source = aligned_bytes(kThreads * kSlice);
+  fill_random({source.get(), kThreads * kSlice}, 3);
+  auto back = aligned_bytes(kThreads * kSlice);
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      try {
+        const std::uint64_t off = t * kSlice;
+        for (int round = 0; round < 8; ++round) {
+          engine_->wait(engine_->submit({Op::write, file_.get(), off, source.get() + off, kSlice}));
+          engine_->wait(engine_->submit({Op::read, file_.get(), off, back.get() + off, kSlice}));
+          if (std::memcmp(source.get() + off, back.get() + off, kSlice) != 0) ++failures;
+        }
+      } catch (...) {
+        ++failures;
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  EXPECT_EQ(failures.load(), 0);
+}
+
+TEST_P(EngineTest, PoolBuffersRegisteredWithTheEngineRoundTrip) {
+  PinnedPoolOptions pool_options;
+  pool_options.budget_bytes = 8 << 20;
+  PinnedPool pool(pool_options);
+  const MemoryRegion region = pool.region();
+  engine_->register_buffers(std::span(&region, 1));
+  {
+    PinnedBuffer out = pool.acquire(3 << 20);
+    PinnedBuffer in = pool.acquire(3 << 20);
+    fill_random(out.span(), 11);
+    engine_->wait(engine_->submit({Op::write, file_.get(), 0, out.data(), out.size()}));
+    engine_->wait(engine_->submit({Op::read, file_.get(), 0, in.data(), in.size()}));
+    EXPECT_EQ(std::memcmp(out.data(), in.data(), out.size()), 0);
+  }
+#if ZINF_HAVE_LIBURING
+  if (auto* uring = dynamic_cast<UringEngine*>(engine_.get())) {
+    EXPECT_TRUE(uring->fixed_buffers_enabled()) << uring->description();
+  }
+#endif
+  engine_->unregister_buffers();
+}
+
+TEST_P(EngineTest, RegisteringBuffersWhileBusyIsRefused) {
+  auto buffer = aligned_bytes(4 << 20);
+  const Ticket t = engine_->submit({Op::write, file_.get(), 0, buffer.get(), 4 << 20});
+  const MemoryRegion region{buffer.get(), 4 << 20};
+  if (dynamic_cast<ThreadPoolEngine*>(engine_.get()) == nullptr && !engine_->ready(t)) {
+    EXPECT_THROW(engine_->register_buffers(std::span(&region, 1)), Error);
+  }
+  engine_->wait(t);
+}
+
+AioOptions options(std::uint64_t block, std::uint32_t depth, std::uint32_t threads,
+                   bool single = false, bool overlap = true) {
+  AioOptions o;
+  o.block_size = block;
+  o.queue_depth = depth;
+  o.intra_op_parallelism = threads;
+  o.single_submit = single;
+  o.overlap_events = overlap;
+  return o;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Engines, EngineTest,
+    ::testing::Values(
+        EngineCase{"uring", options(64 << 10, 8, 1), "uring_64K_qd8"},
+        EngineCase{"uring", options(128 << 10, 4, 2, true, true), "uring_2rings_single_submit"},
+        EngineCase{"uring", options(256 << 10, 16, 2, false, false), "uring_batch_waits"},
+        EngineCase{"uring", options(1 << 20, 32, 1), "uring_1M_qd32"},
+        EngineCase{"posix", options(64 << 10, 4, 2), "posix"},
+        EngineCase{"memory", options(64 << 10, 4, 1), "memory"}),
+    [](const auto& info) { return info.param.label; });
+
+TEST(EngineOptions, OutOfRangeOptionsNameTheAioKey) {
+  AioOptions o;
+  o.block_size = 1000;
+  try {
+    make_posix_engine(o);
+    FAIL();
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::config);
+    EXPECT_EQ(error.context().key_path, "aio.block_size");
+  }
+  o = AioOptions{};
+  o.queue_depth = 0;
+  EXPECT_THROW(make_posix_engine(o), Error);
+  o = AioOptions{};
+  o.intra_op_parallelism = 0;
+  EXPECT_THROW(make_posix_engine(o), Error);
+}
+
+TEST(EngineKinds, ParseNamesAndRejectOthers) {
+  EXPECT_EQ(parse_engine_kind("auto"), EngineKind::automatic);
+  EXPECT_EQ(parse_engine_kind("uring"), EngineKind::uring);
+  EXPECT_EQ(parse_engine_kind("posix"), EngineKind::posix);
+  EXPECT_THROW(parse_engine_kind("libaio"), Error);
+}
+
+TEST(EngineWrites, WriteToReadOnlyFileIsRefused) {
+  TempDir dir;
+  File::open(dir / "a", OpenMode::create);
+  File file = File::open(dir / "a", OpenMode::read_only);
+  auto engine = make_posix_engine(AioOptions{});
+  auto buffer = aligned_bytes(4096);
+  EXPECT_THROW(engine->submit({Op::write, &file, 0, buffer.get(), 4096}), Error);
+}
+
+}  // namespace
+}  // namespace zinf::aio

@@ -1,0 +1,91 @@
+// Helpers shared by the test suites: scratch directories on a disk-backed
+// filesystem, aligned buffers, seeded random bytes.
+#pragma once
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <random>
+#include <span>
+#include <string>
+
+namespace zinf::testing {
+
+// A fresh directory (0700) removed with its contents at scope exit. Lives
+// under $ZINF_TEST_DIR, else /var/tmp: /tmp may be tmpfs, which has no
+// O_DIRECT.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& parent = "") {
+    std::string base = parent;
+    if (base.empty()) {
+      const char* env = std::getenv("ZINF_TEST_DIR");
+      base = env != nullptr ? env : "/var/tmp";
+    }
+    std::string pattern = base + "/zinf-test.XXXXXX";
+    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp " + pattern);
+    path_ = pattern;
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+struct FreeDeleter {
+  void operator()(std::byte* p) const { std::free(p); }
+};
+using AlignedBytes = std::unique_ptr<std::byte[], FreeDeleter>;
+
+inline AlignedBytes aligned_bytes(std::size_t bytes, std::size_t alignment = 4096) {
+  const std::size_t rounded = (bytes + alignment - 1) / alignment * alignment;
+  return AlignedBytes(static_cast<std::byte*>(std::aligned_alloc(alignment, rounded == 0 ? alignment : rounded)));
+}
+
+inline void fill_random(std::span<std::byte> bytes, std::uint64_t seed) {
+  std::mt19937_64 random(seed);
+  std::size_t i = 0;
+  for (; i + 8 <= bytes.size(); i += 8) {
+    const std::uint64_t word = random();
+    std::memcpy(bytes.data() + i, &word, 8);
+  }
+  for (; i < bytes.size(); ++i) bytes[i] = static_cast<std::byte>(random());
+}
+
+// Runs `body` in a forked child and returns its exit status (or 128 + the
+// signal). For tests that change process-wide state: seccomp filters,
+// capabilities, resource limits.
+inline int run_in_child(const std::function<int()>& body) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    int code = 99;
+    try {
+      code = body();
+    } catch (...) {
+      code = 98;
+    }
+    std::fflush(nullptr);
+    ::_exit(code);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  return 128 + WTERMSIG(status);
+}
+
+}  // namespace zinf::testing
