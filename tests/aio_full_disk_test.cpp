@@ -3,10 +3,6 @@
 // end must fail with a no_space error naming the file, and data written
 // before must read back intact. Needs root and a loop device; skips saying
 // so otherwise.
-#include <sys/mount.h>
-#include <unistd.h>
-
-#include <cstdlib>
 #include <cstring>
 
 #include <gtest/gtest.h>
@@ -21,50 +17,8 @@ namespace {
 
 using zinf::testing::aligned_bytes;
 using zinf::testing::fill_random;
+using zinf::testing::SmallFilesystem;
 using zinf::testing::TempDir;
-
-class SmallFilesystem {
- public:
-  // kind: "ext4" (loop image) or "tmpfs".
-  SmallFilesystem(const std::string& kind, std::uint64_t megabytes) : kind_(kind) {
-    mount_point_ = dir_.path() / "mnt";
-    std::filesystem::create_directory(mount_point_);
-    if (::geteuid() != 0) {
-      skip_reason_ = "needs root to mount a small filesystem";
-      return;
-    }
-    if (kind == "tmpfs") {
-      const std::string options = "size=" + std::to_string(megabytes) + "m";
-      if (::mount("tmpfs", mount_point_.c_str(), "tmpfs", 0, options.c_str()) != 0) {
-        skip_reason_ = std::string("mount tmpfs failed: ") + std::strerror(errno);
-        return;
-      }
-    } else {
-      const std::string image = (dir_.path() / "fs.img").string();
-      const std::string command = "truncate -s " + std::to_string(megabytes) + "M " + image +
-                                  " && mkfs.ext4 -q -F -O ^has_journal " + image +
-                                  " >/dev/null 2>&1 && mount -o loop " + image + " " +
-                                  mount_point_.string() + " 2>/dev/null";
-      if (std::system(command.c_str()) != 0) {
-        skip_reason_ = "could not make and loop-mount an ext4 image (mkfs.ext4, loop devices)";
-        return;
-      }
-    }
-    mounted_ = true;
-  }
-  ~SmallFilesystem() {
-    if (mounted_) ::umount2(mount_point_.c_str(), MNT_DETACH);
-  }
-  const std::string& skip_reason() const { return skip_reason_; }
-  const std::filesystem::path& path() const { return mount_point_; }
-
- private:
-  std::string kind_;
-  TempDir dir_;
-  std::filesystem::path mount_point_;
-  bool mounted_ = false;
-  std::string skip_reason_;
-};
 
 void fill_until_full(const std::string& kind) {
   SmallFilesystem fs(kind, 24);

@@ -2,6 +2,7 @@
 // filesystem, aligned buffers, seeded random bytes.
 #pragma once
 
+#include <sys/mount.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -9,6 +10,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <cerrno>
 #include <stdexcept>
 #include <filesystem>
 #include <functional>
@@ -87,5 +89,51 @@ inline int run_in_child(const std::function<int()>& body) {
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   return 128 + WTERMSIG(status);
 }
+
+// A small filesystem mounted for the test's lifetime: a real full disk or a
+// read-only one. Needs root and loop devices; skip_reason() says why not.
+class SmallFilesystem {
+ public:
+  // kind: "ext4" (loop image), "tmpfs" or "tmpfs-ro" (read-only).
+  SmallFilesystem(const std::string& kind, std::uint64_t megabytes) : kind_(kind) {
+    mount_point_ = dir_.path() / "mnt";
+    std::filesystem::create_directory(mount_point_);
+    if (::geteuid() != 0) {
+      skip_reason_ = "needs root to mount a small filesystem";
+      return;
+    }
+    if (kind == "tmpfs" || kind == "tmpfs-ro") {
+      const std::string options = "size=" + std::to_string(megabytes) + "m";
+      const unsigned long flags = kind == "tmpfs-ro" ? MS_RDONLY : 0;
+      if (::mount("tmpfs", mount_point_.c_str(), "tmpfs", flags, options.c_str()) != 0) {
+        skip_reason_ = std::string("mount tmpfs failed: ") + std::strerror(errno);
+        return;
+      }
+    } else {
+      const std::string image = (dir_.path() / "fs.img").string();
+      const std::string command = "truncate -s " + std::to_string(megabytes) + "M " + image +
+                                  " && mkfs.ext4 -q -F -O ^has_journal " + image +
+                                  " >/dev/null 2>&1 && mount -o loop " + image + " " +
+                                  mount_point_.string() + " 2>/dev/null";
+      if (std::system(command.c_str()) != 0) {
+        skip_reason_ = "could not make and loop-mount an ext4 image (mkfs.ext4, loop devices)";
+        return;
+      }
+    }
+    mounted_ = true;
+  }
+  ~SmallFilesystem() {
+    if (mounted_) ::umount2(mount_point_.c_str(), MNT_DETACH);
+  }
+  const std::string& skip_reason() const { return skip_reason_; }
+  const std::filesystem::path& path() const { return mount_point_; }
+
+ private:
+  std::string kind_;
+  TempDir dir_;
+  std::filesystem::path mount_point_;
+  bool mounted_ = false;
+  std::string skip_reason_;
+};
 
 }  // namespace zinf::testing

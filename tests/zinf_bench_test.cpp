@@ -1,0 +1,171 @@
+// zinf-bench as a user runs it: bad directories get one line and a non-zero
+// exit, a real run writes the JSON records it promises, and its scratch
+// files are gone afterwards, also after Ctrl-C.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "test_util.hpp"
+
+namespace {
+
+using zinf::testing::SmallFilesystem;
+using zinf::testing::TempDir;
+
+struct Outcome {
+  int exit_code;
+  std::string out;
+  std::string err;
+};
+
+std::string slurp(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+const char* bench_binary() {
+  const char* path = std::getenv("ZINF_BENCH");
+  return path != nullptr ? path : "zinf-bench";
+}
+
+Outcome run_bench(const std::string& arguments) {
+  TempDir logs;
+  const std::string command = std::string(bench_binary()) + " --no-progress " + arguments + " >" +
+                              (logs / "out").string() + " 2>" + (logs / "err").string();
+  const int status = std::system(command.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, slurp(logs / "out"), slurp(logs / "err")};
+}
+
+int count_lines(const std::string& text) {
+  int lines = 0;
+  for (char c : text) lines += c == '\n';
+  return lines;
+}
+
+bool has_scratch(const std::filesystem::path& dir) {
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    if (entry.path().filename().string().rfind("zinf-bench.", 0) == 0) return true;
+  }
+  return false;
+}
+
+TEST(ZinfBench, MissingDirectoryIsOneLineAndNonZero) {
+  TempDir dir;
+  const Outcome o = run_bench("--nvme " + (dir / "nope").string());
+  EXPECT_EQ(o.exit_code, 1);
+  EXPECT_NE(o.err.find("does not exist"), std::string::npos) << o.err;
+  EXPECT_EQ(count_lines(o.err), 1) << o.err;
+}
+
+TEST(ZinfBench, AFileIsNotADirectory) {
+  TempDir dir;
+  std::ofstream(dir / "file") << "x";
+  const Outcome o = run_bench("--nvme " + (dir / "file").string());
+  EXPECT_EQ(o.exit_code, 1);
+  EXPECT_NE(o.err.find("is not a directory"), std::string::npos) << o.err;
+}
+
+TEST(ZinfBench, ReadOnlyDirectoryIsRefused) {
+  SmallFilesystem fs("tmpfs-ro", 4);
+  if (!fs.skip_reason().empty()) GTEST_SKIP() << fs.skip_reason();
+  const Outcome o = run_bench("--nvme " + fs.path().string());
+  EXPECT_EQ(o.exit_code, 1);
+  EXPECT_NE(o.err.find("cannot create files"), std::string::npos) << o.err;
+  EXPECT_NE(o.err.find("EROFS"), std::string::npos) << o.err;
+  EXPECT_EQ(count_lines(o.err), 1) << o.err;
+}
+
+TEST(ZinfBench, DirectoryWithoutODirectIsRefused) {
+  TempDir dir("/dev/shm");
+  const Outcome o = run_bench("--nvme " + dir.path().string());
+  EXPECT_EQ(o.exit_code, 1);
+  EXPECT_NE(o.err.find("no O_DIRECT support"), std::string::npos) << o.err;
+  EXPECT_EQ(count_lines(o.err), 1) << o.err;
+  EXPECT_FALSE(has_scratch(dir.path()));
+}
+
+TEST(ZinfBench, TooFullDirectoryIsRefusedBeforeWriting) {
+  SmallFilesystem fs("ext4", 24);
+  if (!fs.skip_reason().empty()) GTEST_SKIP() << fs.skip_reason();
+  const Outcome o = run_bench("--nvme " + fs.path().string() + " --size 1G");
+  EXPECT_EQ(o.exit_code, 1);
+  EXPECT_NE(o.err.find("free; this run needs"), std::string::npos) << o.err;
+  EXPECT_EQ(count_lines(o.err), 1) << o.err;
+  EXPECT_FALSE(has_scratch(fs.path()));
+}
+
+TEST(ZinfBench, BadOptionValuesAreRejected) {
+  EXPECT_NE(run_bench("--engine libaio").exit_code, 0);
+  TempDir dir;
+  const Outcome o = run_bench("--nvme " + dir.path().string() + " --block-size 1000");
+  EXPECT_EQ(o.exit_code, 1);
+  EXPECT_NE(o.err.find("aio.block_size"), std::string::npos) << o.err;
+}
+
+TEST(ZinfBench, RunWritesJsonRecordsAndCleansUp) {
+  TempDir a;
+  TempDir b;
+  TempDir out;
+  const std::string json = (out / "r.json").string();
+  const Outcome o = run_bench("--nvme " + a.path().string() + " " + b.path().string() +
+                              " --size 64M --block-size 1M --queue-depth 4 --repeat 1 --json " + json);
+  ASSERT_EQ(o.exit_code, 0) << o.err;
+  EXPECT_NE(o.out.find("\"aio\": {"), std::string::npos) << o.out;
+  const auto doc = nlohmann::json::parse(slurp(json));
+  ASSERT_EQ(doc["records"].size(), 2u);
+  for (const auto& record : doc["records"]) {
+    for (const char* key : {"op", "engine", "block_size", "queue_depth", "intra_op_parallelism",
+                            "bytes", "seconds", "gb_per_s", "cpu_seconds"}) {
+      EXPECT_TRUE(record.contains(key)) << key;
+    }
+    EXPECT_EQ(record["bytes"], 64u << 20);
+    EXPECT_EQ(record["block_size"], 1u << 20);
+    EXPECT_GT(record["gb_per_s"].get<double>(), 0.0);
+  }
+  EXPECT_EQ(doc["records"][0]["op"], "write");
+  EXPECT_EQ(doc["records"][1]["op"], "read");
+  EXPECT_EQ(doc["recommended_aio"]["block_size"], 1u << 20);
+  EXPECT_EQ(doc["recommended_aio"]["queue_depth"], 4);
+  EXPECT_FALSE(has_scratch(a.path()));
+  EXPECT_FALSE(has_scratch(b.path()));
+}
+
+TEST(ZinfBench, CtrlCRemovesScratchFiles) {
+  TempDir dir;
+  TempDir logs;
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    std::freopen((logs / "err").c_str(), "w", stderr);
+    std::freopen("/dev/null", "w", stdout);
+    ::execl(bench_binary(), bench_binary(), "--no-progress", "--nvme", dir.path().c_str(),
+            "--size", "8G", "--block-size", "64K", "--queue-depth", "1", "--pool", "16M",
+            static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  // Wait until it has started writing, then interrupt it.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!has_scratch(dir.path()) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  ::kill(pid, SIGINT);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status)) << slurp(logs / "err");
+  EXPECT_EQ(WEXITSTATUS(status), 130) << slurp(logs / "err");
+  EXPECT_NE(slurp(logs / "err").find("interrupted"), std::string::npos);
+  EXPECT_FALSE(has_scratch(dir.path()));
+}
+
+}  // namespace

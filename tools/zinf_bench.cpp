@@ -1,0 +1,277 @@
+// zinf-bench: the bandwidth profiler users run first. `zinf-bench --nvme DIR`
+// (the `io` sub-command, the default) measures sequential O_DIRECT write and
+// read GB/s and CPU seconds per GB through zinf's own engines, and ends with
+// the DeepSpeed "aio" block to paste into a config. Later sub-commands
+// (adam, swap) join it here.
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include "core/error.hpp"
+#include "core/log.hpp"
+#include "core/units.hpp"
+#include "tools/io_bench.hpp"
+#include "zinf_config.h"
+
+namespace {
+
+using zinf::Error;
+using zinf::ErrorKind;
+using zinf::GiB;
+using zinf::MiB;
+using zinf::bench::IoSetting;
+using zinf::bench::PassResult;
+
+std::atomic<bool> g_interrupted{false};
+
+extern "C" void on_signal(int) { g_interrupted.store(true); }
+
+void install_signal_handlers() {
+  struct sigaction action {};
+  action.sa_handler = on_signal;
+  sigemptyset(&action.sa_mask);
+  for (int signal : {SIGINT, SIGTERM, SIGHUP}) sigaction(signal, &action, nullptr);
+}
+
+struct IoArgs {
+  std::vector<std::string> nvme;
+  std::string engine = "auto";
+  std::string size = "4G";
+  std::string block_size;
+  std::optional<std::uint32_t> queue_depth;
+  std::optional<std::uint32_t> threads;
+  bool single_submit = false;
+  bool no_overlap_events = false;
+  bool sqpoll = false;
+  bool sweep = false;
+  int repeat = 0;  // 0: 2 for a plain run, 1 for a sweep
+  std::string json_path;
+  std::string pool = "1G";
+  bool no_progress = false;
+};
+
+class ProgressBar {
+ public:
+  explicit ProgressBar(bool enabled) : enabled_(enabled) {}
+  ~ProgressBar() { clear(); }
+  void update(const std::string& what, std::uint64_t done, std::uint64_t total, double gbps) {
+    if (!enabled_) return;
+    constexpr int kWidth = 30;
+    const int filled = total == 0 ? kWidth : static_cast<int>(kWidth * done / total);
+    std::fprintf(stderr, "\r\033[K  %-42s [%s%s] %3d%%  %6.2f GB/s", what.c_str(),
+                 std::string(static_cast<std::size_t>(filled), '#').c_str(),
+                 std::string(static_cast<std::size_t>(kWidth - filled), '.').c_str(),
+                 total == 0 ? 100 : static_cast<int>(100 * done / total), gbps);
+    std::fflush(stderr);
+    dirty_ = true;
+  }
+  void clear() {
+    if (enabled_ && dirty_) {
+      std::fprintf(stderr, "\r\033[K");
+      std::fflush(stderr);
+      dirty_ = false;
+    }
+  }
+
+ private:
+  bool enabled_;
+  bool dirty_ = false;
+};
+
+IoSetting base_setting(const IoArgs& args) {
+  IoSetting s;
+  s.engine = zinf::aio::parse_engine_kind(args.engine);
+  s.aio.single_submit = args.single_submit;
+  s.aio.overlap_events = !args.no_overlap_events;
+  s.aio.use_sqpoll = args.sqpoll;
+  if (!args.block_size.empty()) s.aio.block_size = zinf::parse_bytes(args.block_size);
+  if (args.queue_depth) s.aio.queue_depth = *args.queue_depth;
+  if (args.threads) s.aio.intra_op_parallelism = *args.threads;
+  return s;
+}
+
+IoSetting with(IoSetting s, std::uint64_t block, std::uint32_t depth, std::uint32_t threads) {
+  s.aio.block_size = block;
+  s.aio.queue_depth = depth;
+  s.aio.intra_op_parallelism = threads;
+  return s;
+}
+
+void print_row(const PassResult& r) {
+  fmt::print("{:<6} {:<8} {:>5} {:>7}  {:<6} {:<10} {:>8.2f} {:>10.4f}   {}\n",
+             zinf::aio::to_string(r.op), zinf::format_bytes(r.setting.aio.block_size),
+             r.setting.aio.queue_depth, r.setting.aio.intra_op_parallelism,
+             r.setting.aio.single_submit ? "single" : "batch",
+             r.setting.aio.overlap_events ? "overlap" : "no-overlap", r.gb_per_s(),
+             r.cpu_seconds_per_gb(), r.engine);
+  std::fflush(stdout);
+}
+
+int run_io(const IoArgs& args) {
+  std::vector<std::filesystem::path> dirs;
+  if (args.nvme.empty()) {
+    const char* env = std::getenv("ZINF_BENCH_DIR");
+    dirs.emplace_back(env != nullptr ? env : "/var/tmp");
+    zinf::log().info("no --nvme given: measuring {} (pass --nvme DIR for your NVMe directory)",
+                     dirs.front().string());
+  } else {
+    for (const auto& d : args.nvme) dirs.emplace_back(d);
+  }
+  const std::uint64_t bytes = zinf::align_up(zinf::parse_bytes(args.size), 16 * MiB);
+  if (bytes == 0) throw Error(ErrorKind::invalid, "--size must be positive");
+  const IoSetting base = base_setting(args);
+  zinf::aio::validate(base.aio);
+  const bool explicit_setting = !args.block_size.empty() || args.queue_depth || args.threads;
+  const int repeats = args.repeat > 0 ? args.repeat : (args.sweep ? 1 : 2);
+
+  zinf::bench::ScratchSpace scratch(dirs, bytes);
+  const std::uint64_t pool_bytes = std::min(zinf::parse_bytes(args.pool), bytes);
+  ProgressBar bar(!args.no_progress && ::isatty(STDERR_FILENO) != 0);
+  zinf::bench::Progress progress;
+  progress.update = [&](const std::string& what, std::uint64_t done, std::uint64_t total, double gbps) {
+    bar.update(what, done, total, gbps);
+  };
+  progress.interrupted = &g_interrupted;
+  zinf::bench::IoBench bench(scratch, bytes, pool_bytes, progress);
+
+  std::string paths;
+  for (const auto& d : dirs) paths += (paths.empty() ? "" : ", ") + d.string();
+  fmt::print("zinf-bench io {}: {} ({}, O_DIRECT alignment {} B), {} per pass over {} path(s), "
+             "median of {}; GB = 1e9 bytes\n",
+             ZINF_VERSION, paths, scratch.filesystem(), scratch.alignment(),
+             zinf::format_bytes(bytes), dirs.size(), repeats);
+
+  const PassResult layout = bench.lay_out();
+  bar.clear();
+  fmt::print("laid out {} at {:.2f} GB/s (first write into allocated blocks)\n\n",
+             zinf::format_bytes(bytes), layout.gb_per_s());
+  fmt::print("{:<6} {:<8} {:>5} {:>7}  {:<6} {:<10} {:>8} {:>10}   {}\n", "op", "block", "depth",
+             "threads", "submit", "events", "GB/s", "CPU s/GB", "engine");
+
+  std::vector<std::pair<PassResult, PassResult>> results;
+  const auto run = [&](const IoSetting& setting) -> const std::pair<PassResult, PassResult>& {
+    results.push_back(bench.measure(setting, repeats));
+    bar.clear();
+    print_row(results.back().first);
+    print_row(results.back().second);
+    return results.back();
+  };
+
+  if (explicit_setting && !args.sweep) {
+    run(base);
+  } else if (!args.sweep) {
+    // A bare run: DeepSpeed's usual 1 MiB pieces and the large pieces this
+    // class of disk needs to reach its best.
+    for (const auto& [block, depth] : std::vector<std::pair<std::uint64_t, std::uint32_t>>{
+             {1 * MiB, 32}, {4 * MiB, 32}, {16 * MiB, 32}, {16 * MiB, 64}}) {
+      run(with(base, block, depth, 1));
+    }
+  } else {
+    // Stage 1: block size x depth on one ring. Stage 2: more rings at the
+    // best. Stage 3: submission and reaping modes at the best.
+    for (std::uint64_t block : {256 * zinf::KiB, 1 * MiB, 4 * MiB, 16 * MiB}) {
+      for (std::uint32_t depth : {8u, 32u, 64u, 128u}) run(with(base, block, depth, 1));
+    }
+    IoSetting best = best_of(results).first.setting;
+    for (std::uint32_t threads : {2u, 4u}) {
+      run(with(best, best.aio.block_size, best.aio.queue_depth, threads));
+    }
+    best = best_of(results).first.setting;
+    IoSetting single = best;
+    single.aio.single_submit = true;
+    run(single);
+    IoSetting batch_waits = best;
+    batch_waits.aio.overlap_events = false;
+    run(batch_waits);
+  }
+
+  const auto& best = best_of(results);
+  const nlohmann::ordered_json block = zinf::bench::aio_block(best.first.setting);
+  fmt::print("\nbest write + read: {} ({:.2f} GB/s write, {:.2f} GB/s read)\n",
+             best.first.setting.label(), best.first.gb_per_s(), best.second.gb_per_s());
+  fmt::print("paste into your DeepSpeed config:\n\"aio\": {}\n", block.dump(2));
+
+  if (!args.json_path.empty()) {
+    nlohmann::ordered_json out;
+    out["tool"] = "zinf-bench io";
+    out["version"] = ZINF_VERSION;
+    out["directories"] = args.nvme.empty() ? std::vector<std::string>{dirs.front().string()} : args.nvme;
+    out["filesystem"] = scratch.filesystem();
+    out["bytes_per_pass"] = bytes;
+    out["repeats"] = repeats;
+    out["layout"] = layout.to_json();
+    nlohmann::json records = nlohmann::json::array();
+    for (const auto& [write, read] : results) {
+      records.push_back(write.to_json());
+      records.push_back(read.to_json());
+    }
+    out["records"] = records;
+    out["recommended_aio"] = block;
+    std::ofstream file(args.json_path);
+    if (!file) zinf::throw_path_error("open", args.json_path, errno);
+    file << out.dump(2) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"zinf-bench: profile NVMe bandwidth for ZeRO-Infinity offload and recommend "
+               "DeepSpeed's \"aio\" settings"};
+  app.set_version_flag("--version", std::string(ZINF_VERSION));
+  IoArgs io;
+  // The io options live on the app so `zinf-bench --nvme DIR` works without
+  // naming the sub-command; `io` falls through to them.
+  app.add_option("--nvme", io.nvme, "directories to measure, one per NVMe drive (striped); "
+                                    "default $ZINF_BENCH_DIR or /var/tmp");
+  app.add_option("--engine", io.engine, "auto (io_uring, posix fallback), uring or posix")
+      ->check(CLI::IsMember({"auto", "uring", "posix"}));
+  app.add_option("--size", io.size, "bytes per pass over all paths, e.g. 4G (default 4G)");
+  app.add_option("--block-size", io.block_size, "bytes per I/O piece, e.g. 1M (aio.block_size)");
+  app.add_option("--queue-depth", io.queue_depth, "pieces in flight per ring (aio.queue_depth)");
+  app.add_option("--threads", io.threads, "rings/threads (aio.intra_op_parallelism)");
+  app.add_flag("--single-submit", io.single_submit, "submit pieces one by one (aio.single_submit)");
+  app.add_flag("--no-overlap-events", io.no_overlap_events,
+               "wait for whole batches (aio.overlap_events: false)");
+  app.add_flag("--sqpoll", io.sqpoll, "io_uring SQPOLL (takes a core)");
+  app.add_flag("--sweep", io.sweep, "try block size x depth x threads x submit modes");
+  app.add_option("--repeat", io.repeat, "passes per setting, median reported (default 2; sweep 1)");
+  app.add_option("--json", io.json_path, "write one record per measured setting to FILE");
+  app.add_option("--pool", io.pool, "pinned buffer size (default 1G, at most --size)");
+  app.add_flag("--no-progress", io.no_progress, "no progress bar");
+  CLI::App* io_command = app.add_subcommand("io", "sequential write/read bandwidth (default)");
+  io_command->fallthrough();
+  app.require_subcommand(0, 1);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& error) {
+    return app.exit(error);
+  }
+  install_signal_handlers();
+  try {
+    return run_io(io);
+  } catch (const Error& error) {
+    std::fflush(stdout);
+    if (error.kind() == ErrorKind::cancelled) {
+      std::fprintf(stderr, "\nzinf-bench: interrupted; scratch files removed\n");
+      return 130;
+    }
+    std::fprintf(stderr, "zinf-bench: error: %s\n", error.what());
+    return 1;
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "zinf-bench: error: %s\n", error.what());
+    return 1;
+  }
+}
