@@ -108,8 +108,10 @@ PinnedPool::PinnedPool(const PinnedPoolOptions& options) : options_(options) {
                     : start;
   if (want_huge) huge_pages_ = ::madvise(base_, capacity_bytes_, MADV_HUGEPAGE) == 0;
 
-  // mlock faults every page in, so pinned memory is pre-faulted too.
-  if (::mlock(base_, capacity_bytes_) == 0) {
+  // mlock faults every page in, so pinned memory is pre-faulted too. The
+  // raw system call, because the sanitizers replace mlock() with a no-op
+  // that reports success, which would hide a low RLIMIT_MEMLOCK under test.
+  if (::syscall(SYS_mlock, base_, capacity_bytes_) == 0) {
     page_locked_ = true;
   } else {
     const int error = errno;
@@ -143,7 +145,7 @@ PinnedPool::~PinnedPool() {
                 "pinned pool destroyed while leases are still out");
   }
   if (cuda_registered_) cuda_host_unregister(base_);
-  if (page_locked_) ::munlock(base_, capacity_bytes_);
+  if (page_locked_) ::syscall(SYS_munlock, base_, capacity_bytes_);
   ::munmap(mapping_, mapped_bytes_);
 }
 
