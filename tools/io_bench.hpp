@@ -69,8 +69,11 @@ struct Progress {
 class IoBench {
  public:
   // `bytes` is the logical size of the striped data set.
+  // huge_pages: back the buffers with 2 MiB pages where the kernel offers
+  // them (the default, as the pinned pool does); off shows what 4 KiB pages
+  // cost, which is how most other tools (fio, DeepSpeed) allocate.
   IoBench(const ScratchSpace& scratch, std::uint64_t bytes, std::uint64_t pool_bytes,
-          Progress progress);
+          Progress progress, bool huge_pages = true);
   ~IoBench();
 
   // Writes the whole data set once so later passes overwrite allocated
@@ -96,8 +99,17 @@ class IoBench {
 
 // The setting with the least write + read time (ZeRO-Infinity moves each
 // byte both ways). `results` holds (write, read) pairs.
-const std::pair<PassResult, PassResult>& best_of(
+const std::pair<PassResult, PassResult>& fastest(
     const std::vector<std::pair<PassResult, PassResult>>& results);
+
+// The setting to recommend: among those within `tolerance` (0.05 = 5 %) of
+// the fastest write + read time, the one with the fewest bytes in flight
+// (then fewest threads): pinned memory and cores are what offload runs
+// short of, and differences that small are noise on a shared disk.
+const std::pair<PassResult, PassResult>& best_of(
+    const std::vector<std::pair<PassResult, PassResult>>& results, double tolerance = 0.05);
+
+std::uint64_t in_flight_bytes(const IoSetting& setting);
 
 // DeepSpeed's "aio" block for a setting.
 nlohmann::ordered_json aio_block(const IoSetting& setting);

@@ -1,0 +1,61 @@
+// The recommendation rule of zinf-bench io (tools/io_bench.hpp).
+#include <gtest/gtest.h>
+
+#include "core/units.hpp"
+#include "tools/io_bench.hpp"
+
+namespace zinf::bench {
+namespace {
+
+std::pair<PassResult, PassResult> result(std::uint64_t block, std::uint32_t depth,
+                                         std::uint32_t threads, double write_s, double read_s) {
+  std::pair<PassResult, PassResult> r;
+  for (PassResult* p : {&r.first, &r.second}) {
+    p->setting.aio.block_size = block;
+    p->setting.aio.queue_depth = depth;
+    p->setting.aio.intra_op_parallelism = threads;
+    p->bytes = GiB;
+  }
+  r.first.seconds = write_s;
+  r.second.seconds = read_s;
+  return r;
+}
+
+TEST(IoBenchRecommendation, FastestIsLeastWritePlusReadTime) {
+  const std::vector results{result(MiB, 32, 1, 1.0, 1.0), result(16 * MiB, 64, 1, 0.5, 1.2),
+                            result(4 * MiB, 8, 1, 0.9, 0.9)};
+  EXPECT_EQ(fastest(results).first.setting.aio.block_size, 16 * MiB);
+}
+
+TEST(IoBenchRecommendation, PrefersFewerBytesInFlightWithinTolerance) {
+  const std::vector results{result(16 * MiB, 64, 1, 1.00, 1.00), result(4 * MiB, 8, 1, 1.04, 1.00),
+                            result(MiB, 32, 1, 1.50, 1.50)};
+  EXPECT_EQ(best_of(results).first.setting.aio.block_size, 4 * MiB);
+  EXPECT_EQ(best_of(results, 0.0).first.setting.aio.block_size, 16 * MiB);
+}
+
+TEST(IoBenchRecommendation, SlowerThanToleranceIsNeverChosen) {
+  const std::vector results{result(16 * MiB, 64, 1, 1.0, 1.0), result(MiB, 8, 1, 1.2, 1.0)};
+  EXPECT_EQ(best_of(results).first.setting.aio.block_size, 16 * MiB);
+}
+
+TEST(IoBenchRecommendation, TiesInFlightGoToFewerThreads) {
+  const std::vector results{result(4 * MiB, 8, 2, 1.0, 1.0), result(4 * MiB, 16, 1, 1.0, 1.0)};
+  EXPECT_EQ(best_of(results).first.setting.aio.intra_op_parallelism, 1u);
+}
+
+TEST(IoBenchRecommendation, AioBlockHasDeepSpeedKeys) {
+  IoSetting s;
+  s.aio.block_size = 4 * MiB;
+  s.aio.queue_depth = 8;
+  const auto block = aio_block(s);
+  EXPECT_EQ(block["block_size"], 4 * MiB);
+  EXPECT_EQ(block["queue_depth"], 8);
+  EXPECT_EQ(block["intra_op_parallelism"], 1);
+  EXPECT_EQ(block["single_submit"], false);
+  EXPECT_EQ(block["overlap_events"], true);
+  EXPECT_EQ(block["use_gds"], false);
+}
+
+}  // namespace
+}  // namespace zinf::bench
