@@ -26,6 +26,7 @@ struct Engine::TicketState {
   std::mutex error_mutex;
   std::optional<Error> error;
   bool finished = false;  // guarded by the engine's book_mutex_
+  bool claimed = false;   // a wait() owns it; wait_all() leaves it alone (book_mutex_)
   std::chrono::steady_clock::time_point submitted_at;
 };
 
@@ -59,7 +60,6 @@ void Engine::register_buffers(std::span<const MemoryRegion>) {}
 void Engine::unregister_buffers() {}
 void Engine::register_file(const File&) {}
 void Engine::unregister_file(const File&) {}
-void Engine::annotate(std::span<Piece>) {}
 
 std::string Engine::description() const {
   return fmt::format("{}: {} worker(s), depth {}, block {}", name(),
@@ -69,10 +69,16 @@ std::string Engine::description() const {
 
 namespace {
 
-void check_request(const Request& request) {
+// Far beyond any file, and small enough that offset + length cannot wrap.
+constexpr std::uint64_t kMaxRequestBytes = std::uint64_t{1} << 62;
+
+void check_request(const Request& request, std::uint64_t block_size) {
   ZINF_CHECK(request.file != nullptr, "aio request without a file");
   const File& file = *request.file;
   if (request.length_bytes == 0) return;
+  ZINF_CHECK(request.length_bytes <= kMaxRequestBytes && request.offset_bytes <= kMaxRequestBytes,
+             fmt::format("aio {} of {}: offset {} length {} is out of range", to_string(request.op),
+                         file.path(), request.offset_bytes, request.length_bytes));
   ZINF_CHECK(request.buffer != nullptr,
              fmt::format("aio {} of {} at offset {} has a null buffer",
                          to_string(request.op), file.path(), request.offset_bytes));
@@ -83,6 +89,18 @@ void check_request(const Request& request) {
   if (!file.direct()) return;
   const std::uint32_t offset_alignment = file.offset_alignment();
   const std::uint32_t memory_alignment = file.memory_alignment();
+  // Pieces start every block_size bytes, so the block size must keep them
+  // aligned too (drives with 16 KiB sectors need more than 4096).
+  if (!is_aligned(block_size, std::max(offset_alignment, memory_alignment))) {
+    ErrorContext ctx;
+    ctx.path = file.path();
+    ctx.key_path = "aio.block_size";
+    throw Error(ErrorKind::alignment,
+                fmt::format("aio.block_size {} is not a multiple of the O_DIRECT alignment of {} "
+                            "({} bytes)",
+                            block_size, file.path(), std::max(offset_alignment, memory_alignment)),
+                std::move(ctx));
+  }
   if (!is_aligned(request.offset_bytes, offset_alignment) ||
       !is_aligned(request.length_bytes, offset_alignment) ||
       !is_aligned(request.buffer, memory_alignment)) {
@@ -107,8 +125,9 @@ void check_request(const Request& request) {
 Ticket Engine::submit(std::span<const Request> requests) {
   std::size_t piece_count = 0;
   for (const Request& request : requests) {
-    check_request(request);
-    piece_count += (request.length_bytes + options_.block_size - 1) / options_.block_size;
+    check_request(request, options_.block_size);
+    piece_count += request.length_bytes / options_.block_size +
+                   (request.length_bytes % options_.block_size != 0 ? 1 : 0);
   }
 
   auto state = std::make_unique<TicketState>();
@@ -132,8 +151,6 @@ Ticket Engine::submit(std::span<const Request> requests) {
       ++index;
     }
   }
-  annotate(std::span(state->pieces.get(), piece_count));
-
   std::vector<Piece*> queued(piece_count);
   for (std::size_t i = 0; i < piece_count; ++i) queued[i] = &state->pieces[i];
 
@@ -145,7 +162,16 @@ Ticket Engine::submit(std::span<const Request> requests) {
     state->finished = piece_count == 0;
     tickets_.emplace(ticket.id, std::move(state));
   }
-  if (piece_count > 0) enqueue(queued);
+  if (piece_count > 0) {
+    try {
+      enqueue(queued);
+    } catch (...) {
+      // Nothing was queued (enqueue gives the strong guarantee): forget it.
+      std::lock_guard lock(book_mutex_);
+      tickets_.erase(ticket.id);
+      throw;
+    }
+  }
   return ticket;
 }
 
@@ -180,9 +206,11 @@ bool Engine::complete(Piece& piece, std::int64_t result) {
   return false;
 }
 
-std::uint64_t Engine::take(
-    std::unordered_map<std::uint64_t, std::unique_ptr<TicketState>>::iterator it,
-    std::unique_lock<std::mutex>& lock) {
+std::uint64_t Engine::take(std::uint64_t id, std::unique_lock<std::mutex>& lock) {
+  // Found again by id: other tickets may have been added (rehashing the
+  // map) while this thread slept.
+  auto it = tickets_.find(id);
+  ZINF_ASSERT(it != tickets_.end(), "a claimed ticket vanished");
   std::unique_ptr<TicketState> state = std::move(it->second);
   tickets_.erase(it);
   lock.unlock();
@@ -190,34 +218,36 @@ std::uint64_t Engine::take(
   return state->bytes.load(std::memory_order_relaxed);
 }
 
-namespace {
-[[noreturn]] void throw_unknown_ticket(Ticket ticket) {
-  throw Error(ErrorKind::invalid,
-              fmt::format("ticket {} is unknown or was already waited on", ticket.id));
+Engine::TicketState& Engine::claim(Ticket ticket) {
+  auto it = tickets_.find(ticket.id);
+  if (it == tickets_.end() || it->second->claimed) {
+    throw Error(ErrorKind::invalid,
+                fmt::format("ticket {} is unknown, already waited on, or being waited on by "
+                            "another thread",
+                            ticket.id));
+  }
+  it->second->claimed = true;
+  return *it->second;
 }
-}  // namespace
 
 std::uint64_t Engine::wait(Ticket ticket) {
   std::unique_lock lock(book_mutex_);
-  auto it = tickets_.find(ticket.id);
-  if (it == tickets_.end()) throw_unknown_ticket(ticket);
-  TicketState* state = it->second.get();
-  book_cv_.wait(lock, [state] { return state->finished; });
-  return take(it, lock);
+  TicketState& state = claim(ticket);
+  book_cv_.wait(lock, [&state] { return state.finished; });
+  return take(ticket.id, lock);
 }
 
 std::uint64_t Engine::wait(Ticket ticket, std::chrono::milliseconds timeout) {
   std::unique_lock lock(book_mutex_);
-  auto it = tickets_.find(ticket.id);
-  if (it == tickets_.end()) throw_unknown_ticket(ticket);
-  TicketState* state = it->second.get();
-  if (!book_cv_.wait_for(lock, timeout, [state] { return state->finished; })) {
-    const std::string report = in_flight_report(*state);
+  TicketState& state = claim(ticket);
+  if (!book_cv_.wait_for(lock, timeout, [&state] { return state.finished; })) {
+    state.claimed = false;  // the caller may wait again
+    const std::string report = in_flight_report(state);
     throw Error(ErrorKind::timeout,
                 fmt::format("timed out after {} ms waiting for ticket {} on the {} engine: {}",
                             timeout.count(), ticket.id, name(), report));
   }
-  return take(it, lock);
+  return take(ticket.id, lock);
 }
 
 std::string Engine::in_flight_report(const TicketState& state) const {
@@ -244,27 +274,50 @@ std::string Engine::in_flight_report(const TicketState& state) const {
 bool Engine::ready(Ticket ticket) const {
   std::lock_guard lock(book_mutex_);
   auto it = tickets_.find(ticket.id);
-  if (it == tickets_.end()) throw_unknown_ticket(ticket);
+  if (it == tickets_.end()) {
+    throw Error(ErrorKind::invalid,
+                fmt::format("ticket {} is unknown or was already waited on", ticket.id));
+  }
   return it->second->finished;
 }
 
 void Engine::wait_all() {
   std::unique_lock lock(book_mutex_);
+  // Tickets another thread is waiting on are that thread's to collect.
   book_cv_.wait(lock, [this] {
-    return std::all_of(tickets_.begin(), tickets_.end(),
-                       [](const auto& entry) { return entry.second->finished; });
+    return std::all_of(tickets_.begin(), tickets_.end(), [](const auto& entry) {
+      return entry.second->claimed || entry.second->finished;
+    });
   });
   std::optional<Error> first;
   std::uint64_t first_id = 0;
-  for (auto& [id, state] : tickets_) {
-    if (state->error && (!first || id < first_id)) {
-      first.emplace(*state->error);
-      first_id = id;
+  for (auto it = tickets_.begin(); it != tickets_.end();) {
+    if (it->second->claimed) {
+      ++it;
+      continue;
     }
+    if (it->second->error && (!first || it->first < first_id)) {
+      first.emplace(*it->second->error);
+      first_id = it->first;
+    }
+    it = tickets_.erase(it);
   }
-  tickets_.clear();
   lock.unlock();
   if (first) throw Error(*first);
+}
+
+bool Engine::file_in_flight(const File& file) const {
+  std::lock_guard lock(book_mutex_);
+  for (const auto& [id, state] : tickets_) {
+    if (state->finished) continue;
+    for (std::size_t i = 0; i < state->piece_count; ++i) {
+      if (state->pieces[i].file == &file &&
+          !state->piece_finished[i].load(std::memory_order_acquire)) {
+        return true;
+      }
+    }
+  }
+  return false;
 }
 
 std::size_t Engine::outstanding_tickets() const {

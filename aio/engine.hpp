@@ -54,6 +54,7 @@ class Engine {
   Ticket submit(const Request& request) { return submit(std::span(&request, 1)); }
 
   // Blocks until every piece of the ticket is finished and returns the bytes
+  // transferred. One thread waits on a ticket; a second is refused.
   // transferred (always the full length: short transfers are completed or
   // reported). Throws the first error among the ticket's pieces, only after
   // all of them have left the kernel, so buffers are free to reuse.
@@ -63,7 +64,8 @@ class Engine {
   std::uint64_t wait(Ticket ticket, std::chrono::milliseconds timeout);
   // True when the ticket is finished (wait() will not block).
   bool ready(Ticket ticket) const;
-  // Waits for every outstanding ticket; throws the first error among them.
+  // Waits for every outstanding ticket no other thread is waiting on, and
+  // throws the first error among them.
   void wait_all();
   std::size_t outstanding_tickets() const;
 
@@ -72,7 +74,8 @@ class Engine {
   virtual void register_buffers(std::span<const MemoryRegion> regions);
   virtual void unregister_buffers();
   // Registers a file for cheaper submission (io_uring fixed files). The
-  // file must be unregistered before it is closed.
+  // file must be unregistered before it is closed, and only once its I/O
+  // has been waited for (unregister_file refuses otherwise).
   virtual void register_file(const File& file);
   virtual void unregister_file(const File& file);
 
@@ -83,22 +86,23 @@ class Engine {
   EngineStats stats() const;
 
  protected:
-  // Hands one ticket's pieces to the workers.
+  // Hands one ticket's pieces to the workers, filling in engine-specific
+  // fields (fixed buffer and file slots) on the way; runs on the submitting
+  // thread. Must queue all of them or, when it throws, none.
   virtual void enqueue(std::span<Piece*> pieces) = 0;
-  // Fills in engine-specific fields (fixed buffer and file slots) before
-  // enqueue; runs on the submitting thread.
-  virtual void annotate(std::span<Piece> pieces);
   // Workers report each transfer result here. Returns true when the piece
   // must be submitted again (short transfer or EINTR/EAGAIN).
   bool complete(Piece& piece, std::int64_t result);
   // Waits until no ticket has pieces in flight; derived destructors call it
   // before stopping their workers so no buffer is in use after destruction.
   void drain() noexcept;
+  // True while a piece on `file` has not finished.
+  bool file_in_flight(const File& file) const;
 
  private:
   struct TicketState;
-  std::uint64_t take(std::unordered_map<std::uint64_t, std::unique_ptr<TicketState>>::iterator it,
-                     std::unique_lock<std::mutex>& lock);
+  TicketState& claim(Ticket ticket);
+  std::uint64_t take(std::uint64_t id, std::unique_lock<std::mutex>& lock);
   std::string in_flight_report(const TicketState& state) const;
 
   AioOptions options_;

@@ -124,23 +124,34 @@ ThreadPoolEngine::ThreadPoolEngine(const AioOptions& options, std::unique_ptr<Sy
                                    std::size_t workers, std::string name)
     : Engine(options), device_(std::move(device)), name_(std::move(name)) {
   workers_.reserve(workers);
-  for (std::size_t i = 0; i < workers; ++i) {
-    workers_.emplace_back([this, i] {
-      const std::string thread_name = fmt::format("zinf-{}-{}", name_, i).substr(0, 15);
-      pthread_setname_np(pthread_self(), thread_name.c_str());
-      run_worker();
-    });
+  try {
+    for (std::size_t i = 0; i < workers; ++i) {
+      workers_.emplace_back([this, i] {
+        const std::string thread_name = fmt::format("zinf-{}-{}", name_, i).substr(0, 15);
+        pthread_setname_np(pthread_self(), thread_name.c_str());
+        run_worker();
+      });
+    }
+  } catch (...) {
+    stop_workers();
+    throw;
   }
 }
 
 ThreadPoolEngine::~ThreadPoolEngine() {
   drain();
+  stop_workers();
+}
+
+void ThreadPoolEngine::stop_workers() noexcept {
   {
     std::lock_guard lock(queue_mutex_);
     stopping_ = true;
   }
   queue_cv_.notify_all();
-  for (std::thread& worker : workers_) worker.join();
+  for (std::thread& worker : workers_) {
+    if (worker.joinable()) worker.join();
+  }
 }
 
 std::string ThreadPoolEngine::description() const {

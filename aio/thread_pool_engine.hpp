@@ -120,6 +120,7 @@ class ThreadPoolEngine : public Engine {
 
  private:
   void run_worker();
+  void stop_workers() noexcept;
 
   std::unique_ptr<SyncDevice> device_;
   std::string name_;

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <fstream>
 #include <mutex>
+#include <chrono>
 #include <thread>
 
 #include <fmt/format.h>
@@ -137,18 +138,28 @@ UringEngine::UringEngine(const AioOptions& options) : Engine(options) {
              "io_uring: sparse fixed-file tables are not supported here; using plain fds");
   }
 
-  for (auto& worker : workers_) {
-    Worker* raw = worker.get();
-    raw->thread = std::thread([this, raw] {
-      const std::string thread_name = fmt::format("zinf-uring-{}", raw->index);
-      pthread_setname_np(pthread_self(), thread_name.c_str());
-      run_worker(*raw);
-    });
+  if (options.use_sqpoll && !fixed_files_supported_) {
+    for (auto& made : workers_) io_uring_queue_exit(&made->ring);
+    throw Error(ErrorKind::unsupported,
+                "SQPOLL needs sparse fixed-file tables (Linux 5.19 or later) on this kernel");
+  }
+
+  try {
+    for (auto& worker : workers_) {
+      Worker* raw = worker.get();
+      raw->thread = std::thread([this, raw] {
+        const std::string thread_name = fmt::format("zinf-uring-{}", raw->index);
+        pthread_setname_np(pthread_self(), thread_name.c_str());
+        run_worker(*raw);
+      });
+    }
+  } catch (...) {
+    stop_workers();
+    throw;
   }
 }
 
-UringEngine::~UringEngine() {
-  drain();
+void UringEngine::stop_workers() noexcept {
   {
     std::lock_guard lock(queue_mutex_);
     stopping_ = true;
@@ -158,6 +169,12 @@ UringEngine::~UringEngine() {
     if (worker->thread.joinable()) worker->thread.join();
   }
   for (auto& worker : workers_) io_uring_queue_exit(&worker->ring);
+  workers_.clear();
+}
+
+UringEngine::~UringEngine() {
+  drain();
+  stop_workers();
 }
 
 std::string UringEngine::description() const {
@@ -177,6 +194,7 @@ bool UringEngine::fixed_buffers_enabled() const {
 }
 
 void UringEngine::register_buffers(std::span<const MemoryRegion> regions) {
+  std::unique_lock lock(registry_mutex_);
   if (outstanding_tickets() != 0) {
     throw Error(ErrorKind::invalid, "register_buffers needs an idle engine: wait for every ticket first");
   }
@@ -187,7 +205,6 @@ void UringEngine::register_buffers(std::span<const MemoryRegion> regions) {
                               std::min(kMaxFixedBuffer, region.size_bytes - done)});
     }
   }
-  std::unique_lock lock(registry_mutex_);
   if (!regions_.empty()) {
     for (auto& worker : workers_) io_uring_unregister_buffers(&worker->ring);
     regions_.clear();
@@ -218,11 +235,11 @@ void UringEngine::register_buffers(std::span<const MemoryRegion> regions) {
 }
 
 void UringEngine::unregister_buffers() {
+  std::unique_lock lock(registry_mutex_);
   if (outstanding_tickets() != 0) {
     throw Error(ErrorKind::invalid,
                 "unregister_buffers needs an idle engine: wait for every ticket first");
   }
-  std::unique_lock lock(registry_mutex_);
   if (regions_.empty()) return;
   for (auto& worker : workers_) io_uring_unregister_buffers(&worker->ring);
   regions_.clear();
@@ -259,6 +276,14 @@ void UringEngine::unregister_file(const File& file) {
   std::unique_lock lock(registry_mutex_);
   auto it = file_slots_.find(file.id());
   if (it == file_slots_.end()) return;
+  // Queued pieces carry the slot number: freeing it now could send them to
+  // whichever file takes the slot next.
+  if (file_in_flight(file)) {
+    throw Error(ErrorKind::invalid,
+                fmt::format("cannot unregister {}: it still has I/O in flight; wait for its "
+                            "tickets first",
+                            file.path()));
+  }
   int none = -1;
   for (auto& worker : workers_) {
     io_uring_register_files_update(&worker->ring, static_cast<unsigned>(it->second), &none, 1);
@@ -267,31 +292,35 @@ void UringEngine::unregister_file(const File& file) {
   file_slots_.erase(it);
 }
 
-void UringEngine::annotate(std::span<Piece> pieces) {
-  std::shared_lock lock(registry_mutex_);
+void UringEngine::annotate(std::span<Piece*> pieces) const {
   const File* last_file = nullptr;
   int last_slot = -1;
-  for (Piece& piece : pieces) {
-    if (piece.file != last_file) {
-      last_file = piece.file;
-      auto it = file_slots_.find(piece.file->id());
+  for (Piece* piece : pieces) {
+    if (piece->file != last_file) {
+      last_file = piece->file;
+      auto it = file_slots_.find(piece->file->id());
       last_slot = it == file_slots_.end() ? -1 : it->second;
     }
-    piece.fixed_file = last_slot;
-    piece.fixed_buffer = -1;
+    piece->fixed_file = last_slot;
+    piece->fixed_buffer = -1;
     if (regions_.empty()) continue;
-    auto after = std::upper_bound(regions_.begin(), regions_.end(), piece.buffer,
+    auto after = std::upper_bound(regions_.begin(), regions_.end(), piece->buffer,
                                   [](std::byte* address, const Region& region) {
                                     return address < region.begin;
                                   });
     if (after == regions_.begin()) continue;
     const Region& region = *(after - 1);
-    if (piece.buffer + piece.length_bytes <= region.end) piece.fixed_buffer = region.index;
+    if (piece->buffer + piece->length_bytes <= region.end) piece->fixed_buffer = region.index;
   }
 }
 
 void UringEngine::enqueue(std::span<Piece*> pieces) {
   {
+    // Held shared until the pieces are queued, so a concurrent
+    // register_buffers() (which needs an idle engine) cannot change the
+    // tables the pieces were annotated with.
+    std::shared_lock registry(registry_mutex_);
+    annotate(pieces);
     std::lock_guard lock(queue_mutex_);
     queue_.insert(queue_.end(), pieces.begin(), pieces.end());
   }
@@ -331,7 +360,9 @@ void UringEngine::run_worker(Worker& worker) {
   unsigned in_flight = 0;
 
   for (;;) {
-    if (in_flight + ready.size() < depth) {
+    // Without overlap_events a worker takes no new pieces while its batch
+    // is in flight, so idle rings can take them instead.
+    if (in_flight + ready.size() < depth && (overlap || in_flight == 0)) {
       std::unique_lock lock(queue_mutex_);
       if (in_flight == 0 && ready.empty()) {
         queue_cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
@@ -357,7 +388,13 @@ void UringEngine::run_worker(Worker& worker) {
 
     const unsigned wait_for = overlap ? 1 : in_flight;
     const int submitted = io_uring_submit_and_wait(ring, wait_for);
-    if (submitted < 0 && submitted != -EINTR && submitted != -EAGAIN && submitted != -EBUSY) {
+    if (submitted == -ENOMEM) {
+      // The kernel is short of memory for requests: back off and retry.
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    } else if (submitted < 0 && submitted != -EINTR && submitted != -EAGAIN &&
+               submitted != -EBUSY) {
+      // EFAULT, EBADF, EINVAL... mean zinf broke the ring: a bug, not an I/O
+      // error, and pieces may be in the kernel, so there is no safe way on.
       abort_internal(__FILE__, __LINE__, "io_uring_submit_and_wait",
                      fmt::format("io_uring_enter failed: {}", std::strerror(-submitted)));
     }

@@ -46,7 +46,6 @@ class UringEngine final : public Engine {
 
  protected:
   void enqueue(std::span<Piece*> pieces) override;
-  void annotate(std::span<Piece> pieces) override;
 
  private:
   struct Worker;
@@ -56,6 +55,8 @@ class UringEngine final : public Engine {
     int index;
   };
   void run_worker(Worker& worker);
+  void annotate(std::span<Piece*> pieces) const;  // under registry_mutex_
+  void stop_workers() noexcept;
 
   std::vector<std::unique_ptr<Worker>> workers_;
   std::mutex queue_mutex_;

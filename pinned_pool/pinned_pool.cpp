@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <utility>
@@ -90,8 +91,12 @@ PinnedPool::PinnedPool(const PinnedPoolOptions& options) : options_(options) {
   capacity_bytes_ = align_up(options_.budget_bytes, options_.alignment_bytes);
   const bool want_huge = options_.huge_pages && transparent_huge_pages_available() &&
                          capacity_bytes_ >= kHugePage;
-  // Over-map by a huge page so the region can start on a 2 MiB boundary.
-  mapped_bytes_ = want_huge ? capacity_bytes_ + kHugePage : capacity_bytes_;
+  // Over-map so the region can start on a boundary of the lease alignment
+  // (and of a huge page): every lease is then aligned, not just offset by
+  // a multiple of the alignment.
+  const std::uint64_t base_alignment =
+      std::max<std::uint64_t>(options_.alignment_bytes, want_huge ? kHugePage : 4096);
+  mapped_bytes_ = capacity_bytes_ + (base_alignment > 4096 ? base_alignment : 0);
   void* mapped = ::mmap(nullptr, mapped_bytes_, PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (mapped == MAP_FAILED) {
@@ -103,9 +108,8 @@ PinnedPool::PinnedPool(const PinnedPoolOptions& options) : options_(options) {
   }
   mapping_ = mapped;
   auto* start = static_cast<std::byte*>(mapped);
-  base_ = want_huge ? reinterpret_cast<std::byte*>(
-                          align_up(reinterpret_cast<std::uintptr_t>(start), kHugePage))
-                    : start;
+  base_ = reinterpret_cast<std::byte*>(
+      align_up(reinterpret_cast<std::uintptr_t>(start), base_alignment));
   if (want_huge) huge_pages_ = ::madvise(base_, capacity_bytes_, MADV_HUGEPAGE) == 0;
 
   // mlock faults every page in, so pinned memory is pre-faulted too. The
@@ -158,7 +162,8 @@ std::string PinnedPool::description() const {
 
 void PinnedPool::check_fits_budget(std::uint64_t bytes) const {
   ZINF_CHECK(bytes > 0, "pinned pool: cannot acquire 0 bytes");
-  if (align_up(bytes, options_.alignment_bytes) > capacity_bytes_) {
+  // Compared before rounding: align_up of a huge value would wrap to 0.
+  if (bytes > capacity_bytes_ || align_up(bytes, options_.alignment_bytes) > capacity_bytes_) {
     throw Error(ErrorKind::resource,
                 fmt::format("pinned pool: a request of {} ({} bytes) exceeds the whole budget of "
                             "{} ({} bytes)",

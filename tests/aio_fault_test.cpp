@@ -3,6 +3,7 @@
 // error that names path, offset, length and errno.
 #include <cerrno>
 #include <cstring>
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -159,6 +160,24 @@ TEST_F(FaultTest, TimeoutReportsWhatIsStillInFlightAndTicketStaysValid) {
     EXPECT_NE(text.find("offset 0 length 65536"), std::string::npos) << text;
   }
   EXPECT_EQ(engine->wait(t), kBlock);
+}
+
+TEST_F(FaultTest, WaitAllLeavesTicketsOtherThreadsAreWaitingOn) {
+  FaultPlan plan;
+  plan.latency = std::chrono::milliseconds(150);
+  auto engine = make_memory_engine(small_blocks(), plan);
+  File file = open("claimed.bin");
+  auto buffer = aligned_bytes(2 * kBlock);
+  const Ticket theirs = engine->submit({Op::write, &file, 0, buffer.get(), kBlock});
+  std::uint64_t their_bytes = 0;
+  std::thread waiter([&] { their_bytes = engine->wait(theirs); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));  // let it claim the ticket
+  EXPECT_THROW(engine->wait(theirs), Error);  // one waiter per ticket
+  engine->submit({Op::write, &file, kBlock, buffer.get() + kBlock, kBlock});
+  engine->wait_all();
+  waiter.join();
+  EXPECT_EQ(their_bytes, kBlock);
+  EXPECT_EQ(engine->outstanding_tickets(), 0u);
 }
 
 TEST_F(FaultTest, ErrorsInOneTicketDoNotLeakIntoAnother) {

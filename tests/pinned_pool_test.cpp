@@ -61,6 +61,25 @@ TEST(PinnedPool, RequestBeyondTheBudgetFailsAtOnceNamingIt) {
   }
 }
 
+TEST(PinnedPool, HugeRequestsFailInsteadOfWrapping) {
+  PinnedPool pool(budget(2 * MiB));
+  EXPECT_THROW(pool.acquire(UINT64_MAX), Error);
+  EXPECT_THROW(pool.acquire(UINT64_MAX - 100), Error);
+  EXPECT_EQ(pool.stats().in_use_bytes, 0u);
+}
+
+TEST(PinnedPool, LeasesHonourLargeAlignmentsWithoutHugePages) {
+  PinnedPoolOptions options = budget(4 * MiB);
+  options.alignment_bytes = 64 * KiB;
+  options.huge_pages = false;
+  PinnedPool pool(options);
+  std::vector<PinnedBuffer> leases;
+  for (int i = 0; i < 8; ++i) {
+    leases.push_back(pool.acquire(1000 + i));
+    EXPECT_TRUE(is_aligned(leases.back().data(), 64 * KiB));
+  }
+}
+
 TEST(PinnedPool, AcquireTimesOutNamingBudgetAndUse) {
   PinnedPool pool(budget(2 * MiB));
   PinnedBuffer held = pool.acquire(2 * MiB);

@@ -141,6 +141,13 @@ TEST(ZinfBench, RunWritesJsonRecordsAndCleansUp) {
   EXPECT_FALSE(has_scratch(b.path()));
 }
 
+TEST(ZinfBench, OddPoolSizesAreRoundedNotFatal) {
+  TempDir dir;
+  const Outcome o = run_bench("--nvme " + dir.path().string() +
+                              " --size 48M --block-size 1M --queue-depth 2 --repeat 1 --pool 100000");
+  EXPECT_EQ(o.exit_code, 0) << o.err;
+}
+
 TEST(ZinfBench, CtrlCRemovesScratchFiles) {
   TempDir dir;
   TempDir logs;

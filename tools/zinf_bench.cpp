@@ -136,7 +136,9 @@ int run_io(const IoArgs& args) {
   const int repeats = args.repeat > 0 ? args.repeat : (args.sweep ? 1 : 2);
 
   zinf::bench::ScratchSpace scratch(dirs, bytes);
-  const std::uint64_t pool_bytes = std::min(zinf::parse_bytes(args.pool), bytes);
+  // Whole 16 MiB units: every chunk of a pass is then a valid O_DIRECT size.
+  const std::uint64_t pool_bytes =
+      std::min(std::max(zinf::align_down(zinf::parse_bytes(args.pool), 16 * MiB), 16 * MiB), bytes);
   ProgressBar bar(!args.no_progress && ::isatty(STDERR_FILENO) != 0);
   zinf::bench::Progress progress;
   progress.update = [&](const std::string& what, std::uint64_t done, std::uint64_t total, double gbps) {
