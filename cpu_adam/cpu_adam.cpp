@@ -1,0 +1,241 @@
+#include "cpu_adam/cpu_adam.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "core/error.hpp"
+#include "core/log.hpp"
+#include "cpu_adam/kernel_table.hpp"
+#include "cpu_adam/thread_pool.hpp"
+
+namespace zinf::cpu_adam {
+
+std::string_view to_string(DType dtype) {
+  switch (dtype) {
+    case DType::f32: return "fp32";
+    case DType::bf16: return "bf16";
+    case DType::f16: return "fp16";
+  }
+  return "unknown";
+}
+
+DType parse_dtype(std::string_view text) {
+  if (text == "fp32" || text == "f32" || text == "float32") return DType::f32;
+  if (text == "bf16" || text == "bfloat16") return DType::bf16;
+  if (text == "fp16" || text == "f16" || text == "float16") return DType::f16;
+  throw Error(ErrorKind::invalid, fmt::format("unknown dtype '{}': expected fp32, bf16 or fp16", text));
+}
+
+namespace {
+
+const KernelTable& table_for(Tier tier) {
+  switch (tier) {
+    case Tier::avx512: return avx512_kernels();
+    case Tier::avx2: return avx2_kernels();
+    case Tier::scalar: break;
+  }
+  return scalar_kernels();
+}
+
+enum class Uses { adam, adagrad, lion, bandwidth };
+
+[[noreturn]] void bad(std::size_t index, const std::string& message) {
+  throw Error(ErrorKind::invalid, fmt::format("tensor {}: {}", index, message));
+}
+
+void check_hyper(const char* name, float value, bool ok, const char* rule) {
+  if (!std::isfinite(value) || !ok) {
+    throw Error(ErrorKind::invalid,
+                fmt::format("optimizer {} is {}: it must be finite and {}", name, value, rule));
+  }
+}
+
+// A resolved unit of work: one tensor with its kernel arguments.
+struct Job {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* copy;
+  std::size_t count;
+  int p, g, s, c;  // table indices
+};
+
+std::vector<Job> resolve(std::span<const TensorState> tensors, Uses uses) {
+  std::vector<Job> jobs;
+  jobs.reserve(tensors.size());
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    const TensorState& t = tensors[i];
+    const std::size_t n = t.param.count;
+    if (n == 0) continue;
+    if (t.param.data == nullptr) bad(i, "param buffer is null");
+    if (t.grad.data == nullptr) bad(i, "grad buffer is null");
+    if (t.grad.count != n) bad(i, fmt::format("length mismatch: grad has {} elements, param {}", t.grad.count, n));
+    const bool needs_m = uses == Uses::adam || uses == Uses::lion || uses == Uses::bandwidth;
+    const bool needs_v = uses == Uses::adam || uses == Uses::adagrad || uses == Uses::bandwidth;
+    if (needs_m && t.exp_avg.data == nullptr) bad(i, "exp_avg buffer is null");
+    if (needs_m && t.exp_avg.count != n) {
+      bad(i, fmt::format("length mismatch: exp_avg has {} elements, param {}", t.exp_avg.count, n));
+    }
+    if (needs_v && t.exp_avg_sq.data == nullptr) bad(i, "exp_avg_sq buffer is null");
+    if (needs_v && t.exp_avg_sq.count != n) {
+      bad(i, fmt::format("length mismatch: exp_avg_sq has {} elements, param {}", t.exp_avg_sq.count, n));
+    }
+    if (needs_m && needs_v && t.exp_avg.dtype != t.exp_avg_sq.dtype) {
+      bad(i, fmt::format("exp_avg is {} but exp_avg_sq is {}: both states must have one dtype",
+                         to_string(t.exp_avg.dtype), to_string(t.exp_avg_sq.dtype)));
+    }
+    const DType state = needs_m ? t.exp_avg.dtype : t.exp_avg_sq.dtype;
+    int copy = 0;
+    if (t.param_copy.data != nullptr) {
+      if (t.param_copy.dtype == DType::f32) bad(i, "param_copy must be bf16 or fp16");
+      if (t.param_copy.count != n) {
+        bad(i, fmt::format("length mismatch: param_copy has {} elements, param {}", t.param_copy.count, n));
+      }
+      copy = static_cast<int>(t.param_copy.dtype);
+    }
+    Job job{t.param.data, t.grad.data, t.exp_avg.data, t.exp_avg_sq.data, t.param_copy.data, n,
+            static_cast<int>(t.param.dtype), static_cast<int>(t.grad.dtype),
+            static_cast<int>(state), copy};
+    // The scalar table has every supported combination: check against it.
+    if (scalar_kernels().adam[job.p][job.g][job.s][job.c] == nullptr) {
+      bad(i, fmt::format("unsupported dtypes: param {}, grad {}, state {}{}; supported: fp32 "
+                         "params with fp32 states, any grad and an optional bf16/fp16 copy; "
+                         "bf16/fp16 params with states of the param type or fp32 and grads of "
+                         "the param type or fp32",
+                         to_string(t.param.dtype), to_string(t.grad.dtype), to_string(state),
+                         copy == 0 ? "" : fmt::format(", copy {}", to_string(t.param_copy.dtype))));
+    }
+    jobs.push_back(job);
+  }
+  return jobs;
+}
+
+// Elements per split unit: ranges start on 64-element boundaries of their
+// tensor, so two threads never write the same cache line of one array.
+constexpr std::size_t kGrain = 64;
+
+}  // namespace
+
+struct CpuOptimizer::Impl {
+  explicit Impl(std::size_t threads) : pool(threads) {}
+  ThreadPool pool;
+
+  // Splits the concatenation of all tensors into one contiguous share per
+  // thread and calls run(job, begin, end) for each piece of a share.
+  void for_each_range(const std::vector<Job>& jobs,
+                      const std::function<void(const Job&, std::size_t, std::size_t)>& run) {
+    std::size_t total = 0;
+    for (const Job& job : jobs) total += (job.count + kGrain - 1) / kGrain;  // in grains
+    const std::size_t threads = pool.size();
+    pool.run([&](std::size_t index) {
+      const std::size_t first = total * index / threads;
+      const std::size_t last = total * (index + 1) / threads;
+      std::size_t base = 0;  // grains before the current tensor
+      for (const Job& job : jobs) {
+        const std::size_t grains = (job.count + kGrain - 1) / kGrain;
+        const std::size_t from = std::max(first, base);
+        const std::size_t to = std::min(last, base + grains);
+        if (from < to) {
+          run(job, (from - base) * kGrain, std::min(job.count, (to - base) * kGrain));
+        }
+        base += grains;
+        if (base >= last) break;
+      }
+    });
+  }
+};
+
+CpuOptimizer::CpuOptimizer(std::size_t threads, std::optional<Tier> tier)
+    : impl_(std::make_unique<Impl>(threads)), tier_(tier.value_or(default_tier())) {
+  if (tier && !tier_supported(*tier, detect_cpu_features())) {
+    throw Error(ErrorKind::unsupported,
+                fmt::format("the {} optimizer tier needs CPU features this machine lacks ({})",
+                            to_string(*tier), detect_cpu_features().describe()));
+  }
+}
+
+CpuOptimizer::~CpuOptimizer() = default;
+
+std::size_t CpuOptimizer::threads() const { return impl_->pool.size(); }
+
+void CpuOptimizer::adam_step(const AdamOptions& o, std::int64_t step,
+                             std::span<const TensorState> tensors) {
+  check_hyper("lr", o.lr, o.lr >= 0, "non-negative");
+  check_hyper("beta1", o.beta1, o.beta1 >= 0 && o.beta1 < 1, "in [0, 1)");
+  check_hyper("beta2", o.beta2, o.beta2 >= 0 && o.beta2 < 1, "in [0, 1)");
+  check_hyper("eps", o.eps, o.eps >= 0, "non-negative");
+  check_hyper("weight_decay", o.weight_decay, o.weight_decay >= 0, "non-negative");
+  ZINF_CHECK(step >= 1, fmt::format("optimizer step is {}: steps count from 1", step));
+  const std::vector<Job> jobs = resolve(tensors, Uses::adam);
+
+  AdamScalars s{};
+  const double t = static_cast<double>(step);
+  const double bc1 = o.bias_correction ? 1.0 - std::pow(static_cast<double>(o.beta1), t) : 1.0;
+  const double bc2 = o.bias_correction ? std::sqrt(1.0 - std::pow(static_cast<double>(o.beta2), t)) : 1.0;
+  s.beta1 = o.beta1;
+  s.beta2 = o.beta2;
+  s.one_minus_beta1 = static_cast<float>(1.0 - o.beta1);
+  s.one_minus_beta2 = static_cast<float>(1.0 - o.beta2);
+  s.eps = o.eps;
+  s.weight_decay = o.weight_decay;
+  s.decay = static_cast<float>(1.0 - static_cast<double>(o.lr) * o.weight_decay);
+  s.step_size = static_cast<float>(o.lr / bc1);
+  s.bias_correction2 = static_cast<float>(bc2);
+  s.adamw = o.adamw_mode;
+  s.use_weight_decay = o.weight_decay > 0;
+  const KernelTable& table = table_for(tier_);
+  impl_->for_each_range(jobs, [&](const Job& j, std::size_t begin, std::size_t end) {
+    table.adam[j.p][j.g][j.s][j.c](s, j.param, j.grad, j.exp_avg, j.exp_avg_sq, j.copy, begin, end);
+  });
+}
+
+void CpuOptimizer::adagrad_step(const AdagradOptions& o, std::int64_t step,
+                                std::span<const TensorState> tensors) {
+  check_hyper("lr", o.lr, o.lr >= 0, "non-negative");
+  check_hyper("eps", o.eps, o.eps >= 0, "non-negative");
+  check_hyper("weight_decay", o.weight_decay, o.weight_decay >= 0, "non-negative");
+  ZINF_CHECK(step >= 1, fmt::format("optimizer step is {}: steps count from 1", step));
+  const std::vector<Job> jobs = resolve(tensors, Uses::adagrad);
+  AdagradScalars s{o.lr, o.eps, o.weight_decay, o.weight_decay > 0};
+  const KernelTable& table = table_for(tier_);
+  impl_->for_each_range(jobs, [&](const Job& j, std::size_t begin, std::size_t end) {
+    table.adagrad[j.p][j.g][j.s][j.c](s, j.param, j.grad, j.exp_avg_sq, j.copy, begin, end);
+  });
+}
+
+void CpuOptimizer::lion_step(const LionOptions& o, std::int64_t step,
+                             std::span<const TensorState> tensors) {
+  check_hyper("lr", o.lr, o.lr >= 0, "non-negative");
+  check_hyper("beta1", o.beta1, o.beta1 >= 0 && o.beta1 < 1, "in [0, 1)");
+  check_hyper("beta2", o.beta2, o.beta2 >= 0 && o.beta2 < 1, "in [0, 1)");
+  check_hyper("weight_decay", o.weight_decay, o.weight_decay >= 0, "non-negative");
+  ZINF_CHECK(step >= 1, fmt::format("optimizer step is {}: steps count from 1", step));
+  const std::vector<Job> jobs = resolve(tensors, Uses::lion);
+  LionScalars s{};
+  s.lr = o.lr;
+  s.beta1 = o.beta1;
+  s.beta2 = o.beta2;
+  s.one_minus_beta1 = static_cast<float>(1.0 - o.beta1);
+  s.one_minus_beta2 = static_cast<float>(1.0 - o.beta2);
+  s.decay = static_cast<float>(1.0 - static_cast<double>(o.lr) * o.weight_decay);
+  s.use_weight_decay = o.weight_decay > 0;
+  const KernelTable& table = table_for(tier_);
+  impl_->for_each_range(jobs, [&](const Job& j, std::size_t begin, std::size_t end) {
+    table.lion[j.p][j.g][j.s][j.c](s, j.param, j.grad, j.exp_avg, j.copy, begin, end);
+  });
+}
+
+void CpuOptimizer::bandwidth_step(std::span<const TensorState> tensors) {
+  const std::vector<Job> jobs = resolve(tensors, Uses::bandwidth);
+  const KernelTable& table = table_for(tier_);
+  impl_->for_each_range(jobs, [&](const Job& j, std::size_t begin, std::size_t end) {
+    table.bandwidth[j.p][j.g][j.s][j.c](j.param, j.grad, j.exp_avg, j.exp_avg_sq, j.copy, begin, end);
+  });
+}
+
+}  // namespace zinf::cpu_adam

@@ -1,0 +1,70 @@
+// The interface between the dispatcher (cpu_adam.cpp) and the kernel tiers
+// (kernels_scalar.cpp, kernels_avx2.cpp, kernels_avx512.cpp). Each tier is a
+// separate object built with its own instruction-set flags and exposes one
+// table of plain function pointers; nothing else crosses the boundary, so no
+// inline function compiled with AVX flags can leak into baseline code.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace zinf::cpu_adam {
+
+// Scalars of one step, computed once by the dispatcher (in double, then
+// rounded to float, as torch does with its Python-float hyper-parameters).
+struct AdamScalars {
+  float beta1, beta2;
+  float one_minus_beta1, one_minus_beta2;
+  float eps;
+  float weight_decay;      // L2 mode: g += weight_decay * p
+  float decay;             // AdamW mode: p *= 1 - lr * weight_decay
+  float step_size;         // lr / (1 - beta1^t)
+  float bias_correction2;  // sqrt(1 - beta2^t)
+  bool adamw;
+  bool use_weight_decay;
+};
+
+struct AdagradScalars {
+  float lr;
+  float eps;
+  float weight_decay;
+  bool use_weight_decay;
+};
+
+struct LionScalars {
+  float lr;
+  float beta1, beta2;
+  float one_minus_beta1, one_minus_beta2;
+  float decay;  // 1 - lr * weight_decay
+  bool use_weight_decay;
+};
+
+// One contiguous range [begin, end) of one tensor. Pointers are the tensor's
+// bases (element 0), of the dtypes the table slot was chosen for.
+using AdamKernel = void (*)(const AdamScalars&, void* param, const void* grad, void* exp_avg,
+                            void* exp_avg_sq, void* param_copy, std::size_t begin,
+                            std::size_t end);
+using AdagradKernel = void (*)(const AdagradScalars&, void* param, const void* grad,
+                               void* exp_avg_sq, void* param_copy, std::size_t begin,
+                               std::size_t end);
+using LionKernel = void (*)(const LionScalars&, void* param, const void* grad, void* exp_avg,
+                            void* param_copy, std::size_t begin, std::size_t end);
+// Adam's memory traffic with trivial arithmetic: the bandwidth limit.
+using BandwidthKernel = void (*)(void* param, const void* grad, void* exp_avg, void* exp_avg_sq,
+                                 void* param_copy, std::size_t begin, std::size_t end);
+
+// Indexed [param][grad][state][copy] by DType value; copy index 0 is "no
+// copy", 1 bf16, 2 fp16. Unsupported combinations are null.
+struct KernelTable {
+  const char* name;
+  AdamKernel adam[3][3][3][3];
+  AdagradKernel adagrad[3][3][3][3];
+  LionKernel lion[3][3][3][3];
+  BandwidthKernel bandwidth[3][3][3][3];
+};
+
+const KernelTable& scalar_kernels();
+const KernelTable& avx2_kernels();    // only call where the CPU has AVX2+FMA+F16C
+const KernelTable& avx512_kernels();  // only call where the CPU has AVX-512 F/BW/VL/DQ
+
+}  // namespace zinf::cpu_adam
