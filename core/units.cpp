@@ -47,6 +47,30 @@ std::uint64_t parse_bytes(std::string_view text) {
   return static_cast<std::uint64_t>(bytes);
 }
 
+std::uint64_t parse_count(std::string_view text) {
+  std::string_view rest = text;
+  while (!rest.empty() && std::isspace(static_cast<unsigned char>(rest.back()))) rest.remove_suffix(1);
+  double scale = 1;
+  if (!rest.empty()) {
+    switch (std::tolower(static_cast<unsigned char>(rest.back()))) {
+      case 'k': scale = 1e3; break;
+      case 'm': scale = 1e6; break;
+      case 'g': scale = 1e9; break;
+      default: break;
+    }
+    if (scale != 1) rest.remove_suffix(1);
+  }
+  double number = 0;
+  const auto parsed = std::from_chars(rest.data(), rest.data() + rest.size(), number);
+  const double count = number * scale;
+  if (rest.empty() || parsed.ec != std::errc() || parsed.ptr != rest.data() + rest.size() ||
+      count < 0 || count != std::floor(count) || count > 1e18) {
+    throw Error(ErrorKind::invalid,
+                fmt::format("'{}' is not a count (examples: 1000, 100k, 10M, 1G)", text));
+  }
+  return static_cast<std::uint64_t>(count);
+}
+
 std::string format_bytes(std::uint64_t bytes) {
   static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   double value = static_cast<double>(bytes);

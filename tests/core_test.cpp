@@ -30,6 +30,14 @@ TEST(Units, RejectsNonsenseNamingTheText) {
   }
 }
 
+TEST(Units, ParsesDecimalCounts) {
+  EXPECT_EQ(parse_count("1000"), 1000u);
+  EXPECT_EQ(parse_count("100k"), 100000u);
+  EXPECT_EQ(parse_count("10M"), 10000000u);
+  EXPECT_EQ(parse_count("0.4G"), 400000000u);
+  for (const char* bad : {"", "M", "1.5", "-3", "10Q"}) EXPECT_THROW(parse_count(bad), Error) << bad;
+}
+
 TEST(Units, FormatsHumanSizes) {
   EXPECT_EQ(format_bytes(512), "512 B");
   EXPECT_EQ(format_bytes(4 * KiB), "4 KiB");

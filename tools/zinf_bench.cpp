@@ -10,6 +10,9 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <map>
+#include <memory>
+#include <thread>
 #include <optional>
 #include <string>
 #include <vector>
@@ -20,6 +23,7 @@
 #include "core/error.hpp"
 #include "core/log.hpp"
 #include "core/units.hpp"
+#include "tools/adam_bench.hpp"
 #include "tools/io_bench.hpp"
 #include "zinf_config.h"
 
@@ -233,6 +237,133 @@ int run_io(const IoArgs& args) {
   return 0;
 }
 
+struct AdamArgs {
+  std::vector<std::string> sizes;  // empty: the standard set
+  std::optional<std::size_t> threads;
+  std::vector<std::string> tiers;  // empty: every tier the CPU supports
+  int repeat = 5;
+  double min_seconds = 0.2;
+  bool quick = false;
+  std::string json_path;
+};
+
+int run_adam(const AdamArgs& args) {
+  namespace ca = zinf::cpu_adam;
+  using zinf::bench::AdamCase;
+  const std::size_t threads = args.threads.value_or(std::max(1u, std::thread::hardware_concurrency()));
+  const ca::CpuFeatures features = ca::detect_cpu_features();
+  std::vector<ca::Tier> tiers;
+  if (args.tiers.empty()) {
+    for (ca::Tier t : {ca::Tier::avx512, ca::Tier::avx2, ca::Tier::scalar}) {
+      if (ca::tier_supported(t, features)) tiers.push_back(t);
+    }
+  } else {
+    for (const auto& name : args.tiers) tiers.push_back(ca::parse_tier(name));
+  }
+  std::vector<std::uint64_t> sizes;
+  for (const auto& text : args.sizes) sizes.push_back(zinf::parse_count(text));
+  if (sizes.empty()) {
+    sizes = args.quick ? std::vector<std::uint64_t>{1000000, 10000000}
+                       : std::vector<std::uint64_t>{1000000, 10000000, 100000000, 400000000};
+  }
+  const std::uint64_t pair_size = args.quick ? 10000000 : 100000000;
+  const ca::Tier best = tiers.front();
+
+  std::vector<AdamCase> cases;
+  // fp32 Adam and AdamW at every size on the best tier.
+  for (std::uint64_t n : sizes) {
+    for (const char* opt : {"adam", "adamw"}) {
+      AdamCase c;
+      c.optimizer = opt;
+      c.tier = best;
+      c.elements = n;
+      cases.push_back(c);
+    }
+  }
+  // Many small tensors in one call.
+  {
+    AdamCase c;
+    c.tier = best;
+    c.elements = 100000;
+    c.tensors = args.quick ? 100 : 1000;
+    cases.push_back(c);
+  }
+  // Every tier on one size.
+  for (ca::Tier t : tiers) {
+    if (t == best) continue;
+    AdamCase c;
+    c.tier = t;
+    c.elements = pair_size;
+    cases.push_back(c);
+  }
+  // Dtype pairs on the best tier.
+  const auto pair = [&](ca::DType p, ca::DType g, ca::DType s, std::optional<ca::DType> copy) {
+    AdamCase c;
+    c.tier = best;
+    c.param = p;
+    c.grad = g;
+    c.state = s;
+    c.copy = copy;
+    c.elements = pair_size;
+    cases.push_back(c);
+  };
+  pair(ca::DType::f32, ca::DType::bf16, ca::DType::f32, ca::DType::bf16);
+  pair(ca::DType::f32, ca::DType::f16, ca::DType::f32, ca::DType::f16);
+  pair(ca::DType::f32, ca::DType::bf16, ca::DType::f32, std::nullopt);
+  pair(ca::DType::bf16, ca::DType::bf16, ca::DType::bf16, std::nullopt);
+  pair(ca::DType::f16, ca::DType::f16, ca::DType::f16, std::nullopt);
+  pair(ca::DType::bf16, ca::DType::bf16, ca::DType::f32, std::nullopt);
+  pair(ca::DType::f16, ca::DType::f16, ca::DType::f32, std::nullopt);
+  for (const char* opt : {"adagrad", "lion"}) {
+    AdamCase c;
+    c.optimizer = opt;
+    c.tier = best;
+    c.elements = pair_size;
+    cases.push_back(c);
+  }
+
+  fmt::print("zinf-bench adam {}: {} thread(s), CPU: {}, median of {}\n", ZINF_VERSION, threads,
+             features.describe(), args.repeat);
+  fmt::print("limit = the same loads and stores with trivial arithmetic, measured alternately in this run\n\n");
+  fmt::print("{:<44} {:<7} {:>12} {:>10} {:>10} {:>9} {:>7}\n", "case", "tier", "elements", "G param/s",
+             "limit G/s", "fraction", "GB/s");
+  std::vector<zinf::bench::AdamResult> results;
+  std::map<ca::Tier, std::unique_ptr<ca::CpuOptimizer>> optimizers;
+  for (const AdamCase& c : cases) {
+    if (g_interrupted.load()) throw Error(ErrorKind::cancelled, "interrupted");
+    auto& optimizer = optimizers[c.tier];
+    if (!optimizer) optimizer = std::make_unique<ca::CpuOptimizer>(threads, c.tier);
+    zinf::bench::AdamResult r = zinf::bench::run_adam_case(c, *optimizer, args.repeat, args.min_seconds);
+    if (c.optimizer == "adagrad" || c.optimizer == "lion") {
+      // The limit kernel moves Adam's bytes; scale it to this optimizer's.
+      AdamCase adam_like = c;
+      adam_like.optimizer = "adam";
+      r.limit_params_per_s *= static_cast<double>(adam_like.bytes_per_param()) /
+                              static_cast<double>(c.bytes_per_param());
+    }
+    fmt::print("{:<44} {:<7} {:>12} {:>10.3f} {:>10.3f} {:>9.2f} {:>7.1f}\n", c.label(),
+               ca::to_string(c.tier), c.elements * c.tensors, r.params_per_s / 1e9,
+               r.limit_params_per_s / 1e9, r.fraction(), r.gb_per_s());
+    std::fflush(stdout);
+    results.push_back(r);
+  }
+  if (!args.json_path.empty()) {
+    nlohmann::ordered_json out;
+    out["tool"] = "zinf-bench adam";
+    out["version"] = ZINF_VERSION;
+    out["threads"] = threads;
+    out["cpu"] = features.describe();
+    out["repeats"] = args.repeat;
+    nlohmann::json records = nlohmann::json::array();
+    for (const auto& r : results) records.push_back(r.to_json());
+    out["records"] = records;
+    std::ofstream file(args.json_path);
+    if (!file) zinf::throw_path_error("open", args.json_path, errno);
+    file << out.dump(2) << "\n";
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -263,6 +394,17 @@ int main(int argc, char** argv) {
                "buffers in 4 KiB pages instead of 2 MiB huge pages (to compare)");
   CLI::App* io_command = app.add_subcommand("io", "sequential write/read bandwidth (default)");
   io_command->fallthrough();
+
+  AdamArgs adam;
+  CLI::App* adam_command = app.add_subcommand(
+      "adam", "CPU optimizer params/s per tier, dtype pair and size, against the memory-bound limit");
+  adam_command->add_option("--size", adam.sizes, "elements per tensor, e.g. 1M 100M (default 1M 10M 100M 400M)");
+  adam_command->add_option("--threads", adam.threads, "optimizer threads (default: all cores)");
+  adam_command->add_option("--tier", adam.tiers, "scalar, avx2, avx512 (default: every supported tier)");
+  adam_command->add_option("--repeat", adam.repeat, "timings per case, median reported (default 5)");
+  adam_command->add_option("--min-seconds", adam.min_seconds, "length of one timing (default 0.2)");
+  adam_command->add_flag("--quick", adam.quick, "small sizes only (about 10 s)");
+  adam_command->add_option("--json", adam.json_path, "write one record per case to FILE");
   app.require_subcommand(0, 1);
 
   try {
@@ -272,6 +414,7 @@ int main(int argc, char** argv) {
   }
   install_signal_handlers();
   try {
+    if (adam_command->parsed()) return run_adam(adam);
     return run_io(io);
   } catch (const Error& error) {
     std::fflush(stdout);
