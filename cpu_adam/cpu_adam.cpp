@@ -185,7 +185,7 @@ void CpuOptimizer::adam_step(const AdamOptions& o, std::int64_t step,
   s.weight_decay = o.weight_decay;
   s.decay = static_cast<float>(1.0 - static_cast<double>(o.lr) * o.weight_decay);
   s.step_size = static_cast<float>(o.lr / bc1);
-  s.bias_correction2 = static_cast<float>(bc2);
+  s.inv_bias_correction2 = static_cast<float>(1.0 / bc2);
   s.adamw = o.adamw_mode;
   s.use_weight_decay = o.weight_decay > 0;
   const KernelTable& table = table_for(tier_);

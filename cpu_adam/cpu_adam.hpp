@@ -1,7 +1,8 @@
 // CPU optimizers for offloaded training: Adam/AdamW, Adagrad and Lion over
 // many tensors per call, on a persistent thread pool, with kernels chosen at
 // run time (AVX-512, AVX2 or scalar; see cpu_features.hpp). The update is
-// DeepSpeed's and torch's, in float arithmetic, in the same order:
+// DeepSpeed's and torch's, in float arithmetic (docs/cpu_adam.md gives the
+// order of operations and the accuracy bounds the tests hold it to):
 //
 //   Adam (step t from 1; bc1 = 1 - beta1^t, bc2 = sqrt(1 - beta2^t), or 1
 //   without bias correction):

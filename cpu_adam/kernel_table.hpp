@@ -19,7 +19,7 @@ struct AdamScalars {
   float weight_decay;      // L2 mode: g += weight_decay * p
   float decay;             // AdamW mode: p *= 1 - lr * weight_decay
   float step_size;         // lr / (1 - beta1^t)
-  float bias_correction2;  // sqrt(1 - beta2^t)
+  float inv_bias_correction2;  // 1 / sqrt(1 - beta2^t)
   bool adamw;
   bool use_weight_decay;
 };
