@@ -148,6 +148,37 @@ TEST(ZinfBench, OddPoolSizesAreRoundedNotFatal) {
   EXPECT_EQ(o.exit_code, 0) << o.err;
 }
 
+TEST(ZinfBenchAdam, ReportsParamsPerSecondAgainstTheLimit) {
+  TempDir out;
+  const std::string json = (out / "adam.json").string();
+  const Outcome o = run_bench("adam --size 20k --quick --repeat 1 --min-seconds 0.001 --threads 2 "
+                              "--tier scalar --json " + json);
+  ASSERT_EQ(o.exit_code, 0) << o.err;
+  EXPECT_NE(o.out.find("adamw fp32"), std::string::npos) << o.out;
+  const auto doc = nlohmann::json::parse(slurp(json));
+  ASSERT_GE(doc["records"].size(), 10u);
+  bool saw_copy = false;
+  for (const auto& r : doc["records"]) {
+    EXPECT_EQ(r["tier"], "scalar");
+    EXPECT_EQ(r["threads"], 2);
+    EXPECT_GT(r["params_per_s"].get<double>(), 0.0);
+    EXPECT_GT(r["limit_params_per_s"].get<double>(), 0.0);
+    EXPECT_GT(r["fraction_of_limit"].get<double>(), 0.0);
+    if (r["param"] == "fp32" && r["grad"] == "bf16" && r["copy"] == "bf16") {
+      saw_copy = true;
+      EXPECT_EQ(r["bytes_per_param"], 28);  // 4+2+4+4 read, 4+4+4+2 written
+    }
+  }
+  EXPECT_TRUE(saw_copy);
+}
+
+TEST(ZinfBenchAdam, BadArgumentsAreOneLineErrors) {
+  EXPECT_NE(run_bench("adam --size lots").exit_code, 0);
+  const Outcome o = run_bench("adam --tier sse9 --size 1k");
+  EXPECT_EQ(o.exit_code, 1);
+  EXPECT_NE(o.err.find("unknown CPU Adam tier 'sse9'"), std::string::npos) << o.err;
+}
+
 TEST(ZinfBench, CtrlCRemovesScratchFiles) {
   TempDir dir;
   TempDir logs;

@@ -266,7 +266,10 @@ int run_adam(const AdamArgs& args) {
     sizes = args.quick ? std::vector<std::uint64_t>{1000000, 10000000}
                        : std::vector<std::uint64_t>{1000000, 10000000, 100000000, 400000000};
   }
-  const std::uint64_t pair_size = args.quick ? 10000000 : 100000000;
+  // Dtype pairs, other tiers and the multi-tensor case run at one size:
+  // 100M elements (10M with --quick), or the largest --size if smaller.
+  const std::uint64_t pair_size = std::min<std::uint64_t>(
+      args.quick ? 10000000 : 100000000, *std::max_element(sizes.begin(), sizes.end()));
   const ca::Tier best = tiers.front();
 
   std::vector<AdamCase> cases;
@@ -284,8 +287,8 @@ int run_adam(const AdamArgs& args) {
   {
     AdamCase c;
     c.tier = best;
-    c.elements = 100000;
-    c.tensors = args.quick ? 100 : 1000;
+    c.elements = std::min<std::uint64_t>(100000, pair_size);
+    c.tensors = std::max<std::uint64_t>(1, pair_size / c.elements);
     cases.push_back(c);
   }
   // Every tier on one size.
