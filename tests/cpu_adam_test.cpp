@@ -333,7 +333,7 @@ Reference adam_reference(const AdamOptions& o, std::int64_t t, float p_f, float 
   return {p, m, v, scale};
 }
 
-TEST(CpuAdamAccuracy, OneStepWithinStatedBoundsOfDoubleMath) {
+TEST_P(TierTest, OneStepWithinStatedBoundsOfDoubleMath) {
   // Bound: |p - p_ref| <= 2 ulp(p_ref) + 16 float epsilons of the update's
   // terms (before cancellation); the same for m; v within 2 ulp + 16 eps of
   // its terms. Float rounding of ~10 operations stays well inside this.
@@ -353,7 +353,7 @@ TEST(CpuAdamAccuracy, OneStepWithinStatedBoundsOfDoubleMath) {
         expected[i] = adam_reference(o, t, x.get(x.param, DType::f32, i), x.get(x.grad, DType::f32, i),
                                      x.get(x.m, DType::f32, i), x.get(x.v, DType::f32, i));
       }
-      CpuOptimizer opt(2);
+      CpuOptimizer opt(2, GetParam());
       const TensorState s = x.state();
       opt.adam_step(o, t, std::span(&s, 1));
       for (std::size_t i = 0; i < n; ++i) {

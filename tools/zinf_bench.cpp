@@ -239,7 +239,7 @@ int run_io(const IoArgs& args) {
 
 struct AdamArgs {
   std::vector<std::string> sizes;  // empty: the standard set
-  std::optional<std::size_t> threads;
+  std::vector<std::size_t> threads;  // empty: all cores
   std::vector<std::string> tiers;  // empty: every tier the CPU supports
   int repeat = 5;
   double min_seconds = 0.2;
@@ -250,7 +250,8 @@ struct AdamArgs {
 int run_adam(const AdamArgs& args) {
   namespace ca = zinf::cpu_adam;
   using zinf::bench::AdamCase;
-  const std::size_t threads = args.threads.value_or(std::max(1u, std::thread::hardware_concurrency()));
+  std::vector<std::size_t> thread_counts = args.threads;
+  if (thread_counts.empty()) thread_counts.push_back(std::max(1u, std::thread::hardware_concurrency()));
   const ca::CpuFeatures features = ca::detect_cpu_features();
   std::vector<ca::Tier> tiers;
   if (args.tiers.empty()) {
@@ -325,16 +326,17 @@ int run_adam(const AdamArgs& args) {
     cases.push_back(c);
   }
 
-  fmt::print("zinf-bench adam {}: {} thread(s), CPU: {}, median of {}\n", ZINF_VERSION, threads,
-             features.describe(), args.repeat);
+  fmt::print("zinf-bench adam {}: CPU: {}, median of {}\n", ZINF_VERSION, features.describe(),
+             args.repeat);
   fmt::print("limit = the same loads and stores with trivial arithmetic, measured alternately in this run\n\n");
-  fmt::print("{:<44} {:<7} {:>12} {:>10} {:>10} {:>9} {:>7}\n", "case", "tier", "elements", "G param/s",
-             "limit G/s", "fraction", "GB/s");
+  fmt::print("{:<44} {:<7} {:>7} {:>12} {:>10} {:>10} {:>9} {:>7}\n", "case", "tier", "threads",
+             "elements", "G param/s", "limit G/s", "fraction", "GB/s");
   std::vector<zinf::bench::AdamResult> results;
-  std::map<ca::Tier, std::unique_ptr<ca::CpuOptimizer>> optimizers;
+  std::map<std::pair<ca::Tier, std::size_t>, std::unique_ptr<ca::CpuOptimizer>> optimizers;
+  for (std::size_t threads : thread_counts) {
   for (const AdamCase& c : cases) {
     if (g_interrupted.load()) throw Error(ErrorKind::cancelled, "interrupted");
-    auto& optimizer = optimizers[c.tier];
+    auto& optimizer = optimizers[{c.tier, threads}];
     if (!optimizer) optimizer = std::make_unique<ca::CpuOptimizer>(threads, c.tier);
     zinf::bench::AdamResult r = zinf::bench::run_adam_case(c, *optimizer, args.repeat, args.min_seconds);
     if (c.optimizer == "adagrad" || c.optimizer == "lion") {
@@ -344,17 +346,18 @@ int run_adam(const AdamArgs& args) {
       r.limit_params_per_s *= static_cast<double>(adam_like.bytes_per_param()) /
                               static_cast<double>(c.bytes_per_param());
     }
-    fmt::print("{:<44} {:<7} {:>12} {:>10.3f} {:>10.3f} {:>9.2f} {:>7.1f}\n", c.label(),
-               ca::to_string(c.tier), c.elements * c.tensors, r.params_per_s / 1e9,
+    fmt::print("{:<44} {:<7} {:>7} {:>12} {:>10.3f} {:>10.3f} {:>9.2f} {:>7.1f}\n", c.label(),
+               ca::to_string(c.tier), threads, c.elements * c.tensors, r.params_per_s / 1e9,
                r.limit_params_per_s / 1e9, r.fraction(), r.gb_per_s());
     std::fflush(stdout);
     results.push_back(r);
+  }
   }
   if (!args.json_path.empty()) {
     nlohmann::ordered_json out;
     out["tool"] = "zinf-bench adam";
     out["version"] = ZINF_VERSION;
-    out["threads"] = threads;
+    out["threads"] = thread_counts;
     out["cpu"] = features.describe();
     out["repeats"] = args.repeat;
     nlohmann::json records = nlohmann::json::array();
@@ -402,7 +405,8 @@ int main(int argc, char** argv) {
   CLI::App* adam_command = app.add_subcommand(
       "adam", "CPU optimizer params/s per tier, dtype pair and size, against the memory-bound limit");
   adam_command->add_option("--size", adam.sizes, "elements per tensor, e.g. 1M 100M (default 1M 10M 100M 400M)");
-  adam_command->add_option("--threads", adam.threads, "optimizer threads (default: all cores)");
+  adam_command->add_option("--threads", adam.threads,
+                           "optimizer thread counts, e.g. 1 2 (default: all cores)");
   adam_command->add_option("--tier", adam.tiers, "scalar, avx2, avx512 (default: every supported tier)");
   adam_command->add_option("--repeat", adam.repeat, "timings per case, median reported (default 5)");
   adam_command->add_option("--min-seconds", adam.min_seconds, "length of one timing (default 0.2)");
