@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <vector>
 
 #include <fmt/format.h>
@@ -65,22 +64,40 @@ struct Job {
   int p, g, s, c;  // table indices
 };
 
-std::vector<Job> resolve(std::span<const TensorState> tensors, Uses uses) {
-  std::vector<Job> jobs;
-  jobs.reserve(tensors.size());
+std::size_t size_of(DType d) { return d == DType::f32 ? 4 : 2; }
+
+// A byte range some kernel will touch, for the aliasing check.
+struct Span {
+  std::uintptr_t begin, end;
+  std::size_t tensor;
+  const char* name;
+  bool written;
+};
+
+// Fills `jobs` (reused between steps: no allocation once warm).
+void resolve(std::span<const TensorState> tensors, Uses uses, std::vector<Job>& jobs,
+             std::vector<Span>& spans) {
+  jobs.clear();
+  spans.clear();
   for (std::size_t i = 0; i < tensors.size(); ++i) {
     const TensorState& t = tensors[i];
     const std::size_t n = t.param.count;
-    if (n == 0) continue;
-    if (t.param.data == nullptr) bad(i, "param buffer is null");
-    if (t.grad.data == nullptr) bad(i, "grad buffer is null");
-    if (t.grad.count != n) bad(i, fmt::format("length mismatch: grad has {} elements, param {}", t.grad.count, n));
+    for (const Buffer* b : {&t.param, &t.grad, &t.exp_avg, &t.exp_avg_sq, &t.param_copy}) {
+      if (static_cast<unsigned>(b->dtype) > static_cast<unsigned>(DType::f16)) {
+        bad(i, fmt::format("dtype value {} is not fp32, bf16 or fp16", static_cast<unsigned>(b->dtype)));
+      }
+    }
+    if (n > (std::size_t{1} << 60)) bad(i, fmt::format("{} elements is out of range", n));
     const bool needs_m = uses == Uses::adam || uses == Uses::lion || uses == Uses::bandwidth;
     const bool needs_v = uses == Uses::adam || uses == Uses::adagrad || uses == Uses::bandwidth;
-    if (needs_m && t.exp_avg.data == nullptr) bad(i, "exp_avg buffer is null");
+    if (t.grad.count != n) bad(i, fmt::format("length mismatch: grad has {} elements, param {}", t.grad.count, n));
     if (needs_m && t.exp_avg.count != n) {
       bad(i, fmt::format("length mismatch: exp_avg has {} elements, param {}", t.exp_avg.count, n));
     }
+    if (n == 0) continue;  // an empty tensor: nothing to read or write
+    if (t.param.data == nullptr) bad(i, "param buffer is null");
+    if (t.grad.data == nullptr) bad(i, "grad buffer is null");
+    if (needs_m && t.exp_avg.data == nullptr) bad(i, "exp_avg buffer is null");
     if (needs_v && t.exp_avg_sq.data == nullptr) bad(i, "exp_avg_sq buffer is null");
     if (needs_v && t.exp_avg_sq.count != n) {
       bad(i, fmt::format("length mismatch: exp_avg_sq has {} elements, param {}", t.exp_avg_sq.count, n));
@@ -111,8 +128,32 @@ std::vector<Job> resolve(std::span<const TensorState> tensors, Uses uses) {
                          copy == 0 ? "" : fmt::format(", copy {}", to_string(t.param_copy.dtype))));
     }
     jobs.push_back(job);
+    const auto add = [&](const Buffer& b, const char* name, bool written) {
+      const auto begin = reinterpret_cast<std::uintptr_t>(b.data);
+      spans.push_back(Span{begin, begin + n * size_of(b.dtype), i, name, written});
+    };
+    add(t.param, "param", true);
+    add(t.grad, "grad", false);
+    if (needs_m) add(t.exp_avg, "exp_avg", true);
+    if (needs_v) add(t.exp_avg_sq, "exp_avg_sq", true);
+    if (copy != 0) add(t.param_copy, "param_copy", true);
   }
-  return jobs;
+  // Two threads updating the same bytes would race, and a buffer overlapping
+  // another of its own tensor gives wrong results: refuse any overlap that
+  // involves a written buffer (grads may share memory with each other).
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  for (std::size_t k = 0; k + 1 < spans.size(); ++k) {
+    const Span& a = spans[k];
+    for (std::size_t j = k + 1; j < spans.size() && spans[j].begin < a.end; ++j) {
+      const Span& b = spans[j];
+      if (a.written || b.written) {
+        throw Error(ErrorKind::invalid,
+                    fmt::format("tensor {}'s {} overlaps tensor {}'s {}: optimizer buffers must not "
+                                "share memory (list a tied parameter once)",
+                                a.tensor, a.name, b.tensor, b.name));
+      }
+    }
+  }
 }
 
 // Elements per split unit: ranges start on 64-element boundaries of their
@@ -124,11 +165,13 @@ constexpr std::size_t kGrain = 64;
 struct CpuOptimizer::Impl {
   explicit Impl(std::size_t threads) : pool(threads) {}
   ThreadPool pool;
+  std::vector<Job> jobs;    // reused every step
+  std::vector<Span> spans;  // reused every step
 
   // Splits the concatenation of all tensors into one contiguous share per
   // thread and calls run(job, begin, end) for each piece of a share.
-  void for_each_range(const std::vector<Job>& jobs,
-                      const std::function<void(const Job&, std::size_t, std::size_t)>& run) {
+  template <class Run>
+  void for_each_range(const Run& run) {
     std::size_t total = 0;
     for (const Job& job : jobs) total += (job.count + kGrain - 1) / kGrain;  // in grains
     const std::size_t threads = pool.size();
@@ -151,7 +194,7 @@ struct CpuOptimizer::Impl {
 };
 
 CpuOptimizer::CpuOptimizer(std::size_t threads, std::optional<Tier> tier)
-    : impl_(std::make_unique<Impl>(threads)), tier_(tier.value_or(default_tier())) {
+    : impl_(std::make_unique<Impl>(threads)), tier_(tier ? *tier : default_tier()) {
   if (tier && !tier_supported(*tier, detect_cpu_features())) {
     throw Error(ErrorKind::unsupported,
                 fmt::format("the {} optimizer tier needs CPU features this machine lacks ({})",
@@ -171,7 +214,7 @@ void CpuOptimizer::adam_step(const AdamOptions& o, std::int64_t step,
   check_hyper("eps", o.eps, o.eps >= 0, "non-negative");
   check_hyper("weight_decay", o.weight_decay, o.weight_decay >= 0, "non-negative");
   ZINF_CHECK(step >= 1, fmt::format("optimizer step is {}: steps count from 1", step));
-  const std::vector<Job> jobs = resolve(tensors, Uses::adam);
+  resolve(tensors, Uses::adam, impl_->jobs, impl_->spans);
 
   AdamScalars s{};
   const double t = static_cast<double>(step);
@@ -189,7 +232,7 @@ void CpuOptimizer::adam_step(const AdamOptions& o, std::int64_t step,
   s.adamw = o.adamw_mode;
   s.use_weight_decay = o.weight_decay > 0;
   const KernelTable& table = table_for(tier_);
-  impl_->for_each_range(jobs, [&](const Job& j, std::size_t begin, std::size_t end) {
+  impl_->for_each_range([&](const Job& j, std::size_t begin, std::size_t end) {
     table.adam[j.p][j.g][j.s][j.c](s, j.param, j.grad, j.exp_avg, j.exp_avg_sq, j.copy, begin, end);
   });
 }
@@ -200,10 +243,10 @@ void CpuOptimizer::adagrad_step(const AdagradOptions& o, std::int64_t step,
   check_hyper("eps", o.eps, o.eps >= 0, "non-negative");
   check_hyper("weight_decay", o.weight_decay, o.weight_decay >= 0, "non-negative");
   ZINF_CHECK(step >= 1, fmt::format("optimizer step is {}: steps count from 1", step));
-  const std::vector<Job> jobs = resolve(tensors, Uses::adagrad);
+  resolve(tensors, Uses::adagrad, impl_->jobs, impl_->spans);
   AdagradScalars s{o.lr, o.eps, o.weight_decay, o.weight_decay > 0};
   const KernelTable& table = table_for(tier_);
-  impl_->for_each_range(jobs, [&](const Job& j, std::size_t begin, std::size_t end) {
+  impl_->for_each_range([&](const Job& j, std::size_t begin, std::size_t end) {
     table.adagrad[j.p][j.g][j.s][j.c](s, j.param, j.grad, j.exp_avg_sq, j.copy, begin, end);
   });
 }
@@ -215,7 +258,7 @@ void CpuOptimizer::lion_step(const LionOptions& o, std::int64_t step,
   check_hyper("beta2", o.beta2, o.beta2 >= 0 && o.beta2 < 1, "in [0, 1)");
   check_hyper("weight_decay", o.weight_decay, o.weight_decay >= 0, "non-negative");
   ZINF_CHECK(step >= 1, fmt::format("optimizer step is {}: steps count from 1", step));
-  const std::vector<Job> jobs = resolve(tensors, Uses::lion);
+  resolve(tensors, Uses::lion, impl_->jobs, impl_->spans);
   LionScalars s{};
   s.lr = o.lr;
   s.beta1 = o.beta1;
@@ -225,15 +268,15 @@ void CpuOptimizer::lion_step(const LionOptions& o, std::int64_t step,
   s.decay = static_cast<float>(1.0 - static_cast<double>(o.lr) * o.weight_decay);
   s.use_weight_decay = o.weight_decay > 0;
   const KernelTable& table = table_for(tier_);
-  impl_->for_each_range(jobs, [&](const Job& j, std::size_t begin, std::size_t end) {
+  impl_->for_each_range([&](const Job& j, std::size_t begin, std::size_t end) {
     table.lion[j.p][j.g][j.s][j.c](s, j.param, j.grad, j.exp_avg, j.copy, begin, end);
   });
 }
 
 void CpuOptimizer::bandwidth_step(std::span<const TensorState> tensors) {
-  const std::vector<Job> jobs = resolve(tensors, Uses::bandwidth);
+  resolve(tensors, Uses::bandwidth, impl_->jobs, impl_->spans);
   const KernelTable& table = table_for(tier_);
-  impl_->for_each_range(jobs, [&](const Job& j, std::size_t begin, std::size_t end) {
+  impl_->for_each_range([&](const Job& j, std::size_t begin, std::size_t end) {
     table.bandwidth[j.p][j.g][j.s][j.c](j.param, j.grad, j.exp_avg, j.exp_avg_sq, j.copy, begin, end);
   });
 }

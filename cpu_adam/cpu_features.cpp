@@ -58,11 +58,12 @@ CpuFeatures detect_cpu_features() {
   const bool os_ymm = (xcr0 & 0x6) == 0x6;            // XMM and YMM state
   const bool os_zmm = (xcr0 & 0xe6) == 0xe6;          // plus opmask, ZMM_Hi256, Hi16_ZMM
   if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0) return features;
+  const unsigned leaf7_subleaves = eax;
   features.avx2 = os_ymm && fma && f16c && (ebx & bit_AVX2) != 0;
   features.avx512 = features.avx2 && os_zmm && (ebx & bit_AVX512F) != 0 &&
                     (ebx & bit_AVX512BW) != 0 && (ebx & bit_AVX512VL) != 0 &&
                     (ebx & bit_AVX512DQ) != 0;
-  if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0) {
+  if (leaf7_subleaves >= 1 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0) {
     features.avx512_bf16 = features.avx512 && (eax & (1u << 5)) != 0;
   }
   return features;

@@ -1,8 +1,9 @@
 #include "cpu_adam/thread_pool.hpp"
 
 #include <pthread.h>
+#include <xmmintrin.h>
 
-#include <string>
+#include <cstdio>
 
 #include "core/error.hpp"
 
@@ -14,8 +15,9 @@ ThreadPool::ThreadPool(std::size_t threads) {
   try {
     for (std::size_t i = 1; i < threads; ++i) {
       workers_.emplace_back([this, i] {
-        const std::string name = "zinf-adam-" + std::to_string(i);
-        pthread_setname_np(pthread_self(), name.c_str());
+        char name[16];
+        std::snprintf(name, sizeof name, "zinf-adam-%zu", i);
+        pthread_setname_np(pthread_self(), name);
         work(i);
       });
     }
@@ -42,31 +44,40 @@ ThreadPool::~ThreadPool() {
 void ThreadPool::work(std::size_t index) {
   std::uint64_t seen = 0;
   for (;;) {
-    const std::function<void(std::size_t)>* job = nullptr;
+    Job job = nullptr;
+    void* context = nullptr;
+    unsigned mxcsr = 0;
     {
       std::unique_lock lock(mutex_);
       start_.wait(lock, [&] { return stopping_ || generation_ != seen; });
       if (stopping_) return;
       seen = generation_;
       job = job_;
+      context = context_;
+      mxcsr = mxcsr_;
     }
+    const unsigned own_mxcsr = _mm_getcsr();
+    _mm_setcsr(mxcsr);
     std::exception_ptr error;
     try {
-      (*job)(index);
+      job(context, index);
     } catch (...) {
       error = std::current_exception();
     }
+    _mm_setcsr(own_mxcsr);
     std::lock_guard lock(mutex_);
     if (error && !error_) error_ = error;
     if (--running_ == 0) done_.notify_one();
   }
 }
 
-void ThreadPool::run(const std::function<void(std::size_t)>& fn) {
+void ThreadPool::run_job(Job job, void* context) {
   std::lock_guard serial(run_mutex_);
   {
     std::lock_guard lock(mutex_);
-    job_ = &fn;
+    job_ = job;
+    context_ = context;
+    mxcsr_ = _mm_getcsr();
     running_ = workers_.size();
     error_ = nullptr;
     ++generation_;
@@ -74,7 +85,7 @@ void ThreadPool::run(const std::function<void(std::size_t)>& fn) {
   start_.notify_all();
   std::exception_ptr mine;
   try {
-    fn(0);
+    job(context, 0);
   } catch (...) {
     mine = std::current_exception();
   }

@@ -561,6 +561,59 @@ TEST_F(CpuAdamErrors, UnsupportedDtypePairsAreRefusedBeforeAnyWrite) {
             std::string::npos);
 }
 
+TEST_F(CpuAdamErrors, OverlappingBuffersAreRefused) {
+  std::vector<TensorState> twice = {x.state(), x.state()};  // a tied parameter listed twice
+  std::string text = message_of([&] { opt.adam_step({}, 1, twice); });
+  EXPECT_NE(text.find("overlaps"), std::string::npos) << text;
+  TensorState same = x.state();
+  same.exp_avg_sq = same.exp_avg;
+  text = message_of([&] { opt.adam_step({}, 1, std::span(&same, 1)); });
+  EXPECT_NE(text.find("tensor 0's exp_avg overlaps tensor 0's exp_avg_sq"), std::string::npos) << text;
+  // Read-only grads may be shared.
+  Tensor y(100, DType::f32, DType::f32, DType::f32, std::nullopt, 0, 2, false);
+  TensorState a = x.state();
+  TensorState b = y.state();
+  b.grad = a.grad;
+  std::vector<TensorState> shared_grad = {a, b};
+  EXPECT_NO_THROW(opt.adam_step({}, 1, shared_grad));
+}
+
+TEST_F(CpuAdamErrors, BadDtypeValuesAndEmptyTensorsWithMismatchedLengths) {
+  TensorState s = x.state();
+  s.grad.dtype = static_cast<DType>(7);
+  EXPECT_NE(message_of([&] { opt.adam_step({}, 1, std::span(&s, 1)); }).find("dtype value 7"),
+            std::string::npos);
+  TensorState empty;
+  empty.grad.count = 5;  // param has 0 elements
+  EXPECT_NE(message_of([&] { opt.adam_step({}, 1, std::span(&empty, 1)); }).find("length mismatch"),
+            std::string::npos);
+  TensorState nothing;  // all empty: fine
+  EXPECT_NO_THROW(opt.adam_step({}, 1, std::span(&nothing, 1)));
+}
+
+TEST(CpuAdamThreads, WorkersUseTheCallersFloatingPointMode) {
+  // With flush-to-zero set by the caller, every share flushes, whichever
+  // thread computes it: results equal the single-threaded ones.
+  const unsigned saved = _mm_getcsr();
+  std::vector<float> out1, out2;
+  for (std::size_t threads : {1u, 3u}) {
+    CpuOptimizer opt(threads);
+    Tensor x(3000, DType::f32, DType::f32, DType::f32, std::nullopt, 0, 8, false);
+    for (std::size_t i = 0; i < 3000; ++i) {
+      x.set(x.grad, DType::f32, i, 1e-39f * static_cast<float>(i % 7));  // subnormal
+      x.set(x.m, DType::f32, i, 0.0f);  // so (1 - beta1) * g is the whole first moment
+    }
+    const TensorState s = x.state();
+    AdamOptions o;
+    _mm_setcsr(saved | 0x8040);  // FTZ and DAZ, set after the inputs were made
+    opt.adam_step(o, 1, std::span(&s, 1));
+    _mm_setcsr(saved);
+    auto& out = threads == 1 ? out1 : out2;
+    for (std::size_t i = 0; i < 3000; ++i) out.push_back(x.get(x.m, DType::f32, i));
+  }
+  EXPECT_EQ(std::memcmp(out1.data(), out2.data(), out1.size() * 4), 0);
+}
+
 TEST_F(CpuAdamErrors, ForcingATierThisCpuLacksIsRefused) {
   const CpuFeatures features = detect_cpu_features();
   if (features.avx512) GTEST_SKIP() << "this CPU supports every tier";

@@ -118,7 +118,9 @@ AdamResult run_adam_case(const AdamCase& spec, cpu_adam::CpuOptimizer& optimizer
     t.exp_avg_sq = {arena.take(n * size_of(spec.state)), n, spec.state};
     if (spec.copy) t.param_copy = {arena.take(n * size_of(*spec.copy)), n, *spec.copy};
     fill(static_cast<std::byte*>(t.param.data), n, spec.param, 0.5f, 1e-4f);
-    fill(static_cast<std::byte*>(t.grad.data), n, spec.grad, -0.01f, 2e-5f);
+    // Positive grads: bandwidth_step adds them to exp_avg_sq, which must stay
+    // non-negative or later Adam timings would run on NaNs.
+    fill(static_cast<std::byte*>(t.grad.data), n, spec.grad, 0.001f, 2e-6f);
   }
   const std::uint64_t total = n * spec.tensors;
 
