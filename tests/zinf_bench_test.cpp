@@ -179,6 +179,29 @@ TEST(ZinfBenchAdam, BadArgumentsAreOneLineErrors) {
   EXPECT_NE(o.err.find("unknown CPU Adam tier 'sse9'"), std::string::npos) << o.err;
 }
 
+Outcome run_config(const std::string& arguments) {
+  TempDir logs;
+  const char* tool = std::getenv("ZINF_CONFIG");
+  const std::string command = std::string(tool != nullptr ? tool : "zinf-config") + " " + arguments + " >" +
+                              (logs / "out").string() + " 2>" + (logs / "err").string();
+  const int status = std::system(command.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, slurp(logs / "out"), slurp(logs / "err")};
+}
+
+TEST(ZinfConfig, CheckPassesAGoodConfigAndListsEveryProblemOfABadOne) {
+  TempDir dir;
+  std::ofstream(dir / "good.json") << R"({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}})";
+  std::ofstream(dir / "bad.json") << R"({"aio": {"queue_dept": 8}, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}})";
+  Outcome o = run_config("check " + (dir / "good.json").string());
+  EXPECT_EQ(o.exit_code, 0) << o.err;
+  EXPECT_NE(o.out.find("ok (ZeRO stage 3, offload_param nvme"), std::string::npos) << o.out;
+  o = run_config("check " + (dir / "bad.json").string());
+  EXPECT_EQ(o.exit_code, 1);
+  EXPECT_EQ(count_lines(o.err), 2) << o.err;
+  EXPECT_NE(o.err.find("aio.queue_dept: unknown key; did you mean \"queue_depth\"?"), std::string::npos) << o.err;
+  EXPECT_NE(o.err.find("zero_optimization.offload_param.nvme_path: is required"), std::string::npos) << o.err;
+}
+
 TEST(ZinfBench, CtrlCRemovesScratchFiles) {
   TempDir dir;
   TempDir logs;

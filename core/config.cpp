@@ -1,0 +1,495 @@
+#include "core/config.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <initializer_list>
+#include <span>
+#include <sstream>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "core/error.hpp"
+#include "core/log.hpp"
+
+namespace zinf::config {
+
+std::string_view to_string(OffloadDevice device) {
+  switch (device) {
+    case OffloadDevice::none: return "none";
+    case OffloadDevice::cpu: return "cpu";
+    case OffloadDevice::nvme: return "nvme";
+  }
+  return "unknown";
+}
+
+namespace {
+
+using nlohmann::json;
+
+std::size_t edit_distance(std::string_view a, std::string_view b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diagonal = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t above = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = above;
+    }
+  }
+  return row[b.size()];
+}
+
+std::string describe(const json& value) {
+  switch (value.type()) {
+    case json::value_t::string: return fmt::format("the string \"{}\"", value.get<std::string>());
+    case json::value_t::boolean: return value.get<bool>() ? "true" : "false";
+    case json::value_t::null: return "null";
+    case json::value_t::object: return "an object";
+    case json::value_t::array: return "a list";
+    default: return value.dump();
+  }
+}
+
+bool is_auto(const json& value) { return value.is_string() && value.get<std::string>() == "auto"; }
+
+class Reader {
+ public:
+  explicit Reader(ParseResult& out) : out_(out) {}
+
+  void problem(const std::string& path, std::string message) {
+    out_.problems.push_back(Problem{path, std::move(message)});
+  }
+  void warn(std::string message) { out_.warnings.push_back(std::move(message)); }
+
+  // Reports keys of `section` that are in neither `known` nor `ignored`,
+  // suggesting the nearest known key.
+  void check_keys(const json& section, const std::string& path,
+                  std::initializer_list<std::string_view> known,
+                  std::span<const std::string_view> ignored = {}) {
+    for (const auto& [key, value] : section.items()) {
+      const bool found = std::find(known.begin(), known.end(), key) != known.end() ||
+                         std::find(ignored.begin(), ignored.end(), key) != ignored.end();
+      if (found) continue;
+      std::string_view nearest;
+      std::size_t best = SIZE_MAX;
+      for (std::string_view candidate : known) {
+        const std::size_t d = edit_distance(key, candidate);
+        if (d < best) {
+          best = d;
+          nearest = candidate;
+        }
+      }
+      const std::size_t allowed = std::max<std::size_t>(2, key.size() / 3);
+      problem(join(path, key),
+              best <= allowed ? fmt::format("unknown key; did you mean \"{}\"?", nearest)
+                              : std::string("unknown key"));
+    }
+  }
+
+  static std::string join(const std::string& path, std::string_view key) {
+    return path.empty() ? std::string(key) : fmt::format("{}.{}", path, key);
+  }
+
+  void read_bool(const json& section, std::string_view key, const std::string& path, bool& target) {
+    if (!section.contains(key)) return;
+    const json& value = section.at(std::string(key));
+    if (is_auto(value)) return;
+    if (!value.is_boolean()) {
+      problem(join(path, key), fmt::format("must be true or false, not {}", describe(value)));
+      return;
+    }
+    target = value.get<bool>();
+  }
+
+  template <class T>
+  void read_uint(const json& section, std::string_view key, const std::string& path, T& target,
+                 std::uint64_t min = 0, std::uint64_t max = UINT64_MAX) {
+    if (!section.contains(key)) return;
+    const json& value = section.at(std::string(key));
+    if (is_auto(value)) return;
+    std::uint64_t number = 0;
+    bool ok = false;
+    if (value.is_number_unsigned()) {
+      number = value.get<std::uint64_t>();
+      ok = true;
+    } else if (value.is_number_integer()) {
+      ok = value.get<std::int64_t>() >= 0;
+      number = ok ? static_cast<std::uint64_t>(value.get<std::int64_t>()) : 0;
+    } else if (value.is_number_float()) {
+      const double d = value.get<double>();
+      ok = std::isfinite(d) && d >= 0 && d == std::floor(d) && d < 1.8e19;
+      number = ok ? static_cast<std::uint64_t>(d) : 0;
+    }
+    if (!ok) {
+      problem(join(path, key), fmt::format("must be a non-negative whole number, not {}", describe(value)));
+      return;
+    }
+    if (number < min || number > max) {
+      problem(join(path, key), max == UINT64_MAX
+                                   ? fmt::format("is {}: must be at least {}", number, min)
+                                   : fmt::format("is {}: must be between {} and {}", number, min, max));
+      return;
+    }
+    target = static_cast<T>(number);
+  }
+
+  void read_double(const json& section, std::string_view key, const std::string& path, double& target,
+                   double min, double max, const char* range) {
+    if (!section.contains(key)) return;
+    const json& value = section.at(std::string(key));
+    if (is_auto(value)) return;
+    if (!value.is_number() || !std::isfinite(value.get<double>())) {
+      problem(join(path, key), fmt::format("must be a number, not {}", describe(value)));
+      return;
+    }
+    const double number = value.get<double>();
+    if (number < min || number > max) {
+      problem(join(path, key), fmt::format("is {}: must be {}", number, range));
+      return;
+    }
+    target = number;
+  }
+
+  void read_device(const json& section, const std::string& path, OffloadDevice& target) {
+    if (!section.contains("device")) return;
+    const json& value = section.at("device");
+    if (value.is_null()) return;
+    const std::string text = value.is_string() ? value.get<std::string>() : std::string();
+    if (text == "none") target = OffloadDevice::none;
+    else if (text == "cpu") target = OffloadDevice::cpu;
+    else if (text == "nvme") target = OffloadDevice::nvme;
+    else problem(join(path, "device"), fmt::format("must be \"none\", \"cpu\" or \"nvme\", not {}", describe(value)));
+  }
+
+  void read_paths(const json& section, const std::string& path, std::vector<std::string>& target) {
+    if (!section.contains("nvme_path")) return;
+    const json& value = section.at("nvme_path");
+    const std::string where = join(path, "nvme_path");
+    if (value.is_null()) return;
+    if (value.is_string()) {
+      if (value.get<std::string>().empty()) {
+        problem(where, "is empty");
+        return;
+      }
+      target = {value.get<std::string>()};
+      return;
+    }
+    if (value.is_array() && !value.empty()) {
+      std::vector<std::string> paths;
+      for (const json& item : value) {
+        if (!item.is_string() || item.get<std::string>().empty()) {
+          problem(where, fmt::format("must list directory paths, found {}", describe(item)));
+          return;
+        }
+        paths.push_back(item.get<std::string>());
+      }
+      target = paths;
+      return;
+    }
+    problem(where, fmt::format("must be a directory path or a list of them, not {}", describe(value)));
+  }
+
+ private:
+  ParseResult& out_;
+};
+
+// zero_optimization keys DeepSpeed knows that zinf does not act on: they
+// load silently so a whole DeepSpeed config loads.
+constexpr std::string_view kZeroIgnored[] = {
+    "allgather_partitions", "reduce_scatter", "round_robin_gradients", "load_from_fp32_weights",
+    "elastic_checkpoint", "ignore_unused_parameters", "legacy_stage1", "memory_efficient_linear",
+    "mics_shard_size", "mics_hierarchical_params_gather", "zero_hpz_partition_size",
+    "zero_quantized_weights", "zero_quantized_nontrainable_weights", "zero_quantized_gradients",
+    "stage3_module_granularity_threshold", "module_granularity_threshold",
+    "stage3_use_all_reduce_for_fetch_params", "use_all_reduce_for_fetch_params",
+    "use_multi_rank_bucket_allreduce", "cpu_offload_use_pin_memory", "log_trace_cache_warnings",
+    "zeropp_loco_param", "pipeline_loading_checkpoint", "override_module_apply",
+    "offload_param_nvme_path", "offload_optimizer_nvme_path", "sub_group_buffer_size"};
+
+constexpr std::string_view kAioDeprecated[] = {"thread_count", "num_threads"};
+constexpr std::string_view kOptimizerOffloadDeprecated[] = {"pipeline"};
+// Optimizer parameters DeepSpeed's optimizers accept that zinf's CPU
+// optimizers have no use for.
+constexpr std::string_view kOptimizerParamsIgnored[] = {
+    "amsgrad", "torch_adam", "fp32_optimizer_states", "max_coeff", "min_coeff",
+    "freeze_step", "cuda_aware", "comm_backend_name", "momentum"};
+
+void read_aio(Reader& r, const json& root, AioConfig& aio) {
+  if (!root.contains("aio")) return;
+  const json& section = root.at("aio");
+  if (!section.is_object()) {
+    r.problem("aio", fmt::format("must be an object, not {}", describe(section)));
+    return;
+  }
+  r.check_keys(section, "aio",
+               {"block_size", "queue_depth", "intra_op_parallelism", "single_submit", "overlap_events", "use_gds"},
+               kAioDeprecated);
+  r.read_uint(section, "block_size", "aio", aio.block_size, 4096, 1ull << 30);
+  if (aio.block_size % 4096 != 0) {
+    r.problem("aio.block_size", fmt::format("is {}: must be a multiple of 4096 (O_DIRECT alignment)", aio.block_size));
+  }
+  r.read_uint(section, "queue_depth", "aio", aio.queue_depth, 1, 4096);
+  for (const char* old : {"thread_count", "num_threads"}) {
+    if (section.contains(old)) {
+      r.warn(fmt::format("aio.{} is a deprecated spelling of aio.intra_op_parallelism (DeepSpeed's "
+                         "runtime ignores it; zinf honours it)", old));
+      if (!section.contains("intra_op_parallelism")) r.read_uint(section, old, "aio", aio.intra_op_parallelism, 1, 256);
+    }
+  }
+  r.read_uint(section, "intra_op_parallelism", "aio", aio.intra_op_parallelism, 1, 256);
+  r.read_bool(section, "single_submit", "aio", aio.single_submit);
+  r.read_bool(section, "overlap_events", "aio", aio.overlap_events);
+  r.read_bool(section, "use_gds", "aio", aio.use_gds);
+}
+
+void read_offload_param(Reader& r, const json& section, const std::string& path, OffloadParamConfig& c) {
+  r.check_keys(section, path, {"device", "nvme_path", "buffer_count", "buffer_size", "max_in_cpu", "pin_memory"});
+  r.read_device(section, path, c.device);
+  r.read_paths(section, path, c.nvme_path);
+  r.read_uint(section, "buffer_count", path, c.buffer_count);
+  r.read_uint(section, "buffer_size", path, c.buffer_size);
+  r.read_uint(section, "max_in_cpu", path, c.max_in_cpu);
+  r.read_bool(section, "pin_memory", path, c.pin_memory);
+}
+
+void read_offload_optimizer(Reader& r, const json& section, const std::string& path,
+                            OffloadOptimizerConfig& c) {
+  r.check_keys(section, path,
+               {"device", "nvme_path", "buffer_count", "pin_memory", "pipeline_read", "pipeline_write",
+                "fast_init", "ratio"},
+               kOptimizerOffloadDeprecated);
+  r.read_device(section, path, c.device);
+  r.read_paths(section, path, c.nvme_path);
+  r.read_uint(section, "buffer_count", path, c.buffer_count);
+  r.read_bool(section, "pin_memory", path, c.pin_memory);
+  if (section.contains("pipeline")) {
+    r.warn(fmt::format("{}.pipeline is deprecated: it sets pipeline_read and pipeline_write", path));
+    bool both = false;
+    r.read_bool(section, "pipeline", path, both);
+    c.pipeline_read = c.pipeline_write = both;
+  }
+  r.read_bool(section, "pipeline_read", path, c.pipeline_read);
+  r.read_bool(section, "pipeline_write", path, c.pipeline_write);
+  r.read_bool(section, "fast_init", path, c.fast_init);
+  r.read_double(section, "ratio", path, c.ratio, 0.0, 1.0, "between 0 and 1");
+}
+
+// Reads `name` or `stage3_<name>`; both at once is a problem.
+template <class T>
+void read_stage3_uint(Reader& r, const json& zero, std::string_view name, T& target) {
+  const std::string prefixed = fmt::format("stage3_{}", name);
+  if (zero.contains(prefixed) && zero.contains(name)) {
+    r.problem(fmt::format("zero_optimization.{}", name),
+              fmt::format("given twice, as {} and as {}", name, prefixed));
+  }
+  r.read_uint(zero, prefixed, "zero_optimization", target);
+  r.read_uint(zero, name, "zero_optimization", target);
+}
+
+void read_zero(Reader& r, const json& root, ZeroConfig& zero) {
+  if (!root.contains("zero_optimization")) return;
+  const json& section = root.at("zero_optimization");
+  const std::string path = "zero_optimization";
+  if (!section.is_object()) {
+    r.problem(path, fmt::format("must be an object, not {}", describe(section)));
+    return;
+  }
+  r.check_keys(section, path,
+               {"stage", "offload_param", "offload_optimizer", "sub_group_size",
+                "stage3_prefetch_bucket_size", "prefetch_bucket_size",
+                "stage3_param_persistence_threshold", "param_persistence_threshold",
+                "stage3_max_live_parameters", "max_live_parameters", "stage3_max_reuse_distance",
+                "max_reuse_distance", "stage3_gather_16bit_weights_on_model_save",
+                "gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
+                "overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size",
+                "cpu_offload", "cpu_offload_param"},
+               kZeroIgnored);
+  r.read_uint(section, "stage", path, zero.stage, 0, 3);
+  if (section.contains("offload_param") && !section.at("offload_param").is_null()) {
+    if (section.at("offload_param").is_object()) {
+      read_offload_param(r, section.at("offload_param"), path + ".offload_param", zero.offload_param);
+    } else {
+      r.problem(path + ".offload_param", fmt::format("must be an object, not {}", describe(section.at("offload_param"))));
+    }
+  }
+  if (section.contains("offload_optimizer") && !section.at("offload_optimizer").is_null()) {
+    if (section.at("offload_optimizer").is_object()) {
+      read_offload_optimizer(r, section.at("offload_optimizer"), path + ".offload_optimizer", zero.offload_optimizer);
+    } else {
+      r.problem(path + ".offload_optimizer",
+                fmt::format("must be an object, not {}", describe(section.at("offload_optimizer"))));
+    }
+  }
+  bool legacy = false;
+  if (section.contains("cpu_offload")) {
+    r.read_bool(section, "cpu_offload", path, legacy);
+    r.warn("zero_optimization.cpu_offload is deprecated: use offload_optimizer.device \"cpu\"");
+    if (legacy && zero.offload_optimizer.device == OffloadDevice::none) {
+      zero.offload_optimizer.device = OffloadDevice::cpu;
+    }
+  }
+  if (section.contains("cpu_offload_param")) {
+    legacy = false;
+    r.read_bool(section, "cpu_offload_param", path, legacy);
+    r.warn("zero_optimization.cpu_offload_param is deprecated: use offload_param.device \"cpu\"");
+    if (legacy && zero.offload_param.device == OffloadDevice::none) zero.offload_param.device = OffloadDevice::cpu;
+  }
+  r.read_uint(section, "sub_group_size", path, zero.sub_group_size, 1);
+  read_stage3_uint(r, section, "prefetch_bucket_size", zero.prefetch_bucket_size);
+  read_stage3_uint(r, section, "param_persistence_threshold", zero.param_persistence_threshold);
+  read_stage3_uint(r, section, "max_live_parameters", zero.max_live_parameters);
+  read_stage3_uint(r, section, "max_reuse_distance", zero.max_reuse_distance);
+  if (section.contains("stage3_gather_fp16_weights_on_model_save")) {
+    r.warn("zero_optimization.stage3_gather_fp16_weights_on_model_save is deprecated: use "
+           "stage3_gather_16bit_weights_on_model_save");
+    r.read_bool(section, "stage3_gather_fp16_weights_on_model_save", path, zero.gather_16bit_weights_on_model_save);
+  }
+  r.read_bool(section, "stage3_gather_16bit_weights_on_model_save", path, zero.gather_16bit_weights_on_model_save);
+  r.read_bool(section, "gather_16bit_weights_on_model_save", path, zero.gather_16bit_weights_on_model_save);
+  zero.overlap_comm = zero.stage == 3;  // DeepSpeed's default depends on the stage
+  r.read_bool(section, "overlap_comm", path, zero.overlap_comm);
+  r.read_bool(section, "contiguous_gradients", path, zero.contiguous_gradients);
+  r.read_uint(section, "reduce_bucket_size", path, zero.reduce_bucket_size, 1);
+  r.read_uint(section, "allgather_bucket_size", path, zero.allgather_bucket_size, 1);
+}
+
+void read_optimizer(Reader& r, const json& root, std::optional<OptimizerConfig>& target) {
+  if (!root.contains("optimizer") || root.at("optimizer").is_null()) return;
+  const json& section = root.at("optimizer");
+  if (!section.is_object()) {
+    r.problem("optimizer", fmt::format("must be an object, not {}", describe(section)));
+    return;
+  }
+  r.check_keys(section, "optimizer", {"type", "params"});
+  OptimizerConfig c;
+  if (!section.contains("type") || !section.at("type").is_string()) {
+    r.problem("optimizer.type", "is required: a name such as \"AdamW\"");
+  } else {
+    c.type = section.at("type").get<std::string>();
+  }
+  std::string lower = c.type;
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char ch) { return std::tolower(ch); });
+  if (lower == "adamw") c.adam_w_mode = true;
+  if (section.contains("params")) {
+    const json& params = section.at("params");
+    if (!params.is_object()) {
+      r.problem("optimizer.params", fmt::format("must be an object, not {}", describe(params)));
+    } else {
+      r.check_keys(params, "optimizer.params",
+                   {"lr", "betas", "eps", "weight_decay", "adam_w_mode", "bias_correction"},
+                   kOptimizerParamsIgnored);
+      r.read_double(params, "lr", "optimizer.params", c.lr, 0.0, 1e9, "non-negative");
+      r.read_double(params, "eps", "optimizer.params", c.eps, 0.0, 1.0, "between 0 and 1");
+      r.read_double(params, "weight_decay", "optimizer.params", c.weight_decay, 0.0, 1e9, "non-negative");
+      r.read_bool(params, "adam_w_mode", "optimizer.params", c.adam_w_mode);
+      r.read_bool(params, "bias_correction", "optimizer.params", c.bias_correction);
+      if (params.contains("amsgrad") && params.at("amsgrad") == true) {
+        r.problem("optimizer.params.amsgrad", "true is not supported: zinf's CPU optimizers have no AMSGrad variant");
+      }
+      if (params.contains("betas") && !is_auto(params.at("betas"))) {
+        const json& betas = params.at("betas");
+        if (!betas.is_array() || betas.size() != 2 || !betas[0].is_number() || !betas[1].is_number()) {
+          r.problem("optimizer.params.betas", fmt::format("must be a list of two numbers, not {}", describe(betas)));
+        } else {
+          c.beta1 = betas[0].get<double>();
+          c.beta2 = betas[1].get<double>();
+          for (double b : {c.beta1, c.beta2}) {
+            if (!(b >= 0 && b < 1)) r.problem("optimizer.params.betas", fmt::format("{} is not in [0, 1)", b));
+          }
+        }
+      }
+    }
+  }
+  target = c;
+}
+
+void cross_checks(Reader& r, Config& c) {
+  const ZeroConfig& z = c.zero;
+  const std::string param = "zero_optimization.offload_param";
+  const std::string optim = "zero_optimization.offload_optimizer";
+  if (z.offload_param.device != OffloadDevice::none && z.stage != 3) {
+    r.problem(param + ".device", fmt::format("\"{}\" needs ZeRO stage 3 (zero_optimization.stage is {})",
+                                             to_string(z.offload_param.device), z.stage));
+  }
+  if (z.offload_param.device == OffloadDevice::nvme && z.offload_param.nvme_path.empty()) {
+    r.problem(param + ".nvme_path", "is required when device is \"nvme\"");
+  }
+  if (z.offload_optimizer.device != OffloadDevice::none && z.stage == 0) {
+    r.problem(optim + ".device", fmt::format("\"{}\" needs ZeRO stage 1, 2 or 3 (zero_optimization.stage is 0)",
+                                             to_string(z.offload_optimizer.device)));
+  }
+  if (z.offload_optimizer.device == OffloadDevice::nvme && z.stage != 3 && z.stage != 0) {
+    r.problem(optim + ".device", fmt::format("\"nvme\" needs ZeRO stage 3 (zero_optimization.stage is {})", z.stage));
+  }
+  if (z.offload_optimizer.device == OffloadDevice::nvme && z.offload_optimizer.nvme_path.empty()) {
+    r.problem(optim + ".nvme_path", "is required when device is \"nvme\"");
+  }
+  if (z.offload_optimizer.ratio < 1.0 && z.stage != 3) {
+    r.problem(optim + ".ratio", fmt::format("below 1 needs ZeRO stage 3 (zero_optimization.stage is {})", z.stage));
+  }
+  if (c.optimizer && z.offload_optimizer.device != OffloadDevice::none) {
+    std::string lower = c.optimizer->type;
+    std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    if (lower != "adam" && lower != "adamw" && lower != "adagrad" && lower != "lion" && lower != "cpuadam") {
+      r.problem("optimizer.type", fmt::format("\"{}\" has no CPU implementation for offload_optimizer; zinf steps "
+                                              "Adam, AdamW, Adagrad and Lion",
+                                              c.optimizer->type));
+    }
+  }
+}
+
+}  // namespace
+
+ParseResult parse_config(std::string_view json_text) {
+  ParseResult result;
+  Reader reader(result);
+  json root;
+  try {
+    root = json::parse(json_text.begin(), json_text.end(), nullptr, true, /*ignore_comments=*/true);
+  } catch (const json::parse_error& error) {
+    reader.problem("<json>", fmt::format("not valid JSON: {}", error.what()));
+    return result;
+  }
+  if (!root.is_object()) {
+    reader.problem("<root>", fmt::format("a DeepSpeed config is a JSON object, not {}", describe(root)));
+    return result;
+  }
+  read_aio(reader, root, result.config.aio);
+  read_zero(reader, root, result.config.zero);
+  read_optimizer(reader, root, result.config.optimizer);
+  cross_checks(reader, result.config);
+  return result;
+}
+
+Config load_config_string(std::string_view json_text) {
+  ParseResult result = parse_config(json_text);
+  for (const std::string& warning : result.warnings) log_once(warning, spdlog::level::warn, warning);
+  if (!result.problems.empty()) {
+    std::string message = result.problems.front().line();
+    for (std::size_t i = 1; i < result.problems.size(); ++i) message += "; " + result.problems[i].line();
+    ErrorContext ctx;
+    ctx.key_path = result.problems.front().key_path;
+    throw Error(ErrorKind::config, message, std::move(ctx));
+  }
+  return result.config;
+}
+
+Config load_config_file(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  if (!in) throw_path_error("open", path.string(), errno);
+  std::stringstream text;
+  text << in.rdbuf();
+  try {
+    return load_config_string(text.str());
+  } catch (const Error& error) {
+    ErrorContext ctx = error.context();
+    ctx.path = path.string();
+    throw Error(ErrorKind::config, fmt::format("{}: {}", path.string(), error.message()), std::move(ctx));
+  }
+}
+
+}  // namespace zinf::config

@@ -1,0 +1,113 @@
+// DeepSpeed JSON configs as users already write them, loaded into typed
+// option structs. zinf owns the top-level "aio" block, "optimizer", and under
+// "zero_optimization" the stage, offload_param, offload_optimizer and the
+// ZeRO-3 keys; everything else in a DeepSpeed config belongs to the trainer
+// and is ignored. Inside the owned sections:
+//   - DeepSpeed's defaults; "auto" means the default;
+//   - integers may be written as floats (1e8), never with a fraction;
+//   - deprecated spellings load with a warning (cpu_offload,
+//     cpu_offload_param, aio.thread_count / aio.num_threads);
+//   - stage3_ keys may be written without the prefix;
+//   - nvme_path may be a string or a list of paths (striped);
+//   - unknown keys, wrong types and out-of-range values are problems that
+//     name the key path and the rule, with the nearest known key suggested;
+//   - cross-key rules (nvme needs nvme_path, param offload needs stage 3, ...).
+// Every problem is collected, so a checker can report them all at once.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace zinf::config {
+
+enum class OffloadDevice { none, cpu, nvme };
+std::string_view to_string(OffloadDevice device);
+
+struct AioConfig {
+  std::uint64_t block_size = 1048576;
+  std::uint32_t queue_depth = 8;
+  std::uint32_t intra_op_parallelism = 1;
+  bool single_submit = false;
+  bool overlap_events = true;
+  bool use_gds = false;
+};
+
+struct OffloadParamConfig {
+  OffloadDevice device = OffloadDevice::none;
+  std::vector<std::string> nvme_path;
+  std::uint64_t buffer_count = 5;
+  std::uint64_t buffer_size = 100000000;  // elements
+  std::uint64_t max_in_cpu = 1000000000;  // elements
+  bool pin_memory = true;
+};
+
+struct OffloadOptimizerConfig {
+  OffloadDevice device = OffloadDevice::none;
+  std::vector<std::string> nvme_path;
+  std::uint64_t buffer_count = 4;
+  bool pin_memory = true;
+  bool pipeline_read = false;
+  bool pipeline_write = false;
+  bool fast_init = false;
+  double ratio = 1.0;
+};
+
+struct ZeroConfig {
+  int stage = 0;
+  OffloadParamConfig offload_param;
+  OffloadOptimizerConfig offload_optimizer;
+  std::uint64_t sub_group_size = 1000000000;
+  std::uint64_t prefetch_bucket_size = 50000000;
+  std::uint64_t param_persistence_threshold = 100000;
+  std::uint64_t max_live_parameters = 1000000000;
+  std::uint64_t max_reuse_distance = 1000000000;
+  bool gather_16bit_weights_on_model_save = false;
+  bool overlap_comm = true;
+  bool contiguous_gradients = true;
+  std::uint64_t reduce_bucket_size = 500000000;
+  std::uint64_t allgather_bucket_size = 500000000;
+};
+
+struct OptimizerConfig {
+  std::string type = "AdamW";  // as written: Adam, AdamW, Adagrad, Lion (case-insensitive)
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+  bool adam_w_mode = true;  // plain "Adam" means decoupled decay unless false
+  bool bias_correction = true;
+};
+
+struct Config {
+  AioConfig aio;
+  ZeroConfig zero;
+  std::optional<OptimizerConfig> optimizer;
+};
+
+struct Problem {
+  std::string key_path;  // "zero_optimization.offload_param.buffer_size"
+  std::string message;   // the rule broken, with a suggestion where there is one
+  std::string line() const { return key_path + ": " + message; }
+};
+
+struct ParseResult {
+  Config config;
+  std::vector<Problem> problems;
+  std::vector<std::string> warnings;  // deprecated spellings and the like
+};
+
+// Never throws for content problems; a text that is not JSON is one problem
+// (key path "<json>").
+ParseResult parse_config(std::string_view json_text);
+
+// Throw Error{config} naming the first problem's key path, with every
+// problem in the message; warnings are logged.
+Config load_config_string(std::string_view json_text);
+Config load_config_file(const std::filesystem::path& path);
+
+}  // namespace zinf::config

@@ -1,0 +1,241 @@
+// DeepSpeed configs as users write them: a corpus of valid configs with the
+// exact values zinf must read, and of the traps users hit with the exact
+// problem zinf must report.
+#include <fstream>
+
+#include <gtest/gtest.h>
+
+#include "core/config.hpp"
+#include "core/error.hpp"
+#include "test_util.hpp"
+
+namespace zinf::config {
+namespace {
+
+ParseResult parse(const std::string& text) { return parse_config(text); }
+
+std::string problems_of(const ParseResult& r) {
+  std::string all;
+  for (const auto& p : r.problems) all += p.line() + "\n";
+  return all;
+}
+
+TEST(Config, EmptyConfigHasDeepSpeedDefaults) {
+  const ParseResult r = parse("{}");
+  ASSERT_TRUE(r.problems.empty()) << problems_of(r);
+  EXPECT_EQ(r.config.aio.block_size, 1048576u);
+  EXPECT_EQ(r.config.aio.queue_depth, 8u);
+  EXPECT_EQ(r.config.aio.intra_op_parallelism, 1u);
+  EXPECT_FALSE(r.config.aio.single_submit);
+  EXPECT_TRUE(r.config.aio.overlap_events);
+  EXPECT_EQ(r.config.zero.stage, 0);
+  EXPECT_EQ(r.config.zero.offload_param.buffer_count, 5u);
+  EXPECT_EQ(r.config.zero.offload_param.buffer_size, 100000000u);
+  EXPECT_EQ(r.config.zero.offload_param.max_in_cpu, 1000000000u);
+  EXPECT_EQ(r.config.zero.offload_optimizer.buffer_count, 4u);
+  EXPECT_EQ(r.config.zero.sub_group_size, 1000000000u);
+  EXPECT_EQ(r.config.zero.prefetch_bucket_size, 50000000u);
+  EXPECT_EQ(r.config.zero.param_persistence_threshold, 100000u);
+  EXPECT_FALSE(r.config.optimizer.has_value());
+}
+
+// The ZeRO-Infinity config from the seed document (shared/seeds/000_...).
+TEST(ConfigCorpus, SeedStage3NvmeParamCpuOptimizer) {
+  const ParseResult r = parse(R"({
+    "zero_optimization": {
+      "stage": 3,
+      "offload_optimizer": {"device": "cpu"},
+      "offload_param": {"device": "nvme", "nvme_path": "/nvme"}
+    }})");
+  ASSERT_TRUE(r.problems.empty()) << problems_of(r);
+  EXPECT_EQ(r.config.zero.stage, 3);
+  EXPECT_EQ(r.config.zero.offload_param.device, OffloadDevice::nvme);
+  EXPECT_EQ(r.config.zero.offload_param.nvme_path, std::vector<std::string>{"/nvme"});
+  EXPECT_EQ(r.config.zero.offload_optimizer.device, OffloadDevice::cpu);
+  EXPECT_TRUE(r.config.zero.overlap_comm);  // stage 3 default
+}
+
+// The stage-3 CPU offload config from the seed document (shared/seeds/004_...).
+TEST(ConfigCorpus, SeedStage3CpuOffloadWithBuckets) {
+  const ParseResult r = parse(R"({
+    "zero_optimization": {
+      "stage": 3,
+      "offload_optimizer": {"device": "cpu", "pin_memory": true},
+      "offload_param": {"device": "cpu", "pin_memory": true},
+      "overlap_comm": true,
+      "contiguous_gradients": true,
+      "reduce_bucket_size": 500000000,
+      "stage3_prefetch_bucket_size": 500000000,
+      "stage3_param_persistence_threshold": 1000000
+    }})");
+  ASSERT_TRUE(r.problems.empty()) << problems_of(r);
+  EXPECT_EQ(r.config.zero.prefetch_bucket_size, 500000000u);
+  EXPECT_EQ(r.config.zero.param_persistence_threshold, 1000000u);
+  EXPECT_EQ(r.config.zero.reduce_bucket_size, 500000000u);
+  EXPECT_EQ(r.config.zero.offload_param.device, OffloadDevice::cpu);
+}
+
+TEST(ConfigCorpus, WholeDeepSpeedConfigWithTrainerKeysLoads) {
+  const ParseResult r = parse(R"({
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": 4,
+    "gradient_accumulation_steps": 8,
+    "gradient_clipping": 1.0,
+    "bf16": {"enabled": true},
+    "fp16": {"enabled": false, "loss_scale": 0},
+    "wall_clock_breakdown": false,
+    "activation_checkpointing": {"partition_activations": true},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 100}},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": [0.9, 0.95], "eps": 1e-8,
+                                              "weight_decay": 0.1}},
+    "aio": {"block_size": 1048576, "queue_depth": 32, "intra_op_parallelism": 2,
+            "single_submit": false, "overlap_events": true},
+    "zero_optimization": {
+      "stage": 3, "round_robin_gradients": true, "allgather_partitions": true,
+      "offload_param": {"device": "nvme", "nvme_path": ["/nvme0", "/nvme1"], "buffer_count": 5,
+                        "buffer_size": 1e8, "max_in_cpu": 1e9, "pin_memory": true},
+      "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme0", "pipeline_read": true,
+                            "pipeline_write": true, "buffer_count": 4, "ratio": 1},
+      "sub_group_size": 1e9,
+      "stage3_max_live_parameters": 1e9,
+      "stage3_max_reuse_distance": 1e9,
+      "stage3_gather_16bit_weights_on_model_save": true
+    }})");
+  ASSERT_TRUE(r.problems.empty()) << problems_of(r);
+  EXPECT_EQ(r.config.aio.queue_depth, 32u);
+  EXPECT_EQ(r.config.aio.intra_op_parallelism, 2u);
+  EXPECT_EQ(r.config.zero.offload_param.nvme_path, (std::vector<std::string>{"/nvme0", "/nvme1"}));
+  EXPECT_EQ(r.config.zero.offload_param.buffer_size, 100000000u);  // 1e8 written as a float
+  EXPECT_TRUE(r.config.zero.offload_optimizer.pipeline_read);
+  EXPECT_TRUE(r.config.zero.gather_16bit_weights_on_model_save);
+  ASSERT_TRUE(r.config.optimizer.has_value());
+  EXPECT_EQ(r.config.optimizer->type, "AdamW");
+  EXPECT_DOUBLE_EQ(r.config.optimizer->lr, 1e-3);  // "auto": the default
+  EXPECT_DOUBLE_EQ(r.config.optimizer->beta2, 0.95);
+  EXPECT_DOUBLE_EQ(r.config.optimizer->weight_decay, 0.1);
+  EXPECT_TRUE(r.config.optimizer->adam_w_mode);
+}
+
+TEST(ConfigCorpus, PlainAdamMeansDecoupledDecayUnlessSaidOtherwise) {
+  ParseResult r = parse(R"({"optimizer": {"type": "Adam", "params": {"lr": 3e-4}}})");
+  ASSERT_TRUE(r.problems.empty()) << problems_of(r);
+  EXPECT_TRUE(r.config.optimizer->adam_w_mode);
+  r = parse(R"({"optimizer": {"type": "Adam", "params": {"adam_w_mode": false}}})");
+  EXPECT_FALSE(r.config.optimizer->adam_w_mode);
+}
+
+TEST(ConfigCorpus, DeprecatedSpellingsLoadWithWarnings) {
+  const ParseResult r = parse(R"({
+    "aio": {"num_threads": 4},
+    "zero_optimization": {"stage": 3, "cpu_offload": true, "cpu_offload_param": true,
+                          "prefetch_bucket_size": 1000}})");
+  ASSERT_TRUE(r.problems.empty()) << problems_of(r);
+  EXPECT_EQ(r.config.aio.intra_op_parallelism, 4u);
+  EXPECT_EQ(r.config.zero.offload_optimizer.device, OffloadDevice::cpu);
+  EXPECT_EQ(r.config.zero.offload_param.device, OffloadDevice::cpu);
+  EXPECT_EQ(r.config.zero.prefetch_bucket_size, 1000u);
+  EXPECT_EQ(r.warnings.size(), 3u);
+}
+
+// ---------------------------------------------------------------- traps
+
+struct Trap {
+  const char* name;
+  const char* json;
+  const char* key_path;
+  const char* message_part;
+};
+
+class ConfigTrap : public ::testing::TestWithParam<Trap> {};
+
+TEST_P(ConfigTrap, IsReportedWithItsKeyPath) {
+  const Trap& trap = GetParam();
+  const ParseResult r = parse(trap.json);
+  ASSERT_FALSE(r.problems.empty()) << trap.name << " was accepted";
+  bool found = false;
+  for (const auto& p : r.problems) {
+    if (p.key_path == trap.key_path && p.message.find(trap.message_part) != std::string::npos) found = true;
+  }
+  EXPECT_TRUE(found) << "expected " << trap.key_path << ": ..." << trap.message_part << "...\ngot:\n"
+                     << problems_of(r);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Traps, ConfigTrap,
+    ::testing::Values(
+        Trap{"typo_in_offload_param", R"({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "buffer_sise": 10}}})",
+             "zero_optimization.offload_param.buffer_sise", "did you mean \"buffer_size\""},
+        Trap{"typo_in_aio", R"({"aio": {"queue_dept": 8}})", "aio.queue_dept", "did you mean \"queue_depth\""},
+        Trap{"typo_in_zero", R"({"zero_optimization": {"stage3_prefetch_bucket_sise": 1}})",
+             "zero_optimization.stage3_prefetch_bucket_sise", "did you mean \"stage3_prefetch_bucket_size\""},
+        Trap{"string_false", R"({"aio": {"single_submit": "false"}})", "aio.single_submit",
+             "must be true or false, not the string \"false\""},
+        Trap{"fractional_count", R"({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "buffer_count": 2.5}}})",
+             "zero_optimization.offload_param.buffer_count", "whole number"},
+        Trap{"negative_count", R"({"zero_optimization": {"sub_group_size": -1}})",
+             "zero_optimization.sub_group_size", "whole number"},
+        Trap{"nvme_without_path", R"({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}})",
+             "zero_optimization.offload_param.nvme_path", "required when device is \"nvme\""},
+        Trap{"optimizer_nvme_without_path", R"({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}})",
+             "zero_optimization.offload_optimizer.nvme_path", "required"},
+        Trap{"param_offload_needs_stage3", R"({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}})",
+             "zero_optimization.offload_param.device", "needs ZeRO stage 3 (zero_optimization.stage is 2)"},
+        Trap{"optimizer_nvme_needs_stage3", R"({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/x"}}})",
+             "zero_optimization.offload_optimizer.device", "needs ZeRO stage 3"},
+        Trap{"offload_without_zero", R"({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})",
+             "zero_optimization.offload_optimizer.device", "needs ZeRO stage 1, 2 or 3"},
+        Trap{"ratio_needs_stage3", R"({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}})",
+             "zero_optimization.offload_optimizer.ratio", "needs ZeRO stage 3"},
+        Trap{"ratio_range", R"({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 1.5}}})",
+             "zero_optimization.offload_optimizer.ratio", "between 0 and 1"},
+        Trap{"bad_device", R"({"zero_optimization": {"stage": 3, "offload_param": {"device": "disk"}}})",
+             "zero_optimization.offload_param.device", "\"none\", \"cpu\" or \"nvme\""},
+        Trap{"stage_range", R"({"zero_optimization": {"stage": 4}})", "zero_optimization.stage", "between 0 and 3"},
+        Trap{"block_size_alignment", R"({"aio": {"block_size": 1000000}})", "aio.block_size", "multiple of 4096"},
+        Trap{"queue_depth_zero", R"({"aio": {"queue_depth": 0}})", "aio.queue_depth", "between 1 and 4096"},
+        Trap{"empty_path_list_item", R"({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": ["/a", 3]}}})",
+             "zero_optimization.offload_param.nvme_path", "must list directory paths"},
+        Trap{"betas_shape", R"({"optimizer": {"type": "Adam", "params": {"betas": [0.9]}}})",
+             "optimizer.params.betas", "list of two numbers"},
+        Trap{"unsupported_offload_optimizer", R"({"optimizer": {"type": "Lamb"}, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})",
+             "optimizer.type", "no CPU implementation"},
+        Trap{"prefix_and_plain_twice", R"({"zero_optimization": {"stage3_max_live_parameters": 1, "max_live_parameters": 2}})",
+             "zero_optimization.max_live_parameters", "given twice"},
+        Trap{"amsgrad", R"({"optimizer": {"type": "Adam", "params": {"amsgrad": true}}})",
+             "optimizer.params.amsgrad", "not supported"},
+        Trap{"not_json", R"({"aio": )", "<json>", "not valid JSON"},
+        Trap{"not_an_object", R"([1, 2])", "<root>", "JSON object"}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+TEST(Config, EveryProblemIsCollectedNotJustTheFirst) {
+  const ParseResult r = parse(R"({"aio": {"queue_depth": 0, "block_size": 3}, "zero_optimization": {"stage": 9}})");
+  EXPECT_EQ(r.problems.size(), 3u) << problems_of(r);
+}
+
+TEST(Config, LoadThrowsAConfigErrorNamingTheKeyPath) {
+  try {
+    load_config_string(R"({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}})");
+    FAIL();
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::config);
+    EXPECT_EQ(error.context().key_path, "zero_optimization.offload_param.nvme_path");
+    EXPECT_NE(std::string(error.what()).find("zero_optimization.offload_param.nvme_path"), std::string::npos);
+  }
+}
+
+TEST(Config, LoadFileNamesTheFile) {
+  zinf::testing::TempDir dir;
+  const auto path = dir / "ds.json";
+  std::ofstream(path) << R"({"aio": {"queue_depth": "deep"}})";
+  try {
+    load_config_file(path);
+    FAIL();
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find(path.string()), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("aio.queue_depth"), std::string::npos) << error.what();
+  }
+  EXPECT_THROW(load_config_file(dir / "missing.json"), Error);
+}
+
+}  // namespace
+}  // namespace zinf::config
