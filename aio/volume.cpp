@@ -50,6 +50,10 @@ void Volume::reserve(std::uint64_t bytes) {
   }
 }
 
+void Volume::sync_data() {
+  for (auto& file : files_) file.sync_data();
+}
+
 std::pair<std::size_t, std::uint64_t> Volume::locate(std::uint64_t logical_offset) const {
   const std::size_t n = files_.size();
   const std::uint64_t stripe = logical_offset / stripe_bytes_;

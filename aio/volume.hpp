@@ -42,6 +42,8 @@ class Volume {
 
   // Preallocates every file for a logical size of `bytes`.
   void reserve(std::uint64_t bytes);
+  // fdatasync on every member file: what was written is on the disk.
+  void sync_data();
 
   VolumeTicket submit(Op op, std::uint64_t offset_bytes, std::byte* buffer,
                       std::uint64_t length_bytes);

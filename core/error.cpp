@@ -20,6 +20,8 @@ std::string_view to_string(ErrorKind kind) {
     case ErrorKind::resource: return "resource";
     case ErrorKind::timeout: return "timeout";
     case ErrorKind::cancelled: return "cancelled";
+    case ErrorKind::corrupt: return "corrupt";
+    case ErrorKind::in_use: return "in_use";
     case ErrorKind::internal: return "internal";
   }
   return "unknown";

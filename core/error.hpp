@@ -23,6 +23,8 @@ enum class ErrorKind {
   resource,     // memory, pinned budget, memlock limit
   timeout,      // a wait ran past its deadline
   cancelled,    // the run was interrupted (Ctrl-C)
+  corrupt,      // stored data or metadata fails its checksum or does not parse
+  in_use,       // a swap directory is locked by another live run
   internal,     // a broken invariant inside zinf (a bug)
 };
 
