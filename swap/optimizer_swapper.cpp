@@ -1,0 +1,509 @@
+#include "swap/optimizer_swapper.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "core/error.hpp"
+#include "core/units.hpp"
+
+namespace zinf::swap {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::uint64_t round_up(std::uint64_t value, std::uint64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+std::uint64_t region_bytes(std::span<const SubGroup> groups, std::uint64_t alignment) {
+  std::size_t largest = 0;
+  for (const auto& group : groups) largest = std::max(largest, group.elements);
+  return std::max<std::uint64_t>(round_up(largest * sizeof(float), alignment), alignment);
+}
+
+// Durations accumulate into the step's stats.
+class Timed {
+ public:
+  explicit Timed(std::chrono::nanoseconds& sink) : sink_(sink), start_(Clock::now()) {}
+  ~Timed() { sink_ += Clock::now() - start_; }
+  Timed(const Timed&) = delete;
+  Timed& operator=(const Timed&) = delete;
+
+ private:
+  std::chrono::nanoseconds& sink_;
+  Clock::time_point start_;
+};
+
+}  // namespace
+
+// One pinned buffer holding a sub-group's param and states, and the
+// tickets of the I/O on it.
+struct OptimizerSwapper::Slot {
+  PinnedBuffer buffer;
+  std::uint64_t region = 0;  // bytes per tensor region
+  std::vector<SwapTicket> reads;
+  std::vector<SwapTicket> writes;
+  std::optional<std::size_t> writing_group;
+
+  std::span<std::byte> tensor(std::size_t index) const {
+    return {buffer.data() + index * region, region};
+  }
+  float* floats(std::size_t index) const {
+    return reinterpret_cast<float*>(buffer.data() + index * region);
+  }
+};
+
+std::vector<std::string> OptimizerSwapper::state_names(OptimizerKind kind) {
+  switch (kind) {
+    case OptimizerKind::adam: return {"exp_avg", "exp_avg_sq"};
+    case OptimizerKind::adagrad: return {"exp_avg_sq"};
+    case OptimizerKind::lion: return {"exp_avg"};
+  }
+  return {};
+}
+
+std::uint64_t OptimizerSwapper::pinned_bytes_needed(std::span<const SubGroup> groups,
+                                                    OptimizerKind kind, bool overlap,
+                                                    std::uint64_t alignment) {
+  const std::uint64_t tensors = 1 + state_names(kind).size();
+  return (overlap ? 3 : 1) * tensors * region_bytes(groups, alignment);
+}
+
+OptimizerSwapper::OptimizerSwapper(SwapStore& store, PinnedPool& pool,
+                                   cpu_adam::CpuOptimizer& optimizer,
+                                   std::vector<SubGroup> groups, OptimizerSwapperOptions options)
+    : store_(&store),
+      optimizer_(optimizer),
+      groups_(std::move(groups)),
+      options_(std::move(options)),
+      states_(state_names(options_.optimizer.kind)) {
+  ZINF_CHECK(!groups_.empty(), "the optimizer swapper needs at least one sub-group");
+  for (const auto& group : groups_) {
+    ZINF_CHECK(group.elements > 0 && !group.name.empty(),
+               "every sub-group needs a name and at least one element");
+  }
+  const std::uint64_t needed =
+      pinned_bytes_needed(groups_, options_.optimizer.kind, options_.overlap, store.alignment());
+  const std::uint64_t capacity = pool.stats().capacity_bytes;
+  if (needed > capacity || pool.alignment() % store.alignment() != 0) {
+    const auto largest = std::max_element(
+        groups_.begin(), groups_.end(),
+        [](const SubGroup& a, const SubGroup& b) { return a.elements < b.elements; });
+    throw Error(ErrorKind::resource,
+                fmt::format("the optimizer swapper needs {} ({} bytes) of pinned memory ({} "
+                            "slot(s) of {} tensors for the largest sub-group '{}', {} elements) "
+                            "but the pinned pool holds {}: raise the pinned budget or lower "
+                            "zero_optimization.sub_group_size",
+                            format_bytes(needed), needed, options_.overlap ? 3 : 1, 1 + states_.size(),
+                            largest->name, largest->elements, format_bytes(capacity)));
+  }
+  const std::uint64_t region = region_bytes(groups_, store.alignment());
+  for (int i = 0; i < (options_.overlap ? 3 : 1); ++i) {
+    auto slot = std::make_unique<Slot>();
+    slot->region = region;
+    slot->buffer = pool.acquire(region * (1 + states_.size()), std::chrono::milliseconds(0));
+    slots_.push_back(std::move(slot));
+  }
+  read_recovery();
+}
+
+OptimizerSwapper::OptimizerSwapper(cpu_adam::CpuOptimizer& optimizer,
+                                   std::vector<SubGroup> groups, OptimizerSwapperOptions options)
+    : optimizer_(optimizer),
+      groups_(std::move(groups)),
+      options_(std::move(options)),
+      states_(state_names(options_.optimizer.kind)) {
+  ZINF_CHECK(!groups_.empty(), "the optimizer swapper needs at least one sub-group");
+  host_.resize(groups_.size());
+  recovery_.group_steps.assign(groups_.size(), -1);
+  for (std::size_t g = 0; g < groups_.size(); ++g) {
+    ZINF_CHECK(groups_[g].elements > 0 && !groups_[g].name.empty(),
+               "every sub-group needs a name and at least one element");
+  }
+}
+
+OptimizerSwapper::~OptimizerSwapper() {
+  for (auto& slot : slots_) {
+    for (auto ticket : slot->reads) {
+      try {
+        store_->wait(ticket);
+      } catch (...) {  // nobody is left to tell; the manifest is unaffected
+      }
+    }
+    for (auto ticket : slot->writes) {
+      try {
+        store_->wait(ticket);
+      } catch (...) {
+      }
+    }
+  }
+}
+
+std::string OptimizerSwapper::key(std::size_t group, std::string_view tensor) const {
+  return fmt::format("{}/{}", groups_[group].name, tensor);
+}
+
+void OptimizerSwapper::read_recovery() {
+  recovery_ = {};
+  if (const auto finished = store_->attribute(options_.name + ".step")) {
+    recovery_.finished_step = std::stoll(*finished);
+  }
+  if (const auto interrupted = store_->attribute(options_.name + ".step_in_progress");
+      interrupted && !interrupted->empty()) {
+    recovery_.interrupted = std::stoll(*interrupted);
+  }
+  for (std::size_t g = 0; g < groups_.size(); ++g) {
+    std::optional<std::int64_t> version;
+    bool complete = true;
+    for (std::size_t t = 0; t <= states_.size(); ++t) {
+      const auto info = store_->find(key(g, t == 0 ? "param" : states_[t - 1]));
+      if (!info) {
+        complete = false;
+        break;
+      }
+      if (info->size_bytes != groups_[g].elements * sizeof(float)) {
+        throw Error(ErrorKind::config,
+                    fmt::format("sub-group '{}' has {} elements but its stored tensors hold {} "
+                                "bytes: the swap directory belongs to another model layout",
+                                groups_[g].name, groups_[g].elements, info->size_bytes));
+      }
+      if (version && *version != info->version) {
+        throw Error(ErrorKind::corrupt,
+                    fmt::format("sub-group '{}' has tensors from steps {} and {}", groups_[g].name,
+                                *version, info->version));
+      }
+      version = info->version;
+    }
+    recovery_.group_steps.push_back(complete ? *version : -1);
+  }
+  step_ = recovery_.finished_step;
+}
+
+void OptimizerSwapper::commit_group(std::size_t group) {
+  store_->commit();
+  if (options_.after_group_committed) options_.after_group_committed(group);
+}
+
+void OptimizerSwapper::initialize(std::size_t group, std::span<const float> params,
+                                  std::int64_t step) {
+  ZINF_CHECK(group < groups_.size(), "sub-group index out of range");
+  ZINF_CHECK(step >= 0, "the step must not be negative");
+  if (params.size() != groups_[group].elements) {
+    throw Error(ErrorKind::invalid,
+                fmt::format("initialize sub-group '{}': {} params given for {} elements",
+                            groups_[group].name, params.size(), groups_[group].elements));
+  }
+  if (store_ == nullptr) {
+    auto& tensors = host_[group];
+    tensors.assign(1 + states_.size(), std::vector<float>(params.size(), 0.0f));
+    std::copy(params.begin(), params.end(), tensors[0].begin());
+  } else {
+    Slot& slot = *slots_[0];
+    const std::uint64_t bytes = params.size() * sizeof(float);
+    std::memcpy(slot.floats(0), params.data(), bytes);
+    for (std::size_t t = 1; t <= states_.size(); ++t) std::memset(slot.floats(t), 0, bytes);
+    submit_writes(group, slot, step);
+    wait_writes(slot);
+  }
+  recovery_.group_steps[group] = step;
+  if (std::all_of(recovery_.group_steps.begin(), recovery_.group_steps.end(),
+                  [&](std::int64_t s) { return s == step; })) {
+    step_ = step;
+    recovery_.finished_step = step;
+    recovery_.interrupted.reset();
+    if (store_ != nullptr) {
+      store_->set_attribute(options_.name + ".step", std::to_string(step));
+      store_->set_attribute(options_.name + ".step_in_progress", "");
+    }
+  }
+  if (store_ != nullptr) store_->commit();
+}
+
+void OptimizerSwapper::submit_reads(std::size_t group, Slot& slot) {
+  ZINF_ASSERT(slot.reads.empty() && slot.writes.empty(), "slot reused while busy");
+  for (std::size_t t = 0; t <= states_.size(); ++t) {
+    slot.reads.push_back(store_->read(key(group, t == 0 ? "param" : states_[t - 1]),
+                                      slot.tensor(t)));
+  }
+  last_stats_.bytes_read += (1 + states_.size()) * groups_[group].elements * sizeof(float);
+}
+
+void OptimizerSwapper::wait_reads(Slot& slot) {
+  Timed timed(last_stats_.read_wait);
+  std::optional<Error> first;
+  for (auto ticket : slot.reads) {
+    try {
+      store_->wait(ticket);
+    } catch (const Error& error) {
+      if (!first) first.emplace(error);
+    }
+  }
+  slot.reads.clear();
+  if (first) throw Error(*first);
+}
+
+void OptimizerSwapper::submit_writes(std::size_t group, Slot& slot, std::int64_t version) {
+  ZINF_ASSERT(slot.writes.empty(), "slot reused while busy");
+  const std::uint64_t bytes = groups_[group].elements * sizeof(float);
+  for (std::size_t t = 0; t <= states_.size(); ++t) {
+    slot.writes.push_back(store_->write(key(group, t == 0 ? "param" : states_[t - 1]),
+                                        slot.tensor(t), bytes, version));
+  }
+  slot.writing_group = group;
+  last_stats_.bytes_written += (1 + states_.size()) * bytes;
+}
+
+void OptimizerSwapper::wait_writes(Slot& slot) {
+  Timed timed(last_stats_.write_wait);
+  std::optional<Error> first;
+  for (auto ticket : slot.writes) {
+    try {
+      store_->wait(ticket);
+    } catch (const Error& error) {
+      if (!first) first.emplace(error);
+    }
+  }
+  slot.writes.clear();
+  slot.writing_group.reset();
+  if (first) throw Error(*first);
+}
+
+void OptimizerSwapper::compute(std::size_t group, float* param, float* exp_avg,
+                               float* exp_avg_sq, const cpu_adam::Buffer& grad,
+                               const cpu_adam::Buffer& copy) {
+  Timed timed(last_stats_.compute);
+  const std::size_t n = groups_[group].elements;
+  cpu_adam::TensorState state;
+  state.param = {param, n, cpu_adam::DType::f32};
+  state.grad = grad;
+  state.param_copy = copy;
+  const auto& settings = options_.optimizer;
+  const std::int64_t next = step_ + 1;
+  switch (settings.kind) {
+    case OptimizerKind::adam:
+      state.exp_avg = {exp_avg, n, cpu_adam::DType::f32};
+      state.exp_avg_sq = {exp_avg_sq, n, cpu_adam::DType::f32};
+      optimizer_.adam_step(settings.adam, next, std::span(&state, 1));
+      break;
+    case OptimizerKind::adagrad:
+      state.exp_avg_sq = {exp_avg_sq, n, cpu_adam::DType::f32};
+      optimizer_.adagrad_step(settings.adagrad, next, std::span(&state, 1));
+      break;
+    case OptimizerKind::lion:
+      state.exp_avg = {exp_avg, n, cpu_adam::DType::f32};
+      optimizer_.lion_step(settings.lion, next, std::span(&state, 1));
+      break;
+  }
+}
+
+void OptimizerSwapper::check_step_inputs(std::span<const cpu_adam::Buffer> grads,
+                                         std::span<const cpu_adam::Buffer> copies) const {
+  if (grads.size() != groups_.size()) {
+    throw Error(ErrorKind::invalid, fmt::format("step: {} gradients given for {} sub-groups",
+                                                grads.size(), groups_.size()));
+  }
+  if (!copies.empty() && copies.size() != groups_.size()) {
+    throw Error(ErrorKind::invalid, fmt::format("step: {} param copies given for {} sub-groups",
+                                                copies.size(), groups_.size()));
+  }
+  for (std::size_t g = 0; g < groups_.size(); ++g) {
+    if (grads[g].data == nullptr || grads[g].count != groups_[g].elements) {
+      throw Error(ErrorKind::invalid,
+                  fmt::format("step: the gradient of sub-group '{}' has {} elements, not {}",
+                              groups_[g].name, grads[g].data ? grads[g].count : 0,
+                              groups_[g].elements));
+    }
+    if (!copies.empty() && copies[g].data != nullptr && copies[g].count != groups_[g].elements) {
+      throw Error(ErrorKind::invalid,
+                  fmt::format("step: the param copy of sub-group '{}' has {} elements, not {}",
+                              groups_[g].name, copies[g].count, groups_[g].elements));
+    }
+  }
+  for (std::size_t g = 0; g < groups_.size(); ++g) {
+    if (recovery_.group_steps[g] == step_) continue;
+    if (recovery_.group_steps[g] < 0) {
+      throw Error(ErrorKind::invalid,
+                  fmt::format("sub-group '{}' has no optimizer state: initialize() it first",
+                              groups_[g].name));
+    }
+    throw Error(ErrorKind::invalid,
+                fmt::format("step {} was interrupted: sub-group '{}' is at step {} while the "
+                            "last finished step is {}; restore every sub-group from a "
+                            "checkpoint with initialize() before stepping again",
+                            recovery_.interrupted.value_or(step_ + 1), groups_[g].name,
+                            recovery_.group_steps[g], step_));
+  }
+}
+
+void OptimizerSwapper::step(std::span<const cpu_adam::Buffer> grads,
+                            std::span<const cpu_adam::Buffer> param_copies) {
+  check_step_inputs(grads, param_copies);
+  last_stats_ = {};
+  Timed timed(last_stats_.total);
+  const auto copy_for = [&](std::size_t g) {
+    return param_copies.empty() ? cpu_adam::Buffer{} : param_copies[g];
+  };
+  if (store_ == nullptr) {
+    Timed compute_time(last_stats_.compute);
+    std::vector<cpu_adam::TensorState> states(groups_.size());
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      const std::size_t n = groups_[g].elements;
+      auto& tensors = host_[g];
+      states[g].param = {tensors[0].data(), n, cpu_adam::DType::f32};
+      states[g].grad = grads[g];
+      states[g].param_copy = copy_for(g);
+      const auto& settings = options_.optimizer;
+      if (settings.kind != OptimizerKind::adagrad) {
+        states[g].exp_avg = {tensors[1].data(), n, cpu_adam::DType::f32};
+      }
+      if (settings.kind == OptimizerKind::adam) {
+        states[g].exp_avg_sq = {tensors[2].data(), n, cpu_adam::DType::f32};
+      } else if (settings.kind == OptimizerKind::adagrad) {
+        states[g].exp_avg_sq = {tensors[1].data(), n, cpu_adam::DType::f32};
+      }
+    }
+    const auto& settings = options_.optimizer;
+    switch (settings.kind) {
+      case OptimizerKind::adam: optimizer_.adam_step(settings.adam, step_ + 1, states); break;
+      case OptimizerKind::adagrad:
+        optimizer_.adagrad_step(settings.adagrad, step_ + 1, states);
+        break;
+      case OptimizerKind::lion: optimizer_.lion_step(settings.lion, step_ + 1, states); break;
+    }
+    ++step_;
+    for (auto& s : recovery_.group_steps) s = step_;
+    recovery_.finished_step = step_;
+    return;
+  }
+  step_on_store(grads, param_copies);
+}
+
+void OptimizerSwapper::step_on_store(std::span<const cpu_adam::Buffer> grads,
+                                     std::span<const cpu_adam::Buffer> copies) {
+  const std::int64_t next = step_ + 1;
+  const std::size_t n = groups_.size();
+  // The marker is durable before any sub-group changes, so a crash from
+  // here on is seen as an interrupted step.
+  store_->set_attribute(options_.name + ".step_in_progress", std::to_string(next));
+  store_->commit();
+  recovery_.interrupted = next;
+
+  const auto run_group = [&](std::size_t g, Slot& slot) {
+    // Adagrad keeps its one state in the exp_avg_sq slot, Lion in exp_avg.
+    float* first_state = states_.empty() ? nullptr : slot.floats(1);
+    float* second_state = states_.size() > 1 ? slot.floats(2) : nullptr;
+    const auto kind = options_.optimizer.kind;
+    compute(g, slot.floats(0), kind == OptimizerKind::adagrad ? nullptr : first_state,
+            kind == OptimizerKind::adagrad ? first_state : second_state, grads[g],
+            copies.empty() ? cpu_adam::Buffer{} : copies[g]);
+  };
+  const auto finish_writes = [&](Slot& slot) {
+    const std::size_t group = *slot.writing_group;
+    wait_writes(slot);
+    {
+      Timed timed(last_stats_.write_wait);
+      commit_group(group);
+    }
+    recovery_.group_steps[group] = next;
+  };
+
+  try {
+    if (!options_.overlap) {
+      Slot& slot = *slots_[0];
+      for (std::size_t g = 0; g < n; ++g) {
+        submit_reads(g, slot);
+        wait_reads(slot);
+        run_group(g, slot);
+        submit_writes(g, slot, next);
+        finish_writes(slot);
+      }
+    } else {
+      submit_reads(0, *slots_[0]);
+      for (std::size_t g = 0; g < n; ++g) {
+        Slot& slot = *slots_[g % 3];
+        wait_reads(slot);
+        if (g + 1 < n) {
+          Slot& following = *slots_[(g + 1) % 3];
+          if (following.writing_group) finish_writes(following);  // sub-group g-2
+          submit_reads(g + 1, following);
+        }
+        run_group(g, slot);
+        submit_writes(g, slot, next);
+      }
+      // The last sub-groups are still being written: finish them in order.
+      std::vector<Slot*> writing;
+      for (auto& slot : slots_) {
+        if (slot->writing_group) writing.push_back(slot.get());
+      }
+      std::sort(writing.begin(), writing.end(),
+                [](const Slot* a, const Slot* b) { return *a->writing_group < *b->writing_group; });
+      for (Slot* slot : writing) finish_writes(*slot);
+    }
+  } catch (...) {
+    // Nothing may still be reading or writing the slots when the error
+    // leaves; the manifest keeps the step marked as interrupted.
+    for (auto& slot : slots_) {
+      for (auto ticket : slot->reads) {
+        try {
+          store_->wait(ticket);
+        } catch (...) {
+        }
+      }
+      for (auto ticket : slot->writes) {
+        try {
+          store_->wait(ticket);
+        } catch (...) {
+        }
+      }
+      slot->reads.clear();
+      slot->writes.clear();
+      slot->writing_group.reset();
+    }
+    throw;
+  }
+  step_ = next;
+  store_->set_attribute(options_.name + ".step", std::to_string(next));
+  store_->set_attribute(options_.name + ".step_in_progress", "");
+  store_->commit();
+  recovery_.finished_step = next;
+  recovery_.interrupted.reset();
+}
+
+void OptimizerSwapper::read_params(std::size_t group, std::span<float> out) {
+  read_state(group, "param", out);
+}
+
+void OptimizerSwapper::read_state(std::size_t group, std::string_view state,
+                                  std::span<float> out) {
+  ZINF_CHECK(group < groups_.size(), "sub-group index out of range");
+  std::size_t index = 0;
+  if (state != "param") {
+    const auto it = std::find(states_.begin(), states_.end(), state);
+    ZINF_CHECK(it != states_.end(), fmt::format("this optimizer keeps no '{}' state", state));
+    index = 1 + static_cast<std::size_t>(it - states_.begin());
+  }
+  if (out.size() != groups_[group].elements) {
+    throw Error(ErrorKind::invalid, fmt::format("read '{}' of sub-group '{}': {} floats given "
+                                                "for {} elements",
+                                                state, groups_[group].name, out.size(),
+                                                groups_[group].elements));
+  }
+  if (store_ == nullptr) {
+    ZINF_CHECK(!host_[group].empty(), "sub-group has no state: initialize() it first");
+    std::copy(host_[group][index].begin(), host_[group][index].end(), out.begin());
+    return;
+  }
+  Slot& slot = *slots_[0];
+  store_->read_sync(key(group, state), slot.tensor(index));
+  std::memcpy(out.data(), slot.floats(index), out.size_bytes());
+}
+
+std::uint64_t OptimizerSwapper::pinned_bytes() const {
+  std::uint64_t bytes = 0;
+  for (const auto& slot : slots_) bytes += slot->buffer.size();
+  return bytes;
+}
+
+}  // namespace zinf::swap

@@ -1,0 +1,152 @@
+// The optimizer swapper: steps sub-groups whose fp32 params and optimizer
+// moments live in the swap store (NVMe), with the gradients in memory.
+// A step is pipelined over the sub-groups,
+//
+//     read(k+1)  ‖  optimizer(k)  ‖  write(k-1)
+//
+// in three pinned slots sized for the largest sub-group, so the disk and the
+// CPU stay busy together and memory stays bounded whatever the model size.
+// The fused kernel writes the updated param as bf16/fp16 into the caller's
+// buffer (the copy the GPU receives) while it updates the fp32 master.
+// With overlap off it runs the same operations one after another; the
+// results are bit for bit the same.
+//
+// Crash semantics: a step is *detectably incomplete*, never torn inside a
+// sub-group. Each sub-group's three tensors are written copy-on-write and
+// committed together after their writes finish, tagged with the step number
+// (their version). The manifest records the last finished step and, while a
+// step runs, the step in progress. A run killed mid-step reopens to every
+// sub-group at either the previous step or the new one, all of it intact,
+// and recovery() says which; step() then refuses to run until the caller
+// restores a consistent state (from its checkpoint) with initialize().
+//
+// Sub-groups may also live in host memory (offload_optimizer.device "cpu"):
+// the same API, no I/O.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "cpu_adam/cpu_adam.hpp"
+#include "pinned_pool/pinned_pool.hpp"
+#include "swap/swap_store.hpp"
+
+namespace zinf::swap {
+
+enum class OptimizerKind { adam, adagrad, lion };
+
+struct OptimizerSettings {
+  OptimizerKind kind = OptimizerKind::adam;
+  cpu_adam::AdamOptions adam;
+  cpu_adam::AdagradOptions adagrad;
+  cpu_adam::LionOptions lion;
+};
+
+struct SubGroup {
+  std::string name;  // key prefix: "<name>/param", "<name>/exp_avg", "<name>/exp_avg_sq"
+  std::size_t elements = 0;
+};
+
+struct OptimizerSwapperOptions {
+  OptimizerSettings optimizer;
+  bool overlap = true;       // pipelined; false runs read, step, write in turn
+  std::string name = "optimizer";  // prefix of the manifest attributes
+  // Called after sub-group k of a step is durable (tests use it to kill the
+  // process mid-step; a trainer may use it for progress).
+  std::function<void(std::size_t group)> after_group_committed;
+};
+
+// Where a step stands after a reopen.
+struct OptimizerRecovery {
+  std::int64_t finished_step = 0;             // last step that completed
+  std::optional<std::int64_t> interrupted;    // a step that started and did not finish
+  std::vector<std::int64_t> group_steps;      // each sub-group's version
+};
+
+struct OptimizerStepStats {
+  std::chrono::nanoseconds total{0};
+  std::chrono::nanoseconds compute{0};     // inside the optimizer kernels
+  std::chrono::nanoseconds read_wait{0};   // blocked on reads
+  std::chrono::nanoseconds write_wait{0};  // blocked on writes and commits
+  std::uint64_t bytes_read = 0;
+  std::uint64_t bytes_written = 0;
+};
+
+class OptimizerSwapper {
+ public:
+  // The tensors a sub-group keeps besides its param, for an optimizer.
+  static std::vector<std::string> state_names(OptimizerKind kind);
+  // Pinned bytes the swapper holds: three slots (one when overlap is off),
+  // each the padded param and states of the largest sub-group.
+  static std::uint64_t pinned_bytes_needed(std::span<const SubGroup> groups,
+                                           OptimizerKind kind, bool overlap,
+                                           std::uint64_t alignment);
+
+  // NVMe states in `store`, slots leased from `pool` now: the one failure
+  // for want of memory happens here, before step 0, naming the bytes needed
+  // and the pool's budget. Reads the manifest's step records.
+  OptimizerSwapper(SwapStore& store, PinnedPool& pool, cpu_adam::CpuOptimizer& optimizer,
+                   std::vector<SubGroup> groups, OptimizerSwapperOptions options);
+  // States in host memory (offload_optimizer.device "cpu").
+  OptimizerSwapper(cpu_adam::CpuOptimizer& optimizer, std::vector<SubGroup> groups,
+                   OptimizerSwapperOptions options);
+  ~OptimizerSwapper();
+  OptimizerSwapper(const OptimizerSwapper&) = delete;
+  OptimizerSwapper& operator=(const OptimizerSwapper&) = delete;
+
+  // Sets sub-group `group`'s fp32 params (moments zeroed) at step `step`;
+  // once every sub-group is set to the same step, step() may run.
+  void initialize(std::size_t group, std::span<const float> params, std::int64_t step = 0);
+  // One optimizer step: grads[k] (fp32, bf16 or fp16, elements of group k)
+  // and, optionally, param_copies[k] (bf16/fp16) to receive the updated
+  // params. Durable when it returns.
+  void step(std::span<const cpu_adam::Buffer> grads,
+            std::span<const cpu_adam::Buffer> param_copies = {});
+
+  // Reads sub-group `group`'s current fp32 params, or a state tensor.
+  void read_params(std::size_t group, std::span<float> out);
+  void read_state(std::size_t group, std::string_view state, std::span<float> out);
+
+  std::int64_t step_count() const { return step_; }
+  const OptimizerRecovery& recovery() const { return recovery_; }
+  const OptimizerStepStats& last_step_stats() const { return last_stats_; }
+  std::span<const SubGroup> groups() const { return groups_; }
+  std::uint64_t pinned_bytes() const;
+
+ private:
+  struct Slot;
+  void read_recovery();
+  std::string key(std::size_t group, std::string_view tensor) const;
+  void submit_reads(std::size_t group, Slot& slot);
+  void wait_reads(Slot& slot);
+  void submit_writes(std::size_t group, Slot& slot, std::int64_t version);
+  void wait_writes(Slot& slot);
+  void compute(std::size_t group, float* param, float* exp_avg, float* exp_avg_sq,
+               const cpu_adam::Buffer& grad, const cpu_adam::Buffer& copy);
+  void step_on_store(std::span<const cpu_adam::Buffer> grads,
+                     std::span<const cpu_adam::Buffer> copies);
+  void check_step_inputs(std::span<const cpu_adam::Buffer> grads,
+                         std::span<const cpu_adam::Buffer> copies) const;
+  void commit_group(std::size_t group);
+
+  SwapStore* store_ = nullptr;
+  cpu_adam::CpuOptimizer& optimizer_;
+  std::vector<SubGroup> groups_;
+  OptimizerSwapperOptions options_;
+  std::vector<std::string> states_;
+  std::vector<std::unique_ptr<Slot>> slots_;
+  // Host mode: [group][tensor] where tensor 0 is the param.
+  std::vector<std::vector<std::vector<float>>> host_;
+  std::int64_t step_ = 0;
+  OptimizerRecovery recovery_;
+  OptimizerStepStats last_stats_;
+};
+
+}  // namespace zinf::swap

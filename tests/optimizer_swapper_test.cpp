@@ -1,0 +1,395 @@
+// The optimizer swapper: pipelined, unpipelined, host-memory and plain
+// in-memory stepping give the same bits; states survive a clean exit; a
+// process killed mid-step reopens to a detectably incomplete step with every
+// sub-group intact; an I/O error mid-step surfaces and keeps old copies; the
+// pinned budget is checked before step 0.
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <random>
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include "aio/thread_pool_engine.hpp"
+#include "core/error.hpp"
+#include "swap/optimizer_swapper.hpp"
+#include "test_util.hpp"
+
+namespace zinf::swap {
+namespace {
+
+using cpu_adam::Buffer;
+using cpu_adam::DType;
+using testing::TempDir;
+
+const std::vector<SubGroup> kGroups = {
+    {"layers.0", 1000}, {"layers.1", 4097}, {"layers.2", 30001}, {"layers.3", 7},
+    {"layers.4", 65536}};
+
+std::vector<float> initial_params(std::size_t group) {
+  std::mt19937 random(static_cast<unsigned>(group) + 1);
+  std::normal_distribution<float> normal(0.0f, 0.5f);
+  std::vector<float> values(kGroups[group].elements);
+  for (auto& v : values) v = normal(random);
+  return values;
+}
+
+// bf16 gradients that differ by group and step.
+std::vector<std::uint16_t> grads_bf16(std::size_t group, std::int64_t step) {
+  std::mt19937 random(static_cast<unsigned>(1000 * step + group));
+  std::normal_distribution<float> normal(0.0f, 0.1f);
+  std::vector<std::uint16_t> values(kGroups[group].elements);
+  for (auto& v : values) v = cpu_adam::float_to_bf16(normal(random));
+  return values;
+}
+
+struct Grads {
+  explicit Grads(std::int64_t step) {
+    for (std::size_t g = 0; g < kGroups.size(); ++g) {
+      bf16.push_back(grads_bf16(g, step));
+      copies.emplace_back(kGroups[g].elements, 0);
+    }
+    for (std::size_t g = 0; g < kGroups.size(); ++g) {
+      grad_buffers.push_back(Buffer{bf16[g].data(), bf16[g].size(), DType::bf16});
+      copy_buffers.push_back(Buffer{copies[g].data(), copies[g].size(), DType::bf16});
+    }
+  }
+  std::vector<std::vector<std::uint16_t>> bf16;
+  std::vector<std::vector<std::uint16_t>> copies;
+  std::vector<Buffer> grad_buffers;
+  std::vector<Buffer> copy_buffers;
+};
+
+OptimizerSwapperOptions adamw(bool overlap) {
+  OptimizerSwapperOptions options;
+  options.optimizer.adam.lr = 1e-2f;
+  options.optimizer.adam.weight_decay = 0.01f;
+  options.overlap = overlap;
+  return options;
+}
+
+// The expected states after `steps` steps: CpuOptimizer on plain vectors.
+struct Reference {
+  explicit Reference(std::int64_t steps, const OptimizerSettings& settings = {}) {
+    cpu_adam::CpuOptimizer optimizer(2);
+    for (std::size_t g = 0; g < kGroups.size(); ++g) {
+      params.push_back(initial_params(g));
+      exp_avg.emplace_back(kGroups[g].elements, 0.0f);
+      exp_avg_sq.emplace_back(kGroups[g].elements, 0.0f);
+    }
+    for (std::int64_t step = 1; step <= steps; ++step) {
+      Grads grads(step);
+      for (std::size_t g = 0; g < kGroups.size(); ++g) {
+        cpu_adam::TensorState state;
+        const std::size_t n = kGroups[g].elements;
+        state.param = {params[g].data(), n, DType::f32};
+        state.grad = grads.grad_buffers[g];
+        state.param_copy = grads.copy_buffers[g];
+        state.exp_avg = {exp_avg[g].data(), n, DType::f32};
+        state.exp_avg_sq = {exp_avg_sq[g].data(), n, DType::f32};
+        OptimizerSwapperOptions options = adamw(true);
+        options.optimizer = settings.kind == OptimizerKind::adam ? adamw(true).optimizer : settings;
+        switch (options.optimizer.kind) {
+          case OptimizerKind::adam:
+            optimizer.adam_step(options.optimizer.adam, step, std::span(&state, 1));
+            break;
+          case OptimizerKind::adagrad:
+            state.exp_avg = {};
+            optimizer.adagrad_step(options.optimizer.adagrad, step, std::span(&state, 1));
+            break;
+          case OptimizerKind::lion:
+            state.exp_avg_sq = {};
+            optimizer.lion_step(options.optimizer.lion, step, std::span(&state, 1));
+            break;
+        }
+      }
+      last_copies = grads.copies;
+    }
+  }
+  std::vector<std::vector<float>> params, exp_avg, exp_avg_sq;
+  std::vector<std::vector<std::uint16_t>> last_copies;
+};
+
+bool same_bits(std::span<const float> a, std::span<const float> b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size_bytes()) == 0;
+}
+
+SwapStoreOptions store_options(const std::filesystem::path& dir) {
+  SwapStoreOptions options;
+  options.directories = {dir / "nvme0", dir / "nvme1"};
+  options.aio.block_size = 64 << 10;
+  options.grow_bytes = 1 << 20;
+  return options;
+}
+
+PinnedPoolOptions pool_options(std::uint64_t bytes = 8 << 20) {
+  PinnedPoolOptions options;
+  options.budget_bytes = bytes;
+  options.allow_unpinned = true;
+  return options;
+}
+
+// Checks every group's param (and Adam's moments) against the reference
+// after `reference` steps.
+void expect_state(OptimizerSwapper& swapper, std::size_t group, const Reference& reference) {
+  std::vector<float> got(kGroups[group].elements);
+  swapper.read_params(group, got);
+  EXPECT_TRUE(same_bits(got, reference.params[group])) << kGroups[group].name << " param";
+  swapper.read_state(group, "exp_avg", got);
+  EXPECT_TRUE(same_bits(got, reference.exp_avg[group])) << kGroups[group].name << " exp_avg";
+  swapper.read_state(group, "exp_avg_sq", got);
+  EXPECT_TRUE(same_bits(got, reference.exp_avg_sq[group])) << kGroups[group].name;
+}
+
+TEST(OptimizerSwapper, PipelinedUnpipelinedAndHostMemoryGiveTheSameBits) {
+  constexpr std::int64_t kSteps = 4;
+  const Reference reference(kSteps);
+  for (const std::string mode : {"pipelined", "unpipelined", "host"}) {
+    SCOPED_TRACE(mode);
+    TempDir dir;
+    cpu_adam::CpuOptimizer optimizer(2);
+    std::unique_ptr<SwapStore> store;
+    std::unique_ptr<PinnedPool> pool;
+    std::unique_ptr<OptimizerSwapper> swapper;
+    if (mode == "host") {
+      swapper = std::make_unique<OptimizerSwapper>(optimizer, kGroups, adamw(true));
+    } else {
+      store = std::make_unique<SwapStore>(store_options(dir.path()));
+      pool = std::make_unique<PinnedPool>(pool_options());
+      swapper = std::make_unique<OptimizerSwapper>(*store, *pool, optimizer, kGroups,
+                                                   adamw(mode == "pipelined"));
+    }
+    for (std::size_t g = 0; g < kGroups.size(); ++g) swapper->initialize(g, initial_params(g));
+    std::vector<std::vector<std::uint16_t>> copies;
+    for (std::int64_t step = 1; step <= kSteps; ++step) {
+      Grads grads(step);
+      swapper->step(grads.grad_buffers, grads.copy_buffers);
+      copies = grads.copies;
+    }
+    EXPECT_EQ(swapper->step_count(), kSteps);
+    for (std::size_t g = 0; g < kGroups.size(); ++g) {
+      expect_state(*swapper, g, reference);
+      EXPECT_EQ(copies[g], reference.last_copies[g]) << "bf16 copy of " << kGroups[g].name;
+    }
+    if (store) {
+      const auto& stats = swapper->last_step_stats();
+      std::uint64_t elements = 0;
+      for (const auto& group : kGroups) elements += group.elements;
+      EXPECT_EQ(stats.bytes_read, 3 * 4 * elements);
+      EXPECT_EQ(stats.bytes_written, 3 * 4 * elements);
+      EXPECT_EQ(store->find("layers.2/exp_avg")->version, kSteps);
+    }
+  }
+}
+
+TEST(OptimizerSwapper, AdagradAndLionStepThroughTheStoreAsInMemory) {
+  for (const OptimizerKind kind : {OptimizerKind::adagrad, OptimizerKind::lion}) {
+    TempDir dir;
+    OptimizerSwapperOptions options;
+    options.optimizer.kind = kind;
+    cpu_adam::CpuOptimizer optimizer(2);
+    SwapStore store(store_options(dir.path()));
+    PinnedPool pool(pool_options());
+    OptimizerSwapper swapper(store, pool, optimizer, kGroups, options);
+    OptimizerSwapper in_memory(optimizer, kGroups, options);
+    for (std::size_t g = 0; g < kGroups.size(); ++g) {
+      swapper.initialize(g, initial_params(g));
+      in_memory.initialize(g, initial_params(g));
+    }
+    for (std::int64_t step = 1; step <= 3; ++step) {
+      Grads grads(step);
+      swapper.step(grads.grad_buffers);
+      in_memory.step(grads.grad_buffers);
+    }
+    const Reference reference(3, options.optimizer);
+    const std::string state = kind == OptimizerKind::lion ? "exp_avg" : "exp_avg_sq";
+    for (std::size_t g = 0; g < kGroups.size(); ++g) {
+      std::vector<float> a(kGroups[g].elements), b(kGroups[g].elements);
+      swapper.read_params(g, a);
+      in_memory.read_params(g, b);
+      EXPECT_TRUE(same_bits(a, b));
+      EXPECT_TRUE(same_bits(a, reference.params[g]));
+      swapper.read_state(g, state, a);
+      in_memory.read_state(g, state, b);
+      EXPECT_TRUE(same_bits(a, b)) << state;
+    }
+    std::vector<float> out(kGroups[0].elements);
+    EXPECT_THROW(swapper.read_state(0, kind == OptimizerKind::lion ? "exp_avg_sq" : "exp_avg", out),
+                 Error);
+  }
+}
+
+TEST(OptimizerSwapper, StatesSurviveACleanExitAndTheRunContinuesExactly) {
+  TempDir dir;
+  cpu_adam::CpuOptimizer optimizer(2);
+  {
+    SwapStore store(store_options(dir.path()));
+    PinnedPool pool(pool_options());
+    OptimizerSwapper swapper(store, pool, optimizer, kGroups, adamw(true));
+    for (std::size_t g = 0; g < kGroups.size(); ++g) swapper.initialize(g, initial_params(g));
+    for (std::int64_t step = 1; step <= 2; ++step) {
+      Grads grads(step);
+      swapper.step(grads.grad_buffers, grads.copy_buffers);
+    }
+  }
+  SwapStore store(store_options(dir.path()));
+  PinnedPool pool(pool_options());
+  OptimizerSwapper swapper(store, pool, optimizer, kGroups, adamw(true));
+  EXPECT_EQ(swapper.step_count(), 2);
+  EXPECT_FALSE(swapper.recovery().interrupted);
+  for (std::int64_t step = 3; step <= 4; ++step) {
+    Grads grads(step);
+    swapper.step(grads.grad_buffers, grads.copy_buffers);
+  }
+  const Reference reference(4);
+  for (std::size_t g = 0; g < kGroups.size(); ++g) expect_state(swapper, g, reference);
+}
+
+TEST(OptimizerSwapper, AProcessKilledMidStepReopensDetectablyIncompleteAndIntact) {
+  TempDir dir;
+  const int status = testing::run_in_child([&] {
+    cpu_adam::CpuOptimizer optimizer(2);
+    SwapStore store(store_options(dir.path()));
+    PinnedPool pool(pool_options());
+    OptimizerSwapperOptions options = adamw(true);
+    std::int64_t* current_step = nullptr;
+    options.after_group_committed = [&](std::size_t group) {
+      // Die in step 3 once sub-groups 0..2 are durable, with reads and
+      // writes of the others in flight.
+      if (current_step != nullptr && *current_step == 3 && group == 2) {
+        ::kill(::getpid(), SIGKILL);
+      }
+    };
+    OptimizerSwapper swapper(store, pool, optimizer, kGroups, options);
+    for (std::size_t g = 0; g < kGroups.size(); ++g) swapper.initialize(g, initial_params(g));
+    std::int64_t step = 1;
+    current_step = &step;
+    for (; step <= 4; ++step) {
+      Grads grads(step);
+      swapper.step(grads.grad_buffers, grads.copy_buffers);
+    }
+    return 0;
+  });
+  ASSERT_EQ(status, 128 + SIGKILL);
+
+  cpu_adam::CpuOptimizer optimizer(2);
+  SwapStore store(store_options(dir.path()));
+  PinnedPool pool(pool_options());
+  OptimizerSwapper swapper(store, pool, optimizer, kGroups, adamw(true));
+  const auto& recovery = swapper.recovery();
+  EXPECT_EQ(recovery.finished_step, 2);
+  ASSERT_TRUE(recovery.interrupted);
+  EXPECT_EQ(*recovery.interrupted, 3);
+  EXPECT_EQ(recovery.group_steps, (std::vector<std::int64_t>{3, 3, 3, 2, 2}));
+  const Reference at_two(2);
+  const Reference at_three(3);
+  for (std::size_t g = 0; g < kGroups.size(); ++g) {
+    expect_state(swapper, g, g <= 2 ? at_three : at_two);  // every checksum verified too
+  }
+  Grads grads(3);
+  try {
+    swapper.step(grads.grad_buffers);
+    FAIL() << "an interrupted step was stepped over";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::invalid);
+    EXPECT_NE(std::string(error.what()).find("interrupted"), std::string::npos) << error.what();
+  }
+  // Restored from the trainer's checkpoint (here: the reference at step 2),
+  // the run goes on and matches the uninterrupted one.
+  for (std::size_t g = 0; g < kGroups.size(); ++g) {
+    swapper.initialize(g, at_two.params[g], 2);
+  }
+  EXPECT_EQ(swapper.step_count(), 2);
+  EXPECT_FALSE(swapper.recovery().interrupted);
+}
+
+// Writes fail with EIO once armed; everything else goes to the disk.
+class ArmableDevice final : public aio::SyncDevice {
+ public:
+  explicit ArmableDevice(std::atomic<bool>& armed) : armed_(armed) {}
+  std::int64_t transfer(aio::Op op, const aio::File& file, std::uint64_t offset,
+                        std::byte* buffer, std::uint64_t length) override {
+    if (op == aio::Op::write && armed_.load()) return -EIO;
+    return inner_.transfer(op, file, offset, buffer, length);
+  }
+  std::string_view name() const override { return "armable"; }
+
+ private:
+  std::atomic<bool>& armed_;
+  aio::PosixDevice inner_;
+};
+
+TEST(OptimizerSwapper, AnIoErrorMidStepSurfacesAndKeepsTheOldStates) {
+  TempDir dir;
+  std::atomic<bool> armed{false};
+  const auto options = store_options(dir.path());
+  SwapStore store(options, [&](std::size_t) {
+    return std::make_unique<aio::ThreadPoolEngine>(options.aio,
+                                                   std::make_unique<ArmableDevice>(armed), 2,
+                                                   "armable");
+  });
+  cpu_adam::CpuOptimizer optimizer(2);
+  PinnedPool pool(pool_options());
+  OptimizerSwapper swapper(store, pool, optimizer, kGroups, adamw(true));
+  for (std::size_t g = 0; g < kGroups.size(); ++g) swapper.initialize(g, initial_params(g));
+  Grads first(1);
+  swapper.step(first.grad_buffers);
+  armed = true;
+  Grads second(2);
+  try {
+    swapper.step(second.grad_buffers);
+    FAIL() << "the write error was lost";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::io);
+    EXPECT_EQ(error.error_number(), EIO);
+    EXPECT_NE(std::string(error.what()).find("layers.0/"), std::string::npos) << error.what();
+  }
+  armed = false;
+  EXPECT_EQ(swapper.step_count(), 1);
+  ASSERT_TRUE(swapper.recovery().interrupted);
+  const Reference at_one(1);
+  for (std::size_t g = 0; g < kGroups.size(); ++g) expect_state(swapper, g, at_one);
+  EXPECT_EQ(store.in_flight(), 0u);
+}
+
+TEST(OptimizerSwapper, TooSmallAPinnedBudgetFailsBeforeStepZeroNamingTheBytes) {
+  TempDir dir;
+  SwapStore store(store_options(dir.path()));
+  PinnedPool pool(pool_options(1 << 20));
+  cpu_adam::CpuOptimizer optimizer(1);
+  const std::uint64_t needed =
+      OptimizerSwapper::pinned_bytes_needed(kGroups, OptimizerKind::adam, true, 4096);
+  EXPECT_EQ(needed, 3u * 3u * 65536u * 4u);
+  try {
+    OptimizerSwapper swapper(store, pool, optimizer, kGroups, adamw(true));
+    FAIL();
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::resource);
+    EXPECT_NE(std::string(error.what()).find("layers.4"), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("2359296 bytes"), std::string::npos) << error.what();
+  }
+  // Unpipelined needs a third of it and fits.
+  EXPECT_NO_THROW(OptimizerSwapper(store, pool, optimizer, kGroups, adamw(false)));
+}
+
+TEST(OptimizerSwapper, BadStepInputsAreRefusedBeforeAnyStateChanges) {
+  cpu_adam::CpuOptimizer optimizer(1);
+  OptimizerSwapper swapper(optimizer, kGroups, adamw(true));
+  Grads grads(1);
+  EXPECT_THROW(swapper.step(grads.grad_buffers), Error);  // not initialized
+  for (std::size_t g = 0; g < kGroups.size(); ++g) swapper.initialize(g, initial_params(g));
+  EXPECT_THROW(swapper.step(std::span(grads.grad_buffers).first(2)), Error);
+  auto wrong = grads.grad_buffers;
+  wrong[1].count -= 1;
+  EXPECT_THROW(swapper.step(wrong), Error);
+  EXPECT_THROW(swapper.initialize(0, std::vector<float>(3)), Error);
+  EXPECT_EQ(swapper.step_count(), 0);
+  swapper.step(grads.grad_buffers);
+  EXPECT_EQ(swapper.step_count(), 1);
+}
+
+}  // namespace
+}  // namespace zinf::swap
