@@ -36,6 +36,21 @@ class Timed {
   Clock::time_point start_;
 };
 
+// Waits for every ticket (all of them, so no buffer is still in use), clears
+// the list, and throws the first error.
+void wait_tickets(SwapStore& store, std::vector<SwapTicket>& tickets) {
+  std::optional<Error> first;
+  for (auto ticket : tickets) {
+    try {
+      store.wait(ticket);
+    } catch (const Error& error) {
+      if (!first) first.emplace(error);
+    }
+  }
+  tickets.clear();
+  if (first) throw Error(*first);
+}
+
 }  // namespace
 
 // One pinned buffer holding a sub-group's param and states, and the
@@ -125,17 +140,16 @@ OptimizerSwapper::OptimizerSwapper(cpu_adam::CpuOptimizer& optimizer,
 }
 
 OptimizerSwapper::~OptimizerSwapper() {
+  drain_slots();
+}
+
+void OptimizerSwapper::drain_slots() noexcept {
   for (auto& slot : slots_) {
-    for (auto ticket : slot->reads) {
+    slot->writing_group.reset();
+    for (auto* tickets : {&slot->reads, &slot->writes}) {
       try {
-        store_->wait(ticket);
-      } catch (...) {  // nobody is left to tell; the manifest is unaffected
-      }
-    }
-    for (auto ticket : slot->writes) {
-      try {
-        store_->wait(ticket);
-      } catch (...) {
+        wait_tickets(*store_, *tickets);
+      } catch (...) {  // the caller already has the first error; the manifest is unaffected
       }
     }
   }
@@ -232,16 +246,7 @@ void OptimizerSwapper::submit_reads(std::size_t group, Slot& slot) {
 
 void OptimizerSwapper::wait_reads(Slot& slot) {
   Timed timed(last_stats_.read_wait);
-  std::optional<Error> first;
-  for (auto ticket : slot.reads) {
-    try {
-      store_->wait(ticket);
-    } catch (const Error& error) {
-      if (!first) first.emplace(error);
-    }
-  }
-  slot.reads.clear();
-  if (first) throw Error(*first);
+  wait_tickets(*store_, slot.reads);
 }
 
 void OptimizerSwapper::submit_writes(std::size_t group, Slot& slot, std::int64_t version) {
@@ -257,17 +262,8 @@ void OptimizerSwapper::submit_writes(std::size_t group, Slot& slot, std::int64_t
 
 void OptimizerSwapper::wait_writes(Slot& slot) {
   Timed timed(last_stats_.write_wait);
-  std::optional<Error> first;
-  for (auto ticket : slot.writes) {
-    try {
-      store_->wait(ticket);
-    } catch (const Error& error) {
-      if (!first) first.emplace(error);
-    }
-  }
-  slot.writes.clear();
   slot.writing_group.reset();
-  if (first) throw Error(*first);
+  wait_tickets(*store_, slot.writes);
 }
 
 void OptimizerSwapper::compute(std::size_t group, float* param, float* exp_avg,
@@ -444,23 +440,7 @@ void OptimizerSwapper::step_on_store(std::span<const cpu_adam::Buffer> grads,
   } catch (...) {
     // Nothing may still be reading or writing the slots when the error
     // leaves; the manifest keeps the step marked as interrupted.
-    for (auto& slot : slots_) {
-      for (auto ticket : slot->reads) {
-        try {
-          store_->wait(ticket);
-        } catch (...) {
-        }
-      }
-      for (auto ticket : slot->writes) {
-        try {
-          store_->wait(ticket);
-        } catch (...) {
-        }
-      }
-      slot->reads.clear();
-      slot->writes.clear();
-      slot->writing_group.reset();
-    }
+    drain_slots();
     throw;
   }
   step_ = next;

@@ -135,6 +135,8 @@ class OptimizerSwapper {
   void check_step_inputs(std::span<const cpu_adam::Buffer> grads,
                          std::span<const cpu_adam::Buffer> copies) const;
   void commit_group(std::size_t group);
+  // Waits out every slot's I/O, ignoring errors (error paths, destructor).
+  void drain_slots() noexcept;
 
   SwapStore* store_ = nullptr;
   cpu_adam::CpuOptimizer& optimizer_;
