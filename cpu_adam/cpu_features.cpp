@@ -9,19 +9,9 @@
 
 #include "core/error.hpp"
 #include "core/log.hpp"
+#include "cpu_adam/xgetbv.hpp"
 
 namespace zinf::cpu_adam {
-namespace {
-
-std::uint64_t xgetbv0() {
-  std::uint32_t eax = 0;
-  std::uint32_t edx = 0;
-  // Encoded directly: the intrinsic needs -mxsave on this file.
-  __asm__ volatile(".byte 0x0f, 0x01, 0xd0" : "=a"(eax), "=d"(edx) : "c"(0));
-  return (std::uint64_t{edx} << 32) | eax;
-}
-
-}  // namespace
 
 std::string_view to_string(Tier tier) {
   switch (tier) {

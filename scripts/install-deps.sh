@@ -7,7 +7,7 @@ packages=(
   g++ meson ninja-build pkg-config python3
   liburing-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libxxhash-dev
   libgtest-dev libbenchmark-dev
-  fio e2fsprogs util-linux
+  fio e2fsprogs util-linux python3-pip
 )
 
 missing=()
@@ -23,4 +23,12 @@ if ((${#missing[@]} > 0)); then
   export DEBIAN_FRONTEND=noninteractive
   "${sudo_cmd[@]}" apt-get update -qq
   "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# tests/emulated runs the AVX-512 kernels in the Bochs CPU emulator, from PyPI,
+# installed into the Python meson finds (the first python3 on PATH).
+if ! python3 -m pip show bochscpu-python 2>/dev/null | grep -x 'Version: 0.4.0' >/dev/null; then
+  echo "install-deps: installing bochscpu-python==0.4.0 (pip)"
+  python3 -m pip install -q bochscpu-python==0.4.0 ||
+    python3 -m pip install -q --break-system-packages bochscpu-python==0.4.0
 fi

@@ -1,0 +1,113 @@
+// The host stand-in for a GPU: "device memory" is ordinary memory and one
+// copy thread runs the copies in order, as a CUDA stream would.
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "core/error.hpp"
+#include "swap/device_copy.hpp"
+
+namespace zinf::swap {
+namespace {
+
+class HostCopier final : public DeviceCopier {
+ public:
+  HostCopier() : thread_([this] { run(); }) {}
+  ~HostCopier() override {
+    {
+      std::lock_guard lock(mutex_);
+      stopping_ = true;
+    }
+    queued_.notify_all();
+    thread_.join();
+  }
+
+  void* allocate_device(std::uint64_t bytes) override {
+    void* memory = std::malloc(bytes == 0 ? 1 : bytes);
+    if (memory == nullptr) {
+      throw Error(ErrorKind::resource,
+                  fmt::format("host stand-in device: cannot allocate {} bytes", bytes));
+    }
+    return memory;
+  }
+  void free_device(void* device) noexcept override { std::free(device); }
+
+  CopyTicket to_device(void* device, const std::byte* host, std::uint64_t bytes) override {
+    return queue(device, host, bytes);
+  }
+  CopyTicket to_host(std::byte* host, const void* device, std::uint64_t bytes) override {
+    return queue(host, device, bytes);
+  }
+
+  void wait(CopyTicket ticket) override {
+    ZINF_CHECK(ticket.valid(), "waiting on an empty copy ticket");
+    std::unique_lock lock(mutex_);
+    done_.wait(lock, [&] { return completed_ >= ticket.id; });
+  }
+
+  std::string_view name() const override { return "host stand-in"; }
+
+ private:
+  struct Copy {
+    void* destination;
+    const void* source;
+    std::uint64_t bytes;
+    std::uint64_t id;
+  };
+
+  CopyTicket queue(void* destination, const void* source, std::uint64_t bytes) {
+    ZINF_CHECK(destination != nullptr && source != nullptr, "device copy of a null buffer");
+    std::lock_guard lock(mutex_);
+    const std::uint64_t id = ++submitted_;
+    copies_.push_back(Copy{destination, source, bytes, id});
+    queued_.notify_one();
+    return CopyTicket{id};
+  }
+
+  void run() {
+    std::unique_lock lock(mutex_);
+    while (true) {
+      queued_.wait(lock, [&] { return stopping_ || !copies_.empty(); });
+      if (copies_.empty()) return;
+      const Copy copy = copies_.front();
+      copies_.pop_front();
+      lock.unlock();
+      std::memcpy(copy.destination, copy.source, copy.bytes);
+      lock.lock();
+      completed_ = copy.id;
+      done_.notify_all();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable queued_;
+  std::condition_variable done_;
+  std::deque<Copy> copies_;
+  std::uint64_t submitted_ = 0;
+  std::uint64_t completed_ = 0;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+}  // namespace
+
+std::unique_ptr<DeviceCopier> make_host_copier() { return std::make_unique<HostCopier>(); }
+
+std::unique_ptr<DeviceCopier> make_device_copier(DeviceKind kind, int device_index) {
+  if (kind == DeviceKind::host) return make_host_copier();
+  auto cuda = make_cuda_copier(device_index);
+  if (cuda) return cuda;
+  if (kind == DeviceKind::cuda) {
+    throw Error(ErrorKind::unsupported,
+                fmt::format("no CUDA device {} is visible (or zinf was built without CUDA)",
+                            device_index));
+  }
+  return make_host_copier();
+}
+
+}  // namespace zinf::swap
