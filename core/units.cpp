@@ -55,7 +55,9 @@ std::uint64_t parse_count(std::string_view text) {
     switch (std::tolower(static_cast<unsigned char>(rest.back()))) {
       case 'k': scale = 1e3; break;
       case 'm': scale = 1e6; break;
-      case 'g': scale = 1e9; break;
+      case 'g':
+      case 'b': scale = 1e9; break;  // "7B" params, as model names say
+      case 't': scale = 1e12; break;
       default: break;
     }
     if (scale != 1) rest.remove_suffix(1);
@@ -66,7 +68,7 @@ std::uint64_t parse_count(std::string_view text) {
   if (rest.empty() || parsed.ec != std::errc() || parsed.ptr != rest.data() + rest.size() ||
       count < 0 || count != std::floor(count) || count > 1e18) {
     throw Error(ErrorKind::invalid,
-                fmt::format("'{}' is not a count (examples: 1000, 100k, 10M, 1G)", text));
+                fmt::format("'{}' is not a count (examples: 1000, 100k, 10M, 1G or 7B, 1T)", text));
   }
   return static_cast<std::uint64_t>(count);
 }

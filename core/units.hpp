@@ -33,7 +33,7 @@ inline bool is_aligned(const void* pointer, std::uint64_t alignment) {
 std::uint64_t parse_bytes(std::string_view text);
 
 // Parses element counts with decimal suffixes: "1000", "100k", "10M", "1.5G"
-// (1e3, 1e6, 1e9). Throws Error{invalid} naming the text on bad input.
+// or "7B", "1T" (1e3, 1e6, 1e9, 1e9, 1e12). Throws Error{invalid} naming the text on bad input.
 std::uint64_t parse_count(std::string_view text);
 
 // "512 B", "4 KiB", "1.5 GiB".

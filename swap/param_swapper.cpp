@@ -30,17 +30,26 @@ constexpr auto kMemoryWait = std::chrono::seconds(10);
 
 ParamPlan ParamSwapper::plan(std::span<const ParamSpec> params,
                              const ParamSwapperOptions& options, std::uint64_t alignment) {
-  ParamPlan plan;
   std::uint64_t largest = 0;
   std::uint64_t total = 0;
+  std::string largest_key;
   for (const auto& param : params) {
     const std::uint64_t bytes = padded(param.bytes, alignment);
     total += bytes;
     if (bytes > largest) {
       largest = bytes;
-      plan.largest_key = param.key;
+      largest_key = param.key;
     }
   }
+  ParamPlan plan = plan_for(largest, total, options, alignment);
+  plan.largest_key = largest_key;
+  return plan;
+}
+
+ParamPlan ParamSwapper::plan_for(std::uint64_t largest_bytes, std::uint64_t total_bytes,
+                                 const ParamSwapperOptions& options, std::uint64_t alignment) {
+  ParamPlan plan;
+  const std::uint64_t largest = largest_bytes == 0 ? 0 : padded(largest_bytes, alignment);
   plan.buffer_count = std::max<std::uint64_t>(options.buffer_count, 1);
   plan.buffer_bytes = round_up(std::max<std::uint64_t>(options.buffer_bytes, 1), alignment);
   if (largest > plan.buffer_bytes) {
@@ -49,8 +58,9 @@ ParamPlan ParamSwapper::plan(std::span<const ParamSpec> params,
   }
   // Leases are exact-size, so shards in flight never need more than all
   // shards together, however large the configured buffers.
-  plan.in_flight_bytes = std::max(largest, std::min(plan.buffer_count * plan.buffer_bytes, total));
-  plan.cache_bytes = std::min(options.max_in_cpu_bytes, total);
+  plan.in_flight_bytes =
+      std::max(largest, std::min(plan.buffer_count * plan.buffer_bytes, total_bytes));
+  plan.cache_bytes = std::min(options.max_in_cpu_bytes, total_bytes);
   plan.pinned_bytes = plan.in_flight_bytes + plan.cache_bytes;
   return plan;
 }

@@ -72,6 +72,10 @@ class ParamSwapper {
   // store's.
   static ParamPlan plan(std::span<const ParamSpec> params, const ParamSwapperOptions& options,
                         std::uint64_t alignment);
+  // The same from the largest shard's and all shards' bytes (padded totals
+  // are the caller's estimate), for planning before the shapes are known.
+  static ParamPlan plan_for(std::uint64_t largest_bytes, std::uint64_t total_bytes,
+                            const ParamSwapperOptions& options, std::uint64_t alignment);
 
   // Throws Error{resource} when the pool is smaller than plan().pinned_bytes.
   ParamSwapper(SwapStore& store, PinnedPool& pool, std::vector<ParamSpec> params,

@@ -202,6 +202,26 @@ TEST(ZinfConfig, CheckPassesAGoodConfigAndListsEveryProblemOfABadOne) {
   EXPECT_NE(o.err.find("zero_optimization.offload_param.nvme_path: is required"), std::string::npos) << o.err;
 }
 
+TEST(ZinfConfig, PlanPrintsEveryTierAndExitsByFit) {
+  TempDir dir;
+  const std::string nvme = (dir / "swap").string();
+  std::ofstream(dir / "nvme.json") << R"({"zero_optimization": {"stage": 3,
+    "offload_param": {"device": "nvme", "nvme_path": ")" << nvme << R"("},
+    "offload_optimizer": {"device": "nvme", "nvme_path": ")" << nvme << R"(", "pin_memory": false}}})";
+  Outcome o = run_config("plan " + (dir / "nvme.json").string() + " --params 10M --world-size 2");
+  EXPECT_EQ(o.exit_code, 0) << o.out << o.err;
+  for (const char* expected : {"ZeRO stage 1", "ZeRO stage 2", "ZeRO stage 3*", "GPU", "pinned host", "pageable",
+                               "NVMe", "param swapper", "optimizer swapper", "host RAM:", "not checked here"}) {
+    EXPECT_NE(o.out.find(expected), std::string::npos) << expected << "\n" << o.out;
+  }
+  o = run_config("plan " + (dir / "nvme.json").string() + " --params 1000T --largest-param 1000");
+  EXPECT_EQ(o.exit_code, 2) << o.out << o.err;
+  EXPECT_NE(o.out.find("does not fit"), std::string::npos) << o.out;
+  o = run_config("plan " + (dir / "nvme.json").string() + " --params lots");
+  EXPECT_EQ(o.exit_code, 1);
+  EXPECT_NE(o.err.find("'lots' is not a count"), std::string::npos) << o.err;
+}
+
 TEST(ZinfBench, CtrlCRemovesScratchFiles) {
   TempDir dir;
   TempDir logs;

@@ -1,8 +1,14 @@
-// zinf-config: checks DeepSpeed JSON configs the way zinf reads them.
+// zinf-config: checks DeepSpeed JSON configs the way zinf reads them, and
+// plans where a model's states will live.
 //   zinf-config check FILE...   exit 0, or 1 with one line per problem
-// (`plan`, the memory-per-tier planner, comes with the swap layer.)
+//   zinf-config plan FILE --params N [--world-size W] [--largest-param N]
+//                               [--ranks-per-node R]
+//       memory per tier for ZeRO stages 1-3 with the config's offloads, the
+//       buffers zinf allocates, and whether this machine holds it: exit 0 if
+//       it fits, 2 if it does not, 1 for a bad config.
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -11,33 +17,87 @@
 #include <fmt/format.h>
 
 #include "core/config.hpp"
+#include "core/error.hpp"
+#include "core/units.hpp"
+#include "swap/memory_plan.hpp"
 #include "zinf_config.h"
 
 namespace {
 
+std::optional<zinf::config::Config> load(const std::string& file) {
+  std::ifstream in(file);
+  if (!in) {
+    fmt::print(stderr, "{}: cannot be read\n", file);
+    return std::nullopt;
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  const zinf::config::ParseResult result = zinf::config::parse_config(text.str());
+  for (const std::string& warning : result.warnings) fmt::print(stderr, "{}: warning: {}\n", file, warning);
+  for (const auto& problem : result.problems) fmt::print(stderr, "{}: {}\n", file, problem.line());
+  if (!result.problems.empty()) return std::nullopt;
+  return result.config;
+}
+
+struct PlanArguments {
+  std::string file;
+  std::string params;
+  std::uint32_t world_size = 1;
+  std::string largest_param;
+  std::uint32_t ranks_per_node = 0;
+};
+
+std::string bytes_cell(std::uint64_t bytes) { return bytes == 0 ? "-" : zinf::format_bytes(bytes); }
+
+int plan(const PlanArguments& arguments) {
+  const auto config = load(arguments.file);
+  if (!config) return 1;
+  zinf::swap::PlanInput input;
+  try {
+    input.params = zinf::parse_count(arguments.params);
+    if (!arguments.largest_param.empty()) input.largest_param = zinf::parse_count(arguments.largest_param);
+  } catch (const zinf::Error& error) {
+    fmt::print(stderr, "{}\n", error.what());
+    return 1;
+  }
+  input.world_size = arguments.world_size;
+  input.ranks_per_node = arguments.ranks_per_node;
+  const auto memory = zinf::swap::plan_memory(*config, input);
+  fmt::print("{}: {} params, world size {}, {} rank(s) on this machine\n", arguments.file, input.params,
+             input.world_size, memory.ranks_per_node);
+  fmt::print("per rank       {:>12} {:>12} {:>12} {:>12}  offloads\n", "GPU", "pinned host", "pageable",
+             "NVMe");
+  for (const auto& stage : memory.stages) {
+    fmt::print("ZeRO stage {}{} {:>12} {:>12} {:>12} {:>12}  {}\n", stage.stage,
+               stage.stage == memory.chosen_stage ? "*" : " ", bytes_cell(stage.per_rank.gpu),
+               bytes_cell(stage.per_rank.pinned), bytes_cell(stage.per_rank.pageable),
+               bytes_cell(stage.per_rank.nvme), stage.offloads);
+  }
+  fmt::print("(* the config's stage; activations and framework memory are not counted)\n");
+  if (!memory.buffers.empty()) {
+    fmt::print("buffers zinf allocates per rank:\n");
+    for (const auto& buffer : memory.buffers) fmt::print("  {:>12}  {}\n", zinf::format_bytes(buffer.bytes), buffer.what);
+  }
+  const auto fit = zinf::swap::check_fit(*config, memory);
+  fmt::print("on this machine (stage {}):\n", memory.chosen_stage);
+  for (const auto& line : fit.lines) fmt::print("  {}\n", line);
+  fmt::print("  GPU: {} per rank, not checked here\n", zinf::format_bytes(memory.chosen.gpu));
+  return fit.fits ? 0 : 2;
+}
+
 int check(const std::vector<std::string>& files) {
   int status = 0;
   for (const std::string& file : files) {
-    std::ifstream in(file);
-    if (!in) {
-      fmt::print(stderr, "{}: cannot be read\n", file);
+    const auto config = load(file);
+    if (!config) {
       status = 1;
       continue;
     }
-    std::stringstream text;
-    text << in.rdbuf();
-    const zinf::config::ParseResult result = zinf::config::parse_config(text.str());
-    for (const std::string& warning : result.warnings) fmt::print(stderr, "{}: warning: {}\n", file, warning);
-    for (const auto& problem : result.problems) fmt::print(stderr, "{}: {}\n", file, problem.line());
-    if (!result.problems.empty()) {
-      status = 1;
-      continue;
-    }
-    const auto& z = result.config.zero;
+    const auto& z = config->zero;
     fmt::print("{}: ok (ZeRO stage {}, offload_param {}, offload_optimizer {}, aio {} x {} x {})\n", file,
                z.stage, zinf::config::to_string(z.offload_param.device),
-               zinf::config::to_string(z.offload_optimizer.device), result.config.aio.block_size,
-               result.config.aio.queue_depth, result.config.aio.intra_op_parallelism);
+               zinf::config::to_string(z.offload_optimizer.device), config->aio.block_size,
+               config->aio.queue_depth, config->aio.intra_op_parallelism);
   }
   return status;
 }
@@ -50,11 +110,21 @@ int main(int argc, char** argv) {
   std::vector<std::string> files;
   CLI::App* check_command = app.add_subcommand("check", "report every problem, one line each; exit 1 if any");
   check_command->add_option("files", files, "DeepSpeed JSON config files")->required();
+  PlanArguments plan_arguments;
+  CLI::App* plan_command = app.add_subcommand("plan", "memory per tier for ZeRO stages 1-3, and whether it fits");
+  plan_command->add_option("file", plan_arguments.file, "DeepSpeed JSON config file")->required();
+  plan_command->add_option("--params", plan_arguments.params, "model parameters (1000, 350M, 7B)")->required();
+  plan_command->add_option("--world-size", plan_arguments.world_size, "data-parallel ranks")->check(CLI::PositiveNumber);
+  plan_command->add_option("--largest-param", plan_arguments.largest_param,
+                           "elements of the largest parameter (default: min(params, 100M))");
+  plan_command->add_option("--ranks-per-node", plan_arguments.ranks_per_node,
+                           "ranks on this machine (default: all of them)");
   app.require_subcommand(1);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
     return app.exit(error);
   }
+  if (plan_command->parsed()) return plan(plan_arguments);
   return check(files);
 }
