@@ -95,16 +95,44 @@ ParamSwapper::ParamSwapper(SwapStore& store, PinnedPool& pool, std::vector<Param
     }
     it->second.bytes = param.bytes;
   }
+  completer_ = std::thread([this] { complete_prefetches(); });
 }
 
 ParamSwapper::~ParamSwapper() {
-  std::lock_guard lock(mutex_);
-  for (auto& [key, entry] : entries_) {
-    if (entry.state != State::reading || !entry.ticket.valid()) continue;
+  {
+    std::lock_guard lock(mutex_);
+    stopping_ = true;
+  }
+  prefetch_queued_.notify_all();
+  if (completer_.joinable()) completer_.join();  // it finishes every queued read first
+}
+
+void ParamSwapper::complete_prefetches() {
+  std::unique_lock lock(mutex_);
+  while (true) {
+    prefetch_queued_.wait(lock, [&] { return stopping_ || !prefetched_.empty(); });
+    if (prefetched_.empty()) return;
+    const std::string key = std::move(prefetched_.front());
+    prefetched_.pop_front();
+    Entry& e = entries_.at(key);
+    const SwapTicket ticket = e.ticket;
+    e.ticket = {};
+    lock.unlock();
+    std::exception_ptr error;
     try {
-      store_.wait(entry.ticket);
-    } catch (...) {  // a read nobody fetched: its error has no one to go to
+      store_.wait(ticket);
+    } catch (...) {
+      error = std::current_exception();
     }
+    lock.lock();
+    if (error) {
+      e.error = error;
+      e.buffer.release();
+      e.state = State::on_disk;
+    } else {
+      e.state = State::resident;
+    }
+    changed_.notify_all();
   }
 }
 
@@ -225,8 +253,10 @@ std::size_t ParamSwapper::prefetch(std::span<const std::string> keys) {
     if (!buffer) break;  // memory is full of shards in use: fetch() will read the rest
     start_read(key, e, std::move(*buffer));
     e.prefetched = true;
+    prefetched_.push_back(key);
     ++started;
   }
+  if (started > 0) prefetch_queued_.notify_one();
   return started;
 }
 
@@ -235,13 +265,25 @@ std::span<const std::byte> ParamSwapper::fetch(std::string_view key) {
   const auto started = Clock::now();
   Entry& e = entry(key);
   ++stats_.fetches;
+  const auto take_error = [&] {
+    if (!e.error) return;
+    std::exception_ptr error = e.error;
+    e.error = nullptr;
+    std::rethrow_exception(error);
+  };
+  take_error();  // a prefetch that already failed
   if (e.state == State::resident) {
     if (e.cached) {
       lru_.erase(e.lru);
       e.cached = false;
       cached_bytes_ -= e.buffer.size();
     }
-    ++stats_.cache_hits;
+    if (e.prefetched) {
+      ++stats_.prefetch_hits;  // read and verified before it was asked for
+      e.prefetched = false;
+    } else {
+      ++stats_.cache_hits;
+    }
     ++e.users;
     return {e.buffer.data(), e.bytes};
   }
@@ -253,9 +295,8 @@ std::span<const std::byte> ParamSwapper::fetch(std::string_view key) {
     ++stats_.prefetch_hits;
   }
   e.prefetched = false;
-  ++e.users;
-  if (e.ticket.valid()) {
-    // This thread waits for the read; others fetching the key wait below.
+  if (e.ticket.valid() && std::find(prefetched_.begin(), prefetched_.end(), key) == prefetched_.end()) {
+    // This thread started the read: it waits for it.
     const SwapTicket ticket = e.ticket;
     e.ticket = {};
     lock.unlock();
@@ -265,7 +306,6 @@ std::span<const std::byte> ParamSwapper::fetch(std::string_view key) {
       lock.lock();
       e.buffer.release();
       e.state = State::on_disk;
-      e.users = 0;
       changed_.notify_all();
       throw;
     }
@@ -273,11 +313,14 @@ std::span<const std::byte> ParamSwapper::fetch(std::string_view key) {
     e.state = State::resident;
     changed_.notify_all();
   } else {
+    // The completer (or another fetching thread) finishes this read.
     changed_.wait(lock, [&] { return e.state != State::reading; });
+    take_error();
     if (e.state != State::resident) {
       throw Error(ErrorKind::io, fmt::format("fetch of '{}' failed in another thread", key));
     }
   }
+  ++e.users;
   stats_.fetch_wait += Clock::now() - started;
   return {e.buffer.data(), e.bytes};
 }

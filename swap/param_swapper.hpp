@@ -17,6 +17,9 @@
 #pragma once
 
 #include <chrono>
+#include <deque>
+#include <exception>
+#include <thread>
 #include <condition_variable>
 #include <cstdint>
 #include <list>
@@ -114,6 +117,7 @@ class ParamSwapper {
     int users = 0;
     std::list<std::string>::iterator lru;  // valid while cached (resident, no users)
     bool cached = false;
+    std::exception_ptr error;  // a prefetch that failed, for the next fetch
   };
 
   Entry& entry(std::string_view key);
@@ -124,6 +128,9 @@ class ParamSwapper {
   void evict_one();  // under mutex_
   void start_read(const std::string& key, Entry& entry, PinnedBuffer buffer);
   void trim_cache();  // under mutex_
+  // Finishes prefetched reads (wait and checksum) off the caller's thread,
+  // so a fetch of a prefetched shard finds it verified.
+  void complete_prefetches();
 
   SwapStore& store_;
   PinnedPool& pool_;
@@ -135,6 +142,10 @@ class ParamSwapper {
   std::list<std::string> lru_;  // cached keys, least recently used first
   std::uint64_t cached_bytes_ = 0;
   ParamSwapperStats stats_;
+  std::deque<std::string> prefetched_;  // reads for the completer, in order
+  std::condition_variable prefetch_queued_;
+  bool stopping_ = false;
+  std::thread completer_;
 };
 
 }  // namespace zinf::swap

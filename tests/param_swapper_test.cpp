@@ -236,6 +236,16 @@ TEST(ParamSwapper, ACorruptShardFailsAtFetchNamingTheKeyAndCanBeRewritten) {
     EXPECT_NE(std::string(error.what()).find(params[0].key), std::string::npos);
   }
   EXPECT_FALSE(swapper.resident(params[0].key));
+  // A prefetched read is verified off the caller's thread; its failure
+  // still reaches the fetch.
+  const std::vector<std::string> keys = {params[0].key};
+  EXPECT_EQ(swapper.prefetch(keys), 1u);
+  try {
+    swapper.fetch(params[0].key);
+    FAIL() << "a failed prefetch was handed out";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::corrupt);
+  }
   swapper.swap_out(params[0].key, shard_bytes(20000, 6));
   EXPECT_TRUE(equal(swapper.fetch(params[0].key), shard_bytes(20000, 6)));
   swapper.release(params[0].key);

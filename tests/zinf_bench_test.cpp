@@ -179,6 +179,43 @@ TEST(ZinfBenchAdam, BadArgumentsAreOneLineErrors) {
   EXPECT_NE(o.err.find("unknown CPU Adam tier 'sse9'"), std::string::npos) << o.err;
 }
 
+TEST(ZinfBenchSwap, StepsAgainstMeasuredBoundsAndRemovesItsFiles) {
+  TempDir dir;
+  const auto json = dir / "swap.json";
+  const Outcome o = run_bench("swap --nvme " + dir.path().string() +
+                              " --params 3M --sub-group 1M --steps 2 --threads 1 --fetch-layers 3 "
+                              "--fetch-shard 1M --json " + json.string());
+  ASSERT_EQ(o.exit_code, 0) << o.err;
+  for (const char* expected : {"step 1:", "step 2:", "I/O bound", "compute bound", "peak RSS",
+                               "param fetch wait"}) {
+    EXPECT_NE(o.out.find(expected), std::string::npos) << expected << "\n" << o.out;
+  }
+  const auto record = nlohmann::json::parse(slurp(json))["result"];
+  EXPECT_EQ(record["params"], 3000000);
+  EXPECT_EQ(record["sub_groups"], 3);
+  EXPECT_EQ(record["step_seconds"].size(), 2u);
+  EXPECT_GT(record["read_gbps"].get<double>(), 0);
+  EXPECT_GT(record["io_bound_seconds"].get<double>(), 0);
+  EXPECT_GT(record["step_over_bound"].get<double>(), 0);
+  // Only the JSON file is left behind.
+  std::size_t entries = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir.path())) {
+    ++entries;
+    EXPECT_EQ(entry.path(), json);
+  }
+  EXPECT_EQ(entries, 1u);
+}
+
+TEST(ZinfBenchSwap, BadArgumentsAreOneLineErrors) {
+  Outcome o = run_bench("swap --params lots");
+  EXPECT_EQ(o.exit_code, 1);
+  EXPECT_NE(o.err.find("'lots' is not a count"), std::string::npos) << o.err;
+  o = run_bench("swap --nvme /nonexistent/zinf --params 1M");
+  EXPECT_EQ(o.exit_code, 1);
+  EXPECT_NE(o.err.find("/nonexistent/zinf"), std::string::npos) << o.err;
+  EXPECT_EQ(count_lines(o.err), 1) << o.err;
+}
+
 Outcome run_config(const std::string& arguments) {
   TempDir logs;
   const char* tool = std::getenv("ZINF_CONFIG");

@@ -25,6 +25,7 @@
 #include "core/units.hpp"
 #include "tools/adam_bench.hpp"
 #include "tools/io_bench.hpp"
+#include "tools/swap_bench.hpp"
 #include "zinf_config.h"
 
 namespace {
@@ -370,6 +371,70 @@ int run_adam(const AdamArgs& args) {
   return 0;
 }
 
+struct SwapArgs {
+  std::vector<std::string> nvme;
+  std::string params = "1G";
+  std::string sub_group = "50M";
+  int steps = 3;
+  std::size_t threads = 0;
+  std::string block_size = "1M";
+  std::uint32_t queue_depth = 32;
+  std::uint32_t intra_op = 2;
+  std::string fetch_shard = "64M";
+  int fetch_layers = 16;
+  std::string json_path;
+};
+
+int run_swap(const SwapArgs& args) {
+  zinf::bench::SwapBenchOptions options;
+  if (args.nvme.empty()) {
+    const char* env = std::getenv("ZINF_BENCH_DIR");
+    options.directories.emplace_back(env != nullptr ? env : "/var/tmp");
+  } else {
+    for (const auto& d : args.nvme) options.directories.emplace_back(d);
+  }
+  options.params = zinf::parse_count(args.params);
+  options.sub_group = zinf::parse_count(args.sub_group);
+  options.steps = args.steps;
+  options.threads = args.threads;
+  options.block_size = zinf::parse_bytes(args.block_size);
+  options.queue_depth = args.queue_depth;
+  options.intra_op = args.intra_op;
+  options.fetch_shard_bytes = zinf::parse_bytes(args.fetch_shard);
+  options.fetch_layers = args.fetch_layers;
+  const auto r = zinf::bench::run_swap_bench(
+      options, [](const std::string& line) { std::fprintf(stderr, "  %s\n", line.c_str()); },
+      [] { return g_interrupted.load(); });
+  const auto gb = [](std::uint64_t bytes) { return static_cast<double>(bytes) / 1e9; };
+  fmt::print("optimizer states on NVMe: {} params, {:.1f} GB ({:.2f} x this machine's RAM), {} sub-groups\n",
+             r.params, gb(r.state_bytes), static_cast<double>(r.state_bytes) / static_cast<double>(r.ram_bytes),
+             r.sub_groups);
+  fmt::print("disk, this run: first write {:.2f} GB/s, rewrite {:.2f} GB/s, read {:.2f} GB/s\n",
+             r.first_write_gbps, r.write_gbps, r.read_gbps);
+  for (std::size_t i = 0; i < r.step_seconds.size(); ++i) {
+    fmt::print("step {}: {:.2f} s (compute {:.2f} s, blocked on reads {:.2f} s, on writes+commits {:.2f} s)\n",
+               i + 1, r.step_seconds[i], r.step_compute[i], r.step_read_wait[i], r.step_write_wait[i]);
+  }
+  fmt::print("step time (median) {:.2f} s; I/O bound {:.2f} s; compute bound {:.2f} s; "
+             "step / max(bounds) = {:.2f} (target <= 1.10)\n",
+             r.step_median, r.io_bound_seconds, r.compute_seconds, r.ratio());
+  fmt::print("peak RSS {} = pinned {} + {} (target: pinned + at most 512 MiB)\n",
+             zinf::format_bytes(r.peak_rss_bytes), zinf::format_bytes(r.pinned_bytes),
+             r.peak_rss_bytes > r.pinned_bytes ? zinf::format_bytes(r.peak_rss_bytes - r.pinned_bytes) : "0 B");
+  fmt::print("param fetch wait per layer: {:.2f} ms without prefetch, {:.2f} ms with; {:.0f}% hidden\n",
+             r.fetch_ms_without_prefetch, r.fetch_ms_with_prefetch, 100 * r.fetch_hidden_fraction);
+  if (!args.json_path.empty()) {
+    nlohmann::ordered_json out;
+    out["tool"] = "zinf-bench swap";
+    out["version"] = ZINF_VERSION;
+    out["result"] = r.to_json();
+    std::ofstream file(args.json_path);
+    if (!file) zinf::throw_path_error("open", args.json_path, errno);
+    file << out.dump(2) << "\n";
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -412,6 +477,20 @@ int main(int argc, char** argv) {
   adam_command->add_option("--min-seconds", adam.min_seconds, "length of one timing (default 0.2)");
   adam_command->add_flag("--quick", adam.quick, "small sizes only (about 10 s)");
   adam_command->add_option("--json", adam.json_path, "write one record per case to FILE");
+  SwapArgs swap;
+  CLI::App* swap_command = app.add_subcommand(
+      "swap", "optimizer steps with states on NVMe against the I/O and compute bounds; param fetch latency");
+  swap_command->add_option("--nvme", swap.nvme, "swap directories (default $ZINF_BENCH_DIR or /var/tmp)");
+  swap_command->add_option("--params", swap.params, "fp32 params whose states go to NVMe, e.g. 1G, 4B (default 1G)");
+  swap_command->add_option("--sub-group", swap.sub_group, "elements per sub-group (default 50M)");
+  swap_command->add_option("--steps", swap.steps, "optimizer steps timed (default 3)")->check(CLI::PositiveNumber);
+  swap_command->add_option("--threads", swap.threads, "optimizer threads (default: all cores)");
+  swap_command->add_option("--block-size", swap.block_size, "aio.block_size (default 1M)");
+  swap_command->add_option("--queue-depth", swap.queue_depth, "aio.queue_depth (default 32)");
+  swap_command->add_option("--io-threads", swap.intra_op, "aio.intra_op_parallelism (default 2)");
+  swap_command->add_option("--fetch-shard", swap.fetch_shard, "bytes per param shard in the fetch test (default 64M)");
+  swap_command->add_option("--fetch-layers", swap.fetch_layers, "layers in the fetch test (default 16)");
+  swap_command->add_option("--json", swap.json_path, "write the result to FILE");
   app.require_subcommand(0, 1);
 
   try {
@@ -422,6 +501,7 @@ int main(int argc, char** argv) {
   install_signal_handlers();
   try {
     if (adam_command->parsed()) return run_adam(adam);
+    if (swap_command->parsed()) return run_swap(swap);
     return run_io(io);
   } catch (const Error& error) {
     std::fflush(stdout);
