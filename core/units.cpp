@@ -64,7 +64,10 @@ std::uint64_t parse_count(std::string_view text) {
   }
   double number = 0;
   const auto parsed = std::from_chars(rest.data(), rest.data() + rest.size(), number);
-  const double count = number * scale;
+  // "4.1G" is 4.1 x 1e9 in binary floating point: round what the suffix
+  // scaled, but a plain count must be a whole number as written.
+  double count = number * scale;
+  if (scale != 1 && std::fabs(count - std::round(count)) < 1e-3) count = std::round(count);
   if (rest.empty() || parsed.ec != std::errc() || parsed.ptr != rest.data() + rest.size() ||
       count < 0 || count != std::floor(count) || count > 1e18) {
     throw Error(ErrorKind::invalid,

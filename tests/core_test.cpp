@@ -36,6 +36,8 @@ TEST(Units, ParsesDecimalCounts) {
   EXPECT_EQ(parse_count("10M"), 10000000u);
   EXPECT_EQ(parse_count("0.4G"), 400000000u);
   EXPECT_EQ(parse_count("7B"), 7000000000u);
+  EXPECT_EQ(parse_count("4.1G"), 4100000000u);
+  EXPECT_EQ(parse_count("1.3b"), 1300000000u);
   EXPECT_EQ(parse_count("1.5t"), 1500000000000u);
   for (const char* bad : {"", "M", "1.5", "-3", "10Q"}) EXPECT_THROW(parse_count(bad), Error) << bad;
 }
