@@ -46,7 +46,9 @@ Error with_key(const Error& error, std::string_view what, std::string_view key) 
                error.context());
 }
 
-void write_file_durably(const std::filesystem::path& path, const std::string& text) {
+// Replaces `path` atomically (temporary file, rename). With `sync` the data
+// and the rename reach the disk before it returns.
+void replace_file(const std::filesystem::path& path, const std::string& text, bool sync) {
   const std::filesystem::path temporary = path.string() + ".tmp";
   const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) throw_path_error("open", temporary.string(), errno);
@@ -61,7 +63,7 @@ void write_file_durably(const std::filesystem::path& path, const std::string& te
     }
     done += static_cast<std::size_t>(n);
   }
-  if (::fsync(fd) != 0) {
+  if (sync && ::fsync(fd) != 0) {
     const int error = errno;
     ::close(fd);
     throw_path_error("fsync", temporary.string(), error);
@@ -70,6 +72,7 @@ void write_file_durably(const std::filesystem::path& path, const std::string& te
   if (::rename(temporary.c_str(), path.c_str()) != 0) {
     throw_path_error("rename", temporary.string(), errno);
   }
+  if (!sync) return;
   // The rename itself must reach the disk, or a crash could bring back the
   // previous manifest while the freed extents were already reused.
   const std::filesystem::path directory = path.parent_path().empty() ? "." : path.parent_path();
@@ -98,7 +101,7 @@ SwapStore::SwapStore(const SwapStoreOptions& options)
 
 SwapStore::SwapStore(const SwapStoreOptions& options,
                      const aio::Volume::EngineFactory& make_engine)
-    : grow_bytes_(options.grow_bytes) {
+    : grow_bytes_(options.grow_bytes), sync_(options.sync) {
   if (options.directories.empty()) {
     throw Error(ErrorKind::config, "a swap store needs at least one directory (nvme_path)");
   }
@@ -595,8 +598,8 @@ void SwapStore::commit() {
     pending_free_.clear();
   }
   try {
-    volume_->sync_data();
-    write_file_durably(manifest_path_, text);
+    if (sync_) volume_->sync_data();
+    replace_file(manifest_path_, text, sync_);
   } catch (...) {
     std::lock_guard lock(mutex_);
     pending_free_.insert(pending_free_.end(), recyclable.begin(), recyclable.end());

@@ -51,6 +51,12 @@ struct SwapStoreOptions {
   aio::DirectMode direct = aio::DirectMode::prefer;
   std::uint64_t stripe_bytes = 0;            // 0: aio.block_size
   std::uint64_t grow_bytes = 256ull << 20;   // preallocation step of the volume files
+  // commit() flushes data and manifest to the disk (fdatasync, fsync), so a
+  // power loss or kernel crash also finds the last committed state. false
+  // keeps the atomic rename but skips the flushes: still safe against a
+  // killed or crashed process (the kernel holds every finished write), not
+  // against power loss, and much faster where flushes are slow.
+  bool sync = true;
 };
 
 // Where a key's bytes are and what they must hash to.
@@ -164,6 +170,7 @@ class SwapStore {
   std::filesystem::path manifest_path_;
   std::uint64_t alignment_ = 4096;
   std::uint64_t grow_bytes_ = 0;
+  bool sync_ = true;
 
   mutable std::mutex mutex_;
   std::map<std::string, ExtentInfo, std::less<>> entries_;

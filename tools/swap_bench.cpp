@@ -119,6 +119,7 @@ SwapBenchResult run_swap_bench(const SwapBenchOptions& options,
   store_options.aio.queue_depth = options.queue_depth;
   store_options.aio.intra_op_parallelism = options.intra_op;
   store_options.grow_bytes = 1ull << 30;
+  store_options.sync = options.sync;
 
   std::vector<swap::SubGroup> groups;
   for (std::uint64_t done = 0; done < options.params; done += options.sub_group) {

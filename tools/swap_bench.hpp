@@ -30,6 +30,7 @@ struct SwapBenchOptions {
   std::uint64_t fetch_shard_bytes = 64ull << 20;  // param fetch part
   int fetch_layers = 16;
   bool keep_files = false;
+  bool sync = true;  // commits flush to the disk (SwapStoreOptions::sync)
 };
 
 struct SwapBenchResult {

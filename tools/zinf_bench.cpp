@@ -382,6 +382,7 @@ struct SwapArgs {
   std::uint32_t intra_op = 2;
   std::string fetch_shard = "64M";
   int fetch_layers = 16;
+  bool no_sync = false;
   std::string json_path;
 };
 
@@ -402,6 +403,7 @@ int run_swap(const SwapArgs& args) {
   options.intra_op = args.intra_op;
   options.fetch_shard_bytes = zinf::parse_bytes(args.fetch_shard);
   options.fetch_layers = args.fetch_layers;
+  options.sync = !args.no_sync;
   const auto r = zinf::bench::run_swap_bench(
       options, [](const std::string& line) { std::fprintf(stderr, "  %s\n", line.c_str()); },
       [] { return g_interrupted.load(); });
@@ -409,6 +411,7 @@ int run_swap(const SwapArgs& args) {
   fmt::print("optimizer states on NVMe: {} params, {:.1f} GB ({:.2f} x this machine's RAM), {} sub-groups\n",
              r.params, gb(r.state_bytes), static_cast<double>(r.state_bytes) / static_cast<double>(r.ram_bytes),
              r.sub_groups);
+  fmt::print("commits {}\n", args.no_sync ? "without flushes (--no-sync)" : "flushed to the disk (fdatasync + fsync)");
   fmt::print("disk, this run: first write {:.2f} GB/s, rewrite {:.2f} GB/s, read {:.2f} GB/s\n",
              r.first_write_gbps, r.write_gbps, r.read_gbps);
   for (std::size_t i = 0; i < r.step_seconds.size(); ++i) {
@@ -490,6 +493,8 @@ int main(int argc, char** argv) {
   swap_command->add_option("--io-threads", swap.intra_op, "aio.intra_op_parallelism (default 2)");
   swap_command->add_option("--fetch-shard", swap.fetch_shard, "bytes per param shard in the fetch test (default 64M)");
   swap_command->add_option("--fetch-layers", swap.fetch_layers, "layers in the fetch test (default 16)");
+  swap_command->add_flag("--no-sync", swap.no_sync,
+                         "commits skip fdatasync/fsync (safe against a killed process, not power loss)");
   swap_command->add_option("--json", swap.json_path, "write the result to FILE");
   app.require_subcommand(0, 1);
 
