@@ -1,0 +1,90 @@
+#include "swap/swap_config.hpp"
+
+#include <algorithm>
+#include <cctype>
+
+#include <fmt/format.h>
+
+#include "core/error.hpp"
+
+namespace zinf::swap {
+
+SwapStoreOptions store_options(const config::Config& config, SwapRole role, int rank) {
+  const bool param = role == SwapRole::param;
+  const auto device = param ? config.zero.offload_param.device : config.zero.offload_optimizer.device;
+  const auto& paths = param ? config.zero.offload_param.nvme_path : config.zero.offload_optimizer.nvme_path;
+  const std::string key = param ? "zero_optimization.offload_param" : "zero_optimization.offload_optimizer";
+  if (device != config::OffloadDevice::nvme || paths.empty()) {
+    ErrorContext context;
+    context.key_path = key + ".device";
+    throw Error(ErrorKind::config,
+                fmt::format("{}.device is \"{}\": a swap store needs \"nvme\" and a nvme_path", key,
+                            config::to_string(device)),
+                std::move(context));
+  }
+  SwapStoreOptions options;
+  for (const auto& path : paths) {
+    options.directories.push_back(std::filesystem::path(path) / "zinf" / fmt::format("rank{}", rank) /
+                                  (param ? "param" : "optimizer"));
+  }
+  options.aio.block_size = config.aio.block_size;
+  options.aio.queue_depth = config.aio.queue_depth;
+  options.aio.intra_op_parallelism = config.aio.intra_op_parallelism;
+  options.aio.single_submit = config.aio.single_submit;
+  options.aio.overlap_events = config.aio.overlap_events;
+  return options;
+}
+
+ParamSwapperOptions param_swapper_options(const config::Config& config, std::uint64_t element_bytes) {
+  const auto& block = config.zero.offload_param;
+  ParamSwapperOptions options;
+  options.buffer_count = block.buffer_count;
+  options.buffer_bytes = block.buffer_size * element_bytes;
+  options.max_in_cpu_bytes = block.max_in_cpu * element_bytes;
+  return options;
+}
+
+OptimizerSwapperOptions optimizer_swapper_options(const config::Config& config) {
+  OptimizerSwapperOptions options;
+  options.overlap = true;
+  if (!config.optimizer) return options;  // AdamW with the kernel defaults
+  const auto& block = *config.optimizer;
+  std::string type = block.type;
+  std::transform(type.begin(), type.end(), type.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  auto& settings = options.optimizer;
+  if (type == "adagrad") {
+    settings.kind = OptimizerKind::adagrad;
+    settings.adagrad.lr = static_cast<float>(block.lr);
+    settings.adagrad.eps = static_cast<float>(block.eps);
+    settings.adagrad.weight_decay = static_cast<float>(block.weight_decay);
+  } else if (type == "lion") {
+    settings.kind = OptimizerKind::lion;
+    settings.lion.lr = static_cast<float>(block.lr);
+    settings.lion.beta1 = static_cast<float>(block.beta1);
+    settings.lion.beta2 = static_cast<float>(block.beta2);
+    settings.lion.weight_decay = static_cast<float>(block.weight_decay);
+  } else {
+    settings.kind = OptimizerKind::adam;
+    settings.adam.lr = static_cast<float>(block.lr);
+    settings.adam.beta1 = static_cast<float>(block.beta1);
+    settings.adam.beta2 = static_cast<float>(block.beta2);
+    settings.adam.eps = static_cast<float>(block.eps);
+    settings.adam.weight_decay = static_cast<float>(block.weight_decay);
+    settings.adam.adamw_mode = type == "adamw" || block.adam_w_mode;
+    settings.adam.bias_correction = block.bias_correction;
+  }
+  return options;
+}
+
+std::vector<SubGroup> sub_groups(const config::Config& config, std::uint64_t elements,
+                                 std::string_view prefix) {
+  const std::uint64_t size = std::max<std::uint64_t>(config.zero.sub_group_size, 1);
+  std::vector<SubGroup> groups;
+  for (std::uint64_t done = 0; done < elements; done += size) {
+    groups.push_back({fmt::format("{}{}", prefix, groups.size()), std::min(size, elements - done)});
+  }
+  return groups;
+}
+
+}  // namespace zinf::swap

@@ -1,0 +1,37 @@
+// The swap layer configured by a DeepSpeed JSON: options for the store, the
+// param swapper and the optimizer swapper from zero_optimization's
+// offload_param / offload_optimizer blocks, the "aio" block and the
+// "optimizer" block, with DeepSpeed's meaning of each key.
+#pragma once
+
+#include <cstdint>
+
+#include "core/config.hpp"
+#include "swap/optimizer_swapper.hpp"
+#include "swap/param_swapper.hpp"
+#include "swap/swap_store.hpp"
+
+namespace zinf::swap {
+
+enum class SwapRole { param, optimizer };
+
+// The role's nvme_path list, each joined with "zinf/rank<R>/<role>" so the
+// two roles and every rank get their own locked directories. Throws
+// Error{config} naming the key when the role's device is not "nvme".
+SwapStoreOptions store_options(const config::Config& config, SwapRole role, int rank = 0);
+
+// buffer_count, buffer_size and max_in_cpu (elements) in bytes of
+// `element_bytes` (2 for fp16/bf16 shards).
+ParamSwapperOptions param_swapper_options(const config::Config& config,
+                                          std::uint64_t element_bytes = 2);
+
+// The "optimizer" block (AdamW when absent) as kernel options; overlap is on
+// (pipeline_read / pipeline_write only force what is already on).
+OptimizerSwapperOptions optimizer_swapper_options(const config::Config& config);
+
+// Cuts `elements` into sub-groups of zero_optimization.sub_group_size,
+// named "<prefix><index>".
+std::vector<SubGroup> sub_groups(const config::Config& config, std::uint64_t elements,
+                                 std::string_view prefix = "sub_group.");
+
+}  // namespace zinf::swap
