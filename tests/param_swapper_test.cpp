@@ -251,6 +251,41 @@ TEST(ParamSwapper, ACorruptShardFailsAtFetchNamingTheKeyAndCanBeRewritten) {
   swapper.release(params[0].key);
 }
 
+TEST(ParamSwapper, ShardsStreamNvmeToPinnedToDeviceThroughTheCopier) {
+  // The path a layer's params take before it runs: prefetch from NVMe into
+  // pinned memory, fetch, copy to the device, release once the copy is done.
+  TempDir dir;
+  SwapStore store(store_options(dir));
+  PinnedPool pool(pool_bytes(4 << 20));
+  ParamSwapperOptions options;
+  options.buffer_count = 3;
+  options.buffer_bytes = 4096;
+  options.max_in_cpu_bytes = 0;
+  const auto params = specs({300000, 123457, 4096, 77777, 250001});
+  ParamSwapper swapper(store, pool, params, options);
+  auto copier = make_device_copier(DeviceKind::host);
+  std::vector<void*> device;
+  std::vector<std::string> keys;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    swapper.swap_out(params[i].key, shard_bytes(params[i].bytes, 40 + i));
+    device.push_back(copier->allocate_device(params[i].bytes));
+    keys.push_back(params[i].key);
+  }
+  swapper.prefetch(std::span(keys).first(2));
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const auto pinned = swapper.fetch(keys[i]);
+    if (i + 2 < keys.size()) swapper.prefetch(std::span(keys).subspan(i + 2, 1));
+    copier->wait(copier->to_device(device[i], pinned.data(), pinned.size()));
+    swapper.release(keys[i]);
+  }
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const auto expected = shard_bytes(params[i].bytes, 40 + i);
+    EXPECT_EQ(std::memcmp(device[i], expected.data(), expected.size()), 0) << keys[i];
+    copier->free_device(device[i]);
+  }
+  EXPECT_EQ(swapper.stats().misses, 0u);
+}
+
 TEST(DeviceCopy, TheHostStandInCopiesInOrderAndRoundTrips) {
   auto copier = make_device_copier(DeviceKind::host);
   EXPECT_EQ(copier->name(), "host stand-in");
