@@ -73,10 +73,17 @@ class CudaCopier final : public DeviceCopier {
     ZINF_CHECK(destination != nullptr && source != nullptr, "device copy of a null buffer");
     std::lock_guard lock(mutex_);
     check(cudaSetDevice(device_), "cudaSetDevice");
-    check(cudaMemcpyAsync(destination, source, bytes, kind, stream_), "cudaMemcpyAsync");
+    // The event exists before the copy is queued, so a failure after the
+    // copy started cannot leave it running without a ticket.
     cudaEvent_t event = nullptr;
     check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate");
-    check(cudaEventRecord(event, stream_), "cudaEventRecord");
+    cudaError_t status = cudaMemcpyAsync(destination, source, bytes, kind, stream_);
+    if (status == cudaSuccess) status = cudaEventRecord(event, stream_);
+    if (status != cudaSuccess) {
+      cudaStreamSynchronize(stream_);  // whatever was queued is done with the buffers
+      cudaEventDestroy(event);
+      check(status, "cudaMemcpyAsync");
+    }
     const std::uint64_t id = ++next_id_;
     events_.emplace(id, event);
     return CopyTicket{id};

@@ -112,7 +112,9 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
           {fmt::format("optimizer swapper: 3 slots x {} tensors x {} elements (sub_group_size)",
                        1 + OptimizerSwapper::state_names(kind).size(), group),
            slots});
-      t.nvme += state_bytes * group;  // copy-on-write headroom for one sub-group
+      // Copy-on-write headroom: in the pipeline two sub-groups are written
+      // before the older one's commit frees its previous extents.
+      t.nvme += 2 * state_bytes * group;
     }
   }
   return result;

@@ -11,8 +11,12 @@
 //   keeps a 16-bit grad partition on the host for the CPU optimizer;
 //   offload_param (stage 3) moves the param partition to host/NVMe, and the
 //   GPU holds the layers being gathered (largest param + prefetch bucket).
-//   NVMe also needs copy-on-write headroom: one sub-group's states and one
-//   largest shard written before the old copy is freed.
+//   NVMe also needs copy-on-write headroom: two sub-groups' states (the
+//   pipeline writes two before the older commit frees the old copies) and
+//   one largest shard (more if the trainer rewrites many shards between
+//   commits). The free-space check adds the free space of every filesystem
+//   under the nvme_paths; the volume stripes evenly, so with disks of very
+//   different sizes the smallest fills first (not modelled).
 // Activations, temporary buffers and the framework are not counted.
 #pragma once
 

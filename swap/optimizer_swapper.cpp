@@ -201,25 +201,57 @@ void OptimizerSwapper::commit_group(std::size_t group) {
 }
 
 void OptimizerSwapper::initialize(std::size_t group, std::span<const float> params,
-                                  std::int64_t step) {
+                                  std::int64_t step,
+                                  std::span<const std::span<const float>> states) {
   ZINF_CHECK(group < groups_.size(), "sub-group index out of range");
   ZINF_CHECK(step >= 0, "the step must not be negative");
-  if (params.size() != groups_[group].elements) {
+  const std::size_t n = groups_[group].elements;
+  if (params.size() != n) {
     throw Error(ErrorKind::invalid,
                 fmt::format("initialize sub-group '{}': {} params given for {} elements",
-                            groups_[group].name, params.size(), groups_[group].elements));
+                            groups_[group].name, params.size(), n));
   }
+  if (!states.empty() && states.size() != states_.size()) {
+    throw Error(ErrorKind::invalid,
+                fmt::format("initialize sub-group '{}': {} state tensors given, this optimizer "
+                            "keeps {}",
+                            groups_[group].name, states.size(), states_.size()));
+  }
+  for (const auto& state : states) {
+    if (state.size() != n) {
+      throw Error(ErrorKind::invalid,
+                  fmt::format("initialize sub-group '{}': a state of {} elements for {}",
+                              groups_[group].name, state.size(), n));
+    }
+  }
+  // The moments from a checkpoint, or zeros for a fresh start.
+  const auto fill = [&](float* out, std::size_t t) {
+    if (states.empty()) {
+      std::fill(out, out + n, 0.0f);
+    } else {
+      std::copy(states[t - 1].begin(), states[t - 1].end(), out);
+    }
+  };
   if (store_ == nullptr) {
     auto& tensors = host_[group];
-    tensors.assign(1 + states_.size(), std::vector<float>(params.size(), 0.0f));
+    tensors.assign(1 + states_.size(), std::vector<float>(n));
     std::copy(params.begin(), params.end(), tensors[0].begin());
+    for (std::size_t t = 1; t <= states_.size(); ++t) fill(tensors[t].data(), t);
   } else {
     Slot& slot = *slots_[0];
-    const std::uint64_t bytes = params.size() * sizeof(float);
-    std::memcpy(slot.floats(0), params.data(), bytes);
-    for (std::size_t t = 1; t <= states_.size(); ++t) std::memset(slot.floats(t), 0, bytes);
-    submit_writes(group, slot, step);
-    wait_writes(slot);
+    std::memcpy(slot.floats(0), params.data(), n * sizeof(float));
+    for (std::size_t t = 1; t <= states_.size(); ++t) fill(slot.floats(t), t);
+    try {
+      submit_writes(group, slot, step);
+      wait_writes(slot);
+    } catch (...) {
+      drain_slots();
+      // Whatever of the group did land must not be committed on its own.
+      for (std::size_t t = 0; t <= states_.size(); ++t) {
+        store_->revert(key(group, t == 0 ? "param" : states_[t - 1]));
+      }
+      throw;
+    }
   }
   recovery_.group_steps[group] = step;
   if (std::all_of(recovery_.group_steps.begin(), recovery_.group_steps.end(),
@@ -233,6 +265,18 @@ void OptimizerSwapper::initialize(std::size_t group, std::span<const float> para
     }
   }
   if (store_ != nullptr) store_->commit();
+}
+
+void OptimizerSwapper::roll_back_uncommitted(std::int64_t next) {
+  // Sub-groups whose commit did not happen go back, tensor by tensor, to
+  // what the manifest names, so no later commit can make a torn sub-group
+  // (some tensors at the new step, some at the old) durable.
+  for (std::size_t g = 0; g < groups_.size(); ++g) {
+    if (recovery_.group_steps[g] == next) continue;
+    for (std::size_t t = 0; t <= states_.size(); ++t) {
+      store_->revert(key(g, t == 0 ? "param" : states_[t - 1]));
+    }
+  }
 }
 
 void OptimizerSwapper::submit_reads(std::size_t group, Slot& slot) {
@@ -316,6 +360,16 @@ void OptimizerSwapper::check_step_inputs(std::span<const cpu_adam::Buffer> grads
                   fmt::format("step: the param copy of sub-group '{}' has {} elements, not {}",
                               groups_[g].name, copies[g].count, groups_[g].elements));
     }
+  }
+  if (recovery_.interrupted) {
+    std::string at;
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      at += fmt::format("{}{} at {}", g == 0 ? "" : ", ", groups_[g].name, recovery_.group_steps[g]);
+    }
+    throw Error(ErrorKind::invalid,
+                fmt::format("step {} was interrupted (sub-groups: {}); restore every sub-group "
+                            "from a checkpoint with initialize() before stepping again",
+                            *recovery_.interrupted, at));
   }
   for (std::size_t g = 0; g < groups_.size(); ++g) {
     if (recovery_.group_steps[g] == step_) continue;
@@ -441,6 +495,7 @@ void OptimizerSwapper::step_on_store(std::span<const cpu_adam::Buffer> grads,
     // Nothing may still be reading or writing the slots when the error
     // leaves; the manifest keeps the step marked as interrupted.
     drain_slots();
+    roll_back_uncommitted(next);
     throw;
   }
   step_ = next;

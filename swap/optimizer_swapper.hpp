@@ -101,9 +101,11 @@ class OptimizerSwapper {
   OptimizerSwapper(const OptimizerSwapper&) = delete;
   OptimizerSwapper& operator=(const OptimizerSwapper&) = delete;
 
-  // Sets sub-group `group`'s fp32 params (moments zeroed) at step `step`;
-  // once every sub-group is set to the same step, step() may run.
-  void initialize(std::size_t group, std::span<const float> params, std::int64_t step = 0);
+  // Sets sub-group `group`'s fp32 params and its moments (`states`, in
+  // state_names() order, from a checkpoint; zeros when empty) at step
+  // `step`; once every sub-group is set to the same step, step() may run.
+  void initialize(std::size_t group, std::span<const float> params, std::int64_t step = 0,
+                  std::span<const std::span<const float>> states = {});
   // One optimizer step: grads[k] (fp32, bf16 or fp16, elements of group k)
   // and, optionally, param_copies[k] (bf16/fp16) to receive the updated
   // params. Durable when it returns.
@@ -135,6 +137,7 @@ class OptimizerSwapper {
   void check_step_inputs(std::span<const cpu_adam::Buffer> grads,
                          std::span<const cpu_adam::Buffer> copies) const;
   void commit_group(std::size_t group);
+  void roll_back_uncommitted(std::int64_t next);
   // Waits out every slot's I/O, ignoring errors (error paths, destructor).
   void drain_slots() noexcept;
 

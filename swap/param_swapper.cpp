@@ -22,10 +22,6 @@ std::uint64_t padded(std::uint64_t bytes, std::uint64_t alignment) {
   return std::max(round_up(bytes, alignment), alignment);
 }
 
-// How long fetch() waits for another thread to release memory before it
-// reports the pool as exhausted.
-constexpr auto kMemoryWait = std::chrono::seconds(10);
-
 }  // namespace
 
 ParamPlan ParamSwapper::plan(std::span<const ParamSpec> params,
@@ -115,25 +111,29 @@ void ParamSwapper::complete_prefetches() {
     const std::string key = std::move(prefetched_.front());
     prefetched_.pop_front();
     Entry& e = entries_.at(key);
-    const SwapTicket ticket = e.ticket;
-    e.ticket = {};
-    lock.unlock();
-    std::exception_ptr error;
-    try {
-      store_.wait(ticket);
-    } catch (...) {
-      error = std::current_exception();
-    }
-    lock.lock();
-    if (error) {
-      e.error = error;
-      e.buffer.release();
-      e.state = State::on_disk;
-    } else {
-      e.state = State::resident;
-    }
-    changed_.notify_all();
+    e.error = finish_read(e, lock);
   }
+}
+
+std::exception_ptr ParamSwapper::finish_read(Entry& e, std::unique_lock<std::mutex>& lock) {
+  const SwapTicket ticket = e.ticket;
+  e.ticket = {};
+  lock.unlock();
+  std::exception_ptr error;
+  try {
+    store_.wait(ticket);
+  } catch (...) {
+    error = std::current_exception();
+  }
+  lock.lock();
+  if (error) {
+    e.buffer.release();
+    e.state = State::on_disk;
+  } else {
+    e.state = State::resident;
+  }
+  changed_.notify_all();
+  return error;
 }
 
 ParamSwapper::Entry& ParamSwapper::entry(std::string_view key) {
@@ -162,41 +162,59 @@ void ParamSwapper::trim_cache() {
   while (cached_bytes_ > plan_.cache_bytes && !lru_.empty()) evict_one();
 }
 
-std::optional<PinnedBuffer> ParamSwapper::lease(std::uint64_t bytes, bool may_block,
+bool ParamSwapper::evict_unfetched_prefetch() {
+  for (auto& [key, e] : entries_) {
+    if (e.state == State::resident && e.prefetched && e.users == 0) {
+      e.buffer.release();
+      e.state = State::on_disk;
+      e.prefetched = false;
+      ++stats_.evictions;
+      return true;
+    }
+  }
+  return false;
+}
+
+std::optional<PinnedBuffer> ParamSwapper::lease(std::string_view key, std::uint64_t bytes,
+                                                bool may_block,
                                                 std::unique_lock<std::mutex>& lock) {
-  const auto deadline = Clock::now() + kMemoryWait;
+  const auto deadline = Clock::now() + options_.memory_wait;
   while (true) {
     if (auto buffer = pool_.try_acquire(bytes)) return buffer;
+    // Released shards go first, then prefetched shards nobody fetched.
     if (!lru_.empty()) {
       evict_one();
       continue;
     }
+    if (evict_unfetched_prefetch()) continue;
     if (!may_block) return std::nullopt;
-    // Everything resident is in use: wait for a release by another thread.
-    if (changed_.wait_until(lock, deadline) == std::cv_status::timeout) {
-      std::uint64_t in_use = 0;
-      std::size_t shards = 0;
-      for (const auto& [key, entry] : entries_) {
-        if (entry.state != State::on_disk) {
-          in_use += entry.buffer.size();
-          ++shards;
-        }
-      }
-      throw Error(ErrorKind::resource,
-                  fmt::format("no pinned memory for a {} shard: {} shard(s) fetched or being "
-                              "read hold {} of the {} pool; release shards before fetching "
-                              "more (planned: {} buffer(s) of {})",
-                              format_bytes(bytes), shards, format_bytes(in_use),
-                              format_bytes(pool_.stats().capacity_bytes), plan_.buffer_count,
-                              format_bytes(plan_.buffer_bytes)));
+    if (Clock::now() >= deadline) break;
+    // Everything resident is in use: wait for a release here, or for
+    // another user of a shared pool, which does not notify us: poll.
+    changed_.wait_for(lock, std::chrono::milliseconds(20));
+  }
+  std::uint64_t in_use = 0;
+  std::size_t shards = 0;
+  for (const auto& [name, entry] : entries_) {
+    if (entry.state != State::on_disk) {
+      in_use += entry.buffer.size();
+      ++shards;
     }
   }
+  throw Error(ErrorKind::resource,
+              fmt::format("no pinned memory to fetch '{}' ({}) after {} ms: {} shard(s) fetched "
+                          "or being read hold {} and the {} pool has no room; release shards "
+                          "before fetching more (planned: {} buffer(s) of {})",
+                          key, format_bytes(bytes), options_.memory_wait.count(), shards,
+                          format_bytes(in_use), format_bytes(pool_.stats().capacity_bytes),
+                          plan_.buffer_count, format_bytes(plan_.buffer_bytes)));
 }
 
 void ParamSwapper::start_read(const std::string& key, Entry& entry, PinnedBuffer buffer) {
+  entry.ticket = store_.read(key, buffer.span());  // may throw: the lease goes back
   entry.buffer = std::move(buffer);
-  entry.ticket = store_.read(key, entry.buffer.span());
   entry.state = State::reading;
+  entry.error = nullptr;
   stats_.bytes_read += entry.bytes;
 }
 
@@ -212,6 +230,7 @@ void ParamSwapper::swap_out(std::string_view key, std::span<const std::byte> dat
                 fmt::format("swap_out of '{}' while it is {}: release it first", key,
                             e.users > 0 ? "fetched" : "being read"));
   }
+  e.error = nullptr;  // a failed read of the old content no longer matters
   if (e.cached) {  // the host copy is about to be stale
     lru_.erase(e.lru);
     e.cached = false;
@@ -219,7 +238,7 @@ void ParamSwapper::swap_out(std::string_view key, std::span<const std::byte> dat
     e.buffer.release();
     e.state = State::on_disk;
   }
-  auto staging = *lease(store_.padded_size(e.bytes), true, lock);
+  auto staging = *lease(key, store_.padded_size(e.bytes), true, lock);
   std::memcpy(staging.data(), data.data(), data.size());
   e.state = State::reading;  // nobody may fetch it half-written
   lock.unlock();
@@ -246,15 +265,21 @@ void ParamSwapper::swap_out(std::string_view key, std::span<const std::byte> dat
 std::size_t ParamSwapper::prefetch(std::span<const std::string> keys) {
   std::unique_lock lock(mutex_);
   std::size_t started = 0;
-  for (const auto& key : keys) {
-    Entry& e = entry(key);
-    if (e.state != State::on_disk) continue;
-    auto buffer = lease(store_.padded_size(e.bytes), false, lock);
-    if (!buffer) break;  // memory is full of shards in use: fetch() will read the rest
-    start_read(key, e, std::move(*buffer));
-    e.prefetched = true;
-    prefetched_.push_back(key);
-    ++started;
+  try {
+    for (const auto& key : keys) {
+      Entry& e = entry(key);
+      if (e.state != State::on_disk) continue;
+      auto buffer = lease(key, store_.padded_size(e.bytes), false, lock);
+      if (!buffer) break;  // memory is full of shards in use: fetch() will read the rest
+      start_read(key, e, std::move(*buffer));
+      e.prefetched = true;
+      prefetched_.push_back(key);
+      ++started;
+    }
+  } catch (...) {
+    // The reads already started must still be completed.
+    if (started > 0) prefetch_queued_.notify_one();
+    throw;
   }
   if (started > 0) prefetch_queued_.notify_one();
   return started;
@@ -265,60 +290,40 @@ std::span<const std::byte> ParamSwapper::fetch(std::string_view key) {
   const auto started = Clock::now();
   Entry& e = entry(key);
   ++stats_.fetches;
-  const auto take_error = [&] {
-    if (!e.error) return;
-    std::exception_ptr error = e.error;
-    e.error = nullptr;
-    std::rethrow_exception(error);
-  };
-  take_error();  // a prefetch that already failed
-  if (e.state == State::resident) {
-    if (e.cached) {
-      lru_.erase(e.lru);
-      e.cached = false;
-      cached_bytes_ -= e.buffer.size();
+  bool waited_for_prefetch = false;
+  while (true) {
+    if (e.error) {  // a read of this shard failed (a prefetch, or another thread's)
+      std::exception_ptr error = e.error;
+      e.error = nullptr;
+      std::rethrow_exception(error);
     }
-    if (e.prefetched) {
-      ++stats_.prefetch_hits;  // read and verified before it was asked for
+    if (e.state == State::resident) {
+      if (e.cached) {
+        lru_.erase(e.lru);
+        e.cached = false;
+        cached_bytes_ -= e.buffer.size();
+      }
+      if (e.prefetched || waited_for_prefetch) {
+        ++stats_.prefetch_hits;
+      } else {
+        ++stats_.cache_hits;
+      }
       e.prefetched = false;
-    } else {
-      ++stats_.cache_hits;
+      break;
     }
-    ++e.users;
-    return {e.buffer.data(), e.bytes};
-  }
-  if (e.state == State::on_disk) {
-    ++stats_.misses;
-    auto buffer = lease(store_.padded_size(e.bytes), true, lock);
-    start_read(std::string(key), e, std::move(*buffer));
-  } else if (e.prefetched) {
-    ++stats_.prefetch_hits;
-  }
-  e.prefetched = false;
-  if (e.ticket.valid() && std::find(prefetched_.begin(), prefetched_.end(), key) == prefetched_.end()) {
-    // This thread started the read: it waits for it.
-    const SwapTicket ticket = e.ticket;
-    e.ticket = {};
-    lock.unlock();
-    try {
-      store_.wait(ticket);
-    } catch (...) {
-      lock.lock();
-      e.buffer.release();
-      e.state = State::on_disk;
-      changed_.notify_all();
-      throw;
+    if (e.state == State::on_disk) {
+      ++stats_.misses;
+      auto buffer = lease(key, store_.padded_size(e.bytes), true, lock);
+      start_read(std::string(key), e, std::move(*buffer));
+      // This thread started the read: it waits for it.
+      if (std::exception_ptr error = finish_read(e, lock)) std::rethrow_exception(error);
+      e.prefetched = false;
+      break;
     }
-    lock.lock();
-    e.state = State::resident;
-    changed_.notify_all();
-  } else {
-    // The completer (or another fetching thread) finishes this read.
-    changed_.wait(lock, [&] { return e.state != State::reading; });
-    take_error();
-    if (e.state != State::resident) {
-      throw Error(ErrorKind::io, fmt::format("fetch of '{}' failed in another thread", key));
-    }
+    // Being read by the completer (a prefetch) or by another fetch: wait,
+    // then look again (it may have been cached, evicted or failed since).
+    waited_for_prefetch = waited_for_prefetch || e.prefetched;
+    changed_.wait(lock);
   }
   ++e.users;
   stats_.fetch_wait += Clock::now() - started;

@@ -44,6 +44,9 @@ struct ParamSwapperOptions {
   std::uint64_t buffer_count = 5;             // offload_param.buffer_count (minimum)
   std::uint64_t buffer_bytes = 200000000;     // offload_param.buffer_size x element size (minimum)
   std::uint64_t max_in_cpu_bytes = 2000000000;  // offload_param.max_in_cpu x element size
+  // How long a fetch waits for memory another thread may release before it
+  // reports the pool as exhausted.
+  std::chrono::milliseconds memory_wait{10000};
 };
 
 struct ParamPlan {
@@ -123,10 +126,15 @@ class ParamSwapper {
   Entry& entry(std::string_view key);
   // Frees cached shards, least recently used first, until `bytes` fit the
   // pool or the cache is empty; under mutex_.
-  std::optional<PinnedBuffer> lease(std::uint64_t bytes, bool may_block,
+  std::optional<PinnedBuffer> lease(std::string_view key, std::uint64_t bytes, bool may_block,
                                     std::unique_lock<std::mutex>& lock);
+  // Frees one prefetched shard that finished but was never fetched.
+  bool evict_unfetched_prefetch();  // under mutex_
   void evict_one();  // under mutex_
   void start_read(const std::string& key, Entry& entry, PinnedBuffer buffer);
+  // Waits for the entry's read with the lock released; the entry ends
+  // resident, or on disk (buffer returned) with the error returned.
+  std::exception_ptr finish_read(Entry& entry, std::unique_lock<std::mutex>& lock);
   void trim_cache();  // under mutex_
   // Finishes prefetched reads (wait and checksum) off the caller's thread,
   // so a fetch of a prefetched shard finds it verified.

@@ -5,9 +5,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <random>
 #include <sstream>
 
 #include <fmt/format.h>
@@ -24,6 +26,7 @@ namespace {
 constexpr const char* kManifestName = "zinf.manifest";
 constexpr const char* kLockName = "zinf.lock";
 constexpr const char* kVolumeName = "zinf.volume";
+constexpr const char* kIdentityName = "zinf.store";
 constexpr const char* kFormat = "zinf-swap-manifest";
 constexpr int kFormatVersion = 1;
 
@@ -127,6 +130,7 @@ SwapStore::SwapStore(const SwapStoreOptions& options,
     volume_ = std::make_unique<aio::Volume>(volume_options, make_engine);
     alignment_ = std::max<std::uint64_t>(4096, volume_->alignment());
     manifest_path_ = options.directories.front() / kManifestName;
+    check_identity(options.directories);
     load_manifest(options);
   } catch (...) {
     volume_.reset();
@@ -169,6 +173,50 @@ void SwapStore::lock_directories(const std::vector<std::filesystem::path>& direc
         ::pwrite(fd, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
       throw_path_error("write", path.string(), errno);
     }
+  }
+}
+
+void SwapStore::check_identity(const std::vector<std::filesystem::path>& directories) {
+  // Each directory says which store it belongs to and at which position,
+  // so a reordered or mixed nvme_path list is refused instead of opening
+  // as an empty store (the manifest lives in the first directory only).
+  std::string id;
+  std::vector<bool> missing(directories.size(), false);
+  for (std::size_t i = 0; i < directories.size(); ++i) {
+    const auto path = directories[i] / kIdentityName;
+    std::ifstream in(path);
+    if (!in) {
+      missing[i] = true;
+      continue;
+    }
+    nlohmann::json identity;
+    try {
+      identity = nlohmann::json::parse(in);
+    } catch (const nlohmann::json::exception&) {
+      throw corrupt(path, "the store identity does not parse");
+    }
+    const std::string this_id = identity.value("store", "");
+    const auto index = identity.value("index", std::size_t{0});
+    const auto paths = identity.value("paths", std::size_t{0});
+    if ((!id.empty() && this_id != id) || index != i || paths != directories.size()) {
+      ErrorContext context;
+      context.path = directories[i].string();
+      throw Error(ErrorKind::config,
+                  fmt::format("{} is path {} of {} of a swap store, not path {} of {}: open the "
+                              "store with the same nvme_path list, in the same order",
+                              directories[i].string(), index + 1, paths, i + 1, directories.size()),
+                  std::move(context));
+    }
+    id = this_id;
+  }
+  if (id.empty()) {
+    std::random_device random;
+    id = fmt::format("{:08x}{:08x}", random(), random());
+  }
+  for (std::size_t i = 0; i < directories.size(); ++i) {
+    if (!missing[i]) continue;
+    const nlohmann::json identity = {{"store", id}, {"index", i}, {"paths", directories.size()}};
+    replace_file(directories[i] / kIdentityName, identity.dump() + "\n", true);
   }
 }
 
@@ -222,16 +270,26 @@ void SwapStore::load_manifest(const SwapStoreOptions& options) {
       info.offset_bytes = value.at("offset").get<std::uint64_t>();
       info.size_bytes = value.at("size").get<std::uint64_t>();
       info.padded_bytes = value.at("padded").get<std::uint64_t>();
-      info.checksum = std::stoull(value.at("xxh3").get<std::string>(), nullptr, 16);
+      const std::string hex = value.at("xxh3").get<std::string>();
+      const auto parsed = std::from_chars(hex.data(), hex.data() + hex.size(), info.checksum, 16);
+      if (hex.empty() || parsed.ec != std::errc() || parsed.ptr != hex.data() + hex.size()) {
+        throw corrupt(manifest_path_, fmt::format("entry '{}' has checksum '{}', not 16 hex digits",
+                                                  key, hex));
+      }
       info.version = value.at("version").get<std::int64_t>();
       if (info.offset_bytes % alignment_ != 0 || info.padded_bytes % alignment_ != 0 ||
-          info.padded_bytes < info.size_bytes || info.padded_bytes == 0) {
+          info.padded_bytes < info.size_bytes || info.padded_bytes == 0 ||
+          info.offset_bytes + info.padded_bytes < info.offset_bytes) {
         throw corrupt(manifest_path_, fmt::format("entry '{}' has an impossible extent "
                                                   "(offset {}, size {}, padded {})",
                                                   key, info.offset_bytes, info.size_bytes,
                                                   info.padded_bytes));
       }
-      by_offset[info.offset_bytes] = {info.padded_bytes, key};
+      if (!by_offset.try_emplace(info.offset_bytes, info.padded_bytes, key).second) {
+        throw corrupt(manifest_path_, fmt::format("entries '{}' and '{}' share offset {}", key,
+                                                  by_offset.at(info.offset_bytes).second,
+                                                  info.offset_bytes));
+      }
       entries_[key] = info;
     }
     // Rebuild the free space as everything the entries do not cover.
@@ -270,6 +328,7 @@ void SwapStore::load_manifest(const SwapStoreOptions& options) {
     }
   }
   reserved_ = end_;
+  committed_ = entries_;
   log_once("swap-open:" + manifest_path_.string(), spdlog::level::info,
            fmt::format("swap store {}: {} keys, {} in use (manifest generation {})",
                        manifest_path_.parent_path().string(), entries_.size(),
@@ -536,6 +595,34 @@ void SwapStore::remove(std::string_view key) {
   entries_.erase(it);
 }
 
+void SwapStore::revert(std::string_view key) {
+  std::lock_guard lock(mutex_);
+  const auto current = entries_.find(key);
+  const auto committed = committed_.find(key);
+  const bool same = current != entries_.end() && committed != committed_.end() &&
+                    current->second.offset_bytes == committed->second.offset_bytes;
+  if (same || (current == entries_.end() && committed == committed_.end())) return;
+  if (current != entries_.end()) {
+    // Never committed: free now (or once a read of it ends).
+    const Extent extent{current->second.offset_bytes, current->second.padded_bytes};
+    if (reads_in_flight_.contains(extent.offset)) {
+      pending_free_.push_back(extent);
+    } else {
+      release(extent);
+    }
+    entries_.erase(current);
+  }
+  if (committed != committed_.end()) {
+    // The committed extent was queued for reuse when it was superseded.
+    const auto queued = std::find_if(pending_free_.begin(), pending_free_.end(), [&](const Extent& e) {
+      return e.offset == committed->second.offset_bytes;
+    });
+    ZINF_ASSERT(queued != pending_free_.end(), "a committed extent was reused before a commit");
+    pending_free_.erase(queued);
+    entries_.emplace(committed->first, committed->second);
+  }
+}
+
 std::optional<ExtentInfo> SwapStore::find(std::string_view key) const {
   std::lock_guard lock(mutex_);
   const auto it = entries_.find(key);
@@ -589,16 +676,35 @@ void SwapStore::commit() {
   std::lock_guard commit_lock(commit_mutex_);
   std::string text;
   std::vector<Extent> recyclable;
+  std::map<std::string, ExtentInfo, std::less<>> snapshot;
   {
     std::lock_guard lock(mutex_);
+    if (!sync_error_.empty()) {
+      throw Error(ErrorKind::io, fmt::format("commit refused: an earlier flush failed ({}); the "
+                                             "kernel may have dropped those writes, so reopen "
+                                             "the store to continue from its last manifest",
+                                             sync_error_));
+    }
     text = manifest_text();
+    snapshot = entries_;
     // Only what was freed before this snapshot: the snapshot still names
     // anything freed after it.
     recyclable = std::move(pending_free_);
     pending_free_.clear();
   }
   try {
-    if (sync_) volume_->sync_data();
+    if (sync_) {
+      try {
+        volume_->sync_data();
+      } catch (const Error& error) {
+        // Linux reports a failed writeback once and then forgets it: a
+        // later fdatasync could succeed without the lost data. Refuse
+        // every later commit instead.
+        std::lock_guard lock(mutex_);
+        sync_error_ = error.what();
+        throw;
+      }
+    }
     replace_file(manifest_path_, text, sync_);
   } catch (...) {
     std::lock_guard lock(mutex_);
@@ -606,6 +712,7 @@ void SwapStore::commit() {
     throw;
   }
   std::lock_guard lock(mutex_);
+  committed_ = std::move(snapshot);
   ++generation_;
   ++commits_;
   recycle(recyclable);

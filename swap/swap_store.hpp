@@ -16,8 +16,9 @@
 // Extents written after the last commit are unreferenced on reopen and
 // become free space again.
 //
-// Each directory holds zinf.volume (its stripe of the data) and zinf.lock;
-// the first also holds zinf.manifest. The lock (flock, held while the store
+// Each directory holds zinf.volume (its stripe of the data), zinf.lock and
+// zinf.store (which store it belongs to, at which position); the first also
+// holds zinf.manifest. The lock (flock, held while the store
 // is open) stops two live runs from sharing a directory.
 //
 // Thread safety: every method may be called from any thread; one ticket is
@@ -127,6 +128,10 @@ class SwapStore {
 
   // Forgets `key`; its extent is reusable after the next commit.
   void remove(std::string_view key);
+  // Undoes what finished writes and removes did to `key` since the last
+  // commit: the key names what the manifest says again (or nothing). For
+  // callers that must not commit half of a group of tensors.
+  void revert(std::string_view key);
   std::optional<ExtentInfo> find(std::string_view key) const;
   std::vector<std::string> keys() const;
 
@@ -158,6 +163,7 @@ class SwapStore {
   };
 
   void lock_directories(const std::vector<std::filesystem::path>& directories);
+  void check_identity(const std::vector<std::filesystem::path>& directories);
   void load_manifest(const SwapStoreOptions& options);
   std::string manifest_text() const;
   Extent allocate(std::uint64_t length);  // under mutex_
@@ -174,6 +180,8 @@ class SwapStore {
 
   mutable std::mutex mutex_;
   std::map<std::string, ExtentInfo, std::less<>> entries_;
+  std::map<std::string, ExtentInfo, std::less<>> committed_;  // what the manifest names
+  std::string sync_error_;  // a failed flush: no later commit may claim its data
   std::map<std::string, std::string, std::less<>> attributes_;
   std::map<std::uint64_t, std::uint64_t> free_;  // offset -> length, coalesced
   std::vector<Extent> pending_free_;

@@ -65,8 +65,8 @@ TEST(MemoryPlan, NvmeOffloadCountsSwapperBuffersAndCopyOnWriteHeadroom) {
   const std::uint64_t slots = 3ull * 2ull * 400003072ull;
   EXPECT_EQ(plan.chosen.pinned, 500000000ull + 500000000ull + 500000000ull + slots);
   // NVMe: params 5e8 + one shard headroom 5e7 + Lion states 8 B x 2.5e8 +
-  // one sub-group headroom 8 B x 1e8.
-  EXPECT_EQ(plan.chosen.nvme, 500000000ull + 50000000ull + 2000000000ull + 800000000ull);
+  // two sub-groups of headroom 2 x 8 B x 1e8.
+  EXPECT_EQ(plan.chosen.nvme, 500000000ull + 50000000ull + 2000000000ull + 1600000000ull);
   ASSERT_EQ(plan.buffers.size(), 2u);
   EXPECT_EQ(plan.buffers[1].bytes, slots);
   // Stages 1 and 2 have no param offload.

@@ -49,6 +49,17 @@ PinnedPoolOptions pool_bytes(std::uint64_t bytes) {
   return options;
 }
 
+// Buffers of `count` x 4 KiB (raised to the shards), no host cache.
+ParamSwapperOptions uncached(std::uint64_t count,
+                             std::chrono::milliseconds wait = std::chrono::milliseconds(10000)) {
+  ParamSwapperOptions options;
+  options.buffer_count = count;
+  options.buffer_bytes = 4096;
+  options.max_in_cpu_bytes = 0;
+  options.memory_wait = wait;
+  return options;
+}
+
 bool equal(std::span<const std::byte> a, std::span<const std::byte> b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size()) == 0;
 }
@@ -83,10 +94,7 @@ TEST(ParamSwapper, OddSizedShardsRoundTripThroughPrefetchAndFetch) {
   TempDir dir;
   SwapStore store(store_options(dir));
   PinnedPool pool(pool_bytes(4 << 20));
-  ParamSwapperOptions options;
-  options.buffer_count = 4;
-  options.buffer_bytes = 4096;
-  options.max_in_cpu_bytes = 0;  // every release goes straight back to NVMe
+  const ParamSwapperOptions options = uncached(4);  // every release goes straight back to NVMe
   const auto params = specs({1, 4095, 4097, 100003, 7});
   ParamSwapper swapper(store, pool, params, options);
   std::vector<std::vector<std::byte>> contents;
@@ -149,10 +157,7 @@ TEST(ParamSwapper, MaxInCpuKeepsTheMostRecentShardsInHostMemory) {
 TEST(ParamSwapper, AShardLargerThanAnyConfiguredBufferIsPlannedForNotCrashedOn) {
   TempDir dir;
   SwapStore store(store_options(dir));
-  ParamSwapperOptions options;
-  options.buffer_count = 2;
-  options.buffer_bytes = 4096;  // DeepSpeed would fail mid-run on the 1 MB shard
-  options.max_in_cpu_bytes = 0;
+  const ParamSwapperOptions options = uncached(2);  // DeepSpeed would fail mid-run on the 1 MB shard
   const auto params = specs({4096, 1000000});
   const auto plan = ParamSwapper::plan(params, options, store.alignment());
   PinnedPool pool(pool_bytes(plan.pinned_bytes));
@@ -166,10 +171,7 @@ TEST(ParamSwapper, AShardLargerThanAnyConfiguredBufferIsPlannedForNotCrashedOn) 
 TEST(ParamSwapper, ErrorsNameTheBudgetTheShardAndTheKey) {
   TempDir dir;
   SwapStore store(store_options(dir));
-  ParamSwapperOptions options;
-  options.buffer_count = 2;
-  options.buffer_bytes = 4096;
-  options.max_in_cpu_bytes = 0;
+  const ParamSwapperOptions options = uncached(2);
   const auto params = specs({40000, 40000, 40000});
   {
     PinnedPool small(pool_bytes(64 << 10));
@@ -202,6 +204,62 @@ TEST(ParamSwapper, ErrorsNameTheBudgetTheShardAndTheKey) {
   releaser.join();
   swapper.release(params[1].key);
   swapper.release(params[2].key);
+}
+
+TEST(ParamSwapper, OverSubscribingThePlanIsAClearErrorNotAHang) {
+  TempDir dir;
+  SwapStore store(store_options(dir));
+  const ParamSwapperOptions options = uncached(2, std::chrono::milliseconds(100));
+  const auto params = specs({40000, 40000, 40000});
+  PinnedPool pool(pool_bytes(2 * 40960));
+  ParamSwapper swapper(store, pool, params, options);
+  for (const auto& p : params) swapper.swap_out(p.key, shard_bytes(p.bytes, 3));
+  swapper.fetch(params[0].key);
+  swapper.fetch(params[1].key);
+  try {
+    swapper.fetch(params[2].key);
+    FAIL() << "a third shard fit in memory planned for two";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::resource);
+    EXPECT_NE(std::string(error.what()).find(params[2].key), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("2 shard(s)"), std::string::npos) << error.what();
+  }
+  swapper.release(params[0].key);
+  swapper.release(params[1].key);
+}
+
+TEST(ParamSwapper, AnUnfetchedPrefetchIsEvictedForAFetchInsteadOfBlockingIt) {
+  TempDir dir;
+  SwapStore store(store_options(dir));
+  const ParamSwapperOptions options = uncached(1, std::chrono::milliseconds(200));
+  const auto params = specs({40000, 40000, 40000});
+  PinnedPool pool(pool_bytes(40960));
+  ParamSwapper swapper(store, pool, params, options);
+  swapper.swap_out(params[0].key, shard_bytes(40000, 1));
+  swapper.swap_out(params[1].key, shard_bytes(40000, 2));
+  // A prefetch nobody fetches holds the only buffer; a fetch of another
+  // shard evicts it instead of failing.
+  const std::vector<std::string> first = {params[0].key};
+  EXPECT_EQ(swapper.prefetch(first), 1u);
+  EXPECT_TRUE(equal(swapper.fetch(params[1].key), shard_bytes(40000, 2)));
+  swapper.release(params[1].key);
+}
+
+TEST(ParamSwapper, AFailedPrefetchListStillCompletesTheReadsItStarted) {
+  TempDir dir;
+  SwapStore store(store_options(dir));
+  PinnedPool pool(pool_bytes(1 << 20));
+  ParamSwapperOptions options;
+  options.max_in_cpu_bytes = 0;
+  const auto params = specs({40000, 40000});
+  ParamSwapper swapper(store, pool, params, options);
+  swapper.swap_out(params[0].key, shard_bytes(40000, 1));  // params[1] never written
+  const std::vector<std::string> both = {params[0].key, params[1].key};
+  EXPECT_THROW(swapper.prefetch(both), Error);  // no such key in the store
+  // The first read was started before the throw: fetch finds it done.
+  EXPECT_TRUE(equal(swapper.fetch(params[0].key), shard_bytes(40000, 1)));
+  swapper.release(params[0].key);
+  EXPECT_EQ(swapper.stats().prefetch_hits, 1u);
 }
 
 TEST(ParamSwapper, ACorruptShardFailsAtFetchNamingTheKeyAndCanBeRewritten) {
@@ -257,10 +315,7 @@ TEST(ParamSwapper, ShardsStreamNvmeToPinnedToDeviceThroughTheCopier) {
   TempDir dir;
   SwapStore store(store_options(dir));
   PinnedPool pool(pool_bytes(4 << 20));
-  ParamSwapperOptions options;
-  options.buffer_count = 3;
-  options.buffer_bytes = 4096;
-  options.max_in_cpu_bytes = 0;
+  const ParamSwapperOptions options = uncached(3);
   const auto params = specs({300000, 123457, 4096, 77777, 250001});
   ParamSwapper swapper(store, pool, params, options);
   auto copier = make_device_copier(DeviceKind::host);

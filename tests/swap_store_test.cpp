@@ -10,6 +10,8 @@
 #include <thread>
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <sstream>
 #include <gtest/gtest.h>
 
 #include "aio/thread_pool_engine.hpp"
@@ -339,8 +341,12 @@ TEST(SwapStore, AnExtentBeingReadIsNotReusedBeforeTheReadEnds) {
   const SwapTicket read = store.read("a", got.span());
   store.write_sync("a", second.span(), second.size);  // frees the extent being read
   store.commit();
+  const std::uint64_t old_offset = 0;  // "a" was the first extent
+  EXPECT_NE(store.find("a")->offset_bytes, old_offset);
+  EXPECT_EQ(store.stats().pending_free_bytes, 4096u);  // held back for the read
   Payload third(store, 4096, 3);
   store.write_sync("b", third.span(), third.size);  // must not land on it
+  EXPECT_NE(store.find("b")->offset_bytes, old_offset);
   EXPECT_EQ(store.wait(read), 4096u);  // checksum verified: the old copy, intact
   EXPECT_TRUE(same_bytes(got, first));
   EXPECT_TRUE(reads_back(store, "a", second));
@@ -473,6 +479,89 @@ TEST(SwapStore, ABrokenManifestOrTruncatedVolumeIsReportedNotGuessed) {
     EXPECT_EQ(error.kind(), ErrorKind::config);
     EXPECT_NE(std::string(error.what()).find("nvme_path"), std::string::npos);
   }
+}
+
+TEST(SwapStore, AReorderedNvmePathListIsRefusedNotOpenedEmpty) {
+  TempDir dir;
+  {
+    SwapStore store(options_for({dir / "a", dir / "b"}));
+    Payload payload(store, 300000, 1);
+    store.write_sync("k", payload.span(), payload.size);
+    store.commit();
+  }
+  try {
+    SwapStore store(options_for({dir / "b", dir / "a"}));
+    FAIL() << "a reordered nvme_path list opened";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::config);
+    EXPECT_NE(std::string(error.what()).find("same order"), std::string::npos) << error.what();
+  }
+  SwapStore store(options_for({dir / "a", dir / "b"}));
+  EXPECT_TRUE(store.find("k"));
+}
+
+TEST(SwapStore, ManifestsWithSharedOffsetsOrBadChecksumsAreCorrupt) {
+  TempDir dir;
+  {
+    SwapStore store(options_for({dir.path()}));
+    Payload payload(store, 5000, 1);
+    store.write_sync("x", payload.span(), payload.size);
+    store.write_sync("y", payload.span(), payload.size);
+    store.commit();
+  }
+  const std::string good = [&] {
+    std::ifstream in(dir / "zinf.manifest");
+    std::stringstream text;
+    text << in.rdbuf();
+    return text.str();
+  }();
+  auto manifest = nlohmann::json::parse(good);
+  manifest["entries"]["y"]["offset"] = manifest["entries"]["x"]["offset"];
+  std::ofstream(dir / "zinf.manifest", std::ios::trunc) << manifest.dump();
+  try {
+    SwapStore store(options_for({dir.path()}));
+    FAIL() << "two keys on one extent were accepted";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::corrupt);
+    EXPECT_NE(std::string(error.what()).find("share offset"), std::string::npos) << error.what();
+  }
+  manifest = nlohmann::json::parse(good);
+  manifest["entries"]["x"]["xxh3"] = "12zz";
+  std::ofstream(dir / "zinf.manifest", std::ios::trunc) << manifest.dump();
+  try {
+    SwapStore store(options_for({dir.path()}));
+    FAIL() << "a malformed checksum was accepted";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::corrupt);
+    EXPECT_NE(std::string(error.what()).find("'x'"), std::string::npos) << error.what();
+  }
+}
+
+TEST(SwapStore, RevertUndoesUncommittedWritesAndRemoves) {
+  TempDir dir;
+  SwapStore store(options_for({dir.path()}));
+  Payload first(store, 6000, 1);
+  Payload second(store, 6000, 2);
+  store.write_sync("kept", first.span(), first.size, 1);
+  store.write_sync("removed", first.span(), first.size, 1);
+  store.commit();
+  store.write_sync("kept", second.span(), second.size, 2);
+  store.write_sync("kept", second.span(), second.size, 3);  // twice before a commit
+  store.remove("removed");
+  store.write_sync("new", second.span(), second.size, 2);
+  store.revert("kept");
+  store.revert("removed");
+  store.revert("new");
+  EXPECT_TRUE(reads_back(store, "kept", first));
+  EXPECT_EQ(store.find("kept")->version, 1);
+  EXPECT_TRUE(reads_back(store, "removed", first));
+  EXPECT_FALSE(store.find("new"));
+  store.commit();
+  // Nothing leaked: the two committed extents are live, the rest is free.
+  const auto stats = store.stats();
+  EXPECT_EQ(stats.live_bytes, 2u * 8192u);
+  EXPECT_EQ(stats.pending_free_bytes, 0u);
+  EXPECT_EQ(stats.free_bytes + stats.live_bytes, stats.volume_bytes);
 }
 
 TEST(SwapStore, ConcurrentWritersAndReadersKeepEveryKeyIntact) {
