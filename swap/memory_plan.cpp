@@ -3,11 +3,8 @@
 #include <sys/statvfs.h>
 
 #include <algorithm>
-#include <cctype>
 #include <fstream>
 #include <map>
-#include <set>
-#include <sstream>
 
 #include <fmt/format.h>
 
@@ -15,22 +12,13 @@
 #include "pinned_pool/pinned_pool.hpp"
 #include "swap/optimizer_swapper.hpp"
 #include "swap/param_swapper.hpp"
+#include "swap/swap_config.hpp"
 
 namespace zinf::swap {
 namespace {
 
 constexpr std::uint64_t kHalf = 2;      // bytes of a 16-bit param or grad
 constexpr std::uint64_t kAlignment = 4096;
-
-OptimizerKind optimizer_kind(const config::Config& config) {
-  if (!config.optimizer) return OptimizerKind::adam;
-  std::string type = config.optimizer->type;
-  std::transform(type.begin(), type.end(), type.begin(),
-                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  if (type == "adagrad") return OptimizerKind::adagrad;
-  if (type == "lion") return OptimizerKind::lion;
-  return OptimizerKind::adam;
-}
 
 std::uint64_t ceil_div(std::uint64_t a, std::uint64_t b) { return (a + b - 1) / b; }
 
@@ -47,7 +35,7 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
   const std::uint64_t largest =
       input.largest_param != 0 ? std::min(input.largest_param, psi)
                                : std::min<std::uint64_t>(psi, 100000000);
-  const OptimizerKind kind = optimizer_kind(config);
+  const OptimizerKind kind = optimizer_swapper_options(config).optimizer.kind;
   const std::uint64_t state_bytes = 4 * (1 + OptimizerSwapper::state_names(kind).size());
 
   const std::uint64_t params = kHalf * (stage >= 3 ? psi_rank : psi);

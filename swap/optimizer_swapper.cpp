@@ -13,14 +13,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::uint64_t round_up(std::uint64_t value, std::uint64_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
-}
-
 std::uint64_t region_bytes(std::span<const SubGroup> groups, std::uint64_t alignment) {
   std::size_t largest = 0;
   for (const auto& group : groups) largest = std::max(largest, group.elements);
-  return std::max<std::uint64_t>(round_up(largest * sizeof(float), alignment), alignment);
+  return std::max<std::uint64_t>(align_up(largest * sizeof(float), alignment), alignment);
 }
 
 // Durations accumulate into the step's stats.

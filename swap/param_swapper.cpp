@@ -14,12 +14,8 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::uint64_t round_up(std::uint64_t value, std::uint64_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
-}
-
 std::uint64_t padded(std::uint64_t bytes, std::uint64_t alignment) {
-  return std::max(round_up(bytes, alignment), alignment);
+  return std::max(align_up(bytes, alignment), alignment);
 }
 
 }  // namespace
@@ -47,7 +43,7 @@ ParamPlan ParamSwapper::plan_for(std::uint64_t largest_bytes, std::uint64_t tota
   ParamPlan plan;
   const std::uint64_t largest = largest_bytes == 0 ? 0 : padded(largest_bytes, alignment);
   plan.buffer_count = std::max<std::uint64_t>(options.buffer_count, 1);
-  plan.buffer_bytes = round_up(std::max<std::uint64_t>(options.buffer_bytes, 1), alignment);
+  plan.buffer_bytes = align_up(std::max<std::uint64_t>(options.buffer_bytes, 1), alignment);
   if (largest > plan.buffer_bytes) {
     plan.buffer_bytes = largest;
     plan.raised = true;

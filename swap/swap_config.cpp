@@ -79,7 +79,12 @@ OptimizerSwapperOptions optimizer_swapper_options(const config::Config& config) 
 
 std::vector<SubGroup> sub_groups(const config::Config& config, std::uint64_t elements,
                                  std::string_view prefix) {
-  const std::uint64_t size = std::max<std::uint64_t>(config.zero.sub_group_size, 1);
+  return sub_groups(elements, config.zero.sub_group_size, prefix);
+}
+
+std::vector<SubGroup> sub_groups(std::uint64_t elements, std::uint64_t size,
+                                 std::string_view prefix) {
+  size = std::max<std::uint64_t>(size, 1);
   std::vector<SubGroup> groups;
   for (std::uint64_t done = 0; done < elements; done += size) {
     groups.push_back({fmt::format("{}{}", prefix, groups.size()), std::min(size, elements - done)});

@@ -29,9 +29,11 @@ ParamSwapperOptions param_swapper_options(const config::Config& config,
 // (pipeline_read / pipeline_write only force what is already on).
 OptimizerSwapperOptions optimizer_swapper_options(const config::Config& config);
 
-// Cuts `elements` into sub-groups of zero_optimization.sub_group_size,
-// named "<prefix><index>".
+// Cuts `elements` into sub-groups of `size` (the last one shorter), named
+// "<prefix><index>"; the first form takes zero_optimization.sub_group_size.
 std::vector<SubGroup> sub_groups(const config::Config& config, std::uint64_t elements,
                                  std::string_view prefix = "sub_group.");
+std::vector<SubGroup> sub_groups(std::uint64_t elements, std::uint64_t size,
+                                 std::string_view prefix);
 
 }  // namespace zinf::swap

@@ -30,10 +30,6 @@ constexpr const char* kIdentityName = "zinf.store";
 constexpr const char* kFormat = "zinf-swap-manifest";
 constexpr int kFormatVersion = 1;
 
-std::uint64_t round_up(std::uint64_t value, std::uint64_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
-}
-
 std::string hex64(std::uint64_t value) { return fmt::format("{:016x}", value); }
 
 Error corrupt(const std::filesystem::path& path, const std::string& message) {
@@ -336,7 +332,7 @@ void SwapStore::load_manifest(const SwapStoreOptions& options) {
 }
 
 std::uint64_t SwapStore::padded_size(std::uint64_t bytes) const {
-  return std::max<std::uint64_t>(round_up(bytes, alignment_), alignment_);
+  return std::max<std::uint64_t>(align_up(bytes, alignment_), alignment_);
 }
 
 SwapStore::Extent SwapStore::allocate(std::uint64_t length) {
@@ -360,7 +356,7 @@ SwapStore::Extent SwapStore::allocate(std::uint64_t length) {
   }
   const std::uint64_t new_end = offset + length;
   if (new_end > reserved_) {
-    const std::uint64_t generous = round_up(std::max(new_end, reserved_ + grow_bytes_), alignment_);
+    const std::uint64_t generous = align_up(std::max(new_end, reserved_ + grow_bytes_), alignment_);
     try {
       volume_->reserve(generous);
       reserved_ = generous;

@@ -1,4 +1,5 @@
 #include "tools/adam_bench.hpp"
+#include "tools/median.hpp"
 
 #include <sys/mman.h>
 
@@ -61,11 +62,6 @@ void fill(std::byte* data, std::uint64_t count, DType d, float value, float step
       std::memcpy(data + 2 * i, &h, 2);
     }
   }
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 == 1 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
 }
 
 }  // namespace

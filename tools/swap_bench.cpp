@@ -18,7 +18,9 @@
 #include "pinned_pool/pinned_pool.hpp"
 #include "swap/optimizer_swapper.hpp"
 #include "swap/param_swapper.hpp"
+#include "swap/swap_config.hpp"
 #include "swap/swap_store.hpp"
+#include "tools/median.hpp"
 
 namespace zinf::bench {
 namespace {
@@ -43,13 +45,6 @@ std::uint64_t status_bytes(const char* field) {
 std::uint64_t ram_bytes() {
   return static_cast<std::uint64_t>(::sysconf(_SC_PHYS_PAGES)) *
          static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
-}
-
-double median(std::vector<double> values) {
-  if (values.empty()) return 0;
-  std::sort(values.begin(), values.end());
-  const std::size_t n = values.size();
-  return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
 }
 
 // Scratch directories removed on every exit path.
@@ -121,11 +116,8 @@ SwapBenchResult run_swap_bench(const SwapBenchOptions& options,
   store_options.grow_bytes = 1ull << 30;
   store_options.sync = options.sync;
 
-  std::vector<swap::SubGroup> groups;
-  for (std::uint64_t done = 0; done < options.params; done += options.sub_group) {
-    groups.push_back({fmt::format("group{}", groups.size()),
-                      std::min(options.sub_group, options.params - done)});
-  }
+  const std::vector<swap::SubGroup> groups =
+      swap::sub_groups(options.params, options.sub_group, "group");
   result.sub_groups = groups.size();
   result.state_bytes = 12 * options.params;
 
