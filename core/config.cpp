@@ -24,6 +24,15 @@ std::string_view to_string(OffloadDevice device) {
   return "unknown";
 }
 
+std::string_view to_string(Precision precision) {
+  switch (precision) {
+    case Precision::fp32: return "fp32";
+    case Precision::bf16: return "bf16";
+    case Precision::fp16: return "fp16";
+  }
+  return "unknown";
+}
+
 namespace {
 
 using nlohmann::json;
@@ -407,6 +416,29 @@ void read_optimizer(Reader& r, const json& root, std::optional<OptimizerConfig>&
   target = c;
 }
 
+void read_training(Reader& r, const json& root, TrainingConfig& training) {
+  r.read_double(root, "gradient_clipping", "", training.gradient_clipping, 0.0, 1e30,
+                "non-negative (0 turns clipping off)");
+  r.read_uint(root, "gradient_accumulation_steps", "", training.gradient_accumulation_steps, 1,
+              1u << 30);
+  bool bf16 = false;
+  bool fp16 = false;
+  for (const char* block : {"bf16", "fp16"}) {
+    if (!root.contains(block) || root.at(block).is_null()) continue;
+    const json& section = root.at(block);
+    if (!section.is_object()) {
+      r.problem(block, fmt::format("must be an object, not {}", describe(section)));
+      continue;
+    }
+    // Loss scaling and the like belong to the trainer; only "enabled" is zinf's.
+    r.read_bool(section, "enabled", block, std::string_view(block) == "bf16" ? bf16 : fp16);
+  }
+  if (bf16 && fp16) {
+    r.problem("fp16.enabled", "cannot be true together with bf16.enabled");
+  }
+  training.precision = bf16 ? Precision::bf16 : fp16 ? Precision::fp16 : Precision::fp32;
+}
+
 void cross_checks(Reader& r, Config& c) {
   const ZeroConfig& z = c.zero;
   const std::string param = "zero_optimization.offload_param";
@@ -458,6 +490,7 @@ ParseResult parse_config(std::string_view json_text) {
     reader.problem("<root>", fmt::format("a DeepSpeed config is a JSON object, not {}", describe(root)));
     return result;
   }
+  read_training(reader, root, result.config.training);
   read_aio(reader, root, result.config.aio);
   read_zero(reader, root, result.config.zero);
   read_optimizer(reader, root, result.config.optimizer);

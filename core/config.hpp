@@ -1,5 +1,7 @@
 // DeepSpeed JSON configs as users already write them, loaded into typed
-// option structs. zinf owns the top-level "aio" block, "optimizer", and under
+// option structs. zinf owns the top-level "aio" block, "optimizer",
+// gradient_clipping, gradient_accumulation_steps, the "bf16"/"fp16" blocks'
+// "enabled", and under
 // "zero_optimization" the stage, offload_param, offload_optimizer and the
 // ZeRO-3 keys; everything else in a DeepSpeed config belongs to the trainer
 // and is ignored. Inside the owned sections:
@@ -83,7 +85,20 @@ struct OptimizerConfig {
   bool bias_correction = true;
 };
 
+// The working precision of the parameters the trainer computes with (the
+// "bf16" / "fp16" blocks' "enabled"); master weights are always fp32.
+enum class Precision { fp32, bf16, fp16 };
+std::string_view to_string(Precision precision);
+
+// Top-level training keys the partitioner acts on.
+struct TrainingConfig {
+  double gradient_clipping = 0.0;               // global-norm clip; 0 = off
+  std::uint64_t gradient_accumulation_steps = 1;  // micro-steps per optimizer step
+  Precision precision = Precision::fp32;
+};
+
 struct Config {
+  TrainingConfig training;
   AioConfig aio;
   ZeroConfig zero;
   std::optional<OptimizerConfig> optimizer;

@@ -22,6 +22,7 @@ std::string_view to_string(ErrorKind kind) {
     case ErrorKind::cancelled: return "cancelled";
     case ErrorKind::corrupt: return "corrupt";
     case ErrorKind::in_use: return "in_use";
+    case ErrorKind::comm: return "comm";
     case ErrorKind::internal: return "internal";
   }
   return "unknown";

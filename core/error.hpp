@@ -25,6 +25,7 @@ enum class ErrorKind {
   cancelled,    // the run was interrupted (Ctrl-C)
   corrupt,      // stored data or metadata fails its checksum or does not parse
   in_use,       // a swap directory is locked by another live run
+  comm,         // a collective failed: a peer rank died or did not answer in time
   internal,     // a broken invariant inside zinf (a bug)
 };
 

@@ -114,6 +114,31 @@ TEST(ConfigCorpus, WholeDeepSpeedConfigWithTrainerKeysLoads) {
   EXPECT_DOUBLE_EQ(r.config.optimizer->beta2, 0.95);
   EXPECT_DOUBLE_EQ(r.config.optimizer->weight_decay, 0.1);
   EXPECT_TRUE(r.config.optimizer->adam_w_mode);
+  EXPECT_DOUBLE_EQ(r.config.training.gradient_clipping, 1.0);
+  EXPECT_EQ(r.config.training.gradient_accumulation_steps, 8u);
+  EXPECT_EQ(r.config.training.precision, Precision::bf16);
+}
+
+TEST(ConfigCorpus, TrainingKeysDefaultAndReject) {
+  const ParseResult defaults = parse("{}");
+  EXPECT_DOUBLE_EQ(defaults.config.training.gradient_clipping, 0.0);
+  EXPECT_EQ(defaults.config.training.gradient_accumulation_steps, 1u);
+  EXPECT_EQ(defaults.config.training.precision, Precision::fp32);
+  EXPECT_EQ(parse(R"({"fp16": {"enabled": true}})").config.training.precision, Precision::fp16);
+  EXPECT_EQ(parse(R"({"gradient_accumulation_steps": "auto"})").config.training.gradient_accumulation_steps, 1u);
+
+  const ParseResult zero_steps = parse(R"({"gradient_accumulation_steps": 0})");
+  ASSERT_EQ(zero_steps.problems.size(), 1u);
+  EXPECT_EQ(zero_steps.problems[0].key_path, "gradient_accumulation_steps");
+  const ParseResult negative = parse(R"({"gradient_clipping": -1})");
+  ASSERT_EQ(negative.problems.size(), 1u);
+  EXPECT_EQ(negative.problems[0].key_path, "gradient_clipping");
+  const ParseResult both = parse(R"({"bf16": {"enabled": true}, "fp16": {"enabled": true}})");
+  ASSERT_EQ(both.problems.size(), 1u);
+  EXPECT_EQ(both.problems[0].key_path, "fp16.enabled");
+  const ParseResult not_bool = parse(R"({"bf16": {"enabled": "yes"}})");
+  ASSERT_EQ(not_bool.problems.size(), 1u);
+  EXPECT_EQ(not_bool.problems[0].key_path, "bf16.enabled");
 }
 
 TEST(ConfigCorpus, PlainAdamMeansDecoupledDecayUnlessSaidOtherwise) {

@@ -1,0 +1,219 @@
+// The CPU communicator: Gloo's collectives over TCP, with the ranks meeting
+// through a c10d TCPStore (libtorch's, the store torchrun's workers use).
+#include <arpa/inet.h>
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include <fmt/format.h>
+#include <gloo/allgather.h>
+#include <gloo/allreduce.h>
+#include <gloo/barrier.h>
+#include <gloo/broadcast.h>
+#include <gloo/math.h>
+#include <gloo/rendezvous/context.h>
+#include <gloo/rendezvous/prefix_store.h>
+#include <gloo/rendezvous/store.h>
+#include <gloo/transport/tcp/device.h>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "core/error.hpp"
+#include "zero3/communicator.hpp"
+
+namespace zinf::zero3 {
+namespace {
+
+// Gloo's rendezvous talks to a gloo Store; this one forwards to c10d's.
+class C10dStoreForGloo final : public gloo::rendezvous::Store {
+ public:
+  explicit C10dStoreForGloo(c10::intrusive_ptr<c10d::TCPStore> store) : store_(std::move(store)) {}
+  void set(const std::string& key, const std::vector<char>& data) override {
+    store_->set(key, std::vector<std::uint8_t>(data.begin(), data.end()));
+  }
+  std::vector<char> get(const std::string& key) override {
+    const auto value = store_->get(key);
+    return std::vector<char>(value.begin(), value.end());
+  }
+  void wait(const std::vector<std::string>& keys) override { store_->wait(keys); }
+  void wait(const std::vector<std::string>& keys, const std::chrono::milliseconds& timeout) override {
+    store_->wait(keys, timeout);
+  }
+
+ private:
+  c10::intrusive_ptr<c10d::TCPStore> store_;
+};
+
+bool is_loopback(const std::string& address) {
+  if (address == "localhost" || address == "::1") return true;
+  in_addr parsed{};
+  return inet_pton(AF_INET, address.c_str(), &parsed) == 1 && (ntohl(parsed.s_addr) >> 24) == 127;
+}
+
+class GlooCommunicator final : public Communicator {
+ public:
+  GlooCommunicator(const LaunchEnv& launch, std::chrono::milliseconds timeout)
+      : rank_(launch.rank), world_size_(launch.world_size), timeout_(timeout) {
+    const std::string where = fmt::format("{}:{}", launch.master_addr, launch.master_port);
+    try {
+      c10d::TCPStoreOptions store_options;
+      store_options.port = launch.master_port;
+      store_options.isServer = launch.rank == 0 && !launch.agent_store;
+      store_options.numWorkers = launch.agent_store ? c10::nullopt
+                                                    : c10::optional<std::size_t>(launch.world_size);
+      store_options.waitWorkers = !launch.agent_store;
+      store_options.timeout = timeout;
+      store_ = c10::make_intrusive<c10d::TCPStore>(launch.master_addr, store_options);
+    } catch (const std::exception& error) {
+      throw Error(ErrorKind::comm,
+                  fmt::format("rank {} of {}: rendezvous at {} (MASTER_ADDR:MASTER_PORT) failed: {}",
+                              rank_, world_size_, where, first_line(error.what())));
+    }
+    try {
+      gloo::transport::tcp::attr attr;
+      if (const char* iface = std::getenv("GLOO_SOCKET_IFNAME"); iface != nullptr && *iface) {
+        attr.iface = iface;
+      } else if (is_loopback(launch.master_addr)) {
+        // A one-machine job: stay on the loopback interface, whatever the
+        // host name resolves to.
+        attr.hostname = "127.0.0.1";
+      }
+      auto device = gloo::transport::tcp::CreateDevice(attr);
+      auto context = std::make_shared<gloo::rendezvous::Context>(rank_, world_size_);
+      context->setTimeout(timeout);
+      C10dStoreForGloo gloo_store(store_);
+      gloo::rendezvous::PrefixStore prefixed("zinf.gloo", gloo_store);
+      context->connectFullMesh(prefixed, device);
+      context_ = std::move(context);
+    } catch (const std::exception& error) {
+      throw Error(ErrorKind::comm,
+                  fmt::format("rank {} of {}: connecting to the other ranks through the store at {} "
+                              "(MASTER_ADDR:MASTER_PORT) failed within {} s; did every rank start? {}",
+                              rank_, world_size_, where,
+                              std::chrono::duration_cast<std::chrono::seconds>(timeout).count(),
+                              first_line(error.what())));
+    }
+  }
+
+  int rank() const override { return rank_; }
+  int world_size() const override { return world_size_; }
+  std::string_view backend() const override { return "gloo"; }
+
+  void all_gather(const void* send, void* recv, std::size_t bytes) override {
+    run("all_gather", bytes, [&] {
+      auto* out = static_cast<std::uint8_t*>(recv);
+      gloo::AllgatherOptions opts(context_);
+      // In place when the caller's block already sits at its offset.
+      if (send != out + rank_ * bytes) opts.setInput(const_cast<std::uint8_t*>(static_cast<const std::uint8_t*>(send)), bytes);
+      opts.setOutput(out, bytes * world_size_);
+      opts.setTimeout(timeout_);
+      gloo::allgather(opts);
+    });
+  }
+
+  void reduce_scatter(const float* send, float* recv, std::size_t count) override {
+    // Gloo 0.5's option-style API has no reduce-scatter (nor does c10d's
+    // Gloo group in torch 1.13): all-reduce a copy and keep this rank's
+    // block. Twice the traffic of a ring reduce-scatter; NCCL does the real
+    // one on GPUs.
+    run("reduce_scatter", count * sizeof(float), [&] {
+      scratch_.assign(send, send + count * world_size_);
+      gloo::AllreduceOptions opts(context_);
+      opts.setOutput(scratch_.data(), scratch_.size());
+      opts.setReduceFunction(static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<float>));
+      opts.setTimeout(timeout_);
+      gloo::allreduce(opts);
+      std::memcpy(recv, scratch_.data() + rank_ * count, count * sizeof(float));
+    });
+  }
+
+  void all_reduce(float* data, std::size_t count, ReduceOp op) override {
+    run("all_reduce", count * sizeof(float), [&] {
+      gloo::AllreduceOptions opts(context_);
+      opts.setOutput(data, count);
+      if (op == ReduceOp::sum) {
+        opts.setReduceFunction(static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<float>));
+      } else {
+        opts.setReduceFunction(static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::max<float>));
+      }
+      opts.setTimeout(timeout_);
+      gloo::allreduce(opts);
+    });
+  }
+
+  void broadcast(void* data, std::size_t bytes, int root) override {
+    if (root < 0 || root >= world_size_) {
+      throw Error(ErrorKind::invalid, fmt::format("broadcast from rank {} in a world of {}", root, world_size_));
+    }
+    run("broadcast", bytes, [&] {
+      gloo::BroadcastOptions opts(context_);
+      opts.setOutput(static_cast<std::uint8_t*>(data), bytes);
+      opts.setRoot(root);
+      opts.setTimeout(timeout_);
+      gloo::broadcast(opts);
+    });
+  }
+
+  void barrier() override {
+    run("barrier", 0, [&] {
+      gloo::BarrierOptions opts(context_);
+      opts.setTimeout(timeout_);
+      gloo::barrier(opts);
+    });
+  }
+
+ private:
+  static std::string first_line(const char* what) {
+    std::string text(what);
+    // c10 errors append a C++ stack trace after the message.
+    const auto cut = text.find("\nException raised from");
+    if (cut != std::string::npos) text.resize(cut);
+    return text;
+  }
+
+  template <class Body>
+  void run(const char* op, std::size_t bytes, Body&& body) {
+    std::lock_guard lock(mutex_);
+    if (failed_) {
+      throw Error(ErrorKind::comm, fmt::format("rank {} of {}: {} refused: an earlier collective "
+                                               "failed ({})", rank_, world_size_, op, failure_));
+    }
+    if (world_size_ == 1) {
+      body();
+      return;
+    }
+    try {
+      body();
+    } catch (const std::exception& error) {
+      failed_ = true;
+      failure_ = fmt::format("{} of {} bytes: {}", op, bytes, first_line(error.what()));
+      throw Error(ErrorKind::comm,
+                  fmt::format("rank {} of {}: {} failed; a peer rank died or stopped answering "
+                              "within {} s: {}", rank_, world_size_, failure_,
+                              std::chrono::duration_cast<std::chrono::seconds>(timeout_).count(),
+                              first_line(error.what())));
+    }
+  }
+
+  int rank_;
+  int world_size_;
+  std::chrono::milliseconds timeout_;
+  c10::intrusive_ptr<c10d::TCPStore> store_;
+  std::shared_ptr<gloo::Context> context_;
+  std::mutex mutex_;
+  bool failed_ = false;
+  std::string failure_;
+  std::vector<float> scratch_;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_gloo_communicator(const LaunchEnv& launch,
+                                                     std::chrono::milliseconds timeout) {
+  return std::make_unique<GlooCommunicator>(launch, timeout);
+}
+
+bool gloo_available() { return true; }
+
+}  // namespace zinf::zero3
