@@ -7,6 +7,7 @@ packages=(
   g++ meson ninja-build pkg-config python3
   liburing-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libxxhash-dev
   libgtest-dev libbenchmark-dev
+  libgloo-dev libtorch-dev
   fio e2fsprogs util-linux python3-pip
 )
 

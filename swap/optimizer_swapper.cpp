@@ -314,7 +314,10 @@ void OptimizerSwapper::compute(std::size_t group, float* param, float* exp_avg,
   cpu_adam::TensorState state;
   state.param = {param, n, cpu_adam::DType::f32};
   state.grad = grad;
-  state.param_copy = copy;
+  // An fp32 "copy" (fp32 training) is a plain copy after the update; the
+  // kernels fuse only the rounding ones.
+  const bool f32_copy = copy.data != nullptr && copy.dtype == cpu_adam::DType::f32;
+  if (!f32_copy) state.param_copy = copy;
   const auto& settings = options_.optimizer;
   const std::int64_t next = step_ + 1;
   switch (settings.kind) {
@@ -332,6 +335,7 @@ void OptimizerSwapper::compute(std::size_t group, float* param, float* exp_avg,
       optimizer_.lion_step(settings.lion, next, std::span(&state, 1));
       break;
   }
+  if (f32_copy) std::memcpy(copy.data, param, n * sizeof(float));
 }
 
 void OptimizerSwapper::check_step_inputs(std::span<const cpu_adam::Buffer> grads,
@@ -399,7 +403,8 @@ void OptimizerSwapper::step(std::span<const cpu_adam::Buffer> grads,
       auto& tensors = host_[g];
       states[g].param = {tensors[0].data(), n, cpu_adam::DType::f32};
       states[g].grad = grads[g];
-      states[g].param_copy = copy_for(g);
+      const cpu_adam::Buffer copy = copy_for(g);
+      if (copy.dtype != cpu_adam::DType::f32) states[g].param_copy = copy;
       const auto& settings = options_.optimizer;
       if (settings.kind != OptimizerKind::adagrad) {
         states[g].exp_avg = {tensors[1].data(), n, cpu_adam::DType::f32};
@@ -417,6 +422,12 @@ void OptimizerSwapper::step(std::span<const cpu_adam::Buffer> grads,
         optimizer_.adagrad_step(settings.adagrad, step_ + 1, states);
         break;
       case OptimizerKind::lion: optimizer_.lion_step(settings.lion, step_ + 1, states); break;
+    }
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      const cpu_adam::Buffer copy = copy_for(g);
+      if (copy.data != nullptr && copy.dtype == cpu_adam::DType::f32) {
+        std::memcpy(copy.data, host_[g][0].data(), groups_[g].elements * sizeof(float));
+      }
     }
     ++step_;
     for (auto& s : recovery_.group_steps) s = step_;

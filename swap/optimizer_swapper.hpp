@@ -107,8 +107,8 @@ class OptimizerSwapper {
   void initialize(std::size_t group, std::span<const float> params, std::int64_t step = 0,
                   std::span<const std::span<const float>> states = {});
   // One optimizer step: grads[k] (fp32, bf16 or fp16, elements of group k)
-  // and, optionally, param_copies[k] (bf16/fp16) to receive the updated
-  // params. Durable when it returns.
+  // and, optionally, param_copies[k] (bf16/fp16, or fp32 for fp32
+  // training) to receive the updated params. Durable when it returns.
   void step(std::span<const cpu_adam::Buffer> grads,
             std::span<const cpu_adam::Buffer> param_copies = {});
 

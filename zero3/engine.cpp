@@ -1,0 +1,647 @@
+#include "zero3/engine.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include <fmt/format.h>
+
+#include "core/error.hpp"
+#include "core/log.hpp"
+#include "swap/swap_config.hpp"
+
+namespace zinf::zero3 {
+
+using cpu_adam::DType;
+
+struct Engine::Param {
+  ParamDescription d;
+  Initializer init;
+  std::uint64_t partition_offset = 0;  // of this rank's shard in the partition
+  State state = State::not_available;
+  std::uint64_t ready_ticket = 0;      // the gather that makes it available
+  void* gathered = nullptr;            // device: shard_elements x world, working precision
+  void* device_shard = nullptr;        // offload_param "none": this rank's shard on the device
+  float* grad = nullptr;               // device: shard_elements x world fp32, during backward
+  std::string key;                     // offload_param "nvme": the param swapper's key
+};
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::uint64_t dtype_bytes(DType dtype) { return dtype == DType::f32 ? 4 : 2; }
+
+DType working_dtype_of(config::Precision precision) {
+  switch (precision) {
+    case config::Precision::fp32: return DType::f32;
+    case config::Precision::bf16: return DType::bf16;
+    case config::Precision::fp16: return DType::f16;
+  }
+  return DType::f32;
+}
+
+// Writes `in` as `dtype` at `out` (nearest even for the 16-bit types).
+void store_as(DType dtype, std::span<const float> in, std::byte* out) {
+  switch (dtype) {
+    case DType::f32: std::memcpy(out, in.data(), in.size_bytes()); return;
+    case DType::bf16: {
+      auto* half = reinterpret_cast<std::uint16_t*>(out);
+      for (std::size_t i = 0; i < in.size(); ++i) half[i] = cpu_adam::float_to_bf16(in[i]);
+      return;
+    }
+    case DType::f16: {
+      auto* half = reinterpret_cast<std::uint16_t*>(out);
+      for (std::size_t i = 0; i < in.size(); ++i) half[i] = cpu_adam::float_to_f16(in[i]);
+      return;
+    }
+  }
+}
+
+template <class Duration>
+void add_time(std::mutex& mutex, Duration& target, Clock::time_point since) {
+  std::lock_guard lock(mutex);
+  target += std::chrono::duration_cast<Duration>(Clock::now() - since);
+}
+
+}  // namespace
+
+Engine::Engine(const config::Config& config, Communicator& comm, EngineOptions options)
+    : config_(config), comm_(comm), options_(std::move(options)),
+      working_(working_dtype_of(config.training.precision)) {
+  if (config_.zero.stage != 3) {
+    ErrorContext ctx;
+    ctx.key_path = "zero_optimization.stage";
+    throw Error(ErrorKind::config,
+                fmt::format("the zero3 engine partitions parameters: zero_optimization.stage must be 3, "
+                            "not {}", config_.zero.stage),
+                std::move(ctx));
+  }
+  if (!options_.copier) options_.copier = swap::make_host_copier();
+  worker_ = std::thread([this] { worker_loop(); });
+}
+
+Engine::~Engine() {
+  {
+    std::lock_guard lock(mutex_);
+    stopping_ = true;
+  }
+  queued_.notify_all();
+  if (worker_.joinable()) worker_.join();
+  for (auto& param : params_) {
+    if (param->gathered) options_.copier->free_device(param->gathered);
+    if (param->device_shard) options_.copier->free_device(param->device_shard);
+    if (param->grad) options_.copier->free_device(param->grad);
+  }
+  // The swappers hold pool leases: they go before the pool.
+  param_swapper_.reset();
+  optimizer_.reset();
+  param_store_.reset();
+  optimizer_store_.reset();
+  pool_.reset();
+}
+
+std::uint64_t Engine::element_bytes() const { return dtype_bytes(working_); }
+
+Engine::Param& Engine::at(ParamIndex p) {
+  if (p >= params_.size()) {
+    throw Error(ErrorKind::invalid, fmt::format("parameter index {} was never registered ({} are)", p,
+                                                params_.size()));
+  }
+  return *params_[p];
+}
+
+const ParamDescription& Engine::describe(ParamIndex p) const {
+  if (p >= params_.size()) throw Error(ErrorKind::invalid, fmt::format("parameter index {} was never registered", p));
+  return params_[p]->d;
+}
+
+void Engine::require_finalized(const char* what) const {
+  if (!finalized_) throw Error(ErrorKind::invalid, fmt::format("{} before finalize()", what));
+}
+
+ModuleIndex Engine::add_module(std::string name) {
+  if (finalized_) throw Error(ErrorKind::invalid, fmt::format("add_module('{}') after finalize()", name));
+  modules_.push_back(std::move(name));
+  params_of_module_.emplace_back();
+  return static_cast<ModuleIndex>(modules_.size() - 1);
+}
+
+ParamIndex Engine::add_param(ModuleIndex module, std::string name, std::vector<std::int64_t> shape,
+                             Initializer init) {
+  if (finalized_) throw Error(ErrorKind::invalid, fmt::format("add_param('{}') after finalize()", name));
+  if (module >= modules_.size()) {
+    throw Error(ErrorKind::invalid, fmt::format("add_param('{}'): module {} was never added", name, module));
+  }
+  std::uint64_t elements = 1;
+  for (std::int64_t extent : shape) {
+    if (extent <= 0) {
+      throw Error(ErrorKind::invalid, fmt::format("add_param('{}'): shape extents must be positive", name));
+    }
+    elements *= static_cast<std::uint64_t>(extent);
+  }
+  auto param = std::make_unique<Param>();
+  param->d.name = std::move(name);
+  param->d.shape = std::move(shape);
+  param->d.module = module;
+  param->d.elements = elements;
+  param->init = std::move(init);
+  params_.push_back(std::move(param));
+  const auto index = static_cast<ParamIndex>(params_.size() - 1);
+  params_of_module_[module].push_back(index);
+  return index;
+}
+
+ParamIndex Engine::add_param(ModuleIndex module, std::string name, std::vector<std::int64_t> shape,
+                             std::span<const float> initial) {
+  std::uint64_t elements = 1;
+  for (std::int64_t extent : shape) elements *= static_cast<std::uint64_t>(std::max<std::int64_t>(extent, 0));
+  if (initial.size() != elements) {
+    throw Error(ErrorKind::invalid, fmt::format("add_param('{}'): {} initial values for {} elements", name,
+                                                initial.size(), elements));
+  }
+  std::vector<float> copy(initial.begin(), initial.end());
+  return add_param(module, std::move(name), std::move(shape),
+                   [values = std::move(copy)](std::uint64_t offset, std::span<float> out) {
+                     std::copy_n(values.begin() + static_cast<std::ptrdiff_t>(offset), out.size(), out.begin());
+                   });
+}
+
+void Engine::finalize() {
+  if (finalized_) throw Error(ErrorKind::invalid, "finalize() called twice");
+  const int world = comm_.world_size();
+  const int rank = comm_.rank();
+
+  // Shards: every param cut into `world` equal shards (the last padded).
+  std::vector<std::uint64_t> gathered_elements;
+  std::vector<bool> persistent;
+  for (auto& param : params_) {
+    param->d.shard_elements = (param->d.elements + world - 1) / world;
+    param->d.persistent = param->d.elements <= config_.zero.param_persistence_threshold;
+    param->partition_offset = partition_elements_;
+    partition_elements_ += param->d.shard_elements;
+    gathered_elements.push_back(param->d.shard_elements * world);
+    persistent.push_back(param->d.persistent);
+  }
+  CoordinatorOptions coordination;
+  coordination.prefetch_bucket_elements = config_.zero.prefetch_bucket_size;
+  coordination.max_live_elements = config_.zero.max_live_parameters;
+  coordination.max_reuse_distance = config_.zero.max_reuse_distance;
+  coordinator_ = std::make_unique<Coordinator>(params_of_module_, gathered_elements, persistent, coordination);
+
+  // The optimizer over this rank's partition, cut into sub-groups.
+  sub_groups_ = swap::sub_groups(config_, std::max<std::uint64_t>(partition_elements_, 1), "zero3.sub_group.");
+  if (partition_elements_ == 0) sub_groups_.clear();
+  grad_partition_.assign(partition_elements_, 0.0f);
+  working_partition_.assign(partition_elements_ * element_bytes(), std::byte{0});
+  const std::size_t threads = options_.optimizer_threads != 0
+                                  ? options_.optimizer_threads
+                                  : std::max(1u, std::thread::hardware_concurrency());
+  cpu_optimizer_ = std::make_unique<cpu_adam::CpuOptimizer>(threads);
+  swap::OptimizerSwapperOptions optimizer_options = swap::optimizer_swapper_options(config_);
+  optimizer_options.name = "zero3.optimizer";
+
+  const bool optimizer_on_nvme = config_.zero.offload_optimizer.device == config::OffloadDevice::nvme;
+  const bool params_on_nvme = config_.zero.offload_param.device == config::OffloadDevice::nvme;
+  std::uint64_t pool_bytes = 0;
+  std::vector<swap::ParamSpec> specs;
+  swap::ParamSwapperOptions param_options;
+  if (optimizer_on_nvme) {
+    optimizer_store_ = std::make_unique<swap::SwapStore>(
+        swap::store_options(config_, swap::SwapRole::optimizer, rank));
+    pool_bytes += swap::OptimizerSwapper::pinned_bytes_needed(
+        sub_groups_, optimizer_options.optimizer.kind, optimizer_options.overlap,
+        optimizer_store_->alignment());
+  }
+  if (params_on_nvme) {
+    param_store_ = std::make_unique<swap::SwapStore>(swap::store_options(config_, swap::SwapRole::param, rank));
+    param_options = swap::param_swapper_options(config_, element_bytes());
+    for (std::size_t p = 0; p < params_.size(); ++p) {
+      params_[p]->key = fmt::format("p{}:{}", p, params_[p]->d.name);
+      specs.push_back({params_[p]->key, params_[p]->d.shard_elements * element_bytes()});
+    }
+    pool_bytes += swap::ParamSwapper::plan(specs, param_options, param_store_->alignment()).pinned_bytes;
+  }
+  if (pool_bytes > 0) {
+    PinnedPoolOptions pool_options;
+    pool_options.budget_bytes = pool_bytes;
+    // pin_memory: false, or a memlock limit too low, leaves pageable memory
+    // (logged by the pool); correctness does not depend on pinning.
+    pool_options.allow_unpinned = true;
+    pool_ = std::make_unique<PinnedPool>(pool_options);
+  }
+  if (optimizer_on_nvme) {
+    optimizer_ = std::make_unique<swap::OptimizerSwapper>(*optimizer_store_, *pool_, *cpu_optimizer_,
+                                                          sub_groups_, optimizer_options);
+  } else {
+    optimizer_ = std::make_unique<swap::OptimizerSwapper>(*cpu_optimizer_, sub_groups_, optimizer_options);
+  }
+  if (params_on_nvme) {
+    param_swapper_ = std::make_unique<swap::ParamSwapper>(*param_store_, *pool_, specs, param_options);
+  }
+
+  // Initial values: each rank builds only its own shards, sub-group by
+  // sub-group, from the initializers.
+  std::uint64_t group_begin = 0;
+  std::size_t first_param = 0;
+  for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
+    const std::uint64_t group_end = group_begin + sub_groups_[g].elements;
+    std::vector<float> master(sub_groups_[g].elements, 0.0f);
+    while (first_param < params_.size() &&
+           params_[first_param]->partition_offset + params_[first_param]->d.shard_elements <= group_begin) {
+      ++first_param;
+    }
+    for (std::size_t p = first_param; p < params_.size(); ++p) {
+      const Param& param = *params_[p];
+      if (param.partition_offset >= group_end) break;
+      // The part of p's shard inside this sub-group, and the elements of p
+      // it holds (the shard's tail past the param's end is padding).
+      const std::uint64_t from = std::max(group_begin, param.partition_offset);
+      const std::uint64_t to = std::min(group_end, param.partition_offset + param.d.shard_elements);
+      const std::uint64_t shard_start = static_cast<std::uint64_t>(rank) * param.d.shard_elements;
+      const std::uint64_t element_from = shard_start + (from - param.partition_offset);
+      const std::uint64_t element_to = std::min(shard_start + (to - param.partition_offset), param.d.elements);
+      if (element_from < element_to) {
+        param.init(element_from, std::span(master.data() + (from - group_begin), element_to - element_from));
+      }
+    }
+    optimizer_->initialize(g, master, 0);
+    store_as(working_, master, working_partition_.data() + group_begin * element_bytes());
+    group_begin = group_end;
+  }
+
+  finalized_ = true;
+  place_shards();
+  log().info("zero3: rank {} of {}: {} params in {} modules, {} elements in this rank's partition, "
+             "{} sub-groups; params {} ({}), optimizer states {}", rank, world, params_.size(),
+             modules_.size(), partition_elements_, sub_groups_.size(),
+             config::to_string(config_.zero.offload_param.device), cpu_adam::to_string(working_),
+             optimizer_on_nvme ? "nvme" : "host memory");
+}
+
+void Engine::place_shards() {
+  // Shards go where offload_param says, then the persistent params are
+  // gathered for good. Runs with the worker idle, so the collectives here
+  // are in the same order on every rank.
+  const std::uint64_t esize = element_bytes();
+  const auto device = config_.zero.offload_param.device;
+  for (auto& param : params_) {
+    const std::byte* shard = working_partition_.data() + param->partition_offset * esize;
+    const std::uint64_t bytes = param->d.shard_elements * esize;
+    if (device == config::OffloadDevice::none) {
+      if (param->device_shard == nullptr) param->device_shard = options_.copier->allocate_device(bytes);
+      options_.copier->wait(options_.copier->to_device(param->device_shard, shard, bytes));
+    } else if (device == config::OffloadDevice::nvme) {
+      param_swapper_->swap_out(param->key, std::span(shard, bytes));
+    }
+  }
+  if (param_swapper_) param_swapper_->commit();
+  for (auto& param : params_) {
+    if (!param->d.persistent) continue;
+    if (param->gathered == nullptr) {
+      param->gathered = options_.copier->allocate_device(param->d.shard_elements * comm_.world_size() * esize);
+    }
+    gather_into(*param, param->gathered);
+    param->state = State::available;
+  }
+}
+
+void Engine::gather_into(Param& param, void* gathered) {
+  // This rank's shard goes to its place in the gathered buffer, then the
+  // all-gather fills the rest.
+  const std::uint64_t esize = element_bytes();
+  const std::uint64_t bytes = param.d.shard_elements * esize;
+  auto* mine = static_cast<std::byte*>(gathered) + static_cast<std::uint64_t>(comm_.rank()) * bytes;
+  switch (config_.zero.offload_param.device) {
+    case config::OffloadDevice::none:
+      comm_.all_gather(param.device_shard, gathered, bytes);
+      return;
+    case config::OffloadDevice::cpu:
+      options_.copier->wait(
+          options_.copier->to_device(mine, working_partition_.data() + param.partition_offset * esize, bytes));
+      break;
+    case config::OffloadDevice::nvme: {
+      const auto shard = param_swapper_->fetch(param.key);
+      try {
+        options_.copier->wait(options_.copier->to_device(mine, shard.data(), bytes));
+      } catch (...) {
+        param_swapper_->release(param.key);
+        throw;
+      }
+      param_swapper_->release(param.key);
+      break;
+    }
+  }
+  comm_.all_gather(mine, gathered, bytes);
+}
+
+// ---- the worker ----------------------------------------------------------
+
+std::uint64_t Engine::submit(std::function<void()> body, bool fetch) {
+  std::lock_guard lock(mutex_);
+  queue_.push_back(Op{std::move(body), fetch});
+  const std::uint64_t ticket = ++submitted_;
+  queued_.notify_one();
+  return ticket;
+}
+
+void Engine::worker_loop() {
+  std::unique_lock lock(mutex_);
+  for (;;) {
+    queued_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+    if (queue_.empty()) return;  // stopping, nothing left
+    Op op = std::move(queue_.front());
+    queue_.pop_front();
+    const bool skip = failure_ != nullptr;
+    lock.unlock();
+    std::exception_ptr error;
+    if (!skip) {
+      try {
+        op.body();
+      } catch (...) {
+        error = std::current_exception();
+      }
+    }
+    lock.lock();
+    if (error && !failure_) failure_ = error;
+    ++completed_;
+    finished_.notify_all();
+  }
+}
+
+void Engine::throw_if_failed() {
+  std::lock_guard lock(mutex_);
+  if (failure_) std::rethrow_exception(failure_);
+}
+
+void Engine::wait_op(std::uint64_t ticket) {
+  std::unique_lock lock(mutex_);
+  finished_.wait(lock, [&] { return completed_ >= ticket || failure_ != nullptr; });
+  if (failure_) std::rethrow_exception(failure_);
+}
+
+void Engine::drain() {
+  std::uint64_t last = 0;
+  {
+    std::lock_guard lock(mutex_);
+    last = submitted_;
+  }
+  wait_op(last);
+}
+
+// ---- fetch and release -----------------------------------------------------
+
+std::uint64_t Engine::live_elements() const {
+  std::uint64_t total = 0;
+  for (const auto& param : params_) {
+    if (!param->d.persistent && param->state != State::not_available) {
+      total += param->d.shard_elements * comm_.world_size();
+    }
+  }
+  return total;
+}
+
+void Engine::start_fetch(ParamIndex p, bool prefetch) {
+  Param& param = *params_[p];
+  if (param.d.persistent || param.state != State::not_available) return;
+  param.gathered = options_.copier->allocate_device(param.d.shard_elements * comm_.world_size() * element_bytes());
+  param.state = State::in_flight;
+  if (param_swapper_) {
+    // The NVMe read starts now; the gather waits for it on the worker.
+    const std::string key = param.key;
+    param_swapper_->prefetch(std::span(&key, 1));
+  }
+  Param* target = &param;
+  param.ready_ticket = submit(
+      [this, target] {
+        const auto since = Clock::now();
+        gather_into(*target, target->gathered);
+        add_time(stats_mutex_, stats_.fetch_busy, since);
+      },
+      true);
+  std::lock_guard lock(stats_mutex_);
+  ++stats_.gathers;
+  if (prefetch) ++stats_.prefetched;
+}
+
+void Engine::wait_available(ParamIndex p) {
+  Param& param = *params_[p];
+  if (param.state == State::available) return;
+  const auto since = Clock::now();
+  wait_op(param.ready_ticket);
+  add_time(stats_mutex_, stats_.fetch_wait, since);
+  param.state = State::available;
+}
+
+void Engine::fetch_module(ModuleIndex module, Phase phase) {
+  require_finalized(phase == Phase::forward ? "pre_forward" : "pre_backward");
+  throw_if_failed();
+  if (module >= modules_.size()) {
+    throw Error(ErrorKind::invalid, fmt::format("module index {} was never added", module));
+  }
+  const auto& own = params_of_module_[module];
+  for (ParamIndex p : own) start_fetch(p, false);
+  const auto ahead = coordinator_->on_pre_hook(
+      ModuleEvent{module, phase}, [this](ParamIndex p) { return params_[p]->state != State::not_available; },
+      live_elements());
+  for (ParamIndex p : ahead) start_fetch(p, true);
+  for (ParamIndex p : own) wait_available(p);
+}
+
+void Engine::release(ParamIndex p) {
+  Param& param = *params_[p];
+  if (param.d.persistent || param.state == State::not_available) return;
+  if (param.state == State::in_flight) wait_available(p);
+  options_.copier->free_device(param.gathered);
+  param.gathered = nullptr;
+  param.state = State::not_available;
+}
+
+void Engine::release_after_use(ModuleIndex module) {
+  for (ParamIndex p : params_of_module_[module]) {
+    if (!coordinator_->keep_after_use(p)) release(p);
+  }
+}
+
+void Engine::release_all_unpersisted() {
+  for (std::size_t p = 0; p < params_.size(); ++p) release(static_cast<ParamIndex>(p));
+}
+
+// ---- hooks -----------------------------------------------------------------
+
+void Engine::pre_forward(ModuleIndex module) { fetch_module(module, Phase::forward); }
+
+void Engine::post_forward(ModuleIndex module) {
+  require_finalized("post_forward");
+  release_after_use(module);
+}
+
+void Engine::pre_backward(ModuleIndex module) {
+  fetch_module(module, Phase::backward);
+  // A zeroed gradient buffer per param, padded to the gathered size so the
+  // reduce-scatter cuts it into equal blocks.
+  for (ParamIndex p : params_of_module_[module]) {
+    Param& param = *params_[p];
+    if (param.grad != nullptr) continue;
+    const std::uint64_t bytes = param.d.shard_elements * comm_.world_size() * sizeof(float);
+    param.grad = static_cast<float*>(options_.copier->allocate_device(bytes));
+    if (zeros_.size() < bytes) zeros_.assign(bytes, std::byte{0});
+    options_.copier->wait(options_.copier->to_device(param.grad, zeros_.data(), bytes));
+  }
+}
+
+void Engine::post_backward(ModuleIndex module) {
+  require_finalized("post_backward");
+  throw_if_failed();
+  const float scale = 1.0f / static_cast<float>(comm_.world_size() * config_.training.gradient_accumulation_steps);
+  for (ParamIndex p : params_of_module_[module]) {
+    Param& param = *params_[p];
+    if (param.grad == nullptr) {
+      throw Error(ErrorKind::invalid,
+                  fmt::format("post_backward: '{}' has no gradient buffer (no pre_backward for module {})",
+                              param.d.name, module));
+    }
+    float* grad = param.grad;
+    param.grad = nullptr;
+    Param* target = &param;
+    submit(
+        [this, target, grad, scale] {
+          const auto since = Clock::now();
+          const std::uint64_t count = target->d.shard_elements;
+          auto* reduced = static_cast<float*>(options_.copier->allocate_device(count * sizeof(float)));
+          std::vector<float> host(count);
+          try {
+            comm_.reduce_scatter(grad, reduced, count);
+            options_.copier->wait(options_.copier->to_host(reinterpret_cast<std::byte*>(host.data()), reduced,
+                                                           count * sizeof(float)));
+          } catch (...) {
+            options_.copier->free_device(reduced);
+            options_.copier->free_device(grad);
+            throw;
+          }
+          options_.copier->free_device(reduced);
+          options_.copier->free_device(grad);
+          float* shard = grad_partition_.data() + target->partition_offset;
+          for (std::uint64_t i = 0; i < count; ++i) shard[i] += scale * host[i];
+          add_time(stats_mutex_, stats_.reduce_busy, since);
+        },
+        false);
+    std::lock_guard lock(stats_mutex_);
+    ++stats_.reduce_scatters;
+  }
+  release_after_use(module);
+}
+
+void* Engine::param(ParamIndex p) {
+  Param& param = at(p);
+  if (param.state != State::available) {
+    throw Error(ErrorKind::invalid,
+                fmt::format("'{}' is not gathered: use it between its module's pre- and post-hooks",
+                            param.d.name));
+  }
+  return param.gathered;
+}
+
+const float* Engine::param_f32(ParamIndex p) {
+  if (working_ != DType::f32) {
+    throw Error(ErrorKind::invalid, fmt::format("param_f32: the working precision is {}, not fp32",
+                                                cpu_adam::to_string(working_)));
+  }
+  return static_cast<const float*>(param(p));
+}
+
+float* Engine::grad(ParamIndex p) {
+  Param& param = at(p);
+  if (param.grad == nullptr) {
+    throw Error(ErrorKind::invalid,
+                fmt::format("'{}' has no gradient buffer: use it between its module's pre_backward and "
+                            "post_backward", param.d.name));
+  }
+  return param.grad;
+}
+
+// ---- the optimizer step ------------------------------------------------------
+
+bool Engine::step() {
+  require_finalized("step");
+  drain();
+  release_all_unpersisted();
+  coordinator_->begin_micro_step();
+  ++micro_step_;
+  {
+    std::lock_guard lock(stats_mutex_);
+    ++stats_.micro_steps;
+    stats_.order_changes = coordinator_->divergences();
+  }
+  if (micro_step_ % static_cast<std::int64_t>(config_.training.gradient_accumulation_steps) != 0) return false;
+
+  const auto since = Clock::now();
+  // Global gradient norm over every rank's shards (padding is zero).
+  double local = 0.0;
+  for (float g : grad_partition_) local += static_cast<double>(g) * g;
+  float total = static_cast<float>(local);
+  comm_.all_reduce(&total, 1, ReduceOp::sum);
+  const double norm = std::sqrt(static_cast<double>(total));
+  const double clip = config_.training.gradient_clipping;
+  if (clip > 0.0) {
+    // torch.nn.utils.clip_grad_norm_'s rule.
+    const double coefficient = clip / (norm + 1e-6);
+    if (coefficient < 1.0) {
+      const float c = static_cast<float>(coefficient);
+      for (float& g : grad_partition_) g *= c;
+    }
+  }
+
+  std::vector<cpu_adam::Buffer> grads;
+  std::vector<cpu_adam::Buffer> copies;
+  std::uint64_t offset = 0;
+  for (const auto& group : sub_groups_) {
+    grads.push_back({grad_partition_.data() + offset, group.elements, DType::f32});
+    copies.push_back({working_partition_.data() + offset * element_bytes(), group.elements, working_});
+    offset += group.elements;
+  }
+  optimizer_->step(grads, copies);
+  ++optimizer_step_;
+  std::fill(grad_partition_.begin(), grad_partition_.end(), 0.0f);
+  place_shards();
+  std::lock_guard lock(stats_mutex_);
+  ++stats_.optimizer_steps;
+  stats_.last_grad_norm = norm;
+  stats_.step_time = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - since);
+  return true;
+}
+
+EngineStats Engine::stats() const {
+  std::lock_guard lock(stats_mutex_);
+  return stats_;
+}
+
+std::vector<float> Engine::gather_master(ParamIndex p) {
+  require_finalized("gather_master");
+  drain();
+  const Param& param = at(p);
+  const std::uint64_t count = param.d.shard_elements;
+  std::vector<float> mine(count, 0.0f);
+  // The sub-groups that hold this param's shard.
+  std::uint64_t group_begin = 0;
+  for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
+    const std::uint64_t group_end = group_begin + sub_groups_[g].elements;
+    const std::uint64_t from = std::max(group_begin, param.partition_offset);
+    const std::uint64_t to = std::min(group_end, param.partition_offset + count);
+    if (from < to) {
+      std::vector<float> values(sub_groups_[g].elements);
+      optimizer_->read_params(g, values);
+      std::copy(values.begin() + static_cast<std::ptrdiff_t>(from - group_begin),
+                values.begin() + static_cast<std::ptrdiff_t>(to - group_begin),
+                mine.begin() + static_cast<std::ptrdiff_t>(from - param.partition_offset));
+    }
+    group_begin = group_end;
+  }
+  std::vector<float> whole(count * comm_.world_size());
+  comm_.all_gather(mine.data(), whole.data(), count * sizeof(float));
+  whole.resize(param.d.elements);
+  return whole;
+}
+
+}  // namespace zinf::zero3

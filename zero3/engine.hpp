@@ -1,0 +1,221 @@
+// The ZeRO-3 engine a trainer links: it owns every parameter as shards
+// across the data-parallel ranks and hands the trainer whole parameters only
+// while a module runs.
+//
+//   register   add_module / add_param (name, shape, initial values) on every
+//              rank in the same order, then finalize()
+//   forward    pre_forward(m): m's params are gathered (all-gather of the
+//              shards); param(p) points at the whole param until post_forward(m)
+//   backward   pre_backward(m): params gathered again and a zeroed gradient
+//              buffer grad(p) per param, which the trainer fills with the
+//              gradient of its micro-batch's mean loss; post_backward(m)
+//              reduce-scatters it into this rank's fp32 gradient shard
+//   step()     after every micro-step; at each gradient_accumulation_steps-th
+//              it averages the gradients over ranks and micro-steps, clips
+//              them by global norm (gradient_clipping), runs the optimizer on
+//              this rank's fp32 shards (cpu_adam, states in memory or on NVMe)
+//              and writes the updated shards back in the working precision
+//
+// Parameters at or below stage3_param_persistence_threshold elements stay
+// gathered on every rank (their optimizer state is still sharded). Shards
+// live where offload_param says: on the device ("none"), in host memory
+// ("cpu") or on NVMe ("nvme", read ahead through the param swapper).
+// Gathers and gradient reductions run on a worker thread in the order the
+// hooks ask for them, the same order on every rank; the coordinator decides
+// what to gather ahead (see coordinator.hpp).
+//
+// Device memory comes from a DeviceCopier: CUDA with the NCCL communicator,
+// or the host stand-in (device memory in RAM), which the CPU communicator
+// and the tests use.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/config.hpp"
+#include "cpu_adam/cpu_adam.hpp"
+#include "cpu_adam/dtype.hpp"
+#include "pinned_pool/pinned_pool.hpp"
+#include "swap/device_copy.hpp"
+#include "swap/optimizer_swapper.hpp"
+#include "swap/param_swapper.hpp"
+#include "swap/swap_store.hpp"
+#include "zero3/communicator.hpp"
+#include "zero3/coordinator.hpp"
+
+namespace zinf::zero3 {
+
+// Fills out[0..n) with elements [offset, offset + n) of the flattened
+// parameter (row-major); every rank must produce the same values.
+using Initializer = std::function<void(std::uint64_t offset, std::span<float> out)>;
+
+struct EngineOptions {
+  // Device memory and host<->device copies; null: the host stand-in.
+  std::shared_ptr<swap::DeviceCopier> copier;
+  std::size_t optimizer_threads = 0;  // 0: every hardware thread
+};
+
+struct EngineStats {
+  std::uint64_t gathers = 0;          // all-gathers issued
+  std::uint64_t prefetched = 0;       // of which issued ahead of their hook
+  std::uint64_t reduce_scatters = 0;
+  std::uint64_t optimizer_steps = 0;
+  std::uint64_t micro_steps = 0;
+  // Trainer time blocked in pre-hooks waiting for gathers, and worker time
+  // spent producing them (NVMe read + copy + all-gather): 1 - wait / busy
+  // is the fraction of fetch time prefetch hid.
+  std::chrono::nanoseconds fetch_wait{0};
+  std::chrono::nanoseconds fetch_busy{0};
+  std::chrono::nanoseconds reduce_busy{0};
+  std::chrono::nanoseconds step_time{0};  // last optimizer step, incl. write-back
+  double last_grad_norm = 0.0;            // before clipping
+  std::uint64_t order_changes = 0;        // coordinator divergences
+};
+
+struct ParamDescription {
+  std::string name;
+  std::vector<std::int64_t> shape;
+  ModuleIndex module = 0;
+  std::uint64_t elements = 0;
+  std::uint64_t shard_elements = 0;  // per rank, padded
+  bool persistent = false;
+};
+
+class Engine {
+ public:
+  Engine(const config::Config& config, Communicator& comm, EngineOptions options = {});
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Registration, identical on every rank, before finalize().
+  ModuleIndex add_module(std::string name);
+  ParamIndex add_param(ModuleIndex module, std::string name, std::vector<std::int64_t> shape,
+                       Initializer init);
+  // `initial`: the whole flattened param (every rank passes the same).
+  ParamIndex add_param(ModuleIndex module, std::string name, std::vector<std::int64_t> shape,
+                       std::span<const float> initial);
+  // Cuts the shards, sets up the optimizer (and the swappers the config
+  // asks for) and places each shard where offload_param says. Collective.
+  void finalize();
+
+  // Hooks, called on every rank in the same order.
+  void pre_forward(ModuleIndex module);
+  void post_forward(ModuleIndex module);
+  void pre_backward(ModuleIndex module);
+  void post_backward(ModuleIndex module);
+  // After each micro-step's backward. Returns true when it ran the optimizer.
+  bool step();
+
+  // The whole parameter in the working precision (device memory), valid
+  // between a pre- and post-hook of its module, always for persistent ones.
+  void* param(ParamIndex p);
+  const float* param_f32(ParamIndex p);  // fp32 training only
+  // The gradient buffer (fp32, the param's elements, device memory), valid
+  // between pre_backward and post_backward of its module.
+  float* grad(ParamIndex p);
+
+  // The whole fp32 master weights of `p` (from the optimizer's shards).
+  // Collective.
+  std::vector<float> gather_master(ParamIndex p);
+
+  // Resumable sharded state: every rank writes its shards and optimizer
+  // state into `dir` (created); rank 0 adds the description. With
+  // stage3_gather_16bit_weights_on_model_save, rank 0 also writes the whole
+  // model in the working precision (16-bit) as safetensors. Collective.
+  void save_checkpoint(const std::filesystem::path& dir);
+  // Restores a checkpoint written with the same world size and parameters;
+  // a mismatch or a corrupt file is an error naming the file. Collective.
+  void load_checkpoint(const std::filesystem::path& dir);
+
+  const ParamDescription& describe(ParamIndex p) const;
+  std::size_t param_count() const { return params_.size(); }
+  EngineStats stats() const;
+  const Coordinator& coordinator() const { return *coordinator_; }
+  std::int64_t optimizer_step() const { return optimizer_step_; }
+  cpu_adam::DType working_dtype() const { return working_; }
+
+ private:
+  enum class State { not_available, in_flight, available };
+  struct Param;
+  struct Op {
+    std::function<void()> body;
+    bool fetch = false;
+  };
+
+  Param& at(ParamIndex p);
+  void require_finalized(const char* what) const;
+  void fetch_module(ModuleIndex module, Phase phase);
+  void start_fetch(ParamIndex p, bool prefetch);
+  void wait_available(ParamIndex p);
+  void release_after_use(ModuleIndex module);
+  void release(ParamIndex p);
+  void release_all_unpersisted();
+  void gather_into(Param& param, void* gathered);
+  void place_shards();
+  std::uint64_t live_elements() const;
+
+  std::uint64_t submit(std::function<void()> body, bool fetch);
+  void wait_op(std::uint64_t ticket);
+  void drain();
+  void worker_loop();
+  void throw_if_failed();
+
+  std::uint64_t element_bytes() const;
+
+  config::Config config_;
+  Communicator& comm_;
+  EngineOptions options_;
+  cpu_adam::DType working_;
+  bool finalized_ = false;
+
+  std::vector<std::string> modules_;
+  std::vector<std::vector<ParamIndex>> params_of_module_;
+  std::vector<std::unique_ptr<Param>> params_;
+  std::unique_ptr<Coordinator> coordinator_;
+
+  // This rank's partition: every param's shard, concatenated.
+  std::uint64_t partition_elements_ = 0;
+  std::vector<float> grad_partition_;           // fp32, accumulated over micro-steps
+  std::vector<std::byte> working_partition_;    // working precision: optimizer output, "cpu" shards
+  std::vector<std::byte> zeros_;                // source of zeroed gradient buffers
+  std::vector<swap::SubGroup> sub_groups_;
+
+  std::unique_ptr<cpu_adam::CpuOptimizer> cpu_optimizer_;
+  std::unique_ptr<PinnedPool> pool_;
+  std::unique_ptr<swap::SwapStore> optimizer_store_;
+  std::unique_ptr<swap::SwapStore> param_store_;
+  std::unique_ptr<swap::OptimizerSwapper> optimizer_;
+  std::unique_ptr<swap::ParamSwapper> param_swapper_;
+
+  std::int64_t micro_step_ = 0;
+  std::int64_t optimizer_step_ = 0;
+
+  // The worker: gathers and reductions in submission order.
+  mutable std::mutex mutex_;
+  std::condition_variable queued_;
+  std::condition_variable finished_;
+  std::deque<Op> queue_;
+  std::uint64_t submitted_ = 0;
+  std::uint64_t completed_ = 0;
+  std::exception_ptr failure_;
+  bool stopping_ = false;
+  std::thread worker_;
+
+  mutable std::mutex stats_mutex_;
+  EngineStats stats_;
+};
+
+}  // namespace zinf::zero3
