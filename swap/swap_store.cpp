@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 #include <xxhash.h>
 
+#include "core/atomic_file.hpp"
 #include "core/error.hpp"
 #include "core/log.hpp"
 #include "core/units.hpp"
@@ -43,44 +44,6 @@ Error corrupt(const std::filesystem::path& path, const std::string& message) {
 Error with_key(const Error& error, std::string_view what, std::string_view key) {
   return Error(error.kind(), fmt::format("{} of key '{}' failed: {}", what, key, error.message()),
                error.context());
-}
-
-// Replaces `path` atomically (temporary file, rename). With `sync` the data
-// and the rename reach the disk before it returns.
-void replace_file(const std::filesystem::path& path, const std::string& text, bool sync) {
-  const std::filesystem::path temporary = path.string() + ".tmp";
-  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) throw_path_error("open", temporary.string(), errno);
-  std::size_t done = 0;
-  while (done < text.size()) {
-    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      const int error = errno;
-      ::close(fd);
-      throw_io_error("write", temporary.string(), done, text.size() - done, error);
-    }
-    done += static_cast<std::size_t>(n);
-  }
-  if (sync && ::fsync(fd) != 0) {
-    const int error = errno;
-    ::close(fd);
-    throw_path_error("fsync", temporary.string(), error);
-  }
-  ::close(fd);
-  if (::rename(temporary.c_str(), path.c_str()) != 0) {
-    throw_path_error("rename", temporary.string(), errno);
-  }
-  if (!sync) return;
-  // The rename itself must reach the disk, or a crash could bring back the
-  // previous manifest while the freed extents were already reused.
-  const std::filesystem::path directory = path.parent_path().empty() ? "." : path.parent_path();
-  const int dir_fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd < 0) throw_path_error("open", directory.string(), errno);
-  const int synced = ::fsync(dir_fd);
-  const int error = errno;
-  ::close(dir_fd);
-  if (synced != 0) throw_path_error("fsync", directory.string(), error);
 }
 
 }  // namespace

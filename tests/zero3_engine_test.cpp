@@ -3,6 +3,8 @@
 // offload combination ends with the parameters of the same model trained in
 // one process without ZeRO, on the same samples, within fp32 tolerance.
 #include <cmath>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -18,6 +20,7 @@
 #include "test_util.hpp"
 #include "tiny_model.hpp"
 #include "zero3/engine.hpp"
+#include "zero3/safetensors.hpp"
 
 namespace zinf::zero3 {
 namespace {
@@ -295,6 +298,168 @@ TEST_P(EngineEquality, NvmeWithAccumulationClippingAndNothingPersistentMatches) 
 }
 
 INSTANTIATE_TEST_SUITE_P(WorldSizes, EngineEquality, ::testing::Values(1, 2, 4));
+
+// Trains steps [from, to) on this rank, after loading `load` if given, and
+// saves to `save` at the end if given; returns the masters.
+std::vector<std::vector<float>> train_span(const TrainingRun& run, const LaunchEnv& launch, int from, int to,
+                                           const std::string& load, const std::string& save,
+                                           const std::string& extra_zero = "") {
+  std::string json = config_json(run);
+  if (!extra_zero.empty()) json.replace(json.find("\"stage\": 3,"), 11, "\"stage\": 3, " + extra_zero + ",");
+  const config::Config config = config::load_config_string(json);
+  CommunicatorOptions comm_options;
+  comm_options.timeout = std::chrono::seconds(60);
+  auto comm = make_communicator(launch, comm_options);
+  EngineOptions options;
+  options.optimizer_threads = 1;
+  Engine engine(config, *comm, options);
+  TinyOnEngine model(engine, run.shape);
+  engine.finalize();
+  if (!load.empty()) engine.load_checkpoint(load);
+  if (engine.optimizer_step() != from) throw std::runtime_error("resumed at the wrong step");
+  for (int step = from; step < to; ++step) {
+    for (int micro = 0; micro < run.accumulation; ++micro) {
+      model.micro_step(engine, run.shape, batch_index(run, step, micro, comm->rank()));
+      engine.step();
+    }
+  }
+  if (!save.empty()) engine.save_checkpoint(save);
+  return model.masters(engine);
+}
+
+void write_floats(const std::string& path, const std::vector<std::vector<float>>& tensors) {
+  std::ofstream out(path, std::ios::binary);
+  for (const auto& t : tensors) out.write(reinterpret_cast<const char*>(t.data()), t.size() * sizeof(float));
+}
+
+std::vector<char> read_all(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::vector<char>(std::istreambuf_iterator<char>(in), {});
+}
+
+class EngineCheckpoint : public ::testing::TestWithParam<int> {
+ protected:
+  void SetUp() override {
+    if (GetParam() > 1 && !gloo_available()) GTEST_SKIP() << "this build has no Gloo communicator";
+  }
+};
+
+TEST_P(EngineCheckpoint, ResumeContinuesExactlyLikeTheUninterruptedRun) {
+  testing::TempDir dir;
+  TrainingRun run;
+  run.world = GetParam();
+  run.offload_param = "nvme";
+  run.offload_optimizer = "nvme";
+  run.accumulation = 2;
+  run.clipping = 0.05;
+  run.steps = 5;
+  run.nvme_dir = (dir.path() / "nvme").string();
+  const std::string checkpoint = (dir.path() / "ckpt").string();
+  const std::string straight = (dir.path() / "straight.bin").string();
+  const std::string resumed = (dir.path() / "resumed.bin").string();
+  auto outcomes = testing::run_ranks(run.world, [&](const LaunchEnv& launch) {
+    const auto masters = train_span(run, launch, 0, 5, "", "");
+    if (launch.rank == 0) write_floats(straight, masters);
+  });
+  ASSERT_TRUE(testing::all_succeeded(outcomes)) << testing::describe(outcomes);
+  // Steps 0-1, checkpoint, and the processes end; new ones resume for 2-4.
+  outcomes = testing::run_ranks(run.world, [&](const LaunchEnv& launch) {
+    train_span(run, launch, 0, 2, "", checkpoint);
+  });
+  ASSERT_TRUE(testing::all_succeeded(outcomes)) << testing::describe(outcomes);
+  EXPECT_TRUE(std::filesystem::exists(std::filesystem::path(checkpoint) / "zinf_checkpoint.json"));
+  outcomes = testing::run_ranks(run.world, [&](const LaunchEnv& launch) {
+    const auto masters = train_span(run, launch, 2, 5, checkpoint, "");
+    if (launch.rank == 0) write_floats(resumed, masters);
+  });
+  ASSERT_TRUE(testing::all_succeeded(outcomes)) << testing::describe(outcomes);
+  const auto a = read_all(straight);
+  const auto b = read_all(resumed);
+  ASSERT_FALSE(a.empty());
+  EXPECT_TRUE(a == b) << "the resumed run's parameters differ from the uninterrupted run's";
+}
+
+INSTANTIATE_TEST_SUITE_P(WorldSizes, EngineCheckpoint, ::testing::Values(1, 2, 4));
+
+TEST(EngineCheckpointErrors, AnotherWorldSizeACorruptShardAndAMissingDescriptionAreRefused) {
+  if (!gloo_available()) GTEST_SKIP() << "this build has no Gloo communicator";
+  testing::TempDir dir;
+  TrainingRun run;
+  run.world = 2;
+  run.steps = 1;
+  const std::string checkpoint = (dir.path() / "ckpt").string();
+  auto outcomes = testing::run_ranks(2, [&](const LaunchEnv& launch) { train_span(run, launch, 0, 1, "", checkpoint); });
+  ASSERT_TRUE(testing::all_succeeded(outcomes)) << testing::describe(outcomes);
+
+  const auto load_error = [&](const std::string& from) {
+    const config::Config config = config::load_config_string(config_json(run));
+    auto comm = make_local_communicator();
+    Engine engine(config, *comm);
+    TinyOnEngine model(engine, run.shape);
+    engine.finalize();
+    try {
+      engine.load_checkpoint(from);
+    } catch (const Error& error) {
+      return std::string(to_string(error.kind())) + ": " + error.what();
+    }
+    return std::string("loaded");
+  };
+  const std::string other_world = load_error(checkpoint);
+  EXPECT_NE(other_world.find("saved by 2 ranks, loaded by 1"), std::string::npos) << other_world;
+  EXPECT_NE(other_world.find("zinf_checkpoint.json"), std::string::npos) << other_world;
+  EXPECT_NE(load_error((dir.path() / "nowhere").string()).find("holds no complete checkpoint"), std::string::npos);
+
+  // A flipped byte in rank 1's shard: rank 1 refuses naming the file (and
+  // rank 0, waiting in the barrier, fails when rank 1 leaves).
+  const auto shard = std::filesystem::path(checkpoint) / "zero3_rank00001_group00000.safetensors";
+  {
+    std::fstream file(shard, std::ios::in | std::ios::out | std::ios::binary);
+    file.seekg(-5, std::ios::end);
+    char c = 0;
+    file.read(&c, 1);
+    c ^= 0x20;
+    file.seekp(-5, std::ios::end);
+    file.write(&c, 1);
+  }
+  outcomes = testing::run_ranks(2, [&](const LaunchEnv& launch) { train_span(run, launch, 1, 1, checkpoint, ""); });
+  EXPECT_FALSE(outcomes[1].hung) << testing::describe(outcomes);
+  EXPECT_NE(outcomes[1].error.find("zero3_rank00001_group00000.safetensors"), std::string::npos) << outcomes[1].error;
+  EXPECT_NE(outcomes[1].error.find("checksum"), std::string::npos) << outcomes[1].error;
+  EXPECT_FALSE(outcomes[0].hung) << testing::describe(outcomes);
+}
+
+TEST(EngineCheckpoint16Bit, WholeWeightsAreSavedInTheWorkingPrecision) {
+  if (!gloo_available()) GTEST_SKIP() << "this build has no Gloo communicator";
+  testing::TempDir dir;
+  TrainingRun run;
+  run.world = 2;
+  const std::string checkpoint = (dir.path() / "ckpt").string();
+  // bf16 training, saved before any step: the file holds the initial values
+  // rounded to bf16, whole, under the registered names and shapes.
+  const auto outcomes = testing::run_ranks(2, [&](const LaunchEnv& launch) {
+    std::string json = config_json(run);
+    json.replace(json.find("\"stage\": 3,"), 11, "\"stage\": 3, \"stage3_gather_16bit_weights_on_model_save\": true,");
+    json.insert(1, "\"bf16\": {\"enabled\": true},");
+    auto comm = make_communicator(launch);
+    Engine engine(config::load_config_string(json), *comm);
+    TinyOnEngine model(engine, run.shape);
+    engine.finalize();
+    engine.save_checkpoint(checkpoint);
+  });
+  ASSERT_TRUE(testing::all_succeeded(outcomes)) << testing::describe(outcomes);
+  const auto file = read_safetensors(std::filesystem::path(checkpoint) / "zinf_model_weights.safetensors");
+  ASSERT_EQ(file.tensors.size(), 7u);
+  const auto& w1 = file.tensors.at("layer1.W");
+  EXPECT_EQ(w1.dtype, "BF16");
+  EXPECT_EQ(w1.shape, (std::vector<std::int64_t>{24, 24}));
+  const auto initial = testing::tiny_initial(run.shape, 0, 1);
+  const auto bytes = file.bytes("layer1.W", "BF16", initial.size() * 2);
+  for (std::size_t i = 0; i < initial.size(); ++i) {
+    std::uint16_t half = 0;
+    std::memcpy(&half, bytes.data() + 2 * i, 2);
+    ASSERT_EQ(half, cpu_adam::float_to_bf16(initial[i])) << i;
+  }
+}
 
 }  // namespace
 }  // namespace zinf::zero3

@@ -15,17 +15,6 @@ namespace zinf::zero3 {
 
 using cpu_adam::DType;
 
-struct Engine::Param {
-  ParamDescription d;
-  Initializer init;
-  std::uint64_t partition_offset = 0;  // of this rank's shard in the partition
-  State state = State::not_available;
-  std::uint64_t ready_ticket = 0;      // the gather that makes it available
-  void* gathered = nullptr;            // device: shard_elements x world, working precision
-  void* device_shard = nullptr;        // offload_param "none": this rank's shard on the device
-  float* grad = nullptr;               // device: shard_elements x world fp32, during backward
-  std::string key;                     // offload_param "nvme": the param swapper's key
-};
 
 namespace {
 
@@ -170,6 +159,7 @@ ParamIndex Engine::add_param(ModuleIndex module, std::string name, std::vector<s
 
 void Engine::finalize() {
   if (finalized_) throw Error(ErrorKind::invalid, "finalize() called twice");
+  if (params_.empty()) throw Error(ErrorKind::invalid, "finalize() with no parameters registered");
   const int world = comm_.world_size();
   const int rank = comm_.rank();
 

@@ -149,7 +149,17 @@ class Engine {
 
  private:
   enum class State { not_available, in_flight, available };
-  struct Param;
+  struct Param {
+    ParamDescription d;
+    Initializer init;
+    std::uint64_t partition_offset = 0;  // of this rank's shard in the partition
+    State state = State::not_available;
+    std::uint64_t ready_ticket = 0;      // the gather that makes it available
+    void* gathered = nullptr;            // device: shard_elements x world, working precision
+    void* device_shard = nullptr;        // offload_param "none": this rank's shard on the device
+    float* grad = nullptr;               // device: shard_elements x world fp32, during backward
+    std::string key;                     // offload_param "nvme": the param swapper's key
+  };
   struct Op {
     std::function<void()> body;
     bool fetch = false;
