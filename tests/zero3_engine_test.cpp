@@ -3,6 +3,8 @@
 // offload combination ends with the parameters of the same model trained in
 // one process without ZeRO, on the same samples, within fp32 tolerance.
 #include <cmath>
+#include <unistd.h>
+
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -335,6 +337,100 @@ void write_floats(const std::string& path, const std::vector<std::vector<float>>
 std::vector<char> read_all(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::vector<char>(std::istreambuf_iterator<char>(in), {});
+}
+
+// What the hooks gather and when: nothing ahead while the first micro-step
+// is recorded, ahead of use afterwards; persistent params never; a changed
+// module order is counted and training goes on, fetching on demand.
+TEST(EnginePrefetch, GathersAheadAfterTheFirstMicroStepAndNeverForPersistentParams) {
+  TrainingRun run;
+  run.world = 1;
+  auto comm = make_local_communicator();
+  std::string json = config_json(run);
+  Engine engine(config::load_config_string(json), *comm);
+  TinyOnEngine model(engine, run.shape);
+  engine.finalize();
+  // b and v (24 elements) persist: gathered from the start, outside hooks.
+  EXPECT_TRUE(engine.describe(model.b[0]).persistent);
+  EXPECT_FALSE(engine.describe(model.W[0]).persistent);
+  EXPECT_NE(engine.param(model.v), nullptr);
+  try {
+    engine.param(model.W[0]);
+    ADD_FAILURE() << "a sharded param is readable outside its module's hooks";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::invalid);
+    EXPECT_NE(std::string(error.what()).find("layer0.W"), std::string::npos);
+  }
+
+  model.micro_step(engine, run.shape, 0);
+  engine.step();
+  EngineStats first = engine.stats();
+  // Recording: each W gathered at its forward and again at its backward
+  // (reuse distance aside), nothing ahead.
+  EXPECT_EQ(first.prefetched, 0u);
+  EXPECT_GE(first.gathers, 3u);
+  EXPECT_EQ(engine.coordinator().mode(), Coordinator::Mode::following);
+
+  model.micro_step(engine, run.shape, 1);
+  engine.step();
+  const EngineStats second = engine.stats();
+  EXPECT_GT(second.prefetched, 0u);
+  EXPECT_EQ(second.order_changes, 0u);
+  // Every gather of the second step but the first layer's was started ahead
+  // (the bucket of 1000 elements holds one 576-element W).
+  EXPECT_EQ(second.gathers - first.gathers - (second.prefetched - first.prefetched), 1u);
+}
+
+TEST(EnginePrefetch, AChangedModuleOrderIsCountedAndTrainingGoesOn) {
+  TrainingRun run;
+  run.world = 1;
+  auto comm = make_local_communicator();
+  Engine engine(config::load_config_string(config_json(run)), *comm);
+  TinyOnEngine model(engine, run.shape);
+  engine.finalize();
+  model.micro_step(engine, run.shape, 0);
+  engine.step();
+  // A forward-only pass over the layers in reverse: not the recorded order.
+  for (int l = run.shape.layers - 1; l >= 0; --l) {
+    engine.pre_forward(model.layer_modules[l]);
+    EXPECT_NE(engine.param(model.W[l]), nullptr);
+    engine.post_forward(model.layer_modules[l]);
+  }
+  engine.step();
+  EXPECT_EQ(engine.stats().order_changes, 1u);
+  EXPECT_EQ(engine.coordinator().mode(), Coordinator::Mode::recording);
+  model.micro_step(engine, run.shape, 1);
+  engine.step();
+  EXPECT_EQ(engine.coordinator().mode(), Coordinator::Mode::following);
+}
+
+TEST(EngineFailure, ARankThatDiesMidTrainingMakesTheOthersFailClearly) {
+  if (!gloo_available()) GTEST_SKIP() << "this build has no Gloo communicator";
+  testing::TempDir dir;
+  TrainingRun run;
+  run.world = 3;
+  run.offload_param = "nvme";
+  run.offload_optimizer = "nvme";
+  run.nvme_dir = dir.path().string();
+  const auto outcomes = testing::run_ranks(3, [&](const LaunchEnv& launch) {
+    CommunicatorOptions comm_options;
+    comm_options.timeout = std::chrono::seconds(60);
+    auto comm = make_communicator(launch, comm_options);
+    Engine engine(config::load_config_string(config_json(run)), *comm);
+    TinyOnEngine model(engine, run.shape);
+    engine.finalize();
+    for (int step = 0; step < 4; ++step) {
+      if (step == 2 && launch.rank == 1) ::_exit(7);  // a crash between steps
+      model.micro_step(engine, run.shape, batch_index(run, step, 0, launch.rank));
+      engine.step();
+    }
+  }, std::chrono::seconds(50));
+  ASSERT_EQ(outcomes[1].exit_code, 7) << testing::describe(outcomes);
+  for (int rank : {0, 2}) {
+    EXPECT_FALSE(outcomes[rank].hung) << testing::describe(outcomes);
+    EXPECT_EQ(outcomes[rank].exit_code, 3) << testing::describe(outcomes);
+    EXPECT_NE(outcomes[rank].error.find("peer rank died"), std::string::npos) << outcomes[rank].error;
+  }
 }
 
 class EngineCheckpoint : public ::testing::TestWithParam<int> {
