@@ -1,0 +1,122 @@
+// examples/gpt_zero3 as a user runs it: it starts its own ranks, trains,
+// prints one loss per step; the same run with NVMe offload prints the same
+// losses; a checkpoint resumes where it stopped; a bad config is refused
+// naming the key.
+#include <sys/wait.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "test_util.hpp"
+
+namespace {
+
+using zinf::testing::TempDir;
+
+struct Outcome {
+  int exit_code;
+  std::string out;
+  std::string err;
+};
+
+std::string slurp(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+Outcome run_example(const std::string& arguments) {
+  const char* binary = std::getenv("GPT_ZERO3");
+  TempDir logs;
+  const std::string command = std::string(binary ? binary : "gpt_zero3") + " " + arguments + " >" +
+                              (logs / "out").string() + " 2>" + (logs / "err").string();
+  const int status = std::system(command.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, slurp(logs / "out"), slurp(logs / "err")};
+}
+
+std::vector<double> losses(const std::string& out) {
+  std::vector<double> values;
+  const std::regex line(R"(step (\d+) loss ([0-9.]+))");
+  for (auto it = std::sregex_iterator(out.begin(), out.end(), line); it != std::sregex_iterator(); ++it) {
+    values.push_back(std::stod((*it)[2]));
+  }
+  return values;
+}
+
+std::string write_config(const TempDir& dir, const std::string& name, const std::string& zero_extra) {
+  const auto path = dir / name;
+  std::ofstream(path) << R"({"optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}},
+    "gradient_clipping": 1.0,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1000)"
+                      << zero_extra << "}}";
+  return path.string();
+}
+
+const char* kSmall = " --layers 2 --width 32 --context 16 --batch 4";
+
+TEST(GptExample, NvmeOffloadPrintsTheSameLossesAsNoOffloadOverTwoRanks) {
+  TempDir dir;
+  const std::string plain = write_config(dir, "plain.json", "");
+  const std::string nvme_dir = (dir / "nvme").string();
+  const std::string nvme = write_config(
+      dir, "nvme.json",
+      R"(, "offload_param": {"device": "nvme", "nvme_path": ")" + nvme_dir +
+          R"("}, "offload_optimizer": {"device": "nvme", "nvme_path": ")" + nvme_dir + R"("})");
+  const Outcome a = run_example("--config " + plain + " --world-size 2 --steps 3" + kSmall);
+  const Outcome b = run_example("--config " + nvme + " --world-size 2 --steps 3" + kSmall);
+  ASSERT_EQ(a.exit_code, 0) << a.err;
+  ASSERT_EQ(b.exit_code, 0) << b.err;
+  const auto la = losses(a.out), lb = losses(b.out);
+  ASSERT_EQ(la.size(), 3u) << a.out;
+  ASSERT_EQ(lb.size(), 3u) << b.out;
+  for (std::size_t i = 0; i < la.size(); ++i) EXPECT_NEAR(la[i], lb[i], 1e-5 * la[i]) << "step " << i + 1;
+  EXPECT_TRUE(std::filesystem::exists(dir / "nvme" / "zinf" / "rank1" / "param"));
+}
+
+TEST(GptExample, TheLossFalls) {
+  TempDir dir;
+  const Outcome o = run_example("--config " + write_config(dir, "c.json", "") + " --steps 15" + kSmall);
+  ASSERT_EQ(o.exit_code, 0) << o.err;
+  const auto l = losses(o.out);
+  ASSERT_EQ(l.size(), 15u) << o.out;
+  EXPECT_NEAR(l.front(), std::log(64.0), 0.2);  // uniform over the vocabulary at the start
+  EXPECT_LT(l.back(), l.front() - 0.5) << o.out;
+}
+
+TEST(GptExample, ACheckpointResumesWhereTheRunStopped) {
+  TempDir dir;
+  const std::string config = write_config(dir, "c.json", R"(, "stage3_gather_16bit_weights_on_model_save": true)");
+  const std::string checkpoint = (dir / "ckpt").string();
+  const Outcome straight = run_example("--config " + config + " --world-size 2 --steps 4" + kSmall);
+  const Outcome first = run_example("--config " + config + " --world-size 2 --steps 2 --save " + checkpoint + kSmall);
+  const Outcome second = run_example("--config " + config + " --world-size 2 --steps 2 --load " + checkpoint + kSmall);
+  ASSERT_EQ(straight.exit_code, 0) << straight.err;
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  ASSERT_EQ(second.exit_code, 0) << second.err;
+  const auto all = losses(straight.out), tail = losses(second.out);
+  ASSERT_EQ(all.size(), 4u);
+  ASSERT_EQ(tail.size(), 2u);
+  EXPECT_NE(second.out.find("step 3 loss"), std::string::npos) << second.out;
+  EXPECT_DOUBLE_EQ(tail[0], all[2]);
+  EXPECT_DOUBLE_EQ(tail[1], all[3]);
+  EXPECT_TRUE(std::filesystem::exists(std::filesystem::path(checkpoint) / "zinf_model_weights.safetensors"));
+}
+
+TEST(GptExample, AConfigWithoutStage3IsRefusedNamingTheKey) {
+  TempDir dir;
+  const auto path = dir / "stage2.json";
+  std::ofstream(path) << R"({"zero_optimization": {"stage": 2}})";
+  const Outcome o = run_example("--config " + path.string() + " --steps 1" + kSmall);
+  EXPECT_EQ(o.exit_code, 2) << o.err;
+  EXPECT_NE(o.err.find("zero_optimization.stage"), std::string::npos) << o.err;
+}
+
+}  // namespace
