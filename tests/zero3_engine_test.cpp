@@ -111,6 +111,45 @@ TEST_P(EngineEquality, NvmeWithAccumulationClippingAndNothingPersistentMatches) 
 
 INSTANTIATE_TEST_SUITE_P(WorldSizes, EngineEquality, ::testing::Values(1, 2, 4));
 
+// bf16 training: the trainer computes with bf16 params, the optimizer keeps
+// fp32 masters, and after every step each gathered param is its master
+// rounded to bf16 (nearest even) on every rank.
+TEST(EngineBf16, GatheredParamsAreTheMastersRoundedToBf16) {
+  if (!gloo_available()) GTEST_SKIP() << "this build has no Gloo communicator";
+  testing::TempDir dir;
+  TrainingRun run;
+  run.world = 2;
+  run.offload_param = "nvme";
+  run.offload_optimizer = "nvme";
+  run.nvme_dir = dir.path().string();
+  const auto outcomes = testing::run_ranks(2, [&](const LaunchEnv& launch) {
+    std::string json = config_json(run);
+    json.insert(1, "\"bf16\": {\"enabled\": true},");
+    auto comm = make_communicator(launch);
+    Engine engine(config::load_config_string(json), *comm);
+    if (engine.working_dtype() != cpu_adam::DType::bf16) throw std::runtime_error("not bf16");
+    TinyOnEngine model(engine, run.shape);
+    engine.finalize();
+    for (int step = 0; step < 6; ++step) {
+      model.micro_step(engine, run.shape, batch_index(run, step, 0, launch.rank));
+      engine.step();
+    }
+    if (engine.optimizer_step() != 6) throw std::runtime_error("not 6 optimizer steps");
+    for (std::size_t l = 0; l < model.W.size(); ++l) {
+      const auto master = engine.gather_master(model.W[l]);
+      engine.pre_forward(model.layer_modules[l]);
+      const auto* half = static_cast<const std::uint16_t*>(engine.param(model.W[l]));
+      for (std::size_t i = 0; i < master.size(); ++i) {
+        if (half[i] != cpu_adam::float_to_bf16(master[i])) {
+          throw std::runtime_error(fmt::format("layer {} element {}: bf16 {:#06x} vs master {}", l, i, half[i], master[i]));
+        }
+      }
+      engine.post_forward(model.layer_modules[l]);
+    }
+  });
+  EXPECT_TRUE(testing::all_succeeded(outcomes)) << testing::describe(outcomes);
+}
+
 // Trains steps [from, to) on this rank, after loading `load` if given, and
 // saves to `save` at the end if given; returns the masters.
 std::vector<std::vector<float>> train_span(const TrainingRun& run, const LaunchEnv& launch, int from, int to,

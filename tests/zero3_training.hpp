@@ -93,7 +93,18 @@ struct TinyOnEngine {
   // One micro-step: forward, backward through the hooks; returns the loss.
   std::vector<float> read(Engine& engine, ParamIndex p) const {
     std::vector<float> values;
-    access.to_host(values, engine.param_f32(p), engine.describe(p).elements);
+    const std::uint64_t n = engine.describe(p).elements;
+    if (engine.working_dtype() != cpu_adam::DType::f32) {
+      // 16-bit training (host stand-in only): widen the gathered values.
+      const auto* half = static_cast<const std::uint16_t*>(engine.param(p));
+      values.resize(n);
+      for (std::uint64_t i = 0; i < n; ++i) {
+        values[i] = engine.working_dtype() == cpu_adam::DType::bf16 ? cpu_adam::bf16_to_float(half[i])
+                                                                     : cpu_adam::f16_to_float(half[i]);
+      }
+      return values;
+    }
+    access.to_host(values, engine.param_f32(p), n);
     return values;
   }
 
