@@ -7,7 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
-#include <regex>
+#include <cstdio>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -43,10 +43,14 @@ Outcome run_example(const std::string& arguments) {
 }
 
 std::vector<double> losses(const std::string& out) {
+  // Lines "step N loss X ...".
   std::vector<double> values;
-  const std::regex line(R"(step (\d+) loss ([0-9.]+))");
-  for (auto it = std::sregex_iterator(out.begin(), out.end(), line); it != std::sregex_iterator(); ++it) {
-    values.push_back(std::stod((*it)[2]));
+  std::istringstream lines(out);
+  std::string line;
+  while (std::getline(lines, line)) {
+    long long step = 0;
+    double loss = 0;
+    if (std::sscanf(line.c_str(), "step %lld loss %lf", &step, &loss) == 2) values.push_back(loss);
   }
   return values;
 }
