@@ -35,6 +35,9 @@ class DeviceCopier {
   // the copy's error.
   virtual void wait(CopyTicket ticket) = 0;
   virtual std::string_view name() const = 0;
+  // True when "device" memory is ordinary host memory the CPU may read and
+  // write directly (the host stand-in), so callers may skip copies.
+  virtual bool host_accessible() const { return false; }
 };
 
 enum class DeviceKind { automatic, host, cuda };

@@ -51,6 +51,7 @@ class HostCopier final : public DeviceCopier {
   }
 
   std::string_view name() const override { return "host stand-in"; }
+  bool host_accessible() const override { return true; }
 
  private:
   struct Copy {

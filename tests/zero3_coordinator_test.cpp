@@ -116,6 +116,16 @@ TEST(Coordinator, AChangedOrderFallsBackToOnDemandAndIsRecordedAgain) {
   EXPECT_EQ(c.divergences(), 1u);
 }
 
+TEST(Coordinator, ABucketOfZeroTurnsPrefetchOff) {
+  CoordinatorOptions options;
+  options.prefetch_bucket_elements = 0;
+  Coordinator c = four_layers(options);
+  one_pass(c);
+  c.begin_micro_step();
+  for (const auto& ahead : one_pass(c)) EXPECT_TRUE(ahead.empty());
+  EXPECT_EQ(c.mode(), Coordinator::Mode::following);
+}
+
 TEST(Coordinator, RefusesUnknownModulesAndParams) {
   EXPECT_THROW(Coordinator({{5}}, {1}, {false}, {}), std::exception);
   Coordinator c({{0}}, {1}, {false}, {});

@@ -127,7 +127,7 @@ std::string config(const Options& options, bool nvme, bool prefetch) {
            : std::string(R"("offload_optimizer": {"device": "cpu"},)");
   return fmt::format(R"({{"optimizer": {{"type": "AdamW"}},
     "aio": {{"block_size": 1048576, "queue_depth": 32, "intra_op_parallelism": 2}},
-    "zero_optimization": {{"stage": 3, {} "stage3_param_persistence_threshold": 0,
+    "zero_optimization": {{"stage": 3, {} "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
       "stage3_prefetch_bucket_size": {}, "sub_group_size": {}}}}})",
                      offload, prefetch ? 2 * options.layer_params : 0, 4 * options.layer_params);
 }

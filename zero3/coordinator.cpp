@@ -101,6 +101,7 @@ std::vector<ParamIndex> Coordinator::on_pre_hook(ModuleEvent event,
   }
   const std::size_t here = position_++;
   last_hook_followed_ = true;
+  if (options_.prefetch_bucket_elements == 0) return {};  // prefetch off
 
   std::vector<ParamIndex> chosen;
   std::unordered_set<ParamIndex> seen(params_of_module_[event.module].begin(),

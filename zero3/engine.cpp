@@ -68,6 +68,7 @@ Engine::Engine(const config::Config& config, Communicator& comm, EngineOptions o
                 std::move(ctx));
   }
   if (!options_.copier) options_.copier = swap::make_host_copier();
+  buffers_.set_copier(options_.copier.get());
   worker_ = std::thread([this] { worker_loop(); });
 }
 
@@ -79,9 +80,10 @@ Engine::~Engine() {
   queued_.notify_all();
   if (worker_.joinable()) worker_.join();
   for (auto& param : params_) {
-    if (param->gathered) options_.copier->free_device(param->gathered);
-    if (param->device_shard) options_.copier->free_device(param->device_shard);
-    if (param->grad) options_.copier->free_device(param->grad);
+    const std::uint64_t gathered = param->d.shard_elements * comm_.world_size();
+    if (param->gathered) buffers_.release(param->gathered, gathered * element_bytes());
+    if (param->device_shard) buffers_.release(param->device_shard, param->d.shard_elements * element_bytes());
+    if (param->grad) buffers_.release(param->grad, gathered * sizeof(float));
   }
   // The swappers hold pool leases: they go before the pool.
   param_swapper_.reset();
@@ -280,7 +282,7 @@ void Engine::place_shards() {
     const std::byte* shard = working_partition_.data() + param->partition_offset * esize;
     const std::uint64_t bytes = param->d.shard_elements * esize;
     if (device == config::OffloadDevice::none) {
-      if (param->device_shard == nullptr) param->device_shard = options_.copier->allocate_device(bytes);
+      if (param->device_shard == nullptr) param->device_shard = buffers_.acquire(bytes);
       options_.copier->wait(options_.copier->to_device(param->device_shard, shard, bytes));
     } else if (device == config::OffloadDevice::nvme) {
       param_swapper_->swap_out(param->key, std::span(shard, bytes));
@@ -290,7 +292,7 @@ void Engine::place_shards() {
   for (auto& param : params_) {
     if (!param->d.persistent) continue;
     if (param->gathered == nullptr) {
-      param->gathered = options_.copier->allocate_device(param->d.shard_elements * comm_.world_size() * esize);
+      param->gathered = buffers_.acquire(param->d.shard_elements * comm_.world_size() * esize);
     }
     gather_into(*param, param->gathered);
     param->state = State::available;
@@ -326,6 +328,37 @@ void Engine::gather_into(Param& param, void* gathered) {
   comm_.all_gather(mine, gathered, bytes);
 }
 
+// ---- device buffers ----------------------------------------------------------
+
+void* Engine::BufferCache::acquire(std::uint64_t bytes) {
+  {
+    std::lock_guard lock(mutex_);
+    auto it = free_.find(bytes);
+    if (it != free_.end() && !it->second.empty()) {
+      void* buffer = it->second.back();
+      it->second.pop_back();
+      return buffer;
+    }
+  }
+  return copier_->allocate_device(bytes);
+}
+
+void Engine::BufferCache::release(void* buffer, std::uint64_t bytes) noexcept {
+  if (buffer == nullptr) return;
+  try {
+    std::lock_guard lock(mutex_);
+    free_[bytes].push_back(buffer);
+  } catch (...) {
+    copier_->free_device(buffer);
+  }
+}
+
+Engine::BufferCache::~BufferCache() {
+  for (auto& [bytes, buffers] : free_) {
+    for (void* buffer : buffers) copier_->free_device(buffer);
+  }
+}
+
 // ---- the worker ----------------------------------------------------------
 
 std::uint64_t Engine::submit(std::function<void()> body, bool fetch) {
@@ -343,7 +376,10 @@ void Engine::worker_loop() {
     if (queue_.empty()) return;  // stopping, nothing left
     Op op = std::move(queue_.front());
     queue_.pop_front();
-    const bool skip = failure_ != nullptr;
+    // After a failure, or once the engine is being destroyed (a trainer
+    // unwinding from its own error), queued collectives are dropped: the
+    // other ranks may never issue their side of them.
+    const bool skip = failure_ != nullptr || stopping_;
     lock.unlock();
     std::exception_ptr error;
     if (!skip) {
@@ -395,7 +431,7 @@ std::uint64_t Engine::live_elements() const {
 void Engine::start_fetch(ParamIndex p, bool prefetch) {
   Param& param = *params_[p];
   if (param.d.persistent || param.state != State::not_available) return;
-  param.gathered = options_.copier->allocate_device(param.d.shard_elements * comm_.world_size() * element_bytes());
+  param.gathered = buffers_.acquire(param.d.shard_elements * comm_.world_size() * element_bytes());
   param.state = State::in_flight;
   if (param_swapper_) {
     // The NVMe read starts now; the gather waits for it on the worker.
@@ -443,7 +479,7 @@ void Engine::release(ParamIndex p) {
   Param& param = *params_[p];
   if (param.d.persistent || param.state == State::not_available) return;
   if (param.state == State::in_flight) wait_available(p);
-  options_.copier->free_device(param.gathered);
+  buffers_.release(param.gathered, param.d.shard_elements * comm_.world_size() * element_bytes());
   param.gathered = nullptr;
   param.state = State::not_available;
 }
@@ -475,7 +511,7 @@ void Engine::pre_backward(ModuleIndex module) {
     Param& param = *params_[p];
     if (param.grad != nullptr) continue;
     const std::uint64_t bytes = param.d.shard_elements * comm_.world_size() * sizeof(float);
-    param.grad = static_cast<float*>(options_.copier->allocate_device(bytes));
+    param.grad = static_cast<float*>(buffers_.acquire(bytes));
     if (zeros_.size() < bytes) zeros_.assign(bytes, std::byte{0});
     options_.copier->wait(options_.copier->to_device(param.grad, zeros_.data(), bytes));
   }
@@ -499,21 +535,36 @@ void Engine::post_backward(ModuleIndex module) {
         [this, target, grad, scale] {
           const auto since = Clock::now();
           const std::uint64_t count = target->d.shard_elements;
-          auto* reduced = static_cast<float*>(options_.copier->allocate_device(count * sizeof(float)));
-          std::vector<float> host(count);
-          try {
-            comm_.reduce_scatter(grad, reduced, count);
-            options_.copier->wait(options_.copier->to_host(reinterpret_cast<std::byte*>(host.data()), reduced,
-                                                           count * sizeof(float)));
-          } catch (...) {
-            options_.copier->free_device(reduced);
-            options_.copier->free_device(grad);
-            throw;
-          }
-          options_.copier->free_device(reduced);
-          options_.copier->free_device(grad);
+          const std::uint64_t grad_bytes = count * comm_.world_size() * sizeof(float);
           float* shard = grad_partition_.data() + target->partition_offset;
-          for (std::uint64_t i = 0; i < count; ++i) shard[i] += scale * host[i];
+          const auto accumulate = [&](const float* reduced) {
+            for (std::uint64_t i = 0; i < count; ++i) shard[i] += scale * reduced[i];
+          };
+          if (options_.copier->host_accessible() && comm_.world_size() == 1) {
+            // One rank with the host stand-in: the gradient is the reduction.
+            accumulate(grad);
+            buffers_.release(grad, grad_bytes);
+          } else {
+            auto* reduced = static_cast<float*>(buffers_.acquire(count * sizeof(float)));
+            try {
+              comm_.reduce_scatter(grad, reduced, count);
+              if (options_.copier->host_accessible()) {
+                accumulate(reduced);
+              } else {
+                // The worker's own scratch: no allocation per reduction.
+                reduce_scratch_.resize(count);
+                options_.copier->wait(options_.copier->to_host(
+                    reinterpret_cast<std::byte*>(reduce_scratch_.data()), reduced, count * sizeof(float)));
+                accumulate(reduce_scratch_.data());
+              }
+            } catch (...) {
+              buffers_.release(reduced, count * sizeof(float));
+              buffers_.release(grad, grad_bytes);
+              throw;
+            }
+            buffers_.release(reduced, count * sizeof(float));
+            buffers_.release(grad, grad_bytes);
+          }
           add_time(stats_mutex_, stats_.reduce_busy, since);
         },
         false);

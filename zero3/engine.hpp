@@ -42,6 +42,7 @@
 #include <span>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "core/config.hpp"
@@ -185,9 +186,27 @@ class Engine {
 
   std::uint64_t element_bytes() const;
 
+  // Device buffers by size, reused: gathers and gradient buffers come and
+  // go every layer, and a fresh allocation each time costs page faults (host
+  // stand-in) or a synchronising cudaFree (CUDA). Holds at most the peak of
+  // what was live at once, until the engine goes.
+  class BufferCache {
+   public:
+    void set_copier(swap::DeviceCopier* copier) { copier_ = copier; }
+    void* acquire(std::uint64_t bytes);
+    void release(void* buffer, std::uint64_t bytes) noexcept;
+    ~BufferCache();
+
+   private:
+    swap::DeviceCopier* copier_ = nullptr;
+    std::mutex mutex_;
+    std::unordered_map<std::uint64_t, std::vector<void*>> free_;
+  };
+
   config::Config config_;
   Communicator& comm_;
   EngineOptions options_;
+  BufferCache buffers_;  // after options_ (the copier): freed before it
   cpu_adam::DType working_;
   bool finalized_ = false;
 
@@ -201,6 +220,7 @@ class Engine {
   std::vector<float> grad_partition_;           // fp32, accumulated over micro-steps
   std::vector<std::byte> working_partition_;    // working precision: optimizer output, "cpu" shards
   std::vector<std::byte> zeros_;                // source of zeroed gradient buffers
+  std::vector<float> reduce_scratch_;           // the worker's, for reduced shards
   std::vector<swap::SubGroup> sub_groups_;
 
   std::unique_ptr<cpu_adam::CpuOptimizer> cpu_optimizer_;
