@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs what is missing, builds, and runs every test suite three ways:
+# Installs what is missing, builds, and runs every test suite four ways:
 #   release       all suites
+#   python        `pip install .` into a venv over Debian's python3-torch,
+#                 then the pytest suite (bindings/tests)
 #   asan+ubsan    all suites under AddressSanitizer and UndefinedBehaviorSanitizer
 #   tsan          the aio and pinned_pool suites under ThreadSanitizer
 # Ends with one line "N passed, N failed, N skipped" over all of them and
@@ -11,7 +13,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh || exit 1
 
 jobs="${ZINF_JOBS:-2}"
-variants="${ZINF_TEST_VARIANTS:-release asan tsan}"
+variants="${ZINF_TEST_VARIANTS:-release python asan tsan}"
 results=build-test-results
 rm -rf "$results"
 mkdir -p "$results"
@@ -44,6 +46,22 @@ for variant in $variants; do
       echo "== release: building"
       configure build --buildtype=release || { status=1; continue; }
       run_suites release build
+      ;;
+    python)
+      # The package as a user installs it: meson-python builds the extension
+      # against /usr/bin/python3, whose torch is Debian's python3-torch.
+      echo "== python: pip install . (meson-python), then pytest"
+      rm -rf build-py
+      mkdir -p "$results/python"
+      if /usr/bin/python3 -m venv --system-site-packages build-py/venv >"$results/python-install.log" 2>&1 &&
+        build-py/venv/bin/python -m pip install --no-build-isolation --no-deps -v . \
+          >>"$results/python-install.log" 2>&1; then
+        (cd build-py && venv/bin/python -m pytest "$OLDPWD/bindings/tests" -q -p no:cacheprovider \
+          --junitxml="$OLDPWD/$results/python/pytest.xml") || status=1
+      else
+        tail -50 "$results/python-install.log"
+        status=1
+      fi
       ;;
     asan)
       echo "== asan+ubsan: building"

@@ -1,0 +1,140 @@
+"""zinf.CPUAdam / CPUAdagrad / CPULion against torch's optimizers.
+
+Tolerances: fp32 params and grads, 10 steps — the kernels compute in fp32
+with torch's order of operations, so the results agree to a few ulps:
+rtol 1e-6, atol 1e-7. bf16 grads with fp32 params: the kernel widens the
+same bf16 values torch sees after .float(), so the same bound holds. bf16
+params with fp32 states: torch steps an fp32 copy, which is rounded to bf16
+after each step to compare; the kernel rounds to nearest even too, so they
+agree within one bf16 ulp (rtol 2**-7).
+"""
+import pytest
+import torch
+
+import zinf
+
+
+def make_params(seed, shapes=((37, 11), (1000,), (3, 5, 7), (1,))):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=generator) for shape in shapes]
+
+
+def run(optimizer_class, kwargs, params, steps=10, grad_dtype=torch.float32, param_dtype=torch.float32, seed=1,
+        widen_grads=False):
+    """Steps with random gradients of grad_dtype; a grad_dtype other than the
+    params' goes through step(grads=...) (torch refuses such a .grad), or is
+    widened back to the params' dtype for a torch optimizer (widen_grads)."""
+    params = [torch.nn.Parameter(p.clone().to(param_dtype)) for p in params]
+    optimizer = optimizer_class(params, **kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        grads = {p: torch.randn(p.shape, generator=generator).to(grad_dtype) for p in params}
+        if grad_dtype == param_dtype or widen_grads:
+            for p in params:
+                p.grad = grads[p].to(param_dtype)
+            optimizer.step()
+        else:
+            optimizer.step(grads=grads)
+    return [p.detach() for p in params]
+
+
+def assert_close(got, want, rtol, atol):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adamw_mode_matches_torch_adamw(weight_decay):
+    params = make_params(0)
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay)
+    got = run(zinf.CPUAdam, dict(kwargs, adamw_mode=True), params)
+    want = run(torch.optim.AdamW, kwargs, params)
+    assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_adam_l2_mode_matches_torch_adam():
+    params = make_params(1)
+    kwargs = dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    got = run(zinf.CPUAdam, dict(kwargs, adamw_mode=False), params)
+    want = run(torch.optim.Adam, kwargs, params)
+    assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_fp32_params_with_bf16_grads_match_torch_on_the_same_grads():
+    params = make_params(2)
+    got = run(zinf.CPUAdam, dict(lr=1e-2), params, grad_dtype=torch.bfloat16)
+    # torch sees the same bf16 gradients widened to fp32.
+    want = run(torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.0), params, grad_dtype=torch.bfloat16,
+               widen_grads=True)
+    assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_params_keep_fp32_states_and_track_torch_within_a_bf16_ulp():
+    params = make_params(3)
+    got = run(zinf.CPUAdam, dict(lr=1e-2), params, steps=1, param_dtype=torch.bfloat16,
+              grad_dtype=torch.bfloat16)
+    masters = [torch.nn.Parameter(p.clone().to(torch.bfloat16).float()) for p in params]
+    reference = torch.optim.AdamW(masters, lr=1e-2, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(1)
+    for p in masters:
+        p.grad = torch.randn(p.shape, generator=generator).to(torch.bfloat16).float()
+    reference.step()
+    for g, w in zip(got, masters):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w.detach().to(torch.bfloat16).float(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_adagrad_matches_torch():
+    params = make_params(4)
+    kwargs = dict(lr=1e-2, eps=1e-10, weight_decay=0.01)
+    assert_close(run(zinf.CPUAdagrad, kwargs, params), run(torch.optim.Adagrad, kwargs, params),
+                 rtol=1e-6, atol=1e-7)
+
+
+def test_lion_matches_the_published_update():
+    params = make_params(5)
+    lr, beta1, beta2, wd = 1e-3, 0.9, 0.99, 0.1
+    got = run(zinf.CPULion, dict(lr=lr, betas=(beta1, beta2), weight_decay=wd), params)
+    want = [p.clone() for p in params]
+    momenta = [torch.zeros_like(p) for p in params]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        for p, m in zip(want, momenta):
+            g = torch.randn(p.shape, generator=generator)
+            update = torch.sign(beta1 * m + (1 - beta1) * g)
+            p.mul_(1 - lr * wd).add_(update, alpha=-lr)
+            m.mul_(beta2).add_(g, alpha=1 - beta2)
+    assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_one_call_per_group_and_params_without_grads_are_skipped():
+    params = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))]
+    optimizer = zinf.CPUAdam(params, lr=0.1)
+    params[0].grad = torch.ones(4)
+    optimizer.step()
+    assert not torch.equal(params[0].detach(), torch.ones(4))
+    assert torch.equal(params[1].detach(), torch.ones(4))
+    assert optimizer.state[params[0]]["step"] == 1 and params[1] not in optimizer.state
+    assert optimizer.kernel_tier in ("avx512", "avx2", "scalar")
+
+
+def test_refusals_are_clear():
+    with pytest.raises(ValueError, match="amsgrad"):
+        zinf.CPUAdam([torch.nn.Parameter(torch.ones(2))], amsgrad=True)
+    p = torch.nn.Parameter(torch.ones(2, 3).t())
+    p.grad = torch.ones(3, 2)
+    with pytest.raises(ValueError, match="not contiguous"):
+        zinf.CPUAdam([p]).step()
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    p.grad = torch.ones(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        zinf.CPUAdam([p]).step()
+    with pytest.raises(ValueError, match="lr"):
+        p = torch.nn.Parameter(torch.ones(4))
+        p.grad = torch.ones(4)
+        zinf.CPUAdam([p], lr=float("nan")).step()
+    if torch.cuda.is_available():
+        p = torch.nn.Parameter(torch.ones(4, device="cuda"))
+        p.grad = torch.ones(4, device="cuda")
+        with pytest.raises(ValueError, match="CPU"):
+            zinf.CPUAdam([p]).step()
