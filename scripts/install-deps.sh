@@ -8,7 +8,7 @@ packages=(
   liburing-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libxxhash-dev
   libgtest-dev libbenchmark-dev
   libgloo-dev libtorch-dev
-  pybind11-dev python3-mesonpy python3-pytest python3-torch python3-venv
+  pybind11-dev python3-mesonpy python3-pytest python3-torch python3-venv patchelf
   fio e2fsprogs util-linux python3-pip
 )
 
