@@ -19,6 +19,7 @@
 #include "core/error.hpp"
 #include "cpu_adam/cpu_adam.hpp"
 #include "pinned_pool/pinned_pool.hpp"
+#include "swap/swap_store.hpp"
 #include "zinf_config.h"
 
 namespace py = pybind11;
@@ -203,6 +204,54 @@ PYBIND11_MODULE(_zinf, m) {
              const auto states = tensor_states(tensors);
              py::gil_scoped_release release;
              o.lion_step(options, step, states);
+           });
+
+  // The swap store, for the package's TensorSwapper: buffers are the
+  // caller's (page-aligned PinnedMemory of padded_size bytes).
+  py::class_<zinf::swap::SwapStore>(m, "SwapStore")
+      .def(py::init([](const std::vector<std::string>& directories, std::uint64_t block_size,
+                       std::uint32_t queue_depth, std::uint32_t intra_op_parallelism, bool sync) {
+             zinf::swap::SwapStoreOptions options;
+             for (const auto& d : directories) options.directories.emplace_back(d);
+             options.aio.block_size = block_size;
+             options.aio.queue_depth = queue_depth;
+             options.aio.intra_op_parallelism = intra_op_parallelism;
+             options.sync = sync;
+             zinf::aio::validate(options.aio);
+             py::gil_scoped_release release;
+             return std::make_unique<zinf::swap::SwapStore>(options);
+           }),
+           py::arg("directories"), py::arg("block_size"), py::arg("queue_depth"), py::arg("intra_op_parallelism"),
+           py::arg("sync"))
+      .def_property_readonly("alignment", &zinf::swap::SwapStore::alignment)
+      .def("padded_size", &zinf::swap::SwapStore::padded_size)
+      .def("write", [](zinf::swap::SwapStore& s, const std::string& key, std::uintptr_t address, std::uint64_t bytes,
+                       std::uint64_t capacity) {
+             py::gil_scoped_release release;
+             s.write_sync(key, std::span(as_pointer(address), capacity), bytes);
+           })
+      .def("read_async", [](zinf::swap::SwapStore& s, const std::string& key, std::uintptr_t address,
+                            std::uint64_t capacity) {
+             return s.read(key, std::span(as_pointer(address), capacity)).id;
+           })
+      .def("wait", [](zinf::swap::SwapStore& s, std::uint64_t ticket) {
+             py::gil_scoped_release release;
+             return s.wait(zinf::swap::SwapTicket{ticket});
+           })
+      .def("size_of", [](const zinf::swap::SwapStore& s, const std::string& key) -> std::optional<std::uint64_t> {
+             const auto extent = s.find(key);
+             if (!extent) return std::nullopt;
+             return extent->size_bytes;
+           })
+      .def("keys", &zinf::swap::SwapStore::keys)
+      .def("remove", [](zinf::swap::SwapStore& s, const std::string& key) { s.remove(key); })
+      .def("set_attribute", [](zinf::swap::SwapStore& s, const std::string& name, const std::string& value) {
+             s.set_attribute(name, value);
+           })
+      .def("attribute", [](const zinf::swap::SwapStore& s, const std::string& name) { return s.attribute(name); })
+      .def("commit", [](zinf::swap::SwapStore& s) {
+             py::gil_scoped_release release;
+             s.commit();
            });
 
   m.def("check_config", [](const std::string& json_text) {

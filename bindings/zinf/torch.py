@@ -1,0 +1,236 @@
+"""zinf.torch.offload: keep a module's parameters on NVMe (or in pinned host
+memory) and stream them in, unit by unit, around forward and backward.
+
+    handle = zinf.torch.offload(model, config)   # DeepSpeed JSON (dict or path)
+    loss = model(x).sum(); loss.backward()        # params fetched as needed
+    with handle.materialized():                   # every param present ...
+        optimizer.step(); optimizer.zero_grad()   # ... and written back after
+
+A unit is a child module of the model holding parameters (containers such as
+nn.Sequential and nn.ModuleList are looked into). Before a unit's forward
+its parameters are read in (the next unit's read is already under way:
+prefetch by the order recorded in the first forward); after it they are
+dropped. Backward reads them again through an autograd hook on the unit's
+outputs, and drops them once the gradient has flowed through the unit's
+inputs. Gradients (param.grad) stay in memory, whole, as in plain PyTorch.
+Outputs and gradients are those of the plain module: the values round-trip
+exactly.
+
+Config keys: zero_optimization.offload_param.device ("nvme" or "cpu") and
+nvme_path, and the "aio" block.
+"""
+import contextlib
+import json
+import os
+import tempfile
+
+import torch as _torch
+
+from . import _zinf
+from .swap import TensorSwapper
+
+_CONTAINERS = (_torch.nn.Sequential, _torch.nn.ModuleList, _torch.nn.ModuleDict)
+
+
+def _load_config(config):
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as file:
+            config = file.read()
+    text = config if isinstance(config, str) else json.dumps(config)
+    problems = _zinf.check_config(text)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return json.loads(text)
+
+
+def _units(module):
+    units = []
+    for child in module.children():
+        if isinstance(child, _CONTAINERS):
+            units.extend(_units(child))
+        elif any(True for _ in child.parameters()):
+            units.append(child)
+    return units
+
+
+class _FetchForBackward(_torch.autograd.Function):
+    """On the unit's outputs: its backward runs before the unit's, and
+    brings the unit's parameters back."""
+
+    @staticmethod
+    def forward(ctx, handle, index, *outputs):
+        ctx.handle, ctx.index = handle, index
+        return outputs if len(outputs) > 1 else outputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.handle._fetch(ctx.index, backward=True)
+        return (None, None) + grads
+
+
+class _ReleaseAfterBackward(_torch.autograd.Function):
+    """On the unit's inputs: its backward runs after the unit's."""
+
+    @staticmethod
+    def forward(ctx, handle, index, *inputs):
+        ctx.handle, ctx.index = handle, index
+        return inputs if len(inputs) > 1 else inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.handle._release(ctx.index)
+        return (None, None) + grads
+
+
+class OffloadHandle:
+    def __init__(self, module, config, device=None, units=None):
+        settings = _load_config(config)
+        zero = settings.get("zero_optimization", {})
+        block = zero.get("offload_param", {})
+        kind = block.get("device", "none")
+        if kind not in ("nvme", "cpu"):
+            raise ValueError(f'zero_optimization.offload_param.device is "{kind}": offload needs "nvme" or "cpu"')
+        aio = settings.get("aio", {})
+        self.module = module
+        self.units = list(units) if units is not None else _units(module)
+        if not self.units:
+            raise ValueError("offload: the module has no child modules with parameters")
+        self.device = _torch.device(device) if device is not None else next(module.parameters()).device
+        self._tmp = None
+        if kind == "nvme":
+            paths = block.get("nvme_path")
+            if not paths:
+                raise ValueError("zero_optimization.offload_param.nvme_path is required when device is \"nvme\"")
+            paths = paths if isinstance(paths, list) else [paths]
+            # A fresh directory per handle inside each nvme_path.
+            self._tmp = [tempfile.mkdtemp(prefix="zinf-offload.", dir=p) for p in paths]
+            self._swapper = TensorSwapper(self._tmp, block_size=aio.get("block_size", 1 << 20),
+                                          queue_depth=aio.get("queue_depth", 32),
+                                          intra_op_parallelism=aio.get("intra_op_parallelism", 2), sync=False)
+        else:
+            self._swapper = None
+            self._host = {}
+        self._params = []  # per unit: [(key, param)]
+        self._present = [False] * len(self.units)
+        self._order = []    # unit indices in the first forward's order
+        self._recording = True
+        self.stats = {"fetches": 0, "prefetches": 0}
+        names = {id(p): n for n, p in module.named_parameters()}
+        for index, unit in enumerate(self.units):
+            params = [(names.get(id(p), f"unit{index}.{n}"), p) for n, p in unit.named_parameters()]
+            self._params.append(params)
+            for key, p in params:
+                self._store(key, p.detach())
+                p.data = _torch.empty(0, dtype=p.dtype, device=self.device)
+            unit.register_forward_pre_hook(self._make_pre_hook(index))
+            unit.register_forward_hook(self._make_post_hook(index))
+        if self._swapper is not None:
+            self._swapper.commit()
+
+    # -- storage ---------------------------------------------------------------
+    def _store(self, key, value):
+        value = value.to("cpu").contiguous()
+        if self._swapper is not None:
+            self._swapper.swap_out(key, value)
+        else:
+            pinned = _zinf.PinnedMemory(value.numel() * value.element_size())
+            host = _torch.frombuffer(pinned, dtype=value.dtype, count=value.numel()).view(value.shape) \
+                if value.numel() else _torch.empty(value.shape, dtype=value.dtype)
+            host.copy_(value)
+            self._host[key] = host
+
+    def _prefetch(self, index):
+        if self._swapper is not None and 0 <= index < len(self.units) and not self._present[index]:
+            self._swapper.prefetch([key for key, _ in self._params[index]])
+            self.stats["prefetches"] += 1
+
+    def _next_in_order(self, index, backward):
+        if self._recording or index not in self._order:
+            return None
+        at = self._order.index(index)
+        at += -1 if backward else 1
+        return self._order[at] if 0 <= at < len(self._order) else None
+
+    def _fetch(self, index, backward=False):
+        if not self._present[index]:
+            for key, p in self._params[index]:
+                if self._swapper is not None:
+                    value = self._swapper.swap_in(key)
+                else:
+                    value = self._host[key]
+                p.data = value.to(self.device, non_blocking=True) if self.device.type != "cpu" else \
+                    (value if self._swapper is not None else value.clone())
+                if self._swapper is not None:
+                    self._swapper.release(key)
+            self._present[index] = True
+            self.stats["fetches"] += 1
+        following = self._next_in_order(index, backward)
+        if following is not None:
+            self._prefetch(following)
+
+    def _release(self, index):
+        if self._present[index]:
+            for _, p in self._params[index]:
+                p.data = _torch.empty(0, dtype=p.dtype, device=self.device)
+            self._present[index] = False
+
+    # -- hooks -------------------------------------------------------------------
+    def _make_pre_hook(self, index):
+        def pre_hook(unit, inputs):
+            if self._recording:
+                self._order.append(index)
+            self._fetch(index)
+            if _torch.is_grad_enabled():
+                tensors = [x for x in inputs if isinstance(x, _torch.Tensor)]
+                if any(t.requires_grad for t in tensors):
+                    wrapped = _ReleaseAfterBackward.apply(self, index, *inputs)
+                    return wrapped if isinstance(wrapped, tuple) else (wrapped,)
+            return None
+        return pre_hook
+
+    def _make_post_hook(self, index):
+        def post_hook(unit, inputs, outputs):
+            if index == self._order[-1] and self._recording and len(self._order) == len(self.units):
+                self._recording = False
+            self._release(index)
+            if _torch.is_grad_enabled() and isinstance(outputs, _torch.Tensor) and outputs.requires_grad:
+                return _FetchForBackward.apply(self, index, outputs)
+            if _torch.is_grad_enabled() and isinstance(outputs, tuple) and \
+                    all(isinstance(o, _torch.Tensor) for o in outputs) and any(o.requires_grad for o in outputs):
+                return _FetchForBackward.apply(self, index, *outputs)
+            return None
+        return post_hook
+
+    # -- whole-model access ---------------------------------------------------------
+    def release_all(self):
+        for index in range(len(self.units)):
+            self._release(index)
+
+    @contextlib.contextmanager
+    def materialized(self, write_back=True):
+        """Every parameter present (for an optimizer step, a state_dict);
+        on exit the values are stored again (write_back) and dropped."""
+        for index in range(len(self.units)):
+            self._fetch(index)
+        try:
+            yield self.module
+        finally:
+            if write_back:
+                for params in self._params:
+                    for key, p in params:
+                        self._store(key, p.detach())
+                if self._swapper is not None:
+                    self._swapper.commit()
+            self.release_all()
+
+    def close(self):
+        """Removes the offload directories."""
+        import shutil
+        for path in self._tmp or []:
+            shutil.rmtree(path, ignore_errors=True)
+        self._tmp = None
+
+
+def offload(module, config, device=None, units=None):
+    """Offloads `module`'s parameters as `config` says; returns the handle."""
+    return OffloadHandle(module, config, device=device, units=units)
