@@ -118,6 +118,25 @@ def test_one_call_per_group_and_params_without_grads_are_skipped():
     assert optimizer.kernel_tier in ("avx512", "avx2", "scalar")
 
 
+def test_fp16_param_groups_receive_the_updated_params_rounded():
+    params = [torch.nn.Parameter(t) for t in make_params(6)]
+    copies = [torch.empty(p.shape, dtype=torch.bfloat16) for p in params]
+    optimizer = zinf.CPUAdam(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    optimizer.step(fp16_param_groups=[copies])
+    for p, c in zip(params, copies):
+        assert torch.equal(c, p.detach().to(torch.bfloat16))
+
+
+def test_a_param_off_the_cpu_is_refused_naming_its_device():
+    # The meta device stands in for a GPU here: any non-CPU param is refused.
+    p = torch.nn.Parameter(torch.ones(4, device="meta"))
+    p.grad = torch.ones(4, device="meta")
+    with pytest.raises(ValueError, match="steps CPU tensors; param 0 of group 0 is on meta"):
+        zinf.CPUAdam([p]).step()
+
+
 def test_refusals_are_clear():
     with pytest.raises(ValueError, match="amsgrad"):
         zinf.CPUAdam([torch.nn.Parameter(torch.ones(2))], amsgrad=True)

@@ -38,10 +38,13 @@ class _CpuOptimizer(torch.optim.Optimizer):
         """"avx512", "avx2" or "scalar": the kernels this CPU runs."""
         return self._kernel.tier
 
-    def _describe(self, group_index, group, grads):
+    def _describe(self, group_index, group, grads, copies):
         """One tuple per param with a gradient, grouped by step count, and
         the tensors that must stay alive through the call."""
         by_step, keep = {}, []
+        if copies is not None and len(copies) != len(group["params"]):
+            raise ValueError(f"fp16_param_groups[{group_index}] has {len(copies)} tensors for "
+                             f"{len(group['params'])} params")
         for index, p in enumerate(group["params"]):
             grad = grads.get(p, p.grad) if grads else p.grad
             if grad is None:
@@ -73,14 +76,25 @@ class _CpuOptimizer(torch.optim.Optimizer):
             first = tensors[0].data_ptr() if tensors else 0
             second = tensors[1].data_ptr() if len(tensors) > 1 else 0
             state_dtype = dtype_name(tensors[0].dtype, where) if tensors else "fp32"
+            copy_address, copy_dtype = 0, "fp32"
+            if copies is not None:
+                copy = copies[index]
+                if p.dtype != torch.float32 or copy.dtype not in (torch.bfloat16, torch.float16):
+                    raise ValueError(f"the 16-bit copy of {where} must be bfloat16 or float16 of an fp32 param")
+                if copy.numel() != p.numel():
+                    raise ValueError(f"the 16-bit copy of {where} has {copy.numel()} elements, the param {p.numel()}")
+                copy_address, _ = cpu_bytes(copy, f"the 16-bit copy of {where}")
+                copy_dtype = dtype_name(copy.dtype, where)
             description = (p.data_ptr(), param_dtype, p.numel(), grad.data_ptr(), dtype_name(grad.dtype, where),
-                           first, second, state_dtype, 0, "fp32")
+                           first, second, state_dtype, copy_address, copy_dtype)
             by_step.setdefault(state["step"], []).append(description)
         return by_step, keep
 
     @torch.no_grad()
-    def step(self, closure=None, grads=None):
-        """One step over every param with a gradient. `grads` ({param:
+    def step(self, closure=None, fp16_param_groups=None, grads=None):
+        """One step over every param with a gradient. `fp16_param_groups`
+        (DeepSpeed's: per group, a bf16/fp16 tensor per fp32 param) receive
+        the updated params rounded, in the same pass. `grads` ({param:
         tensor}) supplies gradients in place of .grad, e.g. bf16 gradients
         for fp32 params."""
         loss = None
@@ -88,7 +102,8 @@ class _CpuOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group_index, group in enumerate(self.param_groups):
-            by_step, keep = self._describe(group_index, group, grads)
+            copies = fp16_param_groups[group_index] if fp16_param_groups is not None else None
+            by_step, keep = self._describe(group_index, group, grads, copies)
             for step, tensors in by_step.items():
                 self._run(group, step, tensors)
             del keep
