@@ -64,6 +64,33 @@ def test_parameters_are_gone_between_uses_and_come_back_for_the_optimizer(scratc
     handle.close()
 
 
+def test_stepping_in_backward_trains_like_adamw_and_keeps_no_gradients(scratch):
+    """optimizer= steps each unit as soon as its gradients are in: the
+    parameters follow torch.optim.AdamW on the plain model, and no gradient
+    outlives the backward pass."""
+    plain, offloaded = small_model(), small_model()
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
+    handle = zinf.torch.offload(offloaded, config("nvme", scratch),
+                                optimizer=lambda params: zinf.CPUAdam(params, **kwargs))
+    reference = torch.optim.AdamW(plain.parameters(), **kwargs)
+    generator = torch.Generator().manual_seed(3)
+    for step in range(8):
+        x = torch.randn(6, 16, generator=generator)
+        (plain(x) ** 2).mean().backward()
+        reference.step()
+        reference.zero_grad(set_to_none=True)
+        (offloaded(x) ** 2).mean().backward()
+        # Every unit was stepped inside backward.
+        assert handle.stats["unit_steps"] == (step + 1) * len(handle.units)
+        handle.step_done()
+        assert all(p.grad is None for p in offloaded.parameters())
+        assert all(p.numel() == 0 for p in offloaded.parameters())
+    with handle.materialized(write_back=False):
+        for (name, a), (_, b) in zip(plain.named_parameters(), offloaded.named_parameters()):
+            torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    handle.close()
+
+
 def test_bad_configs_name_the_key(scratch):
     with pytest.raises(ValueError, match="offload_param.device"):
         zinf.torch.offload(small_model(), {"zero_optimization": {"stage": 3}})

@@ -16,6 +16,14 @@ inputs. Gradients (param.grad) stay in memory, whole, as in plain PyTorch.
 Outputs and gradients are those of the plain module: the values round-trip
 exactly.
 
+Training a model larger than memory: pass `optimizer=` a function that
+builds an optimizer for a list of parameters (zinf.CPUAdam, say). Each unit
+then gets its own optimizer, and during backward, as soon as every gradient
+of a unit has arrived, the unit is stepped, its new values are stored and
+its gradients dropped: memory holds a few units and their gradients, never
+the whole model. Call handle.step_done() (or let the next forward do it)
+after backward; with this mode there is no optimizer.step() in the loop.
+
 Config keys: zero_optimization.offload_param.device ("nvme" or "cpu") and
 nvme_path, and the "aio" block.
 """
@@ -83,7 +91,7 @@ class _ReleaseAfterBackward(_torch.autograd.Function):
 
 
 class OffloadHandle:
-    def __init__(self, module, config, device=None, units=None):
+    def __init__(self, module, config, device=None, units=None, optimizer=None):
         settings = _load_config(config)
         zero = settings.get("zero_optimization", {})
         block = zero.get("offload_param", {})
@@ -114,11 +122,23 @@ class OffloadHandle:
         self._present = [False] * len(self.units)
         self._order = []    # unit indices in the first forward's order
         self._recording = True
-        self.stats = {"fetches": 0, "prefetches": 0}
+        self.stats = {"fetches": 0, "prefetches": 0, "unit_steps": 0}
         names = {id(p): n for n, p in module.named_parameters()}
+        self._optimizers = []      # per unit, in step-in-backward mode
+        self._accumulators = []    # keeps each param's AccumulateGrad node (and its hook) alive
+        self._arrived = [set() for _ in self.units]
+        self._stepped = [False] * len(self.units)
         for index, unit in enumerate(self.units):
             params = [(names.get(id(p), f"unit{index}.{n}"), p) for n, p in unit.named_parameters()]
             self._params.append(params)
+            if optimizer is not None:
+                self._optimizers.append(optimizer([p for _, p in params]))
+                for position, (_, p) in enumerate(params):
+                    if p.requires_grad:
+                        with _torch.enable_grad():
+                            node = p.expand_as(p).grad_fn.next_functions[0][0]
+                        node.register_hook(self._make_grad_hook(index, position))
+                        self._accumulators.append(node)
             for key, p in params:
                 self._store(key, p.detach())
                 p.data = _torch.empty(0, dtype=p.dtype, device=self.device)
@@ -173,6 +193,47 @@ class OffloadHandle:
             for _, p in self._params[index]:
                 p.data = _torch.empty(0, dtype=p.dtype, device=self.device)
             self._present[index] = False
+
+    # -- step in backward ---------------------------------------------------------
+    def _make_grad_hook(self, index, position):
+        def grad_hook(grad_inputs, grad_outputs):
+            arrived = self._arrived[index]
+            if not arrived:
+                # Units whose params did not all get gradients this pass are
+                # stepped when backward ends.
+                _torch.autograd.Variable._execution_engine.queue_callback(self.step_done)
+            arrived.add(position)
+            wanted = sum(1 for _, p in self._params[index] if p.requires_grad)
+            if len(arrived) == wanted:
+                self._step_unit(index)
+        return grad_hook
+
+    def _step_unit(self, index):
+        if self._stepped[index]:
+            return
+        self._stepped[index] = True
+        self._fetch(index)
+        self._optimizers[index].step()
+        self.stats["unit_steps"] += 1
+        for key, p in self._params[index]:
+            self._store(key, p.detach())
+            p.grad = None
+        if self._swapper is not None:
+            self._swapper.commit()
+        # Every op that used the unit's params has run its backward (their
+        # gradients all arrived), so the values can go.
+        self._release(index)
+        self._arrived[index] = set()
+
+    def step_done(self):
+        """Steps the units whose gradients only partly arrived (params unused
+        in this pass) and readies the next pass; called at the end of
+        backward, and safe to call again."""
+        for index, arrived in enumerate(self._arrived):
+            if arrived and not self._stepped[index]:
+                self._step_unit(index)
+        self._arrived = [set() for _ in self.units]
+        self._stepped = [False] * len(self.units)
 
     # -- hooks -------------------------------------------------------------------
     def _make_pre_hook(self, index):
@@ -231,6 +292,8 @@ class OffloadHandle:
         self._tmp = None
 
 
-def offload(module, config, device=None, units=None):
-    """Offloads `module`'s parameters as `config` says; returns the handle."""
-    return OffloadHandle(module, config, device=device, units=units)
+def offload(module, config, device=None, units=None, optimizer=None):
+    """Offloads `module`'s parameters as `config` says; returns the handle.
+    `optimizer(params) -> torch.optim.Optimizer` turns on stepping in
+    backward, unit by unit."""
+    return OffloadHandle(module, config, device=device, units=units, optimizer=optimizer)
