@@ -84,6 +84,10 @@ def test_stepping_in_backward_trains_like_adamw_and_keeps_no_gradients(scratch):
         assert handle.stats["unit_steps"] == (step + 1) * len(handle.units)
         handle.step_done()
         assert all(p.grad is None for p in offloaded.parameters())
+        # The moments are on NVMe between steps too.
+        for optimizer in handle._optimizers:
+            for state in optimizer.state.values():
+                assert state["exp_avg"] is None and state["exp_avg_sq"] is None
         assert all(p.numel() == 0 for p in offloaded.parameters())
     with handle.materialized(write_back=False):
         for (name, a), (_, b) in zip(plain.named_parameters(), offloaded.named_parameters()):

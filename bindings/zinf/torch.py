@@ -20,8 +20,9 @@ Training a model larger than memory: pass `optimizer=` a function that
 builds an optimizer for a list of parameters (zinf.CPUAdam, say). Each unit
 then gets its own optimizer, and during backward, as soon as every gradient
 of a unit has arrived, the unit is stepped, its new values are stored and
-its gradients dropped: memory holds a few units and their gradients, never
-the whole model. Call handle.step_done() (or let the next forward do it)
+its gradients dropped (and with "nvme" the unit's optimizer states go to
+NVMe between its steps): memory holds a few units, their gradients and
+their states, never the whole model. Call handle.step_done() (or let the next forward do it)
 after backward; with this mode there is no optimizer.step() in the loop.
 
 Config keys: zero_optimization.offload_param.device ("nvme" or "cpu") and
@@ -213,17 +214,49 @@ class OffloadHandle:
             return
         self._stepped[index] = True
         self._fetch(index)
-        self._optimizers[index].step()
+        optimizer = self._optimizers[index]
+        self._restore_states(index, optimizer)
+        optimizer.step()
         self.stats["unit_steps"] += 1
         for key, p in self._params[index]:
             self._store(key, p.detach())
             p.grad = None
+        self._offload_states(index, optimizer)
         if self._swapper is not None:
             self._swapper.commit()
         # Every op that used the unit's params has run its backward (their
         # gradients all arrived), so the values can go.
         self._release(index)
         self._arrived[index] = set()
+
+    # With NVMe offload the unit's optimizer states (Adam's moments...) go
+    # to NVMe between its steps too, under "<param>.<state>" keys.
+    def _offload_states(self, index, optimizer):
+        if self._swapper is None:
+            return
+        for key, p in self._params[index]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            names = [name for name, value in state.items()
+                     if isinstance(value, _torch.Tensor) and value.numel() > 1]
+            for name in names:
+                self._swapper.swap_out(f"{key}.{name}", state[name])
+                state[name] = None
+            state["_zinf_offloaded"] = names
+
+    def _restore_states(self, index, optimizer):
+        if self._swapper is None:
+            return
+        for key, p in self._params[index]:
+            state = optimizer.state.get(p)
+            if not state or "_zinf_offloaded" not in state:
+                continue
+            names = state.pop("_zinf_offloaded")
+            self._swapper.prefetch([f"{key}.{name}" for name in names])
+            for name in names:
+                state[name] = self._swapper.swap_in(f"{key}.{name}")
+                self._swapper.release(f"{key}.{name}")
 
     def step_done(self):
         """Steps the units whose gradients only partly arrived (params unused
