@@ -220,17 +220,7 @@ void Engine::load_checkpoint(const std::filesystem::path& dir) {
     for (const auto& state : states) state_values.push_back(read_floats(state));
     for (const auto& values : state_values) state_spans.emplace_back(values);
     optimizer_->initialize(g, master, step, state_spans);
-    // The working copy is the master rounded, as after a step.
-    const std::uint64_t esize = element_bytes();
-    std::byte* out = working_partition_.data() + group_begin * esize;
-    if (working_ == cpu_adam::DType::f32) {
-      std::memcpy(out, master.data(), n * sizeof(float));
-    } else {
-      auto* half = reinterpret_cast<std::uint16_t*>(out);
-      for (std::uint64_t i = 0; i < n; ++i) {
-        half[i] = working_ == cpu_adam::DType::bf16 ? cpu_adam::float_to_bf16(master[i]) : cpu_adam::float_to_f16(master[i]);
-      }
-    }
+    set_working(group_begin, master);
     group_begin += n;
   }
   optimizer_step_ = step;

@@ -124,7 +124,8 @@ std::unique_ptr<Communicator> make_communicator(const LaunchEnv& launch,
         throw Error(ErrorKind::unsupported,
                     "this build of zinf has no NCCL communicator (needs CUDA and NCCL at build time)");
       }
-      std::shared_ptr<Communicator> bootstrap =
+      // Only needed to hand NCCL's unique id around; gone once NCCL is up.
+      const std::unique_ptr<Communicator> bootstrap =
           launch.world_size == 1 ? make_local_communicator() : make_gloo_communicator(launch, timeout);
       if (!bootstrap) {
         throw Error(ErrorKind::unsupported,

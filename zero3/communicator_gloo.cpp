@@ -179,10 +179,6 @@ class GlooCommunicator final : public Communicator {
       throw Error(ErrorKind::comm, fmt::format("rank {} of {}: {} refused: an earlier collective "
                                                "failed ({})", rank_, world_size_, op, failure_));
     }
-    if (world_size_ == 1) {
-      body();
-      return;
-    }
     try {
       body();
     } catch (const std::exception& error) {

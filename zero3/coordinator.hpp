@@ -68,7 +68,6 @@ class Coordinator {
   Mode mode() const { return mode_; }
   const std::vector<ModuleEvent>& trace() const { return trace_; }
   std::uint64_t divergences() const { return divergences_; }
-  const std::vector<ParamIndex>& params_of(ModuleIndex module) const { return params_of_module_.at(module); }
 
  private:
   void finish_trace();

@@ -31,23 +31,6 @@ DType working_dtype_of(config::Precision precision) {
   return DType::f32;
 }
 
-// Writes `in` as `dtype` at `out` (nearest even for the 16-bit types).
-void store_as(DType dtype, std::span<const float> in, std::byte* out) {
-  switch (dtype) {
-    case DType::f32: std::memcpy(out, in.data(), in.size_bytes()); return;
-    case DType::bf16: {
-      auto* half = reinterpret_cast<std::uint16_t*>(out);
-      for (std::size_t i = 0; i < in.size(); ++i) half[i] = cpu_adam::float_to_bf16(in[i]);
-      return;
-    }
-    case DType::f16: {
-      auto* half = reinterpret_cast<std::uint16_t*>(out);
-      for (std::size_t i = 0; i < in.size(); ++i) half[i] = cpu_adam::float_to_f16(in[i]);
-      return;
-    }
-  }
-}
-
 template <class Duration>
 void add_time(std::mutex& mutex, Duration& target, Clock::time_point since) {
   std::lock_guard lock(mutex);
@@ -94,6 +77,25 @@ Engine::~Engine() {
 }
 
 std::uint64_t Engine::element_bytes() const { return dtype_bytes(working_); }
+
+void Engine::set_working(std::uint64_t offset, std::span<const float> master) {
+  // The working copy is the master rounded to nearest even, as the fused
+  // optimizer copy writes it after a step.
+  std::byte* out = working_partition_.data() + offset * element_bytes();
+  switch (working_) {
+    case DType::f32: std::memcpy(out, master.data(), master.size_bytes()); return;
+    case DType::bf16: {
+      auto* half = reinterpret_cast<std::uint16_t*>(out);
+      for (std::size_t i = 0; i < master.size(); ++i) half[i] = cpu_adam::float_to_bf16(master[i]);
+      return;
+    }
+    case DType::f16: {
+      auto* half = reinterpret_cast<std::uint16_t*>(out);
+      for (std::size_t i = 0; i < master.size(); ++i) half[i] = cpu_adam::float_to_f16(master[i]);
+      return;
+    }
+  }
+}
 
 Engine::Param& Engine::at(ParamIndex p) {
   if (p >= params_.size()) {
@@ -259,7 +261,7 @@ void Engine::finalize() {
       }
     }
     optimizer_->initialize(g, master, 0);
-    store_as(working_, master, working_partition_.data() + group_begin * element_bytes());
+    set_working(group_begin, master);
     group_begin = group_end;
   }
 
@@ -361,9 +363,9 @@ Engine::BufferCache::~BufferCache() {
 
 // ---- the worker ----------------------------------------------------------
 
-std::uint64_t Engine::submit(std::function<void()> body, bool fetch) {
+std::uint64_t Engine::submit(std::function<void()> body) {
   std::lock_guard lock(mutex_);
-  queue_.push_back(Op{std::move(body), fetch});
+  queue_.push_back(std::move(body));
   const std::uint64_t ticket = ++submitted_;
   queued_.notify_one();
   return ticket;
@@ -374,7 +376,7 @@ void Engine::worker_loop() {
   for (;;) {
     queued_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
     if (queue_.empty()) return;  // stopping, nothing left
-    Op op = std::move(queue_.front());
+    std::function<void()> op = std::move(queue_.front());
     queue_.pop_front();
     // After a failure, or once the engine is being destroyed (a trainer
     // unwinding from its own error), queued collectives are dropped: the
@@ -384,7 +386,7 @@ void Engine::worker_loop() {
     std::exception_ptr error;
     if (!skip) {
       try {
-        op.body();
+        op();
       } catch (...) {
         error = std::current_exception();
       }
@@ -444,8 +446,7 @@ void Engine::start_fetch(ParamIndex p, bool prefetch) {
         const auto since = Clock::now();
         gather_into(*target, target->gathered);
         add_time(stats_mutex_, stats_.fetch_busy, since);
-      },
-      true);
+      });
   std::lock_guard lock(stats_mutex_);
   ++stats_.gathers;
   if (prefetch) ++stats_.prefetched;
@@ -566,8 +567,7 @@ void Engine::post_backward(ModuleIndex module) {
             buffers_.release(grad, grad_bytes);
           }
           add_time(stats_mutex_, stats_.reduce_busy, since);
-        },
-        false);
+        });
     std::lock_guard lock(stats_mutex_);
     ++stats_.reduce_scatters;
   }

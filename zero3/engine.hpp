@@ -161,10 +161,6 @@ class Engine {
     float* grad = nullptr;               // device: shard_elements x world fp32, during backward
     std::string key;                     // offload_param "nvme": the param swapper's key
   };
-  struct Op {
-    std::function<void()> body;
-    bool fetch = false;
-  };
 
   Param& at(ParamIndex p);
   void require_finalized(const char* what) const;
@@ -178,13 +174,15 @@ class Engine {
   void place_shards();
   std::uint64_t live_elements() const;
 
-  std::uint64_t submit(std::function<void()> body, bool fetch);
+  std::uint64_t submit(std::function<void()> body);
   void wait_op(std::uint64_t ticket);
   void drain();
   void worker_loop();
   void throw_if_failed();
 
   std::uint64_t element_bytes() const;
+  // Writes the working-precision copy of `master` at partition element `offset`.
+  void set_working(std::uint64_t offset, std::span<const float> master);
 
   // Device buffers by size, reused: gathers and gradient buffers come and
   // go every layer, and a fresh allocation each time costs page faults (host
@@ -237,7 +235,7 @@ class Engine {
   mutable std::mutex mutex_;
   std::condition_variable queued_;
   std::condition_variable finished_;
-  std::deque<Op> queue_;
+  std::deque<std::function<void()>> queue_;
   std::uint64_t submitted_ = 0;
   std::uint64_t completed_ = 0;
   std::exception_ptr failure_;

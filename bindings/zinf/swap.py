@@ -29,6 +29,10 @@ class TensorSwapper:
         self._store = _zinf.SwapStore(paths, block_size, queue_depth, intra_op_parallelism, sync)
         self._reads = {}     # key -> (ticket, PinnedMemory) in flight
         self._resident = {}  # key -> PinnedMemory holding the bytes
+        # Writes are synchronous, so one staging buffer per size serves them
+        # all: page-locking fresh memory for every swap_out would cost more
+        # than the write.
+        self._write_staging = {}
 
     def _meta(self, key):
         text = self._store.attribute("tensor." + key)
@@ -46,7 +50,10 @@ class TensorSwapper:
         if key in self._reads:
             self._finish(key)
         _, nbytes = cpu_bytes(tensor, f"tensor '{key}'")
-        staging = self._staging(nbytes)
+        padded = self._store.padded_size(nbytes)
+        staging = self._write_staging.get(padded)
+        if staging is None:
+            staging = self._write_staging[padded] = _zinf.PinnedMemory(padded)
         if nbytes:
             view = torch.frombuffer(staging, dtype=torch.uint8, count=nbytes)
             view.copy_(tensor.reshape(-1).view(torch.uint8))

@@ -62,33 +62,20 @@ def _units(module):
     return units
 
 
-class _FetchForBackward(_torch.autograd.Function):
-    """On the unit's outputs: its backward runs before the unit's, and
-    brings the unit's parameters back."""
+class _OnBackward(_torch.autograd.Function):
+    """Passes tensors through; its backward calls `action` first. On a
+    unit's outputs it runs before the unit's backward (to fetch the
+    parameters), on its inputs after it (to drop them)."""
 
     @staticmethod
-    def forward(ctx, handle, index, *outputs):
-        ctx.handle, ctx.index = handle, index
-        return outputs if len(outputs) > 1 else outputs[0]
-
-    @staticmethod
-    def backward(ctx, *grads):
-        ctx.handle._fetch(ctx.index, backward=True)
-        return (None, None) + grads
-
-
-class _ReleaseAfterBackward(_torch.autograd.Function):
-    """On the unit's inputs: its backward runs after the unit's."""
-
-    @staticmethod
-    def forward(ctx, handle, index, *inputs):
-        ctx.handle, ctx.index = handle, index
-        return inputs if len(inputs) > 1 else inputs[0]
+    def forward(ctx, action, *tensors):
+        ctx.action = action
+        return tensors if len(tensors) > 1 else tensors[0]
 
     @staticmethod
     def backward(ctx, *grads):
-        ctx.handle._release(ctx.index)
-        return (None, None) + grads
+        ctx.action()
+        return (None,) + grads
 
 
 class OffloadHandle:
@@ -153,6 +140,8 @@ class OffloadHandle:
         value = value.to("cpu").contiguous()
         if self._swapper is not None:
             self._swapper.swap_out(key, value)
+        elif key in self._host:
+            self._host[key].copy_(value)  # shapes never change: reuse the pinned copy
         else:
             pinned = _zinf.PinnedMemory(value.numel() * value.element_size())
             host = _torch.frombuffer(pinned, dtype=value.dtype, count=value.numel()).view(value.shape) \
@@ -277,7 +266,7 @@ class OffloadHandle:
             if _torch.is_grad_enabled():
                 tensors = [x for x in inputs if isinstance(x, _torch.Tensor)]
                 if any(t.requires_grad for t in tensors):
-                    wrapped = _ReleaseAfterBackward.apply(self, index, *inputs)
+                    wrapped = _OnBackward.apply(lambda: self._release(index), *inputs)
                     return wrapped if isinstance(wrapped, tuple) else (wrapped,)
             return None
         return pre_hook
@@ -287,11 +276,10 @@ class OffloadHandle:
             if index == self._order[-1] and self._recording and len(self._order) == len(self.units):
                 self._recording = False
             self._release(index)
-            if _torch.is_grad_enabled() and isinstance(outputs, _torch.Tensor) and outputs.requires_grad:
-                return _FetchForBackward.apply(self, index, outputs)
-            if _torch.is_grad_enabled() and isinstance(outputs, tuple) and \
-                    all(isinstance(o, _torch.Tensor) for o in outputs) and any(o.requires_grad for o in outputs):
-                return _FetchForBackward.apply(self, index, *outputs)
+            tensors = (outputs,) if isinstance(outputs, _torch.Tensor) else outputs
+            if _torch.is_grad_enabled() and isinstance(tensors, tuple) and \
+                    all(isinstance(o, _torch.Tensor) for o in tensors) and any(o.requires_grad for o in tensors):
+                return _OnBackward.apply(lambda: self._fetch(index, backward=True), *tensors)
             return None
         return post_hook
 
