@@ -43,12 +43,7 @@ bool refuse_io_uring_setup(int error_number) {
          ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program) == 0;
 }
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
+using zinf::testing::slurp;
 
 TEST(UringFallback, SeccompRefusalFallsBackToPosixAndSaysWhy) {
 #if !ZINF_HAVE_LIBURING

@@ -15,18 +15,15 @@
 
 namespace {
 
+// Both streams together: what a failing step printed.
 struct Outcome {
   int exit_code;
   std::string output;
 };
 
-Outcome sh(const std::string& command, const zinf::testing::TempDir& logs) {
-  const auto log = logs / "log";
-  const int status = std::system((command + " >" + log.string() + " 2>&1").c_str());
-  std::ifstream in(log);
-  std::stringstream text;
-  text << in.rdbuf();
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, text.str()};
+Outcome sh(const std::string& command) {
+  const auto o = zinf::testing::run_command(command);
+  return {o.exit_code, o.out + o.err};
 }
 
 TEST(CApi, AConsumerBuildsAgainstTheInstalledLibraryAndRuns) {
@@ -34,32 +31,31 @@ TEST(CApi, AConsumerBuildsAgainstTheInstalledLibraryAndRuns) {
   const char* source_root = std::getenv("ZINF_SOURCE_ROOT");
   ASSERT_NE(build_root, nullptr);
   ASSERT_NE(source_root, nullptr);
-  zinf::testing::TempDir dir, logs;
+  zinf::testing::TempDir dir;
   const std::string prefix = (dir / "staging").string();
-  Outcome o = sh("meson install -C " + std::string(build_root) + " --no-rebuild --quiet --destdir " + prefix, logs);
+  Outcome o = sh("meson install -C " + std::string(build_root) + " --no-rebuild --quiet --destdir " + prefix);
   ASSERT_EQ(o.exit_code, 0) << o.output;
   // Find the installed zinf.pc, wherever the prefix and libdir put it.
-  o = sh("find " + prefix + " -name zinf.pc", logs);
+  o = sh("find " + prefix + " -name zinf.pc");
   ASSERT_EQ(o.exit_code, 0) << o.output;
   std::string pc = o.output.substr(0, o.output.find('\n'));
   ASSERT_FALSE(pc.empty()) << "no zinf.pc installed under " << prefix;
   const std::string pc_dir = pc.substr(0, pc.rfind('/'));
   // The .pc names the real prefix; point it into the staging copy.
-  o = sh("PKG_CONFIG_PATH=" + pc_dir + " pkg-config --variable=prefix zinf", logs);
+  o = sh("PKG_CONFIG_PATH=" + pc_dir + " pkg-config --variable=prefix zinf");
   ASSERT_EQ(o.exit_code, 0) << o.output;
   const std::string installed_prefix = o.output.substr(0, o.output.find('\n'));
   const std::string pkg = "PKG_CONFIG_PATH=" + pc_dir + " pkg-config --define-variable=prefix=" + prefix +
                           installed_prefix + " zinf";
   const std::string binary = (dir / "consumer").string();
   o = sh("cc -std=c11 -Wall -Wextra -Werror " + std::string(source_root) + "/tests/c_consumer/consumer.c -o " + binary +
-             " $(" + pkg + " --cflags --libs) -lm",
-         logs);
+             " $(" + pkg + " --cflags --libs) -lm");
   ASSERT_EQ(o.exit_code, 0) << o.output;
-  o = sh("LD_LIBRARY_PATH=$(" + pkg + " --variable=libdir) " + binary + " " + dir.path().string(), logs);
+  o = sh("LD_LIBRARY_PATH=$(" + pkg + " --variable=libdir) " + binary + " " + dir.path().string());
   EXPECT_EQ(o.exit_code, 0) << o.output;
   EXPECT_NE(o.output.find("C consumer ok"), std::string::npos) << o.output;
   // Only zinf_* symbols are exported.
-  o = sh("nm -D --defined-only $(" + pkg + " --variable=libdir)/libzinf.so | grep -v ' zinf_' | grep -c ' T '", logs);
+  o = sh("nm -D --defined-only $(" + pkg + " --variable=libdir)/libzinf.so | grep -v ' zinf_' | grep -c ' T '");
   EXPECT_EQ(o.output.substr(0, o.output.find('\n')), "0") << "C++ symbols leak from libzinf.so";
 }
 

@@ -20,26 +20,11 @@ namespace {
 
 using zinf::testing::TempDir;
 
-struct Outcome {
-  int exit_code;
-  std::string out;
-  std::string err;
-};
-
-std::string slurp(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
+using Outcome = zinf::testing::CommandOutcome;
 
 Outcome run_example(const std::string& arguments) {
   const char* binary = std::getenv("GPT_ZERO3");
-  TempDir logs;
-  const std::string command = std::string(binary ? binary : "gpt_zero3") + " " + arguments + " >" +
-                              (logs / "out").string() + " 2>" + (logs / "err").string();
-  const int status = std::system(command.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, slurp(logs / "out"), slurp(logs / "err")};
+  return zinf::testing::run_command(std::string(binary ? binary : "gpt_zero3") + " " + arguments);
 }
 
 std::vector<double> losses(const std::string& out) {

@@ -13,6 +13,8 @@
 #include <cerrno>
 #include <stdexcept>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <functional>
 #include <memory>
 #include <random>
@@ -135,5 +137,28 @@ class SmallFilesystem {
   bool mounted_ = false;
   std::string skip_reason_;
 };
+
+// A whole file as text ("" when it cannot be read).
+inline std::string slurp(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// A shell command's exit code and its stdout and stderr.
+struct CommandOutcome {
+  int exit_code = 0;  // 128 when it did not exit normally
+  std::string out;
+  std::string err;
+};
+
+inline CommandOutcome run_command(const std::string& command) {
+  TempDir logs;
+  const std::string redirected =
+      command + " >" + (logs / "out").string() + " 2>" + (logs / "err").string();
+  const int status = std::system(redirected.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, slurp(logs / "out"), slurp(logs / "err")};
+}
 
 }  // namespace zinf::testing

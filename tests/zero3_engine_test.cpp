@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -30,7 +31,12 @@ namespace {
 
 using testing::RankOutcome;
 
-void train_and_compare(const TrainingRun& run, const LaunchEnv& launch) {
+// Trains steps [from, to) on this rank, after loading `load` if given, and
+// saves to `save` at the end if given; `after_step(step, engine)` runs after
+// each optimizer step. Returns the masters.
+std::vector<std::vector<float>> train_span(const TrainingRun& run, const LaunchEnv& launch, int from, int to,
+                                           const std::string& load, const std::string& save,
+                                           const std::function<void(int, Engine&)>& after_step = {}) {
   const config::Config config = config::load_config_string(config_json(run));
   CommunicatorOptions comm_options;
   comm_options.timeout = std::chrono::seconds(60);
@@ -40,22 +46,32 @@ void train_and_compare(const TrainingRun& run, const LaunchEnv& launch) {
   Engine engine(config, *comm, options);
   TinyOnEngine model(engine, run.shape);
   engine.finalize();
-  std::vector<double> norms;
-  const auto reference = train_reference(run, config, &norms);
-  for (int step = 0; step < run.steps; ++step) {
+  if (!load.empty()) engine.load_checkpoint(load);
+  if (engine.optimizer_step() != from) throw std::runtime_error("resumed at the wrong step");
+  for (int step = from; step < to; ++step) {
     for (int micro = 0; micro < run.accumulation; ++micro) {
       model.micro_step(engine, run.shape, batch_index(run, step, micro, comm->rank()));
       const bool stepped = engine.step();
       if (stepped != (micro == run.accumulation - 1)) throw std::runtime_error("step() at the wrong micro-step");
     }
+    if (after_step) after_step(step, engine);
+  }
+  if (!save.empty()) engine.save_checkpoint(save);
+  return model.masters(engine);
+}
+
+void train_and_compare(const TrainingRun& run, const LaunchEnv& launch) {
+  std::vector<double> norms;
+  const auto reference = train_reference(run, config::load_config_string(config_json(run)), &norms);
+  const auto masters = train_span(run, launch, 0, run.steps, "", "", [&](int step, Engine& engine) {
     // The gradient norm (before clipping) is the mean gradient's: Adam
     // alone would not notice a wrongly scaled average.
     const double norm = engine.stats().last_grad_norm;
     if (!(std::fabs(norm - norms[step]) <= 1e-5 * norms[step])) {
       throw std::runtime_error(fmt::format("step {}: gradient norm {} vs reference {}", step, norm, norms[step]));
     }
-  }
-  expect_close(model.masters(engine), reference, fmt::format("rank {}", comm->rank()));
+  });
+  expect_close(masters, reference, fmt::format("rank {}", launch.rank));
 }
 
 void run_world(const TrainingRun& run) {
@@ -148,34 +164,6 @@ TEST(EngineBf16, GatheredParamsAreTheMastersRoundedToBf16) {
     }
   });
   EXPECT_TRUE(testing::all_succeeded(outcomes)) << testing::describe(outcomes);
-}
-
-// Trains steps [from, to) on this rank, after loading `load` if given, and
-// saves to `save` at the end if given; returns the masters.
-std::vector<std::vector<float>> train_span(const TrainingRun& run, const LaunchEnv& launch, int from, int to,
-                                           const std::string& load, const std::string& save,
-                                           const std::string& extra_zero = "") {
-  std::string json = config_json(run);
-  if (!extra_zero.empty()) json.replace(json.find("\"stage\": 3,"), 11, "\"stage\": 3, " + extra_zero + ",");
-  const config::Config config = config::load_config_string(json);
-  CommunicatorOptions comm_options;
-  comm_options.timeout = std::chrono::seconds(60);
-  auto comm = make_communicator(launch, comm_options);
-  EngineOptions options;
-  options.optimizer_threads = 1;
-  Engine engine(config, *comm, options);
-  TinyOnEngine model(engine, run.shape);
-  engine.finalize();
-  if (!load.empty()) engine.load_checkpoint(load);
-  if (engine.optimizer_step() != from) throw std::runtime_error("resumed at the wrong step");
-  for (int step = from; step < to; ++step) {
-    for (int micro = 0; micro < run.accumulation; ++micro) {
-      model.micro_step(engine, run.shape, batch_index(run, step, micro, comm->rank()));
-      engine.step();
-    }
-  }
-  if (!save.empty()) engine.save_checkpoint(save);
-  return model.masters(engine);
 }
 
 void write_floats(const std::string& path, const std::vector<std::vector<float>>& tensors) {

@@ -21,18 +21,8 @@ namespace {
 using zinf::testing::SmallFilesystem;
 using zinf::testing::TempDir;
 
-struct Outcome {
-  int exit_code;
-  std::string out;
-  std::string err;
-};
-
-std::string slurp(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
+using Outcome = zinf::testing::CommandOutcome;
+using zinf::testing::slurp;
 
 const char* bench_binary() {
   const char* path = std::getenv("ZINF_BENCH");
@@ -40,11 +30,7 @@ const char* bench_binary() {
 }
 
 Outcome run_bench(const std::string& arguments) {
-  TempDir logs;
-  const std::string command = std::string(bench_binary()) + " --no-progress " + arguments + " >" +
-                              (logs / "out").string() + " 2>" + (logs / "err").string();
-  const int status = std::system(command.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, slurp(logs / "out"), slurp(logs / "err")};
+  return zinf::testing::run_command(std::string(bench_binary()) + " --no-progress " + arguments);
 }
 
 int count_lines(const std::string& text) {
