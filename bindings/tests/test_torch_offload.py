@@ -102,8 +102,55 @@ def test_bad_configs_name_the_key(scratch):
         zinf.torch.offload(small_model(), {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}})
     with pytest.raises(ValueError, match="zero_optimization.stage"):
         zinf.torch.offload(small_model(), {"zero_optimization": {"stage": 9, "offload_param": {"device": "cpu"}}})
-    with pytest.raises(OSError):
-        zinf.torch.offload(small_model(), config("nvme", os.path.join(scratch, "missing", "deeper")))
+    # An nvme_path that cannot be created (under a regular file) names it.
+    with open(os.path.join(scratch, "file"), "w"):
+        pass
+    blocked = os.path.join(scratch, "file", "deeper")
+    model = small_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(OSError, match="offload_param.nvme_path.*deeper"):
+        zinf.torch.offload(model, config("nvme", blocked))
+    # ... and the module is left as it was.
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+def test_a_missing_nvme_path_is_created(scratch):
+    path = os.path.join(scratch, "missing", "deeper")
+    handle = zinf.torch.offload(small_model(), config("nvme", path))
+    assert os.path.isdir(path) and len(os.listdir(path)) == 1
+    handle.close()
+    assert os.listdir(path) == []
+
+
+def test_offload_directories_go_with_the_handle(scratch):
+    """close(), a with block, garbage collection, a failed constructor and
+    interpreter exit each remove the handle's zinf-offload.* directory."""
+    import gc
+    with zinf.torch.offload(small_model(), config("nvme", scratch)) as handle:
+        assert len(os.listdir(scratch)) == 1
+    assert os.listdir(scratch) == []
+    model = small_model()
+    zinf.torch.offload(model, config("nvme", scratch))
+    assert len(os.listdir(scratch)) == 1
+    del model
+    gc.collect()
+    assert os.listdir(scratch) == []
+    # A constructor that fails after creating its directory (a unit list
+    # holding a module without parameters is fine; a bad optimizer is not).
+    with pytest.raises(RuntimeError, match="no optimizer"):
+        zinf.torch.offload(small_model(), config("nvme", scratch),
+                           optimizer=lambda params: (_ for _ in ()).throw(RuntimeError("no optimizer")))
+    gc.collect()
+    assert os.listdir(scratch) == []
+    script = ("import sys, torch, zinf.torch\n"
+              "m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))\n"
+              "h = zinf.torch.offload(m, {'zero_optimization': {'stage': 3, 'offload_param': "
+              "{'device': 'nvme', 'nvme_path': sys.argv[1]}}})\n"
+              "print(len(__import__('os').listdir(sys.argv[1])))\n")
+    result = subprocess.run([sys.executable, "-c", script, scratch], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "1"
+    assert os.listdir(scratch) == []
 
 
 def test_tensor_swapper_round_trips_prefetches_and_reopens(scratch):

@@ -25,13 +25,21 @@ NVMe between its steps): memory holds a few units, their gradients and
 their states, never the whole model. Call handle.step_done() (or let the next forward do it)
 after backward; with this mode there is no optimizer.step() in the loop.
 
+state_dict() and load_state_dict() work at any time: outside materialized()
+the stored values are read on demand (state_dict returns CPU copies), so a
+checkpoint saved by a trainer (Hugging Face's Trainer, torch.save) holds the
+model. The handle's directory inside nvme_path goes when the handle is
+closed (or used as a context manager), garbage-collected, or at exit.
+
 Config keys: zero_optimization.offload_param.device ("nvme" or "cpu") and
 nvme_path, and the "aio" block.
 """
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import weakref
 
 import torch as _torch
 
@@ -98,14 +106,33 @@ class OffloadHandle:
             if not paths:
                 raise ValueError("zero_optimization.offload_param.nvme_path is required when device is \"nvme\"")
             paths = paths if isinstance(paths, list) else [paths]
-            # A fresh directory per handle inside each nvme_path.
-            self._tmp = [tempfile.mkdtemp(prefix="zinf-offload.", dir=p) for p in paths]
-            self._swapper = TensorSwapper(self._tmp, block_size=aio.get("block_size", 1 << 20),
-                                          queue_depth=aio.get("queue_depth", 32),
-                                          intra_op_parallelism=aio.get("intra_op_parallelism", 2), sync=False)
+            # A fresh directory per handle inside each nvme_path (created if
+            # missing, as DeepSpeed does). It goes when the handle is closed,
+            # collected, or the interpreter exits, and if this constructor
+            # fails: a forgotten handle must not leave GiBs on the disk.
+            self._tmp = []
+            self._cleanup = weakref.finalize(self, _remove_directories, self._tmp)
+            try:
+                for path in paths:
+                    _make_nvme_path(path)
+                    self._tmp.append(tempfile.mkdtemp(prefix="zinf-offload.", dir=path))
+                self._swapper = TensorSwapper(self._tmp, block_size=aio.get("block_size", 1 << 20),
+                                              queue_depth=aio.get("queue_depth", 32),
+                                              intra_op_parallelism=aio.get("intra_op_parallelism", 2), sync=False)
+            except BaseException:
+                self._cleanup()
+                raise
         else:
             self._swapper = None
             self._host = {}
+            self._cleanup = None
+        try:
+            self._setup(module, optimizer)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, module, optimizer):
         self._params = []  # per unit: [(key, param)]
         self._present = [False] * len(self.units)
         self._order = []    # unit indices in the first forward's order
@@ -127,13 +154,25 @@ class OffloadHandle:
                             node = p.expand_as(p).grad_fn.next_functions[0][0]
                         node.register_hook(self._make_grad_hook(index, position))
                         self._accumulators.append(node)
+        # Everything is stored before any param is emptied, so a failure
+        # (a full disk, say) leaves the module as it was.
+        for params in self._params:
             for key, p in params:
                 self._store(key, p.detach())
+        if self._swapper is not None:
+            self._swapper.commit()
+        for index, unit in enumerate(self.units):
+            for key, p in self._params[index]:
                 p.data = _torch.empty(0, dtype=p.dtype, device=self.device)
             unit.register_forward_pre_hook(self._make_pre_hook(index))
             unit.register_forward_hook(self._make_post_hook(index))
-        if self._swapper is not None:
-            self._swapper.commit()
+            # state_dict() and load_state_dict() see the real values (read
+            # on demand), never the empty placeholders: a checkpoint saved
+            # outside materialized() must hold the model.
+            unit._register_state_dict_hook(self._make_state_dict_hook(index))
+            unit._register_load_state_dict_pre_hook(self._make_load_pre_hook(index), with_module=True)
+            unit.register_load_state_dict_post_hook(self._make_load_post_hook(index))
+        self._loading = set()
 
     # -- storage ---------------------------------------------------------------
     def _store(self, key, value):
@@ -283,6 +322,61 @@ class OffloadHandle:
             return None
         return post_hook
 
+    # -- state_dict / load_state_dict ----------------------------------------------
+    def _stored_values(self, index):
+        """{key: a CPU copy of the stored value} for unit `index`."""
+        if self._swapper is not None:
+            self._swapper.prefetch([key for key, _ in self._params[index]])
+        values = {}
+        for key, _ in self._params[index]:
+            if key in values:
+                continue
+            if self._swapper is not None:
+                values[key] = self._swapper.swap_in(key).clone()
+                self._swapper.release(key)
+            else:
+                values[key] = self._host[key].clone()
+        return values
+
+    def _make_state_dict_hook(self, index):
+        local = {}  # param id -> its names inside the unit (tied params have several)
+        for name, p in _all_named_parameters(self.units[index]):
+            local.setdefault(id(p), []).append(name)
+
+        def state_dict_hook(unit, state_dict, prefix, local_metadata):
+            if self._present[index]:
+                return None  # the params hold their values
+            values = None
+            for key, p in self._params[index]:
+                for name in local.get(id(p), ()):
+                    if prefix + name not in state_dict:
+                        continue
+                    if values is None:
+                        values = self._stored_values(index)
+                    state_dict[prefix + name] = values[key]
+            return None
+        return state_dict_hook
+
+    def _make_load_pre_hook(self, index):
+        def load_pre_hook(unit, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                          error_msgs):
+            if not self._present[index]:
+                self._fetch(index)
+                self._loading.add(index)  # stored and dropped again after the load
+        return load_pre_hook
+
+    def _make_load_post_hook(self, index):
+        def load_post_hook(unit, incompatible_keys):
+            was_fetched_for_load = index in self._loading
+            self._loading.discard(index)
+            for key, p in self._params[index]:
+                self._store(key, p.detach())
+            if self._swapper is not None:
+                self._swapper.commit()
+            if was_fetched_for_load:
+                self._release(index)
+        return load_post_hook
+
     # -- whole-model access ---------------------------------------------------------
     def release_all(self):
         for index in range(len(self.units)):
@@ -306,11 +400,42 @@ class OffloadHandle:
             self.release_all()
 
     def close(self):
-        """Removes the offload directories."""
-        import shutil
-        for path in self._tmp or []:
-            shutil.rmtree(path, ignore_errors=True)
-        self._tmp = None
+        """Removes the offload directories (also done when the handle is
+        garbage-collected or the interpreter exits)."""
+        if self._cleanup is not None:
+            self._cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def _all_named_parameters(module, prefix=""):
+    """(name, param) for every state_dict entry of a param, duplicates
+    (tied weights) included."""
+    for name, p in module._parameters.items():
+        if p is not None:
+            yield prefix + name, p
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _all_named_parameters(child, prefix + name + ".")
+
+
+def _remove_directories(paths):
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+    paths.clear()
+
+
+def _make_nvme_path(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise OSError(error.errno, f"zero_optimization.offload_param.nvme_path: cannot create {path}: "
+                      f"{error.strerror}", path) from None
 
 
 def offload(module, config, device=None, units=None, optimizer=None):
