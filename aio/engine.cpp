@@ -36,9 +36,11 @@ void validate(const AioOptions& options) {
     ctx.key_path = fmt::format("aio.{}", key);
     throw Error(ErrorKind::config, fmt::format("aio.{} {}", key, message), std::move(ctx));
   };
-  if (options.block_size < 4096 || options.block_size % 4096 != 0) {
-    fail("block_size", fmt::format("is {}: it must be a positive multiple of 4096 bytes "
-                                   "(O_DIRECT alignment)", options.block_size));
+  // DeepSpeed takes any multiple of 1 KiB (its tests use 1024); pieces are
+  // rounded up to whole 4 KiB (piece_bytes), so O_DIRECT stays aligned.
+  if (options.block_size < 1024 || options.block_size % 1024 != 0) {
+    fail("block_size", fmt::format("is {}: it must be a positive multiple of 1024 bytes",
+                                   options.block_size));
   }
   if (options.block_size > 1 * GiB) {
     fail("block_size", fmt::format("is {}: at most 1 GiB", options.block_size));
@@ -52,7 +54,15 @@ void validate(const AioOptions& options) {
   }
 }
 
-Engine::Engine(const AioOptions& options) : options_(options) { validate(options_); }
+std::uint64_t piece_bytes(const AioOptions& options) {
+  constexpr std::uint64_t kDirectAlignment = 4096;
+  return (options.block_size + kDirectAlignment - 1) / kDirectAlignment * kDirectAlignment;
+}
+
+Engine::Engine(const AioOptions& options) : options_(options), piece_bytes_(0) {
+  validate(options_);
+  piece_bytes_ = zinf::aio::piece_bytes(options_);
+}
 
 Engine::~Engine() = default;
 
@@ -89,7 +99,7 @@ void check_request(const Request& request, std::uint64_t block_size) {
   if (!file.direct()) return;
   const std::uint32_t offset_alignment = file.offset_alignment();
   const std::uint32_t memory_alignment = file.memory_alignment();
-  // Pieces start every block_size bytes, so the block size must keep them
+  // Pieces start every piece_bytes, so the piece size must keep them
   // aligned too (drives with 16 KiB sectors need more than 4096).
   if (!is_aligned(block_size, std::max(offset_alignment, memory_alignment))) {
     ErrorContext ctx;
@@ -125,9 +135,9 @@ void check_request(const Request& request, std::uint64_t block_size) {
 Ticket Engine::submit(std::span<const Request> requests) {
   std::size_t piece_count = 0;
   for (const Request& request : requests) {
-    check_request(request, options_.block_size);
-    piece_count += request.length_bytes / options_.block_size +
-                   (request.length_bytes % options_.block_size != 0 ? 1 : 0);
+    check_request(request, piece_bytes_);
+    piece_count += request.length_bytes / piece_bytes_ +
+                   (request.length_bytes % piece_bytes_ != 0 ? 1 : 0);
   }
 
   auto state = std::make_unique<TicketState>();
@@ -139,13 +149,13 @@ Ticket Engine::submit(std::span<const Request> requests) {
 
   std::size_t index = 0;
   for (const Request& request : requests) {
-    for (std::uint64_t done = 0; done < request.length_bytes; done += options_.block_size) {
+    for (std::uint64_t done = 0; done < request.length_bytes; done += piece_bytes_) {
       Piece& piece = state->pieces[index];
       piece.op = request.op;
       piece.file = request.file;
       piece.offset_bytes = request.offset_bytes + done;
       piece.buffer = request.buffer + done;
-      piece.length_bytes = std::min<std::uint64_t>(options_.block_size, request.length_bytes - done);
+      piece.length_bytes = std::min<std::uint64_t>(piece_bytes_, request.length_bytes - done);
       piece.ticket = state.get();
       state->piece_finished[index].store(false, std::memory_order_relaxed);
       ++index;

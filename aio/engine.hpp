@@ -38,6 +38,8 @@ struct EngineStats {
 
 // Throws Error{config} naming the aio.* key when an option is out of range.
 void validate(const AioOptions& options);
+// Bytes per piece: block_size rounded up to whole 4 KiB.
+std::uint64_t piece_bytes(const AioOptions& options);
 
 class Engine {
  public:
@@ -83,6 +85,7 @@ class Engine {
   // One line for logs: engine, workers, depth, features in use.
   virtual std::string description() const;
   const AioOptions& options() const { return options_; }
+  std::uint64_t piece_bytes() const { return piece_bytes_; }
   EngineStats stats() const;
 
  protected:
@@ -106,6 +109,7 @@ class Engine {
   std::string in_flight_report(const TicketState& state) const;
 
   AioOptions options_;
+  std::uint64_t piece_bytes_;
   mutable std::mutex book_mutex_;
   std::condition_variable book_cv_;
   std::unordered_map<std::uint64_t, std::unique_ptr<TicketState>> tickets_;

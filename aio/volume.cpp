@@ -20,7 +20,7 @@ Volume::Volume(const VolumeOptions& options, const EngineFactory& make_engine) {
     engines_.push_back(make_engine(i));
     engines_.back()->register_file(files_.back());
   }
-  const std::uint64_t block = engines_.front()->options().block_size;
+  const std::uint64_t block = engines_.front()->piece_bytes();
   stripe_bytes_ = options.stripe_bytes == 0 ? block : options.stripe_bytes;
   if (stripe_bytes_ % block != 0 || stripe_bytes_ % alignment_ != 0) {
     throw Error(ErrorKind::config,

@@ -37,20 +37,58 @@ namespace {
 
 using nlohmann::json;
 
+// Edits (insert, delete, substitute, swap two neighbours) from a to b: the
+// swap counts once so "aoi" is one edit from "aio".
 std::size_t edit_distance(std::string_view a, std::string_view b) {
-  std::vector<std::size_t> row(b.size() + 1);
-  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  const std::size_t width = b.size() + 1;
+  std::vector<std::size_t> d((a.size() + 1) * width);
+  const auto at = [&](std::size_t i, std::size_t j) -> std::size_t& { return d[i * width + j]; };
+  for (std::size_t i = 0; i <= a.size(); ++i) at(i, 0) = i;
+  for (std::size_t j = 0; j <= b.size(); ++j) at(0, j) = j;
   for (std::size_t i = 1; i <= a.size(); ++i) {
-    std::size_t diagonal = row[0];
-    row[0] = i;
     for (std::size_t j = 1; j <= b.size(); ++j) {
-      const std::size_t above = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      diagonal = above;
+      const std::size_t cost = a[i - 1] == b[j - 1] ? 0 : 1;
+      at(i, j) = std::min({at(i - 1, j) + 1, at(i, j - 1) + 1, at(i - 1, j - 1) + cost});
+      if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]) {
+        at(i, j) = std::min(at(i, j), at(i - 2, j - 2) + 1);
+      }
     }
   }
-  return row[b.size()];
+  return at(a.size(), b.size());
 }
+
+// The candidate fewest edits from `key`, and how many.
+std::pair<std::string_view, std::size_t> nearest_key(std::string_view key,
+                                                     std::span<const std::string_view> candidates) {
+  std::string_view nearest;
+  std::size_t best = SIZE_MAX;
+  for (std::string_view candidate : candidates) {
+    const std::size_t d = edit_distance(key, candidate);
+    if (d < best) {
+      best = d;
+      nearest = candidate;
+    }
+  }
+  return {nearest, best};
+}
+
+// DeepSpeed's top-level keys (deepspeed/runtime/config.py and the configs
+// of its subsystems). Others are ignored, as DeepSpeed ignores them, unless
+// they are a typo of one of these.
+constexpr std::string_view kDeepSpeedTopLevelKeys[] = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+    "scheduler", "fp16", "bf16", "bfloat16", "amp", "zero_optimization", "aio", "gradient_clipping",
+    "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state", "prescale_gradients",
+    "gradient_predivide_factor", "sparse_gradients", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "communication_data_type", "seq_parallel_communication_data_type",
+    "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet",
+    "comms_logger", "elasticity", "pipeline", "checkpoint", "data_types", "autotuning",
+    "compression_training", "data_efficiency", "curriculum_learning", "quantize_training", "sparse_attention",
+    "nebula", "eigenvalue", "progressive_layer_drop", "hybrid_engine", "weight_quantization",
+    "disable_allgather", "dataloader_drop_last", "compile", "timers", "use_data_before_expert_parallelism",
+    "torch_autocast", "tensor_parallel", "sequence_parallel_size", "graph_harvesting", "monitor_config",
+    "zero_quantized_weights", "zero_quantized_gradients", "zero_hpz_partition_size", "mics_shard_size",
+    "fp8", "expert_parallel"};
 
 std::string describe(const json& value) {
   switch (value.type()) {
@@ -83,15 +121,7 @@ class Reader {
       const bool found = std::find(known.begin(), known.end(), key) != known.end() ||
                          std::find(ignored.begin(), ignored.end(), key) != ignored.end();
       if (found) continue;
-      std::string_view nearest;
-      std::size_t best = SIZE_MAX;
-      for (std::string_view candidate : known) {
-        const std::size_t d = edit_distance(key, candidate);
-        if (d < best) {
-          best = d;
-          nearest = candidate;
-        }
-      }
+      const auto [nearest, best] = nearest_key(key, std::span(known.begin(), known.size()));
       const std::size_t allowed = std::max<std::size_t>(2, key.size() / 3);
       problem(join(path, key),
               best <= allowed ? fmt::format("unknown key; did you mean \"{}\"?", nearest)
@@ -237,9 +267,10 @@ void read_aio(Reader& r, const json& root, AioConfig& aio) {
   r.check_keys(section, "aio",
                {"block_size", "queue_depth", "intra_op_parallelism", "single_submit", "overlap_events", "use_gds"},
                kAioDeprecated);
-  r.read_uint(section, "block_size", "aio", aio.block_size, 4096, 1ull << 30);
-  if (aio.block_size % 4096 != 0) {
-    r.problem("aio.block_size", fmt::format("is {}: must be a multiple of 4096 (O_DIRECT alignment)", aio.block_size));
+  r.read_uint(section, "block_size", "aio", aio.block_size, 1024, 1ull << 30);
+  if (aio.block_size % 1024 != 0) {
+    r.problem("aio.block_size", fmt::format("is {}: must be a multiple of 1024 (I/O pieces are rounded up to "
+                                            "whole 4 KiB)", aio.block_size));
   }
   r.read_uint(section, "queue_depth", "aio", aio.queue_depth, 1, 4096);
   for (const char* old : {"thread_count", "num_threads"}) {
@@ -423,7 +454,8 @@ void read_training(Reader& r, const json& root, TrainingConfig& training) {
               1u << 30);
   bool bf16 = false;
   bool fp16 = false;
-  for (const char* block : {"bf16", "fp16"}) {
+  // "bfloat16" is DeepSpeed's other spelling of the bf16 block.
+  for (const char* block : {"bf16", "bfloat16", "fp16"}) {
     if (!root.contains(block) || root.at(block).is_null()) continue;
     const json& section = root.at(block);
     if (!section.is_object()) {
@@ -431,7 +463,17 @@ void read_training(Reader& r, const json& root, TrainingConfig& training) {
       continue;
     }
     // Loss scaling and the like belong to the trainer; only "enabled" is zinf's.
-    r.read_bool(section, "enabled", block, std::string_view(block) == "bf16" ? bf16 : fp16);
+    if (section.contains("enabled") && is_auto(section.at("enabled"))) {
+      // Hugging Face's Trainer fills "auto" in before DeepSpeed reads the
+      // config; read as-is it would silently train in fp32.
+      r.problem(fmt::format("{}.enabled", block),
+                "is \"auto\": zinf cannot tell what your trainer picks; write true or false (Hugging Face's "
+                "Trainer replaces \"auto\" only in the config it hands to DeepSpeed itself)");
+      continue;
+    }
+    bool enabled = false;
+    r.read_bool(section, "enabled", block, enabled);
+    (std::string_view(block) == "fp16" ? fp16 : bf16) |= enabled;
   }
   if (bf16 && fp16) {
     r.problem("fp16.enabled", "cannot be true together with bf16.enabled");
@@ -489,6 +531,20 @@ ParseResult parse_config(std::string_view json_text) {
   if (!root.is_object()) {
     reader.problem("<root>", fmt::format("a DeepSpeed config is a JSON object, not {}", describe(root)));
     return result;
+  }
+  for (const auto& [key, value] : root.items()) {
+    if (std::find(std::begin(kDeepSpeedTopLevelKeys), std::end(kDeepSpeedTopLevelKeys), key) !=
+        std::end(kDeepSpeedTopLevelKeys)) {
+      continue;
+    }
+    const auto [nearest, best] = nearest_key(key, kDeepSpeedTopLevelKeys);
+    // Short keys only one edit away ("aoi"), longer ones a few.
+    const std::size_t allowed = key.size() <= 4 ? 1 : std::max<std::size_t>(2, key.size() / 4);
+    if (best <= allowed) {
+      reader.problem(key, fmt::format("unknown key (DeepSpeed would ignore it); did you mean \"{}\"?", nearest));
+    } else {
+      reader.warn(fmt::format("{}: not a DeepSpeed key; ignored", key));
+    }
   }
   read_training(reader, root, result.config.training);
   read_aio(reader, root, result.config.aio);

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds, and runs every test suite four ways:
 #   release       all suites
-#   python        `pip install .` into a venv over Debian's python3-torch,
-#                 then the pytest suite (bindings/tests)
+#   python        `pip install --no-build-isolation .` into a venv over
+#                 Debian's python3-torch (1.13) and transformers 4.40, then
+#                 the pytest suite (bindings/tests)
+#   python-newest the same in a venv of the python3 on PATH with the newest
+#                 torch from the Python registry, installed with build
+#                 isolation (newest meson-python) and without
 #   asan+ubsan    all suites under AddressSanitizer and UndefinedBehaviorSanitizer
 #   tsan          the aio and pinned_pool suites under ThreadSanitizer
 # Ends with one line "N passed, N failed, N skipped" over all of them and
@@ -13,7 +17,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh || exit 1
 
 jobs="${ZINF_JOBS:-2}"
-variants="${ZINF_TEST_VARIANTS:-release python asan tsan}"
+variants="${ZINF_TEST_VARIANTS:-release python python-newest asan tsan}"
 results=build-test-results
 # Downloads from the Python registry are kept here between runs.
 pip_cache="${ZINF_PIP_CACHE:-/var/tmp/zinf-pip-cache}"
@@ -62,10 +66,34 @@ for variant in $variants; do
           >>"$results/python-install.log" 2>&1 &&
         build-py/venv/bin/python -m pip install --cache-dir "$pip_cache" -q "transformers==4.40.2" \
           "accelerate==0.29.3" >>"$results/python-install.log" 2>&1; then
-        (cd build-py && venv/bin/python -m pytest "$OLDPWD/bindings/tests" -q -p no:cacheprovider \
+        (cd build-py && venv/bin/python -m pytest "$OLDPWD/bindings/tests" -q -rs -p no:cacheprovider \
           --junitxml="$OLDPWD/$results/python/pytest.xml") || status=1
       else
         tail -50 "$results/python-install.log"
+        status=1
+      fi
+      ;;
+    python-newest)
+      # The package where most users are: a plain venv of the python3 on
+      # PATH with the newest torch from the Python registry, `pip install .`
+      # with build isolation (the newest meson-python, meson and pybind11),
+      # then with --no-build-isolation over those same newest build tools.
+      py=$(command -v python3)
+      echo "== python-newest: $py, newest torch, pip install . (isolated, then --no-build-isolation), pytest"
+      rm -rf build-py-newest
+      mkdir -p "$results/python-newest"
+      log="$results/python-newest-install.log"
+      pip_in() { build-py-newest/venv/bin/python -m pip --cache-dir "$pip_cache" "$@" >>"$log" 2>&1; }
+      if "$py" -m venv build-py-newest/venv >"$log" 2>&1 &&
+        pip_in install -q torch numpy pytest &&
+        pip_in install -v . &&
+        pip_in install -q meson-python meson ninja pybind11 &&
+        pip_in install --no-build-isolation --no-deps --force-reinstall -v .; then
+        build-py-newest/venv/bin/python -c 'import torch, zinf; print("python-newest: torch", torch.__version__, "zinf", zinf.__version__)'
+        (cd build-py-newest && venv/bin/python -m pytest "$OLDPWD/bindings/tests" -q -rs -p no:cacheprovider \
+          --junitxml="$OLDPWD/$results/python-newest/pytest.xml") || status=1
+      else
+        tail -50 "$log"
         status=1
       fi
       ;;

@@ -262,6 +262,9 @@ INSTANTIATE_TEST_SUITE_P(
         EngineCase{"uring", options(1 << 20, 32, 1), "uring_1M_qd32"},
         EngineCase{"uring", sqpoll(options(64 << 10, 8, 1)), "uring_sqpoll"},
         EngineCase{"posix", options(64 << 10, 4, 2), "posix"},
+        // DeepSpeed's tests use 1 KiB blocks: pieces round up to 4 KiB.
+        EngineCase{"uring", options(1024, 2, 2), "uring_1K_blocks"},
+        EngineCase{"posix", options(5 << 10, 2, 2), "posix_5K_blocks"},
         EngineCase{"memory", options(64 << 10, 4, 1), "memory"}),
     [](const auto& info) { return info.param.label; });
 
@@ -281,6 +284,15 @@ TEST(EngineOptions, OutOfRangeOptionsNameTheAioKey) {
   o = AioOptions{};
   o.intra_op_parallelism = 0;
   EXPECT_THROW(make_posix_engine(o), Error);
+}
+
+TEST(EngineOptions, BlockSizesInKibMultiplesRoundUpToWholePages) {
+  EXPECT_EQ(piece_bytes(options(1024, 1, 1)), 4096u);
+  EXPECT_EQ(piece_bytes(options(5 << 10, 1, 1)), 8192u);
+  EXPECT_EQ(piece_bytes(options(1 << 20, 1, 1)), std::uint64_t{1} << 20);
+  const auto engine = make_posix_engine(options(1024, 1, 1));
+  EXPECT_EQ(engine->options().block_size, 1024u);  // what the user asked for is kept
+  EXPECT_EQ(engine->piece_bytes(), 4096u);
 }
 
 TEST(EngineKinds, ParseNamesAndRejectOthers) {

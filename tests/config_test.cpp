@@ -216,7 +216,7 @@ INSTANTIATE_TEST_SUITE_P(
         Trap{"bad_device", R"({"zero_optimization": {"stage": 3, "offload_param": {"device": "disk"}}})",
              "zero_optimization.offload_param.device", "\"none\", \"cpu\" or \"nvme\""},
         Trap{"stage_range", R"({"zero_optimization": {"stage": 4}})", "zero_optimization.stage", "between 0 and 3"},
-        Trap{"block_size_alignment", R"({"aio": {"block_size": 1000000}})", "aio.block_size", "multiple of 4096"},
+        Trap{"block_size_alignment", R"({"aio": {"block_size": 1000000}})", "aio.block_size", "multiple of 1024"},
         Trap{"queue_depth_zero", R"({"aio": {"queue_depth": 0}})", "aio.queue_depth", "between 1 and 4096"},
         Trap{"empty_path_list_item", R"({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": ["/a", 3]}}})",
              "zero_optimization.offload_param.nvme_path", "must list directory paths"},
@@ -228,9 +228,32 @@ INSTANTIATE_TEST_SUITE_P(
              "zero_optimization.max_live_parameters", "given twice"},
         Trap{"amsgrad", R"({"optimizer": {"type": "Adam", "params": {"amsgrad": true}}})",
              "optimizer.params.amsgrad", "not supported"},
+        Trap{"top_level_typo_zero", R"({"zero_optimisation": {"stage": 3}})", "zero_optimisation",
+             "did you mean \"zero_optimization\""},
+        Trap{"top_level_typo_aio", R"({"aoi": {"block_size": 1048576}})", "aoi", "did you mean \"aio\""},
+        Trap{"top_level_typo_optimizer", R"({"optimiser": {"type": "Adam"}})", "optimiser",
+             "did you mean \"optimizer\""},
+        Trap{"top_level_typo_bf16", R"({"bf_16": {"enabled": true}})", "bf_16", "did you mean \"bf16\""},
+        Trap{"fp16_enabled_auto", R"({"fp16": {"enabled": "auto"}})", "fp16.enabled", "is \"auto\""},
+        Trap{"bf16_enabled_auto", R"({"bf16": {"enabled": "auto"}})", "bf16.enabled", "write true or false"},
         Trap{"not_json", R"({"aio": )", "<json>", "not valid JSON"},
         Trap{"not_an_object", R"([1, 2])", "<root>", "JSON object"}),
     [](const auto& info) { return std::string(info.param.name); });
+
+TEST(Config, UnknownTopLevelKeysFarFromDeepSpeedsAreIgnoredWithAWarning) {
+  const ParseResult r = parse(R"({"my_trainer_settings": {"x": 1}, "train_batch_size": 8, "steps_per_print": 10,
+                                  "amp": {"enabled": false}, "comms_logger": {}, "zero_optimization": {"stage": 1}})");
+  EXPECT_TRUE(r.problems.empty()) << problems_of(r);
+  ASSERT_EQ(r.warnings.size(), 1u);
+  EXPECT_NE(r.warnings.front().find("my_trainer_settings"), std::string::npos);
+}
+
+TEST(Config, TheBfloat16SpellingEnablesBf16) {
+  const ParseResult r = parse(R"({"bfloat16": {"enabled": true}})");
+  EXPECT_TRUE(r.problems.empty()) << problems_of(r);
+  EXPECT_EQ(r.config.training.precision, Precision::bf16);
+  EXPECT_FALSE(parse(R"({"bfloat16": {"enabled": true}, "fp16": {"enabled": true}})").problems.empty());
+}
 
 TEST(Config, EveryProblemIsCollectedNotJustTheFirst) {
   const ParseResult r = parse(R"({"aio": {"queue_depth": 0, "block_size": 3}, "zero_optimization": {"stage": 9}})");

@@ -202,6 +202,64 @@ TEST(ZinfBenchSwap, BadArgumentsAreOneLineErrors) {
   EXPECT_EQ(count_lines(o.err), 1) << o.err;
 }
 
+TEST(ZinfBenchSwap, TinyParamCountsAreRefusedUpFront) {
+  // 5 params used to derive a sleep from a 60-byte read and run for hours.
+  TempDir dir;
+  const auto started = std::chrono::steady_clock::now();
+  const Outcome o = run_bench("swap --nvme " + dir.path().string() + " --params 5");
+  EXPECT_EQ(o.exit_code, 1);
+  EXPECT_NE(o.err.find("--params 5: at least 1M"), std::string::npos) << o.err;
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(30));
+  EXPECT_EQ(run_bench("swap --nvme " + dir.path().string() + " --params 1M --sub-group 0").exit_code, 1);
+}
+
+TEST(ZinfBenchAdam, ZeroSizesAndCountsAreOneLineErrors) {
+  // --size 0 used to die with SIGFPE.
+  for (const char* arguments : {"adam --size 0", "adam --size 1k --threads 0", "adam --size 1k --repeat 0",
+                                "adam --size 1k --min-seconds 0"}) {
+    const Outcome o = run_bench(arguments);
+    EXPECT_EQ(o.exit_code, 1) << arguments << "\n" << o.err;
+    EXPECT_NE(o.err.find("must be"), std::string::npos) << arguments << "\n" << o.err;
+    EXPECT_EQ(count_lines(o.err), 1) << o.err;
+  }
+}
+
+TEST(ZinfBench, EveryCommandTakesNoProgress) {
+  const std::string bench = bench_binary();
+  Outcome o = zinf::testing::run_command(bench + " adam --no-progress --size 20k --repeat 1 --min-seconds 0.001 "
+                                         "--tier scalar --threads 1");
+  EXPECT_EQ(o.exit_code, 0) << o.err;
+  o = zinf::testing::run_command(bench + " swap --no-progress --params 5");
+  EXPECT_NE(o.err.find("--params 5"), std::string::npos) << o.err;  // parsed, then validated
+}
+
+TEST(ZinfBench, AnUnwritableJsonPathFailsBeforeTheRun) {
+  TempDir dir;
+  const std::string missing = (dir / "no" / "such" / "out.json").string();
+  for (const std::string& command : {"--nvme " + dir.path().string() + " --size 8G --json " + missing,
+                                     "adam --size 1M --json " + missing,
+                                     "swap --nvme " + dir.path().string() + " --params 1G --json " + missing,
+                                     "--nvme " + dir.path().string() + " --json " + dir.path().string()}) {
+    const auto started = std::chrono::steady_clock::now();
+    const Outcome o = run_bench(command);
+    EXPECT_EQ(o.exit_code, 1) << command << "\n" << o.err;
+    EXPECT_NE(o.err.find("--json"), std::string::npos) << o.err;
+    EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(10)) << command;
+    EXPECT_FALSE(has_scratch(dir.path()));
+  }
+}
+
+TEST(ZinfBench, AClosedPipeRemovesScratchFiles) {
+  // `zinf-bench | head -1`: SIGPIPE must not leave the data file behind.
+  TempDir dir;
+  const std::string command = "bash -c '" + std::string(bench_binary()) + " --no-progress --nvme " +
+                              dir.path().string() + " --size 256M --block-size 64K --queue-depth 1 --repeat 3 " +
+                              "| head -1 >/dev/null; exit ${PIPESTATUS[0]}'";
+  const Outcome o = zinf::testing::run_command(command);
+  EXPECT_NE(o.exit_code, 128 + SIGPIPE) << o.err;
+  EXPECT_FALSE(has_scratch(dir.path()));
+}
+
 Outcome run_config(const std::string& arguments) {
   TempDir logs;
   const char* tool = std::getenv("ZINF_CONFIG");

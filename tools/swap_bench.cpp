@@ -251,9 +251,11 @@ SwapBenchResult run_swap_bench(const SwapBenchOptions& options,
     swap::ParamSwapper params(*store, pool, specs, param_options);
     std::vector<std::byte> shard(options.fetch_shard_bytes, std::byte{1});
     for (const auto& key : keys) params.swap_out(key, shard);
-    // "Compute" per layer a little longer than its read, so prefetch can hide it all.
-    const auto compute = std::chrono::duration<double>(
-        1.2 * static_cast<double>(options.fetch_shard_bytes) / (result.read_gbps * 1e9));
+    // "Compute" per layer a little longer than its read, so prefetch can
+    // hide it all: 1.2 x the fetch time measured without prefetch (not
+    // derived from the optimizer phase's GB/s, which a small --params
+    // makes meaningless).
+    std::chrono::duration<double> compute{0};
     const auto run = [&](bool prefetch) {
       std::vector<double> waits;
       if (prefetch) params.prefetch(std::span(keys).first(std::min<std::size_t>(2, keys.size())));
@@ -273,6 +275,7 @@ SwapBenchResult run_swap_bench(const SwapBenchOptions& options,
       return sum / static_cast<double>(waits.size());
     };
     result.fetch_ms_without_prefetch = run(false);
+    compute = std::chrono::duration<double>(1.2 * result.fetch_ms_without_prefetch / 1e3);
     result.fetch_ms_with_prefetch = run(true);
     result.fetch_hidden_fraction =
         result.fetch_ms_without_prefetch > 0

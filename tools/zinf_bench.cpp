@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -41,11 +42,31 @@ std::atomic<bool> g_interrupted{false};
 
 extern "C" void on_signal(int) { g_interrupted.store(true); }
 
+// SIGPIPE too (`zinf-bench | head -1`): the run stops at the next check and
+// removes its scratch files instead of dying with them on the disk.
 void install_signal_handlers() {
   struct sigaction action {};
   action.sa_handler = on_signal;
   sigemptyset(&action.sa_mask);
-  for (int signal : {SIGINT, SIGTERM, SIGHUP}) sigaction(signal, &action, nullptr);
+  for (int signal : {SIGINT, SIGTERM, SIGHUP, SIGPIPE}) sigaction(signal, &action, nullptr);
+}
+
+// --json FILE is checked before the run, not after an hour of it.
+void check_json_path(const std::string& path) {
+  if (path.empty()) return;
+  const std::filesystem::path file(path);
+  std::error_code ec;
+  if (std::filesystem::is_directory(file, ec)) {
+    throw Error(ErrorKind::invalid, fmt::format("--json {}: is a directory", path));
+  }
+  if (std::filesystem::exists(file, ec)) {
+    if (::access(path.c_str(), W_OK) != 0) zinf::throw_path_error("--json: open for writing", path, errno);
+    return;
+  }
+  const std::filesystem::path parent = file.has_parent_path() ? file.parent_path() : ".";
+  if (::access(parent.c_str(), W_OK | X_OK) != 0) {
+    zinf::throw_path_error("--json: create a file in", parent.string(), errno);
+  }
 }
 
 struct IoArgs {
@@ -133,6 +154,7 @@ int run_io(const IoArgs& args) {
   } else {
     for (const auto& d : args.nvme) dirs.emplace_back(d);
   }
+  check_json_path(args.json_path);
   const std::uint64_t bytes = zinf::align_up(zinf::parse_bytes(args.size), 16 * MiB);
   if (bytes == 0) throw Error(ErrorKind::invalid, "--size must be positive");
   const IoSetting base = base_setting(args);
@@ -245,12 +267,24 @@ struct AdamArgs {
   int repeat = 5;
   double min_seconds = 0.2;
   bool quick = false;
+  bool no_progress = false;  // adam prints result rows only; accepted as the other commands take it
   std::string json_path;
 };
 
 int run_adam(const AdamArgs& args) {
   namespace ca = zinf::cpu_adam;
   using zinf::bench::AdamCase;
+  check_json_path(args.json_path);
+  for (const auto& text : args.sizes) {
+    if (zinf::parse_count(text) == 0) throw Error(ErrorKind::invalid, fmt::format("--size {}: must be at least 1", text));
+  }
+  for (std::size_t t : args.threads) {
+    if (t == 0) throw Error(ErrorKind::invalid, "--threads 0: must be at least 1");
+  }
+  if (args.repeat < 1) throw Error(ErrorKind::invalid, fmt::format("--repeat {}: must be at least 1", args.repeat));
+  if (!(args.min_seconds > 0)) {
+    throw Error(ErrorKind::invalid, fmt::format("--min-seconds {}: must be positive", args.min_seconds));
+  }
   std::vector<std::size_t> thread_counts = args.threads;
   if (thread_counts.empty()) thread_counts.push_back(std::max(1u, std::thread::hardware_concurrency()));
   const ca::CpuFeatures features = ca::detect_cpu_features();
@@ -383,10 +417,12 @@ struct SwapArgs {
   std::string fetch_shard = "64M";
   int fetch_layers = 16;
   bool no_sync = false;
+  bool no_progress = false;
   std::string json_path;
 };
 
 int run_swap(const SwapArgs& args) {
+  check_json_path(args.json_path);
   zinf::bench::SwapBenchOptions options;
   if (args.nvme.empty()) {
     const char* env = std::getenv("ZINF_BENCH_DIR");
@@ -396,6 +432,13 @@ int run_swap(const SwapArgs& args) {
   }
   options.params = zinf::parse_count(args.params);
   options.sub_group = zinf::parse_count(args.sub_group);
+  // Fewer bytes than this time nothing but latency: the GB/s would be noise.
+  constexpr std::uint64_t kMinParams = 1000000;
+  if (options.params < kMinParams) {
+    throw Error(ErrorKind::invalid, fmt::format("--params {}: at least 1M params are needed to measure the disk "
+                                                "(their states are 12 bytes each)", args.params));
+  }
+  if (options.sub_group == 0) throw Error(ErrorKind::invalid, "--sub-group 0: must be at least 1");
   options.steps = args.steps;
   options.threads = args.threads;
   options.block_size = zinf::parse_bytes(args.block_size);
@@ -404,8 +447,12 @@ int run_swap(const SwapArgs& args) {
   options.fetch_shard_bytes = zinf::parse_bytes(args.fetch_shard);
   options.fetch_layers = args.fetch_layers;
   options.sync = !args.no_sync;
+  const bool progress = !args.no_progress;
   const auto r = zinf::bench::run_swap_bench(
-      options, [](const std::string& line) { std::fprintf(stderr, "  %s\n", line.c_str()); },
+      options,
+      [progress](const std::string& line) {
+        if (progress) std::fprintf(stderr, "  %s\n", line.c_str());
+      },
       [] { return g_interrupted.load(); });
   const auto gb = [](std::uint64_t bytes) { return static_cast<double>(bytes) / 1e9; };
   fmt::print("optimizer states on NVMe: {} params, {:.1f} GB ({:.2f} x this machine's RAM), {} sub-groups\n",
@@ -441,6 +488,9 @@ int run_swap(const SwapArgs& args) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Rows appear as they are measured, also through a pipe (`| tee`), and a
+  // closed pipe is noticed at the next row, not at exit.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   CLI::App app{"zinf-bench: profile NVMe bandwidth for ZeRO-Infinity offload and recommend "
                "DeepSpeed's \"aio\" settings"};
   app.set_version_flag("--version", std::string(ZINF_VERSION));
@@ -480,6 +530,7 @@ int main(int argc, char** argv) {
   adam_command->add_option("--min-seconds", adam.min_seconds, "length of one timing (default 0.2)");
   adam_command->add_flag("--quick", adam.quick, "small sizes only (about 10 s)");
   adam_command->add_option("--json", adam.json_path, "write one record per case to FILE");
+  adam_command->add_flag("--no-progress", adam.no_progress, "accepted as for io and swap (adam shows no progress)");
   SwapArgs swap;
   CLI::App* swap_command = app.add_subcommand(
       "swap", "optimizer steps with states on NVMe against the I/O and compute bounds; param fetch latency");
@@ -496,6 +547,7 @@ int main(int argc, char** argv) {
   swap_command->add_flag("--no-sync", swap.no_sync,
                          "commits skip fdatasync/fsync (safe against a killed process, not power loss)");
   swap_command->add_option("--json", swap.json_path, "write the result to FILE");
+  swap_command->add_flag("--no-progress", swap.no_progress, "no progress lines on stderr");
   app.require_subcommand(0, 1);
 
   try {

@@ -71,8 +71,8 @@ def test_load_state_dict_stores_the_new_weights(scratch, kind):
 
 
 def test_trainer_save_model_reloads_the_offloaded_gpt2(scratch):
-    transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed "
-                                       "(scripts/test.sh installs it into the test venv)")
+    transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed here "
+                                       "(scripts/test.sh installs 4.40 into its Debian-torch venv only)")
     config_ = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=16)
     torch.manual_seed(0)
     plain = transformers.GPT2LMHeadModel(config_)

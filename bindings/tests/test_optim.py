@@ -140,10 +140,9 @@ def test_a_param_off_the_cpu_is_refused_naming_its_device():
 def test_refusals_are_clear():
     with pytest.raises(ValueError, match="amsgrad"):
         zinf.CPUAdam([torch.nn.Parameter(torch.ones(2))], amsgrad=True)
-    p = torch.nn.Parameter(torch.ones(2, 3).t())
-    p.grad = torch.ones(3, 2)
-    with pytest.raises(ValueError, match="not contiguous"):
-        zinf.CPUAdam([p]).step()
+    p = torch.nn.Parameter(torch.ones(4))
+    with pytest.raises(ValueError, match="shape"):
+        zinf.CPUAdam([p]).step(grads={p: torch.ones(5)})
     p = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
     p.grad = torch.ones(4, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
@@ -155,5 +154,5 @@ def test_refusals_are_clear():
     if torch.cuda.is_available():
         p = torch.nn.Parameter(torch.ones(4, device="cuda"))
         p.grad = torch.ones(4, device="cuda")
-        with pytest.raises(ValueError, match="CPU"):
+        with pytest.raises(AssertionError, match="CPU"):
             zinf.CPUAdam([p]).step()
