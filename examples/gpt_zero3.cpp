@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,7 @@
 
 #include "core/config.hpp"
 #include "core/error.hpp"
+#include "swap/swap_config.hpp"
 #include "zero3/communicator.hpp"
 #include "zero3/engine.hpp"
 #include "zero3/launch.hpp"
@@ -39,7 +41,9 @@ using zinf::zero3::ParamIndex;
 struct ModelShape {
   int vocab = 64;
   int context = 32;
-  int width = 64;
+  // Wide enough that the block weights (width x 4 width) are above
+  // stage3_param_persistence_threshold (1e5 elements) and stream.
+  int width = 256;
   int heads = 4;
   int layers = 4;
   int batch = 8;  // sequences per rank per micro-step
@@ -224,10 +228,55 @@ class Gpt {
   std::vector<Block> blocks_;
 };
 
+int train_in(const zinf::config::Config& config, const zinf::zero3::LaunchEnv& launch, int steps,
+             const ModelShape& shape, const std::string& save, const std::string& load);
+
+// This rank's swap directories (<nvme_path>/zinf/rank<R>/...) that exist:
+// what an earlier run left behind.
+std::vector<std::filesystem::path> existing_swap_dirs(const zinf::config::Config& config, int rank) {
+  std::vector<std::filesystem::path> found;
+  const auto add = [&](const auto& block, zinf::swap::SwapRole role) {
+    if (block.device != zinf::config::OffloadDevice::nvme) return;
+    for (const auto& dir : zinf::swap::store_options(config, role, rank).directories) {
+      std::error_code ec;
+      if (std::filesystem::exists(dir, ec)) found.push_back(dir);
+    }
+  };
+  add(config.zero.offload_param, zinf::swap::SwapRole::param);
+  add(config.zero.offload_optimizer, zinf::swap::SwapRole::optimizer);
+  return found;
+}
+
 int train(const std::string& config_path, int steps, const ModelShape& shape, const std::string& save,
-          const std::string& load) {
+          const std::string& load, bool clear_nvme) {
   const auto config = zinf::config::load_config_file(config_path);
   const auto launch = zinf::zero3::launch_env_from_environment();
+  const auto leftovers = existing_swap_dirs(config, launch.rank);
+  if (clear_nvme) {
+    // Each rank clears only its own directories.
+    for (const auto& dir : leftovers) {
+      std::filesystem::remove_all(dir);
+      if (launch.rank == 0) std::printf("cleared %s (--clear-nvme)\n", dir.c_str());
+    }
+  }
+  try {
+    return train_in(config, launch, steps, shape, save, load);
+  } catch (const zinf::Error& error) {
+    if (clear_nvme || leftovers.empty() ||
+        (error.kind() != zinf::ErrorKind::config && error.kind() != zinf::ErrorKind::corrupt)) {
+      throw;
+    }
+    // A model of another shape (or a damaged earlier run) in the swap
+    // directories: say how to start fresh instead of leaving the user to
+    // find and delete them.
+    throw zinf::Error(error.kind(), fmt::format("{} (the swap files in {} are from an earlier run: pass "
+                                                "--clear-nvme to delete them and start fresh)",
+                                                error.what(), leftovers.front().parent_path().string()));
+  }
+}
+
+int train_in(const zinf::config::Config& config, const zinf::zero3::LaunchEnv& launch, int steps,
+             const ModelShape& shape, const std::string& save, const std::string& load) {
   auto comm = zinf::zero3::make_communicator(launch);
   const unsigned hardware = std::max(1u, std::thread::hardware_concurrency());
   const int threads = static_cast<int>(std::max(1u, hardware / static_cast<unsigned>(launch.world_size)));
@@ -280,6 +329,7 @@ int main(int argc, char** argv) {
   int world_size = 1;
   int steps = 20;
   std::string save, load;
+  bool clear_nvme = false;
   ModelShape shape;
   app.add_option("--config", config_path, "DeepSpeed JSON config (zero_optimization.stage 3)")->required()->check(CLI::ExistingFile);
   app.add_option("--world-size", world_size, "local ranks to start when no launcher set RANK")->check(CLI::Range(1, 64));
@@ -291,6 +341,9 @@ int main(int argc, char** argv) {
   app.add_option("--batch", shape.batch, "sequences per rank per micro-step")->check(CLI::Range(1, 65536));
   app.add_option("--save", save, "save a checkpoint here after the last step");
   app.add_option("--load", load, "resume from this checkpoint");
+  app.add_flag("--clear-nvme", clear_nvme,
+               "delete the swap files an earlier run left in <nvme_path>/zinf/rank<R> before starting "
+               "(without it they are reused, which only works for the same model)");
   CLI11_PARSE(app, argc, argv);
   if (shape.width % shape.heads != 0) {
     std::fprintf(stderr, "gpt_zero3: --width %d is not a multiple of --heads %d\n", shape.width, shape.heads);
@@ -307,7 +360,7 @@ int main(int argc, char** argv) {
       if (result.exit_code != 0) std::fprintf(stderr, "gpt_zero3: %s\n", result.message.c_str());
       return result.exit_code;
     }
-    return train(config_path, steps, shape, save, load);
+    return train(config_path, steps, shape, save, load, clear_nvme);
   } catch (const zinf::Error& error) {
     std::fprintf(stderr, "gpt_zero3: %s error: %s\n", std::string(zinf::to_string(error.kind())).c_str(), error.what());
     return error.kind() == zinf::ErrorKind::config ? 2 : 1;

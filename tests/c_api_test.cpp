@@ -54,6 +54,19 @@ TEST(CApi, AConsumerBuildsAgainstTheInstalledLibraryAndRuns) {
   o = sh("LD_LIBRARY_PATH=$(" + pkg + " --variable=libdir) " + binary + " " + dir.path().string());
   EXPECT_EQ(o.exit_code, 0) << o.output;
   EXPECT_NE(o.output.find("C consumer ok"), std::string::npos) << o.output;
+  // Linked with the rpath docs/python.md shows, it runs with no
+  // LD_LIBRARY_PATH; without either the loader refuses, naming the library.
+  const std::string with_rpath = (dir / "consumer-rpath").string();
+  o = sh("cc -std=c11 " + std::string(source_root) + "/tests/c_consumer/consumer.c -o " + with_rpath + " $(" + pkg +
+         " --cflags --libs) -lm -Wl,-rpath,$(" + pkg + " --variable=libdir)");
+  ASSERT_EQ(o.exit_code, 0) << o.output;
+  o = sh("env -u LD_LIBRARY_PATH " + with_rpath + " " + dir.path().string());
+  EXPECT_EQ(o.exit_code, 0) << o.output;
+  if (sh("ldconfig -p | grep -q libzinf.so").exit_code != 0) {  // not also installed system-wide
+    o = sh("env -u LD_LIBRARY_PATH " + binary + " " + dir.path().string());
+    EXPECT_NE(o.exit_code, 0);
+    EXPECT_NE(o.output.find("libzinf.so"), std::string::npos) << o.output;
+  }
   // Only zinf_* symbols are exported.
   o = sh("nm -D --defined-only $(" + pkg + " --variable=libdir)/libzinf.so | grep -v ' zinf_' | grep -c ' T '");
   EXPECT_EQ(o.output.substr(0, o.output.find('\n')), "0") << "C++ symbols leak from libzinf.so";

@@ -99,6 +99,27 @@ TEST(GptExample, ACheckpointResumesWhereTheRunStopped) {
   EXPECT_TRUE(std::filesystem::exists(std::filesystem::path(checkpoint) / "zinf_model_weights.safetensors"));
 }
 
+TEST(GptExample, AnEarlierRunsSwapFilesAreReusedOrClearedWithTheNamedFlag) {
+  TempDir dir;
+  const std::string nvme_dir = (dir / "nvme").string();
+  const std::string nvme = write_config(
+      dir, "nvme.json",
+      R"(, "offload_param": {"device": "nvme", "nvme_path": ")" + nvme_dir +
+          R"("}, "offload_optimizer": {"device": "nvme", "nvme_path": ")" + nvme_dir + R"("})");
+  ASSERT_EQ(run_example("--config " + nvme + " --steps 1" + kSmall).exit_code, 0);
+  // The same model again reuses the directory.
+  EXPECT_EQ(run_example("--config " + nvme + " --steps 1" + kSmall).exit_code, 0);
+  // Another model is refused with the way out named ...
+  const std::string wider = " --layers 3 --width 32 --context 16 --batch 4";
+  const Outcome refused = run_example("--config " + nvme + " --steps 1" + wider);
+  EXPECT_NE(refused.exit_code, 0);
+  EXPECT_NE(refused.err.find("--clear-nvme"), std::string::npos) << refused.err;
+  // ... and runs with it.
+  const Outcome cleared = run_example("--config " + nvme + " --steps 1 --clear-nvme" + wider);
+  EXPECT_EQ(cleared.exit_code, 0) << cleared.err;
+  EXPECT_NE(cleared.out.find("cleared"), std::string::npos) << cleared.out;
+}
+
 TEST(GptExample, AConfigWithoutStage3IsRefusedNamingTheKey) {
   TempDir dir;
   const auto path = dir / "stage2.json";

@@ -81,6 +81,11 @@ TEST(LaunchEnv, BadVariablesNameThemselves) {
   };
   EXPECT_NE(error_of({{"RANK", "4"}, {"WORLD_SIZE", "4"}}).find("RANK | "), std::string::npos);
   EXPECT_NE(error_of({{"RANK", "0"}, {"WORLD_SIZE", nullptr}}).find("WORLD_SIZE | "), std::string::npos);
+  // The message names the missing variable too (it once read "but  is not").
+  EXPECT_NE(error_of({{"RANK", "0"}, {"WORLD_SIZE", nullptr}}).find("RANK is set but WORLD_SIZE is not"),
+            std::string::npos);
+  EXPECT_NE(error_of({{"RANK", nullptr}, {"WORLD_SIZE", "2"}}).find("WORLD_SIZE is set but RANK is not"),
+            std::string::npos);
   EXPECT_NE(error_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "http"}}).find("MASTER_PORT | "),
             std::string::npos);
   EXPECT_NE(error_of({{"RANK", "x"}, {"WORLD_SIZE", "2"}}).find("'x'"), std::string::npos);

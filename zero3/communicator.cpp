@@ -72,12 +72,14 @@ LaunchEnv launch_env_from_environment() {
   const bool has_rank = env("RANK").has_value();
   const bool has_world = env("WORLD_SIZE").has_value();
   if (has_rank != has_world) {
+    // The message is formatted before ctx is handed over: a by-value
+    // parameter may be moved-into before the other arguments are evaluated.
+    const std::string missing = has_rank ? "WORLD_SIZE" : "RANK";
+    const std::string message = fmt::format("environment variable {} is set but {} is not: a launcher sets both",
+                                            has_rank ? "RANK" : "WORLD_SIZE", missing);
     ErrorContext ctx;
-    ctx.key_path = has_rank ? "WORLD_SIZE" : "RANK";
-    throw Error(ErrorKind::config,
-                fmt::format("environment variable {} is set but {} is not: a launcher sets both",
-                            has_rank ? "RANK" : "WORLD_SIZE", ctx.key_path),
-                std::move(ctx));
+    ctx.key_path = missing;
+    throw Error(ErrorKind::config, message, std::move(ctx));
   }
   launch.world_size = static_cast<int>(env_integer("WORLD_SIZE", 1, 1 << 20, 1));
   launch.rank = static_cast<int>(env_integer("RANK", 0, launch.world_size - 1, 0));
