@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include "core/error.hpp"
 #include "core/units.hpp"
 #include "pinned_pool/pinned_pool.hpp"
 #include "swap/optimizer_swapper.hpp"
@@ -17,18 +18,25 @@
 namespace zinf::swap {
 namespace {
 
-constexpr std::uint64_t kHalf = 2;      // bytes of a 16-bit param or grad
 constexpr std::uint64_t kAlignment = 4096;
+
+// Bytes of a param or grad in the training precision: 2 with fp16/bf16
+// enabled, 4 for fp32 training.
+std::uint64_t working_bytes(const config::Config& config) {
+  return config.training.precision == config::Precision::fp32 ? 4 : 2;
+}
 
 std::uint64_t ceil_div(std::uint64_t a, std::uint64_t b) { return (a + b - 1) / b; }
 
 struct StageResult {
   TierBytes tiers;
   std::vector<PlannedBuffer> buffers;
+  std::string not_possible;
 };
 
 StageResult plan_stage(const config::Config& config, const PlanInput& input, int stage) {
   const auto& zero = config.zero;
+  const std::uint64_t element = working_bytes(config);
   const std::uint64_t psi = input.params;
   const std::uint64_t world = std::max<std::uint32_t>(input.world_size, 1);
   const std::uint64_t psi_rank = ceil_div(psi, world);
@@ -38,10 +46,15 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
   const OptimizerKind kind = optimizer_swapper_options(config).optimizer.kind;
   const std::uint64_t state_bytes = 4 * (1 + OptimizerSwapper::state_names(kind).size());
 
-  const std::uint64_t params = kHalf * (stage >= 3 ? psi_rank : psi);
-  const std::uint64_t grads = kHalf * (stage >= 2 ? psi_rank : psi);
+  const std::uint64_t params = element * (stage >= 3 ? psi_rank : psi);
+  const std::uint64_t grads = element * (stage >= 2 ? psi_rank : psi);
   const std::uint64_t optimizer = state_bytes * (stage >= 1 ? psi_rank : psi);
   StageResult result;
+  if (zero.offload_optimizer.device == config::OffloadDevice::nvme && stage != 3) {
+    // What `zinf-config check` refuses is not planned either.
+    result.not_possible = "offload_optimizer nvme needs stage 3";
+    return result;
+  }
   TierBytes& t = result.tiers;
   const auto host = [&](bool pinned, std::uint64_t bytes) {
     (pinned ? t.pinned : t.pageable) += bytes;
@@ -60,23 +73,23 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
       const std::uint64_t shard = ceil_div(largest, world);
       ParamSwapperOptions options;
       options.buffer_count = zero.offload_param.buffer_count;
-      options.buffer_bytes = kHalf * zero.offload_param.buffer_size;
-      options.max_in_cpu_bytes = kHalf * zero.offload_param.max_in_cpu;
+      options.buffer_bytes = element * zero.offload_param.buffer_size;
+      options.max_in_cpu_bytes = element * zero.offload_param.max_in_cpu;
       const ParamPlan plan =
-          ParamSwapper::plan_for(kHalf * shard, kHalf * psi_rank, options, kAlignment);
+          ParamSwapper::plan_for(element * shard, element * psi_rank, options, kAlignment);
       host(zero.offload_param.pin_memory, plan.pinned_bytes);
       result.buffers.push_back(
           {fmt::format("param swapper: {} shard(s) in flight + {} max_in_cpu cache",
                        format_bytes(plan.in_flight_bytes), format_bytes(plan.cache_bytes)),
            plan.pinned_bytes});
-      t.nvme += kHalf * shard;  // copy-on-write headroom for one shard
+      t.nvme += element * shard;  // copy-on-write headroom for one shard
     }
   }
   if (stage == 3) {
     // Gathered layers: the largest param plus what prefetch brings ahead.
     const std::uint64_t live = std::min(
         psi, std::min(zero.max_live_parameters, largest + zero.prefetch_bucket_size));
-    t.gpu += kHalf * live;
+    t.gpu += element * live;
   }
 
   // Gradients are produced on the GPU; with the optimizer on the CPU a
@@ -86,7 +99,7 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
   if (optimizer_device == config::OffloadDevice::none) {
     t.gpu += optimizer;
   } else {
-    host(zero.offload_optimizer.pin_memory, kHalf * psi_rank);
+    host(zero.offload_optimizer.pin_memory, element * psi_rank);
     if (optimizer_device == config::OffloadDevice::cpu) {
       host(zero.offload_optimizer.pin_memory, optimizer);
     } else {
@@ -101,8 +114,10 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
                        1 + OptimizerSwapper::state_names(kind).size(), group),
            slots});
       // Copy-on-write headroom: in the pipeline two sub-groups are written
-      // before the older one's commit frees its previous extents.
-      t.nvme += 2 * state_bytes * group;
+      // before the older one's commit frees its previous extents (one when
+      // there is only one).
+      const std::uint64_t sub_groups = ceil_div(std::max<std::uint64_t>(psi_rank, 1), group);
+      t.nvme += std::min<std::uint64_t>(2, sub_groups) * state_bytes * group;
     }
   }
   return result;
@@ -142,12 +157,14 @@ std::pair<std::uint64_t, std::uint64_t> free_space(std::filesystem::path path) {
 }  // namespace
 
 MemoryPlan plan_memory(const config::Config& config, const PlanInput& input) {
+  if (input.params == 0) throw Error(ErrorKind::invalid, "--params 0: a model has at least one parameter");
   MemoryPlan plan;
   plan.chosen_stage = std::clamp(config.zero.stage, 0, 3);
   plan.ranks_per_node = input.ranks_per_node != 0 ? input.ranks_per_node
                                                   : std::max<std::uint32_t>(input.world_size, 1);
   for (int stage = 1; stage <= 3; ++stage) {
-    plan.stages.push_back({stage, plan_stage(config, input, stage).tiers, offload_text(config, stage)});
+    StageResult result = plan_stage(config, input, stage);
+    plan.stages.push_back({stage, result.tiers, offload_text(config, stage), result.not_possible});
   }
   StageResult chosen = plan_stage(config, input, plan.chosen_stage);
   plan.chosen = chosen.tiers;

@@ -3,8 +3,9 @@
 // stages 1-3 with the config's offloads, the buffers zinf will allocate, and
 // whether this machine's RAM and the nvme_path's free space hold it.
 //
-// The model (mixed precision, Ψ params, W ranks, Ψr = ceil(Ψ/W)):
-//   16-bit params 2 B, 16-bit grads 2 B, optimizer states 4 B x (1 + moments)
+// The model (Ψ params, W ranks, Ψr = ceil(Ψ/W)):
+//   params and grads 2 B with fp16/bf16 enabled, 4 B in fp32 training;
+//   optimizer states 4 B x (1 + moments)
 //   (fp32 master + 2 moments for Adam = 12 B, Adagrad and Lion 8 B);
 //   stage 1 partitions optimizer states, 2 also grads, 3 also params.
 //   offload_optimizer cpu/nvme moves the optimizer states to host/NVMe and
@@ -12,7 +13,8 @@
 //   offload_param (stage 3) moves the param partition to host/NVMe, and the
 //   GPU holds the layers being gathered (largest param + prefetch bucket).
 //   NVMe also needs copy-on-write headroom: two sub-groups' states (the
-//   pipeline writes two before the older commit frees the old copies) and
+//   pipeline writes two before the older commit frees the old copies; one
+//   when there is only one) and
 //   one largest shard (more if the trainer rewrites many shards between
 //   commits). The free-space check adds the free space of every filesystem
 //   under the nvme_paths; the volume stripes evenly, so with disks of very
@@ -47,6 +49,7 @@ struct StagePlan {
   int stage = 0;
   TierBytes per_rank;
   std::string offloads;  // "optimizer nvme, params nvme", for display
+  std::string not_possible;  // why the config's offloads cannot run at this stage ("" when they can)
 };
 
 struct PlannedBuffer {
@@ -62,6 +65,7 @@ struct MemoryPlan {
   std::uint32_t ranks_per_node = 1;
 };
 
+// Throws Error{invalid} for params == 0.
 MemoryPlan plan_memory(const config::Config& config, const PlanInput& input);
 
 struct FitCheck {

@@ -44,6 +44,22 @@ TEST(IoBenchRecommendation, TiesInFlightGoToFewerThreads) {
   EXPECT_EQ(best_of(results).first.setting.aio.intra_op_parallelism, 1u);
 }
 
+TEST(IoBenchRecommendation, SpreadAndNoiseComeFromTheRepeats) {
+  auto a = result(16 * MiB, 64, 1, 1.0, 1.0), b = result(4 * MiB, 8, 1, 1.15, 1.0),
+       c = result(MiB, 32, 1, 2.0, 2.0);
+  a.first.repeat_gb_per_s = {1.0, 1.3, 1.2};   // 30 % spread
+  a.second.repeat_gb_per_s = {1.0, 1.0, 1.1};
+  b.first.repeat_gb_per_s = {0.9, 1.1, 1.0};   // 20 %
+  c.first.repeat_gb_per_s = {0.5};             // one pass: no spread
+  EXPECT_NEAR(a.first.spread(), 0.3 / 1.2, 1e-12);
+  EXPECT_EQ(c.first.spread(), 0.0);
+  const std::vector results{a, b, c};
+  EXPECT_NEAR(noise_of(results), 0.2, 1e-12);  // median of 0.25, 0.2, 0
+  // 15 % slower is beyond a 5 % tolerance but within this disk's noise.
+  EXPECT_EQ(best_of(results).first.setting.aio.block_size, 16 * MiB);
+  EXPECT_EQ(best_of(results, noise_of(results)).first.setting.aio.block_size, 4 * MiB);
+}
+
 TEST(IoBenchRecommendation, AioBlockHasDeepSpeedKeys) {
   IoSetting s;
   s.aio.block_size = 4 * MiB;

@@ -4,15 +4,18 @@
 #include <gtest/gtest.h>
 
 #include "core/config.hpp"
+#include "core/error.hpp"
 #include "swap/memory_plan.hpp"
 #include "test_util.hpp"
 
 namespace zinf::swap {
 namespace {
 
-config::Config stage3(const std::string& zero_extra, const std::string& top_extra = "") {
+// bf16 training unless `precision` says otherwise: 2-byte params and grads.
+config::Config stage3(const std::string& zero_extra, const std::string& top_extra = "",
+                      const std::string& precision = R"(, "bf16": {"enabled": true})") {
   return config::load_config_string(R"({"zero_optimization": {"stage": 3)" + zero_extra + "}" +
-                                    top_extra + "}");
+                                    top_extra + precision + "}");
 }
 
 PlanInput billion_over_four() {
@@ -69,9 +72,38 @@ TEST(MemoryPlan, NvmeOffloadCountsSwapperBuffersAndCopyOnWriteHeadroom) {
   EXPECT_EQ(plan.chosen.nvme, 500000000ull + 50000000ull + 2000000000ull + 1600000000ull);
   ASSERT_EQ(plan.buffers.size(), 2u);
   EXPECT_EQ(plan.buffers[1].bytes, slots);
-  // Stages 1 and 2 have no param offload.
-  EXPECT_EQ(plan.stages[0].offloads, "optimizer nvme");
+  // Stages 1 and 2 cannot put optimizer states on NVMe (`check` refuses
+  // such a config): no numbers for them.
+  EXPECT_EQ(plan.stages[0].not_possible, "offload_optimizer nvme needs stage 3");
+  EXPECT_EQ(plan.stages[1].not_possible, "offload_optimizer nvme needs stage 3");
+  EXPECT_EQ(plan.stages[0].per_rank.nvme, 0u);
+  EXPECT_EQ(plan.stages[2].not_possible, "");
   EXPECT_EQ(plan.stages[2].offloads, "optimizer nvme, params nvme");
+}
+
+TEST(MemoryPlan, OneSubGroupNeedsOneSubGroupOfHeadroom) {
+  // 7B over 8 ranks with the default sub_group_size (1e9): each rank's
+  // 875M params are one sub-group, so the copy-on-write room is one
+  // sub-group's Adam states (12 B x 875M), not two sub_group_size's.
+  PlanInput input;
+  input.params = 7000000000;
+  input.world_size = 8;
+  const MemoryPlan plan = plan_memory(
+      stage3(R"(, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"})"), input);
+  EXPECT_EQ(plan.chosen.nvme, 12ull * 875000000ull + 12ull * 875000000ull);
+}
+
+TEST(MemoryPlan, Fp32TrainingCountsFourBytesPerParamAndGrad) {
+  const MemoryPlan fp32 = plan_memory(stage3("", "", ""), billion_over_four());
+  const MemoryPlan bf16 = plan_memory(stage3(""), billion_over_four());
+  // Stage 1: params and grads whole (1e9 each), 2 B more per element in fp32.
+  EXPECT_EQ(fp32.stages[0].per_rank.gpu, bf16.stages[0].per_rank.gpu + 2ull * 1000000000ull * 2);
+  EXPECT_EQ(fp32.stages[0].per_rank.gpu, 4000000000ull + 4000000000ull + 3000000000ull);
+}
+
+TEST(MemoryPlan, ZeroParamsAreRefused) {
+  PlanInput none;
+  EXPECT_THROW(plan_memory(stage3(""), none), zinf::Error);
 }
 
 TEST(MemoryPlan, TheFitCheckComparesNvmeNeedsWithFreeSpace) {

@@ -130,6 +130,7 @@ nlohmann::json PassResult::to_json() const {
       {"cpu_seconds", cpu_seconds},
       {"cpu_seconds_per_gb", cpu_seconds_per_gb()},
       {"repeat_gb_per_s", repeat_gb_per_s},
+      {"spread", spread()},
   };
 }
 
@@ -264,6 +265,19 @@ std::pair<PassResult, PassResult> IoBench::measure(const IoSetting& setting, int
   results.second.seconds = median(seconds[1]);
   results.second.cpu_seconds = median(cpu[1]);
   return results;
+}
+
+double PassResult::spread() const {
+  if (repeat_gb_per_s.size() < 2) return 0;
+  const auto [low, high] = std::minmax_element(repeat_gb_per_s.begin(), repeat_gb_per_s.end());
+  const double middle = median(repeat_gb_per_s);
+  return middle > 0 ? (*high - *low) / middle : 0;
+}
+
+double noise_of(const std::vector<std::pair<PassResult, PassResult>>& results) {
+  std::vector<double> spreads;
+  for (const auto& [write, read] : results) spreads.push_back(std::max(write.spread(), read.spread()));
+  return spreads.empty() ? 0 : median(spreads);
 }
 
 const std::pair<PassResult, PassResult>& fastest(

@@ -56,6 +56,9 @@ struct PassResult {
   std::vector<double> repeat_gb_per_s;
   double gb_per_s() const { return seconds > 0 ? static_cast<double>(bytes) / seconds / 1e9 : 0; }
   double cpu_seconds_per_gb() const { return bytes > 0 ? cpu_seconds / (static_cast<double>(bytes) / 1e9) : 0; }
+  // (max - min) / median of the repeats' GB/s: 0.2 means the passes of this
+  // setting differed by 20 %. 0 with one repeat.
+  double spread() const;
   nlohmann::json to_json() const;
 };
 
@@ -108,6 +111,11 @@ const std::pair<PassResult, PassResult>& fastest(
 // short of, and differences that small are noise on a shared disk.
 const std::pair<PassResult, PassResult>& best_of(
     const std::vector<std::pair<PassResult, PassResult>>& results, double tolerance = 0.05);
+
+// How much this disk's passes of one setting vary: the median over the
+// settings of their larger (write, read) spread. A difference between
+// settings smaller than this is noise, not a result.
+double noise_of(const std::vector<std::pair<PassResult, PassResult>>& results);
 
 std::uint64_t in_flight_bytes(const IoSetting& setting);
 

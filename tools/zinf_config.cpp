@@ -62,12 +62,24 @@ int plan(const PlanArguments& arguments) {
   }
   input.world_size = arguments.world_size;
   input.ranks_per_node = arguments.ranks_per_node;
-  const auto memory = zinf::swap::plan_memory(*config, input);
-  fmt::print("{}: {} params, world size {}, {} rank(s) on this machine\n", arguments.file, input.params,
-             input.world_size, memory.ranks_per_node);
+  zinf::swap::MemoryPlan memory;
+  try {
+    memory = zinf::swap::plan_memory(*config, input);
+  } catch (const zinf::Error& error) {
+    fmt::print(stderr, "{}\n", error.what());
+    return 1;
+  }
+  fmt::print("{}: {} params, world size {}, {} rank(s) on this machine, {} params and grads\n", arguments.file,
+             input.params, input.world_size, memory.ranks_per_node,
+             zinf::config::to_string(config->training.precision));
   fmt::print("per rank       {:>12} {:>12} {:>12} {:>12}  offloads\n", "GPU", "pinned host", "pageable",
              "NVMe");
   for (const auto& stage : memory.stages) {
+    if (!stage.not_possible.empty()) {
+      fmt::print("ZeRO stage {}{} {:>12} {:>12} {:>12} {:>12}  not possible: {}\n", stage.stage,
+                 stage.stage == memory.chosen_stage ? "*" : " ", "", "", "", "", stage.not_possible);
+      continue;
+    }
     fmt::print("ZeRO stage {}{} {:>12} {:>12} {:>12} {:>12}  {}\n", stage.stage,
                stage.stage == memory.chosen_stage ? "*" : " ", bytes_cell(stage.per_rank.gpu),
                bytes_cell(stage.per_rank.pinned), bytes_cell(stage.per_rank.pageable),
