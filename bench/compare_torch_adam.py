@@ -65,7 +65,8 @@ def main():
         import torch
     except ImportError:
         torch = None
-        print("torch is not installed for this python; reporting zinf alone", file=sys.stderr)
+        print(f"torch is not installed for {sys.executable}; reporting zinf alone (Debian's torch is under "
+              "/usr/bin/python3)", file=sys.stderr)
 
     print(f"AdamW fp32, {args.threads} threads, median of {args.repeats}; G params/s; zinf tier {best_tier}")
     print("| elements | zinf | zinf limit | torch (foreach) | torch (for loop) | zinf / torch |")

@@ -5,16 +5,24 @@ transformer on NVMe between uses. It trains the same model twice on the same
 synthetic data, once this way and once with torch.optim.AdamW and no
 offload, and prints both losses: they agree within 1e-5 (relative).
 
-    python3 examples/torch_offload_train.py [--steps 50] [--nvme /var/tmp]
+    venv/bin/python examples/torch_offload_train.py [--steps 50] [--nvme /var/tmp]
+
+Run it with the interpreter zinf is installed for (a venv over Debian's
+/usr/bin/python3, see docs/python.md): the python3 on PATH may be another
+one, without torch.
 """
 import argparse
 import sys
 import tempfile
 
-import torch
+try:
+    import torch
 
-import zinf
-import zinf.torch
+    import zinf
+    import zinf.torch
+except ImportError as missing:
+    sys.exit(f"{sys.executable} cannot import {missing.name}: run this with the Python that has torch and "
+             "zinf installed (docs/python.md), e.g. venv/bin/python")
 
 
 def make_model(vocab, width, layers):
