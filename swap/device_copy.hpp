@@ -2,9 +2,10 @@
 // device memory. The CUDA engine (device_copy_cuda.cpp, built when the build
 // finds CUDA) runs them on its own stream and marks each with an event; the
 // host engine (device_copy_host.cpp, always built) stands in for a GPU with
-// "device memory" in RAM and a copy thread, so the swappers' logic runs and
-// is tested on machines without a GPU. Callers pick one with
-// make_device_copier() and never see which.
+// "device memory" in RAM and a copy thread, so the swappers' logic runs
+// anywhere; the strict stand-in (strict_device.hpp) behaves like CUDA where
+// bugs hide, for the tests. Callers pick one with make_device_copier() and
+// never see which.
 #pragma once
 
 #include <cstddef>
@@ -31,8 +32,12 @@ class DeviceCopier {
   // wait(). Copies on one copier run in submission order.
   virtual CopyTicket to_device(void* device, const std::byte* host, std::uint64_t bytes) = 0;
   virtual CopyTicket to_host(std::byte* host, const void* device, std::uint64_t bytes) = 0;
+  // Queue zeroing `bytes` of device memory (cudaMemsetAsync on a GPU: no
+  // host buffer of zeros crosses the bus).
+  virtual CopyTicket fill_zero(void* device, std::uint64_t bytes) = 0;
   // Blocks until the copy (and every copy queued before it) is done; throws
-  // the copy's error.
+  // the copy's error. Each ticket is waited for once: a second wait (or a
+  // ticket from another copier) is Error{invalid}.
   virtual void wait(CopyTicket ticket) = 0;
   virtual std::string_view name() const = 0;
   // True when "device" memory is ordinary host memory the CPU may read and

@@ -50,13 +50,20 @@ class CudaCopier final : public DeviceCopier {
   CopyTicket to_host(std::byte* host, const void* device, std::uint64_t bytes) override {
     return queue(host, device, bytes, cudaMemcpyDeviceToHost);
   }
+  CopyTicket fill_zero(void* device, std::uint64_t bytes) override {
+    ZINF_CHECK(device != nullptr, "fill_zero of a null buffer");
+    return enqueue([&] { return cudaMemsetAsync(device, 0, bytes, stream_); }, "cudaMemsetAsync");
+  }
 
   void wait(CopyTicket ticket) override {
     cudaEvent_t event = nullptr;
     {
       std::lock_guard lock(mutex_);
       const auto it = events_.find(ticket.id);
-      ZINF_CHECK(it != events_.end(), "unknown or already waited copy ticket");
+      if (it == events_.end()) {
+        throw Error(ErrorKind::invalid,
+                    fmt::format("wait on copy ticket {} that is unknown or already waited for", ticket.id));
+      }
       event = it->second;
       events_.erase(it);
     }
@@ -71,18 +78,25 @@ class CudaCopier final : public DeviceCopier {
   CopyTicket queue(void* destination, const void* source, std::uint64_t bytes,
                    cudaMemcpyKind kind) {
     ZINF_CHECK(destination != nullptr && source != nullptr, "device copy of a null buffer");
+    return enqueue([&] { return cudaMemcpyAsync(destination, source, bytes, kind, stream_); },
+                   "cudaMemcpyAsync");
+  }
+
+  // Queues `operation` on the stream followed by an event the ticket waits on.
+  template <class Operation>
+  CopyTicket enqueue(Operation operation, const char* what) {
     std::lock_guard lock(mutex_);
     check(cudaSetDevice(device_), "cudaSetDevice");
     // The event exists before the copy is queued, so a failure after the
     // copy started cannot leave it running without a ticket.
     cudaEvent_t event = nullptr;
     check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate");
-    cudaError_t status = cudaMemcpyAsync(destination, source, bytes, kind, stream_);
+    cudaError_t status = operation();
     if (status == cudaSuccess) status = cudaEventRecord(event, stream_);
     if (status != cudaSuccess) {
       cudaStreamSynchronize(stream_);  // whatever was queued is done with the buffers
       cudaEventDestroy(event);
-      check(status, "cudaMemcpyAsync");
+      check(status, what);
     }
     const std::uint64_t id = ++next_id_;
     events_.emplace(id, event);

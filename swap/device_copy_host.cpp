@@ -6,6 +6,7 @@
 #include <deque>
 #include <mutex>
 #include <thread>
+#include <unordered_set>
 
 #include <fmt/format.h>
 
@@ -43,10 +44,18 @@ class HostCopier final : public DeviceCopier {
   CopyTicket to_host(std::byte* host, const void* device, std::uint64_t bytes) override {
     return queue(host, device, bytes);
   }
+  CopyTicket fill_zero(void* device, std::uint64_t bytes) override {
+    ZINF_CHECK(device != nullptr, "fill_zero of a null buffer");
+    return queue(device, nullptr, bytes, true);
+  }
 
   void wait(CopyTicket ticket) override {
-    ZINF_CHECK(ticket.valid(), "waiting on an empty copy ticket");
     std::unique_lock lock(mutex_);
+    // As the CUDA copier: a ticket is waited for once.
+    if (!ticket.valid() || outstanding_.erase(ticket.id) == 0) {
+      throw Error(ErrorKind::invalid,
+                  fmt::format("wait on copy ticket {} that is unknown or already waited for", ticket.id));
+    }
     done_.wait(lock, [&] { return completed_ >= ticket.id; });
   }
 
@@ -56,15 +65,16 @@ class HostCopier final : public DeviceCopier {
  private:
   struct Copy {
     void* destination;
-    const void* source;
+    const void* source;  // null: zero the destination
     std::uint64_t bytes;
     std::uint64_t id;
   };
 
-  CopyTicket queue(void* destination, const void* source, std::uint64_t bytes) {
-    ZINF_CHECK(destination != nullptr && source != nullptr, "device copy of a null buffer");
+  CopyTicket queue(void* destination, const void* source, std::uint64_t bytes, bool zero = false) {
+    ZINF_CHECK(destination != nullptr && (source != nullptr || zero), "device copy of a null buffer");
     std::lock_guard lock(mutex_);
     const std::uint64_t id = ++submitted_;
+    outstanding_.insert(id);
     copies_.push_back(Copy{destination, source, bytes, id});
     queued_.notify_one();
     return CopyTicket{id};
@@ -78,7 +88,8 @@ class HostCopier final : public DeviceCopier {
       const Copy copy = copies_.front();
       copies_.pop_front();
       lock.unlock();
-      std::memcpy(copy.destination, copy.source, copy.bytes);
+      if (copy.source == nullptr) std::memset(copy.destination, 0, copy.bytes);
+      else std::memcpy(copy.destination, copy.source, copy.bytes);
       lock.lock();
       completed_ = copy.id;
       done_.notify_all();
@@ -89,6 +100,7 @@ class HostCopier final : public DeviceCopier {
   std::condition_variable queued_;
   std::condition_variable done_;
   std::deque<Copy> copies_;
+  std::unordered_set<std::uint64_t> outstanding_;  // issued, not yet waited for
   std::uint64_t submitted_ = 0;
   std::uint64_t completed_ = 0;
   bool stopping_ = false;

@@ -17,9 +17,8 @@ namespace {
 
 DeviceAccess cuda_access() {
   DeviceAccess access;
-  access.to_host = [](std::vector<float>& out, const void* device, std::size_t count) {
-    out.resize(count);
-    if (cudaMemcpy(out.data(), device, count * sizeof(float), cudaMemcpyDeviceToHost) != cudaSuccess) {
+  access.bytes_to_host = [](void* out, const void* device, std::size_t bytes) {
+    if (cudaMemcpy(out, device, bytes, cudaMemcpyDeviceToHost) != cudaSuccess) {
       throw std::runtime_error("cudaMemcpy to host failed");
     }
   };

@@ -43,8 +43,16 @@ std::vector<std::vector<float>> train_span(const TrainingRun& run, const LaunchE
   auto comm = make_communicator(launch, comm_options);
   EngineOptions options;
   options.optimizer_threads = 1;
+  DeviceAccess access;
+  std::shared_ptr<swap::StrictDevice> strict;
+  if (run.device != "host") {
+    strict = swap::make_strict_device();
+    options.copier = strict;
+    access = copier_access(strict);
+    if (run.device == "strict") comm = make_strict_device_communicator(std::move(comm), strict);
+  }
   Engine engine(config, *comm, options);
-  TinyOnEngine model(engine, run.shape);
+  TinyOnEngine model(engine, run.shape, access);
   engine.finalize();
   if (!load.empty()) engine.load_checkpoint(load);
   if (engine.optimizer_step() != from) throw std::runtime_error("resumed at the wrong step");
@@ -126,6 +134,54 @@ TEST_P(EngineEquality, NvmeWithAccumulationClippingAndNothingPersistentMatches) 
 }
 
 INSTANTIATE_TEST_SUITE_P(WorldSizes, EngineEquality, ::testing::Values(1, 2, 4));
+
+// The same training on the strict device stand-in (device memory the CPU
+// cannot touch, copies that land late with poison before, collectives that
+// refuse host pointers): what would break on a GPU breaks here.
+class StrictDeviceEquality : public ::testing::TestWithParam<std::tuple<int, std::string>> {
+ protected:
+  void SetUp() override {
+    if (std::get<0>(GetParam()) > 1 && !gloo_available()) GTEST_SKIP() << "this build has no Gloo communicator";
+  }
+  TrainingRun run_for_param() const {
+    TrainingRun run;
+    run.world = std::get<0>(GetParam());
+    run.device = std::get<1>(GetParam());
+    return run;
+  }
+};
+
+TEST_P(StrictDeviceEquality, NoOffloadWithAccumulationAndClippingMatchesPlainTraining) {
+  TrainingRun run = run_for_param();
+  run.accumulation = 2;
+  run.clipping = 0.05;
+  run_world(run);
+}
+
+TEST_P(StrictDeviceEquality, NvmeParamsAndOptimizerMatchPlainTraining) {
+  testing::TempDir dir;
+  TrainingRun run = run_for_param();
+  run.offload_param = "nvme";
+  run.offload_optimizer = "nvme";
+  run.persistence = 0;
+  run.nvme_dir = dir.path().string();
+  run_world(run);
+}
+
+TEST_P(StrictDeviceEquality, CpuOffloadMatchesPlainTraining) {
+  TrainingRun run = run_for_param();
+  run.offload_param = "cpu";
+  run.offload_optimizer = "cpu";
+  run_world(run);
+}
+
+INSTANTIATE_TEST_SUITE_P(WorldsAndCommunicators, StrictDeviceEquality,
+                         ::testing::Combine(::testing::Values(1, 2, 4), ::testing::Values("strict", "strict-gloo")),
+                         [](const auto& info) {
+                           std::string name = std::to_string(std::get<0>(info.param)) + "_" + std::get<1>(info.param);
+                           for (char& c : name) c = c == '-' ? '_' : c;
+                           return name;
+                         });
 
 // bf16 training: the trainer computes with bf16 params, the optimizer keeps
 // fp32 masters, and after every step each gathered param is its master
@@ -277,10 +333,11 @@ class EngineCheckpoint : public ::testing::TestWithParam<int> {
   }
 };
 
-TEST_P(EngineCheckpoint, ResumeContinuesExactlyLikeTheUninterruptedRun) {
+void expect_resume_continues_exactly(int world, const std::string& device) {
   testing::TempDir dir;
   TrainingRun run;
-  run.world = GetParam();
+  run.world = world;
+  run.device = device;
   run.offload_param = "nvme";
   run.offload_optimizer = "nvme";
   run.accumulation = 2;
@@ -310,6 +367,15 @@ TEST_P(EngineCheckpoint, ResumeContinuesExactlyLikeTheUninterruptedRun) {
   const auto b = read_all(resumed);
   ASSERT_FALSE(a.empty());
   EXPECT_TRUE(a == b) << "the resumed run's parameters differ from the uninterrupted run's";
+}
+
+TEST_P(EngineCheckpoint, ResumeContinuesExactlyLikeTheUninterruptedRun) {
+  expect_resume_continues_exactly(GetParam(), "host");
+}
+
+TEST(StrictDeviceCheckpoint, ResumeContinuesExactlyOverTheDeviceCommunicator) {
+  if (!gloo_available()) GTEST_SKIP() << "this build has no Gloo communicator";
+  expect_resume_continues_exactly(2, "strict");
 }
 
 INSTANTIATE_TEST_SUITE_P(WorldSizes, EngineCheckpoint, ::testing::Values(1, 2, 4));
@@ -361,8 +427,42 @@ TEST(EngineCheckpointErrors, AnotherWorldSizeACorruptShardAndAMissingDescription
   EXPECT_FALSE(outcomes[0].hung) << testing::describe(outcomes);
 }
 
-TEST(EngineCheckpoint16Bit, WholeWeightsAreSavedInTheWorkingPrecision) {
+// Idle device buffers are kept for reuse only up to what
+// stage3_max_live_parameters allows (working precision + fp32 gradients),
+// and training within that cap still matches plain training.
+TEST(EngineDeviceMemory, IdleBuffersStayUnderTheLiveParameterCap) {
+  TrainingRun run;
+  run.world = 1;
+  run.persistence = 0;
+  std::string json = config_json(run);
+  json.replace(json.find("\"stage\": 3,"), 11, "\"stage\": 3, \"stage3_max_live_parameters\": 600,");
+  const config::Config config = config::load_config_string(json);
+  auto device = swap::make_strict_device();
+  auto comm = make_strict_device_communicator(make_local_communicator(), device);
+  EngineOptions options;
+  options.copier = device;
+  options.optimizer_threads = 1;
+  Engine engine(config, *comm, options);
+  TinyOnEngine model(engine, run.shape, copier_access(device));
+  engine.finalize();
+  const std::uint64_t cap = 600 * (4 + 4);
+  for (int step = 0; step < run.steps; ++step) {
+    model.micro_step(engine, run.shape, batch_index(run, step, 0, 0));
+    engine.step();
+    EXPECT_LE(engine.cached_device_bytes(), cap) << "step " << step;
+  }
+  expect_close(model.masters(engine), train_reference(run, config), "capped cache");
+  // What is allocated is the shards (offload none) plus at most the cap.
+  std::uint64_t shards = 0;
+  for (std::size_t p = 0; p < engine.param_count(); ++p) shards += engine.describe(p).shard_elements * 4;
+  EXPECT_LE(device->bytes_in_use(), shards + cap);
+}
+
+class EngineCheckpoint16Bit : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(EngineCheckpoint16Bit, WholeWeightsAreSavedInTheWorkingPrecision) {
   if (!gloo_available()) GTEST_SKIP() << "this build has no Gloo communicator";
+  const std::string device = GetParam();
   testing::TempDir dir;
   TrainingRun run;
   run.world = 2;
@@ -374,8 +474,16 @@ TEST(EngineCheckpoint16Bit, WholeWeightsAreSavedInTheWorkingPrecision) {
     json.replace(json.find("\"stage\": 3,"), 11, "\"stage\": 3, \"stage3_gather_16bit_weights_on_model_save\": true,");
     json.insert(1, "\"bf16\": {\"enabled\": true},");
     auto comm = make_communicator(launch);
-    Engine engine(config::load_config_string(json), *comm);
-    TinyOnEngine model(engine, run.shape);
+    EngineOptions options;
+    DeviceAccess access;
+    if (device == "strict") {
+      auto strict = swap::make_strict_device();
+      options.copier = strict;
+      access = copier_access(strict);
+      comm = make_strict_device_communicator(std::move(comm), strict);
+    }
+    Engine engine(config::load_config_string(json), *comm, options);
+    TinyOnEngine model(engine, run.shape, access);
     engine.finalize();
     engine.save_checkpoint(checkpoint);
   });
@@ -393,6 +501,8 @@ TEST(EngineCheckpoint16Bit, WholeWeightsAreSavedInTheWorkingPrecision) {
     ASSERT_EQ(half, cpu_adam::float_to_bf16(initial[i])) << i;
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Devices, EngineCheckpoint16Bit, ::testing::Values("host", "strict"));
 
 }  // namespace
 }  // namespace zinf::zero3

@@ -16,6 +16,7 @@
 #include "cpu_adam/cpu_adam.hpp"
 #include "swap/swap_config.hpp"
 #include "tiny_model.hpp"
+#include "swap/strict_device.hpp"
 #include "zero3/engine.hpp"
 
 namespace zinf::zero3 {
@@ -24,16 +25,30 @@ using testing::TinyModelShape;
 
 
 // How the trainer reaches the engine's memory: plain pointers with the host
-// stand-in, copies with a GPU.
+// stand-in, copies with a GPU or the strict stand-in.
 struct DeviceAccess {
-  std::function<void(std::vector<float>& out, const void* device, std::size_t count)> to_host =
-      [](std::vector<float>& out, const void* device, std::size_t count) {
-        out.resize(count);
-        std::memcpy(out.data(), device, count * sizeof(float));
-      };
+  std::function<void(void* out, const void* device, std::size_t bytes)> bytes_to_host =
+      [](void* out, const void* device, std::size_t bytes) { std::memcpy(out, device, bytes); };
   std::function<void(float* device, const std::vector<float>& in)> to_device =
       [](float* device, const std::vector<float>& in) { std::memcpy(device, in.data(), in.size() * sizeof(float)); };
+
+  void to_host(std::vector<float>& out, const void* device, std::size_t count) const {
+    out.resize(count);
+    bytes_to_host(out.data(), device, count * sizeof(float));
+  }
 };
+
+// Access through a copier's own copies (CUDA, the strict stand-in).
+inline DeviceAccess copier_access(std::shared_ptr<swap::DeviceCopier> copier) {
+  DeviceAccess access;
+  access.bytes_to_host = [copier](void* out, const void* device, std::size_t bytes) {
+    copier->wait(copier->to_host(static_cast<std::byte*>(out), device, bytes));
+  };
+  access.to_device = [copier](float* device, const std::vector<float>& in) {
+    copier->wait(copier->to_device(device, reinterpret_cast<const std::byte*>(in.data()), in.size() * sizeof(float)));
+  };
+  return access;
+}
 
 struct TrainingRun {
   int world = 1;
@@ -44,6 +59,11 @@ struct TrainingRun {
   double clipping = 0.0;
   std::uint64_t persistence = 100;  // b and v (24) persist, W (576) is sharded
   std::string nvme_dir;
+  // Where the engine's device memory is: "host" (the lenient stand-in),
+  // "strict" (the strict stand-in with its NCCL-like device-memory
+  // communicator), "strict-gloo" (the strict stand-in with Gloo's host
+  // memory, so every collective goes through host copies).
+  std::string device = "host";
   TinyModelShape shape;
 };
 
@@ -95,8 +115,9 @@ struct TinyOnEngine {
     std::vector<float> values;
     const std::uint64_t n = engine.describe(p).elements;
     if (engine.working_dtype() != cpu_adam::DType::f32) {
-      // 16-bit training (host stand-in only): widen the gathered values.
-      const auto* half = static_cast<const std::uint16_t*>(engine.param(p));
+      // 16-bit training: widen the gathered values.
+      std::vector<std::uint16_t> half(n);
+      access.bytes_to_host(half.data(), engine.param(p), n * sizeof(std::uint16_t));
       values.resize(n);
       for (std::uint64_t i = 0; i < n; ++i) {
         values[i] = engine.working_dtype() == cpu_adam::DType::bf16 ? cpu_adam::bf16_to_float(half[i])

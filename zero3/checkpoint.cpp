@@ -103,7 +103,7 @@ void Engine::save_checkpoint(const std::filesystem::path& dir) {
       const Param& param = *params_[p];
       const std::uint64_t bytes = param.d.shard_elements * esize;
       gathered.resize(bytes * comm_.world_size());
-      comm_.all_gather(working_partition_.data() + param.partition_offset * esize, gathered.data(), bytes);
+      host_all_gather(working_partition_.data() + param.partition_offset * esize, gathered.data(), bytes);
       if (rank == 0) whole[p].assign(gathered.begin(), gathered.begin() + static_cast<std::ptrdiff_t>(param.d.elements * esize));
     }
     if (rank == 0) {

@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include "core/error.hpp"
+#include "swap/strict_device.hpp"
 
 namespace zinf::zero3 {
 
@@ -91,6 +92,51 @@ LaunchEnv launch_env_from_environment() {
   return launch;
 }
 
+namespace {
+
+class StrictDeviceCommunicator final : public Communicator {
+ public:
+  StrictDeviceCommunicator(std::unique_ptr<Communicator> host, std::shared_ptr<swap::StrictDevice> device)
+      : host_(std::move(host)), device_(std::move(device)) {}
+
+  int rank() const override { return host_->rank(); }
+  int world_size() const override { return host_->world_size(); }
+  std::string_view backend() const override { return "strict device"; }
+  bool device_memory() const override { return true; }
+
+  void all_gather(const void* send, void* recv, std::size_t bytes) override {
+    const std::byte* in = device_->access(send, bytes, "all_gather send buffer");
+    std::byte* out = device_->access(recv, bytes * world_size(), "all_gather receive buffer");
+    host_->all_gather(in, out, bytes);
+  }
+  void reduce_scatter(const float* send, float* recv, std::size_t count) override {
+    const auto* in = reinterpret_cast<const float*>(
+        device_->access(send, count * world_size() * sizeof(float), "reduce_scatter send buffer"));
+    auto* out = reinterpret_cast<float*>(device_->access(recv, count * sizeof(float), "reduce_scatter receive buffer"));
+    host_->reduce_scatter(in, out, count);
+  }
+  void all_reduce(float* data, std::size_t count, ReduceOp op) override {
+    auto* view = reinterpret_cast<float*>(device_->access(data, count * sizeof(float), "all_reduce buffer"));
+    host_->all_reduce(view, count, op);
+  }
+  void broadcast(void* data, std::size_t bytes, int root) override {
+    host_->broadcast(device_->access(data, bytes, "broadcast buffer"), bytes, root);
+  }
+  void barrier() override { host_->barrier(); }
+
+ private:
+  std::unique_ptr<Communicator> host_;
+  std::shared_ptr<swap::StrictDevice> device_;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_strict_device_communicator(std::unique_ptr<Communicator> host,
+                                                              std::shared_ptr<swap::StrictDevice> device) {
+  ZINF_CHECK(host != nullptr && device != nullptr, "strict device communicator without a host communicator or device");
+  return std::make_unique<StrictDeviceCommunicator>(std::move(host), std::move(device));
+}
+
 std::unique_ptr<Communicator> make_local_communicator() {
   return std::make_unique<LocalCommunicator>();
 }
@@ -133,7 +179,7 @@ std::unique_ptr<Communicator> make_communicator(const LaunchEnv& launch,
         throw Error(ErrorKind::unsupported,
                     "the NCCL communicator meets its peers over Gloo, which this build lacks");
       }
-      return make_nccl_communicator(launch, *bootstrap);
+      return make_nccl_communicator(launch, *bootstrap, timeout);
     }
   }
   throw Error(ErrorKind::internal, "unknown communicator backend");

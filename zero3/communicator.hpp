@@ -22,6 +22,10 @@
 #include <string>
 #include <string_view>
 
+namespace zinf::swap {
+class StrictDevice;
+}
+
 namespace zinf::zero3 {
 
 enum class ReduceOp { sum, max };
@@ -33,6 +37,10 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int world_size() const = 0;
   virtual std::string_view backend() const = 0;
+  // True when the buffers of every collective must be device memory (NCCL,
+  // and the strict stand-in's); false when they are host memory (Gloo,
+  // local).
+  virtual bool device_memory() const { return false; }
 
   // Every rank gives `bytes_per_rank` bytes; `recv` (world_size x that)
   // receives them in rank order. `send` may be recv + rank x bytes_per_rank
@@ -84,9 +92,18 @@ std::unique_ptr<Communicator> make_local_communicator();
 std::unique_ptr<Communicator> make_gloo_communicator(const LaunchEnv& env,
                                                      std::chrono::milliseconds timeout);
 // Collectives on device memory of GPU `env.local_rank`; the unique id is
-// broadcast over `bootstrap`. Null where the build has no NCCL.
-std::unique_ptr<Communicator> make_nccl_communicator(const LaunchEnv& env,
-                                                     Communicator& bootstrap);
+// broadcast over `bootstrap`. `timeout` bounds the rendezvous (a
+// non-blocking ncclCommInitRankConfig, aborted past it) and every
+// collective. Null where the build has no NCCL.
+std::unique_ptr<Communicator> make_nccl_communicator(const LaunchEnv& env, Communicator& bootstrap,
+                                                     std::chrono::milliseconds timeout);
+
+// The strict device stand-in's communicator: NCCL's contract over
+// `device`'s memory. Every buffer must be device memory of `device` (a host
+// pointer is Error{invalid} naming the collective, as NCCL would fault);
+// the bytes move over `host`, a host-memory communicator of the same job.
+std::unique_ptr<Communicator> make_strict_device_communicator(std::unique_ptr<Communicator> host,
+                                                              std::shared_ptr<swap::StrictDevice> device);
 
 bool gloo_available();
 bool nccl_available();

@@ -17,13 +17,33 @@ namespace {
 
 class NcclCommunicator final : public Communicator {
  public:
-  NcclCommunicator(const LaunchEnv& launch, Communicator& bootstrap)
-      : rank_(launch.rank), world_size_(launch.world_size), device_(launch.local_rank) {
+  NcclCommunicator(const LaunchEnv& launch, Communicator& bootstrap, std::chrono::milliseconds timeout)
+      : rank_(launch.rank), world_size_(launch.world_size), device_(launch.local_rank), timeout_(timeout) {
     check_cuda(cudaSetDevice(device_), "cudaSetDevice");
     ncclUniqueId id{};
     if (rank_ == 0) check_nccl(ncclGetUniqueId(&id), "ncclGetUniqueId");
     bootstrap.broadcast(&id, sizeof(id), 0);
-    check_nccl(ncclCommInitRank(&comm_, world_size_, id, rank_), "ncclCommInitRank");
+    // Non-blocking init, polled against the deadline: a peer that never
+    // joins fails this rank with a message instead of hanging it.
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    const ncclResult_t started = ncclCommInitRankConfig(&comm_, world_size_, id, rank_, &config);
+    if (started != ncclSuccess && started != ncclInProgress) check_nccl(started, "ncclCommInitRankConfig");
+    const auto deadline = std::chrono::steady_clock::now() + timeout_;
+    for (;;) {
+      ncclResult_t state = ncclInProgress;
+      ncclCommGetAsyncError(comm_, &state);
+      if (state == ncclSuccess) break;
+      if (state != ncclInProgress) check_nccl(state, "ncclCommInitRankConfig");
+      if (std::chrono::steady_clock::now() > deadline) {
+        failed_ = true;
+        throw Error(ErrorKind::comm,
+                    fmt::format("rank {} of {}: NCCL rendezvous timed out after {} s (a peer never joined)",
+                                rank_, world_size_,
+                                std::chrono::duration_cast<std::chrono::seconds>(timeout_).count()));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
     check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
   }
 
@@ -38,6 +58,7 @@ class NcclCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int world_size() const override { return world_size_; }
   std::string_view backend() const override { return "nccl"; }
+  bool device_memory() const override { return true; }
 
   void all_gather(const void* send, void* recv, std::size_t bytes) override {
     run("all_gather", ncclAllGather(send, recv, bytes, ncclUint8, comm_, stream_));
@@ -105,13 +126,14 @@ class NcclCommunicator final : public Communicator {
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
   bool failed_ = false;
-  std::chrono::milliseconds timeout_{std::chrono::minutes(10)};
+  std::chrono::milliseconds timeout_;
 };
 
 }  // namespace
 
-std::unique_ptr<Communicator> make_nccl_communicator(const LaunchEnv& launch, Communicator& bootstrap) {
-  return std::make_unique<NcclCommunicator>(launch, bootstrap);
+std::unique_ptr<Communicator> make_nccl_communicator(const LaunchEnv& launch, Communicator& bootstrap,
+                                                     std::chrono::milliseconds timeout) {
+  return std::make_unique<NcclCommunicator>(launch, bootstrap, timeout);
 }
 
 bool nccl_available() { return true; }

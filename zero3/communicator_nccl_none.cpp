@@ -3,7 +3,9 @@
 
 namespace zinf::zero3 {
 
-std::unique_ptr<Communicator> make_nccl_communicator(const LaunchEnv&, Communicator&) { return nullptr; }
+std::unique_ptr<Communicator> make_nccl_communicator(const LaunchEnv&, Communicator&, std::chrono::milliseconds) {
+  return nullptr;
+}
 
 bool nccl_available() { return false; }
 

@@ -52,6 +52,11 @@ Engine::Engine(const config::Config& config, Communicator& comm, EngineOptions o
   }
   if (!options_.copier) options_.copier = swap::make_host_copier();
   buffers_.set_copier(options_.copier.get());
+  // Idle buffers up to what stage3_max_live_parameters lets be gathered at
+  // once (working precision), and as much again for gradient buffers.
+  const std::uint64_t live = config_.zero.max_live_parameters;
+  const std::uint64_t cap_elements = live > UINT64_MAX / 16 ? UINT64_MAX / 16 : live;
+  buffers_.set_cap(cap_elements * (dtype_bytes(working_) + sizeof(float)));
   worker_ = std::thread([this] { worker_loop(); });
 }
 
@@ -285,7 +290,7 @@ void Engine::place_shards() {
     const std::uint64_t bytes = param->d.shard_elements * esize;
     if (device == config::OffloadDevice::none) {
       if (param->device_shard == nullptr) param->device_shard = buffers_.acquire(bytes);
-      options_.copier->wait(options_.copier->to_device(param->device_shard, shard, bytes));
+      copy_to_device(param->device_shard, shard, bytes);
     } else if (device == config::OffloadDevice::nvme) {
       param_swapper_->swap_out(param->key, std::span(shard, bytes));
     }
@@ -309,16 +314,15 @@ void Engine::gather_into(Param& param, void* gathered) {
   auto* mine = static_cast<std::byte*>(gathered) + static_cast<std::uint64_t>(comm_.rank()) * bytes;
   switch (config_.zero.offload_param.device) {
     case config::OffloadDevice::none:
-      comm_.all_gather(param.device_shard, gathered, bytes);
+      device_all_gather(param.device_shard, gathered, bytes);
       return;
     case config::OffloadDevice::cpu:
-      options_.copier->wait(
-          options_.copier->to_device(mine, working_partition_.data() + param.partition_offset * esize, bytes));
+      copy_to_device(mine, working_partition_.data() + param.partition_offset * esize, bytes);
       break;
     case config::OffloadDevice::nvme: {
       const auto shard = param_swapper_->fetch(param.key);
       try {
-        options_.copier->wait(options_.copier->to_device(mine, shard.data(), bytes));
+        copy_to_device(mine, shard.data(), bytes);
       } catch (...) {
         param_swapper_->release(param.key);
         throw;
@@ -327,7 +331,78 @@ void Engine::gather_into(Param& param, void* gathered) {
       break;
     }
   }
-  comm_.all_gather(mine, gathered, bytes);
+  device_all_gather(mine, gathered, bytes);
+}
+
+// ---- collectives and copies ------------------------------------------------
+
+void Engine::copy_to_device(void* device, const void* host, std::uint64_t bytes) {
+  if (bytes == 0) return;
+  options_.copier->wait(options_.copier->to_device(device, static_cast<const std::byte*>(host), bytes));
+}
+
+void Engine::copy_to_host(void* host, const void* device, std::uint64_t bytes) {
+  if (bytes == 0) return;
+  options_.copier->wait(options_.copier->to_host(static_cast<std::byte*>(host), device, bytes));
+}
+
+void Engine::device_all_gather(const void* send, void* recv, std::uint64_t bytes) {
+  if (comm_.device_memory() || options_.copier->host_accessible()) {
+    comm_.all_gather(send, recv, bytes);
+    return;
+  }
+  std::vector<std::byte> mine(bytes), all(bytes * comm_.world_size());
+  copy_to_host(mine.data(), send, bytes);
+  comm_.all_gather(mine.data(), all.data(), bytes);
+  copy_to_device(recv, all.data(), all.size());
+}
+
+void Engine::device_reduce_scatter(const float* send, float* recv, std::uint64_t count) {
+  if (comm_.device_memory() || options_.copier->host_accessible()) {
+    comm_.reduce_scatter(send, recv, count);
+    return;
+  }
+  std::vector<float> all(count * comm_.world_size()), mine(count);
+  copy_to_host(all.data(), send, all.size() * sizeof(float));
+  comm_.reduce_scatter(all.data(), mine.data(), count);
+  copy_to_device(recv, mine.data(), count * sizeof(float));
+}
+
+void Engine::host_all_gather(const void* send, void* recv, std::uint64_t bytes) {
+  if (!comm_.device_memory()) {
+    comm_.all_gather(send, recv, bytes);
+    return;
+  }
+  const std::uint64_t total = bytes * comm_.world_size();
+  void* device = buffers_.acquire(total);
+  try {
+    auto* mine = static_cast<std::byte*>(device) + static_cast<std::uint64_t>(comm_.rank()) * bytes;
+    copy_to_device(mine, send, bytes);
+    comm_.all_gather(mine, device, bytes);
+    copy_to_host(recv, device, total);
+  } catch (...) {
+    buffers_.release(device, total);
+    throw;
+  }
+  buffers_.release(device, total);
+}
+
+void Engine::host_all_reduce(float* data, std::uint64_t count, ReduceOp op) {
+  if (!comm_.device_memory()) {
+    comm_.all_reduce(data, count, op);
+    return;
+  }
+  const std::uint64_t bytes = count * sizeof(float);
+  auto* device = static_cast<float*>(buffers_.acquire(bytes));
+  try {
+    copy_to_device(device, data, bytes);
+    comm_.all_reduce(device, count, op);
+    copy_to_host(data, device, bytes);
+  } catch (...) {
+    buffers_.release(device, bytes);
+    throw;
+  }
+  buffers_.release(device, bytes);
 }
 
 // ---- device buffers ----------------------------------------------------------
@@ -339,27 +414,53 @@ void* Engine::BufferCache::acquire(std::uint64_t bytes) {
     if (it != free_.end() && !it->second.empty()) {
       void* buffer = it->second.back();
       it->second.pop_back();
+      idle_ -= bytes;
       return buffer;
     }
   }
-  return copier_->allocate_device(bytes);
+  try {
+    return copier_->allocate_device(bytes);
+  } catch (const Error& error) {
+    if (error.kind() != ErrorKind::resource) throw;
+    // Out of device memory: idle buffers of other sizes go, then one retry.
+    {
+      std::lock_guard lock(mutex_);
+      if (idle_ == 0) throw;
+      free_idle();
+    }
+    return copier_->allocate_device(bytes);
+  }
 }
 
 void Engine::BufferCache::release(void* buffer, std::uint64_t bytes) noexcept {
   if (buffer == nullptr) return;
   try {
     std::lock_guard lock(mutex_);
+    if (idle_ + bytes > cap_) {
+      copier_->free_device(buffer);
+      return;
+    }
     free_[bytes].push_back(buffer);
+    idle_ += bytes;
   } catch (...) {
     copier_->free_device(buffer);
   }
 }
 
-Engine::BufferCache::~BufferCache() {
+std::uint64_t Engine::BufferCache::idle_bytes() const {
+  std::lock_guard lock(mutex_);
+  return idle_;
+}
+
+void Engine::BufferCache::free_idle() {
   for (auto& [bytes, buffers] : free_) {
     for (void* buffer : buffers) copier_->free_device(buffer);
   }
+  free_.clear();
+  idle_ = 0;
 }
+
+Engine::BufferCache::~BufferCache() { free_idle(); }
 
 // ---- the worker ----------------------------------------------------------
 
@@ -513,8 +614,7 @@ void Engine::pre_backward(ModuleIndex module) {
     if (param.grad != nullptr) continue;
     const std::uint64_t bytes = param.d.shard_elements * comm_.world_size() * sizeof(float);
     param.grad = static_cast<float*>(buffers_.acquire(bytes));
-    if (zeros_.size() < bytes) zeros_.assign(bytes, std::byte{0});
-    options_.copier->wait(options_.copier->to_device(param.grad, zeros_.data(), bytes));
+    options_.copier->wait(options_.copier->fill_zero(param.grad, bytes));
   }
 }
 
@@ -548,14 +648,13 @@ void Engine::post_backward(ModuleIndex module) {
           } else {
             auto* reduced = static_cast<float*>(buffers_.acquire(count * sizeof(float)));
             try {
-              comm_.reduce_scatter(grad, reduced, count);
+              device_reduce_scatter(grad, reduced, count);
               if (options_.copier->host_accessible()) {
                 accumulate(reduced);
               } else {
                 // The worker's own scratch: no allocation per reduction.
                 reduce_scratch_.resize(count);
-                options_.copier->wait(options_.copier->to_host(
-                    reinterpret_cast<std::byte*>(reduce_scratch_.data()), reduced, count * sizeof(float)));
+                copy_to_host(reduce_scratch_.data(), reduced, count * sizeof(float));
                 accumulate(reduce_scratch_.data());
               }
             } catch (...) {
@@ -622,7 +721,9 @@ bool Engine::step() {
   double local = 0.0;
   for (float g : grad_partition_) local += static_cast<double>(g) * g;
   float total = static_cast<float>(local);
-  comm_.all_reduce(&total, 1, ReduceOp::sum);
+  // Through a device buffer when the communicator takes device memory
+  // only: NCCL cannot read this stack float.
+  host_all_reduce(&total, 1, ReduceOp::sum);
   const double norm = std::sqrt(static_cast<double>(total));
   const double clip = config_.training.gradient_clipping;
   if (clip > 0.0) {
@@ -680,7 +781,7 @@ std::vector<float> Engine::gather_master(ParamIndex p) {
     group_begin = group_end;
   }
   std::vector<float> whole(count * comm_.world_size());
-  comm_.all_gather(mine.data(), whole.data(), count * sizeof(float));
+  host_all_gather(mine.data(), whole.data(), count * sizeof(float));
   whole.resize(param.d.elements);
   return whole;
 }

@@ -145,6 +145,9 @@ class Engine {
   std::size_t param_count() const { return params_.size(); }
   EngineStats stats() const;
   const Coordinator& coordinator() const { return *coordinator_; }
+  // Bytes of idle device buffers the engine keeps for reuse (at most
+  // stage3_max_live_parameters' worth).
+  std::uint64_t cached_device_bytes() const { return buffers_.idle_bytes(); }
   std::int64_t optimizer_step() const { return optimizer_step_; }
   cpu_adam::DType working_dtype() const { return working_; }
 
@@ -181,23 +184,42 @@ class Engine {
   void throw_if_failed();
 
   std::uint64_t element_bytes() const;
+
+  // Collectives on device buffers (NCCL's contract). With a host-memory
+  // communicator (Gloo) and a device the CPU cannot read (a GPU, the strict
+  // stand-in) the bytes go through host copies.
+  void device_all_gather(const void* send, void* recv, std::uint64_t bytes_per_rank);
+  void device_reduce_scatter(const float* send, float* recv, std::uint64_t count_per_rank);
+  // Collectives on host buffers (norms, checkpoints): through device
+  // buffers when the communicator only takes device memory.
+  void host_all_gather(const void* send, void* recv, std::uint64_t bytes_per_rank);
+  void host_all_reduce(float* data, std::uint64_t count, ReduceOp op);
+  // Host <-> device, waited for.
+  void copy_to_device(void* device, const void* host, std::uint64_t bytes);
+  void copy_to_host(void* host, const void* device, std::uint64_t bytes);
   // Writes the working-precision copy of `master` at partition element `offset`.
   void set_working(std::uint64_t offset, std::span<const float> master);
 
   // Device buffers by size, reused: gathers and gradient buffers come and
   // go every layer, and a fresh allocation each time costs page faults (host
-  // stand-in) or a synchronising cudaFree (CUDA). Holds at most the peak of
-  // what was live at once, until the engine goes.
+  // stand-in) or a synchronising cudaFree (CUDA). Idle buffers are kept up
+  // to `cap` bytes (more are freed at once); when the device runs out, the
+  // idle ones are freed and the allocation tried again.
   class BufferCache {
    public:
     void set_copier(swap::DeviceCopier* copier) { copier_ = copier; }
+    void set_cap(std::uint64_t bytes) { cap_ = bytes; }
     void* acquire(std::uint64_t bytes);
     void release(void* buffer, std::uint64_t bytes) noexcept;
+    std::uint64_t idle_bytes() const;
     ~BufferCache();
 
    private:
+    void free_idle();  // with mutex_ held
     swap::DeviceCopier* copier_ = nullptr;
-    std::mutex mutex_;
+    std::uint64_t cap_ = UINT64_MAX;
+    std::uint64_t idle_ = 0;
+    mutable std::mutex mutex_;
     std::unordered_map<std::uint64_t, std::vector<void*>> free_;
   };
 
@@ -217,7 +239,6 @@ class Engine {
   std::uint64_t partition_elements_ = 0;
   std::vector<float> grad_partition_;           // fp32, accumulated over micro-steps
   std::vector<std::byte> working_partition_;    // working precision: optimizer output, "cpu" shards
-  std::vector<std::byte> zeros_;                // source of zeroed gradient buffers
   std::vector<float> reduce_scratch_;           // the worker's, for reduced shards
   std::vector<swap::SubGroup> sub_groups_;
 
