@@ -35,6 +35,11 @@ class DeviceCopier {
   // Queue zeroing `bytes` of device memory (cudaMemsetAsync on a GPU: no
   // host buffer of zeros crosses the bus).
   virtual CopyTicket fill_zero(void* device, std::uint64_t bytes) = 0;
+  // Marks what the trainer has queued so far on `stream` (its compute
+  // stream, a cudaStream_t; null: the default stream): the ticket's wait()
+  // returns once that work is done. This is how device buffers the
+  // trainer's kernels still read or write are not reused or reduced early.
+  virtual CopyTicket record_stream(void* stream) = 0;
   // Blocks until the copy (and every copy queued before it) is done; throws
   // the copy's error. Each ticket is waited for once: a second wait (or a
   // ticket from another copier) is Error{invalid}.

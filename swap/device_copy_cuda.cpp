@@ -50,6 +50,21 @@ class CudaCopier final : public DeviceCopier {
   CopyTicket to_host(std::byte* host, const void* device, std::uint64_t bytes) override {
     return queue(host, device, bytes, cudaMemcpyDeviceToHost);
   }
+  CopyTicket record_stream(void* stream) override {
+    std::lock_guard lock(mutex_);
+    check(cudaSetDevice(device_), "cudaSetDevice");
+    cudaEvent_t event = nullptr;
+    check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate");
+    const cudaError_t status = cudaEventRecord(event, static_cast<cudaStream_t>(stream));
+    if (status != cudaSuccess) {
+      cudaEventDestroy(event);
+      check(status, "cudaEventRecord on the compute stream");
+    }
+    const std::uint64_t id = ++next_id_;
+    events_.emplace(id, event);
+    return CopyTicket{id};
+  }
+
   CopyTicket fill_zero(void* device, std::uint64_t bytes) override {
     ZINF_CHECK(device != nullptr, "fill_zero of a null buffer");
     return enqueue([&] { return cudaMemsetAsync(device, 0, bytes, stream_); }, "cudaMemsetAsync");

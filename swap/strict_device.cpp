@@ -15,6 +15,7 @@
 #include <random>
 #include <thread>
 #include <unordered_set>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -38,10 +39,51 @@ class StrictDeviceImpl final : public StrictDevice {
     {
       std::lock_guard lock(mutex_);
       stopping_ = true;
+      for (auto& stream : streams_) stream->stopping = true;
     }
     queued_.notify_all();
+    for (auto& stream : streams_) {
+      stream->queued.notify_all();
+      stream->thread.join();
+    }
     thread_.join();
     for (auto& [address, allocation] : allocations_) unmap(address, allocation);
+  }
+
+  // -- compute streams ----------------------------------------------------------
+  void* create_stream() override {
+    auto stream = std::make_unique<Stream>();
+    Stream* raw = stream.get();
+    std::lock_guard lock(mutex_);
+    streams_.push_back(std::move(stream));
+    raw->thread = std::thread([this, raw] { run_stream(*raw); });
+    return raw;
+  }
+
+  void launch(void* stream, std::function<void()> kernel) override {
+    std::lock_guard lock(mutex_);
+    Stream& s = stream_of(stream);
+    s.items.push_back(StreamItem{std::move(kernel), 0});
+    s.queued.notify_one();
+  }
+
+  void synchronize(void* stream) override {
+    const CopyTicket ticket = record_stream(stream);
+    wait(ticket);
+  }
+
+  CopyTicket record_stream(void* stream) override {
+    std::lock_guard lock(mutex_);
+    const std::uint64_t id = ++submitted_;
+    outstanding_.insert(id);
+    if (stream == nullptr) {
+      finished_.insert(id);  // the default stream: the host trainer's work is done
+    } else {
+      Stream& s = stream_of(stream);
+      s.items.push_back(StreamItem{{}, id});
+      s.queued.notify_one();
+    }
+    return CopyTicket{id};
   }
 
   // -- memory ---------------------------------------------------------------
@@ -163,7 +205,8 @@ class StrictDeviceImpl final : public StrictDevice {
                   fmt::format("strict device: wait on copy ticket {} that is unknown or already waited for",
                               ticket.id));
     }
-    done_.wait(lock, [&] { return completed_ >= ticket.id; });
+    done_.wait(lock, [&] { return finished_.count(ticket.id) != 0; });
+    finished_.erase(ticket.id);
     outstanding_.erase(ticket.id);
   }
 
@@ -175,6 +218,49 @@ class StrictDeviceImpl final : public StrictDevice {
     std::uint64_t bytes;   // asked for
     std::uint64_t mapped;  // whole pages
   };
+  struct StreamItem {
+    std::function<void()> kernel;  // empty for a marker
+    std::uint64_t marker;          // the ticket it completes, or 0
+  };
+  struct Stream {
+    std::deque<StreamItem> items;
+    std::condition_variable queued;
+    bool stopping = false;
+    std::thread thread;
+  };
+
+  Stream& stream_of(void* stream) {
+    for (auto& s : streams_) {
+      if (s.get() == stream) return *s;
+    }
+    throw Error(ErrorKind::invalid, fmt::format("strict device: {} is not one of its streams", stream));
+  }
+
+  void run_stream(Stream& stream) {
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      stream.queued.wait(lock, [&] { return stream.stopping || !stream.items.empty(); });
+      if (stream.items.empty()) return;
+      StreamItem item = std::move(stream.items.front());
+      stream.items.pop_front();
+      if (item.kernel) {
+        const auto delay = next_delay();
+        lock.unlock();
+        if (delay.count() > 0) std::this_thread::sleep_for(delay);
+        item.kernel();
+        lock.lock();
+      } else {
+        finished_.insert(item.marker);
+        done_.notify_all();
+      }
+    }
+  }
+
+  std::chrono::microseconds next_delay() {
+    return std::chrono::microseconds(
+        options_.max_delay.count() > 0 ? random_() % static_cast<std::uint64_t>(options_.max_delay.count() + 1) : 0);
+  }
+
   struct Op {
     void* destination;
     const void* source;  // null: fill with zeros
@@ -237,8 +323,7 @@ class StrictDeviceImpl final : public StrictDevice {
       const Op op = ops_.front();
       ops_.pop_front();
       running_ = op.allocation;
-      const auto delay = std::chrono::microseconds(
-          options_.max_delay.count() > 0 ? random_() % static_cast<std::uint64_t>(options_.max_delay.count() + 1) : 0);
+      const auto delay = next_delay();
       lock.unlock();
       // The copy lands later than the caller's next line, as on a stream.
       if (delay.count() > 0) std::this_thread::sleep_for(delay);
@@ -246,7 +331,7 @@ class StrictDeviceImpl final : public StrictDevice {
       else std::memcpy(op.destination, op.source, op.bytes);
       lock.lock();
       running_ = 0;
-      completed_ = op.id;
+      finished_.insert(op.id);
       done_.notify_all();
     }
   }
@@ -259,9 +344,10 @@ class StrictDeviceImpl final : public StrictDevice {
   std::uint64_t in_use_ = 0;
   std::uint64_t peak_ = 0;
   std::deque<Op> ops_;
-  std::unordered_set<std::uint64_t> outstanding_;
+  std::unordered_set<std::uint64_t> outstanding_;  // issued, not yet waited for
+  std::unordered_set<std::uint64_t> finished_;     // done, not yet waited for
+  std::vector<std::unique_ptr<Stream>> streams_;
   std::uint64_t submitted_ = 0;
-  std::uint64_t completed_ = 0;
   std::uintptr_t running_ = 0;
   bool stopping_ = false;
   std::mt19937_64 random_;

@@ -12,6 +12,9 @@
 //   poison (0xFF bytes: NaN as floats) from submission until completion, so
 //   reading it without waiting reads garbage. Waiting twice on a ticket, or
 //   on one this device never issued, is an Error.
+// - Compute streams stand in for the trainer's: its "kernels" run late on
+//   a thread of their own, so an engine that reuses a buffer, or reduces a
+//   gradient, without waiting for the trainer's stream sees the race.
 // - A ledger counts bytes in use and their peak; with a capacity set,
 //   allocating beyond it is Error{resource}, as cudaMalloc runs out.
 // - Freeing memory a queued copy still uses, or a pointer it never
@@ -21,6 +24,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "swap/device_copy.hpp"
@@ -41,6 +45,15 @@ class StrictDevice : public DeviceCopier {
   // (as NCCL reaches device memory itself); throws Error{invalid} naming
   // `what` when the range is not device memory.
   virtual std::byte* access(const void* device, std::uint64_t bytes, const char* what) const = 0;
+  // A stand-in compute stream, as the trainer's CUDA stream: kernels
+  // launched on it run later, in launch order, on the stream's own thread
+  // (each after a random delay), and record_stream(stream) marks them.
+  // Kernels reach device memory through access(). The streams live as long
+  // as the device.
+  virtual void* create_stream() = 0;
+  virtual void launch(void* stream, std::function<void()> kernel) = 0;
+  virtual void synchronize(void* stream) = 0;
+
   virtual std::uint64_t bytes_in_use() const = 0;
   virtual std::uint64_t peak_bytes() const = 0;
   virtual std::uint64_t live_allocations() const = 0;

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -425,6 +426,74 @@ TEST(EngineCheckpointErrors, AnotherWorldSizeACorruptShardAndAMissingDescription
   EXPECT_NE(outcomes[1].error.find("zero3_rank00001_group00000.safetensors"), std::string::npos) << outcomes[1].error;
   EXPECT_NE(outcomes[1].error.find("checksum"), std::string::npos) << outcomes[1].error;
   EXPECT_FALSE(outcomes[0].hung) << testing::describe(outcomes);
+}
+
+// The trainer's kernels run late on its own stream: gradients written by
+// kernels still queued at post_backward, a gathered buffer read by a kernel
+// still queued at post_forward. The engine orders itself after that stream.
+TEST(StrictDeviceStreams, GradientsWrittenByLateKernelsAreReducedAfterThem) {
+  for (int world : {1, 2}) {
+    if (world > 1 && !gloo_available()) continue;
+    TrainingRun run;
+    run.world = world;
+    run.accumulation = 2;
+    const auto outcomes = testing::run_ranks(world, [&](const LaunchEnv& launch) {
+      const config::Config config = config::load_config_string(config_json(run));
+      swap::StrictDeviceOptions device_options;
+      device_options.max_delay = std::chrono::milliseconds(2);
+      auto device = swap::make_strict_device(device_options);
+      auto comm = make_strict_device_communicator(make_communicator(launch), device);
+      EngineOptions options;
+      options.copier = device;
+      options.compute_stream = device->create_stream();
+      options.optimizer_threads = 1;
+      Engine engine(config, *comm, options);
+      TinyOnEngine model(engine, run.shape, stream_access(device, options.compute_stream));
+      engine.finalize();
+      for (int step = 0; step < run.steps; ++step) {
+        for (int micro = 0; micro < run.accumulation; ++micro) {
+          model.micro_step(engine, run.shape, batch_index(run, step, micro, launch.rank));
+          engine.step();
+        }
+      }
+      expect_close(model.masters(engine), train_reference(run, config), fmt::format("rank {}", launch.rank));
+    });
+    EXPECT_TRUE(testing::all_succeeded(outcomes)) << "world " << world << ": " << testing::describe(outcomes);
+  }
+}
+
+TEST(StrictDeviceStreams, AGatheredBufferIsNotReusedWhileAKernelStillReadsIt) {
+  TrainingRun run;
+  run.world = 1;
+  run.persistence = 0;
+  const config::Config config = config::load_config_string(config_json(run));
+  swap::StrictDeviceOptions device_options;
+  device_options.max_delay = std::chrono::microseconds(0);
+  auto device = swap::make_strict_device(device_options);
+  auto comm = make_strict_device_communicator(make_local_communicator(), device);
+  EngineOptions options;
+  options.copier = device;
+  options.compute_stream = device->create_stream();
+  Engine engine(config, *comm, options);
+  TinyOnEngine model(engine, run.shape, copier_access(device));
+  engine.finalize();
+  const std::size_t n = engine.describe(model.W[0]).elements;
+  // Layer 0's W, read by a slow kernel queued before post_forward; layer
+  // 1's W (the same size, so the same cached buffer) is gathered right
+  // after. The kernel must still see layer 0's values.
+  std::vector<float> seen(n, 0.0f);
+  engine.pre_forward(model.layer_modules[0]);
+  const void* w0 = engine.param(model.W[0]);
+  device->launch(options.compute_stream, [&, w0] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    std::memcpy(seen.data(), device->access(w0, n * sizeof(float), "slow kernel"), n * sizeof(float));
+  });
+  engine.post_forward(model.layer_modules[0]);
+  engine.pre_forward(model.layer_modules[1]);
+  engine.post_forward(model.layer_modules[1]);
+  device->synchronize(options.compute_stream);
+  EXPECT_EQ(seen, testing::tiny_initial(run.shape, 0, 0));
+  engine.step();
 }
 
 // Idle device buffers are kept for reuse only up to what

@@ -38,6 +38,26 @@ struct DeviceAccess {
   }
 };
 
+// A trainer whose kernels run on the strict stand-in's compute stream:
+// gradients are written by kernels that land late (nothing waits for them
+// before the post-hook), reads wait for the stream as a trainer copying a
+// value to the host does.
+inline DeviceAccess stream_access(std::shared_ptr<swap::StrictDevice> device, void* stream) {
+  DeviceAccess access;
+  access.bytes_to_host = [device, stream](void* out, const void* memory, std::size_t bytes) {
+    device->launch(stream, [=] { std::memcpy(out, device->access(memory, bytes, "kernel read"), bytes); });
+    device->synchronize(stream);
+  };
+  access.to_device = [device, stream](float* memory, const std::vector<float>& in) {
+    auto values = std::make_shared<std::vector<float>>(in);
+    device->launch(stream, [=] {
+      std::memcpy(device->access(memory, values->size() * sizeof(float), "kernel write"), values->data(),
+                  values->size() * sizeof(float));
+    });
+  };
+  return access;
+}
+
 // Access through a copier's own copies (CUDA, the strict stand-in).
 inline DeviceAccess copier_access(std::shared_ptr<swap::DeviceCopier> copier) {
   DeviceAccess access;

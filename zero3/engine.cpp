@@ -408,15 +408,27 @@ void Engine::host_all_reduce(float* data, std::uint64_t count, ReduceOp op) {
 // ---- device buffers ----------------------------------------------------------
 
 void* Engine::BufferCache::acquire(std::uint64_t bytes) {
+  std::optional<Idle> reused;
   {
     std::lock_guard lock(mutex_);
     auto it = free_.find(bytes);
     if (it != free_.end() && !it->second.empty()) {
-      void* buffer = it->second.back();
+      reused = it->second.back();
       it->second.pop_back();
       idle_ -= bytes;
-      return buffer;
     }
+  }
+  if (reused) {
+    // The trainer's kernels that used it last are done before it is reused.
+    if (reused->in_use_until.valid()) {
+      try {
+        copier_->wait(reused->in_use_until);
+      } catch (...) {
+        copier_->free_device(reused->buffer);
+        throw;
+      }
+    }
+    return reused->buffer;
   }
   try {
     return copier_->allocate_device(bytes);
@@ -432,19 +444,28 @@ void* Engine::BufferCache::acquire(std::uint64_t bytes) {
   }
 }
 
-void Engine::BufferCache::release(void* buffer, std::uint64_t bytes) noexcept {
+void Engine::BufferCache::release(void* buffer, std::uint64_t bytes, swap::CopyTicket in_use_until) noexcept {
   if (buffer == nullptr) return;
   try {
     std::lock_guard lock(mutex_);
     if (idle_ + bytes > cap_) {
-      copier_->free_device(buffer);
+      free_now(buffer, in_use_until);
       return;
     }
-    free_[bytes].push_back(buffer);
+    free_[bytes].push_back(Idle{buffer, in_use_until});
     idle_ += bytes;
   } catch (...) {
-    copier_->free_device(buffer);
+    free_now(buffer, in_use_until);
   }
+}
+
+void Engine::BufferCache::free_now(void* buffer, swap::CopyTicket in_use_until) noexcept {
+  try {
+    if (in_use_until.valid()) copier_->wait(in_use_until);
+  } catch (...) {
+    // A failed stream: the buffer is freed anyway, as the device is lost.
+  }
+  copier_->free_device(buffer);
 }
 
 std::uint64_t Engine::BufferCache::idle_bytes() const {
@@ -454,7 +475,7 @@ std::uint64_t Engine::BufferCache::idle_bytes() const {
 
 void Engine::BufferCache::free_idle() {
   for (auto& [bytes, buffers] : free_) {
-    for (void* buffer : buffers) copier_->free_device(buffer);
+    for (const Idle& idle : buffers) free_now(idle.buffer, idle.in_use_until);
   }
   free_.clear();
   idle_ = 0;
@@ -577,11 +598,14 @@ void Engine::fetch_module(ModuleIndex module, Phase phase) {
   for (ParamIndex p : own) wait_available(p);
 }
 
+swap::CopyTicket Engine::trainer_work() { return options_.copier->record_stream(options_.compute_stream); }
+
 void Engine::release(ParamIndex p) {
   Param& param = *params_[p];
   if (param.d.persistent || param.state == State::not_available) return;
   if (param.state == State::in_flight) wait_available(p);
-  buffers_.release(param.gathered, param.d.shard_elements * comm_.world_size() * element_bytes());
+  // The trainer's kernels queued before this hook may still read it.
+  buffers_.release(param.gathered, param.d.shard_elements * comm_.world_size() * element_bytes(), trainer_work());
   param.gathered = nullptr;
   param.state = State::not_available;
 }
@@ -632,8 +656,12 @@ void Engine::post_backward(ModuleIndex module) {
     float* grad = param.grad;
     param.grad = nullptr;
     Param* target = &param;
+    // The kernels writing this gradient may still be queued on the
+    // trainer's stream: the reduction waits for them.
+    const swap::CopyTicket written = trainer_work();
     submit(
-        [this, target, grad, scale] {
+        [this, target, grad, scale, written] {
+          options_.copier->wait(written);
           const auto since = Clock::now();
           const std::uint64_t count = target->d.shard_elements;
           const std::uint64_t grad_bytes = count * comm_.world_size() * sizeof(float);
@@ -705,6 +733,9 @@ float* Engine::grad(ParamIndex p) {
 
 bool Engine::step() {
   require_finalized("step");
+  // The trainer's last kernels (reading persistent params, writing
+  // gradients) are done before the step rewrites or reduces them.
+  options_.copier->wait(trainer_work());
   drain();
   release_all_unpersisted();
   coordinator_->begin_micro_step();

@@ -65,6 +65,14 @@ using Initializer = std::function<void(std::uint64_t offset, std::span<float> ou
 struct EngineOptions {
   // Device memory and host<->device copies; null: the host stand-in.
   std::shared_ptr<swap::DeviceCopier> copier;
+  // The stream the trainer's kernels run on (a cudaStream_t; null: the
+  // default stream). The engine orders itself after it: a gathered buffer
+  // released at post_forward/post_backward is reused only once the work
+  // queued on this stream before the hook is done, a gradient is reduced
+  // only once the kernels that wrote it are, and step() waits for the
+  // stream before it rewrites the persistent params. Gathers are complete
+  // when the pre-hooks return, so kernels queued after them may read at once.
+  void* compute_stream = nullptr;
   std::size_t optimizer_threads = 0;  // 0: every hardware thread
 };
 
@@ -119,6 +127,8 @@ class Engine {
   void post_backward(ModuleIndex module);
   // After each micro-step's backward. Returns true when it ran the optimizer.
   bool step();
+  // The trainer moved to another stream (see EngineOptions::compute_stream).
+  void set_compute_stream(void* stream) { options_.compute_stream = stream; }
 
   // The whole parameter in the working precision (device memory), valid
   // between a pre- and post-hook of its module, always for persistent ones.
@@ -210,18 +220,27 @@ class Engine {
     void set_copier(swap::DeviceCopier* copier) { copier_ = copier; }
     void set_cap(std::uint64_t bytes) { cap_ = bytes; }
     void* acquire(std::uint64_t bytes);
-    void release(void* buffer, std::uint64_t bytes) noexcept;
+    // `in_use_until`: work that may still use the buffer (the trainer's
+    // stream); it is waited for before the buffer is handed out or freed.
+    void release(void* buffer, std::uint64_t bytes, swap::CopyTicket in_use_until = {}) noexcept;
     std::uint64_t idle_bytes() const;
     ~BufferCache();
 
    private:
     void free_idle();  // with mutex_ held
+    void free_now(void* buffer, swap::CopyTicket in_use_until) noexcept;
+    struct Idle {
+      void* buffer;
+      swap::CopyTicket in_use_until;
+    };
     swap::DeviceCopier* copier_ = nullptr;
     std::uint64_t cap_ = UINT64_MAX;
     std::uint64_t idle_ = 0;
     mutable std::mutex mutex_;
-    std::unordered_map<std::uint64_t, std::vector<void*>> free_;
+    std::unordered_map<std::uint64_t, std::vector<Idle>> free_;
   };
+  // A ticket for the work the trainer queued on its stream so far.
+  swap::CopyTicket trainer_work();
 
   config::Config config_;
   Communicator& comm_;
