@@ -8,6 +8,9 @@
 #include <pybind11/stl.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -56,25 +59,86 @@ void raise_python(const Error& error) {
   }
 }
 
-// Page-locked memory for one tensor: its own pool of exactly the size, so
-// the memory goes back to the system when the last reference goes (the
-// tensor made over it holds one through the buffer protocol).
+// Page-locked memory for one tensor, from a pool of exactly the size. When
+// the last reference goes (the tensor made over it holds one through the
+// buffer protocol), the pool is kept for the next PinnedMemory of that size
+// (up to ZINF_PINNED_CACHE_BYTES idle, default 1 GiB) instead of being
+// unlocked and unmapped: prefetching a unit every step must not mmap, mlock
+// and fault in fresh memory each time.
+struct IdlePinned {
+  std::unique_ptr<zinf::PinnedPool> pool;
+  zinf::PinnedBuffer lease;
+};
+
+class PinnedCache {
+ public:
+  static PinnedCache& instance() {
+    static PinnedCache cache;
+    return cache;
+  }
+  std::optional<IdlePinned> take(std::uint64_t bytes) {
+    std::lock_guard lock(mutex_);
+    const auto it = idle_.find(bytes);
+    if (it == idle_.end()) return std::nullopt;
+    IdlePinned found = std::move(it->second);
+    idle_.erase(it);
+    idle_bytes_ -= bytes;
+    return found;
+  }
+  void give(std::uint64_t bytes, IdlePinned pinned) {
+    std::lock_guard lock(mutex_);
+    if (idle_bytes_ + bytes > cap_) return;  // destroyed on return: unlocked and unmapped
+    idle_.emplace(bytes, std::move(pinned));
+    idle_bytes_ += bytes;
+  }
+  std::uint64_t idle_bytes() const {
+    std::lock_guard lock(mutex_);
+    return idle_bytes_;
+  }
+  void clear() {
+    std::multimap<std::uint64_t, IdlePinned> gone;
+    {
+      std::lock_guard lock(mutex_);
+      gone.swap(idle_);
+      idle_bytes_ = 0;
+    }
+  }
+
+ private:
+  PinnedCache() {
+    const char* text = std::getenv("ZINF_PINNED_CACHE_BYTES");
+    if (text != nullptr && *text != '\0') cap_ = std::strtoull(text, nullptr, 10);
+  }
+  mutable std::mutex mutex_;
+  std::multimap<std::uint64_t, IdlePinned> idle_;
+  std::uint64_t idle_bytes_ = 0;
+  std::uint64_t cap_ = std::uint64_t{1} << 30;
+};
+
 class PinnedMemory {
  public:
   explicit PinnedMemory(std::uint64_t bytes) : bytes_(bytes) {
-    zinf::PinnedPoolOptions options;
-    options.budget_bytes = std::max<std::uint64_t>(bytes, 1);
-    options.allow_unpinned = true;  // a low RLIMIT_MEMLOCK is logged once, not fatal
-    pool_ = std::make_unique<zinf::PinnedPool>(options);
-    lease_ = pool_->acquire(std::max<std::uint64_t>(bytes, 1));
+    if (auto reused = PinnedCache::instance().take(bytes)) {
+      pool_ = std::move(reused->pool);
+      lease_ = std::move(reused->lease);
+    } else {
+      zinf::PinnedPoolOptions options;
+      options.budget_bytes = std::max<std::uint64_t>(bytes, 1);
+      options.allow_unpinned = true;  // a low RLIMIT_MEMLOCK is logged once, not fatal
+      pool_ = std::make_unique<zinf::PinnedPool>(options);
+      lease_ = pool_->acquire(std::max<std::uint64_t>(bytes, 1));
+    }
     pinned_live_bytes += bytes_;
     ++pinned_live_buffers;
   }
   ~PinnedMemory() {
-    lease_.release();
-    pool_.reset();
     pinned_live_bytes -= bytes_;
     --pinned_live_buffers;
+    try {
+      PinnedCache::instance().give(bytes_, IdlePinned{std::move(pool_), std::move(lease_)});
+    } catch (...) {
+      // Not kept: freed here.
+    }
   }
   std::uintptr_t address() const { return reinterpret_cast<std::uintptr_t>(lease_.data()); }
   std::uint64_t size() const { return bytes_; }
@@ -174,6 +238,10 @@ PYBIND11_MODULE(_zinf, m) {
       });
   m.def("pinned_bytes_in_use", [] { return pinned_live_bytes.load(); });
   m.def("pinned_buffers_in_use", [] { return pinned_live_buffers.load(); });
+  m.def("pinned_cached_bytes", [] { return PinnedCache::instance().idle_bytes(); },
+        "page-locked bytes kept idle for reuse");
+  m.def("release_cached_pinned", [] { PinnedCache::instance().clear(); },
+        "unlock and unmap the idle page-locked buffers");
 
   py::class_<zinf::cpu_adam::CpuOptimizer>(m, "CpuOptimizer")
       .def(py::init([](std::size_t threads) { return std::make_unique<zinf::cpu_adam::CpuOptimizer>(threads); }),

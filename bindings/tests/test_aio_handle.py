@@ -73,6 +73,30 @@ def test_pinned_tensors_round_trip_and_leak_nothing(scratch):
     assert _zinf.pinned_bytes_in_use() == 0
 
 
+def test_freed_locked_memory_is_reused_not_mapped_again():
+    """A freed page-locked buffer is kept for the next one of its size (a
+    prefetch every step must not mmap + mlock fresh memory)."""
+    h = zinf.aio_handle()
+    _zinf.release_cached_pinned()
+    first = h.new_cpu_locked_tensor(1 << 16, torch.empty(0))
+    address = first.data_ptr()
+    assert h.free_cpu_locked_tensor(first)
+    del first
+    gc.collect()
+    assert _zinf.pinned_cached_bytes() == 4 << 16
+    again = h.new_cpu_locked_tensor(1 << 16, torch.empty(0))
+    assert again.data_ptr() == address
+    assert _zinf.pinned_cached_bytes() == 0
+    # A tensor still alive keeps its memory out of the cache.
+    assert h.free_cpu_locked_tensor(again)
+    other = h.new_cpu_locked_tensor(1 << 16, torch.empty(0))
+    assert other.data_ptr() != again.data_ptr()
+    again.fill_(3.0)
+    assert torch.all(again == 3.0)
+    _zinf.release_cached_pinned()
+    assert _zinf.pinned_cached_bytes() == 0
+
+
 def test_io_errors_are_oserror_with_errno_and_filename(scratch):
     h = zinf.aio_handle()
     missing = os.path.join(scratch, "missing.bin")

@@ -140,6 +140,14 @@ class OffloadHandle:
         self.stats = {"fetches": 0, "prefetches": 0, "unit_steps": 0}
         names = {id(p): n for n, p in module.named_parameters()}
         self._optimizers = []      # per unit, in step-in-backward mode
+        # With params on a GPU the optimizer steps host copies (ZeRO-Offload's
+        # way): per unit, one CPU Parameter per param, filled only while the
+        # unit is stepped (CPU optimizers step CPU tensors).
+        self._host_params = []
+        # Host tensors that non_blocking copies to the device still read,
+        # with the event that marks the copies done: they must not be freed
+        # (or overwritten) before that.
+        self._copies_in_flight = []
         self._accumulators = []    # keeps each param's AccumulateGrad node (and its hook) alive
         self._arrived = [set() for _ in self.units]
         self._stepped = [False] * len(self.units)
@@ -147,7 +155,13 @@ class OffloadHandle:
             params = [(names.get(id(p), f"unit{index}.{n}"), p) for n, p in unit.named_parameters()]
             self._params.append(params)
             if optimizer is not None:
-                self._optimizers.append(optimizer([p for _, p in params]))
+                if self.device.type == "cpu":
+                    self._optimizers.append(optimizer([p for _, p in params]))
+                else:
+                    hosts = [_torch.nn.Parameter(_torch.empty(0, dtype=p.dtype), requires_grad=p.requires_grad)
+                             for _, p in params]
+                    self._host_params.append(hosts)
+                    self._optimizers.append(optimizer(hosts))
                 for position, (_, p) in enumerate(params):
                     if p.requires_grad:
                         with _torch.enable_grad():
@@ -177,6 +191,8 @@ class OffloadHandle:
     # -- storage ---------------------------------------------------------------
     def _store(self, key, value):
         value = value.to("cpu").contiguous()
+        if self._swapper is None and key in self._host:
+            self._finish_copies(wait=True)  # an in-flight copy may still read the pinned copy
         if self._swapper is not None:
             self._swapper.swap_out(key, value)
         elif key in self._host:
@@ -200,17 +216,44 @@ class OffloadHandle:
         at += -1 if backward else 1
         return self._order[at] if 0 <= at < len(self._order) else None
 
+    def _finish_copies(self, wait=False):
+        """Drops the host tensors of device copies that are done (all of
+        them, waiting, with wait=True)."""
+        still = []
+        for event, tensors in self._copies_in_flight:
+            if wait:
+                event.synchronize()
+            elif not event.query():
+                still.append((event, tensors))
+        self._copies_in_flight = still
+
     def _fetch(self, index, backward=False):
         if not self._present[index]:
+            on_device = self.device.type != "cpu"
+            if on_device:
+                self._finish_copies()
+            sources = []
             for key, p in self._params[index]:
                 if self._swapper is not None:
                     value = self._swapper.swap_in(key)
                 else:
                     value = self._host[key]
-                p.data = value.to(self.device, non_blocking=True) if self.device.type != "cpu" else \
-                    (value if self._swapper is not None else value.clone())
+                if on_device:
+                    # Asynchronous from page-locked memory: `value` is kept
+                    # (below) until the copy is done, as releasing it could
+                    # free its pages mid-copy.
+                    p.data = value.to(self.device, non_blocking=True)
+                    sources.append(value)
+                else:
+                    p.data = value if self._swapper is not None else value.clone()
                 if self._swapper is not None:
                     self._swapper.release(key)
+            if on_device and self.device.type == "cuda" and sources:
+                event = _torch.cuda.Event()
+                event.record(_torch.cuda.current_stream(self.device))
+                self._copies_in_flight.append((event, sources))
+            elif on_device:
+                _device_synchronize(self.device)  # another device kind: no events to hold them by
             self._present[index] = True
             self.stats["fetches"] += 1
         following = self._next_in_order(index, backward)
@@ -244,11 +287,24 @@ class OffloadHandle:
         self._fetch(index)
         optimizer = self._optimizers[index]
         self._restore_states(index, optimizer)
-        optimizer.step()
+        if self.device.type == "cpu":
+            optimizer.step()
+            stepped = [p for _, p in self._params[index]]
+        else:
+            # GPU params: the CPU optimizer steps host copies of the values
+            # and gradients; the results are stored from the host.
+            stepped = self._host_params[index]
+            for (_, p), host in zip(self._params[index], stepped):
+                host.data = p.detach().to("cpu", copy=True)
+                host.grad = p.grad.detach().to("cpu") if p.grad is not None else None
+            optimizer.step()
         self.stats["unit_steps"] += 1
-        for key, p in self._params[index]:
-            self._store(key, p.detach())
+        for (key, p), value in zip(self._params[index], stepped):
+            self._store(key, value.detach())
             p.grad = None
+            if value is not p:
+                value.grad = None
+                value.data = _torch.empty(0, dtype=value.dtype)
         self._offload_states(index, optimizer)
         if self._swapper is not None:
             self._swapper.commit()
@@ -259,10 +315,17 @@ class OffloadHandle:
 
     # With NVMe offload the unit's optimizer states (Adam's moments...) go
     # to NVMe between its steps too, under "<param>.<state>" keys.
+    def _optimized(self, index):
+        """(key, the tensor the unit's optimizer steps): the param itself,
+        or its host copy when params are on a GPU."""
+        if self.device.type == "cpu":
+            return self._params[index]
+        return [(key, host) for (key, _), host in zip(self._params[index], self._host_params[index])]
+
     def _offload_states(self, index, optimizer):
         if self._swapper is None:
             return
-        for key, p in self._params[index]:
+        for key, p in self._optimized(index):
             state = optimizer.state.get(p)
             if not state:
                 continue
@@ -276,7 +339,7 @@ class OffloadHandle:
     def _restore_states(self, index, optimizer):
         if self._swapper is None:
             return
-        for key, p in self._params[index]:
+        for key, p in self._optimized(index):
             state = optimizer.state.get(p)
             if not state or "_zinf_offloaded" not in state:
                 continue
@@ -411,6 +474,12 @@ class OffloadHandle:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+def _device_synchronize(device):
+    module = getattr(_torch, device.type, None)
+    if module is not None and hasattr(module, "synchronize"):
+        module.synchronize()
 
 
 def _all_named_parameters(module, prefix=""):
