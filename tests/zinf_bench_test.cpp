@@ -14,6 +14,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "pinned_pool/cuda_host.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -231,6 +232,14 @@ TEST(ZinfBench, EveryCommandTakesNoProgress) {
   EXPECT_EQ(o.exit_code, 0) << o.err;
   o = zinf::testing::run_command(bench + " swap --no-progress --params 5");
   EXPECT_NE(o.err.find("--params 5"), std::string::npos) << o.err;  // parsed, then validated
+}
+
+TEST(ZinfBenchGpu, WithoutAGpuItSaysSoInOneLine) {
+  if (zinf::cuda_device_count() > 0) GTEST_SKIP() << "a GPU is visible here: scripts/gpu-check.sh measures it";
+  const Outcome o = run_bench("gpu --size 16M --shard 4M --repeat 1");
+  EXPECT_EQ(o.exit_code, 1) << o.err;
+  EXPECT_NE(o.err.find("CUDA"), std::string::npos) << o.err;
+  EXPECT_EQ(count_lines(o.err), 1) << o.err;
 }
 
 TEST(ZinfBench, AnUnwritableJsonPathFailsBeforeTheRun) {

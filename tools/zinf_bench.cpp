@@ -28,6 +28,9 @@
 #include "tools/io_bench.hpp"
 #include "tools/swap_bench.hpp"
 #include "zinf_config.h"
+#if ZINF_HAVE_CUDA
+#include "tools/gpu_bench.hpp"
+#endif
 
 namespace {
 
@@ -502,6 +505,54 @@ int run_swap(const SwapArgs& args) {
   return 0;
 }
 
+struct GpuArgs {
+  std::string nvme;
+  std::string size = "1G";
+  std::string shard = "64M";
+  int repeat = 3;
+  int device = 0;
+  std::string json_path;
+};
+
+int run_gpu(const GpuArgs& args) {
+#if ZINF_HAVE_CUDA
+  check_json_path(args.json_path);
+  zinf::bench::GpuBenchOptions options;
+  const char* env = std::getenv("ZINF_BENCH_DIR");
+  options.directory = !args.nvme.empty() ? args.nvme : (env != nullptr ? env : "/var/tmp");
+  options.bytes = zinf::parse_bytes(args.size);
+  options.shard_bytes = zinf::parse_bytes(args.shard);
+  options.repeats = args.repeat;
+  options.device_index = args.device;
+  const auto r = zinf::bench::run_gpu_bench(
+      options, [](const std::string& line) { std::fprintf(stderr, "  %s\n", line.c_str()); });
+  fmt::print("zinf-bench gpu {}: {} ({} per pass, median of {}), GB = 1e9 bytes\n", ZINF_VERSION, r.device,
+             zinf::format_bytes(r.bytes), args.repeat);
+  fmt::print("H2D  pinned pool via zinf {:7.2f} GB/s   cudaHostAlloc + cudaMemcpy {:7.2f} GB/s   ratio {:.2f}\n",
+             r.h2d_gbps, r.reference_h2d_gbps, r.reference_h2d_gbps > 0 ? r.h2d_gbps / r.reference_h2d_gbps : 0);
+  fmt::print("D2H  pinned pool via zinf {:7.2f} GB/s   cudaHostAlloc + cudaMemcpy {:7.2f} GB/s   ratio {:.2f}\n",
+             r.d2h_gbps, r.reference_d2h_gbps, r.reference_d2h_gbps > 0 ? r.d2h_gbps / r.reference_d2h_gbps : 0);
+  fmt::print("NVMe -> pinned -> GPU {:7.2f} GB/s   NVMe -> pinned alone {:7.2f} GB/s   ratio {:.2f}\n", r.stream_gbps,
+             r.disk_gbps, r.disk_gbps > 0 ? r.stream_gbps / r.disk_gbps : 0);
+  fmt::print("fetch wait per layer: {:.2f} ms without prefetch, {:.2f} ms with; {:.0f}% hidden\n",
+             r.fetch_ms_without_prefetch, r.fetch_ms_with_prefetch,
+             r.fetch_ms_without_prefetch > 0 ? 100 * (1 - r.fetch_ms_with_prefetch / r.fetch_ms_without_prefetch) : 0);
+  if (!args.json_path.empty()) {
+    nlohmann::ordered_json out;
+    out["tool"] = "zinf-bench gpu";
+    out["version"] = ZINF_VERSION;
+    out["result"] = r.to_json();
+    std::ofstream file(args.json_path);
+    if (!file) zinf::throw_path_error("open", args.json_path, errno);
+    file << out.dump(2) << "\n";
+  }
+  return 0;
+#else
+  (void)args;
+  throw Error(ErrorKind::unsupported, "zinf-bench gpu: this build has no CUDA (configure where CUDA is installed)");
+#endif
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -565,6 +616,16 @@ int main(int argc, char** argv) {
                          "commits skip fdatasync/fsync (safe against a killed process, not power loss)");
   swap_command->add_option("--json", swap.json_path, "write the result to FILE");
   swap_command->add_flag("--no-progress", swap.no_progress, "no progress lines on stderr");
+  GpuArgs gpu;
+  CLI::App* gpu_command = app.add_subcommand(
+      "gpu", "pinned copies, NVMe -> GPU streaming and prefetch on a CUDA device, against references");
+  gpu_command->add_option("--nvme", gpu.nvme, "directory for the streaming files (default $ZINF_BENCH_DIR or /var/tmp)");
+  gpu_command->add_option("--size", gpu.size, "bytes per copy and per streaming pass (default 1G)");
+  gpu_command->add_option("--shard", gpu.shard, "bytes per streamed shard (default 64M)");
+  gpu_command->add_option("--repeat", gpu.repeat, "passes, median reported (default 3)")->check(CLI::PositiveNumber);
+  gpu_command->add_option("--device", gpu.device, "CUDA device index (default 0)");
+  gpu_command->add_option("--json", gpu.json_path, "write the result to FILE");
+  gpu_command->add_flag("--no-progress", io.no_progress, "accepted as for the other commands");
   app.require_subcommand(0, 1);
 
   try {
@@ -576,6 +637,7 @@ int main(int argc, char** argv) {
   try {
     if (adam_command->parsed()) return run_adam(adam);
     if (swap_command->parsed()) return run_swap(swap);
+    if (gpu_command->parsed()) return run_gpu(gpu);
     return run_io(io);
   } catch (const Error& error) {
     std::fflush(stdout);
