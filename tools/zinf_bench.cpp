@@ -54,6 +54,18 @@ void install_signal_handlers() {
   for (int signal : {SIGINT, SIGTERM, SIGHUP, SIGPIPE}) sigaction(signal, &action, nullptr);
 }
 
+// {"tool", "version", "result"} to FILE, when --json was given.
+void write_result_json(const std::string& path, const char* tool, const nlohmann::json& result) {
+  if (path.empty()) return;
+  nlohmann::ordered_json out;
+  out["tool"] = tool;
+  out["version"] = ZINF_VERSION;
+  out["result"] = result;
+  std::ofstream file(path);
+  if (!file) zinf::throw_path_error("open", path, errno);
+  file << out.dump(2) << "\n";
+}
+
 // --json FILE is checked before the run, not after an hour of it.
 void check_json_path(const std::string& path) {
   if (path.empty()) return;
@@ -493,15 +505,7 @@ int run_swap(const SwapArgs& args) {
              r.peak_rss_bytes > r.pinned_bytes ? zinf::format_bytes(r.peak_rss_bytes - r.pinned_bytes) : "0 B");
   fmt::print("param fetch wait per layer: {:.2f} ms without prefetch, {:.2f} ms with; {:.0f}% hidden\n",
              r.fetch_ms_without_prefetch, r.fetch_ms_with_prefetch, 100 * r.fetch_hidden_fraction);
-  if (!args.json_path.empty()) {
-    nlohmann::ordered_json out;
-    out["tool"] = "zinf-bench swap";
-    out["version"] = ZINF_VERSION;
-    out["result"] = r.to_json();
-    std::ofstream file(args.json_path);
-    if (!file) zinf::throw_path_error("open", args.json_path, errno);
-    file << out.dump(2) << "\n";
-  }
+  write_result_json(args.json_path, "zinf-bench swap", r.to_json());
   return 0;
 }
 
@@ -537,15 +541,7 @@ int run_gpu(const GpuArgs& args) {
   fmt::print("fetch wait per layer: {:.2f} ms without prefetch, {:.2f} ms with; {:.0f}% hidden\n",
              r.fetch_ms_without_prefetch, r.fetch_ms_with_prefetch,
              r.fetch_ms_without_prefetch > 0 ? 100 * (1 - r.fetch_ms_with_prefetch / r.fetch_ms_without_prefetch) : 0);
-  if (!args.json_path.empty()) {
-    nlohmann::ordered_json out;
-    out["tool"] = "zinf-bench gpu";
-    out["version"] = ZINF_VERSION;
-    out["result"] = r.to_json();
-    std::ofstream file(args.json_path);
-    if (!file) zinf::throw_path_error("open", args.json_path, errno);
-    file << out.dump(2) << "\n";
-  }
+  write_result_json(args.json_path, "zinf-bench gpu", r.to_json());
   return 0;
 #else
   (void)args;
