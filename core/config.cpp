@@ -121,6 +121,13 @@ class Reader {
       const bool found = std::find(known.begin(), known.end(), key) != known.end() ||
                          std::find(ignored.begin(), ignored.end(), key) != ignored.end();
       if (found) continue;
+      if (!path.empty() && std::find(std::begin(kDeepSpeedTopLevelKeys), std::end(kDeepSpeedTopLevelKeys), key) !=
+                               std::end(kDeepSpeedTopLevelKeys)) {
+        // Some guides print the "aio" block inside zero_optimization.
+        problem(join(path, key), fmt::format("the \"{}\" block belongs at the top level of the config, not inside "
+                                             "{}: move it out", key, path));
+        continue;
+      }
       const auto [nearest, best] = nearest_key(key, std::span(known.begin(), known.size()));
       const std::size_t allowed = std::max<std::size_t>(2, key.size() / 3);
       problem(join(path, key),
@@ -314,6 +321,13 @@ void read_offload_optimizer(Reader& r, const json& section, const std::string& p
   }
   r.read_bool(section, "pipeline_read", path, c.pipeline_read);
   r.read_bool(section, "pipeline_write", path, c.pipeline_write);
+  for (const char* key : {"pipeline_read", "pipeline_write"}) {
+    if (section.contains(key) && section.at(key).is_boolean() && !section.at(key).get<bool>()) {
+      // Said, not silently ignored: false cannot turn the overlap off.
+      r.warn(fmt::format("{}.{} is false: zinf always overlaps optimizer reads, steps and writes (true only "
+                         "forces what is already on)", path, key));
+    }
+  }
   r.read_bool(section, "fast_init", path, c.fast_init);
   r.read_double(section, "ratio", path, c.ratio, 0.0, 1.0, "between 0 and 1");
 }
@@ -504,13 +518,20 @@ void cross_checks(Reader& r, Config& c) {
   }
   if (z.offload_optimizer.ratio < 1.0 && z.stage != 3) {
     r.problem(optim + ".ratio", fmt::format("below 1 needs ZeRO stage 3 (zero_optimization.stage is {})", z.stage));
+  } else if (z.offload_optimizer.ratio < 1.0) {
+    r.problem(optim + ".ratio",
+              fmt::format("is {}: zinf steps every sub-group on the CPU; a ratio below 1 (part of the optimizer "
+                          "on the GPU, DeepSpeed's ZeRO-Offload++) is not supported: remove it or set 1",
+                          z.offload_optimizer.ratio));
   }
-  if (c.optimizer && z.offload_optimizer.device != OffloadDevice::none) {
+  if (c.optimizer) {
+    // zinf runs the optimizer itself (on the CPU) whatever offload_optimizer
+    // says: a type it does not have must not train as AdamW.
     std::string lower = c.optimizer->type;
     std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char ch) { return std::tolower(ch); });
     if (lower != "adam" && lower != "adamw" && lower != "adagrad" && lower != "lion" && lower != "cpuadam") {
-      r.problem("optimizer.type", fmt::format("\"{}\" has no CPU implementation for offload_optimizer; zinf steps "
-                                              "Adam, AdamW, Adagrad and Lion",
+      r.problem("optimizer.type", fmt::format("\"{}\" is not an optimizer zinf runs (it has no CPU "
+                                              "implementation); zinf steps Adam, AdamW, Adagrad and Lion",
                                               c.optimizer->type));
     }
   }

@@ -115,7 +115,9 @@ PinnedPool::PinnedPool(const PinnedPoolOptions& options) : options_(options) {
   // mlock faults every page in, so pinned memory is pre-faulted too. The
   // raw system call, because the sanitizers replace mlock() with a no-op
   // that reports success, which would hide a low RLIMIT_MEMLOCK under test.
-  if (::syscall(SYS_mlock, base_, capacity_bytes_) == 0) {
+  if (!options_.lock) {
+    prefault(base_, capacity_bytes_);
+  } else if (::syscall(SYS_mlock, base_, capacity_bytes_) == 0) {
     page_locked_ = true;
   } else {
     const int error = errno;

@@ -29,6 +29,9 @@ struct PinnedPoolOptions {
   // When page-locking fails (RLIMIT_MEMLOCK), use pageable memory with a
   // warning instead of failing. DeepSpeed's pin_memory: false.
   bool allow_unpinned = false;
+  // false: do not page-lock at all (pageable, pre-faulted memory, no
+  // warning): DeepSpeed's pin_memory: false asked for explicitly.
+  bool lock = true;
   bool huge_pages = true;     // MADV_HUGEPAGE where the kernel offers THP
   bool cuda_register = true;  // cudaHostRegister when built with CUDA and a GPU is present
 };

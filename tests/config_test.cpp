@@ -236,6 +236,12 @@ INSTANTIATE_TEST_SUITE_P(
         Trap{"top_level_typo_bf16", R"({"bf_16": {"enabled": true}})", "bf_16", "did you mean \"bf16\""},
         Trap{"fp16_enabled_auto", R"({"fp16": {"enabled": "auto"}})", "fp16.enabled", "is \"auto\""},
         Trap{"bf16_enabled_auto", R"({"bf16": {"enabled": "auto"}})", "bf16.enabled", "write true or false"},
+        Trap{"unsupported_optimizer_without_offload", R"({"optimizer": {"type": "SGD", "params": {"lr": 0.1}}})",
+             "optimizer.type", "zinf steps Adam, AdamW, Adagrad and Lion"},
+        Trap{"ratio_below_one_is_not_supported", R"({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.3}}})",
+             "zero_optimization.offload_optimizer.ratio", "not supported"},
+        Trap{"aio_nested_in_zero", R"({"zero_optimization": {"stage": 3, "aio": {"block_size": 1048576}}})",
+             "zero_optimization.aio", "belongs at the top level"},
         Trap{"not_json", R"({"aio": )", "<json>", "not valid JSON"},
         Trap{"not_an_object", R"([1, 2])", "<root>", "JSON object"}),
     [](const auto& info) { return std::string(info.param.name); });
@@ -246,6 +252,14 @@ TEST(Config, UnknownTopLevelKeysFarFromDeepSpeedsAreIgnoredWithAWarning) {
   EXPECT_TRUE(r.problems.empty()) << problems_of(r);
   ASSERT_EQ(r.warnings.size(), 1u);
   EXPECT_NE(r.warnings.front().find("my_trainer_settings"), std::string::npos);
+}
+
+TEST(Config, PipelineFalseIsSaidNotSilentlyIgnored) {
+  const ParseResult r = parse(R"({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme",
+      "nvme_path": "/x", "pipeline_read": false, "pipeline_write": true}}})");
+  EXPECT_TRUE(r.problems.empty()) << problems_of(r);
+  ASSERT_EQ(r.warnings.size(), 1u);
+  EXPECT_NE(r.warnings.front().find("pipeline_read is false"), std::string::npos) << r.warnings.front();
 }
 
 TEST(Config, TheBfloat16SpellingEnablesBf16) {

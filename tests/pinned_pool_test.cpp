@@ -221,5 +221,18 @@ TEST(PinnedPool, UnpinnedFallbackOnlyWhenAllowed) {
   EXPECT_EQ(code, 0) << "child step " << code;
 }
 
+TEST(PinnedPool, PinMemoryFalseLocksNothing) {
+  // DeepSpeed's pin_memory: false, asked for: pageable memory that works,
+  // whatever RLIMIT_MEMLOCK allows.
+  PinnedPoolOptions options = budget(8 * MiB);
+  options.lock = false;
+  PinnedPool pool(options);
+  EXPECT_FALSE(pool.page_locked());
+  PinnedBuffer lease = pool.acquire(8 * MiB);
+  lease.data()[0] = std::byte{3};
+  lease.data()[8 * MiB - 1] = std::byte{4};
+  EXPECT_EQ(lease.data()[0], std::byte{3});
+}
+
 }  // namespace
 }  // namespace zinf

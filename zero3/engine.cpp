@@ -228,6 +228,9 @@ void Engine::finalize() {
     // pin_memory: false, or a memlock limit too low, leaves pageable memory
     // (logged by the pool); correctness does not depend on pinning.
     pool_options.allow_unpinned = true;
+    // pin_memory: false (on every block that swaps) asks for no locking.
+    pool_options.lock = (optimizer_on_nvme && config_.zero.offload_optimizer.pin_memory) ||
+                        (params_on_nvme && config_.zero.offload_param.pin_memory);
     pool_ = std::make_unique<PinnedPool>(pool_options);
   }
   if (optimizer_on_nvme) {

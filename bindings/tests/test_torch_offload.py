@@ -114,6 +114,21 @@ def test_bad_configs_name_the_key(scratch):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
 
 
+def test_pin_memory_false_keeps_cpu_copies_in_ordinary_memory(scratch):
+    pinned_before = zinf._zinf.pinned_bytes_in_use()
+    settings = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": False}}}
+    plain, offloaded = small_model(), small_model()
+    handle = zinf.torch.offload(offloaded, settings)
+    assert zinf._zinf.pinned_bytes_in_use() == pinned_before
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(offloaded(x), plain(x))
+    handle.close()
+    pinned = zinf.torch.offload(small_model(), config("cpu", scratch))
+    assert zinf._zinf.pinned_bytes_in_use() > pinned_before
+    pinned.close()
+
+
 def test_a_missing_nvme_path_is_created(scratch):
     path = os.path.join(scratch, "missing", "deeper")
     handle = zinf.torch.offload(small_model(), config("nvme", path))

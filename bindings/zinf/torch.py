@@ -95,6 +95,9 @@ class OffloadHandle:
         if kind not in ("nvme", "cpu"):
             raise ValueError(f'zero_optimization.offload_param.device is "{kind}": offload needs "nvme" or "cpu"')
         aio = settings.get("aio", {})
+        # offload_param.pin_memory (DeepSpeed's default true): page-locked
+        # host copies for "cpu"; false keeps them in ordinary memory.
+        self._pin = bool(block.get("pin_memory", True))
         self.module = module
         self.units = list(units) if units is not None else _units(module)
         if not self.units:
@@ -197,10 +200,11 @@ class OffloadHandle:
             self._swapper.swap_out(key, value)
         elif key in self._host:
             self._host[key].copy_(value)  # shapes never change: reuse the pinned copy
+        elif not self._pin or value.numel() == 0:
+            self._host[key] = value.clone()
         else:
             pinned = _zinf.PinnedMemory(value.numel() * value.element_size())
-            host = _torch.frombuffer(pinned, dtype=value.dtype, count=value.numel()).view(value.shape) \
-                if value.numel() else _torch.empty(value.shape, dtype=value.dtype)
+            host = _torch.frombuffer(pinned, dtype=value.dtype, count=value.numel()).view(value.shape)
             host.copy_(value)
             self._host[key] = host
 
