@@ -488,6 +488,13 @@ void read_training(Reader& r, const json& root, TrainingConfig& training) {
     bool enabled = false;
     r.read_bool(section, "enabled", block, enabled);
     (std::string_view(block) == "fp16" ? fp16 : bf16) |= enabled;
+    if (std::string_view(block) == "fp16") {
+      r.read_double(section, "loss_scale", block, training.loss_scale, 0.0, 1e30, "non-negative (0: dynamic)");
+      r.read_uint(section, "initial_scale_power", block, training.initial_scale_power, 0, 100);
+      r.read_uint(section, "loss_scale_window", block, training.loss_scale_window, 1, 1u << 30);
+      r.read_uint(section, "hysteresis", block, training.hysteresis, 1, 1u << 20);
+      r.read_double(section, "min_loss_scale", block, training.min_loss_scale, 0.0, 1e30, "non-negative");
+    }
   }
   if (bf16 && fp16) {
     r.problem("fp16.enabled", "cannot be true together with bf16.enabled");

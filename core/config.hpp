@@ -95,6 +95,14 @@ struct TrainingConfig {
   double gradient_clipping = 0.0;               // global-norm clip; 0 = off
   std::uint64_t gradient_accumulation_steps = 1;  // micro-steps per optimizer step
   Precision precision = Precision::fp32;
+  // fp16's loss scaling (DeepSpeed's fp16 block): loss_scale 0 is dynamic,
+  // starting at 2^initial_scale_power, halved after `hysteresis` overflows
+  // (not below min_loss_scale), doubled after loss_scale_window good steps.
+  double loss_scale = 0.0;
+  std::uint64_t initial_scale_power = 16;
+  std::uint64_t loss_scale_window = 1000;
+  std::uint64_t hysteresis = 2;
+  double min_loss_scale = 1.0;
 };
 
 struct Config {

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <thread>
 #include <string>
 #include <vector>
@@ -525,6 +526,50 @@ TEST(EngineDeviceMemory, IdleBuffersStayUnderTheLiveParameterCap) {
   std::uint64_t shards = 0;
   for (std::size_t p = 0; p < engine.param_count(); ++p) shards += engine.describe(p).shard_elements * 4;
   EXPECT_LE(device->bytes_in_use(), shards + cap);
+}
+
+// fp16 training with DeepSpeed's dynamic loss scale: the trainer scales its
+// gradients by loss_scale(); an overflow skips the step (the masters stay
+// finite and unchanged) and halves the scale after `hysteresis` overflows;
+// loss_scale_window good steps double it.
+TEST(EngineFp16, AnOverflowSkipsTheStepAndLowersTheLossScale) {
+  TrainingRun run;
+  run.world = 1;
+  std::string json = config_json(run);
+  json.insert(1, R"("fp16": {"enabled": true, "initial_scale_power": 8, "loss_scale_window": 3, "hysteresis": 1},)");
+  const config::Config config = config::load_config_string(json);
+  auto comm = make_local_communicator();
+  EngineOptions options;
+  options.optimizer_threads = 1;
+  Engine engine(config, *comm, options);
+  ASSERT_EQ(engine.working_dtype(), cpu_adam::DType::f16);
+  TinyOnEngine model(engine, run.shape);
+  engine.finalize();
+  EXPECT_EQ(engine.loss_scale(), 256.0);
+  const auto step_with = [&](float multiplier, int batch) {
+    model.grad_multiplier = multiplier;
+    model.micro_step(engine, run.shape, static_cast<std::uint64_t>(batch));
+    return engine.step();
+  };
+  EXPECT_TRUE(step_with(static_cast<float>(engine.loss_scale()), 0));
+  const auto before = model.masters(engine);
+  EXPECT_FALSE(step_with(std::numeric_limits<float>::infinity(), 1));
+  EXPECT_EQ(engine.stats().skipped_steps, 1u);
+  EXPECT_FALSE(std::isfinite(engine.stats().last_grad_norm));
+  EXPECT_EQ(engine.loss_scale(), 128.0);
+  EXPECT_EQ(engine.optimizer_step(), 1);
+  const auto after = model.masters(engine);
+  EXPECT_EQ(after, before);  // untouched, finite
+  for (const auto& tensor : after) {
+    for (float value : tensor) ASSERT_TRUE(std::isfinite(value));
+  }
+  // The skipped step's gradients are gone: the next step is a plain one,
+  // and three good steps double the scale.
+  for (int batch = 2; batch < 5; ++batch) EXPECT_TRUE(step_with(static_cast<float>(engine.loss_scale()), batch));
+  EXPECT_EQ(engine.loss_scale(), 256.0);
+  EXPECT_EQ(engine.optimizer_step(), 4);
+  EXPECT_GT(engine.stats().last_grad_norm, 0.0);
+  EXPECT_LT(engine.stats().last_grad_norm, 1e3);  // unscaled: the loss scale is taken out
 }
 
 class EngineCheckpoint16Bit : public ::testing::TestWithParam<std::string> {};

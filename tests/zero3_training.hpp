@@ -111,6 +111,9 @@ std::string config_json(const TrainingRun& run) {
 // Registration order: W0, b0, W1, b1, ..., v.
 struct TinyOnEngine {
   DeviceAccess access;
+  // Multiplies every gradient handed to the engine: fp16's loss scale (the
+  // trainer scales its loss), or infinity to make an overflow.
+  float grad_multiplier = 1.0f;
   std::vector<ModuleIndex> layer_modules;
   ModuleIndex head = 0;
   std::vector<ParamIndex> W, b;
@@ -166,18 +169,26 @@ struct TinyOnEngine {
     std::vector<float> dh;
     std::vector<float> dv(shape.width);
     const float loss = testing::tiny_head(shape, read(engine, v).data(), h.back(), t, dv.data(), dh);
+    scaled(dv);
     access.to_device(engine.grad(v), dv);
     engine.post_backward(head);
     for (int l = shape.layers - 1; l >= 0; --l) {
       engine.pre_backward(layer_modules[l]);
       std::vector<float> din, dW(shape.width * shape.width), db(shape.width);
       testing::tiny_layer_backward(shape, read(engine, W[l]).data(), h[l], h[l + 1], dh, dW.data(), db.data(), din);
+      scaled(dW);
+      scaled(db);
       access.to_device(engine.grad(W[l]), dW);
       access.to_device(engine.grad(b[l]), db);
       dh = std::move(din);
       engine.post_backward(layer_modules[l]);
     }
     return loss;
+  }
+
+  void scaled(std::vector<float>& grad) const {
+    if (grad_multiplier == 1.0f) return;
+    for (float& g : grad) g *= grad_multiplier;
   }
 
   std::vector<std::vector<float>> masters(Engine& engine) const {

@@ -50,6 +50,11 @@ Engine::Engine(const config::Config& config, Communicator& comm, EngineOptions o
                             "not {}", config_.zero.stage),
                 std::move(ctx));
   }
+  if (working_ == DType::f16) {
+    const auto& t = config_.training;
+    loss_scale_ = t.loss_scale > 0 ? t.loss_scale : std::ldexp(1.0, static_cast<int>(t.initial_scale_power));
+    hysteresis_left_ = t.hysteresis;
+  }
   if (!options_.copier) options_.copier = swap::make_host_copier();
   buffers_.set_copier(options_.copier.get());
   // Idle buffers up to what stage3_max_live_parameters lets be gathered at
@@ -648,7 +653,9 @@ void Engine::pre_backward(ModuleIndex module) {
 void Engine::post_backward(ModuleIndex module) {
   require_finalized("post_backward");
   throw_if_failed();
-  const float scale = 1.0f / static_cast<float>(comm_.world_size() * config_.training.gradient_accumulation_steps);
+  // The mean over ranks and micro-steps, with the loss scale taken out.
+  const float scale = static_cast<float>(
+      1.0 / (static_cast<double>(comm_.world_size() * config_.training.gradient_accumulation_steps) * loss_scale_));
   for (ParamIndex p : params_of_module_[module]) {
     Param& param = *params_[p];
     if (param.grad == nullptr) {
@@ -759,6 +766,27 @@ bool Engine::step() {
   // only: NCCL cannot read this stack float.
   host_all_reduce(&total, 1, ReduceOp::sum);
   const double norm = std::sqrt(static_cast<double>(total));
+  if (!std::isfinite(norm)) {
+    // An overflow (or a NaN): stepping would turn every master into NaN.
+    // Skip, as DeepSpeed's fp16 optimizer does, and lower the loss scale.
+    std::fill(grad_partition_.begin(), grad_partition_.end(), 0.0f);
+    good_steps_ = 0;
+    const auto& t = config_.training;
+    if (working_ == DType::f16 && t.loss_scale == 0 && --hysteresis_left_ == 0) {
+      loss_scale_ = std::max(t.min_loss_scale, loss_scale_ / 2);
+      hysteresis_left_ = t.hysteresis;
+    }
+    log().warn("zero3: gradient norm is {} at optimizer step {}: step skipped{}", norm, optimizer_step_,
+               working_ == DType::f16 ? fmt::format(", loss scale now {}", loss_scale_) : std::string());
+    std::lock_guard lock(stats_mutex_);
+    ++stats_.skipped_steps;
+    stats_.last_grad_norm = norm;
+    return false;
+  }
+  if (working_ == DType::f16 && config_.training.loss_scale == 0 &&
+      ++good_steps_ % config_.training.loss_scale_window == 0) {
+    loss_scale_ *= 2;
+  }
   const double clip = config_.training.gradient_clipping;
   if (clip > 0.0) {
     // torch.nn.utils.clip_grad_norm_'s rule.

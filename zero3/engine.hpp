@@ -90,6 +90,7 @@ struct EngineStats {
   std::chrono::nanoseconds reduce_busy{0};
   std::chrono::nanoseconds step_time{0};  // last optimizer step, incl. write-back
   double last_grad_norm = 0.0;            // before clipping
+  std::uint64_t skipped_steps = 0;        // non-finite gradients: the optimizer step was skipped
   std::uint64_t order_changes = 0;        // coordinator divergences
 };
 
@@ -125,8 +126,15 @@ class Engine {
   void post_forward(ModuleIndex module);
   void pre_backward(ModuleIndex module);
   void post_backward(ModuleIndex module);
-  // After each micro-step's backward. Returns true when it ran the optimizer.
+  // After each micro-step's backward. Returns true when it ran the
+  // optimizer. A non-finite gradient norm (an fp16 overflow) skips the
+  // optimizer step instead: the gradients are dropped, the masters stay,
+  // stats().skipped_steps counts it, and with fp16's dynamic loss scaling
+  // the scale goes down.
   bool step();
+  // What the trainer multiplies its loss by before backward (fp16's loss
+  // scale; 1 otherwise). The engine divides the gradients by it.
+  double loss_scale() const { return loss_scale_; }
   // The trainer moved to another stream (see EngineOptions::compute_stream).
   void set_compute_stream(void* stream) { options_.compute_stream = stream; }
 
@@ -270,6 +278,9 @@ class Engine {
 
   std::int64_t micro_step_ = 0;
   std::int64_t optimizer_step_ = 0;
+  double loss_scale_ = 1.0;
+  std::uint64_t good_steps_ = 0;       // since the last scale change
+  std::uint64_t hysteresis_left_ = 1;  // overflows before the scale halves
 
   // The worker: gathers and reductions in submission order.
   mutable std::mutex mutex_;
