@@ -265,11 +265,19 @@ void SwapStore::load_manifest(const SwapStoreOptions& options) {
     throw corrupt(manifest_path_, fmt::format("the manifest is incomplete: {}", error.what()));
   }
   // Every extent must lie inside the files: a truncated volume file would
-  // otherwise read as zeros and fail only as a checksum mismatch.
-  std::vector<std::uint64_t> needed(volume_->path_count(), 0);
+  // otherwise read as zeros and fail only as a checksum mismatch. Only the
+  // extent's last stripes decide how far it reaches on each path, so a
+  // hostile "padded": 2^60 costs a few steps, not a walk over 2^40 stripes.
+  const std::uint64_t paths = volume_->path_count();
+  const std::uint64_t stripe = volume_->stripe_bytes();
+  std::vector<std::uint64_t> needed(paths, 0);
   for (const auto& [key, info] : entries_) {
     const std::uint64_t last = info.offset_bytes + info.padded_bytes - 1;
-    for (std::uint64_t at = info.offset_bytes; at <= last;) {
+    // Each path's furthest byte is in the extent's last `paths` stripes.
+    const std::uint64_t last_stripe = last / stripe * stripe;
+    const std::uint64_t from = std::max(info.offset_bytes,
+                                        last_stripe >= (paths - 1) * stripe ? last_stripe - (paths - 1) * stripe : 0);
+    for (std::uint64_t at = from; at <= last;) {
       const auto [path, physical] = volume_->locate(at);
       const std::uint64_t in_stripe =
           std::min(volume_->stripe_bytes() - at % volume_->stripe_bytes(), last - at + 1);

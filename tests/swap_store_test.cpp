@@ -12,6 +12,8 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <chrono>
+
 #include <gtest/gtest.h>
 
 #include "aio/thread_pool_engine.hpp"
@@ -525,6 +527,24 @@ TEST(SwapStore, ManifestsWithSharedOffsetsOrBadChecksumsAreCorrupt) {
     EXPECT_EQ(error.kind(), ErrorKind::corrupt);
     EXPECT_NE(std::string(error.what()).find("share offset"), std::string::npos) << error.what();
   }
+  // A huge extent ("padded": 2^60, on the last entry so nothing overlaps
+  // it) is refused at once as beyond the files, not walked stripe by stripe.
+  manifest = nlohmann::json::parse(good);
+  const std::string last = manifest["entries"]["x"]["offset"].get<std::uint64_t>() >
+                                   manifest["entries"]["y"]["offset"].get<std::uint64_t>()
+                               ? "x"
+                               : "y";
+  manifest["entries"][last]["padded"] = std::uint64_t{1} << 60;
+  std::ofstream(dir / "zinf.manifest", std::ios::trunc) << manifest.dump();
+  const auto started = std::chrono::steady_clock::now();
+  try {
+    SwapStore store(options_for({dir.path()}));
+    FAIL() << "an extent of 2^60 bytes was accepted";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::corrupt);
+    EXPECT_NE(std::string(error.what()).find("places data up to"), std::string::npos) << error.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(5));
   manifest = nlohmann::json::parse(good);
   manifest["entries"]["x"]["xxh3"] = "12zz";
   std::ofstream(dir / "zinf.manifest", std::ios::trunc) << manifest.dump();
