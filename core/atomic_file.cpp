@@ -4,7 +4,10 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <random>
 #include <string>
+
+#include <fmt/format.h>
 
 #include "core/error.hpp"
 
@@ -22,8 +25,13 @@ void sync_directory(const std::filesystem::path& directory) {
 
 void replace_file(const std::filesystem::path& path, std::span<const std::span<const std::byte>> pieces,
                   bool sync) {
-  const std::filesystem::path temporary = path.string() + ".tmp";
-  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  // A fresh, unguessable name created exclusively and never through a
+  // link: in a shared nvme_path a symlink planted at a fixed "<path>.tmp"
+  // would otherwise make this truncate and overwrite its target.
+  std::random_device random;
+  const std::filesystem::path temporary =
+      path.string() + fmt::format(".tmp.{}.{:08x}{:08x}", ::getpid(), random(), random());
+  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) throw_path_error("open", temporary.string(), errno);
   std::uint64_t offset = 0;
   for (const auto& piece : pieces) {
@@ -44,11 +52,14 @@ void replace_file(const std::filesystem::path& path, std::span<const std::span<c
   if (sync && ::fsync(fd) != 0) {
     const int error = errno;
     ::close(fd);
+    ::unlink(temporary.c_str());
     throw_path_error("fsync", temporary.string(), error);
   }
   ::close(fd);
   if (::rename(temporary.c_str(), path.c_str()) != 0) {
-    throw_path_error("rename", temporary.string(), errno);
+    const int error = errno;
+    ::unlink(temporary.c_str());
+    throw_path_error("rename", temporary.string(), error);
   }
   // The rename itself must reach the disk too.
   if (sync) sync_directory(path.parent_path());

@@ -1,9 +1,14 @@
 #include <cerrno>
+#include <filesystem>
+#include <fstream>
+#include <string>
 
 #include <gtest/gtest.h>
 
+#include "core/atomic_file.hpp"
 #include "core/error.hpp"
 #include "core/units.hpp"
+#include "test_util.hpp"
 
 namespace zinf {
 namespace {
@@ -81,6 +86,40 @@ TEST(Errors, ConfigErrorNamesKeyPath) {
   ctx.key_path = "aio.queue_depth";
   const Error error(ErrorKind::config, "must be positive", ctx);
   EXPECT_EQ(std::string(error.what()), "aio.queue_depth: must be positive");
+}
+
+}  // namespace
+}  // namespace zinf
+
+namespace zinf {
+namespace {
+
+// replace_file writes manifests, store identities and checkpoint
+// descriptions into directories other users may share: a symlink planted
+// where a temporary used to be is never followed, and nothing is left.
+TEST(AtomicFile, APlantedSymlinkIsNotFollowedAndNoTemporaryStays) {
+  testing::TempDir dir;
+  const auto victim = dir / "victim";
+  std::ofstream(victim) << "precious";
+  const auto target = dir / "zinf.manifest";
+  std::filesystem::create_symlink(victim, dir / "zinf.manifest.tmp");
+  replace_file(target, std::string_view("{\"new\": true}\n"), true);
+  std::ifstream in(victim);
+  std::string kept;
+  std::getline(in, kept);
+  EXPECT_EQ(kept, "precious");
+  std::ifstream written(target);
+  std::string line;
+  std::getline(written, line);
+  EXPECT_EQ(line, "{\"new\": true}");
+  std::size_t entries = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir.path())) {
+    (void)entry;
+    ++entries;
+  }
+  EXPECT_EQ(entries, 3u);  // victim, the planted link, the manifest: no temporary left
+  // A target in a missing directory fails naming the path and leaves nothing.
+  EXPECT_THROW(replace_file(dir / "missing" / "x", std::string_view("x"), false), Error);
 }
 
 }  // namespace
