@@ -35,12 +35,31 @@ SwapStoreOptions store_options(const config::Config& config, SwapRole role, int 
   return options;
 }
 
+namespace {
+
+// elements x bytes per element, or Error{config} naming the key when the
+// product does not fit in 64 bits (a config value of 1e19, say).
+std::uint64_t bytes_of(std::uint64_t elements, std::uint64_t element_bytes, const char* key) {
+  std::uint64_t bytes = 0;
+  if (__builtin_mul_overflow(elements, element_bytes, &bytes)) {
+    ErrorContext context;
+    context.key_path = key;
+    throw Error(ErrorKind::config,
+                fmt::format("{} is {} elements: x {} bytes each does not fit in 64 bits", key, elements,
+                            element_bytes),
+                std::move(context));
+  }
+  return bytes;
+}
+
+}  // namespace
+
 ParamSwapperOptions param_swapper_options(const config::Config& config, std::uint64_t element_bytes) {
   const auto& block = config.zero.offload_param;
   ParamSwapperOptions options;
   options.buffer_count = block.buffer_count;
-  options.buffer_bytes = block.buffer_size * element_bytes;
-  options.max_in_cpu_bytes = block.max_in_cpu * element_bytes;
+  options.buffer_bytes = bytes_of(block.buffer_size, element_bytes, "zero_optimization.offload_param.buffer_size");
+  options.max_in_cpu_bytes = bytes_of(block.max_in_cpu, element_bytes, "zero_optimization.offload_param.max_in_cpu");
   return options;
 }
 

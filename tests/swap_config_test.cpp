@@ -70,6 +70,20 @@ TEST(SwapConfig, AStoreIsRefusedWhereTheConfigDoesNotOffloadToNvme) {
   EXPECT_THROW(store_options(config, SwapRole::param), Error);
 }
 
+TEST(SwapConfig, ASizeThatOverflowsInBytesIsAConfigErrorNamingTheKey) {
+  // 1e19 elements fit in 64 bits; x 2 bytes each they do not.
+  const auto config = config::load_config_string(
+      R"({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/x",
+          "max_in_cpu": 10000000000000000000}}})");
+  try {
+    param_swapper_options(config, 2);
+    FAIL() << "an overflowing max_in_cpu was accepted";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::config);
+    EXPECT_EQ(error.context().key_path, "zero_optimization.offload_param.max_in_cpu");
+  }
+}
+
 TEST(SwapConfig, AnOptimizerSwapperBuiltFromTheConfigStepsLikeHostMemory) {
   testing::TempDir dir;
   const auto config = config::load_config_string(nvme_config(dir.path().string()));
