@@ -563,6 +563,10 @@ void SwapStore::remove(std::string_view key) {
 }
 
 void SwapStore::revert(std::string_view key) {
+  // Not while a commit is writing its manifest: that commit moved the
+  // superseded extents aside and its snapshot may name the extent this would
+  // free, so revert waits and then sees the commit's result.
+  std::lock_guard commit_lock(commit_mutex_);
   std::lock_guard lock(mutex_);
   const auto current = entries_.find(key);
   const auto committed = committed_.find(key);
