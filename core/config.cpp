@@ -552,7 +552,9 @@ ParseResult parse_config(std::string_view json_text) {
   json root;
   try {
     root = json::parse(json_text.begin(), json_text.end(), nullptr, true, /*ignore_comments=*/true);
-  } catch (const json::parse_error& error) {
+  } catch (const json::exception& error) {
+    // parse_error, and out_of_range for a number beyond a double (5E455:
+    // found by fuzzing).
     reader.problem("<json>", fmt::format("not valid JSON: {}", error.what()));
     return result;
   }

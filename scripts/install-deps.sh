@@ -9,7 +9,7 @@ packages=(
   libgtest-dev libbenchmark-dev
   libgloo-dev libtorch-dev
   pybind11-dev python3-mesonpy python3-pytest python3-torch python3-venv patchelf
-  fio e2fsprogs util-linux python3-pip
+  fio e2fsprogs util-linux python3-pip clang
 )
 
 missing=()

@@ -7,6 +7,7 @@
 #   python-newest the same in a venv of the python3 on PATH with the newest
 #                 torch from the Python registry, installed with build
 #                 isolation (newest meson-python) and without
+#   fuzz          libFuzzer over every parser of outside bytes (scripts/fuzz.sh)
 #   asan+ubsan    all suites under AddressSanitizer and UndefinedBehaviorSanitizer
 #   tsan          the aio and pinned_pool suites under ThreadSanitizer
 # Ends with one line "N passed, N failed, N skipped" over all of them and
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh || exit 1
 
 jobs="${ZINF_JOBS:-2}"
-variants="${ZINF_TEST_VARIANTS:-release python python-newest asan tsan}"
+variants="${ZINF_TEST_VARIANTS:-release python python-newest fuzz asan tsan}"
 results=build-test-results
 # Downloads from the Python registry are kept here between runs.
 pip_cache="${ZINF_PIP_CACHE:-/var/tmp/zinf-pip-cache}"
@@ -101,6 +102,12 @@ for variant in $variants; do
         tail -50 "$log"
         status=1
       fi
+      ;;
+    fuzz)
+      # Every parser of outside bytes under libFuzzer (clang) for a bounded
+      # time: scripts/fuzz.sh writes one JUnit record per target.
+      echo "== fuzz: libFuzzer over config, manifest, identity, safetensors (${ZINF_FUZZ_SECONDS:-20} s each)"
+      bash scripts/fuzz.sh "$results/fuzz" || status=1
       ;;
     asan)
       echo "== asan+ubsan: building"

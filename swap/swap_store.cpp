@@ -148,15 +148,17 @@ void SwapStore::check_identity(const std::vector<std::filesystem::path>& directo
       missing[i] = true;
       continue;
     }
-    nlohmann::json identity;
+    std::string this_id;
+    std::size_t index = 0;
+    std::size_t paths = 0;
     try {
-      identity = nlohmann::json::parse(in);
-    } catch (const nlohmann::json::exception&) {
-      throw corrupt(path, "the store identity does not parse");
+      const nlohmann::json identity = nlohmann::json::parse(in);
+      this_id = identity.at("store").get<std::string>();
+      index = identity.at("index").get<std::size_t>();
+      paths = identity.at("paths").get<std::size_t>();
+    } catch (const nlohmann::json::exception& error) {
+      throw corrupt(path, fmt::format("the store identity does not parse: {}", error.what()));
     }
-    const std::string this_id = identity.value("store", "");
-    const auto index = identity.value("index", std::size_t{0});
-    const auto paths = identity.value("paths", std::size_t{0});
     if ((!id.empty() && this_id != id) || index != i || paths != directories.size()) {
       ErrorContext context;
       context.path = directories[i].string();

@@ -243,6 +243,8 @@ INSTANTIATE_TEST_SUITE_P(
         Trap{"aio_nested_in_zero", R"({"zero_optimization": {"stage": 3, "aio": {"block_size": 1048576}}})",
              "zero_optimization.aio", "belongs at the top level"},
         Trap{"not_json", R"({"aio": )", "<json>", "not valid JSON"},
+        // Found by fuzzing: a number beyond a double threw past the parser.
+        Trap{"number_beyond_a_double", R"({"gradient_clipping": 5E455})", "<json>", "not valid JSON"},
         Trap{"not_an_object", R"([1, 2])", "<root>", "JSON object"}),
     [](const auto& info) { return std::string(info.param.name); });
 
