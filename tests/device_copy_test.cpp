@@ -87,6 +87,10 @@ TEST(StrictDevice, HostAndDevicePointersAreNotInterchangeable) {
 }
 
 TEST(StrictDevice, CopiesLandLateAndTheDestinationIsPoisonUntilThen) {
+#if defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "this test reads a buffer mid-copy on purpose (the mistake it demonstrates), which "
+                  "ThreadSanitizer rightly reports as a race; it runs in the other builds";
+#endif
   StrictDeviceOptions options;
   options.max_delay = std::chrono::milliseconds(50);
   options.seed = 3;
