@@ -404,7 +404,7 @@ void UringEngine::run_worker(Worker& worker) {
     io_uring_cqe* cqe = nullptr;
     io_uring_for_each_cqe(ring, head, cqe) {
       auto* piece = static_cast<Piece*>(io_uring_cqe_get_data(cqe));
-      const std::int64_t result = cqe->res;
+      const std::int64_t result = completion_filter_ ? completion_filter_(*piece, cqe->res) : cqe->res;
       ++reaped;
       --in_flight;
       if (complete(*piece, result)) ready.push_back(piece);

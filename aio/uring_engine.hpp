@@ -14,6 +14,7 @@
 #if ZINF_HAVE_LIBURING
 
 #include <condition_variable>
+#include <functional>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -44,6 +45,12 @@ class UringEngine final : public Engine {
   bool fixed_buffers_enabled() const;
   bool fixed_files_supported() const { return fixed_files_supported_; }
 
+  // For tests: every completion's result goes through `filter` before the
+  // engine sees it, so a test can hand the real io_uring reaping path short
+  // transfers, -EAGAIN or a delay. Set before the first submit.
+  using CompletionFilter = std::function<std::int64_t(const Piece& piece, std::int64_t result)>;
+  void set_completion_filter_for_testing(CompletionFilter filter) { completion_filter_ = std::move(filter); }
+
  protected:
   void enqueue(std::span<Piece*> pieces) override;
 
@@ -67,6 +74,7 @@ class UringEngine final : public Engine {
   mutable std::shared_mutex registry_mutex_;
   std::vector<Region> regions_;  // sorted by begin
   bool fixed_files_supported_ = false;
+  CompletionFilter completion_filter_;
   std::unordered_map<std::uint64_t, int> file_slots_;  // File::id -> slot
   std::vector<int> free_file_slots_;
   unsigned setup_flags_ = 0;

@@ -1,5 +1,9 @@
 // Behaviour every engine shares, run against io_uring, posix and memory.
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <future>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -309,6 +313,90 @@ TEST(EngineWrites, WriteToReadOnlyFileIsRefused) {
   auto engine = make_posix_engine(AioOptions{});
   auto buffer = aligned_bytes(4096);
   EXPECT_THROW(engine->submit({Op::write, &file, 0, buffer.get(), 4096}), Error);
+}
+
+#if ZINF_HAVE_LIBURING
+std::unique_ptr<UringEngine> uring_or_null(const AioOptions& o) {
+  try {
+    return std::make_unique<UringEngine>(o);
+  } catch (const Error& error) {
+    if (error.kind() == ErrorKind::unsupported) return nullptr;
+    throw;
+  }
+}
+#endif
+
+// The real io_uring reaping path fed short transfers and -EAGAIN (a fast
+// disk never produces them): every piece is resubmitted until done and the
+// data is exact.
+TEST(UringRetries, ShortTransfersAndEagainAreResubmittedUntilTheDataIsExact) {
+#if ZINF_HAVE_LIBURING
+  auto engine = uring_or_null(options(64 << 10, 4, 2));
+  if (!engine) GTEST_SKIP() << "io_uring refused here";
+  std::atomic<std::uint64_t> seen{0};
+  engine->set_completion_filter_for_testing([&](const Piece&, std::int64_t result) -> std::int64_t {
+    const std::uint64_t n = seen.fetch_add(1);
+    if (result <= 0) return result;
+    if (n % 3 == 0) return -EAGAIN;
+    // A block-aligned short transfer, as O_DIRECT gives them.
+    if (n % 3 == 1 && result >= 8192) return result / 2 / 4096 * 4096;
+    return result;
+  });
+  TempDir dir;
+  File file = File::open(dir / "data.bin", OpenMode::create);
+  engine->register_file(file);
+  const std::uint64_t size = 4 << 20;
+  auto source = aligned_bytes(size);
+  auto back = aligned_bytes(size);
+  fill_random({source.get(), size}, 11);
+  engine->wait(engine->submit({Op::write, &file, 0, source.get(), size}));
+  engine->wait(engine->submit({Op::read, &file, 0, back.get(), size}));
+  EXPECT_EQ(std::memcmp(source.get(), back.get(), size), 0);
+  const EngineStats stats = engine->stats();
+  EXPECT_GT(stats.short_transfers, 0u);
+  EXPECT_GT(stats.retries, 0u);
+  EXPECT_EQ(stats.pieces_failed, 0u);
+  EXPECT_EQ(stats.bytes_written, size);
+  EXPECT_EQ(stats.bytes_read, size);
+  engine->unregister_file(file);
+#else
+  GTEST_SKIP() << "built without liburing";
+#endif
+}
+
+// With a completion held back, the piece is certainly in flight: a fixed
+// file it uses cannot be unregistered (on any disk, however fast).
+TEST(UringRetries, AFileWithAPieceInFlightCannotBeUnregistered) {
+#if ZINF_HAVE_LIBURING
+  auto engine = uring_or_null(options(64 << 10, 4, 1));
+  if (!engine) GTEST_SKIP() << "io_uring refused here";
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::atomic<bool> holding{false};
+  engine->set_completion_filter_for_testing([&](const Piece&, std::int64_t result) {
+    holding = true;
+    released.wait();
+    return result;
+  });
+  TempDir dir;
+  File file = File::open(dir / "data.bin", OpenMode::create);
+  engine->register_file(file);
+  auto buffer = aligned_bytes(64 << 10);
+  const Ticket ticket = engine->submit({Op::write, &file, 0, buffer.get(), 64 << 10});
+  while (!holding) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_FALSE(engine->ready(ticket));
+  try {
+    engine->unregister_file(file);
+    ADD_FAILURE() << "a file with a piece in flight was unregistered";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("in flight"), std::string::npos) << error.what();
+  }
+  release.set_value();
+  engine->wait(ticket);
+  engine->unregister_file(file);
+#else
+  GTEST_SKIP() << "built without liburing";
+#endif
 }
 
 }  // namespace
