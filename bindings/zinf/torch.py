@@ -6,8 +6,11 @@ memory) and stream them in, unit by unit, around forward and backward.
     with handle.materialized():                   # every param present ...
         optimizer.step(); optimizer.zero_grad()   # ... and written back after
 
-A unit is a child module of the model holding parameters (containers such as
-nn.Sequential and nn.ModuleList are looked into). Before a unit's forward
+A unit is a child module of the model holding parameters; containers
+(nn.Sequential, nn.ModuleList, nn.ModuleDict) and modules that hold a stack
+of layers (a Hugging Face model's decoder) are looked into, so each layer is
+a unit. Parameters registered directly on a module that is looked into stay
+in memory. Before a unit's forward
 its parameters are read in (the next unit's read is already under way:
 prefetch by the order recorded in the first forward); after it they are
 dropped. Backward reads them again through an autograd hook on the unit's
@@ -60,12 +63,27 @@ def _load_config(config):
     return json.loads(text)
 
 
+def _has_params(module):
+    return any(True for _ in module.parameters())
+
+
+def _has_layer_stack(module):
+    """True when `module` holds (at any depth) a ModuleList or Sequential of
+    two or more modules with parameters: a stack of layers, as a Hugging
+    Face model's decoder has, whose layers should be units of their own."""
+    for inner in module.modules():
+        if inner is not module and isinstance(inner, _CONTAINERS):
+            if sum(1 for c in inner.children() if _has_params(c)) >= 2:
+                return True
+    return False
+
+
 def _units(module):
     units = []
     for child in module.children():
-        if isinstance(child, _CONTAINERS):
+        if isinstance(child, _CONTAINERS) or _has_layer_stack(child):
             units.extend(_units(child))
-        elif any(True for _ in child.parameters()):
+        elif _has_params(child):
             units.append(child)
     return units
 
@@ -190,6 +208,8 @@ class OffloadHandle:
             unit._register_load_state_dict_pre_hook(self._make_load_pre_hook(index), with_module=True)
             unit.register_load_state_dict_post_hook(self._make_load_post_hook(index))
         self._loading = set()
+        self._release_after_backward = False
+        self._materializing = 0
 
     # -- storage ---------------------------------------------------------------
     def _store(self, key, value):
@@ -382,12 +402,35 @@ class OffloadHandle:
             if index == self._order[-1] and self._recording and len(self._order) == len(self.units):
                 self._recording = False
             self._release(index)
-            tensors = (outputs,) if isinstance(outputs, _torch.Tensor) else outputs
-            if _torch.is_grad_enabled() and isinstance(tensors, tuple) and \
-                    all(isinstance(o, _torch.Tensor) for o in tensors) and any(o.requires_grad for o in tensors):
-                return _OnBackward.apply(lambda: self._fetch(index, backward=True), *tensors)
-            return None
+            if not _torch.is_grad_enabled():
+                return None
+            # Outputs of any shape (a tensor, tuples with None, a dict, a
+            # Hugging Face ModelOutput): every tensor that carries a
+            # gradient passes through one function whose backward fetches
+            # the unit again before the unit's own backward runs.
+            found = []
+            _map_tensors(outputs, lambda t: found.append(t) or t if t.requires_grad else t)
+            if not found:
+                return None
+            wrapped = _OnBackward.apply(lambda: self._backward_fetch(index), *found)
+            wrapped = list(wrapped) if isinstance(wrapped, tuple) else [wrapped]
+            replacements = {id(t): w for t, w in zip(found, wrapped)}
+            return _map_tensors(outputs, lambda t: replacements.get(id(t), t))
         return post_hook
+
+    def _backward_fetch(self, index):
+        # A unit whose inputs carry no gradient (the embeddings) is never
+        # released by its inputs' hook: whatever backward fetched goes when
+        # backward ends.
+        if not self._release_after_backward:
+            self._release_after_backward = True
+            _torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        self._fetch(index, backward=True)
+
+    def _end_of_backward(self):
+        self._release_after_backward = False
+        if self._materializing == 0:
+            self.release_all()
 
     # -- state_dict / load_state_dict ----------------------------------------------
     def _stored_values(self, index):
@@ -453,11 +496,13 @@ class OffloadHandle:
     def materialized(self, write_back=True):
         """Every parameter present (for an optimizer step, a state_dict);
         on exit the values are stored again (write_back) and dropped."""
-        for index in range(len(self.units)):
-            self._fetch(index)
+        self._materializing += 1
         try:
+            for index in range(len(self.units)):
+                self._fetch(index)
             yield self.module
         finally:
+            self._materializing -= 1
             if write_back:
                 for params in self._params:
                     for key, p in params:
@@ -478,6 +523,30 @@ class OffloadHandle:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+def _map_tensors(value, fn):
+    """`value` with every tensor in it replaced by fn(tensor), through
+    tuples (named ones too), lists, dicts and dataclass-like outputs."""
+    if isinstance(value, _torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_map_tensors(v, fn) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        mapped = {k: _map_tensors(v, fn) for k, v in value.items()}
+        if type(value) is dict:
+            return mapped
+        try:
+            # An OrderedDict subclass such as transformers' ModelOutput: same
+            # type, same keys, the new tensors.
+            return type(value)(**mapped)
+        except TypeError:
+            result = type(value)()
+            result.update(mapped)
+            return result
+    return value
 
 
 def _device_synchronize(device):
