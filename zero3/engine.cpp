@@ -382,17 +382,11 @@ void Engine::host_all_gather(const void* send, void* recv, std::uint64_t bytes) 
     return;
   }
   const std::uint64_t total = bytes * comm_.world_size();
-  void* device = buffers_.acquire(total);
-  try {
-    auto* mine = static_cast<std::byte*>(device) + static_cast<std::uint64_t>(comm_.rank()) * bytes;
-    copy_to_device(mine, send, bytes);
-    comm_.all_gather(mine, device, bytes);
-    copy_to_host(recv, device, total);
-  } catch (...) {
-    buffers_.release(device, total);
-    throw;
-  }
-  buffers_.release(device, total);
+  const BufferCache::Scoped device(buffers_, total);
+  auto* mine = device.get<std::byte>() + static_cast<std::uint64_t>(comm_.rank()) * bytes;
+  copy_to_device(mine, send, bytes);
+  comm_.all_gather(mine, device.get(), bytes);
+  copy_to_host(recv, device.get(), total);
 }
 
 void Engine::host_all_reduce(float* data, std::uint64_t count, ReduceOp op) {
@@ -401,16 +395,10 @@ void Engine::host_all_reduce(float* data, std::uint64_t count, ReduceOp op) {
     return;
   }
   const std::uint64_t bytes = count * sizeof(float);
-  auto* device = static_cast<float*>(buffers_.acquire(bytes));
-  try {
-    copy_to_device(device, data, bytes);
-    comm_.all_reduce(device, count, op);
-    copy_to_host(data, device, bytes);
-  } catch (...) {
-    buffers_.release(device, bytes);
-    throw;
-  }
-  buffers_.release(device, bytes);
+  const BufferCache::Scoped device(buffers_, bytes);
+  copy_to_device(device.get(), data, bytes);
+  comm_.all_reduce(device.get<float>(), count, op);
+  copy_to_host(data, device.get(), bytes);
 }
 
 // ---- device buffers ----------------------------------------------------------
@@ -679,29 +667,21 @@ void Engine::post_backward(ModuleIndex module) {
           const auto accumulate = [&](const float* reduced) {
             for (std::uint64_t i = 0; i < count; ++i) shard[i] += scale * reduced[i];
           };
+          const BufferCache::Scoped gradient(buffers_, grad, grad_bytes);
           if (options_.copier->host_accessible() && comm_.world_size() == 1) {
             // One rank with the host stand-in: the gradient is the reduction.
             accumulate(grad);
-            buffers_.release(grad, grad_bytes);
           } else {
-            auto* reduced = static_cast<float*>(buffers_.acquire(count * sizeof(float)));
-            try {
-              device_reduce_scatter(grad, reduced, count);
-              if (options_.copier->host_accessible()) {
-                accumulate(reduced);
-              } else {
-                // The worker's own scratch: no allocation per reduction.
-                reduce_scratch_.resize(count);
-                copy_to_host(reduce_scratch_.data(), reduced, count * sizeof(float));
-                accumulate(reduce_scratch_.data());
-              }
-            } catch (...) {
-              buffers_.release(reduced, count * sizeof(float));
-              buffers_.release(grad, grad_bytes);
-              throw;
+            const BufferCache::Scoped reduced(buffers_, count * sizeof(float));
+            device_reduce_scatter(grad, reduced.get<float>(), count);
+            if (options_.copier->host_accessible()) {
+              accumulate(reduced.get<float>());
+            } else {
+              // The worker's own scratch: no allocation per reduction.
+              reduce_scratch_.resize(count);
+              copy_to_host(reduce_scratch_.data(), reduced.get(), count * sizeof(float));
+              accumulate(reduce_scratch_.data());
             }
-            buffers_.release(reduced, count * sizeof(float));
-            buffers_.release(grad, grad_bytes);
           }
           add_time(stats_mutex_, stats_.reduce_busy, since);
         });

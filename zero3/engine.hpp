@@ -234,6 +234,25 @@ class Engine {
     std::uint64_t idle_bytes() const;
     ~BufferCache();
 
+    // A buffer held for one scope (a fresh one, or one adopted from the
+    // caller), back in the cache however the scope ends.
+    class Scoped {
+     public:
+      Scoped(BufferCache& cache, std::uint64_t bytes) : cache_(cache), bytes_(bytes), buffer_(cache.acquire(bytes)) {}
+      Scoped(BufferCache& cache, void* adopted, std::uint64_t bytes)
+          : cache_(cache), bytes_(bytes), buffer_(adopted) {}
+      ~Scoped() { cache_.release(buffer_, bytes_); }
+      Scoped(const Scoped&) = delete;
+      Scoped& operator=(const Scoped&) = delete;
+      template <class T = void>
+      T* get() const { return static_cast<T*>(buffer_); }
+
+     private:
+      BufferCache& cache_;
+      std::uint64_t bytes_;
+      void* buffer_;
+    };
+
    private:
     void free_idle();  // with mutex_ held
     void free_now(void* buffer, swap::CopyTicket in_use_until) noexcept;

@@ -408,8 +408,7 @@ class OffloadHandle:
             # Hugging Face ModelOutput): every tensor that carries a
             # gradient passes through one function whose backward fetches
             # the unit again before the unit's own backward runs.
-            found = []
-            _map_tensors(outputs, lambda t: found.append(t) or t if t.requires_grad else t)
+            found = [t for t in _tensors_in(outputs) if t.requires_grad]
             if not found:
                 return None
             wrapped = _OnBackward.apply(lambda: self._backward_fetch(index), *found)
@@ -523,6 +522,13 @@ class OffloadHandle:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+def _tensors_in(value):
+    """Every tensor in `value`, in the order _map_tensors visits them."""
+    found = []
+    _map_tensors(value, lambda t: found.append(t) or t)
+    return found
 
 
 def _map_tensors(value, fn):
