@@ -30,11 +30,17 @@ std::uint64_t ceil_div(std::uint64_t a, std::uint64_t b) { return (a + b - 1) / 
 
 struct StageResult {
   TierBytes tiers;
+  std::uint64_t transient_host = 0;
   std::vector<PlannedBuffer> buffers;
   std::string not_possible;
 };
 
 StageResult plan_stage(const config::Config& config, const PlanInput& input, int stage) {
+  StageResult result;
+  if (stage != 3) {
+    result.not_possible = "zinf's engine runs ZeRO stage 3 only so far";
+    return result;
+  }
   const auto& zero = config.zero;
   const std::uint64_t element = working_bytes(config);
   const std::uint64_t psi = input.params;
@@ -43,90 +49,107 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
   const std::uint64_t largest =
       input.largest_param != 0 ? std::min(input.largest_param, psi)
                                : std::min<std::uint64_t>(psi, 100000000);
-  const OptimizerKind kind = optimizer_swapper_options(config).optimizer.kind;
-  const std::uint64_t state_bytes = 4 * (1 + OptimizerSwapper::state_names(kind).size());
+  const OptimizerSwapperOptions optimizer_options = optimizer_swapper_options(config);
+  const OptimizerKind kind = optimizer_options.optimizer.kind;
+  const std::uint64_t tensors = 1 + OptimizerSwapper::state_names(kind).size();
+  const std::uint64_t state_bytes = 4 * tensors;
+  const bool optimizer_on_nvme = zero.offload_optimizer.device == config::OffloadDevice::nvme;
+  const bool params_on_nvme = zero.offload_param.device == config::OffloadDevice::nvme;
+  // The engine's pinned pool holds both swappers' buffers and is locked
+  // when a block that swaps asks for pinning (see Engine::finalize).
+  const bool pool_locked = (optimizer_on_nvme && zero.offload_optimizer.pin_memory) ||
+                           (params_on_nvme && zero.offload_param.pin_memory);
+  const Tier pool_tier = pool_locked ? Tier::pinned : Tier::pageable;
+  const std::uint64_t group = std::min(zero.sub_group_size, std::max<std::uint64_t>(psi_rank, 1));
 
-  const std::uint64_t params = element * (stage >= 3 ? psi_rank : psi);
-  const std::uint64_t grads = element * (stage >= 2 ? psi_rank : psi);
-  const std::uint64_t optimizer = state_bytes * (stage >= 1 ? psi_rank : psi);
-  StageResult result;
-  if (zero.offload_optimizer.device == config::OffloadDevice::nvme && stage != 3) {
-    // What `zinf-config check` refuses is not planned either.
-    result.not_possible = "offload_optimizer nvme needs stage 3";
-    return result;
-  }
-  TierBytes& t = result.tiers;
-  const auto host = [&](bool pinned, std::uint64_t bytes) {
-    (pinned ? t.pinned : t.pageable) += bytes;
+  auto add = [&](Tier tier, std::uint64_t bytes, std::string what, bool transient = false) {
+    if (bytes == 0) return;
+    result.buffers.push_back({std::move(what), bytes, tier, transient});
+    if (transient) {
+      result.transient_host += bytes;
+      return;
+    }
+    TierBytes& t = result.tiers;
+    switch (tier) {
+      case Tier::gpu: t.gpu += bytes; break;
+      case Tier::pinned: t.pinned += bytes; break;
+      case Tier::pageable: t.pageable += bytes; break;
+      case Tier::nvme: t.nvme += bytes; break;
+    }
   };
+  const char* precision = element == 4 ? "fp32" : "16-bit";
 
-  // Parameters: offload_param only exists at stage 3.
-  const auto param_device = stage == 3 ? zero.offload_param.device : config::OffloadDevice::none;
-  if (param_device == config::OffloadDevice::none) {
-    t.gpu += params;
+  add(Tier::pageable, 4 * psi_rank, "gradient partition (fp32)");
+  add(Tier::pageable, element * psi_rank, fmt::format("param partition ({}, the working copy)", precision));
+  if (optimizer_on_nvme) {
+    add(Tier::nvme, state_bytes * psi_rank,
+        fmt::format("optimizer states: {} fp32 tensors x {} elements", tensors, psi_rank));
+    const SubGroup sub_group{"largest", group};
+    add(pool_tier,
+        OptimizerSwapper::pinned_bytes_needed(std::span(&sub_group, 1), kind, optimizer_options.overlap,
+                                              kAlignment),
+        fmt::format("optimizer swapper: {} slot(s) x {} tensors x {} elements (sub_group_size)",
+                    optimizer_options.overlap ? 3 : 1, tensors, group));
+    // Copy-on-write headroom: in the pipeline two sub-groups are written
+    // before the older one's commit frees its previous extents (one when
+    // there is only one).
+    const std::uint64_t sub_groups = ceil_div(std::max<std::uint64_t>(psi_rank, 1), group);
+    add(Tier::nvme, std::min<std::uint64_t>(2, sub_groups) * state_bytes * group,
+        "copy-on-write headroom for the optimizer states");
   } else {
-    if (param_device == config::OffloadDevice::cpu) {
-      host(zero.offload_param.pin_memory, params);
-    } else {
-      t.nvme += params;
-      // The param swapper's own plan, from shards of the largest param.
+    add(Tier::pageable, state_bytes * psi_rank,
+        fmt::format("optimizer states in host memory: {} fp32 tensors x {} elements", tensors, psi_rank));
+  }
+  add(Tier::pageable, 4 * group, "fp32 masters of one sub-group while finalize() builds them", true);
+
+  switch (zero.offload_param.device) {
+    case config::OffloadDevice::none:
+      add(Tier::gpu, element * psi_rank, "param shards on the device");
+      break;
+    case config::OffloadDevice::cpu:
+      break;  // gathers read the working partition above
+    case config::OffloadDevice::nvme: {
+      add(Tier::nvme, element * psi_rank, "param shards");
       const std::uint64_t shard = ceil_div(largest, world);
       ParamSwapperOptions options;
       options.buffer_count = zero.offload_param.buffer_count;
       options.buffer_bytes = element * zero.offload_param.buffer_size;
       options.max_in_cpu_bytes = element * zero.offload_param.max_in_cpu;
-      const ParamPlan plan =
-          ParamSwapper::plan_for(element * shard, element * psi_rank, options, kAlignment);
-      host(zero.offload_param.pin_memory, plan.pinned_bytes);
-      result.buffers.push_back(
-          {fmt::format("param swapper: {} shard(s) in flight + {} max_in_cpu cache",
-                       format_bytes(plan.in_flight_bytes), format_bytes(plan.cache_bytes)),
-           plan.pinned_bytes});
-      t.nvme += element * shard;  // copy-on-write headroom for one shard
+      const ParamPlan plan = ParamSwapper::plan_for(element * shard, element * psi_rank, options, kAlignment);
+      add(pool_tier, plan.pinned_bytes,
+          fmt::format("param swapper: {} shard(s) in flight + {} max_in_cpu cache",
+                      format_bytes(plan.in_flight_bytes), format_bytes(plan.cache_bytes)));
+      add(Tier::nvme, element * shard, "copy-on-write headroom for one param shard");
+      break;
     }
   }
-  if (stage == 3) {
-    // Gathered layers: the largest param plus what prefetch brings ahead.
-    const std::uint64_t live = std::min(
-        psi, std::min(zero.max_live_parameters, largest + zero.prefetch_bucket_size));
-    t.gpu += element * live;
-  }
-
-  // Gradients are produced on the GPU; with the optimizer on the CPU a
-  // 16-bit partition also lives on the host for it.
-  t.gpu += grads;
-  const auto optimizer_device = zero.offload_optimizer.device;
-  if (optimizer_device == config::OffloadDevice::none) {
-    t.gpu += optimizer;
-  } else {
-    host(zero.offload_optimizer.pin_memory, element * psi_rank);
-    if (optimizer_device == config::OffloadDevice::cpu) {
-      host(zero.offload_optimizer.pin_memory, optimizer);
-    } else {
-      t.nvme += optimizer;
-      const std::uint64_t group = std::min(zero.sub_group_size, std::max<std::uint64_t>(psi_rank, 1));
-      const SubGroup sub_group{"largest", group};
-      const std::uint64_t slots = OptimizerSwapper::pinned_bytes_needed(
-          std::span(&sub_group, 1), kind, true, kAlignment);
-      t.pinned += slots;  // the slots are page-locked whatever pin_memory says
-      result.buffers.push_back(
-          {fmt::format("optimizer swapper: 3 slots x {} tensors x {} elements (sub_group_size)",
-                       1 + OptimizerSwapper::state_names(kind).size(), group),
-           slots});
-      // Copy-on-write headroom: in the pipeline two sub-groups are written
-      // before the older one's commit frees its previous extents (one when
-      // there is only one).
-      const std::uint64_t sub_groups = ceil_div(std::max<std::uint64_t>(psi_rank, 1), group);
-      t.nvme += std::min<std::uint64_t>(2, sub_groups) * state_bytes * group;
-    }
-  }
+  // Gathered layers. A param used again within stage3_max_reuse_distance
+  // elements stays gathered: in forward then backward order, the last
+  // layers, whose params are about R/2 elements apart from their reuse
+  // (at least the largest param). On top of those, prefetch brings up to
+  // stage3_prefetch_bucket_size ahead while stage3_max_live_parameters
+  // allows.
+  const std::uint64_t kept = std::min(psi, zero.max_reuse_distance / 2 + largest);
+  const std::uint64_t room = zero.max_live_parameters > kept ? zero.max_live_parameters - kept : 0;
+  const std::uint64_t live = std::min(psi, kept + std::min(zero.prefetch_bucket_size, room));
+  add(Tier::gpu, element * live, fmt::format("gathered layers: {} elements (reuse distance, prefetch)", live));
+  // fp32 gradients: the layer in backward, plus those waiting for their
+  // reduction (up to reduce_bucket_size elements), plus the reduced block.
+  const std::uint64_t waiting = std::min(psi, largest + std::max(largest, zero.reduce_bucket_size));
+  add(Tier::gpu, 4 * waiting, fmt::format("fp32 gradients in backward and awaiting reduction: {} elements", waiting));
+  add(Tier::gpu, 4 * ceil_div(largest, world), "reduce-scatter output of one gradient");
+  // Gloo has no reduce-scatter: it all-reduces a host copy (NCCL needs none).
+  add(Tier::pageable, 4 * largest, "collective scratch (Gloo: one gradient; NCCL needs none)");
   return result;
 }
 
-std::string offload_text(const config::Config& config, int stage) {
-  std::string text = fmt::format("optimizer {}", config::to_string(config.zero.offload_optimizer.device));
-  if (stage == 3) text += fmt::format(", params {}", config::to_string(config.zero.offload_param.device));
-  return text;
+std::string offload_text(const config::Config& config) {
+  const auto& zero = config.zero;
+  const char* params = zero.offload_param.device == config::OffloadDevice::none  ? "device"
+                       : zero.offload_param.device == config::OffloadDevice::cpu ? "host"
+                                                                                 : "NVMe";
+  return fmt::format("optimizer states on {}, param shards on {}",
+                     zero.offload_optimizer.device == config::OffloadDevice::nvme ? "NVMe" : "host", params);
 }
 
 std::uint64_t mem_available_bytes() {
@@ -156,6 +179,16 @@ std::pair<std::uint64_t, std::uint64_t> free_space(std::filesystem::path path) {
 
 }  // namespace
 
+const char* to_string(Tier tier) {
+  switch (tier) {
+    case Tier::gpu: return "device";
+    case Tier::pinned: return "pinned host";
+    case Tier::pageable: return "pageable host";
+    case Tier::nvme: return "NVMe";
+  }
+  return "?";
+}
+
 MemoryPlan plan_memory(const config::Config& config, const PlanInput& input) {
   if (input.params == 0) throw Error(ErrorKind::invalid, "--params 0: a model has at least one parameter");
   MemoryPlan plan;
@@ -164,10 +197,11 @@ MemoryPlan plan_memory(const config::Config& config, const PlanInput& input) {
                                                   : std::max<std::uint32_t>(input.world_size, 1);
   for (int stage = 1; stage <= 3; ++stage) {
     StageResult result = plan_stage(config, input, stage);
-    plan.stages.push_back({stage, result.tiers, offload_text(config, stage), result.not_possible});
+    plan.stages.push_back({stage, result.tiers, offload_text(config), result.not_possible});
   }
   StageResult chosen = plan_stage(config, input, plan.chosen_stage);
   plan.chosen = chosen.tiers;
+  plan.transient_host = chosen.transient_host;
   plan.buffers = std::move(chosen.buffers);
   return plan;
 }
@@ -175,7 +209,7 @@ MemoryPlan plan_memory(const config::Config& config, const PlanInput& input) {
 FitCheck check_fit(const config::Config& config, const MemoryPlan& plan) {
   FitCheck check;
   const std::uint64_t ranks = plan.ranks_per_node;
-  const std::uint64_t host = (plan.chosen.pinned + plan.chosen.pageable) * ranks;
+  const std::uint64_t host = (plan.chosen.pinned + plan.chosen.pageable + plan.transient_host) * ranks;
   const std::uint64_t available = mem_available_bytes();
   const bool ram_ok = host <= available;
   check.lines.push_back(fmt::format("host RAM: {} needed on this machine ({} rank(s)), {} "

@@ -1,25 +1,44 @@
-// Where a model's states live for a DeepSpeed config, before anything runs:
-// bytes per tier (GPU, pinned host, pageable host, NVMe) per rank for ZeRO
-// stages 1-3 with the config's offloads, the buffers zinf will allocate, and
-// whether this machine's RAM and the nvme_path's free space hold it.
+// What zinf's engine will allocate for a DeepSpeed config, before anything
+// runs: bytes per tier (device, pinned host, pageable host, NVMe) per rank,
+// each buffer by name, and whether this machine's RAM and the nvme_path's
+// free space hold it. The model is zinf's, not DeepSpeed's: zinf runs the
+// optimizer on the CPU whatever offload_optimizer says, so "none" and "cpu"
+// both keep the states in host memory (DeepSpeed keeps them on the GPU with
+// "none").
 //
-// The model (Ψ params, W ranks, Ψr = ceil(Ψ/W)):
-//   params and grads 2 B with fp16/bf16 enabled, 4 B in fp32 training;
-//   optimizer states 4 B x (1 + moments)
-//   (fp32 master + 2 moments for Adam = 12 B, Adagrad and Lion 8 B);
-//   stage 1 partitions optimizer states, 2 also grads, 3 also params.
-//   offload_optimizer cpu/nvme moves the optimizer states to host/NVMe and
-//   keeps a 16-bit grad partition on the host for the CPU optimizer;
-//   offload_param (stage 3) moves the param partition to host/NVMe, and the
-//   GPU holds the layers being gathered (largest param + prefetch bucket).
-//   NVMe also needs copy-on-write headroom: two sub-groups' states (the
-//   pipeline writes two before the older commit frees the old copies; one
-//   when there is only one) and
-//   one largest shard (more if the trainer rewrites many shards between
-//   commits). The free-space check adds the free space of every filesystem
-//   under the nvme_paths; the volume stripes evenly, so with disks of very
-//   different sizes the smallest fills first (not modelled).
-// Activations, temporary buffers and the framework are not counted.
+// Per rank, for Ψ params over W ranks (Ψr = ceil(Ψ/W)), e bytes per element
+// in the working precision (2 with fp16/bf16, 4 in fp32 training), k fp32
+// state tensors (master + moments: 3 for Adam, 2 for Adagrad and Lion) and L
+// elements in the largest param, at ZeRO stage 3:
+//   host, always: the fp32 gradient partition (4 Ψr) and the partition in
+//     the working precision (e Ψr; offload_param "cpu" gathers from it);
+//     while finalize() builds the masters, one sub-group of fp32 values
+//     more (MemoryPlan::transient_host);
+//   optimizer states: in host memory (4k Ψr) unless offload_optimizer is
+//     "nvme", which puts them on NVMe and takes the optimizer swapper's
+//     three slots of one sub-group from the pinned pool;
+//   params: offload_param "none" keeps the shard on the device (e Ψr),
+//     "nvme" puts it on NVMe and takes the param swapper's buffers and
+//     max_in_cpu cache from the pinned pool;
+//   the pinned pool is page-locked when pin_memory is true on a block that
+//     swaps (and RLIMIT_MEMLOCK allows it), pageable otherwise;
+//   device: the gathered layers: those kept for their reuse (a param used
+//     again within stage3_max_reuse_distance R elements stays: about R/2 +
+//     L of the last layers) plus what prefetch brings ahead (up to
+//     stage3_prefetch_bucket_size, within stage3_max_live_parameters), x e;
+//     fp32 gradients: the layer in backward and those awaiting their
+//     reduction (reduce_bucket_size elements), and one reduced block;
+//   collective scratch: Gloo all-reduces a host copy of one gradient (4 L);
+//   NVMe: the stored partitions plus copy-on-write headroom: one largest
+//     shard, and two sub-groups' states (the pipeline writes two before the
+//     older commit frees the old copies; one when there is only one).
+// The free-space check adds the free space of every filesystem under the
+// nvme_paths; the volume stripes evenly, so with disks of very different
+// sizes the smallest fills first (not modelled). Not counted: activations,
+// the framework, params at or below stage3_param_persistence_threshold
+// (whole on every rank; a few per layer in a transformer), thread stacks
+// and io_uring rings. zinf's engine runs stage 3 only so far: stages 1 and
+// 2 are listed as not possible.
 #pragma once
 
 #include <cstdint>
@@ -52,16 +71,25 @@ struct StagePlan {
   std::string not_possible;  // why the config's offloads cannot run at this stage ("" when they can)
 };
 
+enum class Tier { gpu, pinned, pageable, nvme };
+const char* to_string(Tier tier);
+
 struct PlannedBuffer {
   std::string what;
   std::uint64_t bytes = 0;  // per rank
+  Tier tier = Tier::pageable;
+  bool transient = false;   // held only while finalize() runs: in MemoryPlan::transient_host, not the tiers
 };
 
 struct MemoryPlan {
   std::vector<StagePlan> stages;  // 1, 2 and 3
   int chosen_stage = 0;
-  TierBytes chosen;               // per rank, the config's own stage
-  std::vector<PlannedBuffer> buffers;
+  TierBytes chosen;               // per rank, the config's own stage, held for the whole run
+  // Host bytes held on top of `chosen` while finalize() builds the masters
+  // (before any layer is gathered): the host peak is pinned + pageable +
+  // transient_host, the device's is gpu.
+  std::uint64_t transient_host = 0;
+  std::vector<PlannedBuffer> buffers;  // the config's stage, every allocation counted in `chosen`
   std::uint32_t ranks_per_node = 1;
 };
 

@@ -229,10 +229,15 @@ void OptimizerSwapper::initialize(std::size_t group, std::span<const float> para
     }
   };
   if (store_ == nullptr) {
+    // Each tensor built in place: no sub-group-sized temporary on top of the
+    // states (it showed in the peak RSS of every run).
     auto& tensors = host_[group];
-    tensors.assign(1 + states_.size(), std::vector<float>(n));
-    std::copy(params.begin(), params.end(), tensors[0].begin());
-    for (std::size_t t = 1; t <= states_.size(); ++t) fill(tensors[t].data(), t);
+    tensors.resize(1 + states_.size());
+    tensors[0].assign(params.begin(), params.end());
+    for (std::size_t t = 1; t <= states_.size(); ++t) {
+      tensors[t].resize(n);
+      fill(tensors[t].data(), t);
+    }
   } else {
     Slot& slot = *slots_[0];
     std::memcpy(slot.floats(0), params.data(), n * sizeof(float));

@@ -1,12 +1,22 @@
 // The memory planner behind `zinf-config plan`: exact bytes per tier for
 // known configurations, the swappers' own buffer plans, and the machine fit
 // check against free disk space.
+#include <malloc.h>
+
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include "core/config.hpp"
 #include "core/error.hpp"
+#include "rank_processes.hpp"
 #include "swap/memory_plan.hpp"
 #include "test_util.hpp"
+#include "zero3/communicator.hpp"
+#include "zero3/engine.hpp"
 
 namespace zinf::swap {
 namespace {
@@ -26,31 +36,66 @@ PlanInput billion_over_four() {
   return input;
 }
 
-TEST(MemoryPlan, WithoutOffloadEachStagePartitionsOneMoreStateOnTheGpu) {
+// 1e9 params over 4 ranks, largest 1e8, bf16, the DeepSpeed defaults: the
+// device holds the gathered layers (kept for reuse: min(1e9, 1e9/2 + 1e8)
+// = 6e8, plus the 5e7 prefetch bucket; 2 B each), the fp32 gradients in
+// backward and awaiting reduction (1e8 + reduce_bucket_size 5e8; 4 B
+// each) and one reduced block (4 B x 2.5e7).
+constexpr std::uint64_t kDefaultDevice = 2ull * 650000000ull + 4ull * 600000000ull + 4ull * 25000000ull;
+constexpr std::uint64_t kGlooScratch = 4ull * 100000000ull;
+
+TEST(MemoryPlan, WithoutOffloadTheStatesLiveInHostMemoryAndTheShardsOnTheDevice) {
   const MemoryPlan plan = plan_memory(stage3(""), billion_over_four());
   ASSERT_EQ(plan.stages.size(), 3u);
-  // 2 B params + 2 B grads + 12 B Adam states, states partitioned over 4.
-  EXPECT_EQ(plan.stages[0].per_rank.gpu, 2000000000ull + 2000000000ull + 3000000000ull);
-  EXPECT_EQ(plan.stages[1].per_rank.gpu, 2000000000ull + 500000000ull + 3000000000ull);
-  // Stage 3 adds the gathered layers: largest + prefetch bucket (5e7), 2 B each.
-  EXPECT_EQ(plan.stages[2].per_rank.gpu, 500000000ull + 300000000ull + 500000000ull + 3000000000ull);
+  // zinf runs the optimizer on the CPU: per rank (2.5e8 elements) the fp32
+  // gradient partition (1e9 B), the bf16 working partition (5e8 B) and the
+  // Adam states (12 B each) are host memory, pageable.
+  // Gloo's reduce-scatter copy of one gradient: 4 B x 1e8.
+  EXPECT_EQ(plan.chosen.pageable, 1000000000ull + 500000000ull + 3000000000ull + kGlooScratch);
+  EXPECT_EQ(plan.chosen.pinned + plan.chosen.nvme, 0u);
+  // While finalize() builds the masters: one sub-group (all 2.5e8) of fp32.
+  EXPECT_EQ(plan.transient_host, 1000000000ull);
+  // Device: the bf16 shard (5e8 B), the gathered layers and the fp32
+  // gradients (see kDefaultDevice).
+  EXPECT_EQ(plan.chosen.gpu, 500000000ull + kDefaultDevice);
   EXPECT_EQ(plan.chosen_stage, 3);
-  EXPECT_EQ(plan.chosen.gpu, plan.stages[2].per_rank.gpu);
-  EXPECT_EQ(plan.chosen.pinned + plan.chosen.pageable + plan.chosen.nvme, 0u);
-  EXPECT_TRUE(plan.buffers.empty());
+  EXPECT_EQ(plan.stages[2].per_rank.gpu, plan.chosen.gpu);
+  EXPECT_EQ(plan.stages[2].offloads, "optimizer states on host, param shards on device");
+  // Every byte counted is listed, by what holds it.
+  std::uint64_t listed = 0;
+  for (const auto& buffer : plan.buffers) listed += buffer.transient ? 0 : buffer.bytes;
+  EXPECT_EQ(listed, plan.chosen.gpu + plan.chosen.pageable);
 }
 
-TEST(MemoryPlan, CpuOffloadMovesTheOptimizerStatesAndAGradCopyToPinnedHost) {
-  const MemoryPlan plan = plan_memory(
-      stage3(R"(, "offload_optimizer": {"device": "cpu"})"), billion_over_four());
-  EXPECT_EQ(plan.chosen.gpu, 500000000ull + 300000000ull + 500000000ull);
-  EXPECT_EQ(plan.chosen.pinned, 500000000ull + 3000000000ull);
-  EXPECT_EQ(plan.chosen.pageable, 0u);
-  const MemoryPlan unpinned = plan_memory(
-      stage3(R"(, "offload_optimizer": {"device": "cpu", "pin_memory": false})"),
+TEST(MemoryPlan, AFp32BillionOnOneRankNeedsTwentyFourGigabytesOfHostMemory) {
+  // What `zinf-config plan` once got wrong (DeepSpeed's model: 0 B host).
+  PlanInput input;
+  input.params = 1000000000;
+  const MemoryPlan plan = plan_memory(stage3("", "", ""), input);
+  EXPECT_EQ(plan.chosen.pageable, 4000000000ull + 4000000000ull + 12000000000ull + kGlooScratch);
+  EXPECT_EQ(plan.transient_host, 4000000000ull);
+}
+
+TEST(MemoryPlan, ZinfStagesOneAndTwoAreNotPlannedBecauseTheEngineRunsStageThree) {
+  const MemoryPlan plan = plan_memory(stage3(""), billion_over_four());
+  EXPECT_EQ(plan.stages[0].not_possible, "zinf's engine runs ZeRO stage 3 only so far");
+  EXPECT_EQ(plan.stages[1].not_possible, plan.stages[0].not_possible);
+  EXPECT_EQ(plan.stages[0].per_rank.gpu + plan.stages[0].per_rank.pageable, 0u);
+  EXPECT_EQ(plan.stages[2].not_possible, "");
+}
+
+TEST(MemoryPlan, OptimizerNoneAndCpuAreTheSameAndParamsOnCpuLeaveTheDevice) {
+  const MemoryPlan none = plan_memory(stage3(""), billion_over_four());
+  const MemoryPlan cpu = plan_memory(stage3(R"(, "offload_optimizer": {"device": "cpu"})"), billion_over_four());
+  EXPECT_EQ(cpu.chosen.pageable, none.chosen.pageable);
+  EXPECT_EQ(cpu.chosen.gpu, none.chosen.gpu);
+  EXPECT_EQ(cpu.chosen.pinned, 0u);  // the in-memory states are not page-locked
+  const MemoryPlan params = plan_memory(
+      stage3(R"(, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"})"),
       billion_over_four());
-  EXPECT_EQ(unpinned.chosen.pinned, 0u);
-  EXPECT_EQ(unpinned.chosen.pageable, 3500000000ull);
+  // Gathers read the working partition already counted: no device shard.
+  EXPECT_EQ(params.chosen.gpu, none.chosen.gpu - 500000000ull);
+  EXPECT_EQ(params.chosen.pageable, none.chosen.pageable);
 }
 
 TEST(MemoryPlan, NvmeOffloadCountsSwapperBuffersAndCopyOnWriteHeadroom) {
@@ -60,25 +105,45 @@ TEST(MemoryPlan, NvmeOffloadCountsSwapperBuffersAndCopyOnWriteHeadroom) {
               "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"})",
              R"(, "optimizer": {"type": "Lion", "params": {"lr": 1e-4}})"),
       billion_over_four());
-  // GPU: gathered layers and the grad partition only.
-  EXPECT_EQ(plan.chosen.gpu, 300000000ull + 500000000ull);
-  // Param swapper: in flight min(5 x 2e8 B buffers, all 5e8 B) + max_in_cpu
-  // cache (all 5e8 B); host grads 5e8; optimizer swapper 3 slots x 2
-  // tensors (Lion) x 4e8 B padded to 4 KiB.
+  // Device: gathered layers and gradients only.
+  EXPECT_EQ(plan.chosen.gpu, kDefaultDevice);
+  // Host, pageable: fp32 grads 1e9 + bf16 working copy 5e8 + Gloo's copy;
+  // one sub-group of masters at finalize (4 B x 1e8).
+  EXPECT_EQ(plan.chosen.pageable, 1000000000ull + 500000000ull + kGlooScratch);
+  EXPECT_EQ(plan.transient_host, 400000000ull);
+  // The pinned pool: the param swapper in flight min(5 x 2e8 B buffers, all
+  // 5e8 B) + max_in_cpu cache (all 5e8 B), and the optimizer swapper's 3
+  // slots x 2 tensors (Lion) x 4e8 B padded to 4 KiB.
   const std::uint64_t slots = 3ull * 2ull * 400003072ull;
-  EXPECT_EQ(plan.chosen.pinned, 500000000ull + 500000000ull + 500000000ull + slots);
+  EXPECT_EQ(plan.chosen.pinned, 500000000ull + 500000000ull + slots);
   // NVMe: params 5e8 + one shard headroom 5e7 + Lion states 8 B x 2.5e8 +
   // two sub-groups of headroom 2 x 8 B x 1e8.
   EXPECT_EQ(plan.chosen.nvme, 500000000ull + 50000000ull + 2000000000ull + 1600000000ull);
-  ASSERT_EQ(plan.buffers.size(), 2u);
-  EXPECT_EQ(plan.buffers[1].bytes, slots);
-  // Stages 1 and 2 cannot put optimizer states on NVMe (`check` refuses
-  // such a config): no numbers for them.
-  EXPECT_EQ(plan.stages[0].not_possible, "offload_optimizer nvme needs stage 3");
-  EXPECT_EQ(plan.stages[1].not_possible, "offload_optimizer nvme needs stage 3");
-  EXPECT_EQ(plan.stages[0].per_rank.nvme, 0u);
-  EXPECT_EQ(plan.stages[2].not_possible, "");
-  EXPECT_EQ(plan.stages[2].offloads, "optimizer nvme, params nvme");
+  bool slots_listed = false;
+  for (const auto& buffer : plan.buffers) {
+    if (buffer.what.rfind("optimizer swapper", 0) == 0) {
+      slots_listed = true;
+      EXPECT_EQ(buffer.bytes, slots);
+      EXPECT_EQ(buffer.tier, Tier::pinned);
+    }
+  }
+  EXPECT_TRUE(slots_listed);
+  EXPECT_EQ(plan.stages[2].offloads, "optimizer states on NVMe, param shards on NVMe");
+}
+
+TEST(MemoryPlan, PinMemoryFalseLeavesThePoolPageable) {
+  const MemoryPlan plan = plan_memory(
+      stage3(R"(, "offload_param": {"device": "nvme", "nvme_path": "/nvme", "pin_memory": false},
+              "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme", "pin_memory": false})"),
+      billion_over_four());
+  EXPECT_EQ(plan.chosen.pinned, 0u);
+  // One block asking for pinning locks the whole pool (as the engine does).
+  const MemoryPlan half = plan_memory(
+      stage3(R"(, "offload_param": {"device": "nvme", "nvme_path": "/nvme", "pin_memory": false},
+              "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"})"),
+      billion_over_four());
+  EXPECT_EQ(half.chosen.pinned + half.chosen.pageable, plan.chosen.pinned + plan.chosen.pageable);
+  EXPECT_EQ(half.chosen.pageable, 1500000000ull + kGlooScratch);
 }
 
 TEST(MemoryPlan, OneSubGroupNeedsOneSubGroupOfHeadroom) {
@@ -93,12 +158,13 @@ TEST(MemoryPlan, OneSubGroupNeedsOneSubGroupOfHeadroom) {
   EXPECT_EQ(plan.chosen.nvme, 12ull * 875000000ull + 12ull * 875000000ull);
 }
 
-TEST(MemoryPlan, Fp32TrainingCountsFourBytesPerParamAndGrad) {
+TEST(MemoryPlan, Fp32TrainingCountsFourBytesPerWorkingElement) {
   const MemoryPlan fp32 = plan_memory(stage3("", "", ""), billion_over_four());
   const MemoryPlan bf16 = plan_memory(stage3(""), billion_over_four());
-  // Stage 1: params and grads whole (1e9 each), 2 B more per element in fp32.
-  EXPECT_EQ(fp32.stages[0].per_rank.gpu, bf16.stages[0].per_rank.gpu + 2ull * 1000000000ull * 2);
-  EXPECT_EQ(fp32.stages[0].per_rank.gpu, 4000000000ull + 4000000000ull + 3000000000ull);
+  // 2 B more per element: the working partition (host) and the device shard
+  // (2.5e8 each), the gathered layers (6.5e8).
+  EXPECT_EQ(fp32.chosen.pageable, bf16.chosen.pageable + 2ull * 250000000ull);
+  EXPECT_EQ(fp32.chosen.gpu, bf16.chosen.gpu + 2ull * 250000000ull + 2ull * 650000000ull);
 }
 
 TEST(MemoryPlan, ZeroParamsAreRefused) {
@@ -127,6 +193,120 @@ TEST(MemoryPlan, TheFitCheckComparesNvmeNeedsWithFreeSpace) {
   }
   EXPECT_TRUE(named);
 }
+
+
+// ---- the plan against a real engine run ------------------------------------
+
+std::uint64_t status_kib(const std::string& field) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(field + ":", 0) == 0) return std::stoull(line.substr(field.size() + 1));
+  }
+  throw std::runtime_error("no " + field + " in /proc/self/status");
+}
+
+// Trains a model of 8 layers of 2048 x 2048 (33.5M params) for two
+// optimizer steps on this rank, measuring the peak RSS the engine added,
+// and throws unless it is the plan's host + device bytes (the host stand-in
+// keeps device memory in RAM) within 10% + 24 MiB, and the pinned pool is
+// the plan's (to the page).
+void compare_with_plan(const std::string& json, const zero3::LaunchEnv& launch) {
+  constexpr int kLayers = 8;
+  constexpr std::int64_t kWidth = 2048;
+  const config::Config config = config::load_config_string(json);
+  // Every large block from mmap, returned at free: RSS then follows what is
+  // allocated, not what malloc's arenas keep of what was freed.
+  ::mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+  zero3::CommunicatorOptions comm_options;
+  comm_options.timeout = std::chrono::seconds(60);
+  auto comm = zero3::make_communicator(launch, comm_options);
+  std::ofstream("/proc/self/clear_refs") << "5";  // the peak RSS starts again from here
+  const std::uint64_t before = status_kib("VmRSS") * 1024;
+  std::uint64_t pool_bytes = 0;
+  {
+    zero3::EngineOptions options;
+    options.optimizer_threads = 1;
+    zero3::Engine engine(config, *comm, options);
+    std::vector<zero3::ParamIndex> params;
+    for (int l = 0; l < kLayers; ++l) {
+      const auto module = engine.add_module(fmt::format("layer{}", l));
+      params.push_back(engine.add_param(module, "weight", {kWidth, kWidth},
+                                        [l](std::uint64_t offset, std::span<float> out) {
+                                          for (std::size_t i = 0; i < out.size(); ++i) {
+                                            out[i] = 1e-3f * static_cast<float>((offset + i + l) % 97);
+                                          }
+                                        }));
+    }
+    engine.finalize();
+    for (int step = 0; step < 2; ++step) {
+      for (int l = 0; l < kLayers; ++l) {
+        engine.pre_forward(static_cast<zero3::ModuleIndex>(l));
+        engine.post_forward(static_cast<zero3::ModuleIndex>(l));
+      }
+      for (int l = kLayers - 1; l >= 0; --l) {
+        engine.pre_backward(static_cast<zero3::ModuleIndex>(l));
+        float* grad = engine.grad(params[l]);
+        std::fill(grad, grad + kWidth * kWidth, 1e-3f * static_cast<float>(l + 1));
+        engine.post_backward(static_cast<zero3::ModuleIndex>(l));
+      }
+      if (!engine.step()) throw std::runtime_error("the optimizer did not step");
+    }
+    pool_bytes = engine.pool_bytes();
+  }
+  const std::uint64_t peak = status_kib("VmHWM") * 1024 - before;
+
+  PlanInput input;
+  input.params = kLayers * kWidth * kWidth;
+  input.world_size = static_cast<std::uint32_t>(launch.world_size);
+  input.largest_param = kWidth * kWidth;
+  const MemoryPlan plan = plan_memory(config, input);
+  const TierBytes& t = plan.chosen;
+  // Host and device share RAM here: the host peak (at finalize) and the
+  // training peak (device buffers on top of the host's) are both in VmHWM.
+  const std::uint64_t host = t.pinned + t.pageable;
+  const std::uint64_t planned = host + std::max(plan.transient_host, t.gpu);
+  const double slack = 0.10 * static_cast<double>(planned) + 24.0 * 1024 * 1024;
+  const double off = static_cast<double>(peak) - static_cast<double>(planned);
+  std::uint64_t planned_pool = 0;
+  for (const auto& buffer : plan.buffers) {
+    if (buffer.what.find("swapper") != std::string::npos) planned_pool += buffer.bytes;
+  }
+  // The pool rounds its budget up to whole pages.
+  const bool pool_ok = pool_bytes >= planned_pool && pool_bytes - planned_pool < (2u << 20);
+  if (std::fabs(off) > slack || !pool_ok) {
+    throw std::runtime_error(fmt::format(
+        "rank {}: peak RSS {} B, planned {} B (host {}, device {}, transient {}); pool {} B, planned {} B",
+        launch.rank, peak, planned, host, t.gpu, plan.transient_host, pool_bytes, planned_pool));
+  }
+}
+
+class MemoryPlanAgainstARun : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(MemoryPlanAgainstARun, PeakRssAndPinnedPoolMatchThePlan) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "a sanitizer's shadow memory and quarantine are part of RSS: the plan is compared "
+                  "with real runs in the release build";
+#endif
+  testing::TempDir dir;
+  std::string json = GetParam();
+  for (std::size_t at; (at = json.find("$DIR")) != std::string::npos;) json.replace(at, 4, dir.path().string());
+  const auto outcomes = testing::run_ranks(2, [&](const zero3::LaunchEnv& launch) { compare_with_plan(json, launch); },
+                                           std::chrono::seconds(240));
+  EXPECT_TRUE(testing::all_succeeded(outcomes)) << testing::describe(outcomes);
+}
+
+// Prefetch of one layer ahead keeps the device part small and exact.
+INSTANTIATE_TEST_SUITE_P(
+    Configs, MemoryPlanAgainstARun,
+    ::testing::Values(
+        R"({"bf16": {"enabled": true}, "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 4194304, "reduce_bucket_size": 4194304}})",
+        R"({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 4194304, "reduce_bucket_size": 4194304,
+            "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}})",
+        R"({"bf16": {"enabled": true}, "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 4194304, "reduce_bucket_size": 4194304,
+            "sub_group_size": 4e6,
+            "offload_optimizer": {"device": "nvme", "nvme_path": "$DIR"},
+            "offload_param": {"device": "nvme", "nvme_path": "$DIR", "max_in_cpu": 4e6}}})"));
 
 }  // namespace
 }  // namespace zinf::swap

@@ -6,6 +6,7 @@
 //       memory per tier for ZeRO stages 1-3 with the config's offloads, the
 //       buffers zinf allocates, and whether this machine holds it: exit 0 if
 //       it fits, 2 if it does not, 1 for a bad config.
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <optional>
@@ -85,10 +86,21 @@ int plan(const PlanArguments& arguments) {
                bytes_cell(stage.per_rank.pinned), bytes_cell(stage.per_rank.pageable),
                bytes_cell(stage.per_rank.nvme), stage.offloads);
   }
-  fmt::print("(* the config's stage; activations and framework memory are not counted)\n");
-  if (!memory.buffers.empty()) {
-    fmt::print("buffers zinf allocates per rank:\n");
-    for (const auto& buffer : memory.buffers) fmt::print("  {:>12}  {}\n", zinf::format_bytes(buffer.bytes), buffer.what);
+  fmt::print("(* the config's stage; activations, framework memory and the params at or below "
+             "stage3_param_persistence_threshold are not counted)\n");
+  const auto& chosen = memory.stages[static_cast<std::size_t>(std::clamp(memory.chosen_stage, 1, 3) - 1)];
+  if (!chosen.not_possible.empty()) {
+    fmt::print(stderr, "{}: zero_optimization.stage {}: {}\n", arguments.file, memory.chosen_stage,
+               memory.chosen_stage == 0 ? "zinf's engine runs ZeRO stage 3 only so far" : chosen.not_possible);
+    return 1;
+  }
+  if (memory.transient_host > 0) {
+    fmt::print("host peak while the engine initialises: {} more per rank\n", zinf::format_bytes(memory.transient_host));
+  }
+  fmt::print("what zinf allocates per rank:\n");
+  for (const auto& buffer : memory.buffers) {
+    fmt::print("  {:>12}  {:<13}  {}{}\n", zinf::format_bytes(buffer.bytes), zinf::swap::to_string(buffer.tier),
+               buffer.what, buffer.transient ? " (transient)" : "");
   }
   const auto fit = zinf::swap::check_fit(*config, memory);
   fmt::print("on this machine (stage {}):\n", memory.chosen_stage);
@@ -123,7 +135,7 @@ int main(int argc, char** argv) {
   CLI::App* check_command = app.add_subcommand("check", "report every problem, one line each; exit 1 if any");
   check_command->add_option("files", files, "DeepSpeed JSON config files")->required();
   PlanArguments plan_arguments;
-  CLI::App* plan_command = app.add_subcommand("plan", "memory per tier for ZeRO stages 1-3, and whether it fits");
+  CLI::App* plan_command = app.add_subcommand("plan", "what zinf allocates per tier, and whether it fits this machine");
   plan_command->add_option("file", plan_arguments.file, "DeepSpeed JSON config file")->required();
   plan_command->add_option("--params", plan_arguments.params, "model parameters (1000, 350M, 7B)")->required();
   plan_command->add_option("--world-size", plan_arguments.world_size, "data-parallel ranks")->check(CLI::PositiveNumber);

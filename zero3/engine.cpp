@@ -657,7 +657,7 @@ void Engine::post_backward(ModuleIndex module) {
     // The kernels writing this gradient may still be queued on the
     // trainer's stream: the reduction waits for them.
     const swap::CopyTicket written = trainer_work();
-    submit(
+    const std::uint64_t ticket = submit(
         [this, target, grad, scale, written] {
           options_.copier->wait(written);
           const auto since = Clock::now();
@@ -685,8 +685,28 @@ void Engine::post_backward(ModuleIndex module) {
           }
           add_time(stats_mutex_, stats_.reduce_busy, since);
         });
+    pending_reductions_.push_back({ticket, param.d.shard_elements * comm_.world_size()});
+    pending_reduction_elements_ += pending_reductions_.back().elements;
     std::lock_guard lock(stats_mutex_);
     ++stats_.reduce_scatters;
+  }
+  // Gradients waiting for their reduction hold device memory: at most
+  // reduce_bucket_size elements of them (and always the newest), as
+  // DeepSpeed's bucket bounds its own. A backward faster than the
+  // reductions waits here instead of filling the device.
+  std::uint64_t completed = 0;
+  {
+    std::lock_guard lock(mutex_);
+    completed = completed_;
+  }
+  while (!pending_reductions_.empty() && pending_reductions_.front().ticket <= completed) {
+    pending_reduction_elements_ -= pending_reductions_.front().elements;
+    pending_reductions_.pop_front();
+  }
+  while (pending_reductions_.size() > 1 && pending_reduction_elements_ > config_.zero.reduce_bucket_size) {
+    wait_op(pending_reductions_.front().ticket);
+    pending_reduction_elements_ -= pending_reductions_.front().elements;
+    pending_reductions_.pop_front();
   }
   release_after_use(module);
 }

@@ -9,7 +9,9 @@
 //   backward   pre_backward(m): params gathered again and a zeroed gradient
 //              buffer grad(p) per param, which the trainer fills with the
 //              gradient of its micro-batch's mean loss; post_backward(m)
-//              reduce-scatters it into this rank's fp32 gradient shard
+//              reduce-scatters it into this rank's fp32 gradient shard (on
+//              the worker; post_backward waits once more than
+//              reduce_bucket_size gradient elements await reduction)
 //   step()     after every micro-step; at each gradient_accumulation_steps-th
 //              it averages the gradients over ranks and micro-steps, clips
 //              them by global norm (gradient_clipping), runs the optimizer on
@@ -166,6 +168,11 @@ class Engine {
   // Bytes of idle device buffers the engine keeps for reuse (at most
   // stage3_max_live_parameters' worth).
   std::uint64_t cached_device_bytes() const { return buffers_.idle_bytes(); }
+  // The pinned pool behind the swappers (offload to NVMe): its bytes (0
+  // without one) and whether they are page-locked (pin_memory false, or a
+  // memlock limit too low, leaves them pageable).
+  std::uint64_t pool_bytes() const { return pool_ ? pool_->stats().capacity_bytes : 0; }
+  bool pool_page_locked() const { return pool_ && pool_->page_locked(); }
   std::int64_t optimizer_step() const { return optimizer_step_; }
   cpu_adam::DType working_dtype() const { return working_; }
 
@@ -310,6 +317,13 @@ class Engine {
   std::uint64_t completed_ = 0;
   std::exception_ptr failure_;
   bool stopping_ = false;
+  // Gradient reductions submitted and maybe not done (trainer thread only).
+  struct PendingReduction {
+    std::uint64_t ticket = 0;
+    std::uint64_t elements = 0;
+  };
+  std::deque<PendingReduction> pending_reductions_;
+  std::uint64_t pending_reduction_elements_ = 0;
   std::thread worker_;
 
   mutable std::mutex stats_mutex_;
