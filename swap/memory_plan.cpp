@@ -37,11 +37,16 @@ struct StageResult {
 
 StageResult plan_stage(const config::Config& config, const PlanInput& input, int stage) {
   StageResult result;
-  if (stage != 3) {
-    result.not_possible = "zinf's engine runs ZeRO stage 3 only so far";
+  const auto& zero = config.zero;
+  // What `zinf-config check` refuses is not planned either.
+  if (stage < 3 && zero.offload_optimizer.device == config::OffloadDevice::nvme) {
+    result.not_possible = "offload_optimizer nvme needs stage 3";
     return result;
   }
-  const auto& zero = config.zero;
+  if (stage < 3 && zero.offload_param.device != config::OffloadDevice::none) {
+    result.not_possible = "offload_param needs stage 3";
+    return result;
+  }
   const std::uint64_t element = working_bytes(config);
   const std::uint64_t psi = input.params;
   const std::uint64_t world = std::max<std::uint32_t>(input.world_size, 1);
@@ -102,37 +107,42 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
   }
   add(Tier::pageable, 4 * group, "fp32 masters of one sub-group while finalize() builds them", true);
 
-  switch (zero.offload_param.device) {
-    case config::OffloadDevice::none:
-      add(Tier::gpu, element * psi_rank, "param shards on the device");
-      break;
-    case config::OffloadDevice::cpu:
-      break;  // gathers read the working partition above
-    case config::OffloadDevice::nvme: {
-      add(Tier::nvme, element * psi_rank, "param shards");
-      const std::uint64_t shard = ceil_div(largest, world);
-      ParamSwapperOptions options;
-      options.buffer_count = zero.offload_param.buffer_count;
-      options.buffer_bytes = element * zero.offload_param.buffer_size;
-      options.max_in_cpu_bytes = element * zero.offload_param.max_in_cpu;
-      const ParamPlan plan = ParamSwapper::plan_for(element * shard, element * psi_rank, options, kAlignment);
-      add(pool_tier, plan.pinned_bytes,
-          fmt::format("param swapper: {} shard(s) in flight + {} max_in_cpu cache",
-                      format_bytes(plan.in_flight_bytes), format_bytes(plan.cache_bytes)));
-      add(Tier::nvme, element * shard, "copy-on-write headroom for one param shard");
-      break;
+  if (stage < 3) {
+    // Nothing partitions the params: each is whole on every rank, for good.
+    add(Tier::gpu, element * psi, fmt::format("params, whole on every rank: {} elements", psi));
+  } else {
+    switch (zero.offload_param.device) {
+      case config::OffloadDevice::none:
+        add(Tier::gpu, element * psi_rank, "param shards on the device");
+        break;
+      case config::OffloadDevice::cpu:
+        break;  // gathers read the working partition above
+      case config::OffloadDevice::nvme: {
+        add(Tier::nvme, element * psi_rank, "param shards");
+        const std::uint64_t shard = ceil_div(largest, world);
+        ParamSwapperOptions options;
+        options.buffer_count = zero.offload_param.buffer_count;
+        options.buffer_bytes = element * zero.offload_param.buffer_size;
+        options.max_in_cpu_bytes = element * zero.offload_param.max_in_cpu;
+        const ParamPlan plan = ParamSwapper::plan_for(element * shard, element * psi_rank, options, kAlignment);
+        add(pool_tier, plan.pinned_bytes,
+            fmt::format("param swapper: {} shard(s) in flight + {} max_in_cpu cache",
+                        format_bytes(plan.in_flight_bytes), format_bytes(plan.cache_bytes)));
+        add(Tier::nvme, element * shard, "copy-on-write headroom for one param shard");
+        break;
+      }
     }
+    // Gathered layers. A param used again within stage3_max_reuse_distance
+    // elements stays gathered: in forward then backward order, the last
+    // layers, whose params are about R/2 elements apart from their reuse
+    // (at least the largest param). On top of those, prefetch brings up to
+    // stage3_prefetch_bucket_size ahead while stage3_max_live_parameters
+    // allows.
+    const std::uint64_t kept = std::min(psi, zero.max_reuse_distance / 2 + largest);
+    const std::uint64_t room = zero.max_live_parameters > kept ? zero.max_live_parameters - kept : 0;
+    const std::uint64_t live = std::min(psi, kept + std::min(zero.prefetch_bucket_size, room));
+    add(Tier::gpu, element * live, fmt::format("gathered layers: {} elements (reuse distance, prefetch)", live));
   }
-  // Gathered layers. A param used again within stage3_max_reuse_distance
-  // elements stays gathered: in forward then backward order, the last
-  // layers, whose params are about R/2 elements apart from their reuse
-  // (at least the largest param). On top of those, prefetch brings up to
-  // stage3_prefetch_bucket_size ahead while stage3_max_live_parameters
-  // allows.
-  const std::uint64_t kept = std::min(psi, zero.max_reuse_distance / 2 + largest);
-  const std::uint64_t room = zero.max_live_parameters > kept ? zero.max_live_parameters - kept : 0;
-  const std::uint64_t live = std::min(psi, kept + std::min(zero.prefetch_bucket_size, room));
-  add(Tier::gpu, element * live, fmt::format("gathered layers: {} elements (reuse distance, prefetch)", live));
   // fp32 gradients: the layer in backward, plus those waiting for their
   // reduction (up to reduce_bucket_size elements), plus the reduced block.
   const std::uint64_t waiting = std::min(psi, largest + std::max(largest, zero.reduce_bucket_size));
@@ -143,8 +153,11 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
   return result;
 }
 
-std::string offload_text(const config::Config& config) {
+std::string offload_text(const config::Config& config, int stage) {
   const auto& zero = config.zero;
+  if (stage < 3) {
+    return fmt::format("optimizer states on host, params whole on device");
+  }
   const char* params = zero.offload_param.device == config::OffloadDevice::none  ? "device"
                        : zero.offload_param.device == config::OffloadDevice::cpu ? "host"
                                                                                  : "NVMe";
@@ -192,12 +205,12 @@ const char* to_string(Tier tier) {
 MemoryPlan plan_memory(const config::Config& config, const PlanInput& input) {
   if (input.params == 0) throw Error(ErrorKind::invalid, "--params 0: a model has at least one parameter");
   MemoryPlan plan;
-  plan.chosen_stage = std::clamp(config.zero.stage, 0, 3);
+  plan.chosen_stage = std::clamp(config.zero.stage, 0, 3);  // 0 runs as 1
   plan.ranks_per_node = input.ranks_per_node != 0 ? input.ranks_per_node
                                                   : std::max<std::uint32_t>(input.world_size, 1);
   for (int stage = 1; stage <= 3; ++stage) {
     StageResult result = plan_stage(config, input, stage);
-    plan.stages.push_back({stage, result.tiers, offload_text(config), result.not_possible});
+    plan.stages.push_back({stage, result.tiers, offload_text(config, stage), result.not_possible});
   }
   StageResult chosen = plan_stage(config, input, plan.chosen_stage);
   plan.chosen = chosen.tiers;

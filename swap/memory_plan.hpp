@@ -37,8 +37,9 @@
 // sizes the smallest fills first (not modelled). Not counted: activations,
 // the framework, params at or below stage3_param_persistence_threshold
 // (whole on every rank; a few per layer in a transformer), thread stacks
-// and io_uring rings. zinf's engine runs stage 3 only so far: stages 1 and
-// 2 are listed as not possible.
+// and io_uring rings. Below stage 3 the params are whole on the device (e
+// Ψ) instead of shards and gathered layers; stage 0 runs as stage 1, and
+// both as stage 2 (gradients reduce-scattered per param).
 #pragma once
 
 #include <cstdint>
@@ -82,7 +83,7 @@ struct PlannedBuffer {
 };
 
 struct MemoryPlan {
-  std::vector<StagePlan> stages;  // 1, 2 and 3
+  std::vector<StagePlan> stages;  // 1, 2 and 3 (the engine runs 0 as 1)
   int chosen_stage = 0;
   TierBytes chosen;               // per rank, the config's own stage, held for the whole run
   // Host bytes held on top of `chosen` while finalize() builds the masters

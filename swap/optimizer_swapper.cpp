@@ -135,6 +135,15 @@ OptimizerSwapper::OptimizerSwapper(cpu_adam::CpuOptimizer& optimizer,
   }
 }
 
+float OptimizerSwapper::learning_rate() const {
+  switch (options_.optimizer.kind) {
+    case OptimizerKind::adam: return options_.optimizer.adam.lr;
+    case OptimizerKind::adagrad: return options_.optimizer.adagrad.lr;
+    case OptimizerKind::lion: return options_.optimizer.lion.lr;
+  }
+  return options_.optimizer.adam.lr;
+}
+
 OptimizerSwapper::~OptimizerSwapper() {
   drain_slots();
 }

@@ -112,6 +112,15 @@ class OptimizerSwapper {
   void step(std::span<const cpu_adam::Buffer> grads,
             std::span<const cpu_adam::Buffer> param_copies = {});
 
+  // The learning rate of the next steps (a scheduler's), whichever the
+  // optimizer kind. Between steps only.
+  void set_learning_rate(float lr) {
+    options_.optimizer.adam.lr = lr;
+    options_.optimizer.adagrad.lr = lr;
+    options_.optimizer.lion.lr = lr;
+  }
+  float learning_rate() const;
+
   // Reads sub-group `group`'s current fp32 params, or a state tensor.
   void read_params(std::size_t group, std::span<float> out);
   void read_state(std::size_t group, std::string_view state, std::span<float> out);

@@ -120,13 +120,17 @@ TEST(GptExample, AnEarlierRunsSwapFilesAreReusedOrClearedWithTheNamedFlag) {
   EXPECT_NE(cleared.out.find("cleared"), std::string::npos) << cleared.out;
 }
 
-TEST(GptExample, AConfigWithoutStage3IsRefusedNamingTheKey) {
+TEST(GptExample, StageTwoTrainsAndStageTwoWithParamOffloadIsRefusedNamingTheKey) {
   TempDir dir;
   const auto path = dir / "stage2.json";
-  std::ofstream(path) << R"({"zero_optimization": {"stage": 2}})";
-  const Outcome o = run_example("--config " + path.string() + " --steps 1" + kSmall);
-  EXPECT_EQ(o.exit_code, 2) << o.err;
-  EXPECT_NE(o.err.find("zero_optimization.stage"), std::string::npos) << o.err;
+  std::ofstream(path) << R"({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})";
+  const Outcome o = run_example("--config " + path.string() + " --steps 2" + kSmall);
+  EXPECT_EQ(o.exit_code, 0) << o.err;
+  const auto offloaded = dir / "stage2-params.json";
+  std::ofstream(offloaded) << R"({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}})";
+  const Outcome refused = run_example("--config " + offloaded.string() + " --steps 1" + kSmall);
+  EXPECT_EQ(refused.exit_code, 2) << refused.err;
+  EXPECT_NE(refused.err.find("zero_optimization.offload_param.device"), std::string::npos) << refused.err;
 }
 
 }  // namespace

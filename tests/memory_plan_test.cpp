@@ -76,12 +76,31 @@ TEST(MemoryPlan, AFp32BillionOnOneRankNeedsTwentyFourGigabytesOfHostMemory) {
   EXPECT_EQ(plan.transient_host, 4000000000ull);
 }
 
-TEST(MemoryPlan, ZinfStagesOneAndTwoAreNotPlannedBecauseTheEngineRunsStageThree) {
+TEST(MemoryPlan, BelowStageThreeTheParamsAreWholeOnTheDevice) {
   const MemoryPlan plan = plan_memory(stage3(""), billion_over_four());
-  EXPECT_EQ(plan.stages[0].not_possible, "zinf's engine runs ZeRO stage 3 only so far");
-  EXPECT_EQ(plan.stages[1].not_possible, plan.stages[0].not_possible);
-  EXPECT_EQ(plan.stages[0].per_rank.gpu + plan.stages[0].per_rank.pageable, 0u);
-  EXPECT_EQ(plan.stages[2].not_possible, "");
+  const MemoryPlan stage3_plan = plan;
+  // Stages 1 and 2 (zinf reduce-scatters at both): 2 B x 1e9 whole params
+  // instead of the shard and the gathered layers; the host part is stage 3's.
+  const std::uint64_t grads = 4ull * 600000000ull + 4ull * 25000000ull;
+  for (int s : {0, 1}) {
+    EXPECT_EQ(plan.stages[s].not_possible, "");
+    EXPECT_EQ(plan.stages[s].per_rank.gpu, 2000000000ull + grads);
+    EXPECT_EQ(plan.stages[s].per_rank.pageable, stage3_plan.chosen.pageable);
+    EXPECT_EQ(plan.stages[s].offloads, "optimizer states on host, params whole on device");
+  }
+  // Offloads that need stage 3 are not planned below it (`check` refuses them).
+  const MemoryPlan nvme = plan_memory(
+      stage3(R"(, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"})"), billion_over_four());
+  EXPECT_EQ(nvme.stages[0].not_possible, "offload_optimizer nvme needs stage 3");
+  const MemoryPlan params = plan_memory(
+      stage3(R"(, "offload_param": {"device": "cpu"})"), billion_over_four());
+  EXPECT_EQ(params.stages[1].not_possible, "offload_param needs stage 3");
+  EXPECT_EQ(params.stages[2].not_possible, "");
+  // A stage 0 config is planned as stage 1, which is what the engine runs.
+  const auto zero = config::load_config_string(R"({"bf16": {"enabled": true}, "zero_optimization": {"stage": 0}})");
+  const MemoryPlan stage0 = plan_memory(zero, billion_over_four());
+  EXPECT_EQ(stage0.chosen_stage, 0);
+  EXPECT_EQ(stage0.chosen.gpu, plan.stages[0].per_rank.gpu);
 }
 
 TEST(MemoryPlan, OptimizerNoneAndCpuAreTheSameAndParamsOnCpuLeaveTheDevice) {
@@ -303,6 +322,8 @@ INSTANTIATE_TEST_SUITE_P(
         R"({"bf16": {"enabled": true}, "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 4194304, "reduce_bucket_size": 4194304}})",
         R"({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 4194304, "reduce_bucket_size": 4194304,
             "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}})",
+        R"({"bf16": {"enabled": true}, "zero_optimization": {"stage": 2, "reduce_bucket_size": 4194304,
+            "offload_optimizer": {"device": "cpu"}}})",
         R"({"bf16": {"enabled": true}, "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 4194304, "reduce_bucket_size": 4194304,
             "sub_group_size": 4e6,
             "offload_optimizer": {"device": "nvme", "nvme_path": "$DIR"},

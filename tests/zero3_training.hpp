@@ -72,6 +72,7 @@ inline DeviceAccess copier_access(std::shared_ptr<swap::DeviceCopier> copier) {
 
 struct TrainingRun {
   int world = 1;
+  int stage = 3;
   int steps = 4;
   std::string offload_param = "none";      // none | cpu | nvme
   std::string offload_optimizer = "none";  // none | cpu | nvme
@@ -99,12 +100,12 @@ std::string config_json(const TrainingRun& run) {
     "gradient_clipping": {},
     "optimizer": {{"type": "AdamW", "params": {{"lr": 0.01, "betas": [0.9, 0.99], "weight_decay": 0.01}}}},
     "zero_optimization": {{
-      "stage": 3, {} {}
+      "stage": {}, {} {}
       "stage3_param_persistence_threshold": {},
       "sub_group_size": 500,
       "stage3_prefetch_bucket_size": 1000
     }}}})",
-                     run.accumulation, run.clipping, offload(run.offload_param, true),
+                     run.accumulation, run.clipping, run.stage, offload(run.offload_param, true),
                      offload(run.offload_optimizer, false), run.persistence);
 }
 

@@ -91,7 +91,7 @@ int plan(const PlanArguments& arguments) {
   const auto& chosen = memory.stages[static_cast<std::size_t>(std::clamp(memory.chosen_stage, 1, 3) - 1)];
   if (!chosen.not_possible.empty()) {
     fmt::print(stderr, "{}: zero_optimization.stage {}: {}\n", arguments.file, memory.chosen_stage,
-               memory.chosen_stage == 0 ? "zinf's engine runs ZeRO stage 3 only so far" : chosen.not_possible);
+               chosen.not_possible);
     return 1;
   }
   if (memory.transient_host > 0) {

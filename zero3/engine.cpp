@@ -42,12 +42,11 @@ void add_time(std::mutex& mutex, Duration& target, Clock::time_point since) {
 Engine::Engine(const config::Config& config, Communicator& comm, EngineOptions options)
     : config_(config), comm_(comm), options_(std::move(options)),
       working_(working_dtype_of(config.training.precision)) {
-  if (config_.zero.stage != 3) {
+  if (config_.zero.stage < 3 && config_.zero.offload_param.device != config::OffloadDevice::none) {
     ErrorContext ctx;
-    ctx.key_path = "zero_optimization.stage";
+    ctx.key_path = "zero_optimization.offload_param.device";
     throw Error(ErrorKind::config,
-                fmt::format("the zero3 engine partitions parameters: zero_optimization.stage must be 3, "
-                            "not {}", config_.zero.stage),
+                fmt::format("offload_param needs ZeRO stage 3 (zero_optimization.stage is {})", config_.zero.stage),
                 std::move(ctx));
   }
   if (working_ == DType::f16) {
@@ -182,7 +181,10 @@ void Engine::finalize() {
   std::vector<bool> persistent;
   for (auto& param : params_) {
     param->d.shard_elements = (param->d.elements + world - 1) / world;
-    param->d.persistent = param->d.elements <= config_.zero.param_persistence_threshold;
+    // Below stage 3 nothing is partitioned but the optimizer states and
+    // gradients: every param stays whole on every rank.
+    param->d.persistent =
+        config_.zero.stage < 3 || param->d.elements <= config_.zero.param_persistence_threshold;
     param->partition_offset = partition_elements_;
     partition_elements_ += param->d.shard_elements;
     gathered_elements.push_back(param->d.shard_elements * world);
@@ -280,8 +282,8 @@ void Engine::finalize() {
 
   finalized_ = true;
   place_shards();
-  log().info("zero3: rank {} of {}: {} params in {} modules, {} elements in this rank's partition, "
-             "{} sub-groups; params {} ({}), optimizer states {}", rank, world, params_.size(),
+  log().info("zero3: stage {}, rank {} of {}: {} params in {} modules, {} elements in this rank's partition, "
+             "{} sub-groups; params {} ({}), optimizer states {}", config_.zero.stage, rank, world, params_.size(),
              modules_.size(), partition_elements_, sub_groups_.size(),
              config::to_string(config_.zero.offload_param.device), cpu_adam::to_string(working_),
              optimizer_on_nvme ? "nvme" : "host memory");
@@ -296,7 +298,9 @@ void Engine::place_shards() {
   for (auto& param : params_) {
     const std::byte* shard = working_partition_.data() + param->partition_offset * esize;
     const std::uint64_t bytes = param->d.shard_elements * esize;
-    if (device == config::OffloadDevice::none) {
+    if (device == config::OffloadDevice::none && !param->d.persistent) {
+      // A persistent param is gathered from the host partition (below) and
+      // stays whole: a device shard of it would only duplicate its bytes.
       if (param->device_shard == nullptr) param->device_shard = buffers_.acquire(bytes);
       copy_to_device(param->device_shard, shard, bytes);
     } else if (device == config::OffloadDevice::nvme) {
@@ -320,7 +324,10 @@ void Engine::gather_into(Param& param, void* gathered) {
   const std::uint64_t esize = element_bytes();
   const std::uint64_t bytes = param.d.shard_elements * esize;
   auto* mine = static_cast<std::byte*>(gathered) + static_cast<std::uint64_t>(comm_.rank()) * bytes;
-  switch (config_.zero.offload_param.device) {
+  const auto device = param.device_shard == nullptr && config_.zero.offload_param.device == config::OffloadDevice::none
+                          ? config::OffloadDevice::cpu  // persistent: from the host partition
+                          : config_.zero.offload_param.device;
+  switch (device) {
     case config::OffloadDevice::none:
       device_all_gather(param.device_shard, gathered, bytes);
       return;
@@ -814,6 +821,19 @@ bool Engine::step() {
   stats_.last_grad_norm = norm;
   stats_.step_time = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - since);
   return true;
+}
+
+void Engine::set_learning_rate(double lr) {
+  require_finalized("set_learning_rate");
+  if (!(lr >= 0.0) || !std::isfinite(lr)) {
+    throw Error(ErrorKind::invalid, fmt::format("set_learning_rate({}): a learning rate is finite and >= 0", lr));
+  }
+  optimizer_->set_learning_rate(static_cast<float>(lr));
+}
+
+double Engine::learning_rate() const {
+  require_finalized("learning_rate");
+  return optimizer_->learning_rate();
 }
 
 EngineStats Engine::stats() const {

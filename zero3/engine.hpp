@@ -19,7 +19,10 @@
 //              and writes the updated shards back in the working precision
 //
 // Parameters at or below stage3_param_persistence_threshold elements stay
-// gathered on every rank (their optimizer state is still sharded). Shards
+// gathered on every rank (their optimizer state is still sharded). Below
+// stage 3 every parameter does: stages 1 and 2 partition the optimizer
+// states and the gradients (both reduce-scattered per parameter: zinf's
+// stage 1 keeps no whole gradient), and stage 0 runs as stage 1 does. Shards
 // live where offload_param says: on the device ("none"), in host memory
 // ("cpu") or on NVMe ("nvme", read ahead through the param swapper).
 // Gathers and gradient reductions run on a worker thread in the order the
@@ -137,6 +140,11 @@ class Engine {
   // What the trainer multiplies its loss by before backward (fp16's loss
   // scale; 1 otherwise). The engine divides the gradients by it.
   double loss_scale() const { return loss_scale_; }
+  // The learning rate of the next optimizer steps (a scheduler's); the
+  // config's optimizer.params.lr until set.
+  // After finalize().
+  void set_learning_rate(double lr);
+  double learning_rate() const;
   // The trainer moved to another stream (see EngineOptions::compute_stream).
   void set_compute_stream(void* stream) { options_.compute_stream = stream; }
 
