@@ -4,6 +4,7 @@
 // module buildable against any torch. Every call that waits releases the
 // GIL. zinf::Error becomes ValueError (config, invalid), OSError with errno
 // and filename (I/O kinds), or RuntimeError (the rest).
+#include <fmt/format.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -23,6 +24,8 @@
 #include "cpu_adam/cpu_adam.hpp"
 #include "pinned_pool/pinned_pool.hpp"
 #include "swap/swap_store.hpp"
+#include "zero3/communicator.hpp"
+#include "zero3/engine.hpp"
 #include "zinf_config.h"
 
 namespace py = pybind11;
@@ -178,6 +181,107 @@ std::vector<zinf::cpu_adam::TensorState> tensor_states(const std::vector<TensorT
 
 }  // namespace
 
+// Collectives through a Python object (zinf.distributed's, over a
+// torch.distributed process group): the engine's worker thread calls in
+// with the GIL taken here; the buffers travel as memoryviews over the
+// engine's memory. A failure (a peer gone) is Error{comm} from then on.
+class PythonCommunicator final : public zinf::zero3::Communicator {
+ public:
+  PythonCommunicator(py::object collectives, int rank, int world_size, std::string backend)
+      : collectives_(std::move(collectives)), rank_(rank), world_size_(world_size), backend_(std::move(backend)) {}
+  ~PythonCommunicator() override {
+    py::gil_scoped_acquire gil;
+    collectives_ = py::object();
+  }
+
+  int rank() const override { return rank_; }
+  int world_size() const override { return world_size_; }
+  std::string_view backend() const override { return backend_; }
+
+  void all_gather(const void* send, void* recv, std::size_t bytes) override {
+    call("all_gather", bytes, [&](py::object f) {
+      f(view(send, bytes), view(recv, bytes * static_cast<std::size_t>(world_size_)), bytes);
+    });
+  }
+  void reduce_scatter(const float* send, float* recv, std::size_t count) override {
+    call("reduce_scatter", count * sizeof(float), [&](py::object f) {
+      f(view(send, count * sizeof(float) * static_cast<std::size_t>(world_size_)), view(recv, count * sizeof(float)),
+        count);
+    });
+  }
+  void all_reduce(float* data, std::size_t count, zinf::zero3::ReduceOp op) override {
+    call("all_reduce", count * sizeof(float), [&](py::object f) {
+      f(view(data, count * sizeof(float)), count, op == zinf::zero3::ReduceOp::sum ? "sum" : "max");
+    });
+  }
+  void broadcast(void* data, std::size_t bytes, int root) override {
+    call("broadcast", bytes, [&](py::object f) { f(view(data, bytes), bytes, root); });
+  }
+  void barrier() override {
+    call("barrier", 1, [&](py::object f) { f(); });
+  }
+
+ private:
+  static py::memoryview view(const void* data, std::size_t bytes) {
+    return py::memoryview::from_memory(const_cast<void*>(data), static_cast<py::ssize_t>(bytes), false);
+  }
+  template <class Body>
+  void call(const char* what, std::size_t bytes, Body&& body) {
+    if (bytes == 0) return;
+    if (failed_) {
+      throw Error(ErrorKind::comm, fmt::format("{}: the torch.distributed communicator failed earlier: {}", what,
+                                               first_failure_));
+    }
+    py::gil_scoped_acquire gil;
+    try {
+      body(collectives_.attr(what));
+    } catch (py::error_already_set& error) {
+      failed_ = true;
+      first_failure_ = error.what();
+      throw Error(ErrorKind::comm, fmt::format("{} over torch.distributed ({}, rank {} of {}) failed: {}", what,
+                                               backend_, rank_, world_size_, first_failure_));
+    }
+  }
+
+  py::object collectives_;
+  int rank_;
+  int world_size_;
+  std::string backend_;
+  std::atomic<bool> failed_{false};
+  std::string first_failure_;
+};
+
+// The engine with the communicator it runs on. Destroyed without the GIL:
+// the worker may be inside a collective that needs it to finish.
+struct EngineHandle {
+  std::unique_ptr<zinf::zero3::Communicator> comm;
+  std::unique_ptr<zinf::zero3::Engine> engine;
+  ~EngineHandle() {
+    {
+      py::gil_scoped_release release;
+      engine.reset();
+    }
+    comm.reset();
+  }
+  zinf::zero3::Engine& get() {
+    if (!engine) throw Error(ErrorKind::invalid, "the engine was closed");
+    return *engine;
+  }
+};
+
+py::dict describe_param(const zinf::zero3::ParamDescription& d) {
+  py::dict out;
+  out["name"] = d.name;
+  out["shape"] = d.shape;
+  out["module"] = d.module;
+  out["elements"] = d.elements;
+  out["shard_elements"] = d.shard_elements;
+  out["persistent"] = d.persistent;
+  return out;
+}
+
+double seconds(std::chrono::nanoseconds t) { return std::chrono::duration<double>(t).count(); }
+
 PYBIND11_MODULE(_zinf, m) {
   m.doc() = "zinf's C++ core (use the zinf package, not this module)";
   py::register_exception_translator([](std::exception_ptr p) {
@@ -320,6 +424,129 @@ PYBIND11_MODULE(_zinf, m) {
       .def("commit", [](zinf::swap::SwapStore& s) {
              py::gil_scoped_release release;
              s.commit();
+           });
+
+  // The ZeRO engine (zero3/engine.hpp) for zinf.initialize. `collectives`
+  // is None for a world of one, else an object with all_gather,
+  // reduce_scatter, all_reduce, broadcast and barrier over memoryviews.
+  py::class_<EngineHandle>(m, "Engine")
+      .def(py::init([](const std::string& config_json, py::object collectives, int rank, int world_size,
+                       const std::string& backend, std::size_t optimizer_threads) {
+             const auto config = zinf::config::load_config_string(config_json);
+             auto handle = std::make_unique<EngineHandle>();
+             if (collectives.is_none()) {
+               if (world_size != 1) throw Error(ErrorKind::invalid, "a world of more than one needs collectives");
+               handle->comm = zinf::zero3::make_local_communicator();
+             } else {
+               handle->comm = std::make_unique<PythonCommunicator>(collectives, rank, world_size, backend);
+             }
+             zinf::zero3::EngineOptions options;
+             options.optimizer_threads = optimizer_threads;
+             handle->engine = std::make_unique<zinf::zero3::Engine>(config, *handle->comm, options);
+             return handle;
+           }),
+           py::arg("config_json"), py::arg("collectives"), py::arg("rank"), py::arg("world_size"),
+           py::arg("backend"), py::arg("optimizer_threads") = 0)
+      .def("add_module", [](EngineHandle& h, std::string name) { return h.get().add_module(std::move(name)); })
+      .def("add_param",
+           [](EngineHandle& h, zinf::zero3::ModuleIndex module, std::string name, std::vector<std::int64_t> shape,
+              std::uintptr_t address, std::uint64_t count) {
+             const auto* values = reinterpret_cast<const float*>(address);
+             return h.get().add_param(module, std::move(name), std::move(shape), std::span(values, count));
+           },
+           py::arg("module"), py::arg("name"), py::arg("shape"), py::arg("address"), py::arg("count"))
+      .def("finalize", [](EngineHandle& h) {
+             py::gil_scoped_release release;
+             h.get().finalize();
+           })
+      .def("pre_forward", [](EngineHandle& h, zinf::zero3::ModuleIndex m) {
+             py::gil_scoped_release release;
+             h.get().pre_forward(m);
+           })
+      .def("post_forward", [](EngineHandle& h, zinf::zero3::ModuleIndex m) {
+             py::gil_scoped_release release;
+             h.get().post_forward(m);
+           })
+      .def("pre_backward", [](EngineHandle& h, zinf::zero3::ModuleIndex m) {
+             py::gil_scoped_release release;
+             h.get().pre_backward(m);
+           })
+      .def("post_backward", [](EngineHandle& h, zinf::zero3::ModuleIndex m) {
+             py::gil_scoped_release release;
+             h.get().post_backward(m);
+           })
+      .def("step", [](EngineHandle& h) {
+             py::gil_scoped_release release;
+             return h.get().step();
+           })
+      // The whole param in the working precision (padded to the gathered
+      // size), and its fp32 gradient buffer: views of the engine's memory,
+      // valid while the engine says (see engine.hpp).
+      .def("param", [](EngineHandle& h, zinf::zero3::ParamIndex p) {
+             auto& engine = h.get();
+             const auto& d = engine.describe(p);
+             void* data = engine.param(p);
+             const std::uint64_t element = engine.working_dtype() == zinf::cpu_adam::DType::f32 ? 4 : 2;
+             return py::memoryview::from_memory(data, static_cast<py::ssize_t>(d.elements * element), false);
+           })
+      .def("grad", [](EngineHandle& h, zinf::zero3::ParamIndex p) {
+             auto& engine = h.get();
+             const auto& d = engine.describe(p);
+             return py::memoryview::from_memory(engine.grad(p), static_cast<py::ssize_t>(d.elements * sizeof(float)),
+                                                false);
+           })
+      .def("gather_master", [](EngineHandle& h, zinf::zero3::ParamIndex p, std::uintptr_t address, std::uint64_t count) {
+             std::vector<float> values;
+             {
+               py::gil_scoped_release release;
+               values = h.get().gather_master(p);
+             }
+             if (values.size() != count) {
+               throw Error(ErrorKind::invalid, fmt::format("gather_master: {} elements, the buffer holds {}",
+                                                           values.size(), count));
+             }
+             std::memcpy(reinterpret_cast<float*>(address), values.data(), count * sizeof(float));
+           })
+      .def("describe", [](EngineHandle& h, zinf::zero3::ParamIndex p) { return describe_param(h.get().describe(p)); })
+      .def_property_readonly("param_count", [](EngineHandle& h) { return h.get().param_count(); })
+      .def_property_readonly("loss_scale", [](EngineHandle& h) { return h.get().loss_scale(); })
+      .def_property("learning_rate", [](EngineHandle& h) { return h.get().learning_rate(); },
+                    [](EngineHandle& h, double lr) { h.get().set_learning_rate(lr); })
+      .def_property_readonly("optimizer_step", [](EngineHandle& h) { return h.get().optimizer_step(); })
+      .def_property_readonly("working_dtype", [](EngineHandle& h) {
+             return std::string(zinf::cpu_adam::to_string(h.get().working_dtype()));
+           })
+      .def("stats", [](EngineHandle& h) {
+             const auto s = h.get().stats();
+             py::dict out;
+             out["gathers"] = s.gathers;
+             out["prefetched"] = s.prefetched;
+             out["reduce_scatters"] = s.reduce_scatters;
+             out["optimizer_steps"] = s.optimizer_steps;
+             out["micro_steps"] = s.micro_steps;
+             out["skipped_steps"] = s.skipped_steps;
+             out["fetch_wait_s"] = seconds(s.fetch_wait);
+             out["fetch_busy_s"] = seconds(s.fetch_busy);
+             out["reduce_busy_s"] = seconds(s.reduce_busy);
+             out["step_s"] = seconds(s.step_time);
+             out["last_grad_norm"] = s.last_grad_norm;
+             out["order_changes"] = s.order_changes;
+             return out;
+           })
+      .def("save_checkpoint", [](EngineHandle& h, const std::string& dir) {
+             py::gil_scoped_release release;
+             h.get().save_checkpoint(dir);
+           })
+      .def("load_checkpoint", [](EngineHandle& h, const std::string& dir) {
+             py::gil_scoped_release release;
+             h.get().load_checkpoint(dir);
+           })
+      .def("close", [](EngineHandle& h) {
+             {
+               py::gil_scoped_release release;
+               h.engine.reset();
+             }
+             h.comm.reset();
            });
 
   m.def("check_config", [](const std::string& json_text) {

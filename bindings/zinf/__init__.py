@@ -11,6 +11,10 @@
   in, release, commit).
 - ``zinf.torch.offload(module, config)``: a module's parameters on NVMe or
   pinned host memory, streamed in around forward and backward.
+- ``zinf.initialize(model=, config=)``: DeepSpeed's engine (ZeRO stages 0-3,
+  offload to cpu or NVMe) over zinf's C++ engine, for scripts written for
+  DeepSpeed (``import zinf as deepspeed``); schedulers in
+  ``zinf.lr_schedules``.
 
 Errors: ValueError for bad configuration or arguments, OSError (with errno
 and filename) for I/O, RuntimeError for the rest. Every wait releases the GIL.
@@ -19,6 +23,8 @@ from ._zinf import __version__
 from .aio import aio_handle, aio_read, aio_write, deepspeed_memcpy
 from .optim import CPUAdagrad, CPUAdam, CPULion, DeepSpeedCPUAdagrad, DeepSpeedCPUAdam, DeepSpeedCPULion
 from .swap import TensorSwapper
+from .engine import ZinfEngine, initialize
 
 __all__ = ["__version__", "aio_handle", "aio_read", "aio_write", "deepspeed_memcpy", "CPUAdam", "CPUAdagrad",
-           "CPULion", "DeepSpeedCPUAdam", "DeepSpeedCPUAdagrad", "DeepSpeedCPULion", "TensorSwapper"]
+           "CPULion", "DeepSpeedCPUAdam", "DeepSpeedCPUAdagrad", "DeepSpeedCPULion", "TensorSwapper",
+           "ZinfEngine", "initialize"]

@@ -1,0 +1,590 @@
+"""zinf.initialize: DeepSpeed's engine API over zinf's C++ ZeRO engine.
+
+    engine, optimizer, _, scheduler = zinf.initialize(model=model, config="ds_config.json")
+    for batch in loader:
+        loss = engine(batch).loss
+        engine.backward(loss)
+        engine.step()
+
+A training script written for DeepSpeed runs by changing its import
+(`import zinf as deepspeed`). Under torchrun the ranks meet through
+torch.distributed (Gloo for CPU training, initialised from RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT when the script did not), and the
+engine's collectives go through that process group.
+
+What runs where: the C++ engine (zero3/engine.hpp) owns every parameter as
+fp32 master shards (host memory, or NVMe with offload_optimizer nvme) and
+steps them with zinf's CPU optimizer; the model computes with whole
+parameters in the working precision (fp32, or bf16/fp16 when enabled).
+ZeRO stage 3 gathers a unit's parameters (a layer of a transformer, the
+embeddings, the head: as zinf.torch.offload chooses them) before its forward
+and again before its backward, and drops them after; stages 0-2 keep every
+parameter whole (views of the engine's buffers) and partition the optimizer
+states and gradients. Gradients leave param.grad for the engine as soon as
+autograd has accumulated them; engine.step() at each accumulation boundary
+reduces, clips, steps and writes the parameters back.
+
+Parameters shared between units (tied embeddings) belong to the first unit
+that holds them: another unit using one gathers that unit too, and its
+gradient is taken once, after every use. CPU tensors only so far: a model on
+a GPU is refused (the C++ engine's CUDA path is not reachable from Python
+yet).
+"""
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import _zinf
+from . import lr_schedules
+from .distributed import TorchCollectives, init_from_environment
+from .torch import _OnBackward, _load_config, _map_tensors, _tensors_in, _units
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_OPTIMIZERS = {"adam", "adamw", "adagrad", "lion"}
+
+
+class ZinfOptimizer(torch.optim.Optimizer):
+    """What initialize() returns as the optimizer: the model's parameters in
+    param_groups (so torch and DeepSpeed schedulers can set "lr"), stepped by
+    the engine. step() and zero_grad() belong to the engine (engine.step(),
+    engine.zero_grad()); calling them here is a no-op apart from that."""
+
+    def __init__(self, params, settings):
+        super().__init__(params, dict(settings))
+        self._engine = None
+
+    def step(self, closure=None):
+        return None if closure is None else closure()
+
+    def zero_grad(self, set_to_none=True):
+        return None
+
+    @property
+    def loss_scale(self):
+        return self._engine._engine.loss_scale if self._engine is not None else 1.0
+
+
+def _batch_sizes(settings, world):
+    """DeepSpeed's rule: train_batch_size = micro x accumulation x world,
+    any two given (or one, the others defaulting) decide the third."""
+    def read(key):
+        value = settings.get(key)
+        if value == "auto" or value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key}: {value!r} is not a positive integer")
+        return value
+    batch, micro, accumulation = (read("train_batch_size"), read("train_micro_batch_size_per_gpu"),
+                                  read("gradient_accumulation_steps"))
+    if batch is not None and micro is not None and accumulation is not None:
+        if batch != micro * accumulation * world:
+            raise ValueError(f"train_batch_size {batch} != train_micro_batch_size_per_gpu {micro} x "
+                             f"gradient_accumulation_steps {accumulation} x world size {world}")
+    elif batch is not None and micro is not None:
+        accumulation, rest = divmod(batch, micro * world)
+        if rest or accumulation < 1:
+            raise ValueError(f"train_batch_size {batch} is not a multiple of train_micro_batch_size_per_gpu "
+                             f"{micro} x world size {world}")
+    elif batch is not None and accumulation is not None:
+        micro, rest = divmod(batch, accumulation * world)
+        if rest or micro < 1:
+            raise ValueError(f"train_batch_size {batch} is not a multiple of gradient_accumulation_steps "
+                             f"{accumulation} x world size {world}")
+    elif batch is not None:
+        accumulation = 1
+        micro, rest = divmod(batch, world)
+        if rest or micro < 1:
+            raise ValueError(f"train_batch_size {batch} is not a multiple of the world size {world}")
+    elif micro is not None:
+        accumulation = accumulation or 1
+        batch = micro * accumulation * world
+    else:
+        raise ValueError("train_batch_size or train_micro_batch_size_per_gpu is required (DeepSpeed's rule)")
+    return micro * accumulation * world, micro, accumulation
+
+
+def _optimizer_block(optimizer):
+    """The DeepSpeed "optimizer" block for a torch optimizer passed in: its
+    type and hyperparameters, which must be the same in every group."""
+    kinds = {torch.optim.Adam: "Adam", torch.optim.AdamW: "AdamW", torch.optim.Adagrad: "Adagrad"}
+    kind = kinds.get(type(optimizer))
+    if kind is None:
+        raise ValueError(f"optimizer: a {type(optimizer).__name__} cannot be stepped by zinf's CPU optimizer; "
+                         "pass torch.optim.Adam, AdamW or Adagrad, or name the optimizer in the config "
+                         "(optimizer.type: Adam, AdamW, Adagrad or Lion)")
+    keys = ("lr", "betas", "eps", "weight_decay") if kind != "Adagrad" else ("lr", "eps", "weight_decay")
+    first = optimizer.param_groups[0]
+    for group in optimizer.param_groups[1:]:
+        for key in keys:
+            if group.get(key) != first.get(key):
+                raise ValueError(f"optimizer: param groups with different {key} ({first.get(key)} and "
+                                 f"{group.get(key)}): zinf's engine steps every param with one setting")
+    params = {key: (list(first[key]) if key == "betas" else first[key]) for key in keys}
+    if kind == "Adam":
+        params["adam_w_mode"] = False  # torch's Adam: L2 weight decay
+    return {"type": kind, "params": params}
+
+
+class _Unit:
+    def __init__(self, module, name):
+        self.module = module
+        self.name = name
+        self.index = None       # the C++ module
+        self.params = []        # (engine index, param) owned by this unit
+        self.borrowed = set()   # other units whose params this unit's forward uses
+        self.loose = None       # the root unit's own params (those no other unit holds)
+        self.gathered = False   # stage 3: .data holds the gathered values
+        self.forward_open = False
+        self.backward_open = False
+        self.arrived = 0
+        self.wanted = 0
+
+
+class ZinfEngine(torch.nn.Module):
+    """DeepSpeed's DeepSpeedEngine surface over zinf's C++ engine."""
+
+    def __init__(self, model, settings, optimizer=None, lr_scheduler=None, training_data=None, collate_fn=None):
+        super().__init__()
+        self.module = model
+        self._settings = settings
+        if any(p.device.type != "cpu" for p in model.parameters()):
+            raise ValueError("zinf.initialize: the model's parameters are on a device; zinf's Python engine "
+                             "trains CPU models so far (its CUDA path is in the C++ engine only)")
+        rank, world = init_from_environment(settings.get("zinf", {}).get("timeout_s"))
+        self.global_rank, self.world_size = rank, world
+        self.local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        batch, micro, accumulation = _batch_sizes(settings, world)
+        self._train_batch_size, self._micro_batch, self._accumulation = batch, micro, accumulation
+        settings["gradient_accumulation_steps"] = accumulation
+        settings.pop("train_batch_size", None)
+        settings.pop("train_micro_batch_size_per_gpu", None)
+
+        if optimizer is not None and not callable(getattr(optimizer, "step", None)):
+            optimizer = optimizer(list(model.parameters()))  # a callable building one
+        if optimizer is not None and "optimizer" in settings:
+            raise ValueError("optimizer: given both in the config and as an argument (DeepSpeed refuses this too)")
+        if optimizer is not None:
+            settings["optimizer"] = _optimizer_block(optimizer)
+        block = settings.setdefault("optimizer", {"type": "AdamW", "params": {}})
+        kind = str(block.get("type", "")).lower()
+        if kind not in _OPTIMIZERS:
+            raise ValueError(f"optimizer.type: \"{block.get('type')}\" is not stepped by zinf (Adam, AdamW, "
+                             "Adagrad, Lion)")
+        lr = block.get("params", {}).get("lr", 1e-3)
+        zero = settings.setdefault("zero_optimization", {})
+        self.stage = int(zero.get("stage", 0))
+        precision = "bf16" if settings.get("bf16", {}).get("enabled") is True else \
+            "fp16" if settings.get("fp16", {}).get("enabled") is True else "fp32"
+        self._dtype = _DTYPES[precision]
+
+        problems = _zinf.check_config(json.dumps(settings))
+        if problems:
+            raise ValueError("; ".join(problems))
+        collectives = TorchCollectives() if world > 1 else None
+        backend = collectives.backend if collectives else "local"
+        threads = int(settings.get("zinf", {}).get("optimizer_threads", 0))
+        self._engine = _zinf.Engine(json.dumps(settings), collectives, rank, world, backend, threads)
+
+        self._register(model)
+        self.optimizer = ZinfOptimizer([p for _, p in self._named_unique], {"lr": lr})
+        self.optimizer._engine = self
+        self._scheduler = self._make_scheduler(lr_scheduler)
+        self.training_dataloader = self._make_dataloader(training_data, collate_fn)
+        self.global_steps = 0
+        self.global_samples = 0
+        self.micro_steps = 0
+        self._step_applied = False
+        self._backward_pending = False
+        self._timings = {"forward_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
+        self._last_print = time.perf_counter()
+
+    # -- registration -----------------------------------------------------------------
+    def _register(self, model):
+        model.to(self._dtype)
+        names = {}
+        for name, p in model.named_parameters():
+            names.setdefault(id(p), name)
+        self._named_unique = [(names[id(p)], p) for p in {id(p): p for p in model.parameters()}.values()]
+        units = [_Unit(m, n) for m, n in _named_units(model)]
+        covered = {id(p) for u in units for p in u.module.parameters()}
+        loose = [p for _, p in self._named_unique if id(p) not in covered]
+        if loose or not units:
+            root = _Unit(model, "(root)")
+            root.loose = loose if units else [p for _, p in self._named_unique]
+            units.append(root)
+        frozen = [name for name, p in self._named_unique if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"zinf.initialize: {len(frozen)} parameter(s) have requires_grad=False ({frozen[0]}, ...): "
+                             "zinf's engine trains every parameter so far")
+        self._units = units
+        self._owner = {}  # param id -> unit
+        self._index = {}  # param id -> engine param index
+        self._shapes = {id(p): p.shape for _, p in self._named_unique}  # .data is emptied at stage 3
+        for unit in units:
+            unit.index = self._engine.add_module(unit.name)
+            for p in (unit.loose if unit.loose is not None else unit.module.parameters()):
+                if id(p) in self._owner:
+                    if self._owner[id(p)] is not unit:
+                        unit.borrowed.add(self._owner[id(p)])
+                    continue
+                self._owner[id(p)] = unit
+                values = p.detach().to(torch.float32).contiguous()
+                if self.world_size > 1:
+                    dist.broadcast(values, src=0)  # every rank starts from rank 0's values, as DeepSpeed does
+                index = self._engine.add_param(unit.index, names[id(p)], list(p.shape), values.data_ptr(),
+                                               values.numel())
+                self._index[id(p)] = index
+                unit.params.append((index, p))
+        self._engine.finalize()
+        for unit in units:
+            unit.wanted = sum(1 for _, p in unit.params if p.requires_grad)
+        self._persistent = {id(p) for _, p in self._named_unique
+                            if self._engine.describe(self._index[id(p)])["persistent"]}
+        # Each param's AccumulateGrad node, made while the param has its
+        # real shape (autograd checks gradients against the shape it saw).
+        self._accumulators = []
+        for _, p in self._named_unique:
+            with torch.enable_grad():
+                node = p.expand_as(p).grad_fn.next_functions[0][0]
+            node.register_hook(self._make_grad_hook(p))
+            self._accumulators.append(node)
+        for _, p in self._named_unique:
+            p.data = self._view(p) if id(p) in self._persistent else torch.empty(0, dtype=self._dtype)
+        if self.stage >= 3:
+            for unit in units:
+                unit.module.register_forward_pre_hook(self._make_pre_hook(unit))
+                unit.module.register_forward_hook(self._make_post_hook(unit))
+
+    def _view(self, p):
+        """The engine's whole param, as a tensor over its memory."""
+        shape = self._shapes[id(p)]
+        if shape.numel() == 0:
+            return torch.empty(shape, dtype=self._dtype)
+        return torch.frombuffer(self._engine.param(self._index[id(p)]), dtype=self._dtype).view(shape)
+
+    # -- stage 3: gather and release around each unit ------------------------------------
+    def _gather(self, unit, backward):
+        for owner in [unit] + sorted(unit.borrowed, key=lambda u: u.index):
+            if backward:
+                if not owner.backward_open:
+                    self._engine.pre_backward(owner.index)
+                    owner.backward_open = True
+                    self._queue_end_of_backward()
+            elif not owner.gathered:
+                self._engine.pre_forward(owner.index)
+            if not owner.gathered:
+                for _, p in owner.params:
+                    if id(p) not in self._persistent:
+                        # A copy torch owns: a view autograd saved must not see
+                        # the engine reuse this memory for another layer.
+                        p.data = self._view(p).clone()
+                owner.gathered = True
+                if not backward:
+                    owner.forward_open = True
+
+    def _release(self, unit):
+        if unit.gathered:
+            for _, p in unit.params:
+                if id(p) not in self._persistent:
+                    p.data = torch.empty(0, dtype=self._dtype)
+            unit.gathered = False
+
+    def _make_pre_hook(self, unit):
+        def pre_hook(module, inputs):
+            self._gather(unit, backward=False)
+        return pre_hook
+
+    def _make_post_hook(self, unit):
+        def post_hook(module, inputs, outputs):
+            for owner in [unit] + sorted(unit.borrowed, key=lambda u: u.index):
+                if owner.forward_open:
+                    self._engine.post_forward(owner.index)
+                    owner.forward_open = False
+                self._release(owner)
+            if not torch.is_grad_enabled():
+                return None
+            found = [t for t in _tensors_in(outputs) if t.requires_grad]
+            if not found:
+                return None
+            wrapped = _OnBackward.apply(lambda: self._gather(unit, backward=True), *found)
+            wrapped = list(wrapped) if isinstance(wrapped, tuple) else [wrapped]
+            replacements = {id(t): w for t, w in zip(found, wrapped)}
+            return _map_tensors(outputs, lambda t: replacements.get(id(t), t))
+        return post_hook
+
+    # -- gradients -------------------------------------------------------------------------
+    def _make_grad_hook(self, p):
+        def grad_hook(grad_inputs, grad_outputs):
+            unit = self._owner[id(p)]
+            if p.grad is None:
+                return
+            if not unit.backward_open:
+                self._engine.pre_backward(unit.index)
+                unit.backward_open = True
+                self._queue_end_of_backward()
+            target = torch.frombuffer(self._engine.grad(self._index[id(p)]), dtype=torch.float32)
+            target.view(self._shapes[id(p)]).add_(p.grad.detach())
+            p.grad = None
+            unit.arrived += 1
+            if unit.arrived == unit.wanted:
+                self._close_backward(unit)
+        return grad_hook
+
+    def _close_backward(self, unit):
+        self._engine.post_backward(unit.index)
+        unit.backward_open = False
+        unit.arrived = 0
+        if self.stage >= 3:
+            self._release(unit)
+
+    def _queue_end_of_backward(self):
+        if not self._backward_pending:
+            self._backward_pending = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self):
+        # Units whose params did not all get a gradient (unused this pass)
+        # are reduced with zeros for the rest; whatever backward gathered goes.
+        self._backward_pending = False
+        for unit in self._units:
+            if unit.backward_open:
+                self._close_backward(unit)
+            if self.stage >= 3:
+                self._release(unit)
+
+    # -- DeepSpeed's engine API -------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self.module(*args, **kwargs)
+        self._timings["forward_s"] += time.perf_counter() - start
+        return out
+
+    def backward(self, loss, retain_graph=False):
+        """loss.backward(), with fp16's loss scale applied (the engine takes it
+        out again and averages over ranks and micro-steps)."""
+        start = time.perf_counter()
+        scale = self._engine.loss_scale
+        (loss * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
+        self._timings["backward_s"] += time.perf_counter() - start
+        return loss
+
+    def step(self, lr_kwargs=None):
+        """After every micro-step's backward; the optimizer runs at each
+        gradient_accumulation_steps-th (is_gradient_accumulation_boundary)."""
+        start = time.perf_counter()
+        boundary = self.is_gradient_accumulation_boundary()
+        if boundary:
+            self._engine.learning_rate = float(self.optimizer.param_groups[0]["lr"])
+        stepped = self._engine.step()
+        self.micro_steps += 1
+        self.global_samples += self._micro_batch * self.world_size
+        self._step_applied = stepped
+        if boundary:
+            self.global_steps += 1
+            if self._scheduler is not None and stepped:
+                self._scheduler.step(**(lr_kwargs or {}))
+        self._timings["step_s"] += time.perf_counter() - start
+        if boundary:
+            self._maybe_print()
+
+    def zero_grad(self, set_to_none=True):
+        """Gradients live in the engine (param.grad is emptied as they
+        arrive): nothing to clear but what a caller put there by hand."""
+        for _, p in self._named_unique:
+            p.grad = None
+
+    def is_gradient_accumulation_boundary(self):
+        return (self.micro_steps + 1) % self._accumulation == 0
+
+    def gradient_accumulation_steps(self):
+        return self._accumulation
+
+    def train_batch_size(self):
+        return self._train_batch_size
+
+    def train_micro_batch_size_per_gpu(self):
+        return self._micro_batch
+
+    def get_global_grad_norm(self):
+        return self._engine.stats()["last_grad_norm"]
+
+    def was_step_applied(self):
+        return self._step_applied
+
+    def get_lr(self):
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    @property
+    def lr_scheduler(self):
+        return self._scheduler
+
+    @property
+    def loss_scale(self):
+        return self._engine.loss_scale
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def timings(self):
+        """Seconds spent per phase since the start, and the engine's own
+        (parameter fetch wait and work, reductions, the last optimizer step)."""
+        stats = self._engine.stats()
+        out = dict(self._timings)
+        out.update({"fetch_wait_s": stats["fetch_wait_s"], "fetch_busy_s": stats["fetch_busy_s"],
+                    "reduce_busy_s": stats["reduce_busy_s"], "optimizer_step_s": stats["step_s"],
+                    "gathers": stats["gathers"], "skipped_steps": stats["skipped_steps"]})
+        return out
+
+    def _maybe_print(self):
+        every = int(self._settings.get("steps_per_print", 10) or 0)
+        if not every or self.global_steps % every or self.global_rank != 0:
+            return
+        message = f"zinf: step {self.global_steps}, lr {self.get_lr()[0]:.3g}, grad norm " \
+                  f"{self.get_global_grad_norm():.4g}"
+        if self._settings.get("wall_clock_breakdown"):
+            t = self.timings()
+            message += " | forward %.3fs backward %.3fs step %.3fs (fetch wait %.3fs, reduce %.3fs, optimizer " \
+                       "%.3fs)" % (t["forward_s"], t["backward_s"], t["step_s"], t["fetch_wait_s"],
+                                   t["reduce_busy_s"], t["optimizer_step_s"])
+        print(message, flush=True)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True):
+        """Every rank's shards and optimizer states under save_dir/tag (tag
+        defaults to global_step<N>), the engine's counters and client_state
+        with them, and save_dir/latest naming the tag. Collective."""
+        tag = str(tag) if tag is not None else f"global_step{self.global_steps}"
+        path = os.path.join(save_dir, tag)
+        self._engine.save_checkpoint(path)
+        if self.global_rank == 0:
+            state = {"global_steps": self.global_steps, "global_samples": self.global_samples,
+                     "micro_steps": self.micro_steps, "client_state": client_state or {},
+                     "lr_scheduler": self._scheduler.state_dict() if self._scheduler is not None else None,
+                     "param_groups_lr": [g["lr"] for g in self.optimizer.param_groups]}
+            torch.save(state, os.path.join(path, "zinf_engine_state.pt"))
+            if save_latest:
+                with open(os.path.join(save_dir, "latest"), "w") as file:
+                    file.write(tag)
+        if self.world_size > 1:
+            dist.barrier()
+        return True
+
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False):
+        """Restores what save_checkpoint wrote (tag from load_dir/latest when
+        None); returns (path, client_state), or (None, None) with no tag."""
+        if tag is None:
+            latest = os.path.join(load_dir, "latest")
+            if not os.path.exists(latest):
+                return None, None
+            with open(latest) as file:
+                tag = file.read().strip()
+        path = os.path.join(load_dir, str(tag))
+        self._engine.load_checkpoint(path)
+        for _, p in self._named_unique:
+            if id(p) in self._persistent:
+                p.data = self._view(p)
+        state = torch.load(os.path.join(path, "zinf_engine_state.pt"))
+        self.global_steps = state["global_steps"]
+        self.global_samples = state["global_samples"]
+        self.micro_steps = state["micro_steps"]
+        for group, lr in zip(self.optimizer.param_groups, state["param_groups_lr"]):
+            group["lr"] = lr
+        if load_lr_scheduler_states and self._scheduler is not None and state["lr_scheduler"] is not None:
+            self._scheduler.load_state_dict(state["lr_scheduler"])
+        return path, state["client_state"]
+
+    def consolidated_state_dict(self, dtype=None):
+        """{name: the whole parameter} from the fp32 masters, in `dtype`
+        (default: the training precision). Collective; every rank gets it."""
+        out = {}
+        for name, p in self._named_unique:
+            values = torch.empty(self._shapes[id(p)], dtype=torch.float32)
+            self._engine.gather_master(self._index[id(p)], values.data_ptr(), values.numel())
+            out[name] = values.to(dtype or self._dtype)
+        return out
+
+    def save_16bit_model(self, save_dir, save_filename="model.safetensors"):
+        """The whole model in the working precision (16-bit with fp16/bf16)
+        on rank 0, as safetensors (a Hugging Face model loads it with
+        from_pretrained(save_dir) next to its config) or, for a .bin/.pt
+        name, torch.save of the state dict. Collective."""
+        weights = self.consolidated_state_dict()
+        if self.global_rank == 0:
+            os.makedirs(save_dir, exist_ok=True)
+            target = os.path.join(save_dir, save_filename)
+            if save_filename.endswith(".safetensors"):
+                from safetensors.torch import save_file
+                save_file({k: v.contiguous() for k, v in weights.items()}, target, metadata={"format": "pt"})
+            else:
+                torch.save(weights, target)
+        if self.world_size > 1:
+            dist.barrier()
+        return True
+
+    # -- construction helpers ----------------------------------------------------------------
+    def _make_scheduler(self, lr_scheduler):
+        block = self._settings.get("scheduler")
+        if lr_scheduler is not None and block is not None:
+            raise ValueError("scheduler: given both in the config and as an argument")
+        if block is not None:
+            return lr_schedules.from_config(block, self.optimizer)
+        if lr_scheduler is not None and not hasattr(lr_scheduler, "step"):
+            return lr_scheduler(self.optimizer)  # a callable building one
+        return lr_scheduler
+
+    def _make_dataloader(self, training_data, collate_fn):
+        if training_data is None:
+            return None
+        sampler = None
+        if self.world_size > 1:
+            sampler = torch.utils.data.distributed.DistributedSampler(training_data, num_replicas=self.world_size,
+                                                                      rank=self.global_rank)
+        return torch.utils.data.DataLoader(training_data, batch_size=self._micro_batch, sampler=sampler,
+                                           collate_fn=collate_fn)
+
+    def close(self):
+        """Stops the engine's worker and frees its memory (also at exit)."""
+        self._engine.close()
+
+
+def _named_units(model):
+    names = {id(m): n for n, m in model.named_modules()}
+    return [(unit, names.get(id(unit), "unit")) for unit in _units(model)]
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
+               lr_scheduler=None, mpu=None, dist_init_required=None, collate_fn=None, config=None,
+               config_params=None, **unused):
+    """DeepSpeed's initialize: returns (engine, optimizer, training_dataloader,
+    lr_scheduler). `config` (or config_params, or args.deepspeed_config) is a
+    DeepSpeed JSON path or dict. `optimizer` may be a torch Adam/AdamW/Adagrad
+    (its settings are taken) or a callable building one; `model_parameters`
+    must be the model's own parameters when given (zinf trains them all)."""
+    if model is None:
+        raise ValueError("initialize: model is required")
+    if mpu is not None:
+        raise ValueError("initialize: mpu (model parallelism) is not supported by zinf")
+    config = config if config is not None else config_params
+    if config is None and args is not None:
+        config = getattr(args, "deepspeed_config", None)
+    if config is None:
+        raise ValueError("initialize: config is required (a DeepSpeed JSON path or dict)")
+    settings = _load_config(config)
+    if model_parameters is not None:
+        # Params, or param groups (dicts with "params"): zinf trains the
+        # whole model, so they must be all of it.
+        given = set()
+        for item in ([model_parameters] if isinstance(model_parameters, torch.Tensor) else model_parameters):
+            for p in (item["params"] if isinstance(item, dict) else [item]):
+                given.add(id(p))
+        if given != {id(p) for p in model.parameters()}:
+            raise ValueError("model_parameters: zinf trains every parameter of the model; pass "
+                             "model.parameters() (or leave it out)")
+    engine = ZinfEngine(model, settings, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                        training_data=training_data, collate_fn=collate_fn)
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
