@@ -553,8 +553,15 @@ class ZinfEngine(torch.nn.Module):
 
 
 def _named_units(model):
+    """zinf.torch.offload's units, each module once (T5's encoder and
+    decoder hold the very embedding module `shared` is)."""
     names = {id(m): n for n, m in model.named_modules()}
-    return [(unit, names.get(id(unit), "unit")) for unit in _units(model)]
+    seen, units = set(), []
+    for unit in _units(model):
+        if id(unit) not in seen:
+            seen.add(id(unit))
+            units.append((unit, names.get(id(unit), "unit")))
+    return units
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,

@@ -1,0 +1,30 @@
+"""The model and data of test_initialize.py: a small MLP with a layer stack
+(so stage 3 has several units) and deterministic batches per (step,
+micro-step, rank)."""
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self, width=24, layers=3):
+        super().__init__()
+        self.embed = torch.nn.Linear(8, width)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
+        self.head = torch.nn.Linear(width, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        return self.head(h)
+
+
+def make_model():
+    torch.manual_seed(1234)
+    return Net()
+
+
+def batch(step, micro, rank, size):
+    generator = torch.Generator().manual_seed(100000 * step + 1000 * micro + rank)
+    x = torch.randn(size, 8, generator=generator)
+    y = torch.sin(x.sum(dim=1, keepdim=True))
+    return x, y

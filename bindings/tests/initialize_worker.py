@@ -1,0 +1,55 @@
+"""One rank of a zinf.initialize training run, written as a DeepSpeed script
+is (`import zinf as deepspeed`), for test_initialize.py. Launched with
+torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set.
+
+    python initialize_worker.py RUN.json
+
+RUN.json: {"config": {...}, "steps": K, "out": path, "save": dir|null,
+"load": dir|null, "from_step": 0, "die_at": step|null}. Rank 0 writes
+{"losses": [...], "state": {name: fp32 tensor}, "lrs": [...]} to `out`.
+"""
+import json
+import os
+import sys
+
+import torch
+
+import zinf as deepspeed
+from initialize_model import batch, make_model
+
+
+def main():
+    with open(sys.argv[1]) as file:
+        run = json.load(file)
+    model = make_model()
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                           config=run["config"])
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    start = 0
+    if run.get("load"):
+        path, client = engine.load_checkpoint(run["load"])
+        assert path is not None, "no checkpoint found"
+        start = client["next_step"]
+    losses, lrs = [], []
+    for step in range(start, run["steps"]):
+        if run.get("die_at") == step and rank == world - 1:
+            os._exit(17)  # a rank dying mid-training: the others must fail, not hang
+        for micro in range(engine.gradient_accumulation_steps()):
+            x, y = batch(step, micro, rank, engine.train_micro_batch_size_per_gpu())
+            loss = torch.nn.functional.mse_loss(engine(x).float(), y)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        lrs.append(engine.get_lr()[0])
+    if run.get("save"):
+        engine.save_checkpoint(run["save"], client_state={"next_step": run["steps"]})
+    state = engine.consolidated_state_dict(dtype=torch.float32)
+    if rank == 0:
+        torch.save({"losses": losses, "state": state, "lrs": lrs, "grad_norm": engine.get_global_grad_norm(),
+                    "steps": engine.global_steps, "timings": engine.timings()}, run["out"])
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()

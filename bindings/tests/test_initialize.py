@@ -1,0 +1,296 @@
+"""zinf.initialize against plain PyTorch training.
+
+Multi-rank runs are real processes started with torchrun's variables
+(initialize_worker.py, written as a DeepSpeed script), for ZeRO stages 0-3
+and the offload combinations; after K steps the parameters equal those of
+the same model trained in one process on the whole global batch with
+torch.optim.AdamW, within fp32 tolerance. Also: schedulers, checkpoint and
+resume, a rank dying, a torch optimizer passed in, configuration errors,
+fp16 overflow handling and the 16-bit export.
+"""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zinf
+from zinf import lr_schedules
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from initialize_model import batch, make_model  # noqa: E402
+
+ADAMW = {"type": "AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.01}}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world, run, directory, timeout=240):
+    """Runs initialize_worker.py in `world` processes; returns (codes, stderr
+    texts, rank 0's result or None)."""
+    run = dict(run, out=os.path.join(directory, "result.pt"))
+    path = os.path.join(directory, "run.json")
+    with open(path, "w") as file:
+        json.dump(run, file)
+    port = free_port()
+    env_base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                    PYTHONPATH=os.pathsep.join([HERE] + sys.path), OMP_NUM_THREADS="1")
+    procs = []
+    for rank in range(world):
+        env = dict(env_base, RANK=str(rank), LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "initialize_worker.py"), path], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    codes, errors = [], []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            raise AssertionError("a rank hung past %d s" % timeout)
+        codes.append(proc.returncode)
+        errors.append(err)
+    result = torch.load(run["out"]) if os.path.exists(run["out"]) else None
+    return codes, errors, result
+
+
+def reference(config, steps, world, start_state=None):
+    """Plain single-process training on the global batch: rank r's
+    micro-batches of each step, the mean loss over all of them."""
+    model = make_model()
+    micro = config.get("train_micro_batch_size_per_gpu", 4)
+    accumulation = config.get("gradient_accumulation_steps", 1)
+    params = config["optimizer"]["params"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params["lr"], betas=tuple(params["betas"]),
+                                  eps=params["eps"], weight_decay=params["weight_decay"])
+    scheduler = lr_schedules.from_config(config["scheduler"], optimizer) if "scheduler" in config else None
+    losses, lrs = [], []
+    for step in range(steps):
+        optimizer.zero_grad()
+        for m in range(accumulation):
+            for rank in range(world):
+                x, y = batch(step, m, rank, micro)
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                (loss / (accumulation * world)).backward()
+                if rank == 0:
+                    losses.append(float(loss))
+        if config.get("gradient_clipping"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config["gradient_clipping"])
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, losses, lrs
+
+
+def config_for(stage, offload_optimizer="none", offload_param="none", nvme=None, **extra):
+    zero = {"stage": stage, "stage3_param_persistence_threshold": 30, "sub_group_size": 300,
+            "stage3_prefetch_bucket_size": 700}
+    for key, device in (("offload_optimizer", offload_optimizer), ("offload_param", offload_param)):
+        if device != "none":
+            zero[key] = {"device": device}
+            if device == "nvme":
+                zero[key]["nvme_path"] = nvme
+    config = {"train_micro_batch_size_per_gpu": 4, "optimizer": ADAMW, "zero_optimization": zero,
+              "steps_per_print": 0}
+    config.update(extra)
+    return config
+
+
+def assert_matches(result, want_state, want_losses, atol=2e-5):
+    for name, value in want_state.items():
+        assert torch.allclose(result["state"][name], value, atol=atol, rtol=1e-4), \
+            f"{name}: max difference {(result['state'][name] - value).abs().max().item()}"
+    assert len(result["losses"]) == len(want_losses)
+    for got, want in zip(result["losses"], want_losses):
+        assert math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-6), (got, want)
+
+
+CASES = [
+    # (world, stage, offload_optimizer, offload_param, accumulation, clipping)
+    (2, 0, "none", "none", 1, 0.0),
+    (2, 1, "none", "none", 2, 0.0),
+    (2, 2, "cpu", "none", 2, 0.05),
+    (1, 3, "none", "none", 1, 0.0),
+    (2, 3, "cpu", "cpu", 2, 0.05),
+    (2, 3, "nvme", "nvme", 1, 0.05),
+    (4, 3, "nvme", "cpu", 1, 0.0),
+]
+
+
+@pytest.mark.parametrize("world,stage,optimizer_device,param_device,accumulation,clipping", CASES)
+def test_training_equals_plain_pytorch(scratch, world, stage, optimizer_device, param_device, accumulation,
+                                       clipping):
+    config = config_for(stage, optimizer_device, param_device, nvme=os.path.join(scratch, "nvme"),
+                        gradient_accumulation_steps=accumulation, gradient_clipping=clipping)
+    steps = 3
+    codes, errors, result = launch(world, {"config": config, "steps": steps}, scratch)
+    assert codes == [0] * world, "\n".join(errors)
+    state, losses, _ = reference(config, steps, world)
+    assert_matches(result, state, losses)
+    assert result["steps"] == steps
+
+
+def test_a_scheduler_from_the_config_sets_the_rate_of_every_step(scratch):
+    config = config_for(3, "cpu", "none", gradient_accumulation_steps=2,
+                        scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.02,
+                                                                 "warmup_num_steps": 3, "warmup_type": "linear"}})
+    codes, errors, result = launch(2, {"config": config, "steps": 4}, scratch)
+    assert codes == [0, 0], "\n".join(errors)
+    state, losses, lrs = reference(config, 4, 2)
+    assert result["lrs"] == pytest.approx(lrs)
+    assert lrs[0] != lrs[-1]  # the rate did change
+    assert_matches(result, state, losses)
+
+
+def test_checkpoint_and_resume_equals_uninterrupted_training(scratch):
+    config = config_for(3, "nvme", "nvme", nvme=os.path.join(scratch, "nvme-a"), gradient_accumulation_steps=2,
+                        scheduler={"type": "WarmupDecayLR", "params": {"warmup_max_lr": 0.02, "warmup_num_steps": 2,
+                                                                      "total_num_steps": 6}})
+    whole_dir = os.path.join(scratch, "whole")
+    os.makedirs(whole_dir)
+    codes, errors, whole = launch(2, {"config": config, "steps": 4}, whole_dir)
+    assert codes == [0, 0], "\n".join(errors)
+
+    config["zero_optimization"]["offload_optimizer"]["nvme_path"] = os.path.join(scratch, "nvme-b")
+    config["zero_optimization"]["offload_param"]["nvme_path"] = os.path.join(scratch, "nvme-b")
+    checkpoints = os.path.join(scratch, "checkpoints")
+    first_dir, second_dir = os.path.join(scratch, "first"), os.path.join(scratch, "second")
+    os.makedirs(first_dir)
+    os.makedirs(second_dir)
+    codes, errors, _ = launch(2, {"config": config, "steps": 2, "save": checkpoints}, first_dir)
+    assert codes == [0, 0], "\n".join(errors)
+    assert open(os.path.join(checkpoints, "latest")).read() == "global_step2"
+    codes, errors, resumed = launch(2, {"config": config, "steps": 4, "load": checkpoints}, second_dir)
+    assert codes == [0, 0], "\n".join(errors)
+    assert resumed["steps"] == 4
+    for name, value in whole["state"].items():
+        assert torch.equal(resumed["state"][name], value), name
+    assert resumed["lrs"] == whole["lrs"][2:]
+
+
+def test_a_rank_that_dies_fails_the_others_clearly(scratch):
+    config = config_for(3, "cpu", "none")
+    config["zinf"] = {"timeout_s": 60}
+    codes, errors, _ = launch(2, {"config": config, "steps": 4, "die_at": 1}, scratch, timeout=120)
+    assert codes[1] == 17
+    assert codes[0] != 0
+    assert "torch.distributed" in errors[0] or "Connection" in errors[0], errors[0]
+
+
+def test_a_torch_optimizer_passed_in_trains_as_its_settings_say():
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
+    config = {"train_batch_size": 4, "zero_optimization": {"stage": 2}}
+    engine, returned, _, _ = zinf.initialize(model=model, optimizer=optimizer, config=config)
+    assert isinstance(returned, torch.optim.Optimizer)
+    for step in range(3):
+        x, y = batch(step, 0, 0, 4)
+        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        engine.step()
+    state, _, _ = reference(config_for(2), 3, 1)
+    got = engine.consolidated_state_dict()
+    for name, value in state.items():
+        assert torch.allclose(got[name], value, atol=2e-5), name
+    assert engine.global_steps == 3 and engine.train_batch_size() == 4
+    engine.close()
+
+
+def test_engine_api_counters_and_boundaries():
+    model = make_model()
+    engine, _, _, _ = zinf.initialize(model=model, config=config_for(3, gradient_accumulation_steps=3,
+                                                                     train_batch_size=12))
+    assert engine.gradient_accumulation_steps() == 3 and engine.train_micro_batch_size_per_gpu() == 4
+    boundaries = []
+    for micro in range(6):
+        boundaries.append(engine.is_gradient_accumulation_boundary())
+        x, y = batch(0, micro, 0, 4)
+        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        engine.step()
+    assert boundaries == [False, False, True, False, False, True]
+    assert engine.global_steps == 2 and engine.global_samples == 24
+    assert engine.get_global_grad_norm() > 0
+    timings = engine.timings()
+    assert timings["forward_s"] > 0 and timings["gathers"] > 0
+    engine.close()
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"train_batch_size": 4, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, "optimizer.type"),
+    ({"train_batch_size": 6, "train_micro_batch_size_per_gpu": 4}, "train_batch_size"),
+    ({}, "train_batch_size or train_micro_batch_size_per_gpu is required"),
+    ({"train_batch_size": 4, "zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
+     "zero_optimization.offload_param.device"),
+    ({"train_batch_size": 4, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}},
+     "zero_optimization.offload_optimizer.nvme_path"),
+])
+def test_configuration_errors_name_the_key(config, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        zinf.initialize(model=make_model(), config=config)
+
+
+def test_an_optimizer_zinf_cannot_step_is_refused():
+    model = make_model()
+    with pytest.raises(ValueError, match="SGD"):
+        zinf.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        config={"train_batch_size": 4})
+
+
+class HalfParamsFloatMath(torch.nn.Module):
+    """fp16 params, fp32 arithmetic (CPU torch has no fp16 matmul)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.first = torch.nn.Linear(8, 16)
+        self.second = torch.nn.Linear(16, 1)
+
+    def forward(self, x):
+        h = torch.tanh(torch.nn.functional.linear(x, self.first.weight.float(), self.first.bias.float()))
+        return torch.nn.functional.linear(h, self.second.weight.float(), self.second.bias.float())
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
+    model = HalfParamsFloatMath()
+    # Stage 2: the params are used by the parent's forward, not their own
+    # modules', which stage 3 cannot see (see docs/python.md).
+    config = config_for(2, train_batch_size=4, fp16={"enabled": True, "initial_scale_power": 30, "hysteresis": 1})
+    engine, _, _, _ = zinf.initialize(model=model, config=config)
+    assert engine.loss_scale == 2.0 ** 30
+    before = engine.consolidated_state_dict(dtype=torch.float32)
+    x, y = batch(0, 0, 0, 4)
+    # 2^30 x the loss: the fp16 gradients overflow to infinity.
+    engine.backward(torch.nn.functional.mse_loss(engine(x) * 1e4, y))
+    engine.step()
+    assert not engine.was_step_applied()
+    assert engine.loss_scale == 2.0 ** 29
+    after = engine.consolidated_state_dict(dtype=torch.float32)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    engine.close()
+
+
+def test_the_16bit_export_holds_the_trained_model(scratch):
+    safetensors = pytest.importorskip("safetensors.torch", reason="the safetensors package is not installed")
+    model = make_model()
+    engine, _, _, _ = zinf.initialize(model=model, config=config_for(3, train_batch_size=4, bf16={"enabled": True}))
+    x, y = batch(0, 0, 0, 4)
+    engine.backward(torch.nn.functional.mse_loss(engine(x.bfloat16()).float(), y))
+    engine.step()
+    engine.save_16bit_model(scratch)
+    saved = safetensors.load_file(os.path.join(scratch, "model.safetensors"))
+    masters = engine.consolidated_state_dict(dtype=torch.float32)
+    assert set(saved) == {n for n, _ in make_model().named_parameters()}
+    for name, value in saved.items():
+        assert value.dtype == torch.bfloat16
+        assert torch.equal(value, masters[name].bfloat16()), name
+    engine.close()
