@@ -564,6 +564,24 @@ def _named_units(model):
     return units
 
 
+def init_distributed(dist_backend="gloo", timeout=None, **unused):
+    """DeepSpeed's init_distributed: the default process group from
+    torchrun's variables (Gloo: zinf's Python engine trains on the CPU), or
+    nothing for a single process. Returns (rank, world size)."""
+    if dist_backend not in (None, "gloo"):
+        raise ValueError(f"init_distributed: backend {dist_backend!r}: zinf's Python engine runs over Gloo")
+    seconds = timeout.total_seconds() if timeout is not None else None
+    return init_from_environment(seconds)
+
+
+def add_config_arguments(parser):
+    """DeepSpeed's --deepspeed and --deepspeed_config arguments."""
+    group = parser.add_argument_group("DeepSpeed (zinf)")
+    group.add_argument("--deepspeed", action="store_true", help="train with zinf (DeepSpeed's flag)")
+    group.add_argument("--deepspeed_config", default=None, type=str, help="DeepSpeed JSON config")
+    return parser
+
+
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
                lr_scheduler=None, mpu=None, dist_init_required=None, collate_fn=None, config=None,
                config_params=None, **unused):
