@@ -488,7 +488,9 @@ class ZinfEngine(torch.nn.Module):
         for _, p in self._named_unique:
             if id(p) in self._persistent:
                 p.data = self._view(p)
-        state = torch.load(os.path.join(path, "zinf_engine_state.pt"))
+        # client_state may hold any picklable object (DeepSpeed's contract):
+        # this file is the trainer's own, not weights from elsewhere.
+        state = torch.load(os.path.join(path, "zinf_engine_state.pt"), weights_only=False)
         self.global_steps = state["global_steps"]
         self.global_samples = state["global_samples"]
         self.micro_steps = state["micro_steps"]
