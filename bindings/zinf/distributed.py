@@ -23,7 +23,12 @@ def _floats(view):
 
 
 class TorchCollectives:
-    """What PythonCommunicator (bindings/python_module.cpp) calls."""
+    """What PythonCommunicator (bindings/python_module.cpp) calls.
+
+    The collectives run on tensors torch allocated, copied from and to the
+    engine's memory: a tensor over a memoryview holds a Python reference,
+    and Gloo's worker threads may drop their last reference to it late,
+    while the interpreter exits, which aborts the process."""
 
     def __init__(self, group=None):
         self.group = group
@@ -33,28 +38,32 @@ class TorchCollectives:
 
     def all_gather(self, send, recv, nbytes):
         out = _bytes(recv)
-        blocks = list(out.split(nbytes))
-        mine = _bytes(send)
-        if mine.data_ptr() == blocks[self.rank].data_ptr():
-            mine = mine.clone()  # in place: the input is one of the outputs
-        dist.all_gather(blocks, mine, group=self.group)
+        mine = _bytes(send).clone()
+        gathered = torch.empty(nbytes * self.world_size, dtype=torch.uint8)
+        dist.all_gather(list(gathered.split(nbytes)), mine, group=self.group)
+        out.copy_(gathered)
 
     def reduce_scatter(self, send, recv, count):
-        values = _floats(send)
-        out = _floats(recv)
+        total = _floats(send).clone()
         if self.backend == "nccl" and hasattr(dist, "reduce_scatter"):
-            dist.reduce_scatter(out, list(values.split(count)), group=self.group)
-            return
-        total = values.clone()
-        dist.all_reduce(total, group=self.group)
-        out.copy_(total[self.rank * count:(self.rank + 1) * count])
+            mine = torch.empty(count, dtype=torch.float32)
+            dist.reduce_scatter(mine, list(total.split(count)), group=self.group)
+        else:
+            dist.all_reduce(total, group=self.group)
+            mine = total[self.rank * count:(self.rank + 1) * count]
+        _floats(recv).copy_(mine)
 
     def all_reduce(self, data, count, op):
-        dist.all_reduce(_floats(data), op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
-                        group=self.group)
+        values = _floats(data)
+        total = values.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
+        values.copy_(total)
 
     def broadcast(self, data, nbytes, root):
-        dist.broadcast(_bytes(data), src=root, group=self.group)
+        target = _bytes(data)
+        values = target.clone()
+        dist.broadcast(values, src=root, group=self.group)
+        target.copy_(values)
 
     def barrier(self):
         dist.barrier(group=self.group)
