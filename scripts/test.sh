@@ -92,7 +92,7 @@ for variant in $variants; do
       log="$results/python-newest-install.log"
       pip_in() { build-py-newest/venv/bin/python -m pip --cache-dir "$pip_cache" "$@" >>"$log" 2>&1; }
       if "$py" -m venv build-py-newest/venv >"$log" 2>&1 &&
-        pip_in install -q torch numpy pytest transformers safetensors &&
+        pip_in install -q torch numpy pytest transformers safetensors accelerate &&
         pip_in install -v . &&
         pip_in install -q meson-python meson ninja pybind11 &&
         pip_in install --no-build-isolation --no-deps --force-reinstall -v .; then
