@@ -455,6 +455,32 @@ PYBIND11_MODULE(_zinf, m) {
              return h.get().add_param(module, std::move(name), std::move(shape), std::span(values, count));
            },
            py::arg("module"), py::arg("name"), py::arg("shape"), py::arg("address"), py::arg("count"))
+      // `fill(offset, view)` writes elements [offset, offset + n) of the
+      // flattened param into `view` (n fp32 values) when finalize() builds
+      // this rank's shard: values that are never whole in memory
+      // (zinf.zero.Init's staged shards).
+      .def("add_param_from",
+           [](EngineHandle& h, zinf::zero3::ModuleIndex module, std::string name, std::vector<std::int64_t> shape,
+              py::function fill) {
+             // Held and dropped with the GIL: finalize() calls it without.
+             auto callback = std::shared_ptr<py::function>(new py::function(std::move(fill)), [](py::function* f) {
+               py::gil_scoped_acquire gil;
+               delete f;
+             });
+             return h.get().add_param(module, std::move(name), std::move(shape),
+                                      [callback](std::uint64_t offset, std::span<float> out) {
+                                        py::gil_scoped_acquire gil;
+                                        (*callback)(offset, py::memoryview::from_memory(
+                                                                out.data(),
+                                                                static_cast<py::ssize_t>(out.size_bytes()), false));
+                                      });
+           },
+           py::arg("module"), py::arg("name"), py::arg("shape"), py::arg("fill"))
+      .def("set_master", [](EngineHandle& h, zinf::zero3::ParamIndex p, std::uintptr_t address, std::uint64_t count) {
+             const auto* values = reinterpret_cast<const float*>(address);
+             py::gil_scoped_release release;
+             h.get().set_master(p, std::span(values, count));
+           })
       .def("finalize", [](EngineHandle& h) {
              py::gil_scoped_release release;
              h.get().finalize();

@@ -823,6 +823,42 @@ bool Engine::step() {
   return true;
 }
 
+void Engine::set_master(ParamIndex p, std::span<const float> whole) {
+  require_finalized("set_master");
+  drain();
+  const Param& param = at(p);
+  if (whole.size() != param.d.elements) {
+    throw Error(ErrorKind::invalid, fmt::format("set_master('{}'): {} values for {} elements", param.d.name,
+                                                whole.size(), param.d.elements));
+  }
+  // Each sub-group holding part of this rank's shard is rewritten whole
+  // (params and moments at the current step): rare (a user editing a
+  // param), so simplicity wins over the bytes.
+  const auto names = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
+  const std::uint64_t shard_start = static_cast<std::uint64_t>(comm_.rank()) * param.d.shard_elements;
+  std::uint64_t group_begin = 0;
+  for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
+    const std::uint64_t group_end = group_begin + sub_groups_[g].elements;
+    const std::uint64_t from = std::max(group_begin, param.partition_offset);
+    const std::uint64_t to = std::min(group_end, param.partition_offset + param.d.shard_elements);
+    if (from < to) {
+      std::vector<float> master(sub_groups_[g].elements);
+      optimizer_->read_params(g, master);
+      std::vector<std::vector<float>> states(names.size(), std::vector<float>(master.size()));
+      for (std::size_t s = 0; s < names.size(); ++s) optimizer_->read_state(g, names[s], states[s]);
+      for (std::uint64_t i = from; i < to; ++i) {
+        const std::uint64_t element = shard_start + (i - param.partition_offset);
+        if (element < param.d.elements) master[i - group_begin] = whole[element];  // past the end: padding
+      }
+      std::vector<std::span<const float>> views(states.begin(), states.end());
+      optimizer_->initialize(g, master, optimizer_step_, views);
+      set_working(group_begin, master);
+    }
+    group_begin = group_end;
+  }
+  place_shards();
+}
+
 void Engine::set_learning_rate(double lr) {
   require_finalized("set_learning_rate");
   if (!(lr >= 0.0) || !std::isfinite(lr)) {

@@ -159,6 +159,10 @@ class Engine {
   // The whole fp32 master weights of `p` (from the optimizer's shards).
   // Collective.
   std::vector<float> gather_master(ParamIndex p);
+  // Replaces `p`'s fp32 master weights with `whole` (every rank passes the
+  // same values; each keeps its shard), the optimizer's moments kept, and
+  // writes the working copies back where offload_param says. Collective.
+  void set_master(ParamIndex p, std::span<const float> whole);
 
   // Resumable sharded state: every rank writes its shards and optimizer
   // state into `dir` (created); rank 0 adds the description. With

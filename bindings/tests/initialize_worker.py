@@ -5,7 +5,8 @@ torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set.
     python initialize_worker.py RUN.json
 
 RUN.json: {"config": {...}, "steps": K, "out": path, "save": dir|null,
-"load": dir|null, "from_step": 0, "die_at": step|null}. Rank 0 writes
+"load": dir|null, "die_at": step|null, "zero_init": bool (build the model
+under zinf.zero.Init)}. Rank 0 writes
 {"losses": [...], "state": {name: fp32 tensor}, "lrs": [...]} to `out`.
 """
 import json
@@ -21,7 +22,12 @@ from initialize_model import batch, make_model
 def main():
     with open(sys.argv[1]) as file:
         run = json.load(file)
-    model = make_model()
+    if run.get("zero_init"):
+        with deepspeed.zero.Init(config_dict_or_path=run["config"]):
+            model = make_model()
+        assert all(p.numel() == 0 for p in model.parameters()), "zero.Init left values in the module"
+    else:
+        model = make_model()
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                            config=run["config"])
     rank = int(os.environ.get("RANK", "0"))

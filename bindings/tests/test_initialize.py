@@ -294,3 +294,86 @@ def test_the_16bit_export_holds_the_trained_model(scratch):
         assert value.dtype == torch.bfloat16
         assert torch.equal(value, masters[name].bfloat16()), name
     engine.close()
+
+
+def test_a_model_built_under_zero_init_trains_as_the_plain_model(scratch):
+    """zinf.zero.Init on two ranks with params and optimizer on NVMe: the
+    module holds nothing after construction, each rank stages its shard,
+    and training equals plain training of the model built as usual."""
+    config = config_for(3, "nvme", "nvme", nvme=os.path.join(scratch, "nvme"), gradient_accumulation_steps=2)
+    codes, errors, result = launch(2, {"config": config, "steps": 3, "zero_init": True}, scratch)
+    assert codes == [0, 0], "\n".join(errors)
+    state, losses, _ = reference(config, 3, 2)
+    assert_matches(result, state, losses)
+    # The staging directories are gone once the engine is built.
+    assert not [d for d in os.listdir(os.path.join(scratch, "nvme")) if d.startswith("zinf-init.")]
+
+
+def test_gathered_parameters_reads_and_modifies_the_masters():
+    model = make_model()
+    engine, _, _, _ = zinf.initialize(model=model, config=config_for(3, train_batch_size=4))
+    plain = make_model()
+    assert model.layers[0].weight.numel() == 0
+    with zinf.zero.GatheredParameters(model.layers[0].weight):
+        assert torch.equal(model.layers[0].weight, plain.layers[0].weight)  # read only: nothing written back
+        model.layers[0].weight.data.fill_(3.0)
+    assert model.layers[0].weight.numel() == 0
+    assert torch.equal(engine.consolidated_state_dict()["layers.0.weight"], plain.layers[0].weight.detach())
+    with zinf.zero.GatheredParameters([model.layers[0].weight, model.layers[0].bias], modifier_rank=0):
+        model.layers[0].weight.data.fill_(0.5)
+    assert torch.equal(engine.consolidated_state_dict()["layers.0.weight"], torch.full((24, 24), 0.5))
+    with torch.no_grad():
+        plain.layers[0].weight.fill_(0.5)
+    x, _ = batch(0, 0, 0, 4)
+    assert torch.allclose(engine(x), plain(x), atol=1e-6)
+    # Not zinf's: passes through.
+    free = torch.nn.Parameter(torch.ones(3))
+    with zinf.zero.GatheredParameters(free, modifier_rank=0):
+        free.data.fill_(2.0)
+    assert torch.equal(free, torch.full((3,), 2.0))
+    engine.close()
+
+
+class ReadsItsChildsWeight(torch.nn.Module):
+    """A parent that uses a child's parameter in its own forward (a tied
+    output projection written by hand)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = torch.nn.Embedding(11, 6)
+        self.mix = torch.nn.Linear(6, 6)
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.embed(ids)))
+        return h @ self.embed.weight.t()
+
+
+def test_a_parameter_used_outside_its_module_needs_registering_and_then_trains():
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    config = config_for(3, train_batch_size=2, train_micro_batch_size_per_gpu=2)
+    engine, _, _, _ = zinf.initialize(model=ReadsItsChildsWeight(), config=config)
+    with pytest.raises(RuntimeError, match="register_external_parameter"):
+        engine(ids)
+    engine.close()
+
+    model, plain = ReadsItsChildsWeight(), ReadsItsChildsWeight()
+    zinf.zero.register_external_parameter(model, model.embed.weight)
+    engine, _, _, _ = zinf.initialize(model=model, config=config)
+    params = config["optimizer"]["params"]
+    reference = torch.optim.AdamW(plain.parameters(), lr=params["lr"], betas=tuple(params["betas"]),
+                                  eps=params["eps"], weight_decay=params["weight_decay"])
+    for step in range(3):
+        target = torch.randn(2, 3, 11, generator=torch.Generator().manual_seed(step))
+        loss = torch.nn.functional.mse_loss(engine(ids), target)
+        engine.backward(loss)
+        engine.step()
+        want = torch.nn.functional.mse_loss(plain(ids), target)
+        want.backward()
+        reference.step()
+        reference.zero_grad()
+        assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    got = engine.consolidated_state_dict()
+    for name, value in plain.named_parameters():
+        assert torch.allclose(got[name], value, atol=1e-5), name
+    engine.close()

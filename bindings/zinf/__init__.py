@@ -24,7 +24,8 @@ from .aio import aio_handle, aio_read, aio_write, deepspeed_memcpy
 from .optim import CPUAdagrad, CPUAdam, CPULion, DeepSpeedCPUAdagrad, DeepSpeedCPUAdam, DeepSpeedCPULion
 from .swap import TensorSwapper
 from .engine import ZinfEngine, add_config_arguments, init_distributed, initialize
+from . import zero
 
 __all__ = ["__version__", "aio_handle", "aio_read", "aio_write", "deepspeed_memcpy", "CPUAdam", "CPUAdagrad",
            "CPULion", "DeepSpeedCPUAdam", "DeepSpeedCPUAdagrad", "DeepSpeedCPULion", "TensorSwapper",
-           "ZinfEngine", "add_config_arguments", "init_distributed", "initialize"]
+           "ZinfEngine", "add_config_arguments", "init_distributed", "initialize", "zero"]

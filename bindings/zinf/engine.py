@@ -33,12 +33,14 @@ yet).
 import json
 import os
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
 
 from . import _zinf
 from . import lr_schedules
+from . import zero as _zero
 from .distributed import TorchCollectives, init_from_environment
 from .torch import _OnBackward, _load_config, _map_tensors, _tensors_in, _units
 
@@ -136,8 +138,10 @@ class _Unit:
         self.params = []        # (engine index, param) owned by this unit
         self.borrowed = set()   # other units whose params this unit's forward uses
         self.loose = None       # the root unit's own params (those no other unit holds)
+        self.user_only = False  # a module using other units' params only (external parameters)
         self.gathered = False   # stage 3: .data holds the gathered values
         self.forward_open = False
+        self.held_by = set()    # ids of the units whose forward is using this one's params now
         self.backward_open = False
         self.arrived = 0
         self.wanted = 0
@@ -222,7 +226,10 @@ class ZinfEngine(torch.nn.Module):
         self._units = units
         self._owner = {}  # param id -> unit
         self._index = {}  # param id -> engine param index
-        self._shapes = {id(p): p.shape for _, p in self._named_unique}  # .data is emptied at stage 3
+        # The real shapes (.data is emptied at stage 3, and is empty already
+        # for params built under zinf.zero.Init).
+        self._shapes = {id(p): (_zero.staged(p).shape if _zero.staged(p) is not None else p.shape)
+                        for _, p in self._named_unique}
         for unit in units:
             unit.index = self._engine.add_module(unit.name)
             for p in (unit.loose if unit.loose is not None else unit.module.parameters()):
@@ -231,14 +238,31 @@ class ZinfEngine(torch.nn.Module):
                         unit.borrowed.add(self._owner[id(p)])
                     continue
                 self._owner[id(p)] = unit
-                values = p.detach().to(torch.float32).contiguous()
-                if self.world_size > 1:
-                    dist.broadcast(values, src=0)  # every rank starts from rank 0's values, as DeepSpeed does
-                index = self._engine.add_param(unit.index, names[id(p)], list(p.shape), values.data_ptr(),
-                                               values.numel())
+                shape = list(self._shapes[id(p)])
+                if _zero.staged(p) is not None:
+                    # Built under zinf.zero.Init: this rank's shard is staged.
+                    index = self._engine.add_param_from(unit.index, names[id(p)], shape,
+                                                        _fill_from_stage(_zero.staged(p)))
+                else:
+                    values = p.detach().to(torch.float32).contiguous()
+                    if self.world_size > 1:
+                        dist.broadcast(values, src=0)  # every rank starts from rank 0's values, as DeepSpeed does
+                    index = self._engine.add_param(unit.index, names[id(p)], shape, values.data_ptr(),
+                                                   values.numel())
                 self._index[id(p)] = index
                 unit.params.append((index, p))
         self._engine.finalize()
+        stores = set()
+        for _, p in self._named_unique:
+            if _zero.staged(p) is not None:
+                stores.add(_zero.staged(p).store)
+                del p._zinf_staged
+            p._zinf_engine = weakref.ref(self)
+        for store in stores:
+            if store in _zero.Init._stores:
+                _zero.Init._stores.remove(store)
+            store.close()
+        self._add_external_users(model, names)
         for unit in units:
             unit.wanted = sum(1 for _, p in unit.params if p.requires_grad)
         self._persistent = {id(p) for _, p in self._named_unique
@@ -247,6 +271,9 @@ class ZinfEngine(torch.nn.Module):
         # real shape (autograd checks gradients against the shape it saw).
         self._accumulators = []
         for _, p in self._named_unique:
+            shape = self._shapes[id(p)]
+            if p.shape != shape:
+                p.data = torch.zeros((), dtype=self._dtype).expand(shape)  # the shape, no memory
             with torch.enable_grad():
                 node = p.expand_as(p).grad_fn.next_functions[0][0]
             node.register_hook(self._make_grad_hook(p))
@@ -254,9 +281,48 @@ class ZinfEngine(torch.nn.Module):
         for _, p in self._named_unique:
             p.data = self._view(p) if id(p) in self._persistent else torch.empty(0, dtype=self._dtype)
         if self.stage >= 3:
-            for unit in units:
+            for unit in self._units:
                 unit.module.register_forward_pre_hook(self._make_pre_hook(unit))
                 unit.module.register_forward_hook(self._make_post_hook(unit))
+
+    def _add_external_users(self, model, names):
+        """Modules that use other modules' params (register_external_parameter)
+        gather those params' units around their own forward and backward."""
+        by_module = {id(u.module): u for u in self._units}
+        for name, module in model.named_modules():
+            external = module.__dict__.get("_zinf_external_params")
+            if not external:
+                continue
+            unit = by_module.get(id(module))
+            if unit is None:
+                unit = _Unit(module, name)  # gathers nothing of its own
+                self._units.append(unit)
+                by_module[id(module)] = unit
+                unit.user_only = True
+            for p in external:
+                owner = self._owner.get(id(p))
+                if owner is None:
+                    raise ValueError(f"register_external_parameter({name}): the parameter is not the model's")
+                if owner is not unit:
+                    unit.borrowed.add(owner)
+
+    def _gather_whole(self, p):
+        """GatheredParameters: the whole value from the masters."""
+        whole = torch.empty(self._shapes[id(p)], dtype=torch.float32)
+        self._engine.gather_master(self._index[id(p)], whole.data_ptr(), whole.numel())
+        p.data = whole.to(self._dtype)
+
+    def _release_whole(self, p, write_back, source_rank):
+        if write_back:
+            values = p.detach().to(torch.float32).contiguous()
+            if self.world_size > 1:
+                dist.broadcast(values, src=source_rank)
+            self._engine.set_master(self._index[id(p)], values.data_ptr(), values.numel())
+        if id(p) in self._persistent:
+            p.data = self._view(p)
+        else:
+            unit = self._owner[id(p)]
+            p.data = self._view(p).clone() if unit.gathered else torch.empty(0, dtype=self._dtype)
 
     def _view(self, p):
         """The engine's whole param, as a tensor over its memory."""
@@ -266,8 +332,15 @@ class ZinfEngine(torch.nn.Module):
         return torch.frombuffer(self._engine.param(self._index[id(p)]), dtype=self._dtype).view(shape)
 
     # -- stage 3: gather and release around each unit ------------------------------------
+    def _owners(self, unit):
+        """The units whose params `unit`'s forward needs: its own, and those
+        it borrows (tied params, external parameters)."""
+        return ([] if unit.user_only else [unit]) + sorted(unit.borrowed, key=lambda u: u.index)
+
     def _gather(self, unit, backward):
-        for owner in [unit] + sorted(unit.borrowed, key=lambda u: u.index):
+        for owner in self._owners(unit):
+            if not backward:
+                owner.held_by.add(id(unit))
             if backward:
                 if not owner.backward_open:
                     self._engine.pre_backward(owner.index)
@@ -299,7 +372,10 @@ class ZinfEngine(torch.nn.Module):
 
     def _make_post_hook(self, unit):
         def post_hook(module, inputs, outputs):
-            for owner in [unit] + sorted(unit.borrowed, key=lambda u: u.index):
+            for owner in self._owners(unit):
+                owner.held_by.discard(id(unit))
+                if owner.held_by:
+                    continue  # a module around this one (its user) still needs it
                 if owner.forward_open:
                     self._engine.post_forward(owner.index)
                     owner.forward_open = False
@@ -350,6 +426,7 @@ class ZinfEngine(torch.nn.Module):
         # are reduced with zeros for the rest; whatever backward gathered goes.
         self._backward_pending = False
         for unit in self._units:
+            unit.held_by.clear()
             if unit.backward_open:
                 self._close_backward(unit)
             if self.stage >= 3:
@@ -358,7 +435,15 @@ class ZinfEngine(torch.nn.Module):
     # -- DeepSpeed's engine API -------------------------------------------------------------
     def forward(self, *args, **kwargs):
         start = time.perf_counter()
-        out = self.module(*args, **kwargs)
+        try:
+            out = self.module(*args, **kwargs)
+        except RuntimeError as error:
+            if self.stage < 3:
+                raise
+            raise RuntimeError(f"{error}\n(zinf, ZeRO stage 3: a unit's parameters are whole only during its own "
+                               "forward and backward; a module that uses another module's parameter directly "
+                               "needs zinf.zero.register_external_parameter(module, param), or train at stage "
+                               "2)") from error
         self._timings["forward_s"] += time.perf_counter() - start
         return out
 
@@ -552,6 +637,20 @@ class ZinfEngine(torch.nn.Module):
     def close(self):
         """Stops the engine's worker and frees its memory (also at exit)."""
         self._engine.close()
+
+
+def _fill_from_stage(stage):
+    """finalize()'s initializer for a param staged by zinf.zero.Init: the
+    engine asks for pieces of this rank's shard, by flattened offset."""
+    def fill(offset, view):
+        out = torch.frombuffer(view, dtype=torch.float32)
+        local = offset - stage.start
+        if local < 0 or local + out.numel() > stage.count:
+            raise ValueError(f"zinf.zero.Init: elements [{offset}, {offset + out.numel()}) asked of a shard "
+                             f"holding [{stage.start}, {stage.start + stage.count}): the world size changed "
+                             "between Init and initialize")
+        out.copy_(stage.values()[local:local + out.numel()])
+    return fill
 
 
 def _named_units(model):

@@ -1,0 +1,263 @@
+"""DeepSpeed's zero namespace: Init, GatheredParameters,
+register_external_parameter.
+
+    with zinf.zero.Init(config_dict_or_path=ds_config):
+        model = MyModel()          # each param goes to its shard as its module is built
+    engine, *_ = zinf.initialize(model=model, config=ds_config)
+
+Under Init, as soon as a module's __init__ returns, each of its parameters
+keeps only this rank's shard of its values (every rank starts from rank 0's
+values, as DeepSpeed does): on NVMe with offload_param nvme (under
+nvme_path), else in host memory; the parameter itself is left empty, with
+its shape in `param.ds_shape`. zinf.initialize then builds the engine from
+those shards, one sub-group at a time, so a model larger than host memory
+can be built. Initialisation that a parent module applies after its
+children exist (Hugging Face's init_weights) sees the empty parameters and
+does nothing: the values are each module's own reset_parameters().
+"""
+import functools
+import os
+import shutil
+import tempfile
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from .swap import TensorSwapper
+from .torch import _load_config
+
+# What Init and the engine attach to a parameter (attributes: a tensor's
+# == is element-wise, so tensors make poor dictionary keys): `_zinf_staged`,
+# a _Staged for one built under Init and not yet in an engine, and
+# `_zinf_engine`, a weak reference to the ZinfEngine holding it.
+
+
+def staged(p):
+    return getattr(p, "_zinf_staged", None)
+
+
+def engine_of(p):
+    ref = getattr(p, "_zinf_engine", None)
+    return ref() if ref is not None else None
+
+
+def _world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _Staged:
+    """This rank's shard of one parameter: elements [start, start + count)
+    of its flattened fp32 values, in `store` under `key`."""
+
+    def __init__(self, store, key, shape, start, count):
+        self.store, self.key, self.shape, self.start, self.count = store, key, torch.Size(shape), start, count
+
+    def values(self):
+        return self.store.load(self.key)
+
+
+class _Store:
+    """Where Init keeps the shards: a TensorSwapper on NVMe, or host memory."""
+
+    def __init__(self, nvme_paths):
+        self._host = {}
+        self._directories = []
+        self._swapper = None
+        self._last = (None, None)
+        if nvme_paths:
+            for path in nvme_paths:
+                os.makedirs(path, exist_ok=True)
+                self._directories.append(tempfile.mkdtemp(prefix="zinf-init.", dir=path))
+            self._swapper = TensorSwapper(self._directories, sync=False)
+        self._finalizer = weakref.finalize(self, _remove, self._directories)
+
+    def save(self, key, values):
+        if self._swapper is None:
+            self._host[key] = values.clone()
+        else:
+            self._swapper.swap_out(key, values)
+
+    def commit(self):
+        if self._swapper is not None:
+            self._swapper.commit()
+
+    def load(self, key):
+        if self._last[0] == key:
+            return self._last[1]  # finalize() asks for a param piece by piece
+        if self._swapper is None:
+            values = self._host[key]
+        else:
+            values = self._swapper.swap_in(key).clone()
+            self._swapper.release(key)
+        self._last = (key, values)
+        return values
+
+    def close(self):
+        self._last = (None, None)
+        self._host.clear()
+        self._swapper = None
+        self._finalizer()
+
+
+def _remove(directories):
+    for path in directories:
+        shutil.rmtree(path, ignore_errors=True)
+    directories.clear()
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+class Init:
+    """Builds modules straight into zinf's shards (see the module docstring).
+    `remote_device` ("nvme", "cpu", "none") overrides offload_param.device;
+    enabled=False builds the model as usual."""
+
+    _stores = []  # kept alive until the engines that read them are built
+
+    def __init__(self, module=None, data_parallel_group=None, mem_efficient_linear=True, remote_device=None,
+                 pin_memory=False, config_dict_or_path=None, config=None, enabled=True, dtype=None, mpu=None,
+                 **unused):
+        if module is not None:
+            raise ValueError("zinf.zero.Init(module=...): converting a built module is not supported; build it "
+                             "inside the context")
+        self.enabled = enabled
+        settings = _load_config(config_dict_or_path if config_dict_or_path is not None else config) \
+            if (config_dict_or_path is not None or config is not None) else {}
+        block = settings.get("zero_optimization", {}).get("offload_param", {})
+        device = remote_device or block.get("device", "none")
+        paths = block.get("nvme_path") if device == "nvme" else None
+        if device == "nvme" and not paths:
+            raise ValueError("zero_optimization.offload_param.nvme_path is required for zinf.zero.Init with nvme")
+        self._paths = ([paths] if isinstance(paths, str) else list(paths)) if paths else None
+        self._dtype = dtype
+        self._patched = []
+        self._store = None
+        self._count = 0
+
+    # -- the patch over every module class's __init__ ---------------------------------
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        self._store = _Store(self._paths)
+        Init._stores.append(self._store)
+        for cls in [torch.nn.Module] + list(_subclasses(torch.nn.Module)):
+            self._wrap(cls)
+        self._original_init_subclass = torch.nn.Module.__dict__.get("__init_subclass__")
+        init = self
+
+        def init_subclass(cls, **kwargs):
+            super(torch.nn.Module, cls).__init_subclass__(**kwargs)
+            init._wrap(cls)  # classes defined inside the context too
+        torch.nn.Module.__init_subclass__ = classmethod(init_subclass)
+        return self
+
+    def __exit__(self, *exc):
+        if not self.enabled:
+            return False
+        for cls, original in reversed(self._patched):
+            cls.__init__ = original
+        self._patched.clear()
+        if self._original_init_subclass is None:
+            del torch.nn.Module.__init_subclass__
+        else:
+            torch.nn.Module.__init_subclass__ = self._original_init_subclass
+        self._store.commit()
+        return False
+
+    def _wrap(self, cls):
+        original = cls.__dict__.get("__init__")
+        if original is None or getattr(original, "_zinf_wrapped", False):
+            return
+        init = self
+
+        @functools.wraps(original)
+        def wrapper(module, *args, **kwargs):
+            depth = module.__dict__.get("_zinf_init_depth", 0)
+            module.__dict__["_zinf_init_depth"] = depth + 1
+            try:
+                original(module, *args, **kwargs)
+            finally:
+                module.__dict__["_zinf_init_depth"] = depth
+            if depth == 0:  # the most derived __init__ returned: the module is built
+                module.__dict__.pop("_zinf_init_depth", None)
+                init._stage(module)
+        wrapper._zinf_wrapped = True
+        cls.__init__ = wrapper
+        self._patched.append((cls, original))
+
+    def _stage(self, module):
+        rank, world = _world()
+        for name, p in list(module._parameters.items()):
+            if p is None or staged(p) is not None or p.numel() == 0:
+                continue
+            values = p.detach().to(torch.float32).reshape(-1).contiguous()
+            if world > 1:
+                dist.broadcast(values, src=0)
+            shard = (values.numel() + world - 1) // world  # the engine's cut: ceil(n / world)
+            start = min(rank * shard, values.numel())
+            count = min(shard, values.numel() - start)
+            key = f"p{self._count}"
+            self._count += 1
+            self._store.save(key, values[start:start + count].clone())
+            shape = p.shape
+            if self._dtype is not None:
+                p.data = p.data.to(self._dtype)
+            p.data = torch.empty(0, dtype=p.dtype)
+            p.ds_shape = shape
+            p.ds_numel = shape.numel()
+            p._zinf_staged = _Staged(self._store, key, shape, start, count)
+
+
+class GatheredParameters:
+    """DeepSpeed's GatheredParameters: inside the context the parameters are
+    whole (from the fp32 masters, in the training precision); with
+    modifier_rank set, that rank's values when the context ends become the
+    new masters on every rank (optimizer moments kept). Parameters that are
+    not zinf's pass through untouched."""
+
+    def __init__(self, params, modifier_rank=None, fwd_module=None, enabled=True):
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        self.params = [p for p in params if p is not None]
+        self.modifier_rank = modifier_rank
+        self.enabled = enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        self._held = []
+        for p in self.params:
+            engine = engine_of(p)
+            if engine is not None:
+                self._held.append((engine, p))
+                engine._gather_whole(p)
+        return self
+
+    def __exit__(self, *exc):
+        if not self.enabled:
+            return False
+        for engine, p in self._held:
+            engine._release_whole(p, write_back=self.modifier_rank is not None and exc[0] is None,
+                                  source_rank=self.modifier_rank)
+        return False
+
+
+def register_external_parameter(module, parameter):
+    """Tells stage 3 that `module`'s forward uses `parameter` although it
+    is not one of its own (a parent reading `self.child.weight`): the
+    parameter is gathered around `module`'s forward and backward too."""
+    external = module.__dict__.setdefault("_zinf_external_params", [])
+    if all(p is not parameter for p in external):
+        external.append(parameter)
+
+
+def unregister_external_parameter(module, parameter):
+    external = module.__dict__.get("_zinf_external_params", [])
+    module.__dict__["_zinf_external_params"] = [p for p in external if p is not parameter]
