@@ -92,3 +92,40 @@ def test_trainer_save_model_reloads_the_offloaded_gpt2(scratch):
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, plain(ids).logits)
     handle.close()
+
+
+def test_a_trainer_trains_the_offloaded_gpt2_as_the_plain_one(scratch):
+    """Hugging Face's Trainer with the params on NVMe between steps
+    (zinf.torch.offload) and zinf.CPUAdam stepped inside materialized()
+    (handle.wrap_optimizer) ends where the same Trainer on the plain model
+    ends."""
+    transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed here "
+                                       "(scripts/test.sh installs 4.40 into its Debian-torch venv only)")
+    config_ = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=16,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    plain = transformers.GPT2LMHeadModel(config_)
+    offloaded = transformers.GPT2LMHeadModel(config_)
+    offloaded.load_state_dict(plain.state_dict())
+    initial = {k: v.clone() for k, v in plain.state_dict().items()}
+    generator = torch.Generator().manual_seed(5)
+    samples = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 97, (8, 12), generator=generator)]
+
+    def train(model, optimizer, output):
+        args = transformers.TrainingArguments(output_dir=output, report_to=[], use_cpu=True, max_steps=3,
+                                              per_device_train_batch_size=2, lr_scheduler_type="constant",
+                                              max_grad_norm=1.0, seed=0, save_strategy="no")
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=samples, optimizers=(optimizer, None))
+        return trainer.train().training_loss
+
+    want = train(plain, zinf.CPUAdam(plain.parameters(), lr=1e-3), os.path.join(scratch, "plain"))
+    handle = zinf.torch.offload(offloaded, config("nvme", os.path.join(scratch, "nvme")))
+    optimizer = handle.wrap_optimizer(zinf.CPUAdam(offloaded.parameters(), lr=1e-3))
+    got = train(offloaded, optimizer, os.path.join(scratch, "offloaded"))
+    assert got == pytest.approx(want, rel=1e-6)
+    assert all(p.numel() == 0 for unit in handle.units for p in unit.parameters())  # off the module again
+    trained = offloaded.state_dict()
+    assert not torch.equal(trained["lm_head.weight"], initial["lm_head.weight"])  # it did train
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(trained[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    handle.close()

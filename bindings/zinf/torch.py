@@ -510,6 +510,13 @@ class OffloadHandle:
                     self._swapper.commit()
             self.release_all()
 
+    def wrap_optimizer(self, optimizer):
+        """`optimizer` (over the module's parameters, e.g. zinf.CPUAdam) as
+        one whose step() runs inside materialized(): for trainers that call
+        optimizer.step() themselves (Hugging Face's Trainer). The whole
+        model is in memory during the step only."""
+        return MaterializedOptimizer(self, optimizer)
+
     def close(self):
         """Removes the offload directories (also done when the handle is
         garbage-collected or the interpreter exits)."""
@@ -522,6 +529,34 @@ class OffloadHandle:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class MaterializedOptimizer(_torch.optim.Optimizer):
+    """An optimizer stepping inside an OffloadHandle's materialized(): the
+    wrapped optimizer's param_groups and state are this one's, so LR
+    schedulers and checkpoints see them; see OffloadHandle.wrap_optimizer."""
+
+    def __init__(self, handle, optimizer):
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self._handle = handle
+        self._inner = optimizer
+
+    def step(self, closure=None):
+        with self._handle.materialized():
+            return self._inner.step(closure)
+
+    def zero_grad(self, set_to_none=True):
+        self._inner.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return self._inner.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self._inner.load_state_dict(state_dict)
+        self.param_groups = self._inner.param_groups
+        self.state = self._inner.state
 
 
 def _tensors_in(value):
