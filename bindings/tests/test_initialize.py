@@ -349,30 +349,33 @@ class ReadsItsChildsWeight(torch.nn.Module):
         return h @ self.embed.weight.t()
 
 
-def test_a_parameter_used_outside_its_module_needs_registering_and_then_trains():
+@pytest.mark.parametrize("registered", [False, True])
+def test_a_parameter_used_outside_its_module_trains_as_plain_pytorch(caplog, registered):
+    """Unregistered, the op that gets the empty parameter gathers it on
+    demand and the log says so once; registered, the parent gathers it."""
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     config = config_for(3, train_batch_size=2, train_micro_batch_size_per_gpu=2)
-    engine, _, _, _ = zinf.initialize(model=ReadsItsChildsWeight(), config=config)
-    with pytest.raises(RuntimeError, match="register_external_parameter"):
-        engine(ids)
-    engine.close()
-
     model, plain = ReadsItsChildsWeight(), ReadsItsChildsWeight()
-    zinf.zero.register_external_parameter(model, model.embed.weight)
+    if registered:
+        zinf.zero.register_external_parameter(model, model.embed.weight)
     engine, _, _, _ = zinf.initialize(model=model, config=config)
     params = config["optimizer"]["params"]
     reference = torch.optim.AdamW(plain.parameters(), lr=params["lr"], betas=tuple(params["betas"]),
                                   eps=params["eps"], weight_decay=params["weight_decay"])
-    for step in range(3):
-        target = torch.randn(2, 3, 11, generator=torch.Generator().manual_seed(step))
-        loss = torch.nn.functional.mse_loss(engine(ids), target)
-        engine.backward(loss)
-        engine.step()
-        want = torch.nn.functional.mse_loss(plain(ids), target)
-        want.backward()
-        reference.step()
-        reference.zero_grad()
-        assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    with caplog.at_level("WARNING", logger="zinf"):
+        for step in range(3):
+            target = torch.randn(2, 3, 11, generator=torch.Generator().manual_seed(step))
+            loss = torch.nn.functional.mse_loss(engine(ids), target)
+            engine.backward(loss)
+            engine.step()
+            want = torch.nn.functional.mse_loss(plain(ids), target)
+            want.backward()
+            reference.step()
+            reference.zero_grad()
+            assert float(loss) == pytest.approx(float(want), rel=1e-5)
+            assert model.embed.weight.numel() == 0  # dropped again once backward is done
+    said = [r.getMessage() for r in caplog.records if "outside its module" in r.getMessage()]
+    assert said == ([] if registered else [said[0]]) and (registered or "embed.weight" in said[0]), said
     got = engine.consolidated_state_dict()
     for name, value in plain.named_parameters():
         assert torch.allclose(got[name], value, atol=1e-5), name

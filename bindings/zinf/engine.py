@@ -26,11 +26,15 @@ reduces, clips, steps and writes the parameters back.
 
 Parameters shared between units (tied embeddings) belong to the first unit
 that holds them: another unit using one gathers that unit too, and its
-gradient is taken once, after every use. CPU tensors only so far: a model on
+gradient is taken once, after every use. A parameter used outside any
+module that holds it is gathered on demand by the first op it reaches
+(logged once), or with the module registered for it
+(zinf.zero.register_external_parameter). CPU tensors only so far: a model on
 a GPU is refused (the C++ engine's CUDA path is not reachable from Python
 yet).
 """
 import json
+import logging
 import os
 import time
 import weakref
@@ -45,6 +49,7 @@ from .distributed import TorchCollectives, init_from_environment
 from .torch import _OnBackward, _load_config, _map_tensors, _tensors_in, _units
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_log = logging.getLogger("zinf")
 _OPTIMIZERS = {"adam", "adamw", "adagrad", "lion"}
 
 
@@ -130,6 +135,27 @@ def _optimizer_block(optimizer):
     return {"type": kind, "params": params}
 
 
+class _OnDemand(torch.overrides.TorchFunctionMode):
+    """Active around a stage 3 forward: an op handed a parameter that is
+    not gathered (used outside its own module's forward: a parent reading
+    `self.child.weight`) gathers that parameter's unit first, instead of
+    computing with an empty tensor."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.engine = engine
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in ("__get__", "__set__"):
+            return func(*args, **kwargs)  # `param.data` read or set (zinf's own hooks set it)
+        for value in list(args) + list(kwargs.values()):
+            for t in (value if isinstance(value, (list, tuple)) else (value,)):
+                if isinstance(t, torch.nn.Parameter) and t.numel() == 0:
+                    self.engine._fetch_on_demand(t)
+        return func(*args, **kwargs)
+
+
 class _Unit:
     def __init__(self, module, name):
         self.module = module
@@ -192,6 +218,8 @@ class ZinfEngine(torch.nn.Module):
         threads = int(settings.get("zinf", {}).get("optimizer_threads", 0))
         self._engine = _zinf.Engine(json.dumps(settings), collectives, rank, world, backend, threads)
 
+        self._on_demand = []
+        self._logged_on_demand = set()
         self._register(model)
         self.optimizer = ZinfOptimizer([p for _, p in self._named_unique], {"lr": lr})
         self.optimizer._engine = self
@@ -433,10 +461,41 @@ class ZinfEngine(torch.nn.Module):
                 self._release(unit)
 
     # -- DeepSpeed's engine API -------------------------------------------------------------
+    def _fetch_on_demand(self, p):
+        unit = self._owner.get(id(p))
+        if unit is None or unit.gathered or self._shapes[id(p)].numel() == 0:
+            return
+        if id(p) not in self._logged_on_demand:
+            self._logged_on_demand.add(id(p))
+            name = next((n for n, q in self._named_unique if q is p), "?")
+            _log.warning("zinf: parameter %s is used outside its module's forward: its unit is gathered on demand "
+                         "and kept until backward is done (zinf.zero.register_external_parameter(module, param) "
+                         "gathers it with the module that uses it)", name)
+        unit.held_by.add("on demand")  # its own post-hook must not drop it
+        self._gather(unit, backward=False)
+        self._on_demand.append(unit)
+
+    def _end_of_forward(self):
+        """Units gathered on demand: the engine's side of their forward ends
+        here; the values stay for backward (or go now without autograd)."""
+        for unit in self._on_demand:
+            unit.held_by.discard("on demand")
+            if unit.forward_open:
+                self._engine.post_forward(unit.index)
+                unit.forward_open = False
+            if not torch.is_grad_enabled():
+                self._release(unit)
+        self._on_demand = []
+
     def forward(self, *args, **kwargs):
         start = time.perf_counter()
         try:
-            out = self.module(*args, **kwargs)
+            if self.stage >= 3:
+                with _OnDemand(self):
+                    out = self.module(*args, **kwargs)
+                self._end_of_forward()
+            else:
+                out = self.module(*args, **kwargs)
         except RuntimeError as error:
             if self.stage < 3:
                 raise
