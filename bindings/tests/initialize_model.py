@@ -1,6 +1,7 @@
-"""The model and data of test_initialize.py: a small MLP with a layer stack
-(so stage 3 has several units) and deterministic batches per (step,
-micro-step, rank)."""
+"""The models and data of test_initialize.py and test_torch_offload.py: a
+small MLP with a layer stack (so stage 3 has several units), deterministic
+batches per (step, micro-step, rank), and a model whose parent uses a
+child's parameter."""
 import torch
 
 
@@ -28,3 +29,18 @@ def batch(step, micro, rank, size):
     x = torch.randn(size, 8, generator=generator)
     y = torch.sin(x.sum(dim=1, keepdim=True))
     return x, y
+
+
+class ReadsItsChildsWeight(torch.nn.Module):
+    """A parent that uses a child's parameter in its own forward (a tied
+    output projection written by hand)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = torch.nn.Embedding(11, 6)
+        self.mix = torch.nn.Linear(6, 6)
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.embed(ids)))
+        return h @ self.embed.weight.t()

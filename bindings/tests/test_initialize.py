@@ -23,7 +23,7 @@ from zinf import lr_schedules
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from initialize_model import batch, make_model  # noqa: E402
+from initialize_model import ReadsItsChildsWeight, batch, make_model  # noqa: E402
 
 ADAMW = {"type": "AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.01}}
 
@@ -332,21 +332,6 @@ def test_gathered_parameters_reads_and_modifies_the_masters():
         free.data.fill_(2.0)
     assert torch.equal(free, torch.full((3,), 2.0))
     engine.close()
-
-
-class ReadsItsChildsWeight(torch.nn.Module):
-    """A parent that uses a child's parameter in its own forward (a tied
-    output projection written by hand)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        self.embed = torch.nn.Embedding(11, 6)
-        self.mix = torch.nn.Linear(6, 6)
-
-    def forward(self, ids):
-        h = torch.tanh(self.mix(self.embed(ids)))
-        return h @ self.embed.weight.t()
 
 
 @pytest.mark.parametrize("registered", [False, True])

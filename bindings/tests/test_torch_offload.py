@@ -193,3 +193,28 @@ def test_the_example_trains_to_torchs_loss_within_1e_5(scratch):
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "step 50 loss" in result.stdout
+
+
+def test_a_parameter_used_outside_its_unit_is_fetched_on_demand(scratch, caplog):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from initialize_model import ReadsItsChildsWeight
+    plain = ReadsItsChildsWeight()
+    offloaded = ReadsItsChildsWeight()
+    handle = zinf.torch.offload(offloaded, {"zero_optimization": {"stage": 3, "offload_param": {
+        "device": "nvme", "nvme_path": scratch}}})
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with caplog.at_level("WARNING", logger="zinf"):
+        for _ in range(2):
+            a, b = plain(ids), offloaded(ids)
+            assert torch.equal(a, b)
+            a.pow(2).mean().backward()
+            b.pow(2).mean().backward()
+            assert offloaded.embed.weight.numel() == 0  # dropped once backward is done
+        with torch.no_grad():
+            assert torch.equal(offloaded(ids), plain(ids))
+        assert offloaded.embed.weight.numel() == 0
+    for (name, pa), (_, pb) in zip(plain.named_parameters(), offloaded.named_parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, msg=name)
+    said = [r.getMessage() for r in caplog.records if "outside its unit" in r.getMessage()]
+    assert len(said) == 1 and "embed.weight" in said[0], said
+    handle.close()

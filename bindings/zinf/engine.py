@@ -46,7 +46,7 @@ from . import _zinf
 from . import lr_schedules
 from . import zero as _zero
 from .distributed import TorchCollectives, init_from_environment
-from .torch import _OnBackward, _load_config, _map_tensors, _tensors_in, _units
+from .torch import _OnBackward, _OnDemandFetch, _load_config, _map_tensors, _tensors_in, _units
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _log = logging.getLogger("zinf")
@@ -133,27 +133,6 @@ def _optimizer_block(optimizer):
     if kind == "Adam":
         params["adam_w_mode"] = False  # torch's Adam: L2 weight decay
     return {"type": kind, "params": params}
-
-
-class _OnDemand(torch.overrides.TorchFunctionMode):
-    """Active around a stage 3 forward: an op handed a parameter that is
-    not gathered (used outside its own module's forward: a parent reading
-    `self.child.weight`) gathers that parameter's unit first, instead of
-    computing with an empty tensor."""
-
-    def __init__(self, engine):
-        super().__init__()
-        self.engine = engine
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") in ("__get__", "__set__"):
-            return func(*args, **kwargs)  # `param.data` read or set (zinf's own hooks set it)
-        for value in list(args) + list(kwargs.values()):
-            for t in (value if isinstance(value, (list, tuple)) else (value,)):
-                if isinstance(t, torch.nn.Parameter) and t.numel() == 0:
-                    self.engine._fetch_on_demand(t)
-        return func(*args, **kwargs)
 
 
 class _Unit:
@@ -491,7 +470,7 @@ class ZinfEngine(torch.nn.Module):
         start = time.perf_counter()
         try:
             if self.stage >= 3:
-                with _OnDemand(self):
+                with _OnDemandFetch(self):  # calls self._fetch_on_demand
                     out = self.module(*args, **kwargs)
                 self._end_of_forward()
             else:

@@ -39,6 +39,7 @@ nvme_path, and the "aio" block.
 """
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -50,6 +51,7 @@ from . import _zinf
 from .swap import TensorSwapper
 
 _CONTAINERS = (_torch.nn.Sequential, _torch.nn.ModuleList, _torch.nn.ModuleDict)
+_log = logging.getLogger("zinf")
 
 
 def _load_config(config):
@@ -86,6 +88,25 @@ def _units(module):
         elif _has_params(child):
             units.append(child)
     return units
+
+
+class _OnDemandFetch(_torch.overrides.TorchFunctionMode):
+    """Sees each op's arguments during a forward: an empty (offloaded)
+    parameter reaching one is fetched first (OffloadHandle._fetch_on_demand;
+    zinf.engine has the same for zinf.initialize)."""
+
+    def __init__(self, handle):
+        super().__init__()
+        self.handle = handle
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") not in ("__get__", "__set__"):  # not zinf's own `param.data = ...`
+            for value in list(args) + list(kwargs.values()):
+                for t in (value if isinstance(value, (list, tuple)) else (value,)):
+                    if isinstance(t, _torch.nn.Parameter) and t.numel() == 0:
+                        self.handle._fetch_on_demand(t)
+        return func(*args, **kwargs)
 
 
 class _OnBackward(_torch.autograd.Function):
@@ -210,6 +231,20 @@ class OffloadHandle:
         self._loading = set()
         self._release_after_backward = False
         self._materializing = 0
+        # A param used outside its units' forward (a parent reading
+        # self.child.weight) is fetched by the first op it reaches: a torch
+        # function mode is active from the module's forward pre-hook to its
+        # post-hook.
+        self._unit_of = {}
+        for index, params in enumerate(self._params):
+            for _, p in params:
+                self._unit_of.setdefault(id(p), index)
+        self._names = {id(p): key for params in self._params for key, p in params}
+        self._on_demand = set()
+        self._logged_on_demand = set()
+        self._mode = None
+        module.register_forward_pre_hook(self._enter_forward)
+        module.register_forward_hook(self._leave_forward)
 
     # -- storage ---------------------------------------------------------------
     def _store(self, key, value):
@@ -425,6 +460,48 @@ class OffloadHandle:
             self._release_after_backward = True
             _torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         self._fetch(index, backward=True)
+
+    def _enter_forward(self, module, inputs):
+        if self._mode is None:
+            self._mode = _OnDemandFetch(self)
+            self._mode.__enter__()
+
+    def _leave_forward(self, module, inputs, outputs):
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+        if not self._on_demand:
+            return None
+        if not _torch.is_grad_enabled():
+            for index in self._on_demand:
+                self._release(index)
+            self._on_demand.clear()
+            return None
+        # Kept for backward, dropped when it ends.
+        found = [t for t in _tensors_in(outputs) if t.requires_grad]
+        if not found:
+            return None
+        wrapped = _OnBackward.apply(self._arm_end_of_backward, *found)
+        wrapped = list(wrapped) if isinstance(wrapped, tuple) else [wrapped]
+        replacements = {id(t): w for t, w in zip(found, wrapped)}
+        return _map_tensors(outputs, lambda t: replacements.get(id(t), t))
+
+    def _arm_end_of_backward(self):
+        self._on_demand.clear()
+        if not self._release_after_backward:
+            self._release_after_backward = True
+            _torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _fetch_on_demand(self, p):
+        index = self._unit_of.get(id(p))
+        if index is None or self._present[index]:
+            return
+        if id(p) not in self._logged_on_demand:
+            self._logged_on_demand.add(id(p))
+            _log.warning("zinf: parameter %s is used outside its unit's forward: its unit is fetched on demand "
+                         "and kept until backward is done", self._names.get(id(p), "?"))
+        self._fetch(index)
+        self._on_demand.add(index)
 
     def _end_of_backward(self):
         self._release_after_backward = False
