@@ -4,10 +4,13 @@
 #include <linux/magic.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
+#include <fstream>
+#include <string>
 #include <utility>
 
 #include <fmt/format.h>
@@ -54,6 +57,19 @@ std::string filesystem_name(const std::filesystem::path& path) {
   struct statfs info {};
   if (::statfs(path.c_str(), &info) != 0) return "unknown";
   return name_for_magic(info.f_type);
+}
+
+std::string device_name(const std::filesystem::path& path) {
+  struct stat info {};
+  if (::stat(path.c_str(), &info) != 0) return "unknown";
+  const unsigned major_number = major(info.st_dev);
+  const unsigned minor_number = minor(info.st_dev);
+  std::ifstream uevent(fmt::format("/sys/dev/block/{}:{}/uevent", major_number, minor_number));
+  std::string line;
+  while (std::getline(uevent, line)) {
+    if (line.rfind("DEVNAME=", 0) == 0) return line.substr(8);
+  }
+  return fmt::format("dev {}:{}", major_number, minor_number);
 }
 
 File File::open(const std::filesystem::path& path, OpenMode mode, DirectMode direct) {

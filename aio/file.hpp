@@ -78,4 +78,9 @@ class File {
 // "tmpfs", "0x..." when unknown).
 std::string filesystem_name(const std::filesystem::path& path);
 
+// The block device holding `path` as the kernel names it ("nvme0n1p1",
+// from /sys/dev/block), or "dev M:N" when it has no block device (tmpfs,
+// overlay) or sysfs does not say: what write accounting groups bytes by.
+std::string device_name(const std::filesystem::path& path);
+
 }  // namespace zinf::aio

@@ -12,6 +12,7 @@ namespace zinf::aio {
 
 Volume::Volume(const VolumeOptions& options, const EngineFactory& make_engine) {
   ZINF_CHECK(!options.directories.empty(), "a volume needs at least one directory");
+  written_ = std::make_unique<std::atomic<std::uint64_t>[]>(options.directories.size());
   for (std::size_t i = 0; i < options.directories.size(); ++i) {
     files_.push_back(File::open(options.directories[i] / options.file_name, options.open_mode,
                                 options.direct));
@@ -81,7 +82,13 @@ VolumeTicket Volume::submit(Op op, std::uint64_t offset_bytes, std::byte* buffer
   VolumeTicket ticket;
   try {
     for (std::size_t i = 0; i < n; ++i) {
-      if (!per_path[i].empty()) ticket.parts.emplace_back(i, engines_[i]->submit(per_path[i]));
+      if (per_path[i].empty()) continue;
+      ticket.parts.emplace_back(i, engines_[i]->submit(per_path[i]));
+      if (op == Op::write) {
+        std::uint64_t bytes = 0;
+        for (const Request& request : per_path[i]) bytes += request.length_bytes;
+        written_[i].fetch_add(bytes, std::memory_order_relaxed);
+      }
     }
   } catch (...) {
     // A refused part (misaligned, say): the parts already queued must finish

@@ -5,6 +5,7 @@
 // is a multiple of the engine's block_size so pieces never straddle drives.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -62,8 +63,12 @@ class Volume {
 
   // Where a logical offset lives: (path index, offset in that path's file).
   std::pair<std::size_t, std::uint64_t> locate(std::uint64_t logical_offset) const;
+  // Bytes of writes submitted to path `index`'s file since the volume
+  // opened (what the drive behind it is asked to write: its wear).
+  std::uint64_t bytes_written(std::size_t index) const { return written_[index].load(std::memory_order_relaxed); }
 
  private:
+  std::unique_ptr<std::atomic<std::uint64_t>[]> written_;
   std::vector<File> files_;
   std::vector<std::unique_ptr<Engine>> engines_;
   std::uint64_t stripe_bytes_ = 0;

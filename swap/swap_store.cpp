@@ -24,6 +24,9 @@
 namespace zinf::swap {
 namespace {
 
+// The manifest attribute holding the bytes written over every run.
+constexpr const char* kWrittenAttribute = "zinf.bytes_written";
+
 constexpr const char* kManifestName = "zinf.manifest";
 constexpr const char* kLockName = "zinf.lock";
 constexpr const char* kVolumeName = "zinf.volume";
@@ -91,6 +94,12 @@ SwapStore::SwapStore(const SwapStoreOptions& options,
     manifest_path_ = options.directories.front() / kManifestName;
     check_identity(options.directories);
     load_manifest(options);
+    if (const auto it = attributes_.find(kWrittenAttribute); it != attributes_.end()) {
+      // A damaged count must not stop the run: the store's data is intact.
+      std::uint64_t total = 0;
+      const auto parsed = std::from_chars(it->second.data(), it->second.data() + it->second.size(), total);
+      if (parsed.ec == std::errc() && parsed.ptr == it->second.data() + it->second.size()) written_before_ = total;
+    }
   } catch (...) {
     volume_.reset();
     for (const int fd : lock_fds_) ::close(fd);
@@ -658,6 +667,7 @@ void SwapStore::commit() {
                                              "the store to continue from its last manifest",
                                              sync_error_));
     }
+    attributes_[kWrittenAttribute] = std::to_string(written_before_ + written_since_open());
     text = manifest_text();
     snapshot = entries_;
     // Only what was freed before this snapshot: the snapshot still names
@@ -697,9 +707,17 @@ void SwapStore::register_buffers(std::span<const aio::MemoryRegion> regions) {
 
 void SwapStore::unregister_buffers() { volume_->unregister_buffers(); }
 
+std::uint64_t SwapStore::written_since_open() const {
+  std::uint64_t total = 0;
+  for (std::size_t i = 0; i < volume_->path_count(); ++i) total += volume_->bytes_written(i);
+  return total;
+}
+
 SwapStoreStats SwapStore::stats() const {
   std::lock_guard lock(mutex_);
   SwapStoreStats stats;
+  for (std::size_t i = 0; i < volume_->path_count(); ++i) stats.written_bytes.push_back(volume_->bytes_written(i));
+  stats.written_total = written_before_ + written_since_open();
   stats.keys = entries_.size();
   for (const auto& [key, info] : entries_) stats.live_bytes += info.padded_bytes;
   stats.volume_bytes = end_;

@@ -76,6 +76,12 @@ struct SwapStoreStats {
   std::uint64_t free_bytes = 0;          // reusable now, below the high-water mark
   std::uint64_t pending_free_bytes = 0;  // freed, reusable after the next commit
   std::uint64_t commits = 0;
+  // Write accounting (what the drives are asked to write, their wear):
+  // bytes submitted to each directory's file since this store opened, in
+  // the order of the directories, and the running total over every run on
+  // this store (the manifest keeps it; commit() updates it).
+  std::vector<std::uint64_t> written_bytes;
+  std::uint64_t written_total = 0;
 };
 
 struct SwapTicket {
@@ -171,7 +177,10 @@ class SwapStore {
   void recycle(const std::vector<Extent>& extents);  // under mutex_
   std::string files_at(std::uint64_t offset, std::uint64_t length) const;
 
+  std::uint64_t written_since_open() const;
+
   std::vector<int> lock_fds_;
+  std::uint64_t written_before_ = 0;  // the manifest's running total when this store opened
   std::unique_ptr<aio::Volume> volume_;
   std::filesystem::path manifest_path_;
   std::uint64_t alignment_ = 4096;

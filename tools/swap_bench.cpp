@@ -6,12 +6,14 @@
 #include <chrono>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <optional>
 #include <random>
 #include <thread>
 
 #include <fmt/format.h>
 
+#include "aio/file.hpp"
 #include "core/error.hpp"
 #include "core/units.hpp"
 #include "cpu_adam/cpu_adam.hpp"
@@ -84,7 +86,16 @@ nlohmann::json SwapBenchResult::to_json() const {
           {"ram_bytes", ram_bytes},
           {"fetch_ms_without_prefetch", fetch_ms_without_prefetch},
           {"fetch_ms_with_prefetch", fetch_ms_with_prefetch},
-          {"fetch_hidden_fraction", fetch_hidden_fraction}};
+          {"fetch_hidden_fraction", fetch_hidden_fraction},
+          {"step_written_bytes", step_written_bytes},
+          {"written_per_device", written_per_device},
+          {"store_written_total", store_written_total}};
+}
+
+double SwapBenchResult::steps_until_tbw(double tbw_terabytes) const {
+  std::uint64_t most = 0;
+  for (const auto& [device, bytes] : written_per_device) most = std::max(most, bytes);
+  return most == 0 ? 0.0 : tbw_terabytes * 1e12 / static_cast<double>(most);
 }
 
 SwapBenchResult run_swap_bench(const SwapBenchOptions& options,
@@ -218,7 +229,19 @@ SwapBenchResult run_swap_bench(const SwapBenchOptions& options,
     for (int step = 0; step < options.steps; ++step) {
       check_interrupt();
       progress(fmt::format("optimizer step {} of {}", step + 1, options.steps));
+      const auto written_before = store->stats().written_bytes;
       swapper.step(grad_buffers, copy_buffers);
+      const auto written_after = store->stats().written_bytes;
+      std::map<std::string, std::uint64_t> by_device;
+      std::uint64_t step_total = 0;
+      for (std::size_t d = 0; d < written_after.size(); ++d) {
+        const std::uint64_t bytes = written_after[d] - written_before[d];
+        by_device[aio::device_name(options.directories[d])] += bytes;
+        step_total += bytes;
+      }
+      result.step_written_bytes.push_back(step_total);
+      result.written_per_device.assign(by_device.begin(), by_device.end());
+      result.store_written_total = store->stats().written_total;
       const auto& stats = swapper.last_step_stats();
       const auto as_seconds = [](std::chrono::nanoseconds d) {
         return std::chrono::duration<double>(d).count();

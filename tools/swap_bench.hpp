@@ -51,6 +51,15 @@ struct SwapBenchResult {
   double fetch_ms_without_prefetch = 0;  // mean wait per layer
   double fetch_ms_with_prefetch = 0;
   double fetch_hidden_fraction = 0;
+  // Write accounting: bytes each timed step asked the drives to write, in
+  // total and per block device (the directories grouped by device), and
+  // the store's running total.
+  std::vector<std::uint64_t> step_written_bytes;
+  std::vector<std::pair<std::string, std::uint64_t>> written_per_device;  // the last step
+  std::uint64_t store_written_total = 0;
+  // Steps a drive rated `tbw_terabytes` TBW lasts at the last step's
+  // writes (the most-written device decides); 0 without a step.
+  double steps_until_tbw(double tbw_terabytes) const;
   double bound() const { return std::max(io_bound_seconds, compute_seconds); }
   double ratio() const { return bound() > 0 ? step_median / bound() : 0; }
   nlohmann::json to_json() const;

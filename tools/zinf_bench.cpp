@@ -451,6 +451,7 @@ struct SwapArgs {
   bool no_sync = false;
   bool no_progress = false;
   std::string json_path;
+  double tbw = 0;  // the drive's rated endurance, terabytes written
 };
 
 int run_swap(const SwapArgs& args) {
@@ -500,6 +501,20 @@ int run_swap(const SwapArgs& args) {
   fmt::print("step time (median) {:.2f} s; I/O bound {:.2f} s; compute bound {:.2f} s; "
              "step / max(bounds) = {:.2f} (target <= 1.10)\n",
              r.step_median, r.io_bound_seconds, r.compute_seconds, r.ratio());
+  if (!r.step_written_bytes.empty()) {
+    std::string devices;
+    for (const auto& [device, bytes] : r.written_per_device) {
+      devices += fmt::format("{}{} {:.2f} GB", devices.empty() ? "" : ", ", device, gb(bytes));
+    }
+    fmt::print("NVMe written per step: {:.2f} GB ({}); this store's total over every run {:.2f} GB\n",
+               gb(r.step_written_bytes.back()), devices, gb(r.store_written_total));
+    if (args.tbw > 0) {
+      const double steps = r.steps_until_tbw(args.tbw);
+      fmt::print("a drive rated {:g} TBW lasts {:.3g} such steps: {:.1f} days of back-to-back steps at {:.2f} s "
+                 "(the most-written device decides)\n",
+                 args.tbw, steps, steps * r.step_median / 86400.0, r.step_median);
+    }
+  }
   fmt::print("peak RSS {} = pinned {} + {} (target: pinned + at most 512 MiB)\n",
              zinf::format_bytes(r.peak_rss_bytes), zinf::format_bytes(r.pinned_bytes),
              r.peak_rss_bytes > r.pinned_bytes ? zinf::format_bytes(r.peak_rss_bytes - r.pinned_bytes) : "0 B");
@@ -613,6 +628,8 @@ int main(int argc, char** argv) {
   swap_command->add_flag("--no-sync", swap.no_sync,
                          "commits skip fdatasync/fsync (safe against a killed process, not power loss)");
   swap_command->add_option("--json", swap.json_path, "write the result to FILE");
+  swap_command->add_option("--tbw", swap.tbw, "the drive's rated endurance in TB written: prints how long it lasts")
+      ->check(CLI::PositiveNumber);
   swap_command->add_flag("--no-progress", swap.no_progress, "no progress lines on stderr");
   GpuArgs gpu;
   CLI::App* gpu_command = app.add_subcommand(
