@@ -557,6 +557,7 @@ PYBIND11_MODULE(_zinf, m) {
              out["step_s"] = seconds(s.step_time);
              out["last_grad_norm"] = s.last_grad_norm;
              out["order_changes"] = s.order_changes;
+             out["nvme_written_bytes"] = s.nvme_written_bytes;
              return out;
            })
       .def("save_checkpoint", [](EngineHandle& h, const std::string& dir) {

@@ -563,6 +563,21 @@ ParseResult parse_config(std::string_view json_text) {
     return result;
   }
   for (const auto& [key, value] : root.items()) {
+    if (key == "zinf") {
+      // zinf's own block (read by the Python engine): checked here so a
+      // typo in it is as loud as one in a DeepSpeed block.
+      if (!value.is_object()) {
+        reader.problem("zinf", fmt::format("must be an object, not {}", describe(value)));
+        continue;
+      }
+      reader.check_keys(value, "zinf", {"timeout_s", "optimizer_threads", "tbw"});
+      double number = 0;
+      std::uint64_t count = 0;
+      reader.read_double(value, "timeout_s", "zinf", number, 1e-3, 1e9, "a positive number of seconds");
+      reader.read_uint(value, "optimizer_threads", "zinf", count, 0, 4096);
+      reader.read_double(value, "tbw", "zinf", number, 1e-6, 1e12, "the drive's rating in TB written, > 0");
+      continue;
+    }
     if (std::find(std::begin(kDeepSpeedTopLevelKeys), std::end(kDeepSpeedTopLevelKeys), key) !=
         std::end(kDeepSpeedTopLevelKeys)) {
       continue;

@@ -131,6 +131,32 @@ TEST(SwapStore, ReopenAfterCleanExitFindsEveryTensorAndAttribute) {
   }
 }
 
+TEST(SwapStore, WritesAreCountedPerDirectoryAndTheTotalSurvivesAReopen) {
+  TempDir a, b;
+  std::uint64_t first_total = 0;
+  {
+    SwapStore store(options_for({a.path(), b.path()}));  // striped every 64 KiB
+    Payload payload(store, 256 << 10, 1);
+    store.write_sync("k", payload.span(), payload.size);
+    const auto stats = store.stats();
+    ASSERT_EQ(stats.written_bytes.size(), 2u);
+    EXPECT_EQ(stats.written_bytes[0], 128u << 10);
+    EXPECT_EQ(stats.written_bytes[1], 128u << 10);
+    Payload read(store, payload.size, 0);
+    store.read_sync("k", read.span());  // reads do not count
+    EXPECT_EQ(store.stats().written_bytes[0], 128u << 10);
+    store.commit();
+    first_total = store.stats().written_total;
+    EXPECT_EQ(first_total, 256u << 10);
+  }
+  SwapStore store(options_for({a.path(), b.path()}));
+  EXPECT_EQ(store.stats().written_total, first_total);  // from the manifest
+  EXPECT_EQ(store.stats().written_bytes[0], 0u);       // this run's own
+  Payload payload(store, 64 << 10, 2);
+  store.write_sync("k", payload.span(), payload.size);
+  EXPECT_EQ(store.stats().written_total, first_total + (64u << 10));
+}
+
 TEST(SwapStore, WritesAfterTheLastCommitAreNotInTheManifest) {
   TempDir dir;
   std::optional<Payload> first;

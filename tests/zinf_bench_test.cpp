@@ -171,10 +171,10 @@ TEST(ZinfBenchSwap, StepsAgainstMeasuredBoundsAndRemovesItsFiles) {
   const auto json = dir / "swap.json";
   const Outcome o = run_bench("swap --nvme " + dir.path().string() +
                               " --params 3M --sub-group 1M --steps 2 --threads 1 --fetch-layers 3 "
-                              "--fetch-shard 1M --json " + json.string());
+                              "--fetch-shard 1M --tbw 600 --json " + json.string());
   ASSERT_EQ(o.exit_code, 0) << o.err;
   for (const char* expected : {"step 1:", "step 2:", "I/O bound", "compute bound", "peak RSS",
-                               "param fetch wait"}) {
+                               "param fetch wait", "NVMe written per step", "a drive rated 600 TBW lasts"}) {
     EXPECT_NE(o.out.find(expected), std::string::npos) << expected << "\n" << o.out;
   }
   const auto record = nlohmann::json::parse(slurp(json))["result"];
@@ -184,6 +184,12 @@ TEST(ZinfBenchSwap, StepsAgainstMeasuredBoundsAndRemovesItsFiles) {
   EXPECT_GT(record["read_gbps"].get<double>(), 0);
   EXPECT_GT(record["io_bound_seconds"].get<double>(), 0);
   EXPECT_GT(record["step_over_bound"].get<double>(), 0);
+  // A step rewrites every state once: 3M params x 12 B (sub-groups padded to 4 KiB).
+  for (const auto& bytes : record["step_written_bytes"]) {
+    EXPECT_GE(bytes.get<std::uint64_t>(), 36000000u);
+    EXPECT_LE(bytes.get<std::uint64_t>(), 36000000u + 9u * 4096u);
+  }
+  EXPECT_GE(record["store_written_total"].get<std::uint64_t>(), 3u * 36000000u);  // the layout and two steps
   // Only the JSON file is left behind.
   std::size_t entries = 0;
   for (const auto& entry : std::filesystem::directory_iterator(dir.path())) {

@@ -873,8 +873,16 @@ double Engine::learning_rate() const {
 }
 
 EngineStats Engine::stats() const {
-  std::lock_guard lock(stats_mutex_);
-  return stats_;
+  EngineStats out;
+  {
+    std::lock_guard lock(stats_mutex_);
+    out = stats_;
+  }
+  for (const auto* store : {optimizer_store_.get(), param_store_.get()}) {
+    if (store == nullptr) continue;
+    for (std::uint64_t bytes : store->stats().written_bytes) out.nvme_written_bytes += bytes;
+  }
+  return out;
 }
 
 std::vector<float> Engine::gather_master(ParamIndex p) {

@@ -365,3 +365,20 @@ def test_a_parameter_used_outside_its_module_trains_as_plain_pytorch(caplog, reg
     for name, value in plain.named_parameters():
         assert torch.allclose(got[name], value, atol=1e-5), name
     engine.close()
+
+
+def test_the_step_line_reports_nvme_writes_and_drive_lifetime(scratch, capsys):
+    config = config_for(3, "nvme", "nvme", nvme=os.path.join(scratch, "nvme"), train_batch_size=4,
+                        steps_per_print=1, wall_clock_breakdown=True, zinf={"tbw": 600})
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+    for step in range(2):
+        x, y = batch(step, 0, 0, 4)
+        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        engine.step()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("zinf: step")]
+    assert len(lines) == 2, lines
+    assert "forward" in lines[1] and "NVMe written" in lines[1] and "a 600 TBW drive lasts" in lines[1], lines
+    # A step rewrites at least the fp32 masters and both Adam moments of every param.
+    written = engine.timings()["nvme_written_bytes"]
+    assert written >= 2 * 12 * sum(p.numel() for p in make_model().parameters())
+    engine.close()

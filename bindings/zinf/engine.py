@@ -210,6 +210,7 @@ class ZinfEngine(torch.nn.Module):
         self._step_applied = False
         self._backward_pending = False
         self._timings = {"forward_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
+        self._written_at_print, self._steps_at_print = 0, 0
         self._last_print = time.perf_counter()
 
     # -- registration -----------------------------------------------------------------
@@ -559,7 +560,8 @@ class ZinfEngine(torch.nn.Module):
         out = dict(self._timings)
         out.update({"fetch_wait_s": stats["fetch_wait_s"], "fetch_busy_s": stats["fetch_busy_s"],
                     "reduce_busy_s": stats["reduce_busy_s"], "optimizer_step_s": stats["step_s"],
-                    "gathers": stats["gathers"], "skipped_steps": stats["skipped_steps"]})
+                    "gathers": stats["gathers"], "skipped_steps": stats["skipped_steps"],
+                    "nvme_written_bytes": stats["nvme_written_bytes"]})
         return out
 
     def _maybe_print(self):
@@ -573,6 +575,14 @@ class ZinfEngine(torch.nn.Module):
             message += " | forward %.3fs backward %.3fs step %.3fs (fetch wait %.3fs, reduce %.3fs, optimizer " \
                        "%.3fs)" % (t["forward_s"], t["backward_s"], t["step_s"], t["fetch_wait_s"],
                                    t["reduce_busy_s"], t["optimizer_step_s"])
+        written = self._engine.stats()["nvme_written_bytes"]
+        if written:
+            per_step = (written - self._written_at_print) / max(1, self.global_steps - self._steps_at_print)
+            message += " | NVMe written %.3f GB/step (this rank)" % (per_step / 1e9)
+            tbw = self._settings.get("zinf", {}).get("tbw")
+            if tbw and per_step > 0:
+                message += ", a %g TBW drive lasts %.3g steps" % (tbw, tbw * 1e12 / per_step)
+            self._written_at_print, self._steps_at_print = written, self.global_steps
         print(message, flush=True)
 
     # -- checkpoints ---------------------------------------------------------------------------
