@@ -4,6 +4,7 @@ plain model's, and between uses the layers' parameters are off the module.
 Tiny configs of GPT-2 (tied embeddings), Llama (grouped-query attention),
 BERT, T5 (encoder-decoder) and Mixtral (mixture of experts)."""
 import copy
+import os
 
 import pytest
 import torch
@@ -116,4 +117,34 @@ def test_zinf_initialize_stage3_trains_as_plain_pytorch(scratch, name, device):
         torch.testing.assert_close(trained[key], value.detach(), rtol=1e-4, atol=1e-5, msg=key)
     # Between uses the layers hold nothing.
     assert all(p.numel() == 0 for unit in layers for _, p in unit.params)
+    engine.close()
+
+
+def test_the_16bit_export_loads_with_from_pretrained(scratch):
+    """zinf.initialize's save_16bit_model next to the model's config is a
+    checkpoint Hugging Face loads: the reloaded GPT-2 (tied head included)
+    computes what the trained masters, rounded to bf16, compute."""
+    torch.manual_seed(0)
+    model = without_dropout(tiny("gpt2"))
+    config = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                    "offload_param": {"device": "nvme", "nvme_path": scratch},
+                                    "offload_optimizer": {"device": "nvme", "nvme_path": scratch}},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}}
+    engine, _, _, _ = zinf.initialize(model=model, config=config)
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        engine.backward(engine(ids, labels=ids).loss)
+        engine.step()
+    export = os.path.join(scratch, "export")
+    engine.save_16bit_model(export)
+    model.config.save_pretrained(export)
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(export, torch_dtype=torch.bfloat16)
+    masters = engine.consolidated_state_dict()
+    assert torch.equal(reloaded.transformer.wte.weight, masters["transformer.wte.weight"])
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.transformer.wte.weight.data_ptr()  # tied again
+    reloaded.eval()
+    engine.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, engine(ids).logits)
     engine.close()
