@@ -705,12 +705,7 @@ def _named_units(model):
     """zinf.torch.offload's units, each module once (T5's encoder and
     decoder hold the very embedding module `shared` is)."""
     names = {id(m): n for n, m in model.named_modules()}
-    seen, units = set(), []
-    for unit in _units(model):
-        if id(unit) not in seen:
-            seen.add(id(unit))
-            units.append((unit, names.get(id(unit), "unit")))
-    return units
+    return [(unit, names.get(id(unit), "unit")) for unit in {id(u): u for u in _units(model)}.values()]
 
 
 def init_distributed(dist_backend="gloo", timeout=None, **unused):

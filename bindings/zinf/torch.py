@@ -138,7 +138,10 @@ class OffloadHandle:
         # host copies for "cpu"; false keeps them in ordinary memory.
         self._pin = bool(block.get("pin_memory", True))
         self.module = module
-        self.units = list(units) if units is not None else _units(module)
+        # Each module once: T5's encoder and decoder hold the very embedding
+        # module `shared` is, and two units over one module would step its
+        # params twice.
+        self.units = list({id(u): u for u in (units if units is not None else _units(module))}.values())
         if not self.units:
             raise ValueError("offload: the module has no child modules with parameters")
         self.device = _torch.device(device) if device is not None else next(module.parameters()).device
@@ -236,9 +239,11 @@ class OffloadHandle:
         # function mode is active from the module's forward pre-hook to its
         # post-hook.
         self._unit_of = {}
+        self._sharers = {}  # param id -> every unit holding it
         for index, params in enumerate(self._params):
             for _, p in params:
                 self._unit_of.setdefault(id(p), index)
+                self._sharers.setdefault(id(p), []).append(index)
         self._names = {id(p): key for params in self._params for key, p in params}
         self._on_demand = set()
         self._logged_on_demand = set()
@@ -321,9 +326,12 @@ class OffloadHandle:
 
     def _release(self, index):
         if self._present[index]:
-            for _, p in self._params[index]:
-                p.data = _torch.empty(0, dtype=p.dtype, device=self.device)
             self._present[index] = False
+            for _, p in self._params[index]:
+                # A param shared with a unit still present (a tied head and
+                # embedding) stays until the last of them goes.
+                if not any(self._present[j] for j in self._sharers.get(id(p), ())):
+                    p.data = _torch.empty(0, dtype=p.dtype, device=self.device)
 
     # -- step in backward ---------------------------------------------------------
     def _make_grad_hook(self, index, position):
