@@ -382,3 +382,26 @@ def test_the_step_line_reports_nvme_writes_and_drive_lifetime(scratch, capsys):
     written = engine.timings()["nvme_written_bytes"]
     assert written >= 2 * 12 * sum(p.numel() for p in make_model().parameters())
     engine.close()
+
+
+def test_units_can_be_chosen_by_the_caller():
+    model, plain = make_model(), make_model()
+    engine, _, _, _ = zinf.initialize(model=model, config=config_for(3, train_batch_size=4),
+                                      units=[model.embed, model.head])
+    # The layers' params, in no chosen unit, are the model's own unit.
+    assert [u.name for u in engine._units] == ["embed", "head", "(root)"]
+    reference = torch.optim.AdamW(plain.parameters(), **{k: (tuple(v) if k == "betas" else v)
+                                                         for k, v in ADAMW["params"].items()})
+    for step in range(2):
+        x, y = batch(step, 0, 0, 4)
+        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        engine.step()
+        torch.nn.functional.mse_loss(plain(x), y).backward()
+        reference.step()
+        reference.zero_grad()
+    got = engine.consolidated_state_dict()
+    for name, value in plain.named_parameters():
+        assert torch.allclose(got[name], value, atol=2e-5), name
+    engine.close()
+    with pytest.raises(ValueError, match="not a submodule"):
+        zinf.initialize(model=make_model(), config=config_for(3, train_batch_size=4), units=[torch.nn.Linear(2, 2)])

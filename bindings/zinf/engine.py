@@ -155,7 +155,8 @@ class _Unit:
 class ZinfEngine(torch.nn.Module):
     """DeepSpeed's DeepSpeedEngine surface over zinf's C++ engine."""
 
-    def __init__(self, model, settings, optimizer=None, lr_scheduler=None, training_data=None, collate_fn=None):
+    def __init__(self, model, settings, optimizer=None, lr_scheduler=None, training_data=None, collate_fn=None,
+                 units=None):
         super().__init__()
         self.module = model
         self._settings = settings
@@ -199,7 +200,7 @@ class ZinfEngine(torch.nn.Module):
 
         self._on_demand = []
         self._logged_on_demand = set()
-        self._register(model)
+        self._register(model, units)
         self.optimizer = ZinfOptimizer([p for _, p in self._named_unique], {"lr": lr})
         self.optimizer._engine = self
         self._scheduler = self._make_scheduler(lr_scheduler)
@@ -214,13 +215,13 @@ class ZinfEngine(torch.nn.Module):
         self._last_print = time.perf_counter()
 
     # -- registration -----------------------------------------------------------------
-    def _register(self, model):
+    def _register(self, model, chosen=None):
         model.to(self._dtype)
         names = {}
         for name, p in model.named_parameters():
             names.setdefault(id(p), name)
         self._named_unique = [(names[id(p)], p) for p in {id(p): p for p in model.parameters()}.values()]
-        units = [_Unit(m, n) for m, n in _named_units(model)]
+        units = [_Unit(m, n) for m, n in _named_units(model, chosen)]
         covered = {id(p) for u in units for p in u.module.parameters()}
         loose = [p for _, p in self._named_unique if id(p) not in covered]
         if loose or not units:
@@ -701,11 +702,15 @@ def _fill_from_stage(stage):
     return fill
 
 
-def _named_units(model):
-    """zinf.torch.offload's units, each module once (T5's encoder and
-    decoder hold the very embedding module `shared` is)."""
+def _named_units(model, chosen=None):
+    """zinf.torch.offload's units (or the caller's), each module once (T5's
+    encoder and decoder hold the very embedding module `shared` is)."""
     names = {id(m): n for n, m in model.named_modules()}
-    return [(unit, names.get(id(unit), "unit")) for unit in {id(u): u for u in _units(model)}.values()]
+    units = list(chosen) if chosen is not None else _units(model)
+    for unit in units:
+        if id(unit) not in names:
+            raise ValueError(f"units: a {type(unit).__name__} that is not a submodule of the model")
+    return [(unit, names[id(unit)]) for unit in {id(u): u for u in units}.values()]
 
 
 def init_distributed(dist_backend="gloo", timeout=None, **unused):
@@ -728,12 +733,16 @@ def add_config_arguments(parser):
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
                lr_scheduler=None, mpu=None, dist_init_required=None, collate_fn=None, config=None,
-               config_params=None, **unused):
+               config_params=None, units=None, **unused):
     """DeepSpeed's initialize: returns (engine, optimizer, training_dataloader,
     lr_scheduler). `config` (or config_params, or args.deepspeed_config) is a
     DeepSpeed JSON path or dict. `optimizer` may be a torch Adam/AdamW/Adagrad
     (its settings are taken) or a callable building one; `model_parameters`
-    must be the model's own parameters when given (zinf trains them all)."""
+    must be the model's own parameters when given (zinf trains them all).
+    `units` (zinf's own): the modules stage 3 gathers as one, instead of the
+    ones zinf.torch.offload would choose (layers, embeddings, head); each
+    must be a module whose forward runs, and params in none of them are
+    gathered with the whole model's forward."""
     if model is None:
         raise ValueError("initialize: model is required")
     if mpu is not None:
@@ -755,5 +764,5 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
             raise ValueError("model_parameters: zinf trains every parameter of the model; pass "
                              "model.parameters() (or leave it out)")
     engine = ZinfEngine(model, settings, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                        training_data=training_data, collate_fn=collate_fn)
+                        training_data=training_data, collate_fn=collate_fn, units=units)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
