@@ -81,8 +81,8 @@ def without_dropout(model):
     return model
 
 
-@pytest.mark.parametrize("name,device", [("gpt2", "nvme"), ("llama", "cpu"), ("bert", "nvme"), ("t5", "nvme"),
-                                         ("mixtral", "cpu")])
+@pytest.mark.parametrize("name,device", [("gpt2", "nvme"), ("llama", "nvme"), ("bert", "nvme"), ("t5", "nvme"),
+                                         ("mixtral", "nvme"), ("llama", "cpu"), ("mixtral", "cpu")])
 def test_zinf_initialize_stage3_trains_as_plain_pytorch(scratch, name, device):
     """The same models through zinf.initialize (stage 3, params and optimizer
     offloaded): losses and parameters after three AdamW steps equal the plain
