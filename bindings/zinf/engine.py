@@ -46,7 +46,7 @@ from . import _zinf
 from . import lr_schedules
 from . import zero as _zero
 from .distributed import TorchCollectives, init_from_environment
-from .torch import _OnBackward, _OnDemandFetch, _load_config, _map_tensors, _tensors_in, _units
+from .torch import _OnDemandFetch, _before_backward_of, _load_config, _units
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _log = logging.getLogger("zinf")
@@ -391,13 +391,7 @@ class ZinfEngine(torch.nn.Module):
                 self._release(owner)
             if not torch.is_grad_enabled():
                 return None
-            found = [t for t in _tensors_in(outputs) if t.requires_grad]
-            if not found:
-                return None
-            wrapped = _OnBackward.apply(lambda: self._gather(unit, backward=True), *found)
-            wrapped = list(wrapped) if isinstance(wrapped, tuple) else [wrapped]
-            replacements = {id(t): w for t, w in zip(found, wrapped)}
-            return _map_tensors(outputs, lambda t: replacements.get(id(t), t))
+            return _before_backward_of(outputs, lambda: self._gather(unit, backward=True))
         return post_hook
 
     # -- gradients -------------------------------------------------------------------------

@@ -447,17 +447,8 @@ class OffloadHandle:
             self._release(index)
             if not _torch.is_grad_enabled():
                 return None
-            # Outputs of any shape (a tensor, tuples with None, a dict, a
-            # Hugging Face ModelOutput): every tensor that carries a
-            # gradient passes through one function whose backward fetches
-            # the unit again before the unit's own backward runs.
-            found = [t for t in _tensors_in(outputs) if t.requires_grad]
-            if not found:
-                return None
-            wrapped = _OnBackward.apply(lambda: self._backward_fetch(index), *found)
-            wrapped = list(wrapped) if isinstance(wrapped, tuple) else [wrapped]
-            replacements = {id(t): w for t, w in zip(found, wrapped)}
-            return _map_tensors(outputs, lambda t: replacements.get(id(t), t))
+            # The unit is fetched again before its own backward runs.
+            return _before_backward_of(outputs, lambda: self._backward_fetch(index))
         return post_hook
 
     def _backward_fetch(self, index):
@@ -486,13 +477,7 @@ class OffloadHandle:
             self._on_demand.clear()
             return None
         # Kept for backward, dropped when it ends.
-        found = [t for t in _tensors_in(outputs) if t.requires_grad]
-        if not found:
-            return None
-        wrapped = _OnBackward.apply(self._arm_end_of_backward, *found)
-        wrapped = list(wrapped) if isinstance(wrapped, tuple) else [wrapped]
-        replacements = {id(t): w for t, w in zip(found, wrapped)}
-        return _map_tensors(outputs, lambda t: replacements.get(id(t), t))
+        return _before_backward_of(outputs, self._arm_end_of_backward)
 
     def _arm_end_of_backward(self):
         self._on_demand.clear()
@@ -642,6 +627,20 @@ class MaterializedOptimizer(_torch.optim.Optimizer):
         self._inner.load_state_dict(state_dict)
         self.param_groups = self._inner.param_groups
         self.state = self._inner.state
+
+
+def _before_backward_of(outputs, action):
+    """`outputs` with every tensor that carries a gradient passed through
+    one function whose backward calls `action` first (outputs of any shape:
+    a tensor, tuples with None, a dict, a Hugging Face ModelOutput); None
+    when no tensor carries one (a forward hook's "leave them as they are")."""
+    found = [t for t in _tensors_in(outputs) if t.requires_grad]
+    if not found:
+        return None
+    wrapped = _OnBackward.apply(action, *found)
+    wrapped = list(wrapped) if isinstance(wrapped, tuple) else [wrapped]
+    replacements = {id(t): w for t, w in zip(found, wrapped)}
+    return _map_tensors(outputs, lambda t: replacements.get(id(t), t))
 
 
 def _tensors_in(value):
