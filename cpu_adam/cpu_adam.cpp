@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include <fmt/format.h>
@@ -28,6 +29,54 @@ DType parse_dtype(std::string_view text) {
   if (text == "fp16" || text == "f16" || text == "float16") return DType::f16;
   throw Error(ErrorKind::invalid, fmt::format("unknown dtype '{}': expected fp32, bf16 or fp16", text));
 }
+
+static_assert(kMomentBlock == kQuantBlock, "one block size for the API and the kernels");
+
+std::string_view to_string(MomentFormat format) {
+  switch (format) {
+    case MomentFormat::fp32: return "fp32";
+    case MomentFormat::bf16: return "bf16";
+    case MomentFormat::int8: return "int8";
+  }
+  return "unknown";
+}
+
+MomentFormat parse_moment_format(std::string_view text) {
+  if (text == "fp32") return MomentFormat::fp32;
+  if (text == "bf16") return MomentFormat::bf16;
+  if (text == "int8") return MomentFormat::int8;
+  throw Error(ErrorKind::invalid, fmt::format("unknown moment format '{}': expected fp32, bf16 or int8", text));
+}
+
+std::size_t moment_bytes(MomentFormat format, std::size_t elements) {
+  switch (format) {
+    case MomentFormat::fp32: return elements * 4;
+    case MomentFormat::bf16: return elements * 2;
+    case MomentFormat::int8:
+      return ((elements + 3) & ~std::size_t{3}) + (elements + kQuantBlock - 1) / kQuantBlock * 4;
+  }
+  return 0;
+}
+
+namespace {
+
+std::uint32_t mix32(std::uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// The rounding stream of one tensor at one step.
+std::uint32_t rounding_salt(std::int64_t step, std::uint64_t seed) {
+  const auto s = static_cast<std::uint64_t>(step);
+  return mix32(mix32(static_cast<std::uint32_t>(seed) ^ mix32(static_cast<std::uint32_t>(seed >> 32) + 0x632be5abu)) ^
+               (static_cast<std::uint32_t>(s) * 0x9e3779b9u) ^ static_cast<std::uint32_t>(s >> 32));
+}
+
+}  // namespace
 
 namespace {
 
@@ -61,7 +110,8 @@ struct Job {
   void* exp_avg_sq;
   void* copy;
   std::size_t count;
-  int p, g, s, c;  // table indices
+  int p, g, s, c;  // table indices (s: the moment format for compressed steps)
+  std::uint32_t salt = 0;
 };
 
 std::size_t size_of(DType d) { return d == DType::f32 ? 4 : 2; }
@@ -73,6 +123,8 @@ struct Span {
   const char* name;
   bool written;
 };
+
+void check_overlaps(std::vector<Span>& spans);
 
 // Fills `jobs` (reused between steps: no allocation once warm).
 void resolve(std::span<const TensorState> tensors, Uses uses, std::vector<Job>& jobs,
@@ -138,9 +190,13 @@ void resolve(std::span<const TensorState> tensors, Uses uses, std::vector<Job>& 
     if (needs_v) add(t.exp_avg_sq, "exp_avg_sq", true);
     if (copy != 0) add(t.param_copy, "param_copy", true);
   }
-  // Two threads updating the same bytes would race, and a buffer overlapping
-  // another of its own tensor gives wrong results: refuse any overlap that
-  // involves a written buffer (grads may share memory with each other).
+  check_overlaps(spans);
+}
+
+// Two threads updating the same bytes would race, and a buffer overlapping
+// another of its own tensor gives wrong results: refuse any overlap that
+// involves a written buffer (grads may share memory with each other).
+void check_overlaps(std::vector<Span>& spans) {
   std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
   for (std::size_t k = 0; k + 1 < spans.size(); ++k) {
     const Span& a = spans[k];
@@ -156,8 +212,56 @@ void resolve(std::span<const TensorState> tensors, Uses uses, std::vector<Job>& 
   }
 }
 
+// Compressed-moment tensors (fills `jobs`, Job::s is the format).
+void resolve_compressed(std::span<const CompressedTensorState> tensors, MomentFormat format,
+                        std::int64_t step, std::vector<Job>& jobs, std::vector<Span>& spans) {
+  jobs.clear();
+  spans.clear();
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    const CompressedTensorState& t = tensors[i];
+    const std::size_t n = t.param.count;
+    if (n > (std::size_t{1} << 60)) bad(i, fmt::format("{} elements is out of range", n));
+    if (t.param.dtype != DType::f32) {
+      bad(i, fmt::format("param is {}: compressed moments need fp32 master params", to_string(t.param.dtype)));
+    }
+    if (static_cast<unsigned>(t.grad.dtype) > static_cast<unsigned>(DType::f16)) {
+      bad(i, fmt::format("grad dtype value {} is not fp32, bf16 or fp16", static_cast<unsigned>(t.grad.dtype)));
+    }
+    if (t.grad.count != n) bad(i, fmt::format("length mismatch: grad has {} elements, param {}", t.grad.count, n));
+    if (n == 0) continue;
+    if (t.param.data == nullptr) bad(i, "param buffer is null");
+    if (t.grad.data == nullptr) bad(i, "grad buffer is null");
+    if (t.exp_avg == nullptr) bad(i, "exp_avg buffer is null");
+    if (t.exp_avg_sq == nullptr) bad(i, "exp_avg_sq buffer is null");
+    int copy = 0;
+    if (t.param_copy.data != nullptr) {
+      if (t.param_copy.dtype != DType::bf16 && t.param_copy.dtype != DType::f16) {
+        bad(i, "param_copy must be bf16 or fp16");
+      }
+      if (t.param_copy.count != n) {
+        bad(i, fmt::format("length mismatch: param_copy has {} elements, param {}", t.param_copy.count, n));
+      }
+      copy = static_cast<int>(t.param_copy.dtype);
+    }
+    Job job{t.param.data, t.grad.data, t.exp_avg, t.exp_avg_sq, t.param_copy.data, n, 0,
+            static_cast<int>(t.grad.dtype), static_cast<int>(format) - 1, copy, rounding_salt(step, t.seed)};
+    jobs.push_back(job);
+    const auto add = [&](const void* data, std::size_t bytes, const char* name, bool written) {
+      const auto begin = reinterpret_cast<std::uintptr_t>(data);
+      spans.push_back(Span{begin, begin + bytes, i, name, written});
+    };
+    add(t.param.data, n * 4, "param", true);
+    add(t.grad.data, n * size_of(t.grad.dtype), "grad", false);
+    add(t.exp_avg, moment_bytes(format, n), "exp_avg", true);
+    add(t.exp_avg_sq, moment_bytes(format, n), "exp_avg_sq", true);
+    if (copy != 0) add(t.param_copy.data, n * 2, "param_copy", true);
+  }
+  check_overlaps(spans);
+}
+
 // Elements per split unit: ranges start on 64-element boundaries of their
 // tensor, so two threads never write the same cache line of one array.
+// Compressed steps split on their blocks (kQuantBlock).
 constexpr std::size_t kGrain = 64;
 
 }  // namespace
@@ -171,20 +275,20 @@ struct CpuOptimizer::Impl {
   // Splits the concatenation of all tensors into one contiguous share per
   // thread and calls run(job, begin, end) for each piece of a share.
   template <class Run>
-  void for_each_range(const Run& run) {
+  void for_each_range(const Run& run, const std::size_t grain = kGrain) {
     std::size_t total = 0;
-    for (const Job& job : jobs) total += (job.count + kGrain - 1) / kGrain;  // in grains
+    for (const Job& job : jobs) total += (job.count + grain - 1) / grain;  // in grains
     const std::size_t threads = pool.size();
     pool.run([&](std::size_t index) {
       const std::size_t first = total * index / threads;
       const std::size_t last = total * (index + 1) / threads;
       std::size_t base = 0;  // grains before the current tensor
       for (const Job& job : jobs) {
-        const std::size_t grains = (job.count + kGrain - 1) / kGrain;
+        const std::size_t grains = (job.count + grain - 1) / grain;
         const std::size_t from = std::max(first, base);
         const std::size_t to = std::min(last, base + grains);
         if (from < to) {
-          run(job, (from - base) * kGrain, std::min(job.count, (to - base) * kGrain));
+          run(job, (from - base) * grain, std::min(job.count, (to - base) * grain));
         }
         base += grains;
         if (base >= last) break;
@@ -206,16 +310,16 @@ CpuOptimizer::~CpuOptimizer() = default;
 
 std::size_t CpuOptimizer::threads() const { return impl_->pool.size(); }
 
-void CpuOptimizer::adam_step(const AdamOptions& o, std::int64_t step,
-                             std::span<const TensorState> tensors) {
+namespace {
+
+// Checks Adam's hyper-parameters and computes one step's scalars.
+AdamScalars adam_scalars(const AdamOptions& o, std::int64_t step) {
   check_hyper("lr", o.lr, o.lr >= 0, "non-negative");
   check_hyper("beta1", o.beta1, o.beta1 >= 0 && o.beta1 < 1, "in [0, 1)");
   check_hyper("beta2", o.beta2, o.beta2 >= 0 && o.beta2 < 1, "in [0, 1)");
   check_hyper("eps", o.eps, o.eps >= 0, "non-negative");
   check_hyper("weight_decay", o.weight_decay, o.weight_decay >= 0, "non-negative");
   ZINF_CHECK(step >= 1, fmt::format("optimizer step is {}: steps count from 1", step));
-  resolve(tensors, Uses::adam, impl_->jobs, impl_->spans);
-
   AdamScalars s{};
   const double t = static_cast<double>(step);
   const double bc1 = o.bias_correction ? 1.0 - std::pow(static_cast<double>(o.beta1), t) : 1.0;
@@ -231,10 +335,70 @@ void CpuOptimizer::adam_step(const AdamOptions& o, std::int64_t step,
   s.inv_bias_correction2 = static_cast<float>(1.0 / bc2);
   s.adamw = o.adamw_mode;
   s.use_weight_decay = o.weight_decay > 0;
+  return s;
+}
+
+}  // namespace
+
+void CpuOptimizer::adam_step(const AdamOptions& o, std::int64_t step,
+                             std::span<const TensorState> tensors) {
+  const AdamScalars s = adam_scalars(o, step);
+  resolve(tensors, Uses::adam, impl_->jobs, impl_->spans);
   const KernelTable& table = table_for(tier_);
   impl_->for_each_range([&](const Job& j, std::size_t begin, std::size_t end) {
     table.adam[j.p][j.g][j.s][j.c](s, j.param, j.grad, j.exp_avg, j.exp_avg_sq, j.copy, begin, end);
   });
+}
+
+void CpuOptimizer::adam_step(const AdamOptions& o, std::int64_t step, MomentFormat format,
+                             std::span<const CompressedTensorState> tensors) {
+  const AdamScalars s = adam_scalars(o, step);
+  if (format == MomentFormat::fp32) {
+    std::vector<TensorState> plain(tensors.size());
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      const auto& t = tensors[i];
+      plain[i] = TensorState{t.param, t.grad, {t.exp_avg, t.param.count, DType::f32},
+                             {t.exp_avg_sq, t.param.count, DType::f32}, t.param_copy};
+    }
+    adam_step(o, step, plain);
+    return;
+  }
+  if (format != MomentFormat::bf16 && format != MomentFormat::int8) {
+    throw Error(ErrorKind::invalid, fmt::format("moment format value {} is not fp32, bf16 or int8",
+                                                static_cast<unsigned>(format)));
+  }
+  resolve_compressed(tensors, format, step, impl_->jobs, impl_->spans);
+  const KernelTable& table = table_for(tier_);
+  impl_->for_each_range(
+      [&](const Job& j, std::size_t begin, std::size_t end) {
+        table.adam_compressed[j.s][j.g][j.c](s, j.salt, j.param, j.grad, j.exp_avg, j.exp_avg_sq, j.copy,
+                                             j.count, begin, end);
+      },
+      kQuantBlock);
+}
+
+void encode_moment(MomentFormat format, bool second, std::span<const float> values, void* out,
+                   std::uint64_t seed) {
+  if (values.empty()) return;
+  ZINF_CHECK(out != nullptr, "encode_moment: the output buffer is null");
+  if (format == MomentFormat::fp32) {
+    std::memcpy(out, values.data(), values.size_bytes());
+    return;
+  }
+  const KernelTable& table = table_for(default_tier());
+  table.encode[static_cast<int>(format) - 1](values.data(), out, second, rounding_salt(0, seed), values.size(), 0,
+                                             values.size());
+}
+
+void decode_moment(MomentFormat format, bool second, const void* in, std::span<float> values) {
+  if (values.empty()) return;
+  ZINF_CHECK(in != nullptr, "decode_moment: the input buffer is null");
+  if (format == MomentFormat::fp32) {
+    std::memcpy(values.data(), in, values.size_bytes());
+    return;
+  }
+  const KernelTable& table = table_for(default_tier());
+  table.decode[static_cast<int>(format) - 1](in, values.data(), second, values.size(), 0, values.size());
 }
 
 void CpuOptimizer::adagrad_step(const AdagradOptions& o, std::int64_t step,

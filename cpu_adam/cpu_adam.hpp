@@ -77,6 +77,36 @@ struct TensorState {
   Buffer param_copy;
 };
 
+// How Adam's two moments are stored (docs/swap.md, "State formats"):
+// fp32, bf16, or 8-bit codes with one fp32 scale per kMomentBlock elements,
+// both compressed forms rounded stochastically. The fp32 master is exact in
+// every format.
+enum class MomentFormat : std::uint8_t { fp32 = 0, bf16 = 1, int8 = 2 };
+std::string_view to_string(MomentFormat format);
+MomentFormat parse_moment_format(std::string_view text);  // "fp32", "bf16", "int8"
+inline constexpr std::size_t kMomentBlock = 256;
+// Bytes one moment tensor of `elements` takes in `format`.
+std::size_t moment_bytes(MomentFormat format, std::size_t elements);
+
+// A tensor whose moments are compressed: param fp32, grad any dtype,
+// exp_avg/exp_avg_sq moment_bytes(format, param.count) bytes each, an
+// optional bf16/fp16 param_copy. `seed` tells tensors' rounding apart (a
+// sub-group index, say): the same seed, step and values give the same bits.
+struct CompressedTensorState {
+  Buffer param;
+  Buffer grad;
+  void* exp_avg = nullptr;
+  void* exp_avg_sq = nullptr;
+  Buffer param_copy;
+  std::uint64_t seed = 0;
+};
+
+// fp32 values <-> one moment tensor in `format` (`second`: the second
+// moment's code); encode rounds stochastically from `seed`.
+void encode_moment(MomentFormat format, bool second, std::span<const float> values, void* out,
+                   std::uint64_t seed = 0);
+void decode_moment(MomentFormat format, bool second, const void* in, std::span<float> values);
+
 class CpuOptimizer {
  public:
   // `threads` workers (the caller's thread is one of them); `tier` forces a
@@ -93,6 +123,10 @@ class CpuOptimizer {
   // hyper-parameter) before touching any memory.
   void adam_step(const AdamOptions& options, std::int64_t step,
                  std::span<const TensorState> tensors);
+  // Adam over tensors with compressed moments (format bf16 or int8), in one
+  // pass: each block of moments is decoded, stepped and encoded in cache.
+  void adam_step(const AdamOptions& options, std::int64_t step, MomentFormat format,
+                 std::span<const CompressedTensorState> tensors);
   void adagrad_step(const AdagradOptions& options, std::int64_t step,
                     std::span<const TensorState> tensors);
   void lion_step(const LionOptions& options, std::int64_t step,

@@ -53,6 +53,27 @@ using LionKernel = void (*)(const LionScalars&, void* param, const void* grad, v
 using BandwidthKernel = void (*)(void* param, const void* grad, void* exp_avg, void* exp_avg_sq,
                                  void* param_copy, std::size_t begin, std::size_t end);
 
+// Adam over fp32 master params with compressed moments (bf16 or 8-bit
+// block-wise, see kernels_compressed.inc): `count` is the tensor's length
+// (the moments' layout depends on it), [begin, end) the range to step, with
+// begin a multiple of kQuantBlock. `salt` seeds the stochastic rounding of
+// this step and tensor.
+using AdamCompressedKernel = void (*)(const AdamScalars&, std::uint32_t salt, void* param,
+                                      const void* grad, void* exp_avg, void* exp_avg_sq,
+                                      void* param_copy, std::size_t count, std::size_t begin,
+                                      std::size_t end);
+// Compressed moment <-> fp32 for [begin, end) of a tensor of `count`
+// elements (begin a multiple of kQuantBlock); `second` picks the second
+// moment's code (unsigned, wider range) for the 8-bit format.
+using EncodeKernel = void (*)(const float* in, void* out, bool second, std::uint32_t salt,
+                              std::size_t count, std::size_t begin, std::size_t end);
+using DecodeKernel = void (*)(const void* in, float* out, bool second, std::size_t count,
+                              std::size_t begin, std::size_t end);
+
+// Elements per scale of the 8-bit format (and the split grain of every
+// compressed step).
+constexpr std::size_t kQuantBlock = 256;
+
 // Indexed [param][grad][state][copy] by DType value; copy index 0 is "no
 // copy", 1 bf16, 2 fp16. Unsupported combinations are null.
 struct KernelTable {
@@ -61,6 +82,10 @@ struct KernelTable {
   AdagradKernel adagrad[3][3][3][3];
   LionKernel lion[3][3][3][3];
   BandwidthKernel bandwidth[3][3][3][3];
+  // Indexed [format - 1][grad][copy] (format 1 bf16, 2 int8).
+  AdamCompressedKernel adam_compressed[2][3][3];
+  EncodeKernel encode[2];
+  DecodeKernel decode[2];
 };
 
 const KernelTable& scalar_kernels();

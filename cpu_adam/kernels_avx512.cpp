@@ -67,6 +67,9 @@ inline void storev(F16* p, V v) {
 }
 inline void storev(NoCopy*, V) {}
 
+// Lanes of the GCC vector types of kernels_compressed.inc.
+constexpr std::size_t kLanes = 16;
+
 #include "cpu_adam/kernels_impl.inc"
 
 }  // namespace

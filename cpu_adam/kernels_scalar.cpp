@@ -35,6 +35,9 @@ inline void storev(T* p, V v) {
   store1(p, 0, v.x);
 }
 
+// Lanes of the GCC vector types of kernels_compressed.inc.
+constexpr std::size_t kLanes = 4;
+
 #include "cpu_adam/kernels_impl.inc"
 
 }  // namespace

@@ -8,6 +8,7 @@ which is the engine's contract. Gloo in torch 1.13 has no reduce-scatter:
 it all-reduces a copy and keeps this rank's block (twice the traffic of a
 ring reduce-scatter), and NCCL groups use the real one.
 """
+import atexit
 import os
 
 import torch
@@ -86,4 +87,14 @@ def init_from_environment(timeout_s=None):
     if timeout_s is not None:
         kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group("gloo", **kwargs)
+    # DeepSpeed scripts never destroy the group they got from initialize;
+    # a Gloo group left to the interpreter's teardown can abort the process
+    # ("terminate called without an active exception", pytorch#190489):
+    # the group zinf made, zinf takes down while the interpreter is whole.
+    atexit.register(_destroy_own_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy_own_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
