@@ -15,6 +15,15 @@
 
 namespace zinf::config {
 
+std::string_view to_string(StateFormat format) {
+  switch (format) {
+    case StateFormat::fp32: return "fp32";
+    case StateFormat::bf16: return "bf16";
+    case StateFormat::int8: return "int8";
+  }
+  return "unknown";
+}
+
 std::string_view to_string(OffloadDevice device) {
   switch (device) {
     case OffloadDevice::none: return "none";
@@ -307,8 +316,16 @@ void read_offload_optimizer(Reader& r, const json& section, const std::string& p
                             OffloadOptimizerConfig& c) {
   r.check_keys(section, path,
                {"device", "nvme_path", "buffer_count", "pin_memory", "pipeline_read", "pipeline_write",
-                "fast_init", "ratio"},
+                "fast_init", "ratio", "state_format"},
                kOptimizerOffloadDeprecated);
+  if (section.contains("state_format") && !is_auto(section.at("state_format"))) {
+    const json& value = section.at("state_format");
+    const std::string text = value.is_string() ? value.get<std::string>() : std::string();
+    if (text == "fp32") c.state_format = StateFormat::fp32;
+    else if (text == "bf16") c.state_format = StateFormat::bf16;
+    else if (text == "int8") c.state_format = StateFormat::int8;
+    else r.problem(path + ".state_format", fmt::format("must be \"fp32\", \"bf16\" or \"int8\", not {}", describe(value)));
+  }
   r.read_device(section, path, c.device);
   r.read_paths(section, path, c.nvme_path);
   r.read_uint(section, "buffer_count", path, c.buffer_count);
@@ -540,6 +557,10 @@ void cross_checks(Reader& r, Config& c) {
       r.problem("optimizer.type", fmt::format("\"{}\" is not an optimizer zinf runs (it has no CPU "
                                               "implementation); zinf steps Adam, AdamW, Adagrad and Lion",
                                               c.optimizer->type));
+    } else if ((lower == "adagrad" || lower == "lion") && z.offload_optimizer.state_format != StateFormat::fp32) {
+      r.problem(optim + ".state_format",
+                fmt::format("is {}: compressed states are Adam's two moments; {} keeps fp32 states",
+                            to_string(z.offload_optimizer.state_format), c.optimizer->type));
     }
   }
 }

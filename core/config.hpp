@@ -47,8 +47,14 @@ struct OffloadParamConfig {
   bool pin_memory = true;
 };
 
+// How the optimizer's moments are kept (zinf's key, not DeepSpeed's):
+// fp32, bf16, or 8-bit block-wise codes (docs/swap.md, "State formats").
+enum class StateFormat { fp32, bf16, int8 };
+std::string_view to_string(StateFormat format);
+
 struct OffloadOptimizerConfig {
   OffloadDevice device = OffloadDevice::none;
+  StateFormat state_format = StateFormat::fp32;
   std::vector<std::string> nvme_path;
   std::uint64_t buffer_count = 4;
   bool pin_memory = true;

@@ -57,7 +57,19 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
   const OptimizerSwapperOptions optimizer_options = optimizer_swapper_options(config);
   const OptimizerKind kind = optimizer_options.optimizer.kind;
   const std::uint64_t tensors = 1 + OptimizerSwapper::state_names(kind).size();
-  const std::uint64_t state_bytes = 4 * tensors;
+  // Bytes of the param and its states for n elements (the moments in
+  // their state_format).
+  const auto state_bytes = [&](std::uint64_t n) {
+    std::uint64_t bytes = 0;
+    for (std::size_t t = 0; t < tensors; ++t) {
+      bytes += OptimizerSwapper::tensor_bytes(t, n, optimizer_options.moment_format);
+    }
+    return bytes;
+  };
+  const std::string formats = optimizer_options.moment_format == cpu_adam::MomentFormat::fp32
+                                  ? std::string("fp32")
+                                  : fmt::format("fp32 param + {} moments",
+                                                cpu_adam::to_string(optimizer_options.moment_format));
   const bool optimizer_on_nvme = zero.offload_optimizer.device == config::OffloadDevice::nvme;
   const bool params_on_nvme = zero.offload_param.device == config::OffloadDevice::nvme;
   // The engine's pinned pool holds both swappers' buffers and is locked
@@ -87,23 +99,23 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
   add(Tier::pageable, 4 * psi_rank, "gradient partition (fp32)");
   add(Tier::pageable, element * psi_rank, fmt::format("param partition ({}, the working copy)", precision));
   if (optimizer_on_nvme) {
-    add(Tier::nvme, state_bytes * psi_rank,
-        fmt::format("optimizer states: {} fp32 tensors x {} elements", tensors, psi_rank));
+    add(Tier::nvme, state_bytes(psi_rank),
+        fmt::format("optimizer states: {} tensors ({}) x {} elements", tensors, formats, psi_rank));
     const SubGroup sub_group{"largest", group};
     add(pool_tier,
         OptimizerSwapper::pinned_bytes_needed(std::span(&sub_group, 1), kind, optimizer_options.overlap,
-                                              kAlignment),
+                                              kAlignment, optimizer_options.moment_format),
         fmt::format("optimizer swapper: {} slot(s) x {} tensors x {} elements (sub_group_size)",
                     optimizer_options.overlap ? 3 : 1, tensors, group));
     // Copy-on-write headroom: in the pipeline two sub-groups are written
     // before the older one's commit frees its previous extents (one when
     // there is only one).
     const std::uint64_t sub_groups = ceil_div(std::max<std::uint64_t>(psi_rank, 1), group);
-    add(Tier::nvme, std::min<std::uint64_t>(2, sub_groups) * state_bytes * group,
+    add(Tier::nvme, std::min<std::uint64_t>(2, sub_groups) * state_bytes(group),
         "copy-on-write headroom for the optimizer states");
   } else {
-    add(Tier::pageable, state_bytes * psi_rank,
-        fmt::format("optimizer states in host memory: {} fp32 tensors x {} elements", tensors, psi_rank));
+    add(Tier::pageable, state_bytes(psi_rank),
+        fmt::format("optimizer states in host memory: {} tensors ({}) x {} elements", tensors, formats, psi_rank));
   }
   add(Tier::pageable, 4 * group, "fp32 masters of one sub-group while finalize() builds them", true);
 

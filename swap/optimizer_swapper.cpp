@@ -13,10 +13,21 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::uint64_t region_bytes(std::span<const SubGroup> groups, std::uint64_t alignment) {
+std::size_t largest_group(std::span<const SubGroup> groups) {
   std::size_t largest = 0;
   for (const auto& group : groups) largest = std::max(largest, group.elements);
-  return std::max<std::uint64_t>(align_up(largest * sizeof(float), alignment), alignment);
+  return largest;
+}
+
+// Each tensor's region in a slot: the largest sub-group's bytes, aligned.
+std::vector<std::uint64_t> region_bytes(std::span<const SubGroup> groups, std::size_t tensors,
+                                        std::uint64_t alignment, cpu_adam::MomentFormat format) {
+  std::vector<std::uint64_t> regions;
+  for (std::size_t t = 0; t < tensors; ++t) {
+    const std::uint64_t bytes = OptimizerSwapper::tensor_bytes(t, largest_group(groups), format);
+    regions.push_back(std::max<std::uint64_t>(align_up(bytes, alignment), alignment));
+  }
+  return regions;
 }
 
 // Durations accumulate into the step's stats.
@@ -53,18 +64,28 @@ void wait_tickets(SwapStore& store, std::vector<SwapTicket>& tickets) {
 // tickets of the I/O on it.
 struct OptimizerSwapper::Slot {
   PinnedBuffer buffer;
-  std::uint64_t region = 0;  // bytes per tensor region
+  std::vector<std::uint64_t> offsets;  // of each tensor's region
+  std::vector<std::uint64_t> regions;  // bytes of each tensor's region
   std::vector<SwapTicket> reads;
   std::vector<SwapTicket> writes;
   std::optional<std::size_t> writing_group;
 
   std::span<std::byte> tensor(std::size_t index) const {
-    return {buffer.data() + index * region, region};
+    return {buffer.data() + offsets[index], regions[index]};
   }
   float* floats(std::size_t index) const {
-    return reinterpret_cast<float*>(buffer.data() + index * region);
+    return reinterpret_cast<float*>(buffer.data() + offsets[index]);
   }
 };
+
+std::uint64_t OptimizerSwapper::tensor_bytes(std::size_t index, std::size_t elements,
+                                             cpu_adam::MomentFormat format) {
+  return index == 0 ? elements * sizeof(float) : cpu_adam::moment_bytes(format, elements);
+}
+
+std::uint64_t OptimizerSwapper::bytes_of(std::size_t group, std::size_t tensor) const {
+  return tensor_bytes(tensor, groups_[group].elements, options_.moment_format);
+}
 
 std::vector<std::string> OptimizerSwapper::state_names(OptimizerKind kind) {
   switch (kind) {
@@ -77,10 +98,30 @@ std::vector<std::string> OptimizerSwapper::state_names(OptimizerKind kind) {
 
 std::uint64_t OptimizerSwapper::pinned_bytes_needed(std::span<const SubGroup> groups,
                                                     OptimizerKind kind, bool overlap,
-                                                    std::uint64_t alignment) {
-  const std::uint64_t tensors = 1 + state_names(kind).size();
-  return (overlap ? 3 : 1) * tensors * region_bytes(groups, alignment);
+                                                    std::uint64_t alignment,
+                                                    cpu_adam::MomentFormat format) {
+  std::uint64_t slot = 0;
+  for (const std::uint64_t region : region_bytes(groups, 1 + state_names(kind).size(), alignment, format)) {
+    slot += region;
+  }
+  return (overlap ? 3 : 1) * slot;
 }
+
+namespace {
+
+void check_format(const OptimizerSwapperOptions& options) {
+  if (options.moment_format != cpu_adam::MomentFormat::fp32 && options.optimizer.kind != OptimizerKind::adam) {
+    ErrorContext ctx;
+    ctx.key_path = "zero_optimization.offload_optimizer.state_format";
+    throw Error(ErrorKind::config,
+                fmt::format("state_format {} compresses Adam's moments; this optimizer is {}: use fp32",
+                            cpu_adam::to_string(options.moment_format),
+                            options.optimizer.kind == OptimizerKind::lion ? "Lion" : "Adagrad"),
+                std::move(ctx));
+  }
+}
+
+}  // namespace
 
 OptimizerSwapper::OptimizerSwapper(SwapStore& store, PinnedPool& pool,
                                    cpu_adam::CpuOptimizer& optimizer,
@@ -91,12 +132,13 @@ OptimizerSwapper::OptimizerSwapper(SwapStore& store, PinnedPool& pool,
       options_(std::move(options)),
       states_(state_names(options_.optimizer.kind)) {
   ZINF_CHECK(!groups_.empty(), "the optimizer swapper needs at least one sub-group");
+  check_format(options_);
   for (const auto& group : groups_) {
     ZINF_CHECK(group.elements > 0 && !group.name.empty(),
                "every sub-group needs a name and at least one element");
   }
-  const std::uint64_t needed =
-      pinned_bytes_needed(groups_, options_.optimizer.kind, options_.overlap, store.alignment());
+  const std::uint64_t needed = pinned_bytes_needed(groups_, options_.optimizer.kind, options_.overlap,
+                                                   store.alignment(), options_.moment_format);
   const std::uint64_t capacity = pool.stats().capacity_bytes;
   if (needed > capacity || pool.alignment() % store.alignment() != 0) {
     const auto largest = std::max_element(
@@ -110,11 +152,16 @@ OptimizerSwapper::OptimizerSwapper(SwapStore& store, PinnedPool& pool,
                             format_bytes(needed), needed, options_.overlap ? 3 : 1, 1 + states_.size(),
                             largest->name, largest->elements, format_bytes(capacity)));
   }
-  const std::uint64_t region = region_bytes(groups_, store.alignment());
+  const auto regions = region_bytes(groups_, 1 + states_.size(), store.alignment(), options_.moment_format);
   for (int i = 0; i < (options_.overlap ? 3 : 1); ++i) {
     auto slot = std::make_unique<Slot>();
-    slot->region = region;
-    slot->buffer = pool.acquire(region * (1 + states_.size()), std::chrono::milliseconds(0));
+    slot->regions = regions;
+    std::uint64_t offset = 0;
+    for (const std::uint64_t region : regions) {
+      slot->offsets.push_back(offset);
+      offset += region;
+    }
+    slot->buffer = pool.acquire(offset, std::chrono::milliseconds(0));
     slots_.push_back(std::move(slot));
   }
   read_recovery();
@@ -127,6 +174,7 @@ OptimizerSwapper::OptimizerSwapper(cpu_adam::CpuOptimizer& optimizer,
       options_(std::move(options)),
       states_(state_names(options_.optimizer.kind)) {
   ZINF_CHECK(!groups_.empty(), "the optimizer swapper needs at least one sub-group");
+  check_format(options_);
   host_.resize(groups_.size());
   recovery_.group_steps.assign(groups_.size(), -1);
   for (std::size_t g = 0; g < groups_.size(); ++g) {
@@ -166,6 +214,16 @@ std::string OptimizerSwapper::key(std::size_t group, std::string_view tensor) co
 
 void OptimizerSwapper::read_recovery() {
   recovery_ = {};
+  const std::string format(cpu_adam::to_string(options_.moment_format));
+  if (const auto stored = store_->attribute(options_.name + ".state_format"); stored && *stored != format) {
+    ErrorContext ctx;
+    ctx.key_path = "zero_optimization.offload_optimizer.state_format";
+    throw Error(ErrorKind::config,
+                fmt::format("the swap directory holds optimizer states in the {} format, the config asks for {}: "
+                            "set state_format to {}, or start from a checkpoint in a fresh nvme_path",
+                            *stored, format, *stored),
+                std::move(ctx));
+  }
   if (const auto finished = store_->attribute(options_.name + ".step")) {
     recovery_.finished_step = std::stoll(*finished);
   }
@@ -182,7 +240,7 @@ void OptimizerSwapper::read_recovery() {
         complete = false;
         break;
       }
-      if (info->size_bytes != groups_[g].elements * sizeof(float)) {
+      if (info->size_bytes != bytes_of(g, t)) {
         throw Error(ErrorKind::config,
                     fmt::format("sub-group '{}' has {} elements but its stored tensors hold {} "
                                 "bytes: the swap directory belongs to another model layout",
@@ -229,12 +287,13 @@ void OptimizerSwapper::initialize(std::size_t group, std::span<const float> para
                               groups_[group].name, state.size(), n));
     }
   }
-  // The moments from a checkpoint, or zeros for a fresh start.
+  // The moments from a checkpoint (encoded in the state format), or zeros
+  // for a fresh start (all-zero bytes in every format).
   const auto fill = [&](float* out, std::size_t t) {
     if (states.empty()) {
-      std::fill(out, out + n, 0.0f);
+      std::memset(out, 0, bytes_of(group, t));
     } else {
-      std::copy(states[t - 1].begin(), states[t - 1].end(), out);
+      cpu_adam::encode_moment(options_.moment_format, t == 2, states[t - 1], out, group);
     }
   };
   if (store_ == nullptr) {
@@ -244,7 +303,7 @@ void OptimizerSwapper::initialize(std::size_t group, std::span<const float> para
     tensors.resize(1 + states_.size());
     tensors[0].assign(params.begin(), params.end());
     for (std::size_t t = 1; t <= states_.size(); ++t) {
-      tensors[t].resize(n);
+      tensors[t].resize((bytes_of(group, t) + sizeof(float) - 1) / sizeof(float));
       fill(tensors[t].data(), t);
     }
   } else {
@@ -272,6 +331,7 @@ void OptimizerSwapper::initialize(std::size_t group, std::span<const float> para
     if (store_ != nullptr) {
       store_->set_attribute(options_.name + ".step", std::to_string(step));
       store_->set_attribute(options_.name + ".step_in_progress", "");
+      store_->set_attribute(options_.name + ".state_format", std::string(cpu_adam::to_string(options_.moment_format)));
     }
   }
   if (store_ != nullptr) store_->commit();
@@ -295,7 +355,7 @@ void OptimizerSwapper::submit_reads(std::size_t group, Slot& slot) {
     slot.reads.push_back(store_->read(key(group, t == 0 ? "param" : states_[t - 1]),
                                       slot.tensor(t)));
   }
-  last_stats_.bytes_read += (1 + states_.size()) * groups_[group].elements * sizeof(float);
+  for (std::size_t t = 0; t <= states_.size(); ++t) last_stats_.bytes_read += bytes_of(group, t);
 }
 
 void OptimizerSwapper::wait_reads(Slot& slot) {
@@ -305,13 +365,13 @@ void OptimizerSwapper::wait_reads(Slot& slot) {
 
 void OptimizerSwapper::submit_writes(std::size_t group, Slot& slot, std::int64_t version) {
   ZINF_ASSERT(slot.writes.empty(), "slot reused while busy");
-  const std::uint64_t bytes = groups_[group].elements * sizeof(float);
   for (std::size_t t = 0; t <= states_.size(); ++t) {
+    const std::uint64_t bytes = bytes_of(group, t);
     slot.writes.push_back(store_->write(key(group, t == 0 ? "param" : states_[t - 1]),
                                         slot.tensor(t), bytes, version));
+    last_stats_.bytes_written += bytes;
   }
   slot.writing_group = group;
-  last_stats_.bytes_written += (1 + states_.size()) * bytes;
 }
 
 void OptimizerSwapper::wait_writes(Slot& slot) {
@@ -320,11 +380,24 @@ void OptimizerSwapper::wait_writes(Slot& slot) {
   wait_tickets(*store_, slot.writes);
 }
 
-void OptimizerSwapper::compute(std::size_t group, float* param, float* exp_avg,
-                               float* exp_avg_sq, const cpu_adam::Buffer& grad,
+void OptimizerSwapper::compute(std::size_t group, float* param, void* exp_avg,
+                               void* exp_avg_sq, const cpu_adam::Buffer& grad,
                                const cpu_adam::Buffer& copy) {
   Timed timed(last_stats_.compute);
   const std::size_t n = groups_[group].elements;
+  const bool f32_copy_out = copy.data != nullptr && copy.dtype == cpu_adam::DType::f32;
+  if (options_.moment_format != cpu_adam::MomentFormat::fp32) {
+    cpu_adam::CompressedTensorState state;
+    state.param = {param, n, cpu_adam::DType::f32};
+    state.grad = grad;
+    state.exp_avg = exp_avg;
+    state.exp_avg_sq = exp_avg_sq;
+    if (!f32_copy_out) state.param_copy = copy;
+    state.seed = group;
+    optimizer_.adam_step(options_.optimizer.adam, step_ + 1, options_.moment_format, std::span(&state, 1));
+    if (f32_copy_out) std::memcpy(copy.data, param, n * sizeof(float));
+    return;
+  }
   cpu_adam::TensorState state;
   state.param = {param, n, cpu_adam::DType::f32};
   state.grad = grad;
@@ -409,6 +482,16 @@ void OptimizerSwapper::step(std::span<const cpu_adam::Buffer> grads,
   const auto copy_for = [&](std::size_t g) {
     return param_copies.empty() ? cpu_adam::Buffer{} : param_copies[g];
   };
+  if (store_ == nullptr && options_.moment_format != cpu_adam::MomentFormat::fp32) {
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      auto& tensors = host_[g];
+      compute(g, tensors[0].data(), tensors[1].data(), tensors[2].data(), grads[g], copy_for(g));
+    }
+    ++step_;
+    for (auto& s : recovery_.group_steps) s = step_;
+    recovery_.finished_step = step_;
+    return;
+  }
   if (store_ == nullptr) {
     Timed compute_time(last_stats_.compute);
     std::vector<cpu_adam::TensorState> states(groups_.size());
@@ -546,14 +629,15 @@ void OptimizerSwapper::read_state(std::size_t group, std::string_view state,
                                                 state, groups_[group].name, out.size(),
                                                 groups_[group].elements));
   }
+  const auto format = index == 0 ? cpu_adam::MomentFormat::fp32 : options_.moment_format;
   if (store_ == nullptr) {
     ZINF_CHECK(!host_[group].empty(), "sub-group has no state: initialize() it first");
-    std::copy(host_[group][index].begin(), host_[group][index].end(), out.begin());
+    cpu_adam::decode_moment(format, index == 2, host_[group][index].data(), out);
     return;
   }
   Slot& slot = *slots_[0];
   store_->read_sync(key(group, state), slot.tensor(index));
-  std::memcpy(out.data(), slot.floats(index), out.size_bytes());
+  cpu_adam::decode_moment(format, index == 2, slot.floats(index), out);
 }
 
 std::uint64_t OptimizerSwapper::pinned_bytes() const {

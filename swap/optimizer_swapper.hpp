@@ -57,6 +57,10 @@ struct SubGroup {
 struct OptimizerSwapperOptions {
   OptimizerSettings optimizer;
   bool overlap = true;       // pipelined; false runs read, step, write in turn
+  // How Adam's moments are kept (offload_optimizer.state_format): fp32, or
+  // compressed (bf16, int8 block-wise) to move and store fewer bytes. The
+  // fp32 master params are exact in every format. Adam only.
+  cpu_adam::MomentFormat moment_format = cpu_adam::MomentFormat::fp32;
   std::string name = "optimizer";  // prefix of the manifest attributes
   // Called after sub-group k of a step is durable (tests use it to kill the
   // process mid-step; a trainer may use it for progress).
@@ -83,11 +87,16 @@ class OptimizerSwapper {
  public:
   // The tensors a sub-group keeps besides its param, for an optimizer.
   static std::vector<std::string> state_names(OptimizerKind kind);
+  // Bytes tensor `index` (0 the param, then state_names()) of a sub-group
+  // of `elements` takes in `format`, in memory and on disk.
+  static std::uint64_t tensor_bytes(std::size_t index, std::size_t elements,
+                                    cpu_adam::MomentFormat format);
   // Pinned bytes the swapper holds: three slots (one when overlap is off),
   // each the padded param and states of the largest sub-group.
   static std::uint64_t pinned_bytes_needed(std::span<const SubGroup> groups,
                                            OptimizerKind kind, bool overlap,
-                                           std::uint64_t alignment);
+                                           std::uint64_t alignment,
+                                           cpu_adam::MomentFormat format = cpu_adam::MomentFormat::fp32);
 
   // NVMe states in `store`, slots leased from `pool` now: the one failure
   // for want of memory happens here, before step 0, naming the bytes needed
@@ -139,8 +148,9 @@ class OptimizerSwapper {
   void wait_reads(Slot& slot);
   void submit_writes(std::size_t group, Slot& slot, std::int64_t version);
   void wait_writes(Slot& slot);
-  void compute(std::size_t group, float* param, float* exp_avg, float* exp_avg_sq,
+  void compute(std::size_t group, float* param, void* exp_avg, void* exp_avg_sq,
                const cpu_adam::Buffer& grad, const cpu_adam::Buffer& copy);
+  std::uint64_t bytes_of(std::size_t group, std::size_t tensor) const;
   void step_on_store(std::span<const cpu_adam::Buffer> grads,
                      std::span<const cpu_adam::Buffer> copies);
   void check_step_inputs(std::span<const cpu_adam::Buffer> grads,
@@ -156,7 +166,8 @@ class OptimizerSwapper {
   OptimizerSwapperOptions options_;
   std::vector<std::string> states_;
   std::vector<std::unique_ptr<Slot>> slots_;
-  // Host mode: [group][tensor] where tensor 0 is the param.
+  // Host mode: [group][tensor] where tensor 0 is the param; a compressed
+  // moment's bytes are kept in float storage (rounded up to whole floats).
   std::vector<std::vector<std::vector<float>>> host_;
   std::int64_t step_ = 0;
   OptimizerRecovery recovery_;

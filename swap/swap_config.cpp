@@ -66,6 +66,11 @@ ParamSwapperOptions param_swapper_options(const config::Config& config, std::uin
 OptimizerSwapperOptions optimizer_swapper_options(const config::Config& config) {
   OptimizerSwapperOptions options;
   options.overlap = true;
+  switch (config.zero.offload_optimizer.state_format) {
+    case config::StateFormat::fp32: options.moment_format = cpu_adam::MomentFormat::fp32; break;
+    case config::StateFormat::bf16: options.moment_format = cpu_adam::MomentFormat::bf16; break;
+    case config::StateFormat::int8: options.moment_format = cpu_adam::MomentFormat::int8; break;
+  }
   if (!config.optimizer) return options;  // AdamW with the kernel defaults
   const auto& block = *config.optimizer;
   std::string type = block.type;

@@ -3,6 +3,7 @@
 // problem zinf must report.
 #include <fstream>
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include "core/config.hpp"
@@ -213,6 +214,10 @@ INSTANTIATE_TEST_SUITE_P(
              "zero_optimization.offload_optimizer.ratio", "needs ZeRO stage 3"},
         Trap{"ratio_range", R"({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 1.5}}})",
              "zero_optimization.offload_optimizer.ratio", "between 0 and 1"},
+        Trap{"state_format_value", R"({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "state_format": "fp8"}}})",
+             "zero_optimization.offload_optimizer.state_format", "must be \"fp32\", \"bf16\" or \"int8\", not the string \"fp8\""},
+        Trap{"state_format_needs_adam", R"({"optimizer": {"type": "Lion"}, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "state_format": "bf16"}}})",
+             "zero_optimization.offload_optimizer.state_format", "compressed states are Adam's two moments; Lion keeps fp32"},
         Trap{"bad_device", R"({"zero_optimization": {"stage": 3, "offload_param": {"device": "disk"}}})",
              "zero_optimization.offload_param.device", "\"none\", \"cpu\" or \"nvme\""},
         Trap{"stage_range", R"({"zero_optimization": {"stage": 4}})", "zero_optimization.stage", "between 0 and 3"},
@@ -262,6 +267,17 @@ TEST(Config, PipelineFalseIsSaidNotSilentlyIgnored) {
   EXPECT_TRUE(r.problems.empty()) << problems_of(r);
   ASSERT_EQ(r.warnings.size(), 1u);
   EXPECT_NE(r.warnings.front().find("pipeline_read is false"), std::string::npos) << r.warnings.front();
+}
+
+TEST(Config, StateFormatReadsEachFormat) {
+  EXPECT_EQ(parse("{}").config.zero.offload_optimizer.state_format, StateFormat::fp32);
+  for (const auto& [text, format] : {std::pair{"fp32", StateFormat::fp32}, std::pair{"bf16", StateFormat::bf16},
+                                     std::pair{"int8", StateFormat::int8}}) {
+    const ParseResult r = parse(fmt::format(R"({{"zero_optimization": {{"stage": 3, "offload_optimizer": {{"device":
+        "nvme", "nvme_path": "/x", "state_format": "{}"}}}}}})", text));
+    EXPECT_TRUE(r.problems.empty()) << problems_of(r);
+    EXPECT_EQ(r.config.zero.offload_optimizer.state_format, format) << text;
+  }
 }
 
 TEST(Config, TheBfloat16SpellingEnablesBf16) {

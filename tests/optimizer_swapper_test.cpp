@@ -427,3 +427,147 @@ TEST(OptimizerSwapper, BadStepInputsAreRefusedBeforeAnyStateChanges) {
 
 }  // namespace
 }  // namespace zinf::swap
+
+namespace zinf::swap {
+namespace {
+
+// Compressed moments: the store, the host tier, pipelined or not, and a
+// plain CpuOptimizer over the same bytes agree bit for bit; the disk moves
+// the compressed size; a store in another format is refused by key.
+TEST(OptimizerSwapperCompressed, EveryPathGivesTheKernelsBitsAndMovesTheCompressedBytes) {
+  for (const auto format : {cpu_adam::MomentFormat::bf16, cpu_adam::MomentFormat::int8}) {
+    SCOPED_TRACE(cpu_adam::to_string(format));
+    TempDir dir;
+    cpu_adam::CpuOptimizer optimizer(2);
+    OptimizerSwapperOptions options = adamw(true);
+    options.moment_format = format;
+    OptimizerSwapperOptions unpipelined = options;
+    unpipelined.overlap = false;
+    SwapStore store(store_options(dir.path()));
+    PinnedPool pool(pool_options());
+    OptimizerSwapper swapper(store, pool, optimizer, kGroups, options);
+    TempDir dir2;
+    SwapStore store2(store_options(dir2.path()));
+    PinnedPool pool2(pool_options());
+    OptimizerSwapper serial(store2, pool2, optimizer, kGroups, unpipelined);
+    OptimizerSwapper host(optimizer, kGroups, options);
+    // The reference: the kernels on plain buffers, seeded by sub-group.
+    std::vector<std::vector<float>> params;
+    std::vector<std::vector<std::uint8_t>> m, v;
+    for (std::size_t g = 0; g < kGroups.size(); ++g) {
+      for (OptimizerSwapper* s : {&swapper, &serial, &host}) s->initialize(g, initial_params(g));
+      params.push_back(initial_params(g));
+      m.emplace_back(cpu_adam::moment_bytes(format, kGroups[g].elements), 0);
+      v.emplace_back(cpu_adam::moment_bytes(format, kGroups[g].elements), 0);
+    }
+    std::uint64_t elements = 0;
+    for (const auto& group : kGroups) elements += group.elements;
+    for (std::int64_t step = 1; step <= 3; ++step) {
+      Grads grads(step), grads2(step), grads3(step);
+      swapper.step(grads.grad_buffers, grads.copy_buffers);
+      serial.step(grads2.grad_buffers, grads2.copy_buffers);
+      host.step(grads3.grad_buffers, grads3.copy_buffers);
+      EXPECT_EQ(grads.copies, grads2.copies);
+      EXPECT_EQ(grads.copies, grads3.copies);
+      const std::uint64_t moments = 2 * (format == cpu_adam::MomentFormat::bf16 ? 2 * elements : 0);
+      if (format == cpu_adam::MomentFormat::bf16) {
+        EXPECT_EQ(swapper.last_step_stats().bytes_written, 4 * elements + moments);
+        EXPECT_EQ(swapper.last_step_stats().bytes_read, 4 * elements + moments);
+      } else {
+        std::uint64_t bytes = 0;
+        for (const auto& group : kGroups) bytes += 4 * group.elements + 2 * cpu_adam::moment_bytes(format, group.elements);
+        EXPECT_EQ(swapper.last_step_stats().bytes_written, bytes);
+        // About half of fp32's 12 bytes per element.
+        EXPECT_LT(static_cast<double>(bytes), 0.52 * 12 * static_cast<double>(elements));
+      }
+      for (std::size_t g = 0; g < kGroups.size(); ++g) {
+        cpu_adam::CompressedTensorState state;
+        state.param = {params[g].data(), kGroups[g].elements, DType::f32};
+        state.grad = grads.grad_buffers[g];
+        state.exp_avg = m[g].data();
+        state.exp_avg_sq = v[g].data();
+        state.seed = g;
+        optimizer.adam_step(options.optimizer.adam, step, format, std::span(&state, 1));
+      }
+    }
+    for (std::size_t g = 0; g < kGroups.size(); ++g) {
+      const std::size_t n = kGroups[g].elements;
+      std::vector<float> a(n), b(n), c(n), want_m(n), want_v(n);
+      swapper.read_params(g, a);
+      serial.read_params(g, b);
+      host.read_params(g, c);
+      EXPECT_TRUE(same_bits(a, params[g]));
+      EXPECT_TRUE(same_bits(b, params[g]));
+      EXPECT_TRUE(same_bits(c, params[g]));
+      cpu_adam::decode_moment(format, false, m[g].data(), want_m);
+      cpu_adam::decode_moment(format, true, v[g].data(), want_v);
+      for (OptimizerSwapper* s : {&swapper, &serial, &host}) {
+        s->read_state(g, "exp_avg", a);
+        EXPECT_TRUE(same_bits(a, want_m));
+        s->read_state(g, "exp_avg_sq", a);
+        EXPECT_TRUE(same_bits(a, want_v));
+      }
+    }
+  }
+}
+
+TEST(OptimizerSwapperCompressed, AStoreInAnotherFormatIsRefusedNamingTheKey) {
+  TempDir dir;
+  cpu_adam::CpuOptimizer optimizer(1);
+  {
+    SwapStore store(store_options(dir.path()));
+    PinnedPool pool(pool_options());
+    OptimizerSwapperOptions options = adamw(true);
+    options.moment_format = cpu_adam::MomentFormat::int8;
+    OptimizerSwapper swapper(store, pool, optimizer, kGroups, options);
+    for (std::size_t g = 0; g < kGroups.size(); ++g) swapper.initialize(g, initial_params(g));
+  }
+  SwapStore store(store_options(dir.path()));
+  PinnedPool pool(pool_options());
+  try {
+    OptimizerSwapper swapper(store, pool, optimizer, kGroups, adamw(true));
+    FAIL() << "an int8 store opened as fp32";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::config);
+    EXPECT_NE(std::string(error.what()).find("zero_optimization.offload_optimizer.state_format"), std::string::npos)
+        << error.what();
+    EXPECT_NE(std::string(error.what()).find("holds optimizer states in the int8 format, the config asks for fp32"),
+              std::string::npos)
+        << error.what();
+  }
+}
+
+TEST(OptimizerSwapperCompressed, CheckpointedStatesComeBackWithinTheirCodesPrecision) {
+  cpu_adam::CpuOptimizer optimizer(1);
+  OptimizerSwapperOptions options = adamw(true);
+  options.moment_format = cpu_adam::MomentFormat::bf16;
+  OptimizerSwapper host(optimizer, kGroups, options);
+  for (std::size_t g = 0; g < kGroups.size(); ++g) {
+    std::vector<float> m = initial_params(g), v = initial_params(g);
+    for (auto& x : v) x = x * x;
+    const std::vector<std::span<const float>> states = {m, v};
+    host.initialize(g, initial_params(g), 5, states);
+    std::vector<float> got(m.size());
+    host.read_state(g, "exp_avg_sq", got);
+    for (std::size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], v[i], std::abs(v[i]) / 128) << i;
+  }
+  EXPECT_EQ(host.step_count(), 5);
+}
+
+TEST(OptimizerSwapperCompressed, LionAndAdagradRefuseCompressedStates) {
+  cpu_adam::CpuOptimizer optimizer(1);
+  OptimizerSwapperOptions options;
+  options.optimizer.kind = OptimizerKind::lion;
+  options.moment_format = cpu_adam::MomentFormat::int8;
+  try {
+    OptimizerSwapper host(optimizer, kGroups, options);
+    FAIL();
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("state_format int8 compresses Adam's moments; this optimizer is Lion"),
+              std::string::npos)
+        << error.what();
+  }
+}
+
+}  // namespace
+}  // namespace zinf::swap

@@ -218,7 +218,7 @@ void Engine::finalize() {
         swap::store_options(config_, swap::SwapRole::optimizer, rank));
     pool_bytes += swap::OptimizerSwapper::pinned_bytes_needed(
         sub_groups_, optimizer_options.optimizer.kind, optimizer_options.overlap,
-        optimizer_store_->alignment());
+        optimizer_store_->alignment(), optimizer_options.moment_format);
   }
   if (params_on_nvme) {
     param_store_ = std::make_unique<swap::SwapStore>(swap::store_options(config_, swap::SwapRole::param, rank));
