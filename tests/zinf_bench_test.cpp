@@ -166,6 +166,35 @@ TEST(ZinfBenchAdam, BadArgumentsAreOneLineErrors) {
   EXPECT_NE(o.err.find("unknown CPU Adam tier 'sse9'"), std::string::npos) << o.err;
 }
 
+TEST(ZinfBenchSwap, StateFormatsStepInOneRunEachAgainstItsOwnBounds) {
+  TempDir dir;
+  const auto json = dir / "swap.json";
+  const Outcome o = run_bench("swap --nvme " + dir.path().string() +
+                              " --params 2M --sub-group 1M --steps 2 --threads 1 --fetch-layers 2 "
+                              "--fetch-shard 1M --state-format fp32,bf16,int8 --json " + json.string());
+  ASSERT_EQ(o.exit_code, 0) << o.err;
+  for (const char* expected : {"state formats, same run", "bf16 step 2:", "int8 step 1:", "step/bound"}) {
+    EXPECT_NE(o.out.find(expected), std::string::npos) << expected << "\n" << o.out;
+  }
+  const auto formats = nlohmann::json::parse(slurp(json))["result"]["formats"];
+  ASSERT_EQ(formats.size(), 3u);
+  EXPECT_EQ(formats[0]["state_format"], "fp32");
+  EXPECT_EQ(formats[2]["state_format"], "int8");
+  // A step reads and writes param + moments: 12, 8 and ~6 bytes per param.
+  const double fp32 = formats[0]["step_moved_bytes"].get<double>();
+  EXPECT_EQ(fp32, 2.0 * 12 * 2000000);
+  EXPECT_EQ(formats[1]["step_moved_bytes"].get<double>(), 2.0 * 8 * 2000000);
+  EXPECT_NEAR(formats[2]["step_moved_bytes"].get<double>() / fp32, 0.5, 0.01);
+  for (const auto& run : formats) {
+    EXPECT_EQ(run["step_seconds"].size(), 2u);
+    EXPECT_GT(run["io_bound_seconds"].get<double>(), 0);
+    EXPECT_GT(run["step_over_bound"].get<double>(), 0);
+  }
+  const Outcome bad = run_bench("swap --nvme " + dir.path().string() + " --params 2M --state-format fp8");
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.err.find("--state-format fp8: expected fp32, bf16 or int8"), std::string::npos) << bad.err;
+}
+
 TEST(ZinfBenchSwap, StepsAgainstMeasuredBoundsAndRemovesItsFiles) {
   TempDir dir;
   const auto json = dir / "swap.json";

@@ -89,7 +89,26 @@ nlohmann::json SwapBenchResult::to_json() const {
           {"fetch_hidden_fraction", fetch_hidden_fraction},
           {"step_written_bytes", step_written_bytes},
           {"written_per_device", written_per_device},
-          {"store_written_total", store_written_total}};
+          {"store_written_total", store_written_total},
+          {"formats", [&] {
+             auto runs = nlohmann::json::array();
+             for (const auto& run : formats) runs.push_back(run.to_json());
+             return runs;
+           }()}};
+}
+
+nlohmann::json SwapFormatRun::to_json() const {
+  return {{"state_format", std::string(cpu_adam::to_string(format))},
+          {"state_bytes", state_bytes},
+          {"compute_seconds", compute_seconds},
+          {"io_bound_seconds", io_bound_seconds},
+          {"step_read_bytes", step_read_bytes},
+          {"step_moved_bytes", step_moved_bytes},
+          {"step_seconds", step_seconds},
+          {"step_median_seconds", step_median},
+          {"step_over_bound", ratio()},
+          {"step_written_bytes", step_written_bytes},
+          {"written_per_device", written_per_device}};
 }
 
 double SwapBenchResult::steps_until_tbw(double tbw_terabytes) const {
@@ -188,47 +207,72 @@ SwapBenchResult run_swap_bench(const SwapBenchOptions& options,
     result.write_gbps = pass(aio::Op::write);
     progress("read pass (read GB/s)");
     result.read_gbps = pass(aio::Op::read);
-
-    // --- Compute bound: the same optimizer over the same elements, in memory.
-    progress("optimizer alone (compute bound)");
-    cpu_adam::CpuOptimizer optimizer(options.threads == 0 ? std::thread::hardware_concurrency()
-                                                          : options.threads);
-    std::vector<std::uint16_t> grads(groups.front().elements, cpu_adam::float_to_bf16(1e-3f));
-    std::vector<std::uint16_t> copy(groups.front().elements);
-    cpu_adam::AdamOptions adam;
-    const auto start = Clock::now();
+    // Each state format below lays out its own states: these go first.
     for (const auto& group : groups) {
-      auto* base = reinterpret_cast<float*>(slots[0].data());
-      cpu_adam::TensorState state;
-      state.param = {base, group.elements, cpu_adam::DType::f32};
-      state.exp_avg = {slots[0].data() + region, group.elements, cpu_adam::DType::f32};
-      state.exp_avg_sq = {slots[0].data() + 2 * region, group.elements, cpu_adam::DType::f32};
-      state.grad = {grads.data(), group.elements, cpu_adam::DType::bf16};
-      state.param_copy = {copy.data(), group.elements, cpu_adam::DType::bf16};
-      optimizer.adam_step(adam, 1, std::span(&state, 1));
+      for (const char* tensor : kTensors) store->remove(fmt::format("{}/{}", group.name, tensor));
     }
-    result.compute_seconds = seconds_since(start);
+    store->commit();
   }
-
-  // --- Optimizer steps through the swapper. ---
-  {
-    cpu_adam::CpuOptimizer optimizer(options.threads == 0 ? std::thread::hardware_concurrency()
-                                                          : options.threads);
-    swap::OptimizerSwapperOptions swapper_options;
-    swap::OptimizerSwapper swapper(*store, pool, optimizer, groups, swapper_options);
+  // --- Optimizer steps through the swapper, one state format at a time. ---
+  cpu_adam::CpuOptimizer optimizer(options.threads == 0 ? std::thread::hardware_concurrency() : options.threads);
+  ZINF_CHECK(!options.formats.empty(), "no state format to step");
+  for (const cpu_adam::MomentFormat format : options.formats) {
+    SwapFormatRun run;
+    run.format = format;
+    const std::string name(cpu_adam::to_string(format));
+    const std::vector<swap::SubGroup> format_groups =
+        swap::sub_groups(options.params, options.sub_group, name + ".group");
+    for (const auto& group : format_groups) {
+      for (std::size_t t = 0; t < 3; ++t) run.state_bytes += swap::OptimizerSwapper::tensor_bytes(t, group.elements, format);
+    }
     std::vector<std::uint16_t> grads(groups.front().elements);
     std::mt19937 random(7);
     std::normal_distribution<float> normal(0.0f, 1e-3f);
     for (auto& g : grads) g = cpu_adam::float_to_bf16(normal(random));
     std::vector<std::uint16_t> copy(groups.front().elements);
+
+    // Compute bound: this format's kernel over the same elements, in memory.
+    {
+      progress(fmt::format("{} states: optimizer alone (compute bound)", name));
+      // In a slot's worth of the pool (free until the swapper leases it),
+      // so the bound adds nothing to the peak RSS.
+      PinnedBuffer slot = pool.acquire(slot_bytes);
+      std::memset(slot.data(), 0, slot_bytes);
+      auto* param = reinterpret_cast<float*>(slot.data());
+      const auto start = Clock::now();
+      for (const auto& group : format_groups) {
+        cpu_adam::CompressedTensorState state;
+        state.param = {param, group.elements, cpu_adam::DType::f32};
+        state.grad = {grads.data(), group.elements, cpu_adam::DType::bf16};
+        state.exp_avg = slot.data() + region;
+        state.exp_avg_sq = slot.data() + 2 * region;
+        state.param_copy = {copy.data(), group.elements, cpu_adam::DType::bf16};
+        optimizer.adam_step(cpu_adam::AdamOptions{}, 1, format, std::span(&state, 1));
+      }
+      run.compute_seconds = seconds_since(start);
+    }
+
+    swap::OptimizerSwapperOptions swapper_options;
+    swapper_options.moment_format = format;
+    swapper_options.name = "optimizer." + name;
+    swap::OptimizerSwapper swapper(*store, pool, optimizer, format_groups, swapper_options);
+    progress(fmt::format("{} states: laying out {}", name, format_bytes(run.state_bytes)));
+    {
+      std::vector<float> params(groups.front().elements);
+      for (std::size_t e = 0; e < params.size(); ++e) params[e] = 0.01f * static_cast<float>(e % 97) - 0.5f;
+      for (std::size_t g = 0; g < format_groups.size(); ++g) {
+        check_interrupt();
+        swapper.initialize(g, std::span(params).first(format_groups[g].elements));
+      }
+    }
     std::vector<cpu_adam::Buffer> grad_buffers, copy_buffers;
-    for (const auto& group : groups) {
+    for (const auto& group : format_groups) {
       grad_buffers.push_back({grads.data(), group.elements, cpu_adam::DType::bf16});
       copy_buffers.push_back({copy.data(), group.elements, cpu_adam::DType::bf16});
     }
     for (int step = 0; step < options.steps; ++step) {
       check_interrupt();
-      progress(fmt::format("optimizer step {} of {}", step + 1, options.steps));
+      progress(fmt::format("{} states: optimizer step {} of {}", name, step + 1, options.steps));
       const auto written_before = store->stats().written_bytes;
       swapper.step(grad_buffers, copy_buffers);
       const auto written_after = store->stats().written_bytes;
@@ -239,21 +283,40 @@ SwapBenchResult run_swap_bench(const SwapBenchOptions& options,
         by_device[aio::device_name(options.directories[d])] += bytes;
         step_total += bytes;
       }
-      result.step_written_bytes.push_back(step_total);
-      result.written_per_device.assign(by_device.begin(), by_device.end());
-      result.store_written_total = store->stats().written_total;
+      run.step_written_bytes.push_back(step_total);
+      run.written_per_device.assign(by_device.begin(), by_device.end());
       const auto& stats = swapper.last_step_stats();
-      const auto as_seconds = [](std::chrono::nanoseconds d) {
-        return std::chrono::duration<double>(d).count();
-      };
-      result.step_seconds.push_back(as_seconds(stats.total));
-      result.step_read_wait.push_back(as_seconds(stats.read_wait));
-      result.step_write_wait.push_back(as_seconds(stats.write_wait));
-      result.step_compute.push_back(as_seconds(stats.compute));
-      result.io_bound_seconds = static_cast<double>(stats.bytes_read) / (result.read_gbps * 1e9) +
-                                static_cast<double>(stats.bytes_written) / (result.write_gbps * 1e9);
+      const auto as_seconds = [](std::chrono::nanoseconds d) { return std::chrono::duration<double>(d).count(); };
+      run.step_seconds.push_back(as_seconds(stats.total));
+      run.step_read_wait.push_back(as_seconds(stats.read_wait));
+      run.step_write_wait.push_back(as_seconds(stats.write_wait));
+      run.step_compute.push_back(as_seconds(stats.compute));
+      run.step_read_bytes = stats.bytes_read;
+      run.step_moved_bytes = stats.bytes_read + stats.bytes_written;
+      run.io_bound_seconds = static_cast<double>(stats.bytes_read) / (result.read_gbps * 1e9) +
+                             static_cast<double>(stats.bytes_written) / (result.write_gbps * 1e9);
     }
-    result.step_median = median(result.step_seconds);
+    run.step_median = median(run.step_seconds);
+    // This format's states go before the next one's are laid out: the disk
+    // holds one format at a time.
+    for (const auto& group : format_groups) {
+      for (const char* tensor : kTensors) store->remove(fmt::format("{}/{}", group.name, tensor));
+    }
+    store->commit();
+    result.formats.push_back(std::move(run));
+  }
+  {
+    const SwapFormatRun& first = result.formats.front();
+    result.compute_seconds = first.compute_seconds;
+    result.io_bound_seconds = first.io_bound_seconds;
+    result.step_seconds = first.step_seconds;
+    result.step_read_wait = first.step_read_wait;
+    result.step_write_wait = first.step_write_wait;
+    result.step_compute = first.step_compute;
+    result.step_median = first.step_median;
+    result.step_written_bytes = first.step_written_bytes;
+    result.written_per_device = first.written_per_device;
+    result.store_written_total = store->stats().written_total;
     result.peak_rss_bytes = status_bytes("VmHWM:");
   }
 

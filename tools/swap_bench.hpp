@@ -1,4 +1,4 @@
-// `zinf-bench swap`: optimizer steps whose fp32 states live on NVMe, timed
+// `zinf-bench swap`: optimizer steps whose states live on NVMe, timed
 // next to the two bounds a step cannot beat, both measured in the same run:
 //   I/O bound     = bytes read / read GB/s + bytes written / write GB/s,
 //                   from pure read and rewrite passes over the same states
@@ -16,6 +16,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cpu_adam/cpu_adam.hpp"
+
 namespace zinf::bench {
 
 struct SwapBenchOptions {
@@ -31,6 +33,26 @@ struct SwapBenchOptions {
   int fetch_layers = 16;
   bool keep_files = false;
   bool sync = true;  // commits flush to the disk (SwapStoreOptions::sync)
+  // Moment formats stepped one after another in this run, each against its
+  // own bounds (the same measured GB/s); the first fills the top-level
+  // fields of the result.
+  std::vector<cpu_adam::MomentFormat> formats = {cpu_adam::MomentFormat::fp32};
+};
+
+// The optimizer steps of one state format.
+struct SwapFormatRun {
+  cpu_adam::MomentFormat format = cpu_adam::MomentFormat::fp32;
+  std::uint64_t state_bytes = 0;        // param + moments on NVMe
+  double compute_seconds = 0;           // its kernel alone, in memory, per step
+  double io_bound_seconds = 0;          // its bytes at this run's GB/s
+  std::uint64_t step_read_bytes = 0, step_moved_bytes = 0;  // per step (read + written)
+  std::vector<double> step_seconds, step_read_wait, step_write_wait, step_compute;
+  double step_median = 0;
+  std::vector<std::uint64_t> step_written_bytes;
+  std::vector<std::pair<std::string, std::uint64_t>> written_per_device;  // the last step
+  double bound() const { return std::max(io_bound_seconds, compute_seconds); }
+  double ratio() const { return bound() > 0 ? step_median / bound() : 0; }
+  nlohmann::json to_json() const;
 };
 
 struct SwapBenchResult {
@@ -57,6 +79,7 @@ struct SwapBenchResult {
   std::vector<std::uint64_t> step_written_bytes;
   std::vector<std::pair<std::string, std::uint64_t>> written_per_device;  // the last step
   std::uint64_t store_written_total = 0;
+  std::vector<SwapFormatRun> formats;  // every format stepped, in order
   // Steps a drive rated `tbw_terabytes` TBW lasts at the last step's
   // writes (the most-written device decides); 0 without a step.
   double steps_until_tbw(double tbw_terabytes) const;

@@ -452,6 +452,7 @@ struct SwapArgs {
   bool no_progress = false;
   std::string json_path;
   double tbw = 0;  // the drive's rated endurance, terabytes written
+  std::vector<std::string> state_formats = {"fp32"};
 };
 
 int run_swap(const SwapArgs& args) {
@@ -480,6 +481,14 @@ int run_swap(const SwapArgs& args) {
   options.fetch_shard_bytes = zinf::parse_bytes(args.fetch_shard);
   options.fetch_layers = args.fetch_layers;
   options.sync = !args.no_sync;
+  options.formats.clear();
+  for (const auto& text : args.state_formats) {
+    try {
+      options.formats.push_back(zinf::cpu_adam::parse_moment_format(text));
+    } catch (const Error&) {
+      throw Error(ErrorKind::invalid, fmt::format("--state-format {}: expected fp32, bf16 or int8", text));
+    }
+  }
   const bool progress = !args.no_progress;
   const auto r = zinf::bench::run_swap_bench(
       options,
@@ -513,6 +522,27 @@ int run_swap(const SwapArgs& args) {
       fmt::print("a drive rated {:g} TBW lasts {:.3g} such steps: {:.1f} days of back-to-back steps at {:.2f} s "
                  "(the most-written device decides)\n",
                  args.tbw, steps, steps * r.step_median / 86400.0, r.step_median);
+    }
+  }
+  if (r.formats.size() > 1) {
+    // Each format against its own bounds; "x fp32" compares with the first.
+    const auto& base = r.formats.front();
+    fmt::print("state formats, same run (bounds from this run's GB/s):\n");
+    fmt::print("  {:<6} {:>10} {:>14} {:>10} {:>10} {:>11} {:>10} {:>11}\n", "format", "states", "moved/step",
+               "step", "I/O bound", "step/bound", "bytes x", "step x");
+    for (const auto& run : r.formats) {
+      fmt::print("  {:<6} {:>7.2f} GB {:>11.2f} GB {:>8.2f} s {:>8.2f} s {:>11.2f} {:>10.2f} {:>11.2f}\n",
+                 zinf::cpu_adam::to_string(run.format), gb(run.state_bytes), gb(run.step_moved_bytes),
+                 run.step_median, run.io_bound_seconds, run.ratio(),
+                 static_cast<double>(run.step_moved_bytes) / static_cast<double>(base.step_moved_bytes),
+                 base.step_median > 0 ? run.step_median / base.step_median : 0.0);
+    }
+    for (const auto& run : r.formats) {
+      for (std::size_t i = 0; i < run.step_seconds.size(); ++i) {
+        fmt::print("  {} step {}: {:.2f} s (compute {:.2f} s, blocked on reads {:.2f} s, on writes+commits {:.2f} s)\n",
+                   zinf::cpu_adam::to_string(run.format), i + 1, run.step_seconds[i], run.step_compute[i],
+                   run.step_read_wait[i], run.step_write_wait[i]);
+      }
     }
   }
   fmt::print("peak RSS {} = pinned {} + {} (target: pinned + at most 512 MiB)\n",
@@ -631,6 +661,10 @@ int main(int argc, char** argv) {
   swap_command->add_option("--tbw", swap.tbw, "the drive's rated endurance in TB written: prints how long it lasts")
       ->check(CLI::PositiveNumber);
   swap_command->add_flag("--no-progress", swap.no_progress, "no progress lines on stderr");
+  swap_command->add_option("--state-format", swap.state_formats,
+                           "moment formats to step, one after another in this run: fp32, bf16, int8 "
+                           "(e.g. --state-format fp32,bf16,int8; default fp32)")
+      ->delimiter(',');
   GpuArgs gpu;
   CLI::App* gpu_command = app.add_subcommand(
       "gpu", "pinned copies, NVMe -> GPU streaming and prefetch on a CUDA device, against references");
