@@ -150,6 +150,31 @@ TEST(MemoryPlan, NvmeOffloadCountsSwapperBuffersAndCopyOnWriteHeadroom) {
   EXPECT_EQ(plan.stages[2].offloads, "optimizer states on NVMe, param shards on NVMe");
 }
 
+// state_format: the moments in bf16 (2 B each) or int8 codes (1 B + a 4 B
+// scale per 256) on NVMe and in the slots; the fp32 master stays 4 B.
+TEST(MemoryPlan, CompressedStateFormatsShrinkTheStatesOnNvmeAndTheSlots) {
+  const auto plan_for = [](const std::string& format) {
+    return plan_memory(stage3(R"(, "sub_group_size": 1e8, "offload_optimizer": {"device": "nvme",
+                                 "nvme_path": "/nvme", "state_format": ")" + format + R"("})"),
+                       billion_over_four());
+  };
+  const MemoryPlan fp32 = plan_for("fp32"), bf16 = plan_for("bf16"), int8 = plan_for("int8");
+  // 2.5e8 params per rank plus two sub-groups (1e8) of headroom.
+  const std::uint64_t elements = 250000000ull + 2ull * 100000000ull;
+  EXPECT_EQ(fp32.chosen.nvme, 12ull * elements);
+  EXPECT_EQ(bf16.chosen.nvme, 8ull * elements);
+  const auto int8_bytes = [](std::uint64_t n) { return 4 * n + 2 * (((n + 3) & ~3ull) + (n + 255) / 256 * 4); };
+  EXPECT_EQ(int8.chosen.nvme, int8_bytes(250000000ull) + 2 * int8_bytes(100000000ull));
+  // Three slots of param + two moments for a 1e8 sub-group, each padded.
+  const auto padded = [](std::uint64_t bytes) { return (bytes + 4095) / 4096 * 4096; };
+  EXPECT_EQ(bf16.chosen.pinned, 3 * (padded(400000000ull) + 2 * padded(200000000ull)));
+  bool listed = false;
+  for (const auto& buffer : int8.buffers) {
+    if (buffer.tier == Tier::nvme && buffer.what.find("fp32 param + int8 moments") != std::string::npos) listed = true;
+  }
+  EXPECT_TRUE(listed) << "the plan does not name the format";
+}
+
 TEST(MemoryPlan, PinMemoryFalseLeavesThePoolPageable) {
   const MemoryPlan plan = plan_memory(
       stage3(R"(, "offload_param": {"device": "nvme", "nvme_path": "/nvme", "pin_memory": false},
