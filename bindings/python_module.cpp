@@ -476,6 +476,11 @@ PYBIND11_MODULE(_zinf, m) {
                                       });
            },
            py::arg("module"), py::arg("name"), py::arg("shape"), py::arg("fill"))
+      .def("set_weight_decay",
+           [](EngineHandle& h, zinf::zero3::ParamIndex p, float weight_decay) {
+             h.get().set_weight_decay(p, weight_decay);
+           },
+           py::arg("param"), py::arg("weight_decay"))
       .def("set_master", [](EngineHandle& h, zinf::zero3::ParamIndex p, std::uintptr_t address, std::uint64_t count) {
              const auto* values = reinterpret_cast<const float*>(address);
              py::gil_scoped_release release;

@@ -1,6 +1,7 @@
 #include "swap/optimizer_swapper.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -181,6 +182,69 @@ OptimizerSwapper::OptimizerSwapper(cpu_adam::CpuOptimizer& optimizer,
     ZINF_CHECK(groups_[g].elements > 0 && !groups_[g].name.empty(),
                "every sub-group needs a name and at least one element");
   }
+}
+
+void OptimizerSwapper::set_weight_decay_ranges(std::size_t group, std::vector<WeightDecayRange> ranges) {
+  ZINF_CHECK(group < groups_.size(), "sub-group index out of range");
+  std::size_t at = 0;
+  for (const auto& range : ranges) {
+    if (range.begin != at || range.end <= range.begin || !std::isfinite(range.weight_decay) ||
+        range.weight_decay < 0) {
+      throw Error(ErrorKind::invalid,
+                  fmt::format("sub-group '{}': weight-decay range [{}, {}) with {}: ranges must cover the "
+                              "sub-group in order, each non-empty, with a finite non-negative decay",
+                              groups_[group].name, range.begin, range.end, range.weight_decay));
+    }
+    at = range.end;
+  }
+  if (!ranges.empty() && at != groups_[group].elements) {
+    throw Error(ErrorKind::invalid, fmt::format("sub-group '{}': weight-decay ranges end at {} of {} elements",
+                                                groups_[group].name, at, groups_[group].elements));
+  }
+  if (decay_ranges_.size() < groups_.size()) decay_ranges_.resize(groups_.size());
+  decay_ranges_[group] = std::move(ranges);
+}
+
+OptimizerSettings OptimizerSwapper::apply_decay_ranges(std::size_t group, float* param,
+                                                       const cpu_adam::Buffer& grad) const {
+  OptimizerSettings settings = options_.optimizer;
+  if (group >= decay_ranges_.size() || decay_ranges_[group].empty()) return settings;
+  bool decoupled = false;
+  float lr = 0.0f;
+  switch (settings.kind) {
+    case OptimizerKind::adam:
+      decoupled = settings.adam.adamw_mode;
+      lr = settings.adam.lr;
+      settings.adam.weight_decay = 0.0f;
+      break;
+    case OptimizerKind::adagrad:
+      lr = settings.adagrad.lr;
+      settings.adagrad.weight_decay = 0.0f;
+      break;
+    case OptimizerKind::lion:
+      decoupled = true;
+      lr = settings.lion.lr;
+      settings.lion.weight_decay = 0.0f;
+      break;
+  }
+  if (!decoupled && grad.dtype != cpu_adam::DType::f32) {
+    throw Error(ErrorKind::invalid,
+                fmt::format("sub-group '{}': per-range L2 weight decay adds to the gradients, which must be fp32 "
+                            "(they are {})", groups_[group].name, cpu_adam::to_string(grad.dtype)));
+  }
+  auto* g = static_cast<float*>(grad.data);
+  for (const auto& range : decay_ranges_[group]) {
+    if (range.weight_decay == 0.0f) continue;
+    // The kernels' own operations, so a range decayed here steps exactly as
+    // the kernel would have decayed it.
+    if (decoupled) {
+      const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * range.weight_decay);
+      for (std::size_t i = range.begin; i < range.end; ++i) param[i] = param[i] * decay;
+    } else {
+      for (std::size_t i = range.begin; i < range.end; ++i) g[i] = g[i] + range.weight_decay * param[i];
+    }
+  }
+  return settings;
 }
 
 float OptimizerSwapper::learning_rate() const {
@@ -386,6 +450,7 @@ void OptimizerSwapper::compute(std::size_t group, float* param, void* exp_avg,
   Timed timed(last_stats_.compute);
   const std::size_t n = groups_[group].elements;
   const bool f32_copy_out = copy.data != nullptr && copy.dtype == cpu_adam::DType::f32;
+  const OptimizerSettings settings = apply_decay_ranges(group, param, grad);
   if (options_.moment_format != cpu_adam::MomentFormat::fp32) {
     cpu_adam::CompressedTensorState state;
     state.param = {param, n, cpu_adam::DType::f32};
@@ -394,7 +459,7 @@ void OptimizerSwapper::compute(std::size_t group, float* param, void* exp_avg,
     state.exp_avg_sq = exp_avg_sq;
     if (!f32_copy_out) state.param_copy = copy;
     state.seed = group;
-    optimizer_.adam_step(options_.optimizer.adam, step_ + 1, options_.moment_format, std::span(&state, 1));
+    optimizer_.adam_step(settings.adam, step_ + 1, options_.moment_format, std::span(&state, 1));
     if (f32_copy_out) std::memcpy(copy.data, param, n * sizeof(float));
     return;
   }
@@ -405,7 +470,6 @@ void OptimizerSwapper::compute(std::size_t group, float* param, void* exp_avg,
   // kernels fuse only the rounding ones.
   const bool f32_copy = copy.data != nullptr && copy.dtype == cpu_adam::DType::f32;
   if (!f32_copy) state.param_copy = copy;
-  const auto& settings = options_.optimizer;
   const std::int64_t next = step_ + 1;
   switch (settings.kind) {
     case OptimizerKind::adam:
@@ -482,10 +546,18 @@ void OptimizerSwapper::step(std::span<const cpu_adam::Buffer> grads,
   const auto copy_for = [&](std::size_t g) {
     return param_copies.empty() ? cpu_adam::Buffer{} : param_copies[g];
   };
-  if (store_ == nullptr && options_.moment_format != cpu_adam::MomentFormat::fp32) {
+  const bool ranged = std::any_of(decay_ranges_.begin(), decay_ranges_.end(),
+                                  [](const auto& ranges) { return !ranges.empty(); });
+  if (store_ == nullptr && (options_.moment_format != cpu_adam::MomentFormat::fp32 || ranged)) {
+    // One kernel call per sub-group (each may have its own decay ranges).
     for (std::size_t g = 0; g < groups_.size(); ++g) {
       auto& tensors = host_[g];
-      compute(g, tensors[0].data(), tensors[1].data(), tensors[2].data(), grads[g], copy_for(g));
+      // Adagrad keeps its one state in the exp_avg_sq slot, Lion in exp_avg.
+      float* first = tensors.size() > 1 ? tensors[1].data() : nullptr;
+      float* second = tensors.size() > 2 ? tensors[2].data() : nullptr;
+      const auto kind = options_.optimizer.kind;
+      compute(g, tensors[0].data(), kind == OptimizerKind::adagrad ? nullptr : first,
+              kind == OptimizerKind::adagrad ? first : second, grads[g], copy_for(g));
     }
     ++step_;
     for (auto& s : recovery_.group_steps) s = step_;

@@ -54,6 +54,15 @@ struct SubGroup {
   std::size_t elements = 0;
 };
 
+// Elements [begin, end) of a sub-group decayed by `weight_decay` instead of
+// the optimizer's (param groups with their own weight decay, e.g. none for
+// biases and norms).
+struct WeightDecayRange {
+  std::size_t begin = 0;
+  std::size_t end = 0;
+  float weight_decay = 0.0f;
+};
+
 struct OptimizerSwapperOptions {
   OptimizerSettings optimizer;
   bool overlap = true;       // pipelined; false runs read, step, write in turn
@@ -121,6 +130,14 @@ class OptimizerSwapper {
   void step(std::span<const cpu_adam::Buffer> grads,
             std::span<const cpu_adam::Buffer> param_copies = {});
 
+  // Per-element weight decay for sub-group `group`: `ranges` cover it all,
+  // in order, without overlap (an empty list: the optimizer's weight decay
+  // for every element). The step then decays each range itself with the
+  // same float operations the kernels use (decoupled: p *= 1 - lr * wd
+  // before the update; L2: g += wd * p, which changes the caller's fp32
+  // gradients of that range in place) and runs the kernel without decay.
+  void set_weight_decay_ranges(std::size_t group, std::vector<WeightDecayRange> ranges);
+
   // The learning rate of the next steps (a scheduler's), whichever the
   // optimizer kind. Between steps only.
   void set_learning_rate(float lr) {
@@ -151,6 +168,9 @@ class OptimizerSwapper {
   void compute(std::size_t group, float* param, void* exp_avg, void* exp_avg_sq,
                const cpu_adam::Buffer& grad, const cpu_adam::Buffer& copy);
   std::uint64_t bytes_of(std::size_t group, std::size_t tensor) const;
+  // Applies sub-group `group`'s decay ranges; returns the settings to step
+  // it with (the optimizer's, without weight decay when it has ranges).
+  OptimizerSettings apply_decay_ranges(std::size_t group, float* param, const cpu_adam::Buffer& grad) const;
   void step_on_store(std::span<const cpu_adam::Buffer> grads,
                      std::span<const cpu_adam::Buffer> copies);
   void check_step_inputs(std::span<const cpu_adam::Buffer> grads,
@@ -165,6 +185,7 @@ class OptimizerSwapper {
   std::vector<SubGroup> groups_;
   OptimizerSwapperOptions options_;
   std::vector<std::string> states_;
+  std::vector<std::vector<WeightDecayRange>> decay_ranges_;  // per sub-group; empty: uniform
   std::vector<std::unique_ptr<Slot>> slots_;
   // Host mode: [group][tensor] where tensor 0 is the param; a compressed
   // moment's bytes are kept in float storage (rounded up to whole floats).

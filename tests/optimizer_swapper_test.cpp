@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <random>
 
@@ -567,6 +568,102 @@ TEST(OptimizerSwapperCompressed, LionAndAdagradRefuseCompressedStates) {
               std::string::npos)
         << error.what();
   }
+}
+
+}  // namespace
+}  // namespace zinf::swap
+
+namespace zinf::swap {
+namespace {
+
+// Per-range weight decay (param groups): every element steps exactly as the
+// kernel steps it with that range's decay, for AdamW, L2 Adam, Lion and
+// Adagrad, through the store and in host memory.
+TEST(OptimizerSwapperWeightDecay, EachRangeStepsAsTheKernelWithItsOwnDecay) {
+  const std::vector<SubGroup> groups = {{"g0", 1000}, {"g1", 300}};
+  const std::vector<std::vector<WeightDecayRange>> ranges = {
+      {{0, 100, 0.0f}, {100, 700, 0.1f}, {700, 1000, 0.0f}}, {{0, 300, 0.05f}}};
+  for (const OptimizerKind kind : {OptimizerKind::adam, OptimizerKind::adagrad, OptimizerKind::lion}) {
+    for (const bool adamw_mode : {true, false}) {
+      if (kind != OptimizerKind::adam && !adamw_mode) continue;
+      SCOPED_TRACE(::testing::Message() << "kind " << static_cast<int>(kind) << " adamw " << adamw_mode);
+      OptimizerSwapperOptions options;
+      options.optimizer.kind = kind;
+      options.optimizer.adam.adamw_mode = adamw_mode;
+      options.optimizer.adam.weight_decay = options.optimizer.lion.weight_decay =
+          options.optimizer.adagrad.weight_decay = 0.3f;  // overridden by every range
+      options.optimizer.adam.lr = options.optimizer.lion.lr = options.optimizer.adagrad.lr = 0.01f;
+      cpu_adam::CpuOptimizer optimizer(2);
+      TempDir dir;
+      SwapStore store(store_options(dir.path()));
+      PinnedPool pool(pool_options());
+      OptimizerSwapper on_store(store, pool, optimizer, groups, options);
+      OptimizerSwapper host(optimizer, groups, options);
+      std::vector<std::vector<float>> want(groups.size()), m(groups.size()), v(groups.size());
+      for (std::size_t g = 0; g < groups.size(); ++g) {
+        std::vector<float> start(groups[g].elements);
+        for (std::size_t i = 0; i < start.size(); ++i) start[i] = 0.5f + 0.001f * static_cast<float>(i);
+        on_store.initialize(g, start);
+        host.initialize(g, start);
+        on_store.set_weight_decay_ranges(g, ranges[g]);
+        host.set_weight_decay_ranges(g, ranges[g]);
+        want[g] = start;
+        m[g].assign(start.size(), 0.0f);
+        v[g].assign(start.size(), 0.0f);
+      }
+      for (std::int64_t step = 1; step <= 3; ++step) {
+        std::vector<std::vector<float>> grads(groups.size()), grads2(groups.size());
+        std::vector<cpu_adam::Buffer> buffers, buffers2;
+        for (std::size_t g = 0; g < groups.size(); ++g) {
+          grads[g].resize(groups[g].elements);
+          for (std::size_t i = 0; i < grads[g].size(); ++i) grads[g][i] = 0.01f * std::sin(static_cast<float>(i + 7 * step));
+          grads2[g] = grads[g];
+          buffers.push_back({grads[g].data(), grads[g].size(), DType::f32});
+          buffers2.push_back({grads2[g].data(), grads2[g].size(), DType::f32});
+          // The reference: the kernel over each range alone, with its decay.
+          for (const auto& range : ranges[g]) {
+            std::vector<float> g_copy(grads[g].begin() + range.begin, grads[g].begin() + range.end);
+            cpu_adam::TensorState state;
+            const std::size_t n = range.end - range.begin;
+            state.param = {want[g].data() + range.begin, n, DType::f32};
+            state.grad = {g_copy.data(), n, DType::f32};
+            state.exp_avg = {m[g].data() + range.begin, n, DType::f32};
+            state.exp_avg_sq = {v[g].data() + range.begin, n, DType::f32};
+            auto settings = options.optimizer;
+            settings.adam.weight_decay = settings.lion.weight_decay = settings.adagrad.weight_decay = range.weight_decay;
+            if (kind == OptimizerKind::adam) optimizer.adam_step(settings.adam, step, std::span(&state, 1));
+            if (kind == OptimizerKind::lion) {
+              state.exp_avg_sq = {};
+              optimizer.lion_step(settings.lion, step, std::span(&state, 1));
+            }
+            if (kind == OptimizerKind::adagrad) {
+              state.exp_avg_sq = state.exp_avg;
+              state.exp_avg = {};
+              optimizer.adagrad_step(settings.adagrad, step, std::span(&state, 1));
+            }
+          }
+        }
+        on_store.step(buffers);
+        host.step(buffers2);
+      }
+      for (std::size_t g = 0; g < groups.size(); ++g) {
+        std::vector<float> a(groups[g].elements), b(groups[g].elements);
+        on_store.read_params(g, a);
+        host.read_params(g, b);
+        EXPECT_TRUE(same_bits(a, want[g])) << "store, group " << g;
+        EXPECT_TRUE(same_bits(b, want[g])) << "host, group " << g;
+      }
+    }
+  }
+}
+
+TEST(OptimizerSwapperWeightDecay, RangesThatDoNotCoverTheSubGroupAreRefused) {
+  cpu_adam::CpuOptimizer optimizer(1);
+  OptimizerSwapper host(optimizer, {{"g0", 100}}, OptimizerSwapperOptions{});
+  EXPECT_THROW(host.set_weight_decay_ranges(0, {{0, 50, 0.0f}}), Error);
+  EXPECT_THROW(host.set_weight_decay_ranges(0, {{0, 50, 0.0f}, {60, 100, 0.1f}}), Error);
+  EXPECT_THROW(host.set_weight_decay_ranges(0, {{0, 100, -1.0f}}), Error);
+  EXPECT_NO_THROW(host.set_weight_decay_ranges(0, {{0, 50, 0.0f}, {50, 100, 0.1f}}));
 }
 
 }  // namespace

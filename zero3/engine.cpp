@@ -87,6 +87,57 @@ Engine::~Engine() {
 
 std::uint64_t Engine::element_bytes() const { return dtype_bytes(working_); }
 
+void Engine::set_weight_decay(ParamIndex p, float weight_decay) {
+  if (finalized_) throw Error(ErrorKind::invalid, "set_weight_decay: the engine is finalized");
+  if (!std::isfinite(weight_decay) || weight_decay < 0) {
+    throw Error(ErrorKind::invalid, fmt::format("set_weight_decay: {} for '{}': it must be finite and non-negative",
+                                                weight_decay, at(p).d.name));
+  }
+  at(p).weight_decay = weight_decay;
+}
+
+void Engine::set_decay_ranges(const swap::OptimizerSettings& settings) {
+  if (std::none_of(params_.begin(), params_.end(), [](const auto& param) { return param->weight_decay.has_value(); })) {
+    return;  // one weight decay for every element: the kernels apply it
+  }
+  float fallback = settings.adam.weight_decay;
+  if (settings.kind == swap::OptimizerKind::adagrad) fallback = settings.adagrad.weight_decay;
+  if (settings.kind == swap::OptimizerKind::lion) fallback = settings.lion.weight_decay;
+  // Each sub-group cut at the params' shard boundaries (params in
+  // partition order; a sub-group's tail past the last shard is padding).
+  std::uint64_t group_begin = 0;
+  std::size_t first = 0;
+  for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
+    const std::uint64_t group_end = group_begin + sub_groups_[g].elements;
+    std::vector<swap::WeightDecayRange> ranges;
+    const auto add = [&](std::uint64_t from, std::uint64_t to, float decay) {
+      if (from >= to) return;
+      if (!ranges.empty() && ranges.back().weight_decay == decay) {
+        ranges.back().end = to - group_begin;
+      } else {
+        ranges.push_back({from - group_begin, to - group_begin, decay});
+      }
+    };
+    std::uint64_t at_element = group_begin;
+    while (first < params_.size() &&
+           params_[first]->partition_offset + params_[first]->d.shard_elements <= group_begin) {
+      ++first;
+    }
+    for (std::size_t k = first; k < params_.size(); ++k) {
+      const Param& param = *params_[k];
+      if (param.partition_offset >= group_end) break;
+      const std::uint64_t from = std::max(group_begin, param.partition_offset);
+      const std::uint64_t to = std::min(group_end, param.partition_offset + param.d.shard_elements);
+      add(at_element, from, fallback);
+      add(from, to, param.weight_decay.value_or(fallback));
+      at_element = std::max(at_element, to);
+    }
+    add(at_element, group_end, fallback);
+    optimizer_->set_weight_decay_ranges(g, std::move(ranges));
+    group_begin = group_end;
+  }
+}
+
 void Engine::set_working(std::uint64_t offset, std::span<const float> master) {
   // The working copy is the master rounded to nearest even, as the fused
   // optimizer copy writes it after a step.
@@ -249,6 +300,7 @@ void Engine::finalize() {
   if (params_on_nvme) {
     param_swapper_ = std::make_unique<swap::ParamSwapper>(*param_store_, *pool_, specs, param_options);
   }
+  set_decay_ranges(optimizer_options.optimizer);
 
   // Initial values: each rank builds only its own shards, sub-group by
   // sub-group, from the initializers.

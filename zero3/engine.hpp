@@ -125,6 +125,10 @@ class Engine {
   // `initial`: the whole flattened param (every rank passes the same).
   ParamIndex add_param(ModuleIndex module, std::string name, std::vector<std::int64_t> shape,
                        std::span<const float> initial);
+  // This param's weight decay instead of the optimizer's (a param group's:
+  // DeepSpeed users give biases and norms none). Before finalize(), the
+  // same on every rank.
+  void set_weight_decay(ParamIndex p, float weight_decay);
   // Cuts the shards, sets up the optimizer (and the swappers the config
   // asks for) and places each shard where offload_param says. Collective.
   void finalize();
@@ -203,6 +207,7 @@ class Engine {
     void* device_shard = nullptr;        // offload_param "none": this rank's shard on the device
     float* grad = nullptr;               // device: shard_elements x world fp32, during backward
     std::string key;                     // offload_param "nvme": the param swapper's key
+    std::optional<float> weight_decay;   // set_weight_decay(); else the optimizer's
   };
 
   Param& at(ParamIndex p);
@@ -215,6 +220,7 @@ class Engine {
   void release_all_unpersisted();
   void gather_into(Param& param, void* gathered);
   void place_shards();
+  void set_decay_ranges(const swap::OptimizerSettings& settings);
   std::uint64_t live_elements() const;
 
   std::uint64_t submit(std::function<void()> body);

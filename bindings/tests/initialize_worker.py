@@ -6,7 +6,8 @@ torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set.
 
 RUN.json: {"config": {...}, "steps": K, "out": path, "save": dir|null,
 "load": dir|null, "die_at": step|null, "zero_init": bool (build the model
-under zinf.zero.Init)}. Rank 0 writes
+under zinf.zero.Init), "bias_decay": weight decay of a param group of the
+biases, or null}. Rank 0 writes
 {"losses": [...], "state": {name: fp32 tensor}, "lrs": [...]} to `out`.
 """
 import json
@@ -28,7 +29,13 @@ def main():
         assert all(p.numel() == 0 for p in model.parameters()), "zero.Init left values in the module"
     else:
         model = make_model()
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+    parameters = model.parameters()
+    if run.get("bias_decay") is not None:
+        # Hugging Face's grouping: no weight decay for biases.
+        parameters = [{"params": [p for n, p in model.named_parameters() if not n.endswith("bias")]},
+                      {"params": [p for n, p in model.named_parameters() if n.endswith("bias")],
+                       "weight_decay": run["bias_decay"]}]
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=parameters,
                                                            config=run["config"])
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -63,14 +63,19 @@ def launch(world, run, directory, timeout=240):
     return codes, errors, result
 
 
-def reference(config, steps, world, start_state=None):
+def reference(config, steps, world, start_state=None, bias_decay=None):
     """Plain single-process training on the global batch: rank r's
     micro-batches of each step, the mean loss over all of them."""
     model = make_model()
     micro = config.get("train_micro_batch_size_per_gpu", 4)
     accumulation = config.get("gradient_accumulation_steps", 1)
     params = config["optimizer"]["params"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params["lr"], betas=tuple(params["betas"]),
+    groups = model.parameters()
+    if bias_decay is not None:
+        groups = [{"params": [p for n, p in model.named_parameters() if not n.endswith("bias")]},
+                  {"params": [p for n, p in model.named_parameters() if n.endswith("bias")],
+                   "weight_decay": bias_decay}]
+    optimizer = torch.optim.AdamW(groups, lr=params["lr"], betas=tuple(params["betas"]),
                                   eps=params["eps"], weight_decay=params["weight_decay"])
     scheduler = lr_schedules.from_config(config["scheduler"], optimizer) if "scheduler" in config else None
     losses, lrs = [], []
@@ -428,3 +433,25 @@ def test_compressed_optimizer_states_train_like_fp32(scratch, state_format):
         moved = (want - start[name]).abs().max().item()
         error = (result["state"][name] - want).abs().max().item()
         assert error <= (0.02 if state_format == "bf16" else 0.25) * moved, (name, error, moved)
+
+
+@pytest.mark.parametrize("stage,optimizer_device", [(1, "none"), (2, "cpu"), (3, "nvme")])
+def test_param_groups_with_their_own_weight_decay_train_as_torch_adamw(scratch, stage, optimizer_device):
+    # Hugging Face scripts give biases (and norms) no weight decay through
+    # model_parameters groups; DeepSpeed honours each group's weight_decay.
+    config = config_for(stage, optimizer_device, nvme=os.path.join(scratch, "nvme"))
+    config["optimizer"] = {"type": "AdamW", "params": dict(ADAMW["params"], weight_decay=0.5)}
+    codes, errors, result = launch(2, {"config": config, "steps": 3, "bias_decay": 0.0}, scratch)
+    assert codes == [0, 0], "\n".join(errors)
+    state, losses, _ = reference(config, 3, 2, bias_decay=0.0)
+    assert_matches(result, state, losses)
+    # Not the same as decaying everything: the groups made a difference.
+    uniform, _, _ = reference(config, 3, 2)
+    assert not torch.allclose(uniform["embed.bias"], state["embed.bias"], atol=1e-5)
+
+
+def test_param_groups_with_another_learning_rate_are_refused_naming_it(scratch):
+    model = make_model()
+    groups = [{"params": list(model.parameters())[:1], "lr": 0.5}, {"params": list(model.parameters())[1:]}]
+    with pytest.raises(ValueError, match="a group with lr 0.5 where the optimizer has 0.01"):
+        zinf.initialize(model=model, model_parameters=groups, config=config_for(0))

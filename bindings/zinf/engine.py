@@ -126,13 +126,42 @@ def _optimizer_block(optimizer):
     first = optimizer.param_groups[0]
     for group in optimizer.param_groups[1:]:
         for key in keys:
-            if group.get(key) != first.get(key):
+            if key != "weight_decay" and group.get(key) != first.get(key):
                 raise ValueError(f"optimizer: param groups with different {key} ({first.get(key)} and "
-                                 f"{group.get(key)}): zinf's engine steps every param with one setting")
+                                 f"{group.get(key)}): zinf's engine steps every param with one {key} (a "
+                                 "group may set its own weight_decay)")
     params = {key: (list(first[key]) if key == "betas" else first[key]) for key in keys}
     if kind == "Adam":
         params["adam_w_mode"] = False  # torch's Adam: L2 weight decay
     return {"type": kind, "params": params}
+
+
+def _param_groups(groups, block, named):
+    """The optimizer's param groups: the caller's (model_parameters or a
+    torch optimizer's), each param once, or one group of every param. A
+    group may have its own weight_decay; other settings must be the
+    config's (zinf's engine steps every param with one lr, betas and eps)."""
+    if not groups:
+        return [{"params": [p for _, p in named]}]
+    params = block.get("params", {})
+    out, seen = [], set()
+    for group in groups:
+        for key in ("lr", "betas", "eps"):
+            if key in group and key in params and _differs(group[key], params[key]):
+                raise ValueError(f"param groups: a group with {key} {group[key]} where the optimizer has "
+                                 f"{params[key]}: zinf's engine steps every param with one {key} (a group may "
+                                 "set its own weight_decay)")
+        members = [p for p in group["params"] if id(p) not in seen]
+        seen.update(id(p) for p in members)
+        if members:
+            out.append(dict(group, params=members))
+    return out
+
+
+def _differs(a, b):
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return [float(x) for x in a] != [float(x) for x in b]
+    return float(a) != float(b)
 
 
 class _Unit:
@@ -156,7 +185,7 @@ class ZinfEngine(torch.nn.Module):
     """DeepSpeed's DeepSpeedEngine surface over zinf's C++ engine."""
 
     def __init__(self, model, settings, optimizer=None, lr_scheduler=None, training_data=None, collate_fn=None,
-                 units=None):
+                 units=None, param_groups=None):
         super().__init__()
         self.module = model
         self._settings = settings
@@ -178,6 +207,7 @@ class ZinfEngine(torch.nn.Module):
             raise ValueError("optimizer: given both in the config and as an argument (DeepSpeed refuses this too)")
         if optimizer is not None:
             settings["optimizer"] = _optimizer_block(optimizer)
+            param_groups = optimizer.param_groups
         block = settings.setdefault("optimizer", {"type": "AdamW", "params": {}})
         kind = str(block.get("type", "")).lower()
         if kind not in _OPTIMIZERS:
@@ -201,7 +231,14 @@ class ZinfEngine(torch.nn.Module):
         self._on_demand = []
         self._logged_on_demand = set()
         self._register(model, units)
-        self.optimizer = ZinfOptimizer([p for _, p in self._named_unique], {"lr": lr})
+        groups = _param_groups(param_groups, block, self._named_unique)
+        for group in groups:
+            if "weight_decay" in group:
+                for p in group["params"]:
+                    self._engine.set_weight_decay(self._index[id(p)], float(group["weight_decay"]))
+        self._engine.finalize()
+        self._after_finalize(model)
+        self.optimizer = ZinfOptimizer([dict(g, lr=lr) for g in groups], {"lr": lr})
         self.optimizer._engine = self
         self._scheduler = self._make_scheduler(lr_scheduler)
         self.training_dataloader = self._make_dataloader(training_data, collate_fn)
@@ -260,7 +297,11 @@ class ZinfEngine(torch.nn.Module):
                                                    values.numel())
                 self._index[id(p)] = index
                 unit.params.append((index, p))
-        self._engine.finalize()
+        self._names = names
+
+    def _after_finalize(self, model):
+        names = self._names
+        units = self._units
         stores = set()
         for _, p in self._named_unique:
             if _zero.staged(p) is not None:
@@ -747,16 +788,24 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if config is None:
         raise ValueError("initialize: config is required (a DeepSpeed JSON path or dict)")
     settings = _load_config(config)
+    groups = None
     if model_parameters is not None:
-        # Params, or param groups (dicts with "params"): zinf trains the
-        # whole model, so they must be all of it.
+        # Params, or param groups (dicts with "params" and their own
+        # "weight_decay", as Hugging Face scripts give biases and norms
+        # none): zinf trains the whole model, so they must be all of it.
+        groups = []
         given = set()
-        for item in ([model_parameters] if isinstance(model_parameters, torch.Tensor) else model_parameters):
-            for p in (item["params"] if isinstance(item, dict) else [item]):
+        items = [model_parameters] if isinstance(model_parameters, torch.Tensor) else list(model_parameters)
+        loose = [item for item in items if not isinstance(item, dict)]
+        if loose:
+            groups.append({"params": loose})
+        groups.extend(dict(item, params=list(item["params"])) for item in items if isinstance(item, dict))
+        for group in groups:
+            for p in group["params"]:
                 given.add(id(p))
         if given != {id(p) for p in model.parameters()}:
             raise ValueError("model_parameters: zinf trains every parameter of the model; pass "
-                             "model.parameters() (or leave it out)")
+                             "model.parameters() or param groups covering all of them (or leave it out)")
     engine = ZinfEngine(model, settings, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                        training_data=training_data, collate_fn=collate_fn, units=units)
+                        training_data=training_data, collate_fn=collate_fn, units=units, param_groups=groups)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
