@@ -7,7 +7,8 @@ torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set.
 RUN.json: {"config": {...}, "steps": K, "out": path, "save": dir|null,
 "load": dir|null, "die_at": step|null, "zero_init": bool (build the model
 under zinf.zero.Init), "bias_decay": weight decay of a param group of the
-biases, or null}. Rank 0 writes
+biases, or null, "freeze": names of params made requires_grad=False (the
+optimizer gets the others, as fine-tuning scripts pass them)}. Rank 0 writes
 {"losses": [...], "state": {name: fp32 tensor}, "lrs": [...]} to `out`.
 """
 import json
@@ -29,7 +30,10 @@ def main():
         assert all(p.numel() == 0 for p in model.parameters()), "zero.Init left values in the module"
     else:
         model = make_model()
-    parameters = model.parameters()
+    for name, p in model.named_parameters():
+        if name in run.get("freeze", []):
+            p.requires_grad_(False)
+    parameters = model.parameters() if not run.get("freeze") else [p for p in model.parameters() if p.requires_grad]
     if run.get("bias_decay") is not None:
         # Hugging Face's grouping: no weight decay for biases.
         parameters = [{"params": [p for n, p in model.named_parameters() if not n.endswith("bias")]},

@@ -63,14 +63,17 @@ def launch(world, run, directory, timeout=240):
     return codes, errors, result
 
 
-def reference(config, steps, world, start_state=None, bias_decay=None):
+def reference(config, steps, world, start_state=None, bias_decay=None, freeze=()):
     """Plain single-process training on the global batch: rank r's
     micro-batches of each step, the mean loss over all of them."""
     model = make_model()
+    for name, p in model.named_parameters():
+        if name in freeze:
+            p.requires_grad_(False)
     micro = config.get("train_micro_batch_size_per_gpu", 4)
     accumulation = config.get("gradient_accumulation_steps", 1)
     params = config["optimizer"]["params"]
-    groups = model.parameters()
+    groups = [p for p in model.parameters() if p.requires_grad]
     if bias_decay is not None:
         groups = [{"params": [p for n, p in model.named_parameters() if not n.endswith("bias")]},
                   {"params": [p for n, p in model.named_parameters() if n.endswith("bias")],
@@ -455,3 +458,23 @@ def test_param_groups_with_another_learning_rate_are_refused_naming_it(scratch):
     groups = [{"params": list(model.parameters())[:1], "lr": 0.5}, {"params": list(model.parameters())[1:]}]
     with pytest.raises(ValueError, match="a group with lr 0.5 where the optimizer has 0.01"):
         zinf.initialize(model=model, model_parameters=groups, config=config_for(0))
+
+
+@pytest.mark.parametrize("stage,optimizer_device,param_device", [(0, "none", "none"), (2, "cpu", "none"),
+                                                                 (3, "nvme", "nvme"), (3, "cpu", "cpu")])
+def test_frozen_parameters_stay_exactly_as_they_were_and_the_rest_train_as_torch(scratch, stage, optimizer_device,
+                                                                                 param_device):
+    # Fine-tuning freezes part of a model (requires_grad=False) and hands the
+    # optimizer the rest; a whole unit frozen (the embedding) and half of
+    # another (a layer's weight).
+    freeze = ["embed.weight", "embed.bias", "layers.1.weight"]
+    config = config_for(stage, optimizer_device, param_device, nvme=os.path.join(scratch, "nvme"),
+                        gradient_accumulation_steps=2)
+    codes, errors, result = launch(2, {"config": config, "steps": 3, "freeze": freeze}, scratch)
+    assert codes == [0, 0], "\n".join(errors)
+    state, losses, _ = reference(config, 3, 2, freeze=freeze)
+    assert_matches(result, state, losses)
+    start = dict(make_model().named_parameters())
+    for name in freeze:
+        assert torch.equal(result["state"][name], start[name].detach()), f"{name} changed"
+    assert not torch.equal(result["state"]["layers.1.bias"], start["layers.1.bias"].detach())

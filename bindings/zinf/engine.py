@@ -142,7 +142,8 @@ def _param_groups(groups, block, named):
     group may have its own weight_decay; other settings must be the
     config's (zinf's engine steps every param with one lr, betas and eps)."""
     if not groups:
-        return [{"params": [p for _, p in named]}]
+        trainable = [p for _, p in named if p.requires_grad]
+        return [{"params": trainable or [p for _, p in named]}]
     params = block.get("params", {})
     out, seen = [], set()
     for group in groups:
@@ -236,6 +237,12 @@ class ZinfEngine(torch.nn.Module):
             if "weight_decay" in group:
                 for p in group["params"]:
                     self._engine.set_weight_decay(self._index[id(p)], float(group["weight_decay"]))
+        # Frozen params (requires_grad=False, as fine-tuning leaves a base
+        # model) get no gradient: zero in the engine, and with no weight
+        # decay the optimizer leaves their masters exactly as they are.
+        for _, p in self._named_unique:
+            if not p.requires_grad:
+                self._engine.set_weight_decay(self._index[id(p)], 0.0)
         self._engine.finalize()
         self._after_finalize(model)
         self.optimizer = ZinfOptimizer([dict(g, lr=lr) for g in groups], {"lr": lr})
@@ -265,10 +272,6 @@ class ZinfEngine(torch.nn.Module):
             root = _Unit(model, "(root)")
             root.loose = loose if units else [p for _, p in self._named_unique]
             units.append(root)
-        frozen = [name for name, p in self._named_unique if not p.requires_grad]
-        if frozen:
-            raise ValueError(f"zinf.initialize: {len(frozen)} parameter(s) have requires_grad=False ({frozen[0]}, ...): "
-                             "zinf's engine trains every parameter so far")
         self._units = units
         self._owner = {}  # param id -> unit
         self._index = {}  # param id -> engine param index
@@ -321,6 +324,8 @@ class ZinfEngine(torch.nn.Module):
         # real shape (autograd checks gradients against the shape it saw).
         self._accumulators = []
         for _, p in self._named_unique:
+            if not p.requires_grad:
+                continue  # frozen: no gradient to hand over
             shape = self._shapes[id(p)]
             if p.shape != shape:
                 p.data = torch.zeros((), dtype=self._dtype).expand(shape)  # the shape, no memory
@@ -803,9 +808,11 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         for group in groups:
             for p in group["params"]:
                 given.add(id(p))
-        if given != {id(p) for p in model.parameters()}:
-            raise ValueError("model_parameters: zinf trains every parameter of the model; pass "
-                             "model.parameters() or param groups covering all of them (or leave it out)")
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        if given != {id(p) for p in model.parameters()} and given != trainable:
+            raise ValueError("model_parameters: zinf trains every parameter of the model that requires a gradient; "
+                             "pass model.parameters(), the ones with requires_grad, or param groups covering them "
+                             "(or leave it out)")
     engine = ZinfEngine(model, settings, optimizer=optimizer, lr_scheduler=lr_scheduler,
                         training_data=training_data, collate_fn=collate_fn, units=units, param_groups=groups)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
