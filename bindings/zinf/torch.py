@@ -90,10 +90,37 @@ def _units(module):
     return units
 
 
+class _LinearSavingParams(_torch.autograd.Function):
+    """F.linear whose backward keeps the parameter, not a view of its data.
+    torch's linear saves weight.t(), a view that holds the gathered values
+    alive until backward: every layer's weights would stay in memory through
+    the whole forward. Saved as the parameter itself, the memory goes when
+    the unit is released and backward sees the values gathered again for
+    it (DeepSpeed's stage 3 wraps linear for the same reason)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias):
+        ctx.save_for_backward(input, weight, bias)
+        return _torch.nn.functional.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight, bias = ctx.saved_tensors
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad.matmul(weight)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t().matmul(input.reshape(-1, input.shape[-1]))
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_input, grad_weight, grad_bias
+
+
 class _OnDemandFetch(_torch.overrides.TorchFunctionMode):
     """Sees each op's arguments during a forward: an empty (offloaded)
     parameter reaching one is fetched first (OffloadHandle._fetch_on_demand;
-    zinf.engine has the same for zinf.initialize)."""
+    zinf.engine has the same for zinf.initialize), and linear layers keep
+    their parameters, not views of them, for backward."""
 
     def __init__(self, handle):
         super().__init__()
@@ -106,6 +133,12 @@ class _OnDemandFetch(_torch.overrides.TorchFunctionMode):
                 for t in (value if isinstance(value, (list, tuple)) else (value,)):
                     if isinstance(t, _torch.nn.Parameter) and t.numel() == 0:
                         self.handle._fetch_on_demand(t)
+        if func is _torch.nn.functional.linear and _torch.is_grad_enabled():
+            input = args[0] if args else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if isinstance(weight, _torch.nn.Parameter):
+                return _LinearSavingParams.apply(input, weight, bias)
         return func(*args, **kwargs)
 
 
