@@ -385,7 +385,12 @@ def test_the_step_line_reports_nvme_writes_and_drive_lifetime(scratch, capsys):
         engine.step()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("zinf: step")]
     assert len(lines) == 2, lines
-    assert "forward" in lines[1] and "NVMe written" in lines[1] and "a 600 TBW drive lasts" in lines[1], lines
+    assert "per step: forward" in lines[1] and "NVMe written" in lines[1] and "a 600 TBW drive lasts" in lines[1], \
+        lines
+    # Per-step figures over the interval, not totals since the start: one
+    # step per line, so the lines add up to the total (to their rounding).
+    forward = [float(line.split("forward ")[1].split("s")[0]) for line in lines]
+    assert sum(forward) == pytest.approx(engine.timings()["forward_s"], abs=0.0011), (lines, engine.timings())
     # A step rewrites at least the fp32 masters and both Adam moments of every param.
     written = engine.timings()["nvme_written_bytes"]
     assert written >= 2 * 12 * sum(p.numel() for p in make_model().parameters())

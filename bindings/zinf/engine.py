@@ -256,6 +256,7 @@ class ZinfEngine(torch.nn.Module):
         self._backward_pending = False
         self._timings = {"forward_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
         self._written_at_print, self._steps_at_print = 0, 0
+        self._timings_at_print, self._timing_steps_at_print = {}, 0
         self._last_print = time.perf_counter()
 
     # -- registration -----------------------------------------------------------------
@@ -612,10 +613,18 @@ class ZinfEngine(torch.nn.Module):
         message = f"zinf: step {self.global_steps}, lr {self.get_lr()[0]:.3g}, grad norm " \
                   f"{self.get_global_grad_norm():.4g}"
         if self._settings.get("wall_clock_breakdown"):
+            # Per step, over the steps since the last line (timings() keeps
+            # the totals); the optimizer's is the last step's.
             t = self.timings()
-            message += " | forward %.3fs backward %.3fs step %.3fs (fetch wait %.3fs, reduce %.3fs, optimizer " \
-                       "%.3fs)" % (t["forward_s"], t["backward_s"], t["step_s"], t["fetch_wait_s"],
-                                   t["reduce_busy_s"], t["optimizer_step_s"])
+            before = self._timings_at_print
+            steps = max(1, self.global_steps - self._timing_steps_at_print)
+            per = {k: (t[k] - before.get(k, 0.0)) / steps
+                   for k in ("forward_s", "backward_s", "step_s", "fetch_wait_s", "reduce_busy_s")}
+            message += " | per step: forward %.3fs backward %.3fs step %.3fs (fetch wait %.3fs, reduce %.3fs; " \
+                       "last optimizer step %.3fs)" % (per["forward_s"], per["backward_s"], per["step_s"],
+                                                        per["fetch_wait_s"], per["reduce_busy_s"],
+                                                        t["optimizer_step_s"])
+            self._timings_at_print, self._timing_steps_at_print = t, self.global_steps
         written = self._engine.stats()["nvme_written_bytes"]
         if written:
             per_step = (written - self._written_at_print) / max(1, self.global_steps - self._steps_at_print)
