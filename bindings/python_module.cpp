@@ -269,6 +269,19 @@ struct EngineHandle {
   }
 };
 
+zinf::swap::ParamGroupSettings group_settings(std::optional<float> lr, std::optional<std::pair<float, float>> betas,
+                                              std::optional<float> eps, std::optional<float> weight_decay) {
+  zinf::swap::ParamGroupSettings settings;
+  settings.lr = lr;
+  if (betas) {
+    settings.beta1 = betas->first;
+    settings.beta2 = betas->second;
+  }
+  settings.eps = eps;
+  settings.weight_decay = weight_decay;
+  return settings;
+}
+
 py::dict describe_param(const zinf::zero3::ParamDescription& d) {
   py::dict out;
   out["name"] = d.name;
@@ -277,6 +290,7 @@ py::dict describe_param(const zinf::zero3::ParamDescription& d) {
   out["elements"] = d.elements;
   out["shard_elements"] = d.shard_elements;
   out["persistent"] = d.persistent;
+  out["trainable"] = d.trainable;
   return out;
 }
 
@@ -476,11 +490,28 @@ PYBIND11_MODULE(_zinf, m) {
                                       });
            },
            py::arg("module"), py::arg("name"), py::arg("shape"), py::arg("fill"))
-      .def("set_weight_decay",
-           [](EngineHandle& h, zinf::zero3::ParamIndex p, float weight_decay) {
-             h.get().set_weight_decay(p, weight_decay);
+      // Param groups (engine.hpp): settings left None are the optimizer's.
+      .def("add_param_group",
+           [](EngineHandle& h, std::optional<float> lr, std::optional<std::pair<float, float>> betas,
+              std::optional<float> eps, std::optional<float> weight_decay) {
+             return h.get().add_param_group(group_settings(lr, betas, eps, weight_decay));
            },
-           py::arg("param"), py::arg("weight_decay"))
+           py::arg("lr") = py::none(), py::arg("betas") = py::none(), py::arg("eps") = py::none(),
+           py::arg("weight_decay") = py::none())
+      .def("set_param_group",
+           [](EngineHandle& h, zinf::zero3::ParamIndex p, std::size_t group) { h.get().set_param_group(p, group); },
+           py::arg("param"), py::arg("group"))
+      .def("set_trainable",
+           [](EngineHandle& h, zinf::zero3::ParamIndex p, bool trainable) { h.get().set_trainable(p, trainable); },
+           py::arg("param"), py::arg("trainable"))
+      .def("set_param_group_settings",
+           [](EngineHandle& h, std::size_t group, std::optional<float> lr,
+              std::optional<std::pair<float, float>> betas, std::optional<float> eps,
+              std::optional<float> weight_decay) {
+             h.get().set_param_group_settings(group, group_settings(lr, betas, eps, weight_decay));
+           },
+           py::arg("group"), py::arg("lr") = py::none(), py::arg("betas") = py::none(),
+           py::arg("eps") = py::none(), py::arg("weight_decay") = py::none())
       .def("set_master", [](EngineHandle& h, zinf::zero3::ParamIndex p, std::uintptr_t address, std::uint64_t count) {
              const auto* values = reinterpret_cast<const float*>(address);
              py::gil_scoped_release release;

@@ -112,6 +112,8 @@ struct Job {
   std::size_t count;
   int p, g, s, c;  // table indices (s: the moment format for compressed steps)
   std::uint32_t salt = 0;
+  std::size_t begin = 0;  // the elements to step: [begin, end)
+  std::size_t end = 0;
 };
 
 std::size_t size_of(DType d) { return d == DType::f32 ? 4 : 2; }
@@ -169,7 +171,7 @@ void resolve(std::span<const TensorState> tensors, Uses uses, std::vector<Job>& 
     }
     Job job{t.param.data, t.grad.data, t.exp_avg.data, t.exp_avg_sq.data, t.param_copy.data, n,
             static_cast<int>(t.param.dtype), static_cast<int>(t.grad.dtype),
-            static_cast<int>(state), copy};
+            static_cast<int>(state), copy, 0, 0, n};
     // The scalar table has every supported combination: check against it.
     if (scalar_kernels().adam[job.p][job.g][job.s][job.c] == nullptr) {
       bad(i, fmt::format("unsupported dtypes: param {}, grad {}, state {}{}; supported: fp32 "
@@ -243,8 +245,14 @@ void resolve_compressed(std::span<const CompressedTensorState> tensors, MomentFo
       }
       copy = static_cast<int>(t.param_copy.dtype);
     }
+    const std::size_t end = t.end == 0 ? n : t.end;
+    if (end > n || t.begin > end || t.begin % kQuantBlock != 0) {
+      bad(i, fmt::format("range [{}, {}) of {} elements: it must lie in the tensor and begin on a "
+                         "{}-element moment block", t.begin, end, n, kQuantBlock));
+    }
     Job job{t.param.data, t.grad.data, t.exp_avg, t.exp_avg_sq, t.param_copy.data, n, 0,
-            static_cast<int>(t.grad.dtype), static_cast<int>(format) - 1, copy, rounding_salt(step, t.seed)};
+            static_cast<int>(t.grad.dtype), static_cast<int>(format) - 1, copy, rounding_salt(step, t.seed),
+            t.begin, end};
     jobs.push_back(job);
     const auto add = [&](const void* data, std::size_t bytes, const char* name, bool written) {
       const auto begin = reinterpret_cast<std::uintptr_t>(data);
@@ -272,23 +280,24 @@ struct CpuOptimizer::Impl {
   std::vector<Job> jobs;    // reused every step
   std::vector<Span> spans;  // reused every step
 
-  // Splits the concatenation of all tensors into one contiguous share per
-  // thread and calls run(job, begin, end) for each piece of a share.
+  // Splits the concatenation of all jobs' ranges into one contiguous share
+  // per thread and calls run(job, begin, end) for each piece of a share.
   template <class Run>
   void for_each_range(const Run& run, const std::size_t grain = kGrain) {
+    const auto grains_of = [grain](const Job& job) { return (job.end - job.begin + grain - 1) / grain; };
     std::size_t total = 0;
-    for (const Job& job : jobs) total += (job.count + grain - 1) / grain;  // in grains
+    for (const Job& job : jobs) total += grains_of(job);
     const std::size_t threads = pool.size();
     pool.run([&](std::size_t index) {
       const std::size_t first = total * index / threads;
       const std::size_t last = total * (index + 1) / threads;
-      std::size_t base = 0;  // grains before the current tensor
+      std::size_t base = 0;  // grains before the current job
       for (const Job& job : jobs) {
-        const std::size_t grains = (job.count + grain - 1) / grain;
+        const std::size_t grains = grains_of(job);
         const std::size_t from = std::max(first, base);
         const std::size_t to = std::min(last, base + grains);
         if (from < to) {
-          run(job, (from - base) * grain, std::min(job.count, (to - base) * grain));
+          run(job, job.begin + (from - base) * grain, std::min(job.end, job.begin + (to - base) * grain));
         }
         base += grains;
         if (base >= last) break;
@@ -354,11 +363,24 @@ void CpuOptimizer::adam_step(const AdamOptions& o, std::int64_t step, MomentForm
                              std::span<const CompressedTensorState> tensors) {
   const AdamScalars s = adam_scalars(o, step);
   if (format == MomentFormat::fp32) {
+    // fp32 moments are plain tensors: a range is the same buffers from its begin.
     std::vector<TensorState> plain(tensors.size());
     for (std::size_t i = 0; i < tensors.size(); ++i) {
       const auto& t = tensors[i];
-      plain[i] = TensorState{t.param, t.grad, {t.exp_avg, t.param.count, DType::f32},
-                             {t.exp_avg_sq, t.param.count, DType::f32}, t.param_copy};
+      const std::size_t end = t.end == 0 ? t.param.count : t.end;
+      if (end > t.param.count || t.begin > end) {
+        bad(i, fmt::format("range [{}, {}) of {} elements: it must lie in the tensor", t.begin, end, t.param.count));
+      }
+      const std::size_t n = end - t.begin;
+      const auto from = [&](const Buffer& b) {
+        if (b.data == nullptr) return b;
+        return Buffer{static_cast<std::byte*>(b.data) + t.begin * size_of(b.dtype), n, b.dtype};
+      };
+      const auto moment = [&](void* data) {
+        return Buffer{data == nullptr ? nullptr : static_cast<float*>(data) + t.begin, n, DType::f32};
+      };
+      plain[i] = TensorState{from(t.param), from(t.grad), moment(t.exp_avg), moment(t.exp_avg_sq),
+                             from(t.param_copy)};
     }
     adam_step(o, step, plain);
     return;

@@ -92,6 +92,9 @@ std::size_t moment_bytes(MomentFormat format, std::size_t elements);
 // exp_avg/exp_avg_sq moment_bytes(format, param.count) bytes each, an
 // optional bf16/fp16 param_copy. `seed` tells tensors' rounding apart (a
 // sub-group index, say): the same seed, step and values give the same bits.
+// [begin, end) limits the step to part of the tensor (param groups with
+// their own settings); the moments keep the whole tensor's layout, so begin
+// is a multiple of kMomentBlock. end 0 means param.count.
 struct CompressedTensorState {
   Buffer param;
   Buffer grad;
@@ -99,6 +102,8 @@ struct CompressedTensorState {
   void* exp_avg_sq = nullptr;
   Buffer param_copy;
   std::uint64_t seed = 0;
+  std::size_t begin = 0;
+  std::size_t end = 0;
 };
 
 // fp32 values <-> one moment tensor in `format` (`second`: the second

@@ -184,77 +184,192 @@ OptimizerSwapper::OptimizerSwapper(cpu_adam::CpuOptimizer& optimizer,
   }
 }
 
-void OptimizerSwapper::set_weight_decay_ranges(std::size_t group, std::vector<WeightDecayRange> ranges) {
+namespace {
+
+float decay_of(const OptimizerSettings& s) {
+  switch (s.kind) {
+    case OptimizerKind::adam: return s.adam.weight_decay;
+    case OptimizerKind::adagrad: return s.adagrad.weight_decay;
+    case OptimizerKind::lion: return s.lion.weight_decay;
+  }
+  return 0.0f;
+}
+
+void set_decay(OptimizerSettings& s, float weight_decay) {
+  s.adam.weight_decay = s.adagrad.weight_decay = s.lion.weight_decay = weight_decay;
+}
+
+// Whether one kernel call can step both (with the decay done apart).
+bool same_but_decay(const OptimizerSettings& a, const OptimizerSettings& b) {
+  switch (a.kind) {
+    case OptimizerKind::adam:
+      return a.adam.lr == b.adam.lr && a.adam.beta1 == b.adam.beta1 && a.adam.beta2 == b.adam.beta2 &&
+             a.adam.eps == b.adam.eps;
+    case OptimizerKind::adagrad: return a.adagrad.lr == b.adagrad.lr && a.adagrad.eps == b.adagrad.eps;
+    case OptimizerKind::lion:
+      return a.lion.lr == b.lion.lr && a.lion.beta1 == b.lion.beta1 && a.lion.beta2 == b.lion.beta2;
+  }
+  return false;
+}
+
+}  // namespace
+
+float learning_rate_of(const OptimizerSettings& settings) {
+  switch (settings.kind) {
+    case OptimizerKind::adam: return settings.adam.lr;
+    case OptimizerKind::adagrad: return settings.adagrad.lr;
+    case OptimizerKind::lion: return settings.lion.lr;
+  }
+  return settings.adam.lr;
+}
+
+void check_param_group(std::size_t index, const ParamGroupSettings& settings) {
+  const auto check = [index](const char* name, const std::optional<float>& value, bool ok, const char* rule) {
+    if (value && (!std::isfinite(*value) || !ok)) {
+      throw Error(ErrorKind::invalid,
+                  fmt::format("param group {}: {} is {}: it must be finite and {}", index, name, *value, rule));
+    }
+  };
+  check("lr", settings.lr, settings.lr >= 0.0f, "non-negative");
+  check("beta1", settings.beta1, settings.beta1 >= 0.0f && settings.beta1 < 1.0f, "in [0, 1)");
+  check("beta2", settings.beta2, settings.beta2 >= 0.0f && settings.beta2 < 1.0f, "in [0, 1)");
+  check("eps", settings.eps, settings.eps >= 0.0f, "non-negative");
+  check("weight_decay", settings.weight_decay, settings.weight_decay >= 0.0f, "non-negative");
+}
+
+OptimizerSettings resolve_settings(const OptimizerSettings& optimizer, const ParamGroupSettings& group) {
+  OptimizerSettings s = optimizer;
+  if (group.lr) s.adam.lr = s.adagrad.lr = s.lion.lr = *group.lr;
+  if (group.beta1) s.adam.beta1 = s.lion.beta1 = *group.beta1;
+  if (group.beta2) s.adam.beta2 = s.lion.beta2 = *group.beta2;
+  if (group.eps) s.adam.eps = s.adagrad.eps = *group.eps;
+  if (group.weight_decay) set_decay(s, *group.weight_decay);
+  return s;
+}
+
+void OptimizerSwapper::set_param_group(std::size_t index, const ParamGroupSettings& settings) {
+  ZINF_CHECK(index <= param_groups_.size(),
+             fmt::format("param group {} set before group {}", index, param_groups_.size()));
+  check_param_group(index, settings);
+  const bool added = index == param_groups_.size();
+  const ParamGroupSettings before = added ? ParamGroupSettings{} : param_groups_[index];
+  if (added) param_groups_.push_back(settings);
+  param_groups_[index] = settings;
+  try {
+    check_run_boundaries();
+  } catch (...) {
+    if (added) param_groups_.pop_back(); else param_groups_[index] = before;
+    throw;
+  }
+}
+
+const ParamGroupSettings& OptimizerSwapper::param_group(std::size_t index) const {
+  ZINF_CHECK(index < param_groups_.size(), fmt::format("param group {} was never set", index));
+  return param_groups_[index];
+}
+
+void OptimizerSwapper::set_param_group_ranges(std::size_t group, std::vector<ParamGroupRange> ranges) {
   ZINF_CHECK(group < groups_.size(), "sub-group index out of range");
   std::size_t at = 0;
   for (const auto& range : ranges) {
-    if (range.begin != at || range.end <= range.begin || !std::isfinite(range.weight_decay) ||
-        range.weight_decay < 0) {
+    if (range.begin != at || range.end <= range.begin || range.param_group >= param_groups_.size()) {
       throw Error(ErrorKind::invalid,
-                  fmt::format("sub-group '{}': weight-decay range [{}, {}) with {}: ranges must cover the "
-                              "sub-group in order, each non-empty, with a finite non-negative decay",
-                              groups_[group].name, range.begin, range.end, range.weight_decay));
+                  fmt::format("sub-group '{}': range [{}, {}) of param group {}: ranges must cover the sub-group "
+                              "in order, each non-empty, of a param group that was set ({} are)",
+                              groups_[group].name, range.begin, range.end, range.param_group,
+                              param_groups_.size()));
     }
     at = range.end;
   }
   if (!ranges.empty() && at != groups_[group].elements) {
-    throw Error(ErrorKind::invalid, fmt::format("sub-group '{}': weight-decay ranges end at {} of {} elements",
+    throw Error(ErrorKind::invalid, fmt::format("sub-group '{}': param-group ranges end at {} of {} elements",
                                                 groups_[group].name, at, groups_[group].elements));
   }
-  if (decay_ranges_.size() < groups_.size()) decay_ranges_.resize(groups_.size());
-  decay_ranges_[group] = std::move(ranges);
+  if (group_ranges_.size() < groups_.size()) group_ranges_.resize(groups_.size());
+  std::vector<ParamGroupRange> before = std::move(group_ranges_[group]);
+  group_ranges_[group] = std::move(ranges);
+  try {
+    check_run_boundaries();
+  } catch (...) {
+    group_ranges_[group] = std::move(before);
+    throw;
+  }
 }
 
-OptimizerSettings OptimizerSwapper::apply_decay_ranges(std::size_t group, float* param,
-                                                       const cpu_adam::Buffer& grad) const {
-  OptimizerSettings settings = options_.optimizer;
-  if (group >= decay_ranges_.size() || decay_ranges_[group].empty()) return settings;
-  bool decoupled = false;
-  float lr = 0.0f;
-  switch (settings.kind) {
-    case OptimizerKind::adam:
-      decoupled = settings.adam.adamw_mode;
-      lr = settings.adam.lr;
-      settings.adam.weight_decay = 0.0f;
-      break;
-    case OptimizerKind::adagrad:
-      lr = settings.adagrad.lr;
-      settings.adagrad.weight_decay = 0.0f;
-      break;
-    case OptimizerKind::lion:
-      decoupled = true;
-      lr = settings.lion.lr;
-      settings.lion.weight_decay = 0.0f;
-      break;
+OptimizerSettings OptimizerSwapper::base_settings() const {
+  return param_groups_.empty() ? options_.optimizer : resolve_settings(options_.optimizer, param_groups_[0]);
+}
+
+std::vector<OptimizerSwapper::Run> OptimizerSwapper::runs_of(std::size_t group) const {
+  if (group >= group_ranges_.size() || group_ranges_[group].empty()) {
+    return {Run{0, groups_[group].elements, base_settings(), 0, 0, false}};
   }
+  const auto& ranges = group_ranges_[group];
+  std::vector<Run> runs;
+  float first_decay = 0.0f;
+  for (std::size_t k = 0; k < ranges.size(); ++k) {
+    const OptimizerSettings settings = resolve_settings(options_.optimizer, param_groups_[ranges[k].param_group]);
+    if (!runs.empty() && same_but_decay(runs.back().settings, settings)) {
+      Run& run = runs.back();
+      run.end = ranges[k].end;
+      run.last_range = k + 1;
+      run.decays_itself = run.decays_itself || decay_of(settings) != first_decay;
+    } else {
+      runs.push_back(Run{ranges[k].begin, ranges[k].end, settings, k, k + 1, false});
+      first_decay = decay_of(settings);
+    }
+  }
+  for (Run& run : runs) {
+    if (run.decays_itself) set_decay(run.settings, 0.0f);
+  }
+  return runs;
+}
+
+void OptimizerSwapper::check_run_boundaries() const {
+  if (options_.moment_format != cpu_adam::MomentFormat::int8) return;
+  for (std::size_t g = 0; g < group_ranges_.size(); ++g) {
+    for (const Run& run : runs_of(g)) {
+      if (run.begin % cpu_adam::kMomentBlock == 0) continue;
+      ErrorContext ctx;
+      ctx.key_path = "zero_optimization.offload_optimizer.state_format";
+      throw Error(ErrorKind::config,
+                  fmt::format("param groups with a different lr, betas or eps meet at element {} of sub-group '{}', "
+                              "inside a {}-element block of 8-bit moments (state_format int8), which one step "
+                              "must update whole: use state_format fp32 or bf16, or give the groups the same "
+                              "lr, betas and eps",
+                              run.begin, groups_[g].name, cpu_adam::kMomentBlock),
+                  std::move(ctx));
+    }
+  }
+}
+
+void OptimizerSwapper::decay_ranges(std::size_t group, const Run& run, float* param,
+                                    const cpu_adam::Buffer& grad) const {
+  const bool decoupled = (run.settings.kind == OptimizerKind::adam && run.settings.adam.adamw_mode) ||
+                         run.settings.kind == OptimizerKind::lion;
   if (!decoupled && grad.dtype != cpu_adam::DType::f32) {
     throw Error(ErrorKind::invalid,
                 fmt::format("sub-group '{}': per-range L2 weight decay adds to the gradients, which must be fp32 "
                             "(they are {})", groups_[group].name, cpu_adam::to_string(grad.dtype)));
   }
   auto* g = static_cast<float*>(grad.data);
-  for (const auto& range : decay_ranges_[group]) {
-    if (range.weight_decay == 0.0f) continue;
+  for (std::size_t k = run.first_range; k < run.last_range; ++k) {
+    const ParamGroupRange& range = group_ranges_[group][k];
+    const OptimizerSettings settings = resolve_settings(options_.optimizer, param_groups_[range.param_group]);
+    const float weight_decay = decay_of(settings);
+    if (weight_decay == 0.0f) continue;
     // The kernels' own operations, so a range decayed here steps exactly as
     // the kernel would have decayed it.
     if (decoupled) {
-      const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * range.weight_decay);
+      const float decay = static_cast<float>(1.0 - static_cast<double>(learning_rate_of(settings)) * weight_decay);
       for (std::size_t i = range.begin; i < range.end; ++i) param[i] = param[i] * decay;
     } else {
-      for (std::size_t i = range.begin; i < range.end; ++i) g[i] = g[i] + range.weight_decay * param[i];
+      for (std::size_t i = range.begin; i < range.end; ++i) g[i] = g[i] + weight_decay * param[i];
     }
   }
-  return settings;
 }
 
-float OptimizerSwapper::learning_rate() const {
-  switch (options_.optimizer.kind) {
-    case OptimizerKind::adam: return options_.optimizer.adam.lr;
-    case OptimizerKind::adagrad: return options_.optimizer.adagrad.lr;
-    case OptimizerKind::lion: return options_.optimizer.lion.lr;
-  }
-  return options_.optimizer.adam.lr;
-}
+float OptimizerSwapper::learning_rate() const { return learning_rate_of(options_.optimizer); }
 
 OptimizerSwapper::~OptimizerSwapper() {
   drain_slots();
@@ -449,42 +564,69 @@ void OptimizerSwapper::compute(std::size_t group, float* param, void* exp_avg,
                                const cpu_adam::Buffer& copy) {
   Timed timed(last_stats_.compute);
   const std::size_t n = groups_[group].elements;
-  const bool f32_copy_out = copy.data != nullptr && copy.dtype == cpu_adam::DType::f32;
-  const OptimizerSettings settings = apply_decay_ranges(group, param, grad);
-  if (options_.moment_format != cpu_adam::MomentFormat::fp32) {
-    cpu_adam::CompressedTensorState state;
-    state.param = {param, n, cpu_adam::DType::f32};
-    state.grad = grad;
-    state.exp_avg = exp_avg;
-    state.exp_avg_sq = exp_avg_sq;
-    if (!f32_copy_out) state.param_copy = copy;
-    state.seed = group;
-    optimizer_.adam_step(settings.adam, step_ + 1, options_.moment_format, std::span(&state, 1));
-    if (f32_copy_out) std::memcpy(copy.data, param, n * sizeof(float));
-    return;
-  }
-  cpu_adam::TensorState state;
-  state.param = {param, n, cpu_adam::DType::f32};
-  state.grad = grad;
+  const std::int64_t next = step_ + 1;
   // An fp32 "copy" (fp32 training) is a plain copy after the update; the
   // kernels fuse only the rounding ones.
   const bool f32_copy = copy.data != nullptr && copy.dtype == cpu_adam::DType::f32;
-  if (!f32_copy) state.param_copy = copy;
-  const std::int64_t next = step_ + 1;
-  switch (settings.kind) {
-    case OptimizerKind::adam:
-      state.exp_avg = {exp_avg, n, cpu_adam::DType::f32};
-      state.exp_avg_sq = {exp_avg_sq, n, cpu_adam::DType::f32};
-      optimizer_.adam_step(settings.adam, next, std::span(&state, 1));
-      break;
-    case OptimizerKind::adagrad:
-      state.exp_avg_sq = {exp_avg_sq, n, cpu_adam::DType::f32};
-      optimizer_.adagrad_step(settings.adagrad, next, std::span(&state, 1));
-      break;
-    case OptimizerKind::lion:
-      state.exp_avg = {exp_avg, n, cpu_adam::DType::f32};
-      optimizer_.lion_step(settings.lion, next, std::span(&state, 1));
-      break;
+  const auto format = options_.moment_format;
+  for (const Run& run : runs_of(group)) {
+    if (run.decays_itself) decay_ranges(group, run, param, grad);
+    const std::size_t count = run.end - run.begin;
+    // The run's part of an element-wise buffer.
+    const auto part = [&](const cpu_adam::Buffer& b) {
+      if (b.data == nullptr) return b;
+      const std::size_t size = b.dtype == cpu_adam::DType::f32 ? 4 : 2;
+      return cpu_adam::Buffer{static_cast<std::byte*>(b.data) + run.begin * size, count, b.dtype};
+    };
+    if (format == cpu_adam::MomentFormat::int8) {
+      // Block-wise codes keep the whole sub-group's layout: the kernel
+      // steps the run's elements of it (runs meet on block boundaries).
+      cpu_adam::CompressedTensorState state;
+      state.param = {param, n, cpu_adam::DType::f32};
+      state.grad = grad;
+      state.exp_avg = exp_avg;
+      state.exp_avg_sq = exp_avg_sq;
+      if (!f32_copy) state.param_copy = copy;
+      state.seed = group;
+      state.begin = run.begin;
+      state.end = run.end;
+      optimizer_.adam_step(run.settings.adam, next, format, std::span(&state, 1));
+      continue;
+    }
+    if (format == cpu_adam::MomentFormat::bf16) {
+      cpu_adam::CompressedTensorState state;
+      state.param = {param + run.begin, count, cpu_adam::DType::f32};
+      state.grad = part(grad);
+      state.exp_avg = static_cast<std::uint16_t*>(exp_avg) + run.begin;
+      state.exp_avg_sq = static_cast<std::uint16_t*>(exp_avg_sq) + run.begin;
+      if (!f32_copy) state.param_copy = part(copy);
+      state.seed = group;
+      optimizer_.adam_step(run.settings.adam, next, format, std::span(&state, 1));
+      continue;
+    }
+    cpu_adam::TensorState state;
+    state.param = {param + run.begin, count, cpu_adam::DType::f32};
+    state.grad = part(grad);
+    if (!f32_copy) state.param_copy = part(copy);
+    const cpu_adam::Buffer first = {exp_avg == nullptr ? nullptr : static_cast<float*>(exp_avg) + run.begin, count,
+                                    cpu_adam::DType::f32};
+    const cpu_adam::Buffer second = {
+        exp_avg_sq == nullptr ? nullptr : static_cast<float*>(exp_avg_sq) + run.begin, count, cpu_adam::DType::f32};
+    switch (run.settings.kind) {
+      case OptimizerKind::adam:
+        state.exp_avg = first;
+        state.exp_avg_sq = second;
+        optimizer_.adam_step(run.settings.adam, next, std::span(&state, 1));
+        break;
+      case OptimizerKind::adagrad:
+        state.exp_avg_sq = second;
+        optimizer_.adagrad_step(run.settings.adagrad, next, std::span(&state, 1));
+        break;
+      case OptimizerKind::lion:
+        state.exp_avg = first;
+        optimizer_.lion_step(run.settings.lion, next, std::span(&state, 1));
+        break;
+    }
   }
   if (f32_copy) std::memcpy(copy.data, param, n * sizeof(float));
 }
@@ -546,10 +688,10 @@ void OptimizerSwapper::step(std::span<const cpu_adam::Buffer> grads,
   const auto copy_for = [&](std::size_t g) {
     return param_copies.empty() ? cpu_adam::Buffer{} : param_copies[g];
   };
-  const bool ranged = std::any_of(decay_ranges_.begin(), decay_ranges_.end(),
+  const bool ranged = std::any_of(group_ranges_.begin(), group_ranges_.end(),
                                   [](const auto& ranges) { return !ranges.empty(); });
   if (store_ == nullptr && (options_.moment_format != cpu_adam::MomentFormat::fp32 || ranged)) {
-    // One kernel call per sub-group (each may have its own decay ranges).
+    // One kernel call per sub-group (each may have its own param groups).
     for (std::size_t g = 0; g < groups_.size(); ++g) {
       auto& tensors = host_[g];
       // Adagrad keeps its one state in the exp_avg_sq slot, Lion in exp_avg.
@@ -574,7 +716,7 @@ void OptimizerSwapper::step(std::span<const cpu_adam::Buffer> grads,
       states[g].grad = grads[g];
       const cpu_adam::Buffer copy = copy_for(g);
       if (copy.dtype != cpu_adam::DType::f32) states[g].param_copy = copy;
-      const auto& settings = options_.optimizer;
+      const auto& settings = options_.optimizer;  // the kind
       if (settings.kind != OptimizerKind::adagrad) {
         states[g].exp_avg = {tensors[1].data(), n, cpu_adam::DType::f32};
       }
@@ -584,7 +726,7 @@ void OptimizerSwapper::step(std::span<const cpu_adam::Buffer> grads,
         states[g].exp_avg_sq = {tensors[1].data(), n, cpu_adam::DType::f32};
       }
     }
-    const auto& settings = options_.optimizer;
+    const OptimizerSettings settings = base_settings();
     switch (settings.kind) {
       case OptimizerKind::adam: optimizer_.adam_step(settings.adam, step_ + 1, states); break;
       case OptimizerKind::adagrad:

@@ -54,14 +54,33 @@ struct SubGroup {
   std::size_t elements = 0;
 };
 
-// Elements [begin, end) of a sub-group decayed by `weight_decay` instead of
-// the optimizer's (param groups with their own weight decay, e.g. none for
-// biases and norms).
-struct WeightDecayRange {
+// A param group's own settings (torch's param_groups: biases and norms
+// without weight decay, an embedding or a new head with its own lr); each
+// one left unset is the optimizer's. An optimizer uses the fields it has
+// (Adagrad: lr, eps, weight_decay; Lion: lr, betas, weight_decay).
+struct ParamGroupSettings {
+  std::optional<float> lr;
+  std::optional<float> beta1;
+  std::optional<float> beta2;
+  std::optional<float> eps;
+  std::optional<float> weight_decay;
+  bool operator==(const ParamGroupSettings&) const = default;
+};
+
+// Elements [begin, end) of a sub-group belong to param group `param_group`.
+struct ParamGroupRange {
   std::size_t begin = 0;
   std::size_t end = 0;
-  float weight_decay = 0.0f;
+  std::size_t param_group = 0;
 };
+
+// The lr of `settings`' optimizer kind.
+float learning_rate_of(const OptimizerSettings& settings);
+// The optimizer's settings with a param group's applied.
+OptimizerSettings resolve_settings(const OptimizerSettings& optimizer, const ParamGroupSettings& group);
+// Throws Error{invalid} naming param group `index` and the field that is
+// out of range (lr, eps and weight_decay >= 0, betas in [0, 1), all finite).
+void check_param_group(std::size_t index, const ParamGroupSettings& settings);
 
 struct OptimizerSwapperOptions {
   OptimizerSettings optimizer;
@@ -130,16 +149,24 @@ class OptimizerSwapper {
   void step(std::span<const cpu_adam::Buffer> grads,
             std::span<const cpu_adam::Buffer> param_copies = {});
 
-  // Per-element weight decay for sub-group `group`: `ranges` cover it all,
-  // in order, without overlap (an empty list: the optimizer's weight decay
-  // for every element). The step then decays each range itself with the
-  // same float operations the kernels use (decoupled: p *= 1 - lr * wd
+  // Param groups: set_param_group adds group `index` (the next one) or
+  // replaces its settings (a scheduler's lr; between steps only), and
+  // set_param_group_ranges says which elements of sub-group `group` belong
+  // to which: ranges cover it all, in order (an empty list: param group 0,
+  // or the optimizer's settings before any group is set). Every element steps exactly as the kernel
+  // steps it with its group's settings. Runs of ranges that differ in
+  // weight decay alone share one kernel call: the step decays each range
+  // itself with the kernels' float operations (decoupled: p *= 1 - lr * wd
   // before the update; L2: g += wd * p, which changes the caller's fp32
-  // gradients of that range in place) and runs the kernel without decay.
-  void set_weight_decay_ranges(std::size_t group, std::vector<WeightDecayRange> ranges);
+  // gradients of that range in place). Runs that differ in lr, betas or eps
+  // get a call each; with 8-bit moments they must meet on a moment block
+  // (cpu_adam::kMomentBlock elements), which both calls throw about.
+  void set_param_group(std::size_t index, const ParamGroupSettings& settings);
+  void set_param_group_ranges(std::size_t group, std::vector<ParamGroupRange> ranges);
+  const ParamGroupSettings& param_group(std::size_t index) const;
 
-  // The learning rate of the next steps (a scheduler's), whichever the
-  // optimizer kind. Between steps only.
+  // The optimizer's learning rate (a scheduler's), whichever its kind: the
+  // param groups without an lr of their own follow it. Between steps only.
   void set_learning_rate(float lr) {
     options_.optimizer.adam.lr = lr;
     options_.optimizer.adagrad.lr = lr;
@@ -168,9 +195,22 @@ class OptimizerSwapper {
   void compute(std::size_t group, float* param, void* exp_avg, void* exp_avg_sq,
                const cpu_adam::Buffer& grad, const cpu_adam::Buffer& copy);
   std::uint64_t bytes_of(std::size_t group, std::size_t tensor) const;
-  // Applies sub-group `group`'s decay ranges; returns the settings to step
-  // it with (the optimizer's, without weight decay when it has ranges).
-  OptimizerSettings apply_decay_ranges(std::size_t group, float* param, const cpu_adam::Buffer& grad) const;
+  // Sub-group `group`'s elements with one kernel call's settings each.
+  struct Run {
+    std::size_t begin = 0;
+    std::size_t end = 0;
+    OptimizerSettings settings;      // weight decay 0 when the step decays the range itself
+    std::size_t first_range = 0;     // [first_range, last_range) of the sub-group's ranges
+    std::size_t last_range = 0;
+    bool decays_itself = false;      // its ranges differ in weight decay
+  };
+  std::vector<Run> runs_of(std::size_t group) const;
+  // Param group 0's settings: those of a sub-group without ranges.
+  OptimizerSettings base_settings() const;
+  // Throws if runs of a sub-group meet inside an 8-bit moment block.
+  void check_run_boundaries() const;
+  // Decays a run's ranges with their own weight decay (decays_itself).
+  void decay_ranges(std::size_t group, const Run& run, float* param, const cpu_adam::Buffer& grad) const;
   void step_on_store(std::span<const cpu_adam::Buffer> grads,
                      std::span<const cpu_adam::Buffer> copies);
   void check_step_inputs(std::span<const cpu_adam::Buffer> grads,
@@ -185,7 +225,8 @@ class OptimizerSwapper {
   std::vector<SubGroup> groups_;
   OptimizerSwapperOptions options_;
   std::vector<std::string> states_;
-  std::vector<std::vector<WeightDecayRange>> decay_ranges_;  // per sub-group; empty: uniform
+  std::vector<ParamGroupSettings> param_groups_;
+  std::vector<std::vector<ParamGroupRange>> group_ranges_;  // per sub-group; empty: the optimizer's
   std::vector<std::unique_ptr<Slot>> slots_;
   // Host mode: [group][tensor] where tensor 0 is the param; a compressed
   // moment's bytes are kept in float storage (rounded up to whole floats).

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 
 #include <fmt/format.h>
@@ -576,13 +577,30 @@ TEST(OptimizerSwapperCompressed, LionAndAdagradRefuseCompressedStates) {
 namespace zinf::swap {
 namespace {
 
-// Per-range weight decay (param groups): every element steps exactly as the
-// kernel steps it with that range's decay, for AdamW, L2 Adam, Lion and
-// Adagrad, through the store and in host memory.
-TEST(OptimizerSwapperWeightDecay, EachRangeStepsAsTheKernelWithItsOwnDecay) {
-  const std::vector<SubGroup> groups = {{"g0", 1000}, {"g1", 300}};
-  const std::vector<std::vector<WeightDecayRange>> ranges = {
-      {{0, 100, 0.0f}, {100, 700, 0.1f}, {700, 1000, 0.0f}}, {{0, 300, 0.05f}}};
+// Param groups: every element steps exactly as the kernel steps it alone
+// with its group's settings, for AdamW, L2 Adam, Lion and Adagrad, through
+// the store and in host memory; ranges that differ in weight decay alone
+// share a kernel call (decayed apart), the others get one each; a group's
+// lr changed between steps (a scheduler) applies from the next step.
+const std::vector<SubGroup> kRangedGroups = {{"g0", 1000}, {"g1", 300}};
+const std::vector<std::vector<ParamGroupRange>> kRanges = {
+    {{0, 100, 1}, {100, 512, 0}, {512, 768, 3}, {768, 1000, 4}}, {{0, 300, 2}}};
+
+std::vector<ParamGroupSettings> test_param_groups() {
+  std::vector<ParamGroupSettings> groups(5);
+  groups[1].weight_decay = 0.0f;
+  groups[2].weight_decay = 0.05f;
+  groups[3].lr = 0.02f;
+  groups[3].weight_decay = 0.0f;
+  groups[4].lr = 0.005f;
+  groups[4].beta1 = 0.8f;
+  groups[4].beta2 = 0.99f;
+  groups[4].eps = 1e-6f;
+  groups[4].weight_decay = 0.1f;
+  return groups;
+}
+
+TEST(OptimizerSwapperParamGroups, EachRangeStepsAsTheKernelWithItsGroupsSettings) {
   for (const OptimizerKind kind : {OptimizerKind::adam, OptimizerKind::adagrad, OptimizerKind::lion}) {
     for (const bool adamw_mode : {true, false}) {
       if (kind != OptimizerKind::adam && !adamw_mode) continue;
@@ -591,37 +609,46 @@ TEST(OptimizerSwapperWeightDecay, EachRangeStepsAsTheKernelWithItsOwnDecay) {
       options.optimizer.kind = kind;
       options.optimizer.adam.adamw_mode = adamw_mode;
       options.optimizer.adam.weight_decay = options.optimizer.lion.weight_decay =
-          options.optimizer.adagrad.weight_decay = 0.3f;  // overridden by every range
+          options.optimizer.adagrad.weight_decay = 0.3f;
       options.optimizer.adam.lr = options.optimizer.lion.lr = options.optimizer.adagrad.lr = 0.01f;
       cpu_adam::CpuOptimizer optimizer(2);
       TempDir dir;
       SwapStore store(store_options(dir.path()));
       PinnedPool pool(pool_options());
-      OptimizerSwapper on_store(store, pool, optimizer, groups, options);
-      OptimizerSwapper host(optimizer, groups, options);
-      std::vector<std::vector<float>> want(groups.size()), m(groups.size()), v(groups.size());
-      for (std::size_t g = 0; g < groups.size(); ++g) {
-        std::vector<float> start(groups[g].elements);
+      OptimizerSwapper on_store(store, pool, optimizer, kRangedGroups, options);
+      OptimizerSwapper host(optimizer, kRangedGroups, options);
+      auto param_groups = test_param_groups();
+      for (OptimizerSwapper* s : {&on_store, &host}) {
+        for (std::size_t k = 0; k < param_groups.size(); ++k) s->set_param_group(k, param_groups[k]);
+      }
+      std::vector<std::vector<float>> want(kRangedGroups.size()), m(kRangedGroups.size()), v(kRangedGroups.size());
+      for (std::size_t g = 0; g < kRangedGroups.size(); ++g) {
+        std::vector<float> start(kRangedGroups[g].elements);
         for (std::size_t i = 0; i < start.size(); ++i) start[i] = 0.5f + 0.001f * static_cast<float>(i);
         on_store.initialize(g, start);
         host.initialize(g, start);
-        on_store.set_weight_decay_ranges(g, ranges[g]);
-        host.set_weight_decay_ranges(g, ranges[g]);
+        on_store.set_param_group_ranges(g, kRanges[g]);
+        host.set_param_group_ranges(g, kRanges[g]);
         want[g] = start;
         m[g].assign(start.size(), 0.0f);
         v[g].assign(start.size(), 0.0f);
       }
       for (std::int64_t step = 1; step <= 3; ++step) {
-        std::vector<std::vector<float>> grads(groups.size()), grads2(groups.size());
+        if (step == 3) {  // a scheduler moves group 3's lr
+          param_groups[3].lr = 0.03f;
+          on_store.set_param_group(3, param_groups[3]);
+          host.set_param_group(3, param_groups[3]);
+        }
+        std::vector<std::vector<float>> grads(kRangedGroups.size()), grads2(kRangedGroups.size());
         std::vector<cpu_adam::Buffer> buffers, buffers2;
-        for (std::size_t g = 0; g < groups.size(); ++g) {
-          grads[g].resize(groups[g].elements);
+        for (std::size_t g = 0; g < kRangedGroups.size(); ++g) {
+          grads[g].resize(kRangedGroups[g].elements);
           for (std::size_t i = 0; i < grads[g].size(); ++i) grads[g][i] = 0.01f * std::sin(static_cast<float>(i + 7 * step));
           grads2[g] = grads[g];
           buffers.push_back({grads[g].data(), grads[g].size(), DType::f32});
           buffers2.push_back({grads2[g].data(), grads2[g].size(), DType::f32});
-          // The reference: the kernel over each range alone, with its decay.
-          for (const auto& range : ranges[g]) {
+          // The reference: the kernel over each range alone, with its group's settings.
+          for (const auto& range : kRanges[g]) {
             std::vector<float> g_copy(grads[g].begin() + range.begin, grads[g].begin() + range.end);
             cpu_adam::TensorState state;
             const std::size_t n = range.end - range.begin;
@@ -629,8 +656,7 @@ TEST(OptimizerSwapperWeightDecay, EachRangeStepsAsTheKernelWithItsOwnDecay) {
             state.grad = {g_copy.data(), n, DType::f32};
             state.exp_avg = {m[g].data() + range.begin, n, DType::f32};
             state.exp_avg_sq = {v[g].data() + range.begin, n, DType::f32};
-            auto settings = options.optimizer;
-            settings.adam.weight_decay = settings.lion.weight_decay = settings.adagrad.weight_decay = range.weight_decay;
+            const auto settings = resolve_settings(options.optimizer, param_groups[range.param_group]);
             if (kind == OptimizerKind::adam) optimizer.adam_step(settings.adam, step, std::span(&state, 1));
             if (kind == OptimizerKind::lion) {
               state.exp_avg_sq = {};
@@ -646,8 +672,8 @@ TEST(OptimizerSwapperWeightDecay, EachRangeStepsAsTheKernelWithItsOwnDecay) {
         on_store.step(buffers);
         host.step(buffers2);
       }
-      for (std::size_t g = 0; g < groups.size(); ++g) {
-        std::vector<float> a(groups[g].elements), b(groups[g].elements);
+      for (std::size_t g = 0; g < kRangedGroups.size(); ++g) {
+        std::vector<float> a(kRangedGroups[g].elements), b(kRangedGroups[g].elements);
         on_store.read_params(g, a);
         host.read_params(g, b);
         EXPECT_TRUE(same_bits(a, want[g])) << "store, group " << g;
@@ -657,13 +683,143 @@ TEST(OptimizerSwapperWeightDecay, EachRangeStepsAsTheKernelWithItsOwnDecay) {
   }
 }
 
-TEST(OptimizerSwapperWeightDecay, RangesThatDoNotCoverTheSubGroupAreRefused) {
+// Compressed moments: each run of a sub-group steps as the compressed
+// kernel steps that range of it (8-bit codes keep the sub-group's layout).
+TEST(OptimizerSwapperParamGroups, CompressedMomentsStepEachRunWithItsSettings) {
+  for (const auto format : {cpu_adam::MomentFormat::bf16, cpu_adam::MomentFormat::int8}) {
+    SCOPED_TRACE(cpu_adam::to_string(format));
+    OptimizerSwapperOptions options;
+    options.moment_format = format;
+    options.optimizer.adam.weight_decay = 0.3f;
+    cpu_adam::CpuOptimizer optimizer(2);
+    TempDir dir;
+    SwapStore store(store_options(dir.path()));
+    PinnedPool pool(pool_options());
+    OptimizerSwapper on_store(store, pool, optimizer, kRangedGroups, options);
+    const auto param_groups = test_param_groups();
+    for (std::size_t k = 0; k < param_groups.size(); ++k) on_store.set_param_group(k, param_groups[k]);
+    std::vector<std::vector<float>> want(kRangedGroups.size());
+    std::vector<std::vector<std::byte>> m(kRangedGroups.size()), v(kRangedGroups.size());
+    for (std::size_t g = 0; g < kRangedGroups.size(); ++g) {
+      const std::size_t n = kRangedGroups[g].elements;
+      want[g].resize(n);
+      for (std::size_t i = 0; i < n; ++i) want[g][i] = 0.5f + 0.001f * static_cast<float>(i);
+      on_store.initialize(g, want[g]);
+      on_store.set_param_group_ranges(g, kRanges[g]);
+      m[g].assign(cpu_adam::moment_bytes(format, n), std::byte{0});
+      v[g].assign(cpu_adam::moment_bytes(format, n), std::byte{0});
+    }
+    for (std::int64_t step = 1; step <= 3; ++step) {
+      std::vector<std::vector<float>> grads(kRangedGroups.size());
+      std::vector<cpu_adam::Buffer> buffers;
+      for (std::size_t g = 0; g < kRangedGroups.size(); ++g) {
+        const std::size_t n = kRangedGroups[g].elements;
+        grads[g].resize(n);
+        for (std::size_t i = 0; i < n; ++i) grads[g][i] = 0.01f * std::cos(static_cast<float>(i + 3 * step));
+        buffers.push_back({grads[g].data(), n, DType::f32});
+      }
+      // The reference, in the swapper's runs: g0 [0, 512) decays apart
+      // (groups 1 and 0 differ in decay alone), [512, 768) and [768, 1000)
+      // alone (another lr); g1 whole.
+      struct RefRun {
+        std::size_t group, begin, end, settings_group;
+      };
+      const std::vector<RefRun> runs = {{0, 0, 512, 0}, {0, 512, 768, 3}, {0, 768, 1000, 4}, {1, 0, 300, 2}};
+      std::vector<std::vector<float>> ref_grads = grads;
+      // Decoupled decay of group 0's range [100, 512) (the run's only decayed range).
+      const float decay = static_cast<float>(1.0 - static_cast<double>(0.001f) * 0.3f);
+      for (std::size_t i = 100; i < 512; ++i) want[0][i] = want[0][i] * decay;
+      for (const RefRun& run : runs) {
+        const std::size_t n = kRangedGroups[run.group].elements;
+        auto settings = resolve_settings(options.optimizer, param_groups[run.settings_group]);
+        if (run.begin == 0 && run.group == 0) settings.adam.weight_decay = 0.0f;  // decayed above
+        cpu_adam::CompressedTensorState state;
+        state.seed = run.group;
+        if (format == cpu_adam::MomentFormat::int8) {
+          state.param = {want[run.group].data(), n, DType::f32};
+          state.grad = {ref_grads[run.group].data(), n, DType::f32};
+          state.exp_avg = m[run.group].data();
+          state.exp_avg_sq = v[run.group].data();
+          state.begin = run.begin;
+          state.end = run.end;
+        } else {
+          const std::size_t count = run.end - run.begin;
+          state.param = {want[run.group].data() + run.begin, count, DType::f32};
+          state.grad = {ref_grads[run.group].data() + run.begin, count, DType::f32};
+          state.exp_avg = m[run.group].data() + 2 * run.begin;
+          state.exp_avg_sq = v[run.group].data() + 2 * run.begin;
+        }
+        optimizer.adam_step(settings.adam, step, format, std::span(&state, 1));
+      }
+      on_store.step(buffers);
+    }
+    for (std::size_t g = 0; g < kRangedGroups.size(); ++g) {
+      std::vector<float> got(kRangedGroups[g].elements), want_m(got.size());
+      on_store.read_params(g, got);
+      EXPECT_TRUE(same_bits(got, want[g])) << "group " << g;
+      on_store.read_state(g, "exp_avg", got);
+      cpu_adam::decode_moment(format, false, m[g].data(), want_m);
+      EXPECT_TRUE(same_bits(got, want_m)) << "group " << g;
+    }
+  }
+}
+
+TEST(OptimizerSwapperParamGroups, GroupsWithAnotherLrMeetingInsideAnInt8BlockAreRefusedNamingTheKey) {
+  OptimizerSwapperOptions options;
+  options.moment_format = cpu_adam::MomentFormat::int8;
+  cpu_adam::CpuOptimizer optimizer(1);
+  OptimizerSwapper host(optimizer, {{"g0", 1000}}, options);
+  ParamGroupSettings no_decay;
+  no_decay.weight_decay = 0.0f;
+  host.set_param_group(0, {});
+  host.set_param_group(1, no_decay);
+  // Weight decay alone may change anywhere: one kernel call, decayed apart.
+  EXPECT_NO_THROW(host.set_param_group_ranges(0, {{0, 100, 0}, {100, 1000, 1}}));
+  ParamGroupSettings faster = no_decay;
+  faster.lr = 0.1f;
+  try {
+    host.set_param_group(1, faster);  // now [0, 100) and [100, 1000) need two calls
+    FAIL() << "an lr boundary inside an 8-bit block was taken";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::config);
+    EXPECT_EQ(error.context().key_path, "zero_optimization.offload_optimizer.state_format");
+    EXPECT_NE(std::string(error.what()).find("element 100 of sub-group 'g0'"), std::string::npos) << error.what();
+  }
+  EXPECT_EQ(host.param_group(1), no_decay);  // the refused change left nothing behind
+  host.set_param_group(2, faster);
+  EXPECT_THROW(host.set_param_group_ranges(0, {{0, 100, 0}, {100, 1000, 2}}), Error);
+  EXPECT_NO_THROW(host.set_param_group_ranges(0, {{0, 256, 0}, {256, 1000, 2}}));  // on a block: fine
+}
+
+TEST(OptimizerSwapperParamGroups, BadRangesAndSettingsAreRefused) {
   cpu_adam::CpuOptimizer optimizer(1);
   OptimizerSwapper host(optimizer, {{"g0", 100}}, OptimizerSwapperOptions{});
-  EXPECT_THROW(host.set_weight_decay_ranges(0, {{0, 50, 0.0f}}), Error);
-  EXPECT_THROW(host.set_weight_decay_ranges(0, {{0, 50, 0.0f}, {60, 100, 0.1f}}), Error);
-  EXPECT_THROW(host.set_weight_decay_ranges(0, {{0, 100, -1.0f}}), Error);
-  EXPECT_NO_THROW(host.set_weight_decay_ranges(0, {{0, 50, 0.0f}, {50, 100, 0.1f}}));
+  host.set_param_group(0, {});
+  host.set_param_group(1, {});
+  EXPECT_THROW(host.set_param_group_ranges(0, {{0, 50, 0}}), Error);
+  EXPECT_THROW(host.set_param_group_ranges(0, {{0, 50, 0}, {60, 100, 1}}), Error);
+  EXPECT_THROW(host.set_param_group_ranges(0, {{0, 100, 2}}), Error);  // no group 2
+  EXPECT_NO_THROW(host.set_param_group_ranges(0, {{0, 50, 0}, {50, 100, 1}}));
+  std::vector<std::pair<std::string, ParamGroupSettings>> bad_settings(5);
+  bad_settings[0].first = "lr";
+  bad_settings[0].second.lr = -1.0f;
+  bad_settings[1].first = "beta1";
+  bad_settings[1].second.beta1 = 1.0f;
+  bad_settings[2].first = "beta2";
+  bad_settings[2].second.beta2 = std::nanf("");
+  bad_settings[3].first = "eps";
+  bad_settings[3].second.eps = -1e-8f;
+  bad_settings[4].first = "weight_decay";
+  bad_settings[4].second.weight_decay = std::numeric_limits<float>::infinity();
+  for (const auto& [field, bad] : bad_settings) {
+    try {
+      host.set_param_group(1, bad);
+      FAIL() << field;
+    } catch (const Error& error) {
+      EXPECT_NE(std::string(error.what()).find("param group 1: " + field), std::string::npos) << error.what();
+    }
+  }
+  EXPECT_THROW(host.set_param_group(3, {}), Error);  // groups are added in order
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <optional>
 #include <thread>
 #include <string>
 #include <vector>
@@ -196,6 +197,182 @@ TEST(EngineStages, TheLearningRateCanBeSetBetweenSteps) {
   EXPECT_NEAR(step_with_lr(0.25), 0.75f, 1e-5);
   EXPECT_NEAR(step_with_lr(0.0), 0.75f, 1e-6);
   EXPECT_THROW(engine.set_learning_rate(-1.0), Error);
+}
+
+TEST(EngineStages, EachParamGroupStepsWithItsOwnSettingsAndTheyCanChangeBetweenSteps) {
+  // Three params in three groups over two sub-groups of a rank's partition:
+  // Adam's first step moves each param by its group's lr (m / sqrt(v) = 1),
+  // its decay by lr * wd; a group's lr set between steps applies next.
+  const auto config = config::load_config_string(
+      R"({"optimizer": {"type": "AdamW", "params": {"lr": 0.5, "weight_decay": 0.1}},
+          "zero_optimization": {"stage": 1, "sub_group_size": 6}})");
+  auto comm = make_local_communicator();
+  Engine engine(config, *comm);
+  const auto module = engine.add_module("m");
+  const ParamIndex a = engine.add_param(module, "a", {4}, std::vector<float>(4, 1.0f));
+  const ParamIndex b = engine.add_param(module, "b", {4}, std::vector<float>(4, 1.0f));
+  const ParamIndex c = engine.add_param(module, "c", {4}, std::vector<float>(4, 1.0f));
+  swap::ParamGroupSettings slow;
+  slow.lr = 0.25f;
+  slow.weight_decay = 0.0f;
+  swap::ParamGroupSettings frozen;
+  frozen.lr = 0.0f;
+  const std::size_t slow_group = engine.add_param_group(slow);
+  const std::size_t frozen_group = engine.add_param_group(frozen);
+  engine.set_param_group(b, slow_group);
+  engine.set_param_group(c, frozen_group);
+  EXPECT_THROW(engine.set_param_group(a, 3), Error);  // never added
+  swap::ParamGroupSettings bad;
+  bad.beta1 = 1.5f;
+  EXPECT_THROW(engine.add_param_group(bad), Error);
+  engine.finalize();
+  EXPECT_THROW(engine.set_param_group(a, 0), Error);  // after finalize
+  const auto step = [&] {
+    engine.pre_backward(module);
+    for (ParamIndex p : {a, b, c}) std::fill(engine.grad(p), engine.grad(p) + 4, 1.0f);
+    engine.post_backward(module);
+    EXPECT_TRUE(engine.step());
+  };
+  step();
+  EXPECT_NEAR(engine.gather_master(a)[3], 1.0f * (1.0f - 0.5f * 0.1f) - 0.5f, 1e-5);
+  EXPECT_NEAR(engine.gather_master(b)[3], 0.75f, 1e-5);
+  EXPECT_EQ(engine.gather_master(c)[3], 1.0f);  // lr 0 (its decay too)
+  slow.lr = 0.0f;
+  engine.set_param_group_settings(slow_group, slow);
+  engine.set_learning_rate(0.0);  // group 0 has no lr of its own: it follows
+  step();
+  EXPECT_NEAR(engine.gather_master(a)[3], 1.0f * (1.0f - 0.5f * 0.1f) - 0.5f, 1e-5);
+  EXPECT_NEAR(engine.gather_master(b)[3], 0.75f, 1e-5);
+  EXPECT_EQ(engine.param_group_settings(slow_group).lr, 0.0f);
+  EXPECT_THROW(engine.set_param_group_settings(7, slow), Error);
+}
+
+// Frozen params (set_trainable false) keep their working copy only: the
+// optimizer's state, I/O and results are those of the trainable params
+// alone, the frozen values never change, and checkpoints keep them.
+TEST(EngineFrozen, FrozenParamsCostTheOptimizerNothingAndStayAsTheyAre) {
+  for (const std::string params_on : {"none", "nvme"}) {
+    SCOPED_TRACE("offload_param " + params_on);
+    testing::TempDir dir;
+    const auto config_in = [&](const std::string& sub) {
+      const std::string nvme = (dir.path() / sub).string();
+      return config::load_config_string(R"({"optimizer": {"type": "AdamW", "params": {"lr": 0.1, "weight_decay": 0.1}},
+          "bf16": {"enabled": true},
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "sub_group_size": 5,
+            "offload_param": {"device": ")" + params_on + R"(", "nvme_path": ")" + nvme + R"("},
+            "offload_optimizer": {"device": "nvme", "nvme_path": ")" + nvme + R"("}}})");
+    };
+    std::vector<float> start_b(6);
+    for (std::size_t i = 0; i < start_b.size(); ++i) start_b[i] = 0.25f * static_cast<float>(i) - 0.5f;
+    // `with_frozen`: b registered frozen between a and c; else a and c only.
+    const auto train = [&](bool with_frozen, const std::string& sub) {
+      auto comm = make_local_communicator();
+      Engine engine(config_in(sub), *comm);
+      const auto module = engine.add_module("m");
+      const ParamIndex a = engine.add_param(module, "a", {3, 3}, std::vector<float>(9, 1.0f));
+      std::optional<ParamIndex> b;
+      if (with_frozen) {
+        b = engine.add_param(module, "b", {6}, start_b);
+        engine.set_trainable(*b, false);
+      }
+      const ParamIndex c = engine.add_param(module, "c", {4}, std::vector<float>(4, -1.0f));
+      engine.finalize();
+      std::uint64_t written_before = engine.stats().nvme_written_bytes;
+      for (int step = 0; step < 3; ++step) {
+        engine.pre_forward(module);
+        engine.post_forward(module);
+        engine.pre_backward(module);
+        if (b) {
+          EXPECT_THROW(engine.grad(*b), Error);  // frozen: no gradient
+        }
+        for (ParamIndex p : {a, c}) {
+          const std::uint64_t n = engine.describe(p).elements;
+          for (std::uint64_t i = 0; i < n; ++i) engine.grad(p)[i] = 0.1f * static_cast<float>(i + step) - 0.3f;
+        }
+        engine.post_backward(module);
+        EXPECT_TRUE(engine.step());
+      }
+      const std::uint64_t written = engine.stats().nvme_written_bytes - written_before;
+      std::vector<std::vector<float>> out = {engine.gather_master(a), engine.gather_master(c)};
+      if (b) {
+        out.push_back(engine.gather_master(*b));
+        EXPECT_FALSE(engine.describe(*b).trainable);
+      }
+      return std::make_pair(out, written);
+    };
+    const auto [frozen, frozen_written] = train(true, "f");
+    const auto [alone, alone_written] = train(false, "a");
+    EXPECT_EQ(frozen[0], alone[0]);  // the trainable params step exactly as without b
+    EXPECT_EQ(frozen[1], alone[1]);
+    EXPECT_EQ(frozen_written, alone_written);  // and b takes no optimizer I/O
+    EXPECT_GT(alone_written, 0u);
+    std::vector<float> b_in_bf16(start_b.size());
+    for (std::size_t i = 0; i < start_b.size(); ++i) b_in_bf16[i] = cpu_adam::bf16_to_float(cpu_adam::float_to_bf16(start_b[i]));
+    EXPECT_EQ(frozen[2], b_in_bf16);  // its working copy (bf16) is all it has
+  }
+}
+
+TEST(EngineFrozen, CheckpointsKeepFrozenValuesAndRefuseAnotherChoiceOfFrozenParams) {
+  testing::TempDir dir;
+  const auto config = config::load_config_string(
+      R"({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}, "zero_optimization": {"stage": 3,
+          "stage3_param_persistence_threshold": 0, "sub_group_size": 5}})");
+  const auto build = [&](Engine& engine, bool b_frozen) {
+    const auto module = engine.add_module("m");
+    engine.add_param(module, "a", {4}, std::vector<float>(4, 1.0f));
+    const ParamIndex b = engine.add_param(module, "b", {3}, std::vector<float>(3, 2.0f));
+    engine.set_trainable(b, !b_frozen);
+    engine.finalize();
+    return b;
+  };
+  auto comm = make_local_communicator();
+  {
+    Engine engine(config, *comm);
+    const ParamIndex b = build(engine, true);
+    engine.set_master(b, std::vector<float>{7.0f, 8.0f, 9.0f});  // GatheredParameters' write-back
+    EXPECT_EQ(engine.gather_master(b), (std::vector<float>{7.0f, 8.0f, 9.0f}));
+    engine.save_checkpoint(dir.path() / "ckpt");
+  }
+  {
+    Engine engine(config, *comm);
+    const ParamIndex b = build(engine, true);
+    EXPECT_EQ(engine.gather_master(b), (std::vector<float>{2.0f, 2.0f, 2.0f}));
+    engine.load_checkpoint(dir.path() / "ckpt");
+    EXPECT_EQ(engine.gather_master(b), (std::vector<float>{7.0f, 8.0f, 9.0f}));
+    engine.pre_forward(0);
+    EXPECT_EQ(engine.param_f32(b)[2], 9.0f);  // the gathered param too
+    engine.post_forward(0);
+  }
+  {
+    Engine engine(config, *comm);
+    build(engine, false);
+    try {
+      engine.load_checkpoint(dir.path() / "ckpt");
+      FAIL() << "a checkpoint with b frozen loaded into an engine training it";
+    } catch (const Error& error) {
+      EXPECT_NE(std::string(error.what()).find("'b' is frozen in the checkpoint and trainable here"),
+                std::string::npos) << error.what();
+    }
+  }
+}
+
+TEST(EngineFrozen, AModelWithEveryParamFrozenRunsForwardWithNoOptimizer) {
+  // ZeRO-Inference: a model served with its params sharded, nothing trained.
+  const auto config = config::load_config_string(
+      R"({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})");
+  auto comm = make_local_communicator();
+  Engine engine(config, *comm);
+  const auto module = engine.add_module("m");
+  const ParamIndex w = engine.add_param(module, "w", {5}, std::vector<float>{1, 2, 3, 4, 5});
+  engine.set_trainable(w, false);
+  engine.finalize();
+  engine.pre_forward(module);
+  EXPECT_EQ(engine.param_f32(w)[4], 5.0f);
+  engine.post_forward(module);
+  EXPECT_TRUE(engine.step());
+  engine.set_learning_rate(0.5);
+  EXPECT_EQ(engine.learning_rate(), 0.5);
+  EXPECT_EQ(engine.gather_master(w), (std::vector<float>{1, 2, 3, 4, 5}));
 }
 
 TEST(EngineStages, SetMasterReplacesTheValuesEverywhereAndKeepsTheMoments) {

@@ -7,6 +7,9 @@
 //                                             master params and optimizer
 //                                             states (one file per sub-group
 //                                             bounds the memory a save needs)
+// <dir>/zero3_rank<R>_frozen.safetensors      rank R's shards of the frozen
+//                                             params, in the working precision
+//                                             (all they have)
 // <dir>/zinf_model_weights.safetensors        with stage3_gather_16bit_weights_
 //                                             on_model_save: every param whole,
 //                                             in the working precision
@@ -37,6 +40,12 @@ constexpr int kVersion = 1;
 std::filesystem::path group_file(const std::filesystem::path& dir, int rank, std::size_t group) {
   return dir / fmt::format("zero3_rank{:05}_group{:05}.safetensors", rank, group);
 }
+
+std::filesystem::path frozen_file(const std::filesystem::path& dir, int rank) {
+  return dir / fmt::format("zero3_rank{:05}_frozen.safetensors", rank);
+}
+
+std::string frozen_key(std::size_t index, const std::string& name) { return fmt::format("{}:{}", index, name); }
 
 std::string safetensors_dtype(cpu_adam::DType dtype) {
   switch (dtype) {
@@ -94,6 +103,22 @@ void Engine::save_checkpoint(const std::filesystem::path& dir) {
                        {"optimizer_step", std::to_string(optimizer_->step_count())}});
   }
 
+  if (optimizer_elements_ < partition_elements_) {
+    const std::uint64_t esize = element_bytes();
+    std::vector<TensorToWrite> entries;
+    for (std::size_t p = 0; p < params_.size(); ++p) {
+      const Param& param = *params_[p];
+      if (param.d.trainable) continue;
+      entries.push_back({frozen_key(p, param.d.name), safetensors_dtype(working_),
+                         {static_cast<std::int64_t>(param.d.shard_elements)},
+                         std::span(working_partition_.data() + param.partition_offset * esize,
+                                   param.d.shard_elements * esize)});
+    }
+    write_safetensors(frozen_file(dir, rank), entries,
+                      {{"format", kFormat}, {"rank", std::to_string(rank)},
+                       {"optimizer_step", std::to_string(optimizer_step_)}});
+  }
+
   if (config_.zero.gather_16bit_weights_on_model_save) {
     // Every param whole, from the working shards every rank holds in memory.
     const std::uint64_t esize = element_bytes();
@@ -128,7 +153,8 @@ void Engine::save_checkpoint(const std::filesystem::path& dir) {
     description["weights_16bit"] = config_.zero.gather_16bit_weights_on_model_save ? kWeights : "";
     json params = json::array();
     for (const auto& param : params_) {
-      params.push_back({{"name", param->d.name}, {"shape", param->d.shape}, {"module", modules_[param->d.module]}});
+      params.push_back({{"name", param->d.name}, {"shape", param->d.shape}, {"module", modules_[param->d.module]},
+                        {"trainable", param->d.trainable}});
     }
     description["params"] = params;
     replace_file(dir / kDescription, description.dump(2) + "\n", true);
@@ -187,6 +213,14 @@ void Engine::load_checkpoint(const std::filesystem::path& dir) {
         mismatch(description_path, fmt::format("param {} is '{}' {} in the checkpoint, '{}' {} here", p, name,
                                                json(shape).dump(), params_[p]->d.name, json(params_[p]->d.shape).dump()));
       }
+      // The sharded optimizer state holds the trainable params only.
+      const bool trainable = params[p].value("trainable", true);
+      if (trainable != params_[p]->d.trainable) {
+        mismatch(description_path,
+                 fmt::format("param {} '{}' is {} in the checkpoint and {} here: the sharded state reloads with the "
+                             "same params frozen (the 16-bit weights file reloads either way)",
+                             p, name, trainable ? "trainable" : "frozen", params_[p]->d.trainable ? "trainable" : "frozen"));
+      }
     }
     step = description.at("optimizer_step").get<std::int64_t>();
   } catch (const json::exception& error) {
@@ -198,16 +232,20 @@ void Engine::load_checkpoint(const std::filesystem::path& dir) {
 
   const int rank = comm_.rank();
   const auto states = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
-  std::uint64_t group_begin = 0;
-  for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
-    const std::uint64_t n = sub_groups_[g].elements;
-    const auto file = read_safetensors(group_file(dir, rank, g));
+  const auto read_file_of_step = [step](const std::filesystem::path& path) {
+    auto file = read_safetensors(path);
     if (file.metadata.count("optimizer_step") == 0 || file.metadata.at("optimizer_step") != std::to_string(step)) {
       ErrorContext ctx;
       ctx.path = file.path.string();
       throw Error(ErrorKind::corrupt, fmt::format("{}: not from step {} of this checkpoint", file.path.string(), step),
                   std::move(ctx));
     }
+    return file;
+  };
+  std::uint64_t group_begin = 0;
+  for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
+    const std::uint64_t n = sub_groups_[g].elements;
+    const auto file = read_file_of_step(group_file(dir, rank, g));
     const auto read_floats = [&](const std::string& name) {
       const auto bytes = file.bytes(name, "F32", n * sizeof(float));
       std::vector<float> values(n);
@@ -222,6 +260,17 @@ void Engine::load_checkpoint(const std::filesystem::path& dir) {
     optimizer_->initialize(g, master, step, state_spans);
     set_working(group_begin, master);
     group_begin += n;
+  }
+  if (optimizer_elements_ < partition_elements_) {
+    const auto file = read_file_of_step(frozen_file(dir, rank));
+    const std::uint64_t esize = element_bytes();
+    for (std::size_t p = 0; p < params_.size(); ++p) {
+      const Param& param = *params_[p];
+      if (param.d.trainable) continue;
+      const auto bytes = file.bytes(frozen_key(p, param.d.name), safetensors_dtype(working_),
+                                    param.d.shard_elements * esize);
+      std::memcpy(working_partition_.data() + param.partition_offset * esize, bytes.data(), bytes.size());
+    }
   }
   optimizer_step_ = step;
   micro_step_ = step * static_cast<std::int64_t>(config_.training.gradient_accumulation_steps);

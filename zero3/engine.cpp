@@ -87,53 +87,83 @@ Engine::~Engine() {
 
 std::uint64_t Engine::element_bytes() const { return dtype_bytes(working_); }
 
-void Engine::set_weight_decay(ParamIndex p, float weight_decay) {
-  if (finalized_) throw Error(ErrorKind::invalid, "set_weight_decay: the engine is finalized");
-  if (!std::isfinite(weight_decay) || weight_decay < 0) {
-    throw Error(ErrorKind::invalid, fmt::format("set_weight_decay: {} for '{}': it must be finite and non-negative",
-                                                weight_decay, at(p).d.name));
-  }
-  at(p).weight_decay = weight_decay;
+std::size_t Engine::add_param_group(const swap::ParamGroupSettings& settings) {
+  if (finalized_) throw Error(ErrorKind::invalid, "add_param_group after finalize()");
+  swap::check_param_group(param_groups_.size(), settings);  // a bad value fails here, not at finalize()
+  param_groups_.push_back(settings);
+  return param_groups_.size() - 1;
 }
 
-void Engine::set_decay_ranges(const swap::OptimizerSettings& settings) {
-  if (std::none_of(params_.begin(), params_.end(), [](const auto& param) { return param->weight_decay.has_value(); })) {
-    return;  // one weight decay for every element: the kernels apply it
+void Engine::set_param_group(ParamIndex p, std::size_t group) {
+  if (finalized_) throw Error(ErrorKind::invalid, "set_param_group after finalize()");
+  if (group >= param_groups_.size()) {
+    throw Error(ErrorKind::invalid, fmt::format("set_param_group('{}', {}): {} param groups were added",
+                                                at(p).d.name, group, param_groups_.size()));
   }
-  float fallback = settings.adam.weight_decay;
-  if (settings.kind == swap::OptimizerKind::adagrad) fallback = settings.adagrad.weight_decay;
-  if (settings.kind == swap::OptimizerKind::lion) fallback = settings.lion.weight_decay;
+  at(p).param_group = group;
+}
+
+void Engine::set_trainable(ParamIndex p, bool trainable) {
+  if (finalized_) throw Error(ErrorKind::invalid, "set_trainable after finalize()");
+  at(p).d.trainable = trainable;
+}
+
+void Engine::set_param_group_settings(std::size_t group, const swap::ParamGroupSettings& settings) {
+  if (group >= param_groups_.size()) {
+    throw Error(ErrorKind::invalid, fmt::format("param group {} was never added ({} are)", group,
+                                                param_groups_.size()));
+  }
+  swap::check_param_group(group, settings);
+  if (optimizer_) optimizer_->set_param_group(group, settings);  // may refuse (8-bit moment blocks)
+  param_groups_[group] = settings;
+}
+
+const swap::ParamGroupSettings& Engine::param_group_settings(std::size_t group) const {
+  if (group >= param_groups_.size()) {
+    throw Error(ErrorKind::invalid, fmt::format("param group {} was never added", group));
+  }
+  return param_groups_[group];
+}
+
+void Engine::set_param_group_ranges() {
+  if (!optimizer_) return;  // every param frozen
+  for (std::size_t k = 0; k < param_groups_.size(); ++k) optimizer_->set_param_group(k, param_groups_[k]);
+  if (std::all_of(params_.begin(), params_.end(), [](const auto& param) { return param->param_group == 0; })) {
+    return;  // the optimizer's settings for every element
+  }
   // Each sub-group cut at the params' shard boundaries (params in
-  // partition order; a sub-group's tail past the last shard is padding).
+  // partition order; a sub-group's tail past the last shard is padding,
+  // which steps in group 0).
   std::uint64_t group_begin = 0;
-  std::size_t first = 0;
+  std::size_t first = 0;  // in trainable_order_
   for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
     const std::uint64_t group_end = group_begin + sub_groups_[g].elements;
-    std::vector<swap::WeightDecayRange> ranges;
-    const auto add = [&](std::uint64_t from, std::uint64_t to, float decay) {
+    std::vector<swap::ParamGroupRange> ranges;
+    const auto add = [&](std::uint64_t from, std::uint64_t to, std::size_t param_group) {
       if (from >= to) return;
-      if (!ranges.empty() && ranges.back().weight_decay == decay) {
+      if (!ranges.empty() && ranges.back().param_group == param_group) {
         ranges.back().end = to - group_begin;
       } else {
-        ranges.push_back({from - group_begin, to - group_begin, decay});
+        ranges.push_back({from - group_begin, to - group_begin, param_group});
       }
     };
     std::uint64_t at_element = group_begin;
-    while (first < params_.size() &&
-           params_[first]->partition_offset + params_[first]->d.shard_elements <= group_begin) {
+    while (first < trainable_order_.size() &&
+           params_[trainable_order_[first]]->partition_offset +
+                   params_[trainable_order_[first]]->d.shard_elements <= group_begin) {
       ++first;
     }
-    for (std::size_t k = first; k < params_.size(); ++k) {
-      const Param& param = *params_[k];
+    for (std::size_t k = first; k < trainable_order_.size(); ++k) {
+      const Param& param = *params_[trainable_order_[k]];
       if (param.partition_offset >= group_end) break;
       const std::uint64_t from = std::max(group_begin, param.partition_offset);
       const std::uint64_t to = std::min(group_end, param.partition_offset + param.d.shard_elements);
-      add(at_element, from, fallback);
-      add(from, to, param.weight_decay.value_or(fallback));
+      add(at_element, from, 0);
+      add(from, to, param.param_group);
       at_element = std::max(at_element, to);
     }
-    add(at_element, group_end, fallback);
-    optimizer_->set_weight_decay_ranges(g, std::move(ranges));
+    add(at_element, group_end, 0);
+    optimizer_->set_param_group_ranges(g, std::move(ranges));
     group_begin = group_end;
   }
 }
@@ -152,6 +182,21 @@ void Engine::set_working(std::uint64_t offset, std::span<const float> master) {
     case DType::f16: {
       auto* half = reinterpret_cast<std::uint16_t*>(out);
       for (std::size_t i = 0; i < master.size(); ++i) half[i] = cpu_adam::float_to_f16(master[i]);
+      return;
+    }
+  }
+}
+
+void Engine::read_working(std::uint64_t offset, std::span<float> out) const {
+  const std::byte* in = working_partition_.data() + offset * element_bytes();
+  switch (working_) {
+    case DType::f32: std::memcpy(out.data(), in, out.size_bytes()); return;
+    case DType::bf16:
+    case DType::f16: {
+      const auto* half = reinterpret_cast<const std::uint16_t*>(in);
+      for (std::size_t i = 0; i < out.size(); ++i) {
+        out[i] = working_ == DType::bf16 ? cpu_adam::bf16_to_float(half[i]) : cpu_adam::f16_to_float(half[i]);
+      }
       return;
     }
   }
@@ -236,10 +281,21 @@ void Engine::finalize() {
     // gradients: every param stays whole on every rank.
     param->d.persistent =
         config_.zero.stage < 3 || param->d.elements <= config_.zero.param_persistence_threshold;
-    param->partition_offset = partition_elements_;
-    partition_elements_ += param->d.shard_elements;
     gathered_elements.push_back(param->d.shard_elements * world);
     persistent.push_back(param->d.persistent);
+  }
+  // The partition: the trainable params' shards first, so the optimizer's
+  // part of it (masters, gradients, the fused copy-out) is one range; the
+  // frozen ones' after it.
+  for (const bool trainable : {true, false}) {
+    for (std::size_t p = 0; p < params_.size(); ++p) {
+      Param& param = *params_[p];
+      if (param.d.trainable != trainable) continue;
+      param.partition_offset = partition_elements_;
+      partition_elements_ += param.d.shard_elements;
+      if (trainable) trainable_order_.push_back(static_cast<ParamIndex>(p));
+    }
+    if (trainable) optimizer_elements_ = partition_elements_;
   }
   CoordinatorOptions coordination;
   coordination.prefetch_bucket_elements = config_.zero.prefetch_bucket_size;
@@ -247,10 +303,10 @@ void Engine::finalize() {
   coordination.max_reuse_distance = config_.zero.max_reuse_distance;
   coordinator_ = std::make_unique<Coordinator>(params_of_module_, gathered_elements, persistent, coordination);
 
-  // The optimizer over this rank's partition, cut into sub-groups.
-  sub_groups_ = swap::sub_groups(config_, std::max<std::uint64_t>(partition_elements_, 1), "zero3.sub_group.");
-  if (partition_elements_ == 0) sub_groups_.clear();
-  grad_partition_.assign(partition_elements_, 0.0f);
+  // The optimizer over this rank's trainable partition, cut into sub-groups
+  // (none when every param is frozen).
+  if (optimizer_elements_ > 0) sub_groups_ = swap::sub_groups(config_, optimizer_elements_, "zero3.sub_group.");
+  grad_partition_.assign(optimizer_elements_, 0.0f);
   working_partition_.assign(partition_elements_ * element_bytes(), std::byte{0});
   const std::size_t threads = options_.optimizer_threads != 0
                                   ? options_.optimizer_threads
@@ -259,7 +315,8 @@ void Engine::finalize() {
   swap::OptimizerSwapperOptions optimizer_options = swap::optimizer_swapper_options(config_);
   optimizer_options.name = "zero3.optimizer";
 
-  const bool optimizer_on_nvme = config_.zero.offload_optimizer.device == config::OffloadDevice::nvme;
+  const bool optimizer_on_nvme =
+      config_.zero.offload_optimizer.device == config::OffloadDevice::nvme && !sub_groups_.empty();
   const bool params_on_nvme = config_.zero.offload_param.device == config::OffloadDevice::nvme;
   std::uint64_t pool_bytes = 0;
   std::vector<swap::ParamSpec> specs;
@@ -294,27 +351,29 @@ void Engine::finalize() {
   if (optimizer_on_nvme) {
     optimizer_ = std::make_unique<swap::OptimizerSwapper>(*optimizer_store_, *pool_, *cpu_optimizer_,
                                                           sub_groups_, optimizer_options);
-  } else {
+  } else if (!sub_groups_.empty()) {
     optimizer_ = std::make_unique<swap::OptimizerSwapper>(*cpu_optimizer_, sub_groups_, optimizer_options);
   }
+  learning_rate_ = swap::learning_rate_of(optimizer_options.optimizer);
   if (params_on_nvme) {
     param_swapper_ = std::make_unique<swap::ParamSwapper>(*param_store_, *pool_, specs, param_options);
   }
-  set_decay_ranges(optimizer_options.optimizer);
+  set_param_group_ranges();
 
   // Initial values: each rank builds only its own shards, sub-group by
   // sub-group, from the initializers.
   std::uint64_t group_begin = 0;
-  std::size_t first_param = 0;
+  std::size_t first_param = 0;  // in trainable_order_
   for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
     const std::uint64_t group_end = group_begin + sub_groups_[g].elements;
     std::vector<float> master(sub_groups_[g].elements, 0.0f);
-    while (first_param < params_.size() &&
-           params_[first_param]->partition_offset + params_[first_param]->d.shard_elements <= group_begin) {
+    while (first_param < trainable_order_.size() &&
+           params_[trainable_order_[first_param]]->partition_offset +
+                   params_[trainable_order_[first_param]]->d.shard_elements <= group_begin) {
       ++first_param;
     }
-    for (std::size_t p = first_param; p < params_.size(); ++p) {
-      const Param& param = *params_[p];
+    for (std::size_t p = first_param; p < trainable_order_.size(); ++p) {
+      const Param& param = *params_[trainable_order_[p]];
       if (param.partition_offset >= group_end) break;
       // The part of p's shard inside this sub-group, and the elements of p
       // it holds (the shard's tail past the param's end is padding).
@@ -331,23 +390,33 @@ void Engine::finalize() {
     set_working(group_begin, master);
     group_begin = group_end;
   }
+  // Frozen params: their working copy is all there is.
+  for (auto& param : params_) {
+    if (param->d.trainable) continue;
+    std::vector<float> shard(param->d.shard_elements, 0.0f);
+    const std::uint64_t shard_start = static_cast<std::uint64_t>(rank) * param->d.shard_elements;
+    const std::uint64_t shard_end = std::min(shard_start + param->d.shard_elements, param->d.elements);
+    if (shard_start < shard_end) param->init(shard_start, std::span(shard.data(), shard_end - shard_start));
+    set_working(param->partition_offset, shard);
+  }
 
   finalized_ = true;
   place_shards();
-  log().info("zero3: stage {}, rank {} of {}: {} params in {} modules, {} elements in this rank's partition, "
-             "{} sub-groups; params {} ({}), optimizer states {}", config_.zero.stage, rank, world, params_.size(),
-             modules_.size(), partition_elements_, sub_groups_.size(),
+  log().info("zero3: stage {}, rank {} of {}: {} params in {} modules, {} elements in this rank's partition "
+             "({} trainable), {} sub-groups; params {} ({}), optimizer states {}", config_.zero.stage, rank, world,
+             params_.size(), modules_.size(), partition_elements_, optimizer_elements_, sub_groups_.size(),
              config::to_string(config_.zero.offload_param.device), cpu_adam::to_string(working_),
              optimizer_on_nvme ? "nvme" : "host memory");
 }
 
-void Engine::place_shards() {
+void Engine::place_shards(bool frozen_too) {
   // Shards go where offload_param says, then the persistent params are
   // gathered for good. Runs with the worker idle, so the collectives here
   // are in the same order on every rank.
   const std::uint64_t esize = element_bytes();
   const auto device = config_.zero.offload_param.device;
   for (auto& param : params_) {
+    if (!frozen_too && !param->d.trainable) continue;
     const std::byte* shard = working_partition_.data() + param->partition_offset * esize;
     const std::uint64_t bytes = param->d.shard_elements * esize;
     if (device == config::OffloadDevice::none && !param->d.persistent) {
@@ -361,7 +430,7 @@ void Engine::place_shards() {
   }
   if (param_swapper_) param_swapper_->commit();
   for (auto& param : params_) {
-    if (!param->d.persistent) continue;
+    if (!param->d.persistent || (!frozen_too && !param->d.trainable)) continue;
     if (param->gathered == nullptr) {
       param->gathered = buffers_.acquire(param->d.shard_elements * comm_.world_size() * esize);
     }
@@ -690,7 +759,7 @@ void Engine::pre_backward(ModuleIndex module) {
   // reduce-scatter cuts it into equal blocks.
   for (ParamIndex p : params_of_module_[module]) {
     Param& param = *params_[p];
-    if (param.grad != nullptr) continue;
+    if (param.grad != nullptr || !param.d.trainable) continue;
     const std::uint64_t bytes = param.d.shard_elements * comm_.world_size() * sizeof(float);
     param.grad = static_cast<float*>(buffers_.acquire(bytes));
     options_.copier->wait(options_.copier->fill_zero(param.grad, bytes));
@@ -705,6 +774,7 @@ void Engine::post_backward(ModuleIndex module) {
       1.0 / (static_cast<double>(comm_.world_size() * config_.training.gradient_accumulation_steps) * loss_scale_));
   for (ParamIndex p : params_of_module_[module]) {
     Param& param = *params_[p];
+    if (!param.d.trainable) continue;  // no gradient to reduce
     if (param.grad == nullptr) {
       throw Error(ErrorKind::invalid,
                   fmt::format("post_backward: '{}' has no gradient buffer (no pre_backward for module {})",
@@ -790,6 +860,10 @@ const float* Engine::param_f32(ParamIndex p) {
 
 float* Engine::grad(ParamIndex p) {
   Param& param = at(p);
+  if (!param.d.trainable) {
+    throw Error(ErrorKind::invalid, fmt::format("'{}' is frozen (set_trainable false): it has no gradient",
+                                                param.d.name));
+  }
   if (param.grad == nullptr) {
     throw Error(ErrorKind::invalid,
                 fmt::format("'{}' has no gradient buffer: use it between its module's pre_backward and "
@@ -864,10 +938,10 @@ bool Engine::step() {
     copies.push_back({working_partition_.data() + offset * element_bytes(), group.elements, working_});
     offset += group.elements;
   }
-  optimizer_->step(grads, copies);
+  if (optimizer_) optimizer_->step(grads, copies);
   ++optimizer_step_;
   std::fill(grad_partition_.begin(), grad_partition_.end(), 0.0f);
-  place_shards();
+  place_shards(false);  // the frozen params' shards are as they were
   std::lock_guard lock(stats_mutex_);
   ++stats_.optimizer_steps;
   stats_.last_grad_norm = norm;
@@ -883,11 +957,20 @@ void Engine::set_master(ParamIndex p, std::span<const float> whole) {
     throw Error(ErrorKind::invalid, fmt::format("set_master('{}'): {} values for {} elements", param.d.name,
                                                 whole.size(), param.d.elements));
   }
+  const std::uint64_t shard_start = static_cast<std::uint64_t>(comm_.rank()) * param.d.shard_elements;
+  if (!param.d.trainable) {
+    std::vector<float> shard(param.d.shard_elements, 0.0f);  // past the end: padding
+    for (std::uint64_t i = 0; i < param.d.shard_elements && shard_start + i < param.d.elements; ++i) {
+      shard[i] = whole[shard_start + i];
+    }
+    set_working(param.partition_offset, shard);
+    place_shards();
+    return;
+  }
   // Each sub-group holding part of this rank's shard is rewritten whole
   // (params and moments at the current step): rare (a user editing a
   // param), so simplicity wins over the bytes.
   const auto names = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
-  const std::uint64_t shard_start = static_cast<std::uint64_t>(comm_.rank()) * param.d.shard_elements;
   std::uint64_t group_begin = 0;
   for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
     const std::uint64_t group_end = group_begin + sub_groups_[g].elements;
@@ -916,12 +999,13 @@ void Engine::set_learning_rate(double lr) {
   if (!(lr >= 0.0) || !std::isfinite(lr)) {
     throw Error(ErrorKind::invalid, fmt::format("set_learning_rate({}): a learning rate is finite and >= 0", lr));
   }
-  optimizer_->set_learning_rate(static_cast<float>(lr));
+  learning_rate_ = lr;
+  if (optimizer_) optimizer_->set_learning_rate(static_cast<float>(lr));
 }
 
 double Engine::learning_rate() const {
   require_finalized("learning_rate");
-  return optimizer_->learning_rate();
+  return learning_rate_;
 }
 
 EngineStats Engine::stats() const {
@@ -943,9 +1027,10 @@ std::vector<float> Engine::gather_master(ParamIndex p) {
   const Param& param = at(p);
   const std::uint64_t count = param.d.shard_elements;
   std::vector<float> mine(count, 0.0f);
-  // The sub-groups that hold this param's shard.
+  // The sub-groups that hold this param's shard (a frozen one: its working copy).
+  if (!param.d.trainable) read_working(param.partition_offset, mine);
   std::uint64_t group_begin = 0;
-  for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
+  for (std::size_t g = 0; g < sub_groups_.size() && param.d.trainable; ++g) {
     const std::uint64_t group_end = group_begin + sub_groups_[g].elements;
     const std::uint64_t from = std::max(group_begin, param.partition_offset);
     const std::uint64_t to = std::min(group_end, param.partition_offset + count);

@@ -109,6 +109,7 @@ struct ParamDescription {
   std::uint64_t elements = 0;
   std::uint64_t shard_elements = 0;  // per rank, padded
   bool persistent = false;
+  bool trainable = true;             // set_trainable()
 };
 
 class Engine {
@@ -125,10 +126,23 @@ class Engine {
   // `initial`: the whole flattened param (every rank passes the same).
   ParamIndex add_param(ModuleIndex module, std::string name, std::vector<std::int64_t> shape,
                        std::span<const float> initial);
-  // This param's weight decay instead of the optimizer's (a param group's:
-  // DeepSpeed users give biases and norms none). Before finalize(), the
-  // same on every rank.
-  void set_weight_decay(ParamIndex p, float weight_decay);
+  // Param groups, as torch's optimizers have them: group 0 is the
+  // optimizer's own settings (the config's), and every param is in it
+  // until set_param_group puts it in one that add_param_group made (DeepSpeed
+  // users give biases and norms no weight decay, an embedding a smaller lr).
+  // Both before finalize(), the same on every rank. A group's settings may
+  // change between steps (a scheduler's lr per group).
+  std::size_t add_param_group(const swap::ParamGroupSettings& settings);
+  void set_param_group(ParamIndex p, std::size_t group);
+  void set_param_group_settings(std::size_t group, const swap::ParamGroupSettings& settings);
+  const swap::ParamGroupSettings& param_group_settings(std::size_t group) const;
+  std::size_t param_group_count() const { return param_groups_.size(); }
+  // A frozen param (trainable false: requires_grad=False, a base model under
+  // LoRA, a model served for inference) keeps only its working-precision
+  // shard, as DeepSpeed keeps only its 16-bit one: no fp32 master, no
+  // optimizer state, no gradient buffer and no reduction; step() leaves it
+  // as it is. Before finalize(), the same on every rank.
+  void set_trainable(ParamIndex p, bool trainable);
   // Cuts the shards, sets up the optimizer (and the swappers the config
   // asks for) and places each shard where offload_param says. Collective.
   void finalize();
@@ -147,9 +161,9 @@ class Engine {
   // What the trainer multiplies its loss by before backward (fp16's loss
   // scale; 1 otherwise). The engine divides the gradients by it.
   double loss_scale() const { return loss_scale_; }
-  // The learning rate of the next optimizer steps (a scheduler's); the
-  // config's optimizer.params.lr until set.
-  // After finalize().
+  // The optimizer's learning rate for the next steps (a scheduler's): that
+  // of every param group without an lr of its own. The config's
+  // optimizer.params.lr until set. After finalize().
   void set_learning_rate(double lr);
   double learning_rate() const;
   // The trainer moved to another stream (see EngineOptions::compute_stream).
@@ -163,8 +177,8 @@ class Engine {
   // between pre_backward and post_backward of its module.
   float* grad(ParamIndex p);
 
-  // The whole fp32 master weights of `p` (from the optimizer's shards).
-  // Collective.
+  // The whole fp32 master weights of `p` (from the optimizer's shards; a
+  // frozen param's working values, widened). Collective.
   std::vector<float> gather_master(ParamIndex p);
   // Replaces `p`'s fp32 master weights with `whole` (every rank passes the
   // same values; each keeps its shard), the optimizer's moments kept, and
@@ -207,7 +221,7 @@ class Engine {
     void* device_shard = nullptr;        // offload_param "none": this rank's shard on the device
     float* grad = nullptr;               // device: shard_elements x world fp32, during backward
     std::string key;                     // offload_param "nvme": the param swapper's key
-    std::optional<float> weight_decay;   // set_weight_decay(); else the optimizer's
+    std::size_t param_group = 0;         // set_param_group()
   };
 
   Param& at(ParamIndex p);
@@ -219,8 +233,12 @@ class Engine {
   void release(ParamIndex p);
   void release_all_unpersisted();
   void gather_into(Param& param, void* gathered);
-  void place_shards();
-  void set_decay_ranges(const swap::OptimizerSettings& settings);
+  // Writes the shards where offload_param says and gathers the persistent
+  // ones; `frozen_too` false leaves the frozen params' (unchanged by a step).
+  void place_shards(bool frozen_too = true);
+  // The working copy at partition element `offset`, widened to fp32.
+  void read_working(std::uint64_t offset, std::span<float> out) const;
+  void set_param_group_ranges();
   std::uint64_t live_elements() const;
 
   std::uint64_t submit(std::function<void()> body);
@@ -307,11 +325,16 @@ class Engine {
   std::vector<std::string> modules_;
   std::vector<std::vector<ParamIndex>> params_of_module_;
   std::vector<std::unique_ptr<Param>> params_;
+  std::vector<swap::ParamGroupSettings> param_groups_{1};  // [0]: the optimizer's own
   std::unique_ptr<Coordinator> coordinator_;
 
-  // This rank's partition: every param's shard, concatenated.
+  // This rank's partition: every param's shard, concatenated, the trainable
+  // params' first: [0, optimizer_elements_) is what the optimizer steps.
   std::uint64_t partition_elements_ = 0;
-  std::vector<float> grad_partition_;           // fp32, accumulated over micro-steps
+  std::uint64_t optimizer_elements_ = 0;
+  std::vector<ParamIndex> trainable_order_;     // the trainable params, in partition order
+  double learning_rate_ = 0.0;                  // the optimizer's (set_learning_rate)
+  std::vector<float> grad_partition_;           // fp32, the trainable part, accumulated over micro-steps
   std::vector<std::byte> working_partition_;    // working precision: optimizer output, "cpu" shards
   std::vector<float> reduce_scratch_;           // the worker's, for reduced shards
   std::vector<swap::SubGroup> sub_groups_;
@@ -320,7 +343,7 @@ class Engine {
   std::unique_ptr<PinnedPool> pool_;
   std::unique_ptr<swap::SwapStore> optimizer_store_;
   std::unique_ptr<swap::SwapStore> param_store_;
-  std::unique_ptr<swap::OptimizerSwapper> optimizer_;
+  std::unique_ptr<swap::OptimizerSwapper> optimizer_;  // null when every param is frozen
   std::unique_ptr<swap::ParamSwapper> param_swapper_;
 
   std::int64_t micro_step_ = 0;

@@ -44,3 +44,33 @@ class ReadsItsChildsWeight(torch.nn.Module):
     def forward(self, ids):
         h = torch.tanh(self.mix(self.embed(ids)))
         return h @ self.embed.weight.t()
+
+
+def param_groups(model, spec, only=None):
+    """torch param groups from a JSON-able spec: each entry of `spec` holds
+    the names' "prefix" or "suffix" it takes and its own settings (lr,
+    betas, eps, weight_decay); params no entry takes form the first group,
+    with the optimizer's settings. `only`: the params to group (the
+    trainable ones)."""
+    rest, groups = [], [dict(entry, params=[]) for entry in spec]
+    for name, p in model.named_parameters():
+        if only is not None and not any(p is q for q in only):
+            continue
+        for group in groups:
+            if name.startswith(group.get("prefix", "\0")) or name.endswith(group.get("suffix", "\0")):
+                group["params"].append(p)
+                break
+        else:
+            rest.append(p)
+    out = [{"params": rest}]
+    for group in groups:
+        settings = {k: (tuple(v) if k == "betas" else v) for k, v in group.items()
+                    if k in ("lr", "betas", "eps", "weight_decay")}
+        out.append(dict(settings, params=group["params"]))
+    return out
+
+
+def group_lambdas(count):
+    """A LambdaLR schedule of its own for each of `count` param groups."""
+    shapes = [lambda step: 1.0 / (1 + step), lambda step: 0.7 ** step, lambda step: 1.0 + 0.5 * step]
+    return [shapes[k % len(shapes)] for k in range(count)]

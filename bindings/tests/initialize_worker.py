@@ -7,8 +7,11 @@ torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set.
 RUN.json: {"config": {...}, "steps": K, "out": path, "save": dir|null,
 "load": dir|null, "die_at": step|null, "zero_init": bool (build the model
 under zinf.zero.Init), "bias_decay": weight decay of a param group of the
-biases, or null, "freeze": names of params made requires_grad=False (the
-optimizer gets the others, as fine-tuning scripts pass them)}. Rank 0 writes
+biases, or null, "groups": param groups with their own settings
+(initialize_model.param_groups' spec), "group_lambdas": a LambdaLR of its
+own per group (initialize_model.group_lambdas), "freeze": names of params
+made requires_grad=False (the optimizer gets the others, as fine-tuning
+scripts pass them)}. Rank 0 writes
 {"losses": [...], "state": {name: fp32 tensor}, "lrs": [...]} to `out`.
 """
 import json
@@ -18,7 +21,7 @@ import sys
 import torch
 
 import zinf as deepspeed
-from initialize_model import batch, make_model
+from initialize_model import batch, group_lambdas, make_model, param_groups
 
 
 def main():
@@ -39,8 +42,14 @@ def main():
         parameters = [{"params": [p for n, p in model.named_parameters() if not n.endswith("bias")]},
                       {"params": [p for n, p in model.named_parameters() if n.endswith("bias")],
                        "weight_decay": run["bias_decay"]}]
+    if run.get("groups") is not None:
+        parameters = param_groups(model, run["groups"], only=list(parameters))
+    scheduler = None
+    if run.get("group_lambdas"):
+        def scheduler(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, group_lambdas(len(optimizer.param_groups)))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=parameters,
-                                                           config=run["config"])
+                                                           config=run["config"], lr_scheduler=scheduler)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     start = 0

@@ -23,7 +23,7 @@ from zinf import lr_schedules
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from initialize_model import ReadsItsChildsWeight, batch, make_model  # noqa: E402
+from initialize_model import ReadsItsChildsWeight, batch, group_lambdas, make_model, param_groups  # noqa: E402
 
 ADAMW = {"type": "AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.01}}
 
@@ -63,7 +63,8 @@ def launch(world, run, directory, timeout=240):
     return codes, errors, result
 
 
-def reference(config, steps, world, start_state=None, bias_decay=None, freeze=()):
+def reference(config, steps, world, start_state=None, bias_decay=None, freeze=(), groups_spec=None,
+              lambdas=False):
     """Plain single-process training on the global batch: rank r's
     micro-batches of each step, the mean loss over all of them."""
     model = make_model()
@@ -78,9 +79,14 @@ def reference(config, steps, world, start_state=None, bias_decay=None, freeze=()
         groups = [{"params": [p for n, p in model.named_parameters() if not n.endswith("bias")]},
                   {"params": [p for n, p in model.named_parameters() if n.endswith("bias")],
                    "weight_decay": bias_decay}]
-    optimizer = torch.optim.AdamW(groups, lr=params["lr"], betas=tuple(params["betas"]),
-                                  eps=params["eps"], weight_decay=params["weight_decay"])
+    if groups_spec is not None:
+        groups = param_groups(model, groups_spec, only=groups)
+    kind = torch.optim.Adam if config["optimizer"]["type"] == "Adam" else torch.optim.AdamW
+    optimizer = kind(groups, lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"],
+                     weight_decay=params["weight_decay"])
     scheduler = lr_schedules.from_config(config["scheduler"], optimizer) if "scheduler" in config else None
+    if lambdas:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, group_lambdas(len(optimizer.param_groups)))
     losses, lrs = [], []
     for step in range(steps):
         optimizer.zero_grad()
@@ -112,6 +118,25 @@ def config_for(stage, offload_optimizer="none", offload_param="none", nvme=None,
               "steps_per_print": 0}
     config.update(extra)
     return config
+
+
+def train_both(engine, plain, reference, steps, before_step=None):
+    """`steps` steps of the engine and of `plain` with the torch optimizer
+    `reference` on the same batches; then the engine's params equal plain's.
+    Closes the engine."""
+    for step in range(steps):
+        if before_step is not None:
+            before_step(step)
+        x, y = batch(step, 0, 0, 4)
+        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        engine.step()
+        torch.nn.functional.mse_loss(plain(x), y).backward()
+        reference.step()
+        reference.zero_grad()
+    got = engine.consolidated_state_dict()
+    for name, value in plain.named_parameters():
+        assert torch.allclose(got[name], value, atol=2e-5), name
+    engine.close()
 
 
 def assert_matches(result, want_state, want_losses, atol=2e-5):
@@ -405,17 +430,7 @@ def test_units_can_be_chosen_by_the_caller():
     assert [u.name for u in engine._units] == ["embed", "head", "(root)"]
     reference = torch.optim.AdamW(plain.parameters(), **{k: (tuple(v) if k == "betas" else v)
                                                          for k, v in ADAMW["params"].items()})
-    for step in range(2):
-        x, y = batch(step, 0, 0, 4)
-        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
-        engine.step()
-        torch.nn.functional.mse_loss(plain(x), y).backward()
-        reference.step()
-        reference.zero_grad()
-    got = engine.consolidated_state_dict()
-    for name, value in plain.named_parameters():
-        assert torch.allclose(got[name], value, atol=2e-5), name
-    engine.close()
+    train_both(engine, plain, reference, 2)
     with pytest.raises(ValueError, match="not a submodule"):
         zinf.initialize(model=make_model(), config=config_for(3, train_batch_size=4), units=[torch.nn.Linear(2, 2)])
 
@@ -458,11 +473,68 @@ def test_param_groups_with_their_own_weight_decay_train_as_torch_adamw(scratch, 
     assert not torch.allclose(uniform["embed.bias"], state["embed.bias"], atol=1e-5)
 
 
-def test_param_groups_with_another_learning_rate_are_refused_naming_it(scratch):
+# Param groups with their own lr, betas, eps and weight decay (a new head
+# trained faster, biases without decay), each group's lr moved by its own
+# LambdaLR, as DeepSpeed steps torch's param_groups.
+GROUPS = [{"suffix": "bias", "lr": 0.03, "weight_decay": 0.0},
+          {"prefix": "head", "lr": 0.002, "betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.2}]
+
+
+@pytest.mark.parametrize("stage,optimizer_device,kind", [(0, "none", "AdamW"), (2, "cpu", "Adam"),
+                                                         (3, "nvme", "AdamW")])
+def test_param_groups_with_their_own_lr_betas_and_eps_train_as_torch(scratch, stage, optimizer_device, kind):
+    config = config_for(stage, optimizer_device, nvme=os.path.join(scratch, "nvme"), gradient_accumulation_steps=2)
+    config["optimizer"] = {"type": kind, "params": dict(ADAMW["params"], weight_decay=0.05)}
+    if kind == "Adam":
+        config["optimizer"]["params"]["adam_w_mode"] = False  # torch's Adam: L2 decay
+    codes, errors, result = launch(2, {"config": config, "steps": 4, "groups": GROUPS, "group_lambdas": True},
+                                   scratch)
+    assert codes == [0, 0], "\n".join(errors)
+    state, losses, _ = reference(config, 4, 2, groups_spec=GROUPS, lambdas=True)
+    assert_matches(result, state, losses)
+    # The groups made a difference: one lr for everything trains otherwise.
+    uniform, _, _ = reference(config, 4, 2, lambdas=True)
+    for name in ("embed.bias", "head.weight"):
+        assert not torch.allclose(uniform[name], state[name], atol=1e-4), name
+
+
+def test_a_torch_optimizer_with_groups_of_their_own_lr_trains_as_itself():
+    model, plain = make_model(), make_model()
+    def groups_of(m):
+        return [{"params": [p for n, p in m.named_parameters() if n.startswith("head")], "lr": 0.05},
+                {"params": [p for n, p in m.named_parameters() if not n.startswith("head")]}]
+    optimizer = torch.optim.AdamW(groups_of(model), lr=0.01, betas=(0.9, 0.99), weight_decay=0.01)
+    reference = torch.optim.AdamW(groups_of(plain), lr=0.01, betas=(0.9, 0.99), weight_decay=0.01)
+    config = config_for(2, "cpu", train_batch_size=4)
+    del config["optimizer"]  # the torch optimizer's settings are used
+    engine, zinf_optimizer, _, _ = zinf.initialize(model=model, optimizer=optimizer, config=config)
+    assert [g["lr"] for g in zinf_optimizer.param_groups] == [0.05, 0.01]
+    def hand_made_schedule(step):  # what the caller writes into a group is used
+        if step == 2:
+            for optimizers in (zinf_optimizer, reference):
+                optimizers.param_groups[0]["lr"] = 0.001
+    train_both(engine, plain, reference, 3, before_step=hand_made_schedule)
+
+
+def test_what_zinf_has_no_kernel_for_is_refused_naming_it(scratch):
     model = make_model()
-    groups = [{"params": list(model.parameters())[:1], "lr": 0.5}, {"params": list(model.parameters())[1:]}]
-    with pytest.raises(ValueError, match="a group with lr 0.5 where the optimizer has 0.01"):
-        zinf.initialize(model=model, model_parameters=groups, config=config_for(0))
+    bare = {"train_batch_size": 4, "zero_optimization": {"stage": 0}}
+    with pytest.raises(ValueError, match="param group 0 has amsgrad=True"):
+        zinf.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), amsgrad=True), config=bare)
+    with pytest.raises(ValueError, match="param group 0 has lr_decay=0.1"):
+        zinf.initialize(model=model, optimizer=torch.optim.Adagrad(model.parameters(), lr_decay=0.1), config=bare)
+    # 8-bit moments are stepped per 256-element block: groups with another
+    # lr meeting inside one cannot both be honoured.
+    config = config_for(3, "nvme", nvme=os.path.join(scratch, "nvme"), train_batch_size=4)
+    config["zero_optimization"]["offload_optimizer"]["state_format"] = "int8"
+    model = make_model()
+    with pytest.raises(ValueError, match="zero_optimization.offload_optimizer.state_format"):
+        zinf.initialize(model=model, model_parameters=param_groups(model, [{"suffix": "bias", "lr": 0.5}]),
+                        config=config)
+    model = make_model()
+    with pytest.raises(ValueError, match="param group 1: lr is -1"):
+        zinf.initialize(model=model, config=config_for(0, train_batch_size=4),
+                        model_parameters=param_groups(model, [{"suffix": "bias", "lr": -1.0}]))
 
 
 @pytest.mark.parametrize("stage,optimizer_device,param_device", [(0, "none", "none"), (2, "cpu", "none"),

@@ -115,54 +115,62 @@ def _batch_sizes(settings, world):
 
 def _optimizer_block(optimizer):
     """The DeepSpeed "optimizer" block for a torch optimizer passed in: its
-    type and hyperparameters, which must be the same in every group."""
+    type, and its first group's hyperparameters (each group keeps its own:
+    see _param_groups). Settings zinf's CPU optimizer has no kernel for are
+    refused by name."""
     kinds = {torch.optim.Adam: "Adam", torch.optim.AdamW: "AdamW", torch.optim.Adagrad: "Adagrad"}
     kind = kinds.get(type(optimizer))
     if kind is None:
         raise ValueError(f"optimizer: a {type(optimizer).__name__} cannot be stepped by zinf's CPU optimizer; "
                          "pass torch.optim.Adam, AdamW or Adagrad, or name the optimizer in the config "
                          "(optimizer.type: Adam, AdamW, Adagrad or Lion)")
+    unsupported = {"amsgrad": False, "maximize": False} if kind != "Adagrad" else \
+        {"lr_decay": 0, "initial_accumulator_value": 0, "maximize": False}
+    for index, group in enumerate(optimizer.param_groups):
+        for key, plain in unsupported.items():
+            if group.get(key, plain) != plain:
+                raise ValueError(f"optimizer: param group {index} has {key}={group[key]!r}; zinf's CPU {kind} "
+                                 f"steps with {key}={plain!r} only")
     keys = ("lr", "betas", "eps", "weight_decay") if kind != "Adagrad" else ("lr", "eps", "weight_decay")
     first = optimizer.param_groups[0]
-    for group in optimizer.param_groups[1:]:
-        for key in keys:
-            if key != "weight_decay" and group.get(key) != first.get(key):
-                raise ValueError(f"optimizer: param groups with different {key} ({first.get(key)} and "
-                                 f"{group.get(key)}): zinf's engine steps every param with one {key} (a "
-                                 "group may set its own weight_decay)")
     params = {key: (list(first[key]) if key == "betas" else first[key]) for key in keys}
     if kind == "Adam":
         params["adam_w_mode"] = False  # torch's Adam: L2 weight decay
     return {"type": kind, "params": params}
 
 
+# Hyperparameters a param group may set for itself, per optimizer type
+# (DeepSpeed's names).
+_GROUP_KEYS = {"adam": ("lr", "betas", "eps", "weight_decay"), "adamw": ("lr", "betas", "eps", "weight_decay"),
+               "adagrad": ("lr", "eps", "weight_decay"), "lion": ("lr", "betas", "weight_decay")}
+
+
 def _param_groups(groups, block, named):
     """The optimizer's param groups: the caller's (model_parameters or a
     torch optimizer's), each param once, or one group of every param. A
-    group may have its own weight_decay; other settings must be the
-    config's (zinf's engine steps every param with one lr, betas and eps)."""
+    group's hyperparameters (lr, betas, eps, weight_decay, as the optimizer
+    has them) are its own where it set them, else the config's; every group
+    has an lr (the config's, or its default 1e-3), which schedulers set."""
+    kind = str(block.get("type", "")).lower()
+    base = {key: value for key, value in block.get("params", {}).items() if key in _GROUP_KEYS[kind]}
+    base.setdefault("lr", 1e-3)  # core/config.hpp's default
     if not groups:
         trainable = [p for _, p in named if p.requires_grad]
-        return [{"params": trainable or [p for _, p in named]}]
-    params = block.get("params", {})
+        groups = [{"params": trainable or [p for _, p in named]}]
     out, seen = [], set()
     for group in groups:
-        for key in ("lr", "betas", "eps"):
-            if key in group and key in params and _differs(group[key], params[key]):
-                raise ValueError(f"param groups: a group with {key} {group[key]} where the optimizer has "
-                                 f"{params[key]}: zinf's engine steps every param with one {key} (a group may "
-                                 "set its own weight_decay)")
         members = [p for p in group["params"] if id(p) not in seen]
         seen.update(id(p) for p in members)
         if members:
-            out.append(dict(group, params=members))
+            out.append({**base, **group, "params": members})
     return out
 
 
-def _differs(a, b):
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        return [float(x) for x in a] != [float(x) for x in b]
-    return float(a) != float(b)
+def _group_settings(group, kind):
+    """A param group's hyperparameters as the engine takes them (those it
+    does not have are the config's)."""
+    return {key: (tuple(float(b) for b in group[key]) if key == "betas" else float(group[key]))
+            for key in _GROUP_KEYS[kind] if key in group}
 
 
 class _Unit:
@@ -232,21 +240,29 @@ class ZinfEngine(torch.nn.Module):
         self._on_demand = []
         self._logged_on_demand = set()
         self._register(model, units)
+        # Param group k is the engine's group k (group 0 the optimizer's own),
+        # so a scheduler's lr per group reaches its params (_push_groups).
+        self._kind = kind
         groups = _param_groups(param_groups, block, self._named_unique)
-        for group in groups:
-            if "weight_decay" in group:
-                for p in group["params"]:
-                    self._engine.set_weight_decay(self._index[id(p)], float(group["weight_decay"]))
+        for k, group in enumerate(groups):
+            hyper = _group_settings(group, kind)
+            if k == 0:
+                self._engine.set_param_group_settings(0, **hyper)
+            else:
+                self._engine.add_param_group(**hyper)
+            for p in group["params"]:
+                self._engine.set_param_group(self._index[id(p)], k)
         # Frozen params (requires_grad=False, as fine-tuning leaves a base
-        # model) get no gradient: zero in the engine, and with no weight
-        # decay the optimizer leaves their masters exactly as they are.
+        # model) keep their working copy only: no master, no optimizer
+        # state, no gradient, as DeepSpeed keeps them.
         for _, p in self._named_unique:
             if not p.requires_grad:
-                self._engine.set_weight_decay(self._index[id(p)], 0.0)
+                self._engine.set_trainable(self._index[id(p)], False)
         self._engine.finalize()
         self._after_finalize(model)
-        self.optimizer = ZinfOptimizer([dict(g, lr=lr) for g in groups], {"lr": lr})
+        self.optimizer = ZinfOptimizer(groups, {"lr": lr})
         self.optimizer._engine = self
+        self._pushed = [_group_settings(g, kind) for g in groups]
         self._scheduler = self._make_scheduler(lr_scheduler)
         self.training_dataloader = self._make_dataloader(training_data, collate_fn)
         self.global_steps = 0
@@ -543,7 +559,7 @@ class ZinfEngine(torch.nn.Module):
         start = time.perf_counter()
         boundary = self.is_gradient_accumulation_boundary()
         if boundary:
-            self._engine.learning_rate = float(self.optimizer.param_groups[0]["lr"])
+            self._push_groups()
         stepped = self._engine.step()
         self.micro_steps += 1
         self.global_samples += self._micro_batch * self.world_size
@@ -555,6 +571,15 @@ class ZinfEngine(torch.nn.Module):
         self._timings["step_s"] += time.perf_counter() - start
         if boundary:
             self._maybe_print()
+
+    def _push_groups(self):
+        """Each param group's lr (and betas, eps, weight_decay) as the
+        scheduler or the caller left it, to the engine's group."""
+        for k, group in enumerate(self.optimizer.param_groups):
+            settings = _group_settings(group, self._kind)
+            if settings != self._pushed[k]:
+                self._engine.set_param_group_settings(k, **settings)
+                self._pushed[k] = settings
 
     def zero_grad(self, set_to_none=True):
         """Gradients live in the engine (param.grad is emptied as they
@@ -647,7 +672,7 @@ class ZinfEngine(torch.nn.Module):
             state = {"global_steps": self.global_steps, "global_samples": self.global_samples,
                      "micro_steps": self.micro_steps, "client_state": client_state or {},
                      "lr_scheduler": self._scheduler.state_dict() if self._scheduler is not None else None,
-                     "param_groups_lr": [g["lr"] for g in self.optimizer.param_groups]}
+                     "param_groups": [_group_settings(g, self._kind) for g in self.optimizer.param_groups]}
             torch.save(state, os.path.join(path, "zinf_engine_state.pt"))
             if save_latest:
                 with open(os.path.join(save_dir, "latest"), "w") as file:
@@ -677,8 +702,9 @@ class ZinfEngine(torch.nn.Module):
         self.global_steps = state["global_steps"]
         self.global_samples = state["global_samples"]
         self.micro_steps = state["micro_steps"]
-        for group, lr in zip(self.optimizer.param_groups, state["param_groups_lr"]):
-            group["lr"] = lr
+        saved = state.get("param_groups") or [{"lr": lr} for lr in state["param_groups_lr"]]
+        for group, settings in zip(self.optimizer.param_groups, saved):
+            group.update(settings)
         if load_lr_scheduler_states and self._scheduler is not None and state["lr_scheduler"] is not None:
             self._scheduler.load_state_dict(state["lr_scheduler"])
         return path, state["client_state"]
