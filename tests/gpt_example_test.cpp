@@ -3,6 +3,7 @@
 // losses; a checkpoint resumes where it stopped; a bad config is refused
 // naming the key.
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -177,6 +178,77 @@ TEST(GptExample, CompressedOptimizerStatesTrainLikeFp32Over200Steps) {
       ASSERT_NEAR(curve[i], reference[i], step_tolerance) << format << ": step " << i + 1;
     }
   }
+}
+
+// Two hosts: network namespaces joined by a veth pair, each with its own
+// address while the host name still resolves to 127.0.0.1 in both (as in
+// containers, or Debian's 127.0.1.1). Ranks 0-1 on the master's host, 2-3
+// on the other, launched as torchrun would: the losses are those of four
+// ranks on one host. Gloo left to the host name would listen on loopback
+// and the other host's ranks could not connect back.
+class TwoHosts {
+ public:
+  TwoHosts() {
+    const std::string tag = std::to_string(getpid() % 100000);
+    for (int n = 0; n < 2; ++n) names_.push_back("zinf-gpt-" + tag + "-" + std::to_string(n));
+    const std::string link = "zg" + tag;
+    subnet_ = "10.232." + std::to_string(getpid() % 250);
+    const std::vector<std::string> steps = {
+        "ip netns add " + names_[0], "ip netns add " + names_[1],
+        "ip link add " + link + "a type veth peer name " + link + "b",
+        "ip link set " + link + "a netns " + names_[0], "ip link set " + link + "b netns " + names_[1],
+        "ip -n " + names_[0] + " addr add " + subnet_ + ".1/24 dev " + link + "a",
+        "ip -n " + names_[1] + " addr add " + subnet_ + ".2/24 dev " + link + "b",
+        "ip -n " + names_[0] + " link set " + link + "a up", "ip -n " + names_[1] + " link set " + link + "b up",
+        "ip -n " + names_[0] + " link set lo up", "ip -n " + names_[1] + " link set lo up"};
+    for (const auto& step : steps) {
+      const Outcome o = zinf::testing::run_command(step);
+      if (o.exit_code != 0) {
+        problem_ = "'" + step + "' failed: " + o.err;
+        return;
+      }
+    }
+  }
+  ~TwoHosts() {
+    for (const auto& name : names_) zinf::testing::run_command("ip netns del " + name);
+  }
+  TwoHosts(const TwoHosts&) = delete;
+  TwoHosts& operator=(const TwoHosts&) = delete;
+  const std::string& problem() const { return problem_; }
+  const std::string& name(int node) const { return names_[node]; }
+  std::string master() const { return subnet_ + ".1"; }
+
+ private:
+  std::vector<std::string> names_;
+  std::string subnet_;
+  std::string problem_;
+};
+
+TEST(GptExample, TwoHostsPrintTheLossesOfOne) {
+  if (geteuid() != 0) GTEST_SKIP() << "two hosts need network namespaces (ip netns), which need root";
+  TwoHosts hosts;
+  if (!hosts.problem().empty()) GTEST_SKIP() << "network namespaces are not available here: " << hosts.problem();
+  TempDir dir;
+  const std::string config = write_config(dir, "c.json", "");
+  const char* binary = std::getenv("GPT_ZERO3");
+  std::string script = "pids=; ";
+  for (int rank = 0; rank < 4; ++rank) {
+    script += "ip netns exec " + hosts.name(rank / 2) + " env -u GLOO_SOCKET_IFNAME RANK=" + std::to_string(rank) +
+              " LOCAL_RANK=" + std::to_string(rank % 2) + " WORLD_SIZE=4 MASTER_ADDR=" + hosts.master() +
+              " MASTER_PORT=29731 ZINF_COMM_TIMEOUT_S=60 timeout 240 " + (binary ? binary : "gpt_zero3") +
+              " --config " + config + " --steps 3" + kSmall + " >" + (dir / ("out" + std::to_string(rank))).string() +
+              " 2>&1 & pids=\"$pids $!\"; ";
+  }
+  script += "status=0; for p in $pids; do wait $p || status=1; done; exit $status";
+  const Outcome two = zinf::testing::run_command("bash -c '" + script + "'");
+  const std::string rank0 = zinf::testing::slurp(dir / "out0");
+  ASSERT_EQ(two.exit_code, 0) << rank0 << zinf::testing::slurp(dir / "out2");
+  const Outcome one = run_example("--config " + config + " --world-size 4 --steps 3" + kSmall);
+  ASSERT_EQ(one.exit_code, 0) << one.err;
+  const auto a = losses(rank0), b = losses(one.out);
+  ASSERT_EQ(a.size(), 3u) << rank0;
+  ASSERT_EQ(b.size(), 3u) << one.out;
+  for (std::size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-5 * b[i]) << "step " << i + 1;
 }
 
 }  // namespace

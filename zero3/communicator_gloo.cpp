@@ -1,6 +1,9 @@
 // The CPU communicator: Gloo's collectives over TCP, with the ranks meeting
 // through a c10d TCPStore (libtorch's, the store torchrun's workers use).
 #include <arpa/inet.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -20,6 +23,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "core/error.hpp"
+#include "core/log.hpp"
 #include "zero3/communicator.hpp"
 
 namespace zinf::zero3 {
@@ -51,6 +55,50 @@ bool is_loopback(const std::string& address) {
   return inet_pton(AF_INET, address.c_str(), &parsed) == 1 && (ntohl(parsed.s_addr) >> 24) == 127;
 }
 
+// Whether this host's name resolves to loopback addresses only (Debian's
+// /etc/hosts maps it to 127.0.1.1; a container or a network namespace to
+// 127.0.0.1): Gloo binds to that name's address by default, and peers on
+// other machines cannot reach it.
+bool hostname_is_loopback() {
+  char name[256] = {};
+  if (gethostname(name, sizeof(name) - 1) != 0) return true;
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  addrinfo* found = nullptr;
+  if (getaddrinfo(name, nullptr, &hints, &found) != 0) return true;
+  bool loopback = true;
+  for (const addrinfo* a = found; a != nullptr; a = a->ai_next) {
+    const auto* in = reinterpret_cast<const sockaddr_in*>(a->ai_addr);
+    if ((ntohl(in->sin_addr.s_addr) >> 24) != 127) loopback = false;
+  }
+  freeaddrinfo(found);
+  return loopback;
+}
+
+// The local IPv4 address this host reaches `host`:`port` from (the route's
+// source address; a UDP connect sends nothing), or "" when there is none.
+std::string local_address_towards(const std::string& host, int port) {
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* found = nullptr;
+  if (getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found) != 0) return {};
+  std::string local;
+  const int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd >= 0 && connect(fd, found->ai_addr, found->ai_addrlen) == 0) {
+    sockaddr_in mine{};
+    socklen_t length = sizeof(mine);
+    char text[INET_ADDRSTRLEN] = {};
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&mine), &length) == 0 &&
+        inet_ntop(AF_INET, &mine.sin_addr, text, sizeof(text)) != nullptr) {
+      local = text;
+    }
+  }
+  if (fd >= 0) close(fd);
+  freeaddrinfo(found);
+  return local;
+}
+
 class GlooCommunicator final : public Communicator {
  public:
   GlooCommunicator(const LaunchEnv& launch, std::chrono::milliseconds timeout)
@@ -78,6 +126,14 @@ class GlooCommunicator final : public Communicator {
         // A one-machine job: stay on the loopback interface, whatever the
         // host name resolves to.
         attr.hostname = "127.0.0.1";
+      } else if (const std::string towards = local_address_towards(launch.master_addr, launch.master_port);
+                 hostname_is_loopback() && !towards.empty()) {
+        // Several machines, and this one's name says loopback: listen on
+        // the address that reaches the master, which the others reach too.
+        attr.hostname = towards;
+        log().info("zero3: rank {}: this host's name resolves to a loopback address; Gloo listens on {}, the "
+                   "address towards MASTER_ADDR {} (GLOO_SOCKET_IFNAME chooses another interface)",
+                   rank_, attr.hostname, launch.master_addr);
       }
       auto device = gloo::transport::tcp::CreateDevice(attr);
       auto context = std::make_shared<gloo::rendezvous::Context>(rank_, world_size_);

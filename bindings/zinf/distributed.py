@@ -9,7 +9,12 @@ it all-reduces a copy and keeps this rank's block (twice the traffic of a
 ring reduce-scatter), and NCCL groups use the real one.
 """
 import atexit
+import fcntl
+import ipaddress
+import logging
 import os
+import socket
+import struct
 
 import torch
 import torch.distributed as dist
@@ -82,6 +87,7 @@ def init_from_environment(timeout_s=None):
     if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         raise ValueError("WORLD_SIZE is %d but RANK, MASTER_ADDR or MASTER_PORT is not set: launch with torchrun, "
                          "or call torch.distributed.init_process_group first" % world)
+    _choose_gloo_interface(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
     import datetime
     kwargs = {}
     if timeout_s is not None:
@@ -93,6 +99,51 @@ def init_from_environment(timeout_s=None):
     # the group zinf made, zinf takes down while the interpreter is whole.
     atexit.register(_destroy_own_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _is_loopback(host):
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback
+                   for info in socket.getaddrinfo(host, None, socket.AF_INET))
+    except (OSError, ValueError):
+        return True  # unresolvable: nothing better to offer
+
+
+def _interface_towards(host, port):
+    """The name of the interface whose IPv4 address this host reaches
+    host:port from (a UDP connect picks the route and sends nothing), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, port))
+            local = probe.getsockname()[0]
+            for _, name in socket.if_nameindex():
+                try:
+                    request = struct.pack("256s", name.encode()[:15])
+                    address = socket.inet_ntoa(fcntl.ioctl(probe.fileno(), 0x8915, request)[20:24])  # SIOCGIFADDR
+                except OSError:
+                    continue  # no IPv4 address
+                if address == local:
+                    return name
+    except OSError:
+        return None
+    return None
+
+
+def _choose_gloo_interface(master_addr, master_port):
+    """Gloo listens on the address this host's name resolves to. Where that
+    is a loopback address (Debian's /etc/hosts maps the name to 127.0.1.1,
+    containers and network namespaces to 127.0.0.1) and the master is on
+    another machine, ranks elsewhere cannot connect back: the interface
+    that reaches MASTER_ADDR is the one they can reach. GLOO_SOCKET_IFNAME,
+    when set, is the user's choice."""
+    if os.environ.get("GLOO_SOCKET_IFNAME") or _is_loopback(master_addr) or not _is_loopback(socket.gethostname()):
+        return
+    interface = _interface_towards(master_addr, master_port)
+    if interface is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
+        logging.getLogger("zinf").info(
+            "zinf: this host's name resolves to a loopback address; Gloo uses %s, the interface towards "
+            "MASTER_ADDR %s (set GLOO_SOCKET_IFNAME to choose another)", interface, master_addr)
 
 
 def _destroy_own_group():
