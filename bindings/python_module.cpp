@@ -24,6 +24,7 @@
 #include "cpu_adam/cpu_adam.hpp"
 #include "pinned_pool/pinned_pool.hpp"
 #include "swap/swap_store.hpp"
+#include "zero3/checkpoint.hpp"
 #include "zero3/communicator.hpp"
 #include "zero3/engine.hpp"
 #include "zinf_config.h"
@@ -600,10 +601,10 @@ PYBIND11_MODULE(_zinf, m) {
              py::gil_scoped_release release;
              h.get().save_checkpoint(dir);
            })
-      .def("load_checkpoint", [](EngineHandle& h, const std::string& dir) {
+      .def("load_checkpoint", [](EngineHandle& h, const std::string& dir, bool optimizer_states) {
              py::gil_scoped_release release;
-             h.get().load_checkpoint(dir);
-           })
+             h.get().load_checkpoint(dir, optimizer_states);
+           }, py::arg("dir"), py::arg("optimizer_states") = true)
       .def("close", [](EngineHandle& h) {
              {
                py::gil_scoped_release release;
@@ -611,6 +612,23 @@ PYBIND11_MODULE(_zinf, m) {
              }
              h.comm.reset();
            });
+
+  // A zero3 checkpoint's params whole in fp32, with no engine (zinf.utils.
+  // zero_to_fp32): sink(name, shape, trainable, memoryview) per param, the
+  // view valid during the call; each param's memory goes once handed over.
+  m.def("consolidate_checkpoint", [](const std::string& dir, py::function sink) {
+    std::vector<zinf::zero3::ConsolidatedParam> params;
+    {
+      py::gil_scoped_release release;
+      params = zinf::zero3::consolidate_checkpoint(dir);
+    }
+    for (auto& p : params) {
+      sink(p.name, p.shape, p.trainable,
+           py::memoryview::from_memory(p.values.data(), static_cast<py::ssize_t>(p.values.size() * sizeof(float)),
+                                       false));
+      std::vector<float>().swap(p.values);
+    }
+  }, py::arg("dir"), py::arg("sink"));
 
   m.def("check_config", [](const std::string& json_text) {
     const auto result = zinf::config::parse_config(json_text);

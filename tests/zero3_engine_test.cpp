@@ -26,6 +26,7 @@
 #include "test_util.hpp"
 #include "tiny_model.hpp"
 #include "zero3_training.hpp"
+#include "zero3/checkpoint.hpp"
 #include "zero3/engine.hpp"
 #include "zero3/safetensors.hpp"
 
@@ -343,6 +344,12 @@ TEST(EngineFrozen, CheckpointsKeepFrozenValuesAndRefuseAnotherChoiceOfFrozenPara
     EXPECT_EQ(engine.param_f32(b)[2], 9.0f);  // the gathered param too
     engine.post_forward(0);
   }
+  const auto consolidated = consolidate_checkpoint(dir.path() / "ckpt");
+  ASSERT_EQ(consolidated.size(), 2u);
+  EXPECT_TRUE(consolidated[0].trainable);
+  EXPECT_EQ(consolidated[0].values, std::vector<float>(4, 1.0f));
+  EXPECT_FALSE(consolidated[1].trainable);
+  EXPECT_EQ(consolidated[1].values, (std::vector<float>{7.0f, 8.0f, 9.0f}));
   {
     Engine engine(config, *comm);
     build(engine, false);
@@ -648,6 +655,37 @@ void expect_resume_continues_exactly(int world, const std::string& device) {
 
 TEST_P(EngineCheckpoint, ResumeContinuesExactlyLikeTheUninterruptedRun) {
   expect_resume_continues_exactly(GetParam(), "host");
+}
+
+// zero_to_fp32: every param whole from every rank's sub-group files, with no
+// engine, equal to the masters the ranks gathered at the save.
+TEST_P(EngineCheckpoint, ConsolidatingTheCheckpointGivesTheMastersWhole) {
+  testing::TempDir dir;
+  TrainingRun run;
+  run.world = GetParam();
+  run.offload_optimizer = "nvme";
+  run.steps = 2;
+  run.nvme_dir = (dir.path() / "nvme").string();
+  const std::string checkpoint = (dir.path() / "ckpt").string();
+  const std::string gathered = (dir.path() / "masters.bin").string();
+  const auto outcomes = testing::run_ranks(run.world, [&](const LaunchEnv& launch) {
+    const auto masters = train_span(run, launch, 0, 2, "", checkpoint);
+    if (launch.rank == 0) write_floats(gathered, masters);
+  });
+  ASSERT_TRUE(testing::all_succeeded(outcomes)) << testing::describe(outcomes);
+  const auto params = consolidate_checkpoint(checkpoint);
+  std::vector<std::vector<float>> consolidated;
+  for (const auto& p : params) {
+    EXPECT_TRUE(p.trainable) << p.name;
+    consolidated.push_back(p.values);
+  }
+  ASSERT_EQ(params.size(), 2u * static_cast<std::size_t>(run.shape.layers) + 1);
+  EXPECT_EQ(params[0].name, "layer0.W");
+  EXPECT_EQ(params[0].shape, (std::vector<std::int64_t>{run.shape.width, run.shape.width}));
+  write_floats((dir.path() / "consolidated.bin").string(), consolidated);
+  EXPECT_TRUE(read_all(gathered) == read_all((dir.path() / "consolidated.bin").string()));
+  std::filesystem::remove(std::filesystem::path(checkpoint) / "zero3_rank00000_group00000.safetensors");
+  EXPECT_THROW(consolidate_checkpoint(checkpoint), Error);  // a missing shard names its file
 }
 
 TEST(StrictDeviceCheckpoint, ResumeContinuesExactlyOverTheDeviceCommunicator) {

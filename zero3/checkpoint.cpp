@@ -19,6 +19,8 @@
 #include <cstring>
 #include <fstream>
 
+#include "zero3/checkpoint.hpp"
+
 #include "core/atomic_file.hpp"
 #include "core/error.hpp"
 #include "core/log.hpp"
@@ -65,6 +67,47 @@ std::span<const std::byte> as_bytes_of(const std::vector<T>& values) {
   ErrorContext ctx;
   ctx.path = path.string();
   throw Error(ErrorKind::invalid, fmt::format("{}: {}", path.string(), what), std::move(ctx));
+}
+
+[[noreturn]] void corrupt(const std::filesystem::path& path, const std::string& what) {
+  ErrorContext ctx;
+  ctx.path = path.string();
+  throw Error(ErrorKind::corrupt, fmt::format("{}: {}", path.string(), what), std::move(ctx));
+}
+
+// The description of the checkpoint in `dir`, of a format and version this
+// build reads: its presence marks a complete checkpoint.
+json read_description(const std::filesystem::path& dir) {
+  const std::filesystem::path path = dir / kDescription;
+  std::ifstream in(path);
+  if (!in) {
+    ErrorContext ctx = ErrorContext::with_errno(errno);
+    ctx.path = path.string();
+    throw Error(ErrorKind::io,
+                fmt::format("{}: cannot open ({}); a directory without it holds no complete checkpoint",
+                            path.string(), errno_name(errno)),
+                std::move(ctx));
+  }
+  json description;
+  try {
+    in >> description;
+  } catch (const json::exception& error) {
+    corrupt(path, fmt::format("not JSON: {}", error.what()));
+  }
+  if (!description.is_object() || description.value("format", "") != kFormat ||
+      description.value("version", 0) != kVersion) {
+    mismatch(path, "not a zinf zero3 checkpoint of a version this build reads");
+  }
+  return description;
+}
+
+// A rank's file of the checkpoint of optimizer step `step`.
+SafetensorsFile read_file_of_step(const std::filesystem::path& path, std::int64_t step) {
+  SafetensorsFile file = read_safetensors(path);
+  if (file.metadata.count("optimizer_step") == 0 || file.metadata.at("optimizer_step") != std::to_string(step)) {
+    corrupt(file.path, fmt::format("not from step {} of this checkpoint", step));
+  }
+  return file;
 }
 
 }  // namespace
@@ -163,33 +206,13 @@ void Engine::save_checkpoint(const std::filesystem::path& dir) {
   log().info("zero3: rank {} saved step {} to {}", rank, optimizer_step_, dir.string());
 }
 
-void Engine::load_checkpoint(const std::filesystem::path& dir) {
+void Engine::load_checkpoint(const std::filesystem::path& dir, bool optimizer_states) {
   require_finalized("load_checkpoint");
   drain();
   const std::filesystem::path description_path = dir / kDescription;
-  std::ifstream in(description_path);
-  if (!in) {
-    ErrorContext ctx = ErrorContext::with_errno(errno);
-    ctx.path = description_path.string();
-    throw Error(ErrorKind::io,
-                fmt::format("{}: cannot open ({}); a directory without it holds no complete checkpoint",
-                            description_path.string(), errno_name(errno)),
-                std::move(ctx));
-  }
-  json description;
-  try {
-    in >> description;
-  } catch (const json::exception& error) {
-    ErrorContext ctx;
-    ctx.path = description_path.string();
-    throw Error(ErrorKind::corrupt, fmt::format("{}: not JSON: {}", description_path.string(), error.what()),
-                std::move(ctx));
-  }
+  const json description = read_description(dir);
   std::int64_t step = 0;
   try {
-    if (description.at("format") != kFormat || description.at("version") != kVersion) {
-      mismatch(description_path, "not a zinf zero3 checkpoint of a version this build reads");
-    }
     const int world = description.at("world_size").get<int>();
     if (world != comm_.world_size()) {
       mismatch(description_path, fmt::format("saved by {} ranks, loaded by {}: the sharded state only "
@@ -224,28 +247,15 @@ void Engine::load_checkpoint(const std::filesystem::path& dir) {
     }
     step = description.at("optimizer_step").get<std::int64_t>();
   } catch (const json::exception& error) {
-    ErrorContext ctx;
-    ctx.path = description_path.string();
-    throw Error(ErrorKind::corrupt, fmt::format("{}: malformed: {}", description_path.string(), error.what()),
-                std::move(ctx));
+    corrupt(description_path, fmt::format("malformed: {}", error.what()));
   }
 
   const int rank = comm_.rank();
   const auto states = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
-  const auto read_file_of_step = [step](const std::filesystem::path& path) {
-    auto file = read_safetensors(path);
-    if (file.metadata.count("optimizer_step") == 0 || file.metadata.at("optimizer_step") != std::to_string(step)) {
-      ErrorContext ctx;
-      ctx.path = file.path.string();
-      throw Error(ErrorKind::corrupt, fmt::format("{}: not from step {} of this checkpoint", file.path.string(), step),
-                  std::move(ctx));
-    }
-    return file;
-  };
   std::uint64_t group_begin = 0;
   for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
     const std::uint64_t n = sub_groups_[g].elements;
-    const auto file = read_file_of_step(group_file(dir, rank, g));
+    const auto file = read_file_of_step(group_file(dir, rank, g), step);
     const auto read_floats = [&](const std::string& name) {
       const auto bytes = file.bytes(name, "F32", n * sizeof(float));
       std::vector<float> values(n);
@@ -255,14 +265,16 @@ void Engine::load_checkpoint(const std::filesystem::path& dir) {
     const std::vector<float> master = read_floats("param");
     std::vector<std::vector<float>> state_values;
     std::vector<std::span<const float>> state_spans;
-    for (const auto& state : states) state_values.push_back(read_floats(state));
-    for (const auto& values : state_values) state_spans.emplace_back(values);
-    optimizer_->initialize(g, master, step, state_spans);
+    if (optimizer_states) {
+      for (const auto& state : states) state_values.push_back(read_floats(state));
+      for (const auto& values : state_values) state_spans.emplace_back(values);
+    }
+    optimizer_->initialize(g, master, optimizer_states ? step : 0, state_spans);
     set_working(group_begin, master);
     group_begin += n;
   }
   if (optimizer_elements_ < partition_elements_) {
-    const auto file = read_file_of_step(frozen_file(dir, rank));
+    const auto file = read_file_of_step(frozen_file(dir, rank), step);
     const std::uint64_t esize = element_bytes();
     for (std::size_t p = 0; p < params_.size(); ++p) {
       const Param& param = *params_[p];
@@ -272,6 +284,7 @@ void Engine::load_checkpoint(const std::filesystem::path& dir) {
       std::memcpy(working_partition_.data() + param.partition_offset * esize, bytes.data(), bytes.size());
     }
   }
+  if (!optimizer_states) step = 0;  // a fresh optimizer over the loaded weights
   optimizer_step_ = step;
   micro_step_ = step * static_cast<std::int64_t>(config_.training.gradient_accumulation_steps);
   std::fill(grad_partition_.begin(), grad_partition_.end(), 0.0f);
@@ -279,6 +292,108 @@ void Engine::load_checkpoint(const std::filesystem::path& dir) {
   place_shards();
   comm_.barrier();
   log().info("zero3: rank {} resumed at step {} from {}", rank, step, dir.string());
+}
+
+std::vector<ConsolidatedParam> consolidate_checkpoint(const std::filesystem::path& dir) {
+  const std::filesystem::path description_path = dir / kDescription;
+  const json description = read_description(dir);
+  std::vector<ConsolidatedParam> out;
+  int world = 0;
+  std::uint64_t sub_group_size = 0;
+  std::int64_t step = 0;
+  cpu_adam::DType working = cpu_adam::DType::f32;
+  try {
+    world = description.at("world_size").get<int>();
+    sub_group_size = description.at("sub_group_size").get<std::uint64_t>();
+    step = description.at("optimizer_step").get<std::int64_t>();
+    const auto precision = description.at("precision").get<std::string>();
+    if (precision != "fp32" && precision != "bf16" && precision != "fp16") {
+      mismatch(description_path, fmt::format("precision '{}' is not fp32, bf16 or fp16", precision));
+    }
+    working = cpu_adam::parse_dtype(precision);
+    for (const json& param : description.at("params")) {
+      ConsolidatedParam p;
+      p.name = param.at("name").get<std::string>();
+      p.shape = param.at("shape").get<std::vector<std::int64_t>>();
+      p.trainable = param.value("trainable", true);
+      std::uint64_t elements = 1;
+      for (const std::int64_t extent : p.shape) {
+        if (extent <= 0) mismatch(description_path, fmt::format("param '{}' has a shape extent of {}", p.name, extent));
+        elements *= static_cast<std::uint64_t>(extent);
+      }
+      p.values.assign(elements, 0.0f);
+      out.push_back(std::move(p));
+    }
+    if (world < 1 || sub_group_size < 1) mismatch(description_path, "world_size and sub_group_size must be positive");
+  } catch (const json::exception& error) {
+    corrupt(description_path, fmt::format("malformed: {}", error.what()));
+  }
+  const auto shard_of = [world](const ConsolidatedParam& p) {
+    return (p.values.size() + static_cast<std::uint64_t>(world) - 1) / static_cast<std::uint64_t>(world);
+  };
+  // Each rank's trainable partition is its trainable params' shards in
+  // registration order, cut into sub-groups of sub_group_size elements.
+  std::uint64_t trainable_elements = 0;
+  bool any_frozen = false;
+  for (const auto& p : out) {
+    if (p.trainable) trainable_elements += shard_of(p);
+    any_frozen = any_frozen || !p.trainable;
+  }
+  for (int rank = 0; rank < world; ++rank) {
+    std::size_t param = 0;       // the trainable param being filled
+    std::uint64_t in_param = 0;  // its shard elements filled so far
+    const auto next_trainable = [&] {
+      while (param < out.size() && !out[param].trainable) ++param;
+    };
+    next_trainable();
+    for (std::uint64_t begin = 0, g = 0; begin < trainable_elements; begin += sub_group_size, ++g) {
+      const std::uint64_t n = std::min(sub_group_size, trainable_elements - begin);
+      const auto file = read_file_of_step(group_file(dir, rank, g), step);
+      const auto bytes = file.bytes("param", "F32", n * sizeof(float));
+      const auto* values = reinterpret_cast<const float*>(bytes.data());
+      for (std::uint64_t i = 0; i < n;) {
+        ConsolidatedParam& p = out[param];
+        const std::uint64_t shard = shard_of(p);
+        const std::uint64_t take = std::min(shard - in_param, n - i);
+        // Rank r's shard holds elements [r * shard, (r + 1) * shard); past the end: padding.
+        const std::uint64_t first = static_cast<std::uint64_t>(rank) * shard + in_param;
+        for (std::uint64_t k = 0; k < take && first + k < p.values.size(); ++k) p.values[first + k] = values[i + k];
+        i += take;
+        in_param += take;
+        if (in_param == shard) {
+          in_param = 0;
+          ++param;
+          next_trainable();
+        }
+      }
+    }
+    if (any_frozen) {
+      const auto file = read_file_of_step(frozen_file(dir, rank), step);
+      const std::uint64_t esize = working == cpu_adam::DType::f32 ? 4 : 2;
+      for (std::size_t p = 0; p < out.size(); ++p) {
+        ConsolidatedParam& frozen = out[p];
+        if (frozen.trainable) continue;
+        const std::uint64_t shard = shard_of(frozen);
+        const auto bytes = file.bytes(frozen_key(p, frozen.name), safetensors_dtype(working), shard * esize);
+        const std::uint64_t first = static_cast<std::uint64_t>(rank) * shard;
+        for (std::uint64_t k = 0; k < shard && first + k < frozen.values.size(); ++k) {
+          std::uint16_t half = 0;
+          switch (working) {
+            case cpu_adam::DType::f32: std::memcpy(&frozen.values[first + k], bytes.data() + k * 4, 4); break;
+            case cpu_adam::DType::bf16:
+              std::memcpy(&half, bytes.data() + k * 2, 2);
+              frozen.values[first + k] = cpu_adam::bf16_to_float(half);
+              break;
+            case cpu_adam::DType::f16:
+              std::memcpy(&half, bytes.data() + k * 2, 2);
+              frozen.values[first + k] = cpu_adam::f16_to_float(half);
+              break;
+          }
+        }
+      }
+    }
+  }
+  return out;
 }
 
 }  // namespace zinf::zero3

@@ -192,7 +192,10 @@ class Engine {
   void save_checkpoint(const std::filesystem::path& dir);
   // Restores a checkpoint written with the same world size and parameters;
   // a mismatch or a corrupt file is an error naming the file. Collective.
-  void load_checkpoint(const std::filesystem::path& dir);
+  // `optimizer_states` false takes the weights only: the optimizer starts
+  // afresh (zero moments, step 0), as DeepSpeed's load_optimizer_states=False
+  // and load_module_only do for fine-tuning from a checkpoint.
+  void load_checkpoint(const std::filesystem::path& dir, bool optimizer_states = true);
 
   const ParamDescription& describe(ParamIndex p) const;
   std::size_t param_count() const { return params_.size(); }

@@ -137,7 +137,7 @@ def test_the_16bit_export_loads_with_from_pretrained(scratch):
         engine.backward(engine(ids, labels=ids).loss)
         engine.step()
     export = os.path.join(scratch, "export")
-    engine.save_16bit_model(export)
+    engine.save_16bit_model(export, "model.safetensors")
     model.config.save_pretrained(export)
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(export, torch_dtype=torch.bfloat16)
     masters = engine.consolidated_state_dict()

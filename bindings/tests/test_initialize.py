@@ -211,6 +211,63 @@ def test_checkpoint_and_resume_equals_uninterrupted_training(scratch):
     assert resumed["lrs"] == whole["lrs"][2:]
 
 
+@pytest.mark.parametrize("how", ["load_module_only", "load_optimizer_states"])
+def test_loading_weights_only_starts_a_fresh_optimizer_from_them(scratch, how):
+    # Fine-tuning from a checkpoint: the weights come back, Adam starts over.
+    config = config_for(3, "nvme", "nvme", nvme=os.path.join(scratch, "nvme"), train_batch_size=4)
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+    for step in range(2):
+        x, y = batch(step, 0, 0, 4)
+        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        engine.step()
+    engine.save_checkpoint(os.path.join(scratch, "ckpt"), client_state={"epoch": 7})
+    saved = engine.consolidated_state_dict()
+    engine.close()
+
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+    options = {"load_module_only": True} if how == "load_module_only" else {"load_optimizer_states": False}
+    path, client = engine.load_checkpoint(os.path.join(scratch, "ckpt"), **options)
+    assert client == {"epoch": 7} and path.endswith("global_step2")
+    assert engine.global_steps == (0 if how == "load_module_only" else 2)
+    got = engine.consolidated_state_dict()
+    for name, value in saved.items():
+        assert torch.equal(got[name], value), name
+    plain = make_model()
+    plain.load_state_dict(saved)
+    reference = torch.optim.AdamW(plain.parameters(), **{k: (tuple(v) if k == "betas" else v)
+                                                         for k, v in ADAMW["params"].items()})
+    train_both(engine, plain, reference, 2)  # a fresh AdamW from the loaded weights
+
+
+def test_zero_to_fp32_gives_the_trained_weights_whole_without_an_engine(scratch):
+    # Two ranks, params and optimizer on NVMe, part of the model frozen; the
+    # checkpoint's fp32 weights put back together in this one process.
+    freeze = ["embed.weight", "layers.1.bias"]
+    config = config_for(3, "nvme", "nvme", nvme=os.path.join(scratch, "nvme"))
+    checkpoints = os.path.join(scratch, "ckpt")
+    codes, errors, result = launch(2, {"config": config, "steps": 2, "save": checkpoints, "freeze": freeze}, scratch)
+    assert codes == [0, 0], "\n".join(errors)
+    from zinf.utils import zero_to_fp32
+    weights = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(checkpoints)
+    assert list(weights) == [n for n, _ in make_model().named_parameters()]
+    for name, value in result["state"].items():
+        assert torch.equal(weights[name], value), name
+    trainable = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(checkpoints, tag="global_step2",
+                                                                        exclude_frozen_parameters=True)
+    assert set(trainable) == set(weights) - set(freeze)
+    model = zero_to_fp32.load_state_dict_from_zero_checkpoint(make_model(), checkpoints)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), weights[name]), name
+    # The script save_checkpoint left beside the checkpoints, as DeepSpeed's.
+    out = os.path.join(scratch, "fp32.bin")
+    subprocess.run([sys.executable, os.path.join(checkpoints, "zero_to_fp32.py"), checkpoints, out], check=True,
+                   capture_output=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    for name, value in torch.load(out).items():
+        assert torch.equal(value, weights[name]), name
+    with pytest.raises(ValueError, match="no 'latest' file"):
+        zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(scratch)
+
+
 def test_a_rank_that_dies_fails_the_others_clearly(scratch):
     config = config_for(3, "cpu", "none")
     config["zinf"] = {"timeout_s": 60}
@@ -312,6 +369,20 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
     engine.close()
 
 
+def test_the_engine_answers_what_deepspeed_scripts_ask_of_the_config(scratch):
+    config = config_for(3, "nvme", nvme=os.path.join(scratch, "nvme"), train_batch_size=8, gradient_clipping=0.5,
+                        bf16={"enabled": True}, steps_per_print=7)
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+    assert engine.zero_optimization_stage() == 3
+    assert engine.bfloat16_enabled() and not engine.fp16_enabled()
+    assert engine.gradient_clipping() == 0.5 and engine.steps_per_print() == 7
+    assert engine.zero_offload_optimizer() and not engine.zero_offload_param()
+    assert (engine.dp_world_size, engine.mp_world_size) == (1, 1)
+    assert (engine.train_batch_size(), engine.train_micro_batch_size_per_gpu(),
+            engine.gradient_accumulation_steps()) == (8, 4, 2)
+    engine.close()
+
+
 def test_the_16bit_export_holds_the_trained_model(scratch):
     safetensors = pytest.importorskip("safetensors.torch", reason="the safetensors package is not installed")
     model = make_model()
@@ -319,13 +390,15 @@ def test_the_16bit_export_holds_the_trained_model(scratch):
     x, y = batch(0, 0, 0, 4)
     engine.backward(torch.nn.functional.mse_loss(engine(x.bfloat16()).float(), y))
     engine.step()
-    engine.save_16bit_model(scratch)
-    saved = safetensors.load_file(os.path.join(scratch, "model.safetensors"))
+    engine.save_16bit_model(scratch, "model.safetensors")
+    engine.save_16bit_model(scratch)  # DeepSpeed's default: pytorch_model.bin, a torch.save'd state dict
     masters = engine.consolidated_state_dict(dtype=torch.float32)
-    assert set(saved) == {n for n, _ in make_model().named_parameters()}
-    for name, value in saved.items():
-        assert value.dtype == torch.bfloat16
-        assert torch.equal(value, masters[name].bfloat16()), name
+    for saved in (safetensors.load_file(os.path.join(scratch, "model.safetensors")),
+                  torch.load(os.path.join(scratch, "pytorch_model.bin"))):
+        assert set(saved) == {n for n, _ in make_model().named_parameters()}
+        for name, value in saved.items():
+            assert value.dtype == torch.bfloat16
+            assert torch.equal(value, masters[name].bfloat16()), name
     engine.close()
 
 

@@ -53,6 +53,17 @@ _log = logging.getLogger("zinf")
 _OPTIMIZERS = {"adam", "adamw", "adagrad", "lion"}
 
 
+_ZERO_TO_FP32_SCRIPT = """#!/usr/bin/env python3
+# Left by zinf's save_checkpoint, as DeepSpeed leaves its own: the fp32
+# weights of the checkpoints in this directory as one state dict file.
+#   python zero_to_fp32.py . pytorch_model.bin [--tag global_step<N>]
+from zinf.utils.zero_to_fp32 import main
+
+if __name__ == "__main__":
+    main()
+"""
+
+
 class ZinfOptimizer(torch.optim.Optimizer):
     """What initialize() returns as the optimizer: the model's parameters in
     param_groups (so torch and DeepSpeed schedulers can set "lr"), stepped by
@@ -599,6 +610,36 @@ class ZinfEngine(torch.nn.Module):
     def train_micro_batch_size_per_gpu(self):
         return self._micro_batch
 
+    # What DeepSpeed scripts ask of the config through the engine.
+    def zero_optimization_stage(self):
+        return self.stage
+
+    def fp16_enabled(self):
+        return self._dtype == torch.float16
+
+    def bfloat16_enabled(self):
+        return self._dtype == torch.bfloat16
+
+    def gradient_clipping(self):
+        return float(self._settings.get("gradient_clipping", 0.0))
+
+    def steps_per_print(self):
+        return int(self._settings.get("steps_per_print", 10) or 0)
+
+    def zero_offload_optimizer(self):
+        return self._settings["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
+
+    def zero_offload_param(self):
+        return self._settings["zero_optimization"].get("offload_param", {}).get("device", "none") != "none"
+
+    @property
+    def dp_world_size(self):
+        return self.world_size
+
+    @property
+    def mp_world_size(self):
+        return 1  # no model parallelism in zinf
+
     def get_global_grad_norm(self):
         return self._engine.stats()["last_grad_norm"]
 
@@ -677,6 +718,9 @@ class ZinfEngine(torch.nn.Module):
             if save_latest:
                 with open(os.path.join(save_dir, "latest"), "w") as file:
                     file.write(tag)
+            # As DeepSpeed leaves its zero_to_fp32.py next to its checkpoints.
+            with open(os.path.join(save_dir, "zero_to_fp32.py"), "w") as file:
+                file.write(_ZERO_TO_FP32_SCRIPT)
         if self.world_size > 1:
             dist.barrier()
         return True
@@ -684,7 +728,13 @@ class ZinfEngine(torch.nn.Module):
     def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
                         load_lr_scheduler_states=True, load_module_only=False):
         """Restores what save_checkpoint wrote (tag from load_dir/latest when
-        None); returns (path, client_state), or (None, None) with no tag."""
+        None); returns (path, client_state), or (None, None) with no tag.
+        As DeepSpeed: load_optimizer_states=False takes the weights, the
+        counters and (with load_lr_scheduler_states) the scheduler, with a
+        fresh optimizer (zero moments, its step count from 0);
+        load_module_only=True takes the weights alone (fine-tuning from a
+        checkpoint). The params must be those saved (load_module_strict is
+        always strict)."""
         if tag is None:
             latest = os.path.join(load_dir, "latest")
             if not os.path.exists(latest):
@@ -692,19 +742,23 @@ class ZinfEngine(torch.nn.Module):
             with open(latest) as file:
                 tag = file.read().strip()
         path = os.path.join(load_dir, str(tag))
-        self._engine.load_checkpoint(path)
+        self._engine.load_checkpoint(path, optimizer_states=load_optimizer_states and not load_module_only)
         for _, p in self._named_unique:
             if id(p) in self._persistent:
                 p.data = self._view(p)
         # client_state may hold any picklable object (DeepSpeed's contract):
         # this file is the trainer's own, not weights from elsewhere.
         state = torch.load(os.path.join(path, "zinf_engine_state.pt"), weights_only=False)
+        if load_module_only:
+            self.micro_steps = 0  # the engine's accumulation starts over with its fresh optimizer
+            return path, state["client_state"]
         self.global_steps = state["global_steps"]
         self.global_samples = state["global_samples"]
         self.micro_steps = state["micro_steps"]
-        saved = state.get("param_groups") or [{"lr": lr} for lr in state["param_groups_lr"]]
-        for group, settings in zip(self.optimizer.param_groups, saved):
-            group.update(settings)
+        if load_optimizer_states:
+            saved = state.get("param_groups") or [{"lr": lr} for lr in state["param_groups_lr"]]
+            for group, settings in zip(self.optimizer.param_groups, saved):
+                group.update(settings)
         if load_lr_scheduler_states and self._scheduler is not None and state["lr_scheduler"] is not None:
             self._scheduler.load_state_dict(state["lr_scheduler"])
         return path, state["client_state"]
@@ -719,12 +773,17 @@ class ZinfEngine(torch.nn.Module):
             out[name] = values.to(dtype or self._dtype)
         return out
 
-    def save_16bit_model(self, save_dir, save_filename="model.safetensors"):
+    def save_16bit_model(self, save_dir, save_filename="pytorch_model.bin", exclude_frozen_parameters=False):
         """The whole model in the working precision (16-bit with fp16/bf16)
-        on rank 0, as safetensors (a Hugging Face model loads it with
-        from_pretrained(save_dir) next to its config) or, for a .bin/.pt
-        name, torch.save of the state dict. Collective."""
+        on rank 0: torch.save of the state dict under DeepSpeed's default
+        name, or safetensors for a .safetensors name (a Hugging Face model
+        loads either with from_pretrained(save_dir) next to its config).
+        exclude_frozen_parameters leaves out those with requires_grad=False
+        (an adapter's export). Collective."""
         weights = self.consolidated_state_dict()
+        if exclude_frozen_parameters:
+            weights = {name: value for name, value in weights.items()
+                       if dict(self._named_unique)[name].requires_grad}
         if self.global_rank == 0:
             os.makedirs(save_dir, exist_ok=True)
             target = os.path.join(save_dir, save_filename)
@@ -736,6 +795,8 @@ class ZinfEngine(torch.nn.Module):
         if self.world_size > 1:
             dist.barrier()
         return True
+
+    save_fp16_model = save_16bit_model  # DeepSpeed's earlier name
 
     # -- construction helpers ----------------------------------------------------------------
     def _make_scheduler(self, lr_scheduler):
