@@ -71,9 +71,20 @@ def main():
     if run.get("save"):
         engine.save_checkpoint(run["save"], client_state={"next_step": run["steps"]})
     state = engine.consolidated_state_dict(dtype=torch.float32)
+    # deepspeed.comm, as scripts use it over the group zinf trains on.
+    dist = deepspeed.comm
+    total = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(total)
+    gathered = torch.empty(2 * dist.get_world_size())
+    dist.all_gather_into_tensor(gathered, torch.tensor([float(rank), 10.0 + rank]))
+    scattered = torch.empty(1)
+    dist.reduce_scatter_tensor(scattered, torch.arange(float(dist.get_world_size())))
+    dist.barrier()
+    comm = {"rank": dist.get_rank(), "world": dist.get_world_size(), "local_rank": dist.get_local_rank(),
+            "sum": float(total), "gathered": gathered.tolist(), "scattered": float(scattered)}
     if rank == 0:
         torch.save({"losses": losses, "state": state, "lrs": lrs, "grad_norm": engine.get_global_grad_norm(),
-                    "steps": engine.global_steps, "timings": engine.timings()}, run["out"])
+                    "steps": engine.global_steps, "timings": engine.timings(), "comm": comm}, run["out"])
     engine.close()
 
 

@@ -171,6 +171,23 @@ def test_training_equals_plain_pytorch(scratch, world, stage, optimizer_device, 
     state, losses, _ = reference(config, steps, world)
     assert_matches(result, state, losses)
     assert result["steps"] == steps
+    # zinf.comm (deepspeed.comm) over the same group, from rank 0's side.
+    comm = result["comm"]
+    assert (comm["rank"], comm["world"], comm["local_rank"]) == (0, world, 0)
+    assert comm["sum"] == world * (world + 1) / 2
+    assert comm["gathered"] == [v for r in range(world) for v in (float(r), 10.0 + r)]
+    assert comm["scattered"] == 0.0 * world  # rank 0's block of the sum of every rank's arange
+
+
+def test_comm_in_one_process_answers_rank_zero_of_one():
+    from zinf import comm
+    assert (comm.get_rank(), comm.get_world_size(), comm.is_initialized()) == (0, 1, False)
+    t = torch.tensor([3.0])
+    comm.all_reduce(t)
+    comm.barrier()
+    out = torch.empty(2)
+    comm.all_gather_into_tensor(out, torch.tensor([1.0, 2.0]))
+    assert t.item() == 3.0 and out.tolist() == [1.0, 2.0]
 
 
 def test_a_scheduler_from_the_config_sets_the_rate_of_every_step(scratch):

@@ -15,7 +15,8 @@
   offload to cpu or NVMe) over zinf's C++ engine, for scripts written for
   DeepSpeed (``import zinf as deepspeed``); schedulers in
   ``zinf.lr_schedules``; ``zinf.utils.zero_to_fp32`` puts a checkpoint's
-  fp32 weights back together, as DeepSpeed's does.
+  fp32 weights back together, as DeepSpeed's does; ``zinf.comm`` is
+  ``deepspeed.comm`` over the torch.distributed group zinf trains on.
 
 Errors: ValueError for bad configuration or arguments, OSError (with errno
 and filename) for I/O, RuntimeError for the rest. Every wait releases the GIL.
@@ -25,8 +26,8 @@ from .aio import aio_handle, aio_read, aio_write, deepspeed_memcpy
 from .optim import CPUAdagrad, CPUAdam, CPULion, DeepSpeedCPUAdagrad, DeepSpeedCPUAdam, DeepSpeedCPULion
 from .swap import TensorSwapper
 from .engine import ZinfEngine, add_config_arguments, init_distributed, initialize
-from . import utils, zero
+from . import comm, utils, zero
 
 __all__ = ["__version__", "aio_handle", "aio_read", "aio_write", "deepspeed_memcpy", "CPUAdam", "CPUAdagrad",
            "CPULion", "DeepSpeedCPUAdam", "DeepSpeedCPUAdagrad", "DeepSpeedCPULion", "TensorSwapper",
-           "ZinfEngine", "add_config_arguments", "init_distributed", "initialize", "utils", "zero"]
+           "ZinfEngine", "add_config_arguments", "init_distributed", "initialize", "comm", "utils", "zero"]

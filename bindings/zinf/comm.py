@@ -1,0 +1,107 @@
+"""DeepSpeed's ``deepspeed.comm`` for scripts that use it (``from deepspeed
+import comm as dist`` becomes ``from zinf import comm as dist``): the
+torch.distributed default group zinf trains over, with DeepSpeed's few
+additions. A world of one (no torchrun variables, no group) answers rank 0
+of 1 and its collectives are identities, as scripts run without a launcher
+expect."""
+import os
+
+import torch.distributed as _dist
+from torch.distributed import ReduceOp  # noqa: F401  (DeepSpeed re-exports it)
+
+from .engine import init_distributed  # noqa: F401
+
+
+def is_available():
+    return _dist.is_available()
+
+
+def is_initialized():
+    return _dist.is_available() and _dist.is_initialized()
+
+
+def get_rank(group=None):
+    return _dist.get_rank(group) if is_initialized() else 0
+
+
+def get_world_size(group=None):
+    return _dist.get_world_size(group) if is_initialized() else 1
+
+
+def get_local_rank():
+    """LOCAL_RANK as torchrun sets it (0 without a launcher)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def get_global_rank(group=None, group_rank=0):
+    if not is_initialized():
+        return group_rank
+    return _dist.distributed_c10d._get_global_rank(group, group_rank) if group is not None else group_rank
+
+
+def barrier(group=None, **kwargs):
+    if is_initialized():
+        _dist.barrier(group=group, **kwargs)
+
+
+def _collective(name):
+    def call(*args, **kwargs):
+        if not is_initialized():
+            return None  # one process: the tensors are already the result
+        return getattr(_dist, name)(*args, **kwargs)
+    call.__name__ = name
+    call.__doc__ = f"torch.distributed.{name} over the default group (nothing to do in a world of one)."
+    return call
+
+
+all_reduce = _collective("all_reduce")
+broadcast = _collective("broadcast")
+reduce = _collective("reduce")
+all_to_all_single = _collective("all_to_all_single")
+send = _collective("send")
+recv = _collective("recv")
+
+
+def all_gather(tensor_list, tensor, group=None, async_op=False):
+    if not is_initialized():
+        tensor_list[0].copy_(tensor)
+        return None
+    return _dist.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+
+
+def all_gather_into_tensor(output, tensor, group=None, async_op=False):
+    """Every rank's `tensor`, concatenated into `output` (Gloo in torch 1.13
+    has no flat all-gather: a list of views of `output` takes it)."""
+    if not is_initialized():
+        output.copy_(tensor.reshape(output.shape))
+        return None
+    if _dist.get_backend(group) == "nccl":
+        gather = getattr(_dist, "all_gather_into_tensor", None) or _dist._all_gather_base
+        return gather(output, tensor, group=group, async_op=async_op)
+    return _dist.all_gather(list(output.view(-1).chunk(_dist.get_world_size(group))), tensor.reshape(-1),
+                            group=group, async_op=async_op)
+
+
+def reduce_scatter_tensor(output, tensor, op=ReduceOp.SUM, group=None, async_op=False):
+    """Gloo in torch 1.13 has no reduce-scatter: an all-reduce of a copy and
+    this rank's block of it (what zinf's engine does too)."""
+    if not is_initialized():
+        output.copy_(tensor.reshape(output.shape))
+        return None
+    if _dist.get_backend(group) == "nccl":
+        scatter = getattr(_dist, "reduce_scatter_tensor", None) or _dist._reduce_scatter_base
+        return scatter(output, tensor, op=op, group=group, async_op=async_op)
+    total = tensor.clone()
+    _dist.all_reduce(total, op=op, group=group)
+    rank = _dist.get_rank(group)
+    output.copy_(total.reshape(-1)[rank * output.numel():(rank + 1) * output.numel()].view(output.shape))
+    return None
+
+
+def new_group(ranks=None, **kwargs):
+    return _dist.new_group(ranks=ranks, **kwargs)
+
+
+def destroy_process_group(group=None):
+    if is_initialized():
+        _dist.destroy_process_group(group)
