@@ -135,16 +135,17 @@ step zinf-bench-gpu "$build/tools/zinf-bench" gpu --nvme "$scratch" --size 2G --
 step zinf-bench-io "$build/tools/zinf-bench" --no-progress --nvme "$scratch" --size 2G --repeat 2 \
   --json "$out_dir/io-bench.json"
 
-# ---- Python: zinf.torch.offload on the GPU ---------------------------------
+# ---- Python: zinf.torch.offload and zinf.initialize on the GPU -------------
 python_stage=/tmp/zinf-python
 python_ready() {
   rm -rf "$python_stage" && mkdir -p "$python_stage/zinf" &&
-    cp bindings/zinf/*.py "$python_stage/zinf/" &&
+    cp -r bindings/zinf/. "$python_stage/zinf/" &&
     cp "$build"/bindings/_zinf*.so "$python_stage/zinf/"
 }
 step python-stage python_ready
 step python-tests env PYTHONPATH="$python_stage" ZINF_TEST_DIR="$scratch" python3 -m pytest -q -rs -p no:cacheprovider \
-  bindings/tests/test_torch_offload_cuda.py bindings/tests/test_torch_offload.py bindings/tests/test_deepspeed_compat.py
+  bindings/tests/test_torch_offload_cuda.py bindings/tests/test_initialize_cuda.py bindings/tests/test_torch_offload.py \
+  bindings/tests/test_deepspeed_compat.py
 
 # ---- report -----------------------------------------------------------------
 {

@@ -11,7 +11,9 @@ biases, or null, "groups": param groups with their own settings
 (initialize_model.param_groups' spec), "group_lambdas": a LambdaLR of its
 own per group (initialize_model.group_lambdas), "freeze": names of params
 made requires_grad=False (the optimizer gets the others, as fine-tuning
-scripts pass them)}. Rank 0 writes
+scripts pass them), "device": where the model computes ("cpu" default, or
+"cuda"), "backend": the default group's backend the script asks
+deepspeed.init_distributed for (default gloo)}. Rank 0 writes
 {"losses": [...], "state": {name: fp32 tensor}, "lrs": [...]} to `out`.
 """
 import json
@@ -27,12 +29,14 @@ from initialize_model import batch, group_lambdas, make_model, param_groups
 def main():
     with open(sys.argv[1]) as file:
         run = json.load(file)
+    deepspeed.init_distributed(dist_backend=run.get("backend"))
     if run.get("zero_init"):
         with deepspeed.zero.Init(config_dict_or_path=run["config"]):
             model = make_model()
         assert all(p.numel() == 0 for p in model.parameters()), "zero.Init left values in the module"
     else:
         model = make_model()
+    model.to(run.get("device", "cpu"))
     for name, p in model.named_parameters():
         if name in run.get("freeze", []):
             p.requires_grad_(False)
@@ -63,6 +67,7 @@ def main():
             os._exit(17)  # a rank dying mid-training: the others must fail, not hang
         for micro in range(engine.gradient_accumulation_steps()):
             x, y = batch(step, micro, rank, engine.train_micro_batch_size_per_gpu())
+            x, y = x.to(engine.device), y.to(engine.device)
             loss = torch.nn.functional.mse_loss(engine(x).float(), y)
             engine.backward(loss)
             engine.step()
@@ -71,17 +76,22 @@ def main():
     if run.get("save"):
         engine.save_checkpoint(run["save"], client_state={"next_step": run["steps"]})
     state = engine.consolidated_state_dict(dtype=torch.float32)
-    # deepspeed.comm, as scripts use it over the group zinf trains on.
+    # deepspeed.comm, as scripts use it over the group zinf trains on (Gloo:
+    # host tensors; an NCCL default group takes the script's GPU tensors).
     dist = deepspeed.comm
-    total = torch.tensor([float(dist.get_rank() + 1)])
-    dist.all_reduce(total)
-    gathered = torch.empty(2 * dist.get_world_size())
-    dist.all_gather_into_tensor(gathered, torch.tensor([float(rank), 10.0 + rank]))
-    scattered = torch.empty(1)
-    dist.reduce_scatter_tensor(scattered, torch.arange(float(dist.get_world_size())))
-    dist.barrier()
-    comm = {"rank": dist.get_rank(), "world": dist.get_world_size(), "local_rank": dist.get_local_rank(),
-            "sum": float(total), "gathered": gathered.tolist(), "scattered": float(scattered)}
+    if run.get("backend") == "nccl":
+        dist = None
+    comm = None
+    if dist is not None:
+        total = torch.tensor([float(dist.get_rank() + 1)])
+        dist.all_reduce(total)
+        gathered = torch.empty(2 * dist.get_world_size())
+        dist.all_gather_into_tensor(gathered, torch.tensor([float(rank), 10.0 + rank]))
+        scattered = torch.empty(1)
+        dist.reduce_scatter_tensor(scattered, torch.arange(float(dist.get_world_size())))
+        dist.barrier()
+        comm = {"rank": dist.get_rank(), "world": dist.get_world_size(), "local_rank": dist.get_local_rank(),
+                "sum": float(total), "gathered": gathered.tolist(), "scattered": float(scattered)}
     if rank == 0:
         torch.save({"losses": losses, "state": state, "lrs": lrs, "grad_norm": engine.get_global_grad_norm(),
                     "steps": engine.global_steps, "timings": engine.timings(), "comm": comm}, run["out"])

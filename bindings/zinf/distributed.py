@@ -75,10 +75,12 @@ class TorchCollectives:
         dist.barrier(group=self.group)
 
 
-def init_from_environment(timeout_s=None):
+def init_from_environment(timeout_s=None, backend="gloo"):
     """Initialises the default process group from torchrun's variables
     (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) when they are set and it
-    is not yet initialised: Gloo for CPU training. Returns (rank, world)."""
+    is not yet initialised: Gloo unless the script asks for NCCL (zinf's
+    collectives then go over a Gloo group beside it: host_group). Returns
+    (rank, world)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -92,13 +94,28 @@ def init_from_environment(timeout_s=None):
     kwargs = {}
     if timeout_s is not None:
         kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group("gloo", **kwargs)
+    dist.init_process_group(backend, **kwargs)
     # DeepSpeed scripts never destroy the group they got from initialize;
     # a Gloo group left to the interpreter's teardown can abort the process
     # ("terminate called without an active exception", pytorch#190489):
     # the group zinf made, zinf takes down while the interpreter is whole.
     atexit.register(_destroy_own_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+_host_groups = []
+
+
+def host_group():
+    """The group zinf's collectives on host memory go over: the default one
+    when it is Gloo, else (an NCCL default a script made) a Gloo group of
+    every rank, made once — a collective call, which every rank makes in
+    zinf.initialize or zinf.zero.Init."""
+    if dist.get_backend() == "gloo":
+        return None
+    if not _host_groups:
+        _host_groups.append(dist.new_group(backend="gloo"))
+    return _host_groups[0]
 
 
 def _is_loopback(host):

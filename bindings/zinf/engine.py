@@ -29,9 +29,16 @@ that holds them: another unit using one gathers that unit too, and its
 gradient is taken once, after every use. A parameter used outside any
 module that holds it is gathered on demand by the first op it reaches
 (logged once), or with the module registered for it
-(zinf.zero.register_external_parameter). CPU tensors only so far: a model on
-a GPU is refused (the C++ engine's CUDA path is not reachable from Python
-yet).
+(zinf.zero.register_external_parameter).
+
+Where the model computes: on the device its parameters are on (the CPU, or
+a GPU: model.cuda() before initialize; engine.device says which). The
+engine's state stays in host memory and on NVMe either way, as in
+ZeRO-Offload: gathered parameters are copied to the device before a unit's
+forward and backward, gradients copied back as autograd makes them, and
+zinf's collectives run on host memory over Gloo (a Gloo group of its own
+beside an NCCL default group the script made). The C++ engine's
+device-memory path (CUDA copier, NCCL communicator) is not used from Python.
 """
 import json
 import logging
@@ -45,7 +52,7 @@ import torch.distributed as dist
 from . import _zinf
 from . import lr_schedules
 from . import zero as _zero
-from .distributed import TorchCollectives, init_from_environment
+from .distributed import TorchCollectives, host_group, init_from_environment
 from .torch import _OnDemandFetch, _before_backward_of, _load_config, _units
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -209,9 +216,14 @@ class ZinfEngine(torch.nn.Module):
         super().__init__()
         self.module = model
         self._settings = settings
-        if any(p.device.type != "cpu" for p in model.parameters()):
-            raise ValueError("zinf.initialize: the model's parameters are on a device; zinf's Python engine "
-                             "trains CPU models so far (its CUDA path is in the C++ engine only)")
+        # The model computes where its parameters are (the CPU, or a GPU);
+        # the engine's state lives in host memory and on NVMe either way.
+        devices = {p.device for p in model.parameters()}
+        if len(devices) > 1:
+            raise ValueError("zinf.initialize: the model's parameters are on several devices "
+                             f"({sorted(map(str, devices))}); move the model to one (model.to(device)) first")
+        self._device = devices.pop() if devices else torch.device("cpu")
+        self._on_host = self._device.type == "cpu"
         rank, world = init_from_environment(settings.get("zinf", {}).get("timeout_s"))
         self.global_rank, self.world_size = rank, world
         self.local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -243,7 +255,8 @@ class ZinfEngine(torch.nn.Module):
         problems = _zinf.check_config(json.dumps(settings))
         if problems:
             raise ValueError("; ".join(problems))
-        collectives = TorchCollectives() if world > 1 else None
+        self._host_group = host_group() if world > 1 else None
+        collectives = TorchCollectives(self._host_group) if world > 1 else None
         backend = collectives.backend if collectives else "local"
         threads = int(settings.get("zinf", {}).get("optimizer_threads", 0))
         self._engine = _zinf.Engine(json.dumps(settings), collectives, rank, world, backend, threads)
@@ -321,9 +334,10 @@ class ZinfEngine(torch.nn.Module):
                     index = self._engine.add_param_from(unit.index, names[id(p)], shape,
                                                         _fill_from_stage(_zero.staged(p)))
                 else:
-                    values = p.detach().to(torch.float32).contiguous()
+                    values = p.detach().to("cpu", torch.float32).contiguous()
                     if self.world_size > 1:
-                        dist.broadcast(values, src=0)  # every rank starts from rank 0's values, as DeepSpeed does
+                        # Every rank starts from rank 0's values, as DeepSpeed does.
+                        dist.broadcast(values, src=0, group=self._host_group)
                     index = self._engine.add_param(unit.index, names[id(p)], shape, values.data_ptr(),
                                                    values.numel())
                 self._index[id(p)] = index
@@ -356,13 +370,13 @@ class ZinfEngine(torch.nn.Module):
                 continue  # frozen: no gradient to hand over
             shape = self._shapes[id(p)]
             if p.shape != shape:
-                p.data = torch.zeros((), dtype=self._dtype).expand(shape)  # the shape, no memory
+                p.data = torch.zeros((), dtype=self._dtype, device=self._device).expand(shape)  # the shape, no memory
             with torch.enable_grad():
                 node = p.expand_as(p).grad_fn.next_functions[0][0]
             node.register_hook(self._make_grad_hook(p))
             self._accumulators.append(node)
         for _, p in self._named_unique:
-            p.data = self._view(p) if id(p) in self._persistent else torch.empty(0, dtype=self._dtype)
+            p.data = self._persistent_values(p) if id(p) in self._persistent else self._empty()
         if self.stage >= 3:
             for unit in self._units:
                 unit.module.register_forward_pre_hook(self._make_pre_hook(unit))
@@ -393,26 +407,47 @@ class ZinfEngine(torch.nn.Module):
         """GatheredParameters: the whole value from the masters."""
         whole = torch.empty(self._shapes[id(p)], dtype=torch.float32)
         self._engine.gather_master(self._index[id(p)], whole.data_ptr(), whole.numel())
-        p.data = whole.to(self._dtype)
+        p.data = whole.to(self._device, self._dtype)
 
     def _release_whole(self, p, write_back, source_rank):
         if write_back:
-            values = p.detach().to(torch.float32).contiguous()
+            values = p.detach().to("cpu", torch.float32).contiguous()
             if self.world_size > 1:
-                dist.broadcast(values, src=source_rank)
+                dist.broadcast(values, src=source_rank, group=self._host_group)
             self._engine.set_master(self._index[id(p)], values.data_ptr(), values.numel())
         if id(p) in self._persistent:
-            p.data = self._view(p)
+            p.data = self._persistent_values(p)
         else:
             unit = self._owner[id(p)]
-            p.data = self._view(p).clone() if unit.gathered else torch.empty(0, dtype=self._dtype)
+            p.data = self._copy_out(p) if unit.gathered else self._empty()
 
     def _view(self, p):
-        """The engine's whole param, as a tensor over its memory."""
+        """The engine's whole param, as a tensor over its (host) memory."""
         shape = self._shapes[id(p)]
         if shape.numel() == 0:
             return torch.empty(shape, dtype=self._dtype)
         return torch.frombuffer(self._engine.param(self._index[id(p)]), dtype=self._dtype).view(shape)
+
+    def _copy_out(self, p):
+        """The gathered param as a tensor torch owns, on the model's device:
+        a view autograd saved must not see the engine reuse this memory for
+        another layer."""
+        return self._view(p).to(self._device, copy=True)
+
+    def _persistent_values(self, p):
+        """A persistent param's tensor: on the CPU the engine's memory itself
+        (a step updates it in place), on a GPU a copy that _refresh_persistent
+        renews after each step."""
+        return self._view(p) if self._on_host else self._view(p).to(self._device)
+
+    def _refresh_persistent(self):
+        if not self._on_host:
+            for _, p in self._named_unique:
+                if id(p) in self._persistent:
+                    p.data.copy_(self._view(p))
+
+    def _empty(self):
+        return torch.empty(0, dtype=self._dtype, device=self._device)
 
     # -- stage 3: gather and release around each unit ------------------------------------
     def _owners(self, unit):
@@ -434,9 +469,7 @@ class ZinfEngine(torch.nn.Module):
             if not owner.gathered:
                 for _, p in owner.params:
                     if id(p) not in self._persistent:
-                        # A copy torch owns: a view autograd saved must not see
-                        # the engine reuse this memory for another layer.
-                        p.data = self._view(p).clone()
+                        p.data = self._copy_out(p)
                 owner.gathered = True
                 if not backward:
                     owner.forward_open = True
@@ -445,7 +478,7 @@ class ZinfEngine(torch.nn.Module):
         if unit.gathered:
             for _, p in unit.params:
                 if id(p) not in self._persistent:
-                    p.data = torch.empty(0, dtype=self._dtype)
+                    p.data = self._empty()
             unit.gathered = False
 
     def _make_pre_hook(self, unit):
@@ -479,7 +512,7 @@ class ZinfEngine(torch.nn.Module):
                 unit.backward_open = True
                 self._queue_end_of_backward()
             target = torch.frombuffer(self._engine.grad(self._index[id(p)]), dtype=torch.float32)
-            target.view(self._shapes[id(p)]).add_(p.grad.detach())
+            target.view(self._shapes[id(p)]).add_(p.grad.detach().to("cpu"))
             p.grad = None
             unit.arrived += 1
             if unit.arrived == unit.wanted:
@@ -572,6 +605,8 @@ class ZinfEngine(torch.nn.Module):
         if boundary:
             self._push_groups()
         stepped = self._engine.step()
+        if stepped:
+            self._refresh_persistent()
         self.micro_steps += 1
         self.global_samples += self._micro_batch * self.world_size
         self._step_applied = stepped
@@ -659,7 +694,8 @@ class ZinfEngine(torch.nn.Module):
 
     @property
     def device(self):
-        return torch.device("cpu")
+        """Where the model computes (its parameters' device); inputs go there."""
+        return self._device
 
     def timings(self):
         """Seconds spent per phase since the start, and the engine's own
@@ -722,7 +758,7 @@ class ZinfEngine(torch.nn.Module):
             with open(os.path.join(save_dir, "zero_to_fp32.py"), "w") as file:
                 file.write(_ZERO_TO_FP32_SCRIPT)
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier(group=self._host_group)
         return True
 
     def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
@@ -745,7 +781,7 @@ class ZinfEngine(torch.nn.Module):
         self._engine.load_checkpoint(path, optimizer_states=load_optimizer_states and not load_module_only)
         for _, p in self._named_unique:
             if id(p) in self._persistent:
-                p.data = self._view(p)
+                p.data = self._persistent_values(p)
         # client_state may hold any picklable object (DeepSpeed's contract):
         # this file is the trainer's own, not weights from elsewhere.
         state = torch.load(os.path.join(path, "zinf_engine_state.pt"), weights_only=False)
@@ -793,7 +829,7 @@ class ZinfEngine(torch.nn.Module):
             else:
                 torch.save(weights, target)
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier(group=self._host_group)
         return True
 
     save_fp16_model = save_16bit_model  # DeepSpeed's earlier name
@@ -849,14 +885,16 @@ def _named_units(model, chosen=None):
     return [(unit, names[id(unit)]) for unit in {id(u): u for u in units}.values()]
 
 
-def init_distributed(dist_backend="gloo", timeout=None, **unused):
+def init_distributed(dist_backend=None, timeout=None, **unused):
     """DeepSpeed's init_distributed: the default process group from
-    torchrun's variables (Gloo: zinf's Python engine trains on the CPU), or
-    nothing for a single process. Returns (rank, world size)."""
-    if dist_backend not in (None, "gloo"):
-        raise ValueError(f"init_distributed: backend {dist_backend!r}: zinf's Python engine runs over Gloo")
+    torchrun's variables, or nothing for a single process. The backend is
+    the script's (None: Gloo); zinf's own collectives run over Gloo on host
+    memory either way (a Gloo group beside an NCCL default). Returns (rank,
+    world size)."""
+    if dist_backend not in (None, "gloo", "nccl"):
+        raise ValueError(f"init_distributed: backend {dist_backend!r}: gloo or nccl")
     seconds = timeout.total_seconds() if timeout is not None else None
-    return init_from_environment(seconds)
+    return init_from_environment(seconds, backend=dist_backend or "gloo")
 
 
 def add_config_arguments(parser):

@@ -24,6 +24,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
+from .distributed import host_group
 from .swap import TensorSwapper
 from .torch import _load_config
 
@@ -197,9 +198,9 @@ class Init:
         for name, p in list(module._parameters.items()):
             if p is None or staged(p) is not None or p.numel() == 0:
                 continue
-            values = p.detach().to(torch.float32).reshape(-1).contiguous()
+            values = p.detach().to("cpu", torch.float32).reshape(-1).contiguous()
             if world > 1:
-                dist.broadcast(values, src=0)
+                dist.broadcast(values, src=0, group=host_group())
             shard = (values.numel() + world - 1) // world  # the engine's cut: ceil(n / world)
             start = min(rank * shard, values.numel())
             count = min(shard, values.numel() - start)
