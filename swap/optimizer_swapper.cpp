@@ -253,12 +253,19 @@ void OptimizerSwapper::set_param_group(std::size_t index, const ParamGroupSettin
   check_param_group(index, settings);
   const bool added = index == param_groups_.size();
   const ParamGroupSettings before = added ? ParamGroupSettings{} : param_groups_[index];
-  if (added) param_groups_.push_back(settings);
-  param_groups_[index] = settings;
+  if (added) {
+    param_groups_.push_back(settings);
+  } else {
+    param_groups_[index] = settings;
+  }
   try {
     check_run_boundaries();
   } catch (...) {
-    if (added) param_groups_.pop_back(); else param_groups_[index] = before;
+    if (added) {
+      param_groups_.pop_back();
+    } else {
+      param_groups_[index] = before;
+    }
     throw;
   }
 }
