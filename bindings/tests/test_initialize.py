@@ -285,6 +285,36 @@ def test_zero_to_fp32_gives_the_trained_weights_whole_without_an_engine(scratch)
         zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(scratch)
 
 
+def test_what_backward_keeps_of_a_released_layer_holds_no_values():
+    # Stage 3 drops a layer's gathered weights once its forward is done:
+    # autograd must keep the parameter (gathered again for backward), not a
+    # view of the values (torch's linear saves weight.t()), or every layer's
+    # weights would stay in memory through the whole forward.
+    model = make_model()
+    engine, _, _, _ = zinf.initialize(model=model, config=config_for(3, train_batch_size=4))
+    kept = []
+
+    def after_layer(module, inputs, output):
+        pending = [output.grad_fn]
+        while pending:
+            node = pending.pop()
+            if node is None:
+                continue
+            if "LinearSavingParams" in type(node).__name__:
+                kept.extend(t for t in node.saved_tensors if t is not None)
+                return
+            pending.extend(next_node for next_node, _ in node.next_functions)
+
+    model.layers[0].register_forward_hook(after_layer)  # after the engine's post-hook released the layer
+    x, y = batch(0, 0, 0, 4)
+    engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+    weight = [t for t in kept if t is model.layers[0].weight]
+    assert weight, [tuple(t.shape) for t in kept]
+    assert model.layers[0].weight.numel() == 0  # released, and backward still had its values
+    engine.step()
+    engine.close()
+
+
 def test_a_rank_that_dies_fails_the_others_clearly(scratch):
     config = config_for(3, "cpu", "none")
     config["zinf"] = {"timeout_s": 60}

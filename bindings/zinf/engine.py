@@ -53,7 +53,7 @@ from . import _zinf
 from . import lr_schedules
 from . import zero as _zero
 from .distributed import TorchCollectives, host_group, init_from_environment
-from .torch import _OnDemandFetch, _before_backward_of, _load_config, _units
+from .torch import _OnDemandFetch, _before_backward_of, _load_config, _stream, _units
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _log = logging.getLogger("zinf")
@@ -378,6 +378,7 @@ class ZinfEngine(torch.nn.Module):
         for _, p in self._named_unique:
             p.data = self._persistent_values(p) if id(p) in self._persistent else self._empty()
         if self.stage >= 3:
+            _stream(p for _, p in self._named_unique if id(p) not in self._persistent)
             for unit in self._units:
                 unit.module.register_forward_pre_hook(self._make_pre_hook(unit))
                 unit.module.register_forward_hook(self._make_post_hook(unit))

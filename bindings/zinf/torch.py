@@ -101,7 +101,7 @@ class _LinearSavingParams(_torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias):
         ctx.save_for_backward(input, weight, bias)
-        return _torch.nn.functional.linear(input, weight, bias)
+        return _original_linear(input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -116,11 +116,35 @@ class _LinearSavingParams(_torch.autograd.Function):
         return grad_input, grad_weight, grad_bias
 
 
+_original_linear = _torch.nn.functional.linear
+
+
+def _linear(input, weight, bias=None):
+    """torch.nn.functional.linear once zinf streams parameters: a weight zinf
+    gathers and drops (marked _zinf_streamed) is saved for backward as
+    itself (_LinearSavingParams); anything else goes to torch's linear. A
+    replacement of the function, not a torch function mode, so a layer
+    recomputed in backward by activation checkpointing (Hugging Face's
+    checkpoints forward, outside the module hooks) saves the very tensors
+    its forward saved, which torch's non-reentrant checkpoint checks."""
+    if getattr(weight, "_zinf_streamed", False) and _torch.is_grad_enabled():
+        return _LinearSavingParams.apply(input, weight, bias)
+    return _original_linear(input, weight, bias)
+
+
+def _stream(params):
+    """Marks params zinf gathers and drops, and puts _linear in place of
+    torch.nn.functional.linear (once per process; other weights take
+    torch's own path through it, as DeepSpeed's stage 3 does)."""
+    _torch.nn.functional.linear = _linear
+    for p in params:
+        p._zinf_streamed = True
+
+
 class _OnDemandFetch(_torch.overrides.TorchFunctionMode):
     """Sees each op's arguments during a forward: an empty (offloaded)
     parameter reaching one is fetched first (OffloadHandle._fetch_on_demand;
-    zinf.engine has the same for zinf.initialize), and linear layers keep
-    their parameters, not views of them, for backward."""
+    zinf.engine has the same for zinf.initialize)."""
 
     def __init__(self, handle):
         super().__init__()
@@ -133,12 +157,6 @@ class _OnDemandFetch(_torch.overrides.TorchFunctionMode):
                 for t in (value if isinstance(value, (list, tuple)) else (value,)):
                     if isinstance(t, _torch.nn.Parameter) and t.numel() == 0:
                         self.handle._fetch_on_demand(t)
-        if func is _torch.nn.functional.linear and _torch.is_grad_enabled():
-            input = args[0] if args else kwargs.get("input")
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if isinstance(weight, _torch.nn.Parameter):
-                return _LinearSavingParams.apply(input, weight, bias)
         return func(*args, **kwargs)
 
 
@@ -253,6 +271,7 @@ class OffloadHandle:
                 self._store(key, p.detach())
         if self._swapper is not None:
             self._swapper.commit()
+        _stream(p for params in self._params for _, p in params)
         for index, unit in enumerate(self.units):
             for key, p in self._params[index]:
                 p.data = _torch.empty(0, dtype=p.dtype, device=self.device)
