@@ -224,3 +224,31 @@ def test_activation_checkpointing_at_stage3_trains_as_plain_pytorch(scratch, nam
     for key, value in plain.named_parameters():
         torch.testing.assert_close(trained[key], value.detach(), rtol=1e-4, atol=1e-5, msg=key)
     engine.close()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generate_at_stage3_gives_the_plain_models_tokens(scratch, name):
+    """engine.module.generate() (evaluation, RLHF rollouts) at stage 3 with
+    params on NVMe: each step's forward gathers and drops the layers around
+    it, the tokens are the plain model's, and training goes on after."""
+    torch.manual_seed(0)
+    plain = without_dropout(tiny(name))
+    plain.eval()
+    model = copy.deepcopy(plain)
+    config = {"train_micro_batch_size_per_gpu": 2,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                    "offload_param": {"device": "nvme", "nvme_path": scratch},
+                                    "offload_optimizer": {"device": "cpu"}},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    engine, _, _, _ = zinf.initialize(model=model, config=config)
+    engine.eval()
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = plain.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        got = engine.module.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+    assert all(p.numel() == 0 for unit in engine._units for _, p in unit.params if unit.name != "(root)")
+    engine.train()
+    engine.backward(engine(ids, labels=ids).loss)
+    assert engine.step() is None and engine.global_steps == 1
+    engine.close()
