@@ -84,7 +84,7 @@ for variant in $variants; do
       # PATH with the newest torch from the Python registry, `pip install .`
       # with build isolation (the newest meson-python, meson and pybind11),
       # then with --no-build-isolation over those same newest build tools;
-      # the newest transformers too, for the Hugging Face model tests.
+      # the newest transformers (and peft) too, for the Hugging Face model tests.
       py=$(command -v python3)
       echo "== python-newest: $py, newest torch, pip install . (isolated, then --no-build-isolation), pytest"
       rm -rf build-py-newest
@@ -92,7 +92,7 @@ for variant in $variants; do
       log="$results/python-newest-install.log"
       pip_in() { build-py-newest/venv/bin/python -m pip --cache-dir "$pip_cache" "$@" >>"$log" 2>&1; }
       if "$py" -m venv build-py-newest/venv >"$log" 2>&1 &&
-        pip_in install -q torch numpy pytest transformers safetensors accelerate &&
+        pip_in install -q torch numpy pytest transformers safetensors accelerate peft &&
         pip_in install -v . &&
         pip_in install -q meson-python meson ninja pybind11 &&
         pip_in install --no-build-isolation --no-deps --force-reinstall -v .; then

@@ -23,7 +23,8 @@ from zinf import lr_schedules
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from initialize_model import ReadsItsChildsWeight, batch, group_lambdas, make_model, param_groups  # noqa: E402
+from initialize_model import (LoraNet, ReadsItsChildsWeight, batch, group_lambdas, make_model,  # noqa: E402
+                              param_groups)
 
 ADAMW = {"type": "AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.01}}
 
@@ -283,6 +284,28 @@ def test_zero_to_fp32_gives_the_trained_weights_whole_without_an_engine(scratch)
         assert torch.equal(value, weights[name]), name
     with pytest.raises(ValueError, match="no 'latest' file"):
         zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(scratch)
+
+
+@pytest.mark.parametrize("stage,device", [(2, "cpu"), (3, "cpu"), (3, "nvme")])
+def test_lora_adapters_train_over_a_frozen_base_as_plain_pytorch(scratch, stage, device):
+    # A frozen base weight beside trainable adapters in one layer: backward
+    # still reads the base after the adapters' gradients are in, so a layer
+    # is released only once its backward is done; the base keeps no
+    # optimizer state and stays as it was.
+    config = config_for(stage, device, device if stage == 3 else "none", nvme=os.path.join(scratch, "nvme"),
+                        train_batch_size=4)
+    model, plain = LoraNet(), LoraNet()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = zinf.initialize(model=model, model_parameters=trainable, config=config)
+    frozen = [engine._index[id(p)] for p in model.parameters() if not p.requires_grad]
+    assert frozen and not any(engine._engine.describe(i)["trainable"] for i in frozen)
+    reference = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad],
+                                  **{k: (tuple(v) if k == "betas" else v) for k, v in ADAMW["params"].items()})
+    start = {n: p.detach().clone() for n, p in LoraNet().named_parameters()}
+    train_both(engine, plain, reference, 3)
+    for name, value in plain.named_parameters():
+        if not value.requires_grad:
+            assert torch.equal(value, start[name]), name
 
 
 def test_what_backward_keeps_of_a_released_layer_holds_no_values():

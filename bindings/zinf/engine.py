@@ -53,7 +53,7 @@ from . import _zinf
 from . import lr_schedules
 from . import zero as _zero
 from .distributed import TorchCollectives, host_group, init_from_environment
-from .torch import _OnDemandFetch, _before_backward_of, _load_config, _stream, _units
+from .torch import _OnBackward, _OnDemandFetch, _before_backward_of, _load_config, _stream, _units
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _log = logging.getLogger("zinf")
@@ -485,6 +485,13 @@ class ZinfEngine(torch.nn.Module):
     def _make_pre_hook(self, unit):
         def pre_hook(module, inputs):
             self._gather(unit, backward=False)
+            if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
+                # Released once backward has passed the unit's inputs; a unit
+                # whose inputs carry no gradient (the embeddings), when
+                # backward ends.
+                wrapped = _OnBackward.apply(lambda: self._backward_done(unit), *inputs)
+                return wrapped if isinstance(wrapped, tuple) else (wrapped,)
+            return None
         return pre_hook
 
     def _make_post_hook(self, unit):
@@ -521,10 +528,18 @@ class ZinfEngine(torch.nn.Module):
         return grad_hook
 
     def _close_backward(self, unit):
+        # Every gradient of the unit has arrived: the engine reduces them.
+        # Its values stay until the unit's backward has passed its inputs
+        # (_backward_done): a frozen weight (LoRA's base) is still read after
+        # the trainable ones' gradients are in.
         self._engine.post_backward(unit.index)
         unit.backward_open = False
         unit.arrived = 0
-        if self.stage >= 3:
+
+    def _backward_done(self, unit):
+        """The unit's backward reached its inputs: nothing of it reads its
+        params any more this pass."""
+        if self.stage >= 3 and not unit.user_only:
             self._release(unit)
 
     def _queue_end_of_backward(self):
