@@ -40,3 +40,25 @@ def test_nvme_offload_trains_with_the_losses_of_no_offload(scratch, model):
     assert offloaded["world"] == 2 and offloaded["offload"] == "nvme"
     assert offloaded["losses"] == pytest.approx(plain["losses"], rel=1e-6)
     assert offloaded["losses"][-1] != offloaded["losses"][0]
+
+
+def test_torchrun_launches_it_with_the_losses_of_the_same_ranks_started_by_hand(scratch):
+    """Real torchrun (--standalone: its c10d rendezvous, its agent's store)
+    starting the script's two ranks: the losses of the ranks started with
+    torchrun's variables by hand."""
+    import torch
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 0) and sys.version_info >= (3, 11):
+        pytest.skip("torch %s's torchrun fails under Python 3.11 before starting any rank "
+                    "(its Std enum: 'NoneType' object has no attribute 'get')" % torch.__version__)
+    out = os.path.join(scratch, "torchrun.json")
+    args = ["--model", "gpt2", "--offload", "nvme", "--nvme", os.path.join(scratch, "nvme-torchrun")]
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               EXAMPLE, "--steps", "5", "--losses", out] + args,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1"),
+                              capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    with open(out) as file:
+        by_torchrun = json.load(file)
+    by_hand = run(2, ["--model", "gpt2", "--offload", "nvme", "--nvme", os.path.join(scratch, "nvme-hand")], scratch)
+    assert by_torchrun["world"] == 2
+    assert by_torchrun["losses"] == pytest.approx(by_hand["losses"], rel=1e-6)
