@@ -6,10 +6,10 @@ import torch
 
 
 class Net(torch.nn.Module):
-    def __init__(self, width=24, layers=3):
+    def __init__(self, width=24, layers=3, layer=torch.nn.Linear):
         super().__init__()
         self.embed = torch.nn.Linear(8, width)
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
+        self.layers = torch.nn.ModuleList(layer(width, width) for _ in range(layers))
         self.head = torch.nn.Linear(width, 1)
 
     def forward(self, x):
@@ -81,30 +81,19 @@ class LoraLinear(torch.nn.Module):
     LoRA adds one: the base weight is read in backward (for the input's
     gradient) after the adapter's gradients are in."""
 
-    def __init__(self, width, rank=2):
+    def __init__(self, width, out, rank=2):
         super().__init__()
-        self.base = torch.nn.Linear(width, width)
+        self.base = torch.nn.Linear(width, out)
         self.base.requires_grad_(False)
         self.lora_a = torch.nn.Parameter(torch.randn(rank, width) * 0.1)
-        self.lora_b = torch.nn.Parameter(torch.randn(width, rank) * 0.1)
+        self.lora_b = torch.nn.Parameter(torch.randn(out, rank) * 0.1)
 
     def forward(self, x):
         return self.base(x) + (x @ self.lora_a.t()) @ self.lora_b.t()
 
 
-class LoraNet(torch.nn.Module):
-    """Net's shape with every layer a LoraLinear; the embedding and head are
-    trained whole."""
-
-    def __init__(self, width=24, layers=3):
-        super().__init__()
-        torch.manual_seed(99)
-        self.embed = torch.nn.Linear(8, width)
-        self.layers = torch.nn.ModuleList(LoraLinear(width) for _ in range(layers))
-        self.head = torch.nn.Linear(width, 1)
-
-    def forward(self, x):
-        h = torch.tanh(self.embed(x))
-        for layer in self.layers:
-            h = torch.tanh(layer(h))
-        return self.head(h)
+def make_lora_model():
+    """Net with every layer a LoraLinear; the embedding and head are trained
+    whole."""
+    torch.manual_seed(99)
+    return Net(layer=LoraLinear)

@@ -81,6 +81,27 @@ def without_dropout(model):
     return model
 
 
+def train_like_plain(engine, plain, reference, name="", steps=3):
+    """`steps` steps of the engine and of `plain` with `reference` (a torch
+    optimizer over plain's trainable params) on the same token batches:
+    equal losses each step, then equal parameters. Returns the engine's."""
+    for step in range(steps):
+        ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(step))
+        extra = {"decoder_input_ids": ids} if name == "t5" else {}
+        got = engine(input_ids=ids, labels=ids, **extra).loss
+        engine.backward(got)
+        engine.step()
+        want = plain(input_ids=ids, labels=ids, **extra).loss
+        want.backward()
+        reference.step()
+        reference.zero_grad()
+        assert float(got) == pytest.approx(float(want), rel=1e-5), step
+    trained = engine.consolidated_state_dict()
+    for key, value in plain.named_parameters():
+        torch.testing.assert_close(trained[key], value.detach(), rtol=1e-4, atol=1e-5, msg=key)
+    return trained
+
+
 @pytest.mark.parametrize("name,device", [("gpt2", "nvme"), ("llama", "nvme"), ("bert", "nvme"), ("t5", "nvme"),
                                          ("mixtral", "nvme"), ("llama", "cpu"), ("mixtral", "cpu")])
 def test_zinf_initialize_stage3_trains_as_plain_pytorch(scratch, name, device):
@@ -101,20 +122,7 @@ def test_zinf_initialize_stage3_trains_as_plain_pytorch(scratch, name, device):
     layers = [u for u in engine._units if "Layer" in type(u.module).__name__ or "Block" in type(u.module).__name__]
     assert len(layers) >= 2, [u.name for u in engine._units]
     reference = torch.optim.AdamW(plain.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    for step in range(3):
-        ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(step))
-        extra = {"decoder_input_ids": ids} if name == "t5" else {}
-        got = engine(ids, labels=ids, **extra).loss
-        engine.backward(got)
-        engine.step()
-        want = plain(ids, labels=ids, **extra).loss
-        want.backward()
-        reference.step()
-        reference.zero_grad()
-        assert float(got) == pytest.approx(float(want), rel=1e-5), step
-    trained = engine.consolidated_state_dict()
-    for key, value in plain.named_parameters():
-        torch.testing.assert_close(trained[key], value.detach(), rtol=1e-4, atol=1e-5, msg=key)
+    train_like_plain(engine, plain, reference, name)
     # Between uses the layers hold nothing.
     assert all(p.numel() == 0 for unit in layers for _, p in unit.params)
     engine.close()
@@ -210,19 +218,7 @@ def test_activation_checkpointing_at_stage3_trains_as_plain_pytorch(scratch, nam
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}}
     engine, _, _, _ = zinf.initialize(model=model, config=config)
     reference = torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.01)
-    for step in range(3):
-        ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(step))
-        got = engine(ids, labels=ids).loss
-        engine.backward(got)
-        engine.step()
-        want = plain(ids, labels=ids).loss
-        want.backward()
-        reference.step()
-        reference.zero_grad()
-        assert float(got) == pytest.approx(float(want), rel=1e-5), step
-    trained = engine.consolidated_state_dict()
-    for key, value in plain.named_parameters():
-        torch.testing.assert_close(trained[key], value.detach(), rtol=1e-4, atol=1e-5, msg=key)
+    train_like_plain(engine, plain, reference, name)
     engine.close()
 
 
@@ -279,19 +275,7 @@ def test_peft_lora_at_stage3_trains_as_plain_pytorch(scratch, name):
     engine, _, _, _ = zinf.initialize(model=model, model_parameters=trainable, config=config)
     reference = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     frozen_start = {k: p.detach().clone() for k, p in plain.named_parameters() if not p.requires_grad}
-    for step in range(3):
-        ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(step))
-        got = engine(input_ids=ids, labels=ids).loss
-        engine.backward(got)
-        engine.step()
-        want = plain(input_ids=ids, labels=ids).loss
-        want.backward()
-        reference.step()
-        reference.zero_grad()
-        assert float(got) == pytest.approx(float(want), rel=1e-5), step
-    trained = engine.consolidated_state_dict()
-    for key, value in plain.named_parameters():
-        torch.testing.assert_close(trained[key], value.detach(), rtol=1e-4, atol=1e-5, msg=key)
-        if key in frozen_start:
-            assert torch.equal(trained[key], frozen_start[key]), key
+    trained = train_like_plain(engine, plain, reference, name)
+    for key, value in frozen_start.items():
+        assert torch.equal(trained[key], value), key
     engine.close()

@@ -23,8 +23,8 @@ from zinf import lr_schedules
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from initialize_model import (LoraNet, ReadsItsChildsWeight, batch, group_lambdas, make_model,  # noqa: E402
-                              param_groups)
+from initialize_model import (ReadsItsChildsWeight, batch, group_lambdas, make_lora_model,  # noqa: E402
+                              make_model, param_groups)
 
 ADAMW = {"type": "AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.01}}
 
@@ -35,21 +35,26 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(world, run, directory, timeout=240):
-    """Runs initialize_worker.py in `world` processes; returns (codes, stderr
-    texts, rank 0's result or None)."""
+def launch(world, run, directory, timeout=240, master="127.0.0.1", per_node=None, prefix=None):
+    """Runs initialize_worker.py in `world` processes with torchrun's
+    variables; returns (codes, stderr texts, rank 0's result or None).
+    `per_node` ranks share a node (LOCAL_RANK counts within it); `prefix(rank)`
+    is a command to run rank's process under (another host's namespace)."""
     run = dict(run, out=os.path.join(directory, "result.pt"))
     path = os.path.join(directory, "run.json")
     with open(path, "w") as file:
         json.dump(run, file)
-    port = free_port()
-    env_base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
-                    PYTHONPATH=os.pathsep.join([HERE] + sys.path), OMP_NUM_THREADS="1")
+    per_node = per_node or world
+    env_base = dict(os.environ, MASTER_ADDR=master, MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
+                    LOCAL_WORLD_SIZE=str(per_node), PYTHONPATH=os.pathsep.join([HERE] + sys.path),
+                    OMP_NUM_THREADS="1")
+    env_base.pop("GLOO_SOCKET_IFNAME", None)  # zinf finds the interface itself
     procs = []
     for rank in range(world):
-        env = dict(env_base, RANK=str(rank), LOCAL_RANK=str(rank))
-        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "initialize_worker.py"), path], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = dict(env_base, RANK=str(rank), LOCAL_RANK=str(rank % per_node), GROUP_RANK=str(rank // per_node))
+        command = [sys.executable, os.path.join(HERE, "initialize_worker.py"), path]
+        procs.append(subprocess.Popen((prefix(rank) if prefix else []) + command, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
     codes, errors = [], []
     for proc in procs:
         try:
@@ -294,14 +299,14 @@ def test_lora_adapters_train_over_a_frozen_base_as_plain_pytorch(scratch, stage,
     # optimizer state and stays as it was.
     config = config_for(stage, device, device if stage == 3 else "none", nvme=os.path.join(scratch, "nvme"),
                         train_batch_size=4)
-    model, plain = LoraNet(), LoraNet()
+    model, plain = make_lora_model(), make_lora_model()
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = zinf.initialize(model=model, model_parameters=trainable, config=config)
     frozen = [engine._index[id(p)] for p in model.parameters() if not p.requires_grad]
     assert frozen and not any(engine._engine.describe(i)["trainable"] for i in frozen)
     reference = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad],
                                   **{k: (tuple(v) if k == "betas" else v) for k, v in ADAMW["params"].items()})
-    start = {n: p.detach().clone() for n, p in LoraNet().named_parameters()}
+    start = {n: p.detach().clone() for n, p in make_lora_model().named_parameters()}
     train_both(engine, plain, reference, 3)
     for name, value in plain.named_parameters():
         if not value.requires_grad:

@@ -12,7 +12,6 @@ import sys
 import uuid
 
 import pytest
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -59,45 +58,14 @@ def two_hosts():
             _ip("netns", "del", name)  # takes its end of the veth pair with it
 
 
-def launch_on_hosts(names, master, run, directory, timeout=240):
-    """initialize_worker.py as torchrun starts it on each host: RANK,
-    LOCAL_RANK, WORLD_SIZE, GROUP_RANK, MASTER_ADDR/PORT (node 0's address)."""
-    import json
-    run = dict(run, out=os.path.join(directory, "result.pt"))
-    path = os.path.join(directory, "run.json")
-    with open(path, "w") as file:
-        json.dump(run, file)
-    env_base = dict(os.environ, MASTER_ADDR=master, MASTER_PORT=str(base.free_port()),
-                    WORLD_SIZE=str(NODES * PER_NODE), LOCAL_WORLD_SIZE=str(PER_NODE),
-                    PYTHONPATH=os.pathsep.join([HERE] + sys.path), OMP_NUM_THREADS="1")
-    env_base.pop("GLOO_SOCKET_IFNAME", None)  # zinf finds the interface itself
-    procs = []
-    for node, name in enumerate(names):
-        for local in range(PER_NODE):
-            env = dict(env_base, RANK=str(node * PER_NODE + local), LOCAL_RANK=str(local), GROUP_RANK=str(node))
-            procs.append(subprocess.Popen(["ip", "netns", "exec", name, sys.executable,
-                                           os.path.join(HERE, "initialize_worker.py"), path],
-                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    codes, errors = [], []
-    for proc in procs:
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            raise AssertionError("a rank hung past %d s" % timeout)
-        codes.append(proc.returncode)
-        errors.append(err)
-    result = torch.load(run["out"]) if os.path.exists(run["out"]) else None
-    return codes, errors, result
-
-
 @pytest.mark.parametrize("stage,optimizer_device,param_device", [(2, "cpu", "none"), (3, "nvme", "nvme")])
 def test_two_hosts_train_as_one_process(two_hosts, scratch, stage, optimizer_device, param_device):
     names, master = two_hosts
     config = base.config_for(stage, optimizer_device, param_device, nvme=os.path.join(scratch, "nvme"),
                              gradient_accumulation_steps=2, zinf={"timeout_s": 60})
-    codes, errors, result = launch_on_hosts(names, master, {"config": config, "steps": 3}, scratch)
+    codes, errors, result = base.launch(NODES * PER_NODE, {"config": config, "steps": 3}, scratch, master=master,
+                                        per_node=PER_NODE,
+                                        prefix=lambda rank: ["ip", "netns", "exec", names[rank // PER_NODE]])
     # Gloo would listen on 127.0.0.1 (the host name's address) and node 1's
     # ranks could not connect back: zinf picks the interface towards node 0.
     assert codes == [0] * (NODES * PER_NODE), "\n".join(errors)
