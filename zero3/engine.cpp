@@ -31,6 +31,24 @@ DType working_dtype_of(config::Precision precision) {
   return DType::f32;
 }
 
+// Calls piece(param, from, to) for each part [from, to) of the partition
+// range [begin, end) that a param of `order` (partition order) holds; `first`
+// carries the search on from one sub-group to the next.
+template <class Params, class Piece>
+void for_each_piece(const Params& params, std::span<const ParamIndex> order, std::uint64_t begin,
+                    std::uint64_t end, std::size_t& first, const Piece& piece) {
+  while (first < order.size() &&
+         params[order[first]]->partition_offset + params[order[first]]->d.shard_elements <= begin) {
+    ++first;
+  }
+  for (std::size_t k = first; k < order.size(); ++k) {
+    const auto& param = *params[order[k]];
+    if (param.partition_offset >= end) break;
+    piece(param, std::max(begin, param.partition_offset),
+          std::min(end, param.partition_offset + param.d.shard_elements));
+  }
+}
+
 template <class Duration>
 void add_time(std::mutex& mutex, Duration& target, Clock::time_point since) {
   std::lock_guard lock(mutex);
@@ -148,20 +166,12 @@ void Engine::set_param_group_ranges() {
       }
     };
     std::uint64_t at_element = group_begin;
-    while (first < trainable_order_.size() &&
-           params_[trainable_order_[first]]->partition_offset +
-                   params_[trainable_order_[first]]->d.shard_elements <= group_begin) {
-      ++first;
-    }
-    for (std::size_t k = first; k < trainable_order_.size(); ++k) {
-      const Param& param = *params_[trainable_order_[k]];
-      if (param.partition_offset >= group_end) break;
-      const std::uint64_t from = std::max(group_begin, param.partition_offset);
-      const std::uint64_t to = std::min(group_end, param.partition_offset + param.d.shard_elements);
-      add(at_element, from, 0);
-      add(from, to, param.param_group);
-      at_element = std::max(at_element, to);
-    }
+    for_each_piece(params_, trainable_order_, group_begin, group_end, first,
+                   [&](const Param& param, std::uint64_t from, std::uint64_t to) {
+                     add(at_element, from, 0);
+                     add(from, to, param.param_group);
+                     at_element = std::max(at_element, to);
+                   });
     add(at_element, group_end, 0);
     optimizer_->set_param_group_ranges(g, std::move(ranges));
     group_begin = group_end;
@@ -367,25 +377,19 @@ void Engine::finalize() {
   for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
     const std::uint64_t group_end = group_begin + sub_groups_[g].elements;
     std::vector<float> master(sub_groups_[g].elements, 0.0f);
-    while (first_param < trainable_order_.size() &&
-           params_[trainable_order_[first_param]]->partition_offset +
-                   params_[trainable_order_[first_param]]->d.shard_elements <= group_begin) {
-      ++first_param;
-    }
-    for (std::size_t p = first_param; p < trainable_order_.size(); ++p) {
-      const Param& param = *params_[trainable_order_[p]];
-      if (param.partition_offset >= group_end) break;
-      // The part of p's shard inside this sub-group, and the elements of p
-      // it holds (the shard's tail past the param's end is padding).
-      const std::uint64_t from = std::max(group_begin, param.partition_offset);
-      const std::uint64_t to = std::min(group_end, param.partition_offset + param.d.shard_elements);
-      const std::uint64_t shard_start = static_cast<std::uint64_t>(rank) * param.d.shard_elements;
-      const std::uint64_t element_from = shard_start + (from - param.partition_offset);
-      const std::uint64_t element_to = std::min(shard_start + (to - param.partition_offset), param.d.elements);
-      if (element_from < element_to) {
-        param.init(element_from, std::span(master.data() + (from - group_begin), element_to - element_from));
-      }
-    }
+    // The part [from, to) of a param's shard inside this sub-group, and the
+    // elements of the param it holds (the shard's tail past the end is padding).
+    for_each_piece(params_, trainable_order_, group_begin, group_end, first_param,
+                   [&](const Param& param, std::uint64_t from, std::uint64_t to) {
+                     const std::uint64_t shard_start = static_cast<std::uint64_t>(rank) * param.d.shard_elements;
+                     const std::uint64_t element_from = shard_start + (from - param.partition_offset);
+                     const std::uint64_t element_to =
+                         std::min(shard_start + (to - param.partition_offset), param.d.elements);
+                     if (element_from < element_to) {
+                       param.init(element_from,
+                                  std::span(master.data() + (from - group_begin), element_to - element_from));
+                     }
+                   });
     optimizer_->initialize(g, master, 0);
     set_working(group_begin, master);
     group_begin = group_end;
@@ -1027,10 +1031,12 @@ std::vector<float> Engine::gather_master(ParamIndex p) {
   const Param& param = at(p);
   const std::uint64_t count = param.d.shard_elements;
   std::vector<float> mine(count, 0.0f);
-  // The sub-groups that hold this param's shard (a frozen one: its working copy).
+  // From the sub-groups that hold this param's shard (the optimizer's
+  // partition holds no frozen one: its working copy is all there is).
   if (!param.d.trainable) read_working(param.partition_offset, mine);
+  const std::size_t groups = param.d.trainable ? sub_groups_.size() : 0;
   std::uint64_t group_begin = 0;
-  for (std::size_t g = 0; g < sub_groups_.size() && param.d.trainable; ++g) {
+  for (std::size_t g = 0; g < groups; ++g) {
     const std::uint64_t group_end = group_begin + sub_groups_[g].elements;
     const std::uint64_t from = std::max(group_begin, param.partition_offset);
     const std::uint64_t to = std::min(group_end, param.partition_offset + count);

@@ -36,7 +36,10 @@ def get_local_rank():
 def get_global_rank(group=None, group_rank=0):
     if not is_initialized():
         return group_rank
-    return _dist.distributed_c10d._get_global_rank(group, group_rank) if group is not None else group_rank
+    if group is None:
+        return group_rank
+    public = getattr(_dist, "get_global_rank", None)  # torch >= 2.0; 1.13 has only the private one
+    return public(group, group_rank) if public else _dist.distributed_c10d._get_global_rank(group, group_rank)
 
 
 def barrier(group=None, **kwargs):

@@ -725,7 +725,7 @@ class ZinfEngine(torch.nn.Module):
         return out
 
     def _maybe_print(self):
-        every = int(self._settings.get("steps_per_print", 10) or 0)
+        every = self.steps_per_print()
         if not every or self.global_steps % every or self.global_rank != 0:
             return
         message = f"zinf: step {self.global_steps}, lr {self.get_lr()[0]:.3g}, grad norm " \
