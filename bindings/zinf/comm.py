@@ -9,6 +9,7 @@ import os
 import torch.distributed as _dist
 from torch.distributed import ReduceOp  # noqa: F401  (DeepSpeed re-exports it)
 
+from .distributed import settle_at_exit
 from .engine import init_distributed  # noqa: F401
 
 
@@ -44,6 +45,7 @@ def get_global_rank(group=None, group_rank=0):
 
 def barrier(group=None, **kwargs):
     if is_initialized():
+        settle_at_exit()
         _dist.barrier(group=group, **kwargs)
 
 
@@ -51,6 +53,7 @@ def _collective(name):
     def call(*args, **kwargs):
         if not is_initialized():
             return None  # one process: the tensors are already the result
+        settle_at_exit()
         return getattr(_dist, name)(*args, **kwargs)
     call.__name__ = name
     call.__doc__ = f"torch.distributed.{name} over the default group (nothing to do in a world of one)."
@@ -69,6 +72,7 @@ def all_gather(tensor_list, tensor, group=None, async_op=False):
     if not is_initialized():
         tensor_list[0].copy_(tensor)
         return None
+    settle_at_exit()
     return _dist.all_gather(tensor_list, tensor, group=group, async_op=async_op)
 
 
@@ -78,6 +82,7 @@ def all_gather_into_tensor(output, tensor, group=None, async_op=False):
     if not is_initialized():
         output.copy_(tensor.reshape(output.shape))
         return None
+    settle_at_exit()
     if _dist.get_backend(group) == "nccl":
         gather = getattr(_dist, "all_gather_into_tensor", None) or _dist._all_gather_base
         return gather(output, tensor, group=group, async_op=async_op)
@@ -91,6 +96,7 @@ def reduce_scatter_tensor(output, tensor, op=ReduceOp.SUM, group=None, async_op=
     if not is_initialized():
         output.copy_(tensor.reshape(output.shape))
         return None
+    settle_at_exit()
     if _dist.get_backend(group) == "nccl":
         scatter = getattr(_dist, "reduce_scatter_tensor", None) or _dist._reduce_scatter_base
         return scatter(output, tensor, op=op, group=group, async_op=async_op)

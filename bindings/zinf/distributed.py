@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import struct
+import time
 
 import torch
 import torch.distributed as dist
@@ -75,6 +76,9 @@ class TorchCollectives:
         dist.barrier(group=self.group)
 
 
+_settle_registered = []  # settle_at_exit's handler (or _destroy_own_group) is registered
+
+
 def init_from_environment(timeout_s=None, backend="gloo"):
     """Initialises the default process group from torchrun's variables
     (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) when they are set and it
@@ -100,7 +104,36 @@ def init_from_environment(timeout_s=None, backend="gloo"):
     # ("terminate called without an active exception", pytorch#190489):
     # the group zinf made, zinf takes down while the interpreter is whole.
     atexit.register(_destroy_own_group)
+    _settle_registered.append(True)
     return dist.get_rank(), dist.get_world_size()
+
+
+
+def settle_at_exit():
+    """Lets Gloo's worker threads let go of their last tensors before the
+    interpreter is torn down (registered once, by whoever runs collectives
+    over a Gloo group: zinf.initialize, zinf.zero.Init).
+
+    A Gloo worker thread drops the tensors of a finished collective just
+    after waking the caller. Each tensor made in Python has a PyObject, and
+    torch (2.x: PyObject preservation, c10/util/intrusive_ptr.h) decrefs it
+    from whichever thread drops the reference, taking the GIL to do so. A
+    worker thread descheduled in that gap until the interpreter finalizes
+    takes the GIL of a dying interpreter: Python ends the thread inside
+    torch's noexcept code and the process aborts ("terminate called without
+    an active exception", rank exit -6 after training finished; seen in CI
+    on a loaded 2-core machine, on a rank whose last call was a collective),
+    or, when destroy_process_group joins the threads while holding the GIL,
+    hangs. Sleeping with the GIL released gives those threads the time to
+    finish; nothing Gloo does can be waited for more precisely."""
+    if not _settle_registered:
+        _settle_registered.append(True)
+        atexit.register(_settle_gloo_threads)  # the group zinf made settles in _destroy_own_group
+
+
+def _settle_gloo_threads():
+    if dist.is_available() and dist.is_initialized():
+        time.sleep(0.1)
 
 
 _host_groups = []
@@ -165,4 +198,5 @@ def _choose_gloo_interface(master_addr, master_port):
 
 def _destroy_own_group():
     if dist.is_initialized():
+        _settle_gloo_threads()  # before destroy joins Gloo's threads (see settle_at_exit)
         dist.destroy_process_group()

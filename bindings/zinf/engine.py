@@ -52,7 +52,7 @@ import torch.distributed as dist
 from . import _zinf
 from . import lr_schedules
 from . import zero as _zero
-from .distributed import TorchCollectives, host_group, init_from_environment
+from .distributed import TorchCollectives, host_group, init_from_environment, settle_at_exit
 from .torch import _OnBackward, _OnDemandFetch, _before_backward_of, _load_config, _stream, _units
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -256,6 +256,8 @@ class ZinfEngine(torch.nn.Module):
         if problems:
             raise ValueError("; ".join(problems))
         self._host_group = host_group() if world > 1 else None
+        if world > 1:
+            settle_at_exit()
         collectives = TorchCollectives(self._host_group) if world > 1 else None
         backend = collectives.backend if collectives else "local"
         threads = int(settings.get("zinf", {}).get("optimizer_threads", 0))

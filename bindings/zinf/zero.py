@@ -24,7 +24,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from .distributed import host_group
+from .distributed import host_group, settle_at_exit
 from .swap import TensorSwapper
 from .torch import _load_config
 
@@ -200,6 +200,7 @@ class Init:
                 continue
             values = p.detach().to("cpu", torch.float32).reshape(-1).contiguous()
             if world > 1:
+                settle_at_exit()
                 dist.broadcast(values, src=0, group=host_group())
             shard = (values.numel() + world - 1) // world  # the engine's cut: ceil(n / world)
             start = min(rank * shard, values.numel())
