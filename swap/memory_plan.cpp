@@ -97,7 +97,14 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
   const char* precision = element == 4 ? "fp32" : "16-bit";
 
   add(Tier::pageable, 4 * psi_rank, "gradient partition (fp32)");
-  add(Tier::pageable, element * psi_rank, fmt::format("param partition ({}, the working copy)", precision));
+  if (params_on_nvme) {
+    // The param store holds the working copy; a step hands it over one
+    // sub-group at a time.
+    add(Tier::pageable, element * std::min(group, psi_rank),
+        fmt::format("working copy ({}) of one sub-group on its way to the param store", precision), true);
+  } else {
+    add(Tier::pageable, element * psi_rank, fmt::format("param partition ({}, the working copy)", precision));
+  }
   if (optimizer_on_nvme) {
     add(Tier::nvme, state_bytes(psi_rank),
         fmt::format("optimizer states: {} tensors ({}) x {} elements", tensors, formats, psi_rank));

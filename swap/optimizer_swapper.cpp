@@ -688,7 +688,8 @@ void OptimizerSwapper::check_step_inputs(std::span<const cpu_adam::Buffer> grads
 }
 
 void OptimizerSwapper::step(std::span<const cpu_adam::Buffer> grads,
-                            std::span<const cpu_adam::Buffer> param_copies) {
+                            std::span<const cpu_adam::Buffer> param_copies,
+                            const std::function<void(std::size_t group)>& copied) {
   check_step_inputs(grads, param_copies);
   last_stats_ = {};
   Timed timed(last_stats_.total);
@@ -697,7 +698,7 @@ void OptimizerSwapper::step(std::span<const cpu_adam::Buffer> grads,
   };
   const bool ranged = std::any_of(group_ranges_.begin(), group_ranges_.end(),
                                   [](const auto& ranges) { return !ranges.empty(); });
-  if (store_ == nullptr && (options_.moment_format != cpu_adam::MomentFormat::fp32 || ranged)) {
+  if (store_ == nullptr && (options_.moment_format != cpu_adam::MomentFormat::fp32 || ranged || copied)) {
     // One kernel call per sub-group (each may have its own param groups).
     for (std::size_t g = 0; g < groups_.size(); ++g) {
       auto& tensors = host_[g];
@@ -707,6 +708,7 @@ void OptimizerSwapper::step(std::span<const cpu_adam::Buffer> grads,
       const auto kind = options_.optimizer.kind;
       compute(g, tensors[0].data(), kind == OptimizerKind::adagrad ? nullptr : first,
               kind == OptimizerKind::adagrad ? first : second, grads[g], copy_for(g));
+      if (copied) copied(g);
     }
     ++step_;
     for (auto& s : recovery_.group_steps) s = step_;
@@ -752,11 +754,12 @@ void OptimizerSwapper::step(std::span<const cpu_adam::Buffer> grads,
     recovery_.finished_step = step_;
     return;
   }
-  step_on_store(grads, param_copies);
+  step_on_store(grads, param_copies, copied);
 }
 
 void OptimizerSwapper::step_on_store(std::span<const cpu_adam::Buffer> grads,
-                                     std::span<const cpu_adam::Buffer> copies) {
+                                     std::span<const cpu_adam::Buffer> copies,
+                                     const std::function<void(std::size_t group)>& copied) {
   const std::int64_t next = step_ + 1;
   const std::size_t n = groups_.size();
   // The marker is durable before any sub-group changes, so a crash from
@@ -773,6 +776,7 @@ void OptimizerSwapper::step_on_store(std::span<const cpu_adam::Buffer> grads,
     compute(g, slot.floats(0), kind == OptimizerKind::adagrad ? nullptr : first_state,
             kind == OptimizerKind::adagrad ? first_state : second_state, grads[g],
             copies.empty() ? cpu_adam::Buffer{} : copies[g]);
+    if (copied) copied(g);
   };
   const auto finish_writes = [&](Slot& slot) {
     const std::size_t group = *slot.writing_group;

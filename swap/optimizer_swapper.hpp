@@ -146,8 +146,13 @@ class OptimizerSwapper {
   // One optimizer step: grads[k] (fp32, bf16 or fp16, elements of group k)
   // and, optionally, param_copies[k] (bf16/fp16, or fp32 for fp32
   // training) to receive the updated params. Durable when it returns.
+  // `copied(k)`, when given, is called once sub-group k's copy is written
+  // and before sub-group k+1's is: the copies may then share one buffer
+  // (the caller moves each out as it comes; sub-groups step one kernel call
+  // each).
   void step(std::span<const cpu_adam::Buffer> grads,
-            std::span<const cpu_adam::Buffer> param_copies = {});
+            std::span<const cpu_adam::Buffer> param_copies = {},
+            const std::function<void(std::size_t group)>& copied = {});
 
   // Param groups: set_param_group adds group `index` (the next one) or
   // replaces its settings (a scheduler's lr; between steps only), and
@@ -212,7 +217,8 @@ class OptimizerSwapper {
   // Decays a run's ranges with their own weight decay (decays_itself).
   void decay_ranges(std::size_t group, const Run& run, float* param, const cpu_adam::Buffer& grad) const;
   void step_on_store(std::span<const cpu_adam::Buffer> grads,
-                     std::span<const cpu_adam::Buffer> copies);
+                     std::span<const cpu_adam::Buffer> copies,
+                     const std::function<void(std::size_t group)>& copied);
   void check_step_inputs(std::span<const cpu_adam::Buffer> grads,
                          std::span<const cpu_adam::Buffer> copies) const;
   void commit_group(std::size_t group);

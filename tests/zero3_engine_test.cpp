@@ -314,51 +314,56 @@ TEST(EngineFrozen, FrozenParamsCostTheOptimizerNothingAndStayAsTheyAre) {
 }
 
 TEST(EngineFrozen, CheckpointsKeepFrozenValuesAndRefuseAnotherChoiceOfFrozenParams) {
-  testing::TempDir dir;
-  const auto config = config::load_config_string(
-      R"({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}, "zero_optimization": {"stage": 3,
-          "stage3_param_persistence_threshold": 0, "sub_group_size": 5}})");
-  const auto build = [&](Engine& engine, bool b_frozen) {
-    const auto module = engine.add_module("m");
-    engine.add_param(module, "a", {4}, std::vector<float>(4, 1.0f));
-    const ParamIndex b = engine.add_param(module, "b", {3}, std::vector<float>(3, 2.0f));
-    engine.set_trainable(b, !b_frozen);
-    engine.finalize();
-    return b;
-  };
-  auto comm = make_local_communicator();
-  {
-    Engine engine(config, *comm);
-    const ParamIndex b = build(engine, true);
-    engine.set_master(b, std::vector<float>{7.0f, 8.0f, 9.0f});  // GatheredParameters' write-back
-    EXPECT_EQ(engine.gather_master(b), (std::vector<float>{7.0f, 8.0f, 9.0f}));
-    engine.save_checkpoint(dir.path() / "ckpt");
-  }
-  {
-    Engine engine(config, *comm);
-    const ParamIndex b = build(engine, true);
-    EXPECT_EQ(engine.gather_master(b), (std::vector<float>{2.0f, 2.0f, 2.0f}));
-    engine.load_checkpoint(dir.path() / "ckpt");
-    EXPECT_EQ(engine.gather_master(b), (std::vector<float>{7.0f, 8.0f, 9.0f}));
-    engine.pre_forward(0);
-    EXPECT_EQ(engine.param_f32(b)[2], 9.0f);  // the gathered param too
-    engine.post_forward(0);
-  }
-  const auto consolidated = consolidate_checkpoint(dir.path() / "ckpt");
-  ASSERT_EQ(consolidated.size(), 2u);
-  EXPECT_TRUE(consolidated[0].trainable);
-  EXPECT_EQ(consolidated[0].values, std::vector<float>(4, 1.0f));
-  EXPECT_FALSE(consolidated[1].trainable);
-  EXPECT_EQ(consolidated[1].values, (std::vector<float>{7.0f, 8.0f, 9.0f}));
-  {
-    Engine engine(config, *comm);
-    build(engine, false);
-    try {
+  // On NVMe the frozen shard is in the param store only (no host image).
+  for (const std::string params_on : {"none", "nvme"}) {
+    SCOPED_TRACE(params_on);
+    testing::TempDir dir;
+    const auto config = config::load_config_string(
+        R"({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}, "zero_optimization": {"stage": 3,
+            "stage3_param_persistence_threshold": 0, "sub_group_size": 5,
+            "offload_param": {"device": ")" + params_on + R"(", "nvme_path": ")" + (dir.path() / "nvme").string() + R"("}}})");
+    const auto build = [&](Engine& engine, bool b_frozen) {
+      const auto module = engine.add_module("m");
+      engine.add_param(module, "a", {4}, std::vector<float>(4, 1.0f));
+      const ParamIndex b = engine.add_param(module, "b", {3}, std::vector<float>(3, 2.0f));
+      engine.set_trainable(b, !b_frozen);
+      engine.finalize();
+      return b;
+    };
+    auto comm = make_local_communicator();
+    {
+      Engine engine(config, *comm);
+      const ParamIndex b = build(engine, true);
+      engine.set_master(b, std::vector<float>{7.0f, 8.0f, 9.0f});  // GatheredParameters' write-back
+      EXPECT_EQ(engine.gather_master(b), (std::vector<float>{7.0f, 8.0f, 9.0f}));
+      engine.save_checkpoint(dir.path() / "ckpt");
+    }
+    {
+      Engine engine(config, *comm);
+      const ParamIndex b = build(engine, true);
+      EXPECT_EQ(engine.gather_master(b), (std::vector<float>{2.0f, 2.0f, 2.0f}));
       engine.load_checkpoint(dir.path() / "ckpt");
-      FAIL() << "a checkpoint with b frozen loaded into an engine training it";
-    } catch (const Error& error) {
-      EXPECT_NE(std::string(error.what()).find("'b' is frozen in the checkpoint and trainable here"),
-                std::string::npos) << error.what();
+      EXPECT_EQ(engine.gather_master(b), (std::vector<float>{7.0f, 8.0f, 9.0f}));
+      engine.pre_forward(0);
+      EXPECT_EQ(engine.param_f32(b)[2], 9.0f);  // the gathered param too
+      engine.post_forward(0);
+    }
+    const auto consolidated = consolidate_checkpoint(dir.path() / "ckpt");
+    ASSERT_EQ(consolidated.size(), 2u);
+    EXPECT_TRUE(consolidated[0].trainable);
+    EXPECT_EQ(consolidated[0].values, std::vector<float>(4, 1.0f));
+    EXPECT_FALSE(consolidated[1].trainable);
+    EXPECT_EQ(consolidated[1].values, (std::vector<float>{7.0f, 8.0f, 9.0f}));
+    {
+      Engine engine(config, *comm);
+      build(engine, false);
+      try {
+        engine.load_checkpoint(dir.path() / "ckpt");
+        FAIL() << "a checkpoint with b frozen loaded into an engine training it";
+      } catch (const Error& error) {
+        EXPECT_NE(std::string(error.what()).find("'b' is frozen in the checkpoint and trainable here"),
+                  std::string::npos) << error.what();
+      }
     }
   }
 }
@@ -392,28 +397,38 @@ TEST(EngineStages, SetMasterReplacesTheValuesEverywhereAndKeepsTheMoments) {
   Engine engine(config, *comm);
   const auto module = engine.add_module("m");
   const ParamIndex p = engine.add_param(module, "w", {4, 5}, std::vector<float>(20, 1.0f));
+  // Its neighbour shares the sub-group [14, 21) with w's tail: w's new
+  // values must not touch it (the param store rewrites its shard from what
+  // it holds).
+  const ParamIndex neighbour = engine.add_param(module, "b", {3}, std::vector<float>{3.0f, 4.0f, 5.0f});
   engine.finalize();
   const auto train_once = [&] {
     engine.pre_forward(module);
     engine.post_forward(module);
     engine.pre_backward(module);
     std::fill(engine.grad(p), engine.grad(p) + 20, 1.0f);
+    std::fill(engine.grad(neighbour), engine.grad(neighbour) + 3, 1.0f);
     engine.post_backward(module);
     EXPECT_TRUE(engine.step());
   };
   train_once();  // moments are non-zero now
+  const std::vector<float> neighbour_before = engine.gather_master(neighbour);
   std::vector<float> values(20);
   for (int i = 0; i < 20; ++i) values[i] = static_cast<float>(i);
   engine.set_master(p, values);
   EXPECT_EQ(engine.gather_master(p), values);
+  EXPECT_EQ(engine.gather_master(neighbour), neighbour_before);
   engine.pre_forward(module);  // the gathered copy is the new value too (from NVMe)
   EXPECT_EQ(engine.param_f32(p)[19], 19.0f);
+  EXPECT_EQ(std::vector<float>(engine.param_f32(neighbour), engine.param_f32(neighbour) + 3), neighbour_before);
   engine.post_forward(module);
   // Adam's second step with the same gradient again moves each value by
   // the same lr-sized step (m / sqrt(v) stays 1): the moments were kept.
   train_once();
   const auto after = engine.gather_master(p);
   for (int i = 0; i < 20; ++i) EXPECT_NEAR(after[i], values[i] - 0.5f, 1e-4) << i;
+  const auto neighbour_after = engine.gather_master(neighbour);
+  for (int i = 0; i < 3; ++i) EXPECT_NEAR(neighbour_after[i], neighbour_before[i] - 0.5f, 1e-4) << i;
   EXPECT_THROW(engine.set_master(p, std::vector<float>(3)), Error);
 }
 

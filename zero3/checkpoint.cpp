@@ -147,15 +147,17 @@ void Engine::save_checkpoint(const std::filesystem::path& dir) {
   }
 
   if (optimizer_elements_ < partition_elements_) {
-    const std::uint64_t esize = element_bytes();
     std::vector<TensorToWrite> entries;
+    std::vector<std::vector<std::byte>> shards;  // frozen: small beside the model (LoRA's base is a few GB at most per rank)
+    for (std::size_t p = 0; p < params_.size(); ++p) {
+      if (!params_[p]->d.trainable) shards.push_back(working_shard(*params_[p]));
+    }
+    std::size_t next = 0;
     for (std::size_t p = 0; p < params_.size(); ++p) {
       const Param& param = *params_[p];
       if (param.d.trainable) continue;
       entries.push_back({frozen_key(p, param.d.name), safetensors_dtype(working_),
-                         {static_cast<std::int64_t>(param.d.shard_elements)},
-                         std::span(working_partition_.data() + param.partition_offset * esize,
-                                   param.d.shard_elements * esize)});
+                         {static_cast<std::int64_t>(param.d.shard_elements)}, shards[next++]});
     }
     write_safetensors(frozen_file(dir, rank), entries,
                       {{"format", kFormat}, {"rank", std::to_string(rank)},
@@ -171,7 +173,8 @@ void Engine::save_checkpoint(const std::filesystem::path& dir) {
       const Param& param = *params_[p];
       const std::uint64_t bytes = param.d.shard_elements * esize;
       gathered.resize(bytes * comm_.world_size());
-      host_all_gather(working_partition_.data() + param.partition_offset * esize, gathered.data(), bytes);
+      const std::vector<std::byte> shard = working_shard(param);
+      host_all_gather(shard.data(), gathered.data(), bytes);
       if (rank == 0) whole[p].assign(gathered.begin(), gathered.begin() + static_cast<std::ptrdiff_t>(param.d.elements * esize));
     }
     if (rank == 0) {
@@ -281,7 +284,7 @@ void Engine::load_checkpoint(const std::filesystem::path& dir, bool optimizer_st
       if (param.d.trainable) continue;
       const auto bytes = file.bytes(frozen_key(p, param.d.name), safetensors_dtype(working_),
                                     param.d.shard_elements * esize);
-      std::memcpy(working_partition_.data() + param.partition_offset * esize, bytes.data(), bytes.size());
+      store_working(param.partition_offset, bytes);
     }
   }
   if (!optimizer_states) step = 0;  // a fresh optimizer over the loaded weights

@@ -181,24 +181,107 @@ void Engine::set_param_group_ranges() {
 void Engine::set_working(std::uint64_t offset, std::span<const float> master) {
   // The working copy is the master rounded to nearest even, as the fused
   // optimizer copy writes it after a step.
-  std::byte* out = working_partition_.data() + offset * element_bytes();
+  std::vector<std::byte> staged;
+  std::byte* out = nullptr;
+  if (working_on_nvme()) {
+    staged.resize(master.size() * element_bytes());
+    out = staged.data();
+  } else {
+    out = working_partition_.data() + offset * element_bytes();
+  }
   switch (working_) {
-    case DType::f32: std::memcpy(out, master.data(), master.size_bytes()); return;
+    case DType::f32: std::memcpy(out, master.data(), master.size_bytes()); break;
     case DType::bf16: {
       auto* half = reinterpret_cast<std::uint16_t*>(out);
       for (std::size_t i = 0; i < master.size(); ++i) half[i] = cpu_adam::float_to_bf16(master[i]);
-      return;
+      break;
     }
     case DType::f16: {
       auto* half = reinterpret_cast<std::uint16_t*>(out);
       for (std::size_t i = 0; i < master.size(); ++i) half[i] = cpu_adam::float_to_f16(master[i]);
-      return;
+      break;
+    }
+  }
+  if (working_on_nvme()) store_working(offset, staged);
+}
+
+void Engine::store_working(std::uint64_t offset, std::span<const std::byte> bytes) {
+  const std::uint64_t esize = element_bytes();
+  if (!working_on_nvme()) {
+    std::memcpy(working_partition_.data() + offset * esize, bytes.data(), bytes.size());
+    return;
+  }
+  const std::uint64_t end = offset + bytes.size() / esize;
+  for (const auto& param : params_) {
+    const std::uint64_t from = std::max(offset, param->partition_offset);
+    const std::uint64_t to = std::min(end, param->partition_offset + param->d.shard_elements);
+    if (from >= to) continue;
+    const std::span<const std::byte> piece = bytes.subspan((from - offset) * esize, (to - from) * esize);
+    const std::uint64_t shard_bytes = param->d.shard_elements * esize;
+    if (piece.size() == shard_bytes) {
+      param_swapper_->swap_out(param->key, piece);
+      continue;
+    }
+    Assembly& assembly = assembling_[param.get()];
+    if (assembly.bytes.empty()) assembly.bytes.resize(shard_bytes);
+    const std::uint64_t at = (from - param->partition_offset) * esize;
+    std::memcpy(assembly.bytes.data() + at, piece.data(), piece.size());
+    assembly.pieces.emplace_back(at, at + piece.size());
+    assembly.filled += piece.size();
+    if (assembly.filled == shard_bytes) {  // the pieces of one batch never overlap
+      param_swapper_->swap_out(param->key, assembly.bytes);
+      assembling_.erase(param.get());
     }
   }
 }
 
-void Engine::read_working(std::uint64_t offset, std::span<float> out) const {
-  const std::byte* in = working_partition_.data() + offset * element_bytes();
+void Engine::flush_working() {
+  // Shards only partly rewritten (set_master's sub-groups end inside a
+  // neighbour's shard): the rest comes from the stored shard.
+  for (auto& [param, assembly] : assembling_) {
+    std::vector<std::byte> shard = working_shard(*param);
+    for (const auto& [from, to] : assembly.pieces) {
+      std::memcpy(shard.data() + from, assembly.bytes.data() + from, to - from);
+    }
+    param_swapper_->swap_out(param->key, shard);
+  }
+  assembling_.clear();
+}
+
+std::vector<std::byte> Engine::working_shard(const Param& param) {
+  const std::uint64_t bytes = param.d.shard_elements * element_bytes();
+  if (!working_on_nvme()) {
+    const std::byte* shard = working_partition_.data() + param.partition_offset * element_bytes();
+    return {shard, shard + bytes};
+  }
+  const auto stored = param_swapper_->fetch(param.key);
+  std::vector<std::byte> out(stored.begin(), stored.end());
+  param_swapper_->release(param.key);
+  return out;
+}
+
+void Engine::read_working(std::uint64_t offset, std::span<float> out) {
+  std::vector<std::byte> staged;
+  const std::byte* in = nullptr;
+  if (working_on_nvme()) {
+    // One param's shard (or a part of it): the callers read frozen params.
+    const std::uint64_t esize = element_bytes();
+    staged.resize(out.size() * esize);
+    std::uint64_t copied = 0;
+    for (const auto& param : params_) {
+      const std::uint64_t from = std::max(offset, param->partition_offset);
+      const std::uint64_t to = std::min(offset + out.size(), param->partition_offset + param->d.shard_elements);
+      if (from >= to) continue;
+      const std::vector<std::byte> shard = working_shard(*param);
+      std::memcpy(staged.data() + (from - offset) * esize, shard.data() + (from - param->partition_offset) * esize,
+                  (to - from) * esize);
+      copied += to - from;
+    }
+    ZINF_CHECK(copied == out.size(), "read_working: a range outside the partition");
+    in = staged.data();
+  } else {
+    in = working_partition_.data() + offset * element_bytes();
+  }
   switch (working_) {
     case DType::f32: std::memcpy(out.data(), in, out.size_bytes()); return;
     case DType::bf16:
@@ -317,7 +400,11 @@ void Engine::finalize() {
   // (none when every param is frozen).
   if (optimizer_elements_ > 0) sub_groups_ = swap::sub_groups(config_, optimizer_elements_, "zero3.sub_group.");
   grad_partition_.assign(optimizer_elements_, 0.0f);
-  working_partition_.assign(partition_elements_ * element_bytes(), std::byte{0});
+  // With params on NVMe the param store holds the working copy (no image of
+  // it in host memory: store_working).
+  if (config_.zero.offload_param.device != config::OffloadDevice::nvme) {
+    working_partition_.assign(partition_elements_ * element_bytes(), std::byte{0});
+  }
   const std::size_t threads = options_.optimizer_threads != 0
                                   ? options_.optimizer_threads
                                   : std::max(1u, std::thread::hardware_concurrency());
@@ -420,19 +507,21 @@ void Engine::place_shards(bool frozen_too) {
   const std::uint64_t esize = element_bytes();
   const auto device = config_.zero.offload_param.device;
   for (auto& param : params_) {
+    if (device != config::OffloadDevice::none) break;  // "cpu": the partition is the shards; nvme: store_working wrote them
     if (!frozen_too && !param->d.trainable) continue;
     const std::byte* shard = working_partition_.data() + param->partition_offset * esize;
     const std::uint64_t bytes = param->d.shard_elements * esize;
-    if (device == config::OffloadDevice::none && !param->d.persistent) {
+    if (!param->d.persistent) {
       // A persistent param is gathered from the host partition (below) and
       // stays whole: a device shard of it would only duplicate its bytes.
       if (param->device_shard == nullptr) param->device_shard = buffers_.acquire(bytes);
       copy_to_device(param->device_shard, shard, bytes);
-    } else if (device == config::OffloadDevice::nvme) {
-      param_swapper_->swap_out(param->key, std::span(shard, bytes));
     }
   }
-  if (param_swapper_) param_swapper_->commit();
+  if (param_swapper_) {
+    flush_working();
+    param_swapper_->commit();
+  }
   for (auto& param : params_) {
     if (!param->d.persistent || (!frozen_too && !param->d.trainable)) continue;
     if (param->gathered == nullptr) {
@@ -936,13 +1025,30 @@ bool Engine::step() {
 
   std::vector<cpu_adam::Buffer> grads;
   std::vector<cpu_adam::Buffer> copies;
+  std::vector<std::uint64_t> group_offsets;
+  // Params on NVMe: every sub-group's working copy goes through one buffer
+  // of the largest sub-group's size, to the param store as each is done.
+  std::vector<std::byte> scratch;
+  if (working_on_nvme()) {
+    std::uint64_t largest = 0;
+    for (const auto& group : sub_groups_) largest = std::max(largest, group.elements);
+    scratch.resize(largest * element_bytes());
+  }
   std::uint64_t offset = 0;
   for (const auto& group : sub_groups_) {
     grads.push_back({grad_partition_.data() + offset, group.elements, DType::f32});
-    copies.push_back({working_partition_.data() + offset * element_bytes(), group.elements, working_});
+    std::byte* copy = working_on_nvme() ? scratch.data() : working_partition_.data() + offset * element_bytes();
+    copies.push_back({copy, group.elements, working_});
+    group_offsets.push_back(offset);
     offset += group.elements;
   }
-  if (optimizer_) optimizer_->step(grads, copies);
+  if (optimizer_ && working_on_nvme()) {
+    optimizer_->step(grads, copies, [&](std::size_t g) {
+      store_working(group_offsets[g], std::span(scratch.data(), sub_groups_[g].elements * element_bytes()));
+    });
+  } else if (optimizer_) {
+    optimizer_->step(grads, copies);
+  }
   ++optimizer_step_;
   std::fill(grad_partition_.begin(), grad_partition_.end(), 0.0f);
   place_shards(false);  // the frozen params' shards are as they were

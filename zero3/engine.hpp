@@ -239,8 +239,20 @@ class Engine {
   // Writes the shards where offload_param says and gathers the persistent
   // ones; `frozen_too` false leaves the frozen params' (unchanged by a step).
   void place_shards(bool frozen_too = true);
-  // The working copy at partition element `offset`, widened to fp32.
-  void read_working(std::uint64_t offset, std::span<float> out) const;
+  // The working copy at partition element `offset`, widened to fp32 (from
+  // the param store when offload_param is nvme).
+  void read_working(std::uint64_t offset, std::span<float> out);
+  // One param's working shard, its bytes copied out.
+  std::vector<std::byte> working_shard(const Param& param);
+  // Working-precision bytes for partition elements from `offset` on. With
+  // offload_param nvme they go to the param store, where the working copy
+  // lives with no image in host memory: a shard the bytes cover whole is
+  // written at once, a piece of one waits in `assembling_` for the rest
+  // (the next sub-group), and flush_working() completes what is left from
+  // the stored shard. Elsewhere they land in working_partition_.
+  void store_working(std::uint64_t offset, std::span<const std::byte> bytes);
+  void flush_working();
+  bool working_on_nvme() const { return param_swapper_ != nullptr; }
   void set_param_group_ranges();
   std::uint64_t live_elements() const;
 
@@ -338,7 +350,15 @@ class Engine {
   std::vector<ParamIndex> trainable_order_;     // the trainable params, in partition order
   double learning_rate_ = 0.0;                  // the optimizer's (set_learning_rate)
   std::vector<float> grad_partition_;           // fp32, the trainable part, accumulated over micro-steps
-  std::vector<std::byte> working_partition_;    // working precision: optimizer output, "cpu" shards
+  // Working precision, the whole partition: the "cpu" shards, the staging
+  // copy of the device ones ("none"); empty with offload_param nvme.
+  std::vector<std::byte> working_partition_;
+  struct Assembly {
+    std::vector<std::byte> bytes;  // the shard
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> pieces;  // byte ranges written
+    std::uint64_t filled = 0;
+  };
+  std::unordered_map<const Param*, Assembly> assembling_;
   std::vector<float> reduce_scratch_;           // the worker's, for reduced shards
   std::vector<swap::SubGroup> sub_groups_;
 
