@@ -147,17 +147,24 @@ void Engine::save_checkpoint(const std::filesystem::path& dir) {
   }
 
   if (optimizer_elements_ < partition_elements_) {
+    const std::uint64_t esize = element_bytes();
     std::vector<TensorToWrite> entries;
-    std::vector<std::vector<std::byte>> shards;  // frozen: small beside the model (LoRA's base is a few GB at most per rank)
-    for (std::size_t p = 0; p < params_.size(); ++p) {
-      if (!params_[p]->d.trainable) shards.push_back(working_shard(*params_[p]));
-    }
-    std::size_t next = 0;
+    // In host memory the shards are written from where they are; from the
+    // param store (params on NVMe) they are read back for the file (this
+    // rank's frozen partition, for the length of the save).
+    std::vector<std::vector<std::byte>> stored;
+    stored.reserve(params_.size());
     for (std::size_t p = 0; p < params_.size(); ++p) {
       const Param& param = *params_[p];
       if (param.d.trainable) continue;
+      std::span<const std::byte> shard;
+      if (working_on_nvme()) {
+        shard = stored.emplace_back(working_shard(param));
+      } else {
+        shard = std::span(working_partition_.data() + param.partition_offset * esize, param.d.shard_elements * esize);
+      }
       entries.push_back({frozen_key(p, param.d.name), safetensors_dtype(working_),
-                         {static_cast<std::int64_t>(param.d.shard_elements)}, shards[next++]});
+                         {static_cast<std::int64_t>(param.d.shard_elements)}, shard});
     }
     write_safetensors(frozen_file(dir, rank), entries,
                       {{"format", kFormat}, {"rank", std::to_string(rank)},

@@ -260,28 +260,9 @@ std::vector<std::byte> Engine::working_shard(const Param& param) {
   return out;
 }
 
-void Engine::read_working(std::uint64_t offset, std::span<float> out) {
-  std::vector<std::byte> staged;
-  const std::byte* in = nullptr;
-  if (working_on_nvme()) {
-    // One param's shard (or a part of it): the callers read frozen params.
-    const std::uint64_t esize = element_bytes();
-    staged.resize(out.size() * esize);
-    std::uint64_t copied = 0;
-    for (const auto& param : params_) {
-      const std::uint64_t from = std::max(offset, param->partition_offset);
-      const std::uint64_t to = std::min(offset + out.size(), param->partition_offset + param->d.shard_elements);
-      if (from >= to) continue;
-      const std::vector<std::byte> shard = working_shard(*param);
-      std::memcpy(staged.data() + (from - offset) * esize, shard.data() + (from - param->partition_offset) * esize,
-                  (to - from) * esize);
-      copied += to - from;
-    }
-    ZINF_CHECK(copied == out.size(), "read_working: a range outside the partition");
-    in = staged.data();
-  } else {
-    in = working_partition_.data() + offset * element_bytes();
-  }
+void Engine::read_working(const Param& param, std::span<float> out) {
+  const std::vector<std::byte> shard = working_shard(param);
+  const std::byte* in = shard.data();
   switch (working_) {
     case DType::f32: std::memcpy(out.data(), in, out.size_bytes()); return;
     case DType::bf16:
@@ -506,17 +487,15 @@ void Engine::place_shards(bool frozen_too) {
   // are in the same order on every rank.
   const std::uint64_t esize = element_bytes();
   const auto device = config_.zero.offload_param.device;
+  // "cpu": the partition is the shards; nvme: store_working wrote them.
+  // A persistent param is gathered from the host partition (below) and
+  // stays whole: a device shard of it would only duplicate its bytes.
   for (auto& param : params_) {
-    if (device != config::OffloadDevice::none) break;  // "cpu": the partition is the shards; nvme: store_working wrote them
+    if (device != config::OffloadDevice::none || param->d.persistent) continue;
     if (!frozen_too && !param->d.trainable) continue;
-    const std::byte* shard = working_partition_.data() + param->partition_offset * esize;
     const std::uint64_t bytes = param->d.shard_elements * esize;
-    if (!param->d.persistent) {
-      // A persistent param is gathered from the host partition (below) and
-      // stays whole: a device shard of it would only duplicate its bytes.
-      if (param->device_shard == nullptr) param->device_shard = buffers_.acquire(bytes);
-      copy_to_device(param->device_shard, shard, bytes);
-    }
+    if (param->device_shard == nullptr) param->device_shard = buffers_.acquire(bytes);
+    copy_to_device(param->device_shard, working_partition_.data() + param->partition_offset * esize, bytes);
   }
   if (param_swapper_) {
     flush_working();
@@ -1042,13 +1021,13 @@ bool Engine::step() {
     group_offsets.push_back(offset);
     offset += group.elements;
   }
-  if (optimizer_ && working_on_nvme()) {
-    optimizer_->step(grads, copies, [&](std::size_t g) {
+  std::function<void(std::size_t)> copied;
+  if (working_on_nvme()) {
+    copied = [&](std::size_t g) {
       store_working(group_offsets[g], std::span(scratch.data(), sub_groups_[g].elements * element_bytes()));
-    });
-  } else if (optimizer_) {
-    optimizer_->step(grads, copies);
+    };
   }
+  if (optimizer_) optimizer_->step(grads, copies, copied);
   ++optimizer_step_;
   std::fill(grad_partition_.begin(), grad_partition_.end(), 0.0f);
   place_shards(false);  // the frozen params' shards are as they were
@@ -1139,7 +1118,7 @@ std::vector<float> Engine::gather_master(ParamIndex p) {
   std::vector<float> mine(count, 0.0f);
   // From the sub-groups that hold this param's shard (the optimizer's
   // partition holds no frozen one: its working copy is all there is).
-  if (!param.d.trainable) read_working(param.partition_offset, mine);
+  if (!param.d.trainable) read_working(param, mine);
   const std::size_t groups = param.d.trainable ? sub_groups_.size() : 0;
   std::uint64_t group_begin = 0;
   for (std::size_t g = 0; g < groups; ++g) {

@@ -239,9 +239,9 @@ class Engine {
   // Writes the shards where offload_param says and gathers the persistent
   // ones; `frozen_too` false leaves the frozen params' (unchanged by a step).
   void place_shards(bool frozen_too = true);
-  // The working copy at partition element `offset`, widened to fp32 (from
-  // the param store when offload_param is nvme).
-  void read_working(std::uint64_t offset, std::span<float> out);
+  // A param's working shard widened to fp32 (from the param store when
+  // offload_param is nvme).
+  void read_working(const Param& param, std::span<float> out);
   // One param's working shard, its bytes copied out.
   std::vector<std::byte> working_shard(const Param& param);
   // Working-precision bytes for partition elements from `offset` on. With

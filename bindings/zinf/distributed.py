@@ -108,7 +108,6 @@ def init_from_environment(timeout_s=None, backend="gloo"):
     return dist.get_rank(), dist.get_world_size()
 
 
-
 def settle_at_exit():
     """Lets Gloo's worker threads let go of their last tensors before the
     interpreter is torn down (registered once, by whoever runs collectives
