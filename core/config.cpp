@@ -316,7 +316,7 @@ void read_offload_optimizer(Reader& r, const json& section, const std::string& p
                             OffloadOptimizerConfig& c) {
   r.check_keys(section, path,
                {"device", "nvme_path", "buffer_count", "pin_memory", "pipeline_read", "pipeline_write",
-                "fast_init", "ratio", "state_format"},
+                "fast_init", "ratio", "state_format", "gradients"},
                kOptimizerOffloadDeprecated);
   if (section.contains("state_format") && !is_auto(section.at("state_format"))) {
     const json& value = section.at("state_format");
@@ -327,6 +327,21 @@ void read_offload_optimizer(Reader& r, const json& section, const std::string& p
     else r.problem(path + ".state_format", fmt::format("must be \"fp32\", \"bf16\" or \"int8\", not {}", describe(value)));
   }
   r.read_device(section, path, c.device);
+  if (section.contains("gradients") && !is_auto(section.at("gradients"))) {
+    const json& value = section.at("gradients");
+    const std::string text = value.is_string() ? value.get<std::string>() : std::string();
+    if (text == "cpu") {
+      c.gradients_on_nvme = false;
+    } else if (text == "nvme") {
+      c.gradients_on_nvme = true;
+    }
+    if (text != "cpu" && text != "nvme") {
+      r.problem(path + ".gradients", fmt::format("must be \"nvme\" or \"cpu\", not {}", describe(value)));
+    } else if (text == "nvme" && c.device != OffloadDevice::nvme) {
+      r.problem(path + ".gradients",
+                fmt::format("\"nvme\" needs {}.device \"nvme\" (it is \"{}\")", path, to_string(c.device)));
+    }
+  }
   r.read_paths(section, path, c.nvme_path);
   r.read_uint(section, "buffer_count", path, c.buffer_count);
   r.read_bool(section, "pin_memory", path, c.pin_memory);

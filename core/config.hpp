@@ -55,6 +55,12 @@ std::string_view to_string(StateFormat format);
 struct OffloadOptimizerConfig {
   OffloadDevice device = OffloadDevice::none;
   StateFormat state_format = StateFormat::fp32;
+  // Where the fp32 gradient partition accumulates between steps (zinf's
+  // key "gradients"): with device "nvme" on NVMe unless "cpu" is asked for
+  // (DeepSpeed swaps them too: host memory then does not grow with the
+  // model), in host memory otherwise. Unset: the default.
+  std::optional<bool> gradients_on_nvme;
+  bool keeps_gradients_on_nvme() const { return device == OffloadDevice::nvme && gradients_on_nvme.value_or(true); }
   std::vector<std::string> nvme_path;
   std::uint64_t buffer_count = 4;
   bool pin_memory = true;

@@ -11,6 +11,7 @@
 #include "core/error.hpp"
 #include "core/units.hpp"
 #include "pinned_pool/pinned_pool.hpp"
+#include "swap/gradient_swapper.hpp"
 #include "swap/optimizer_swapper.hpp"
 #include "swap/param_swapper.hpp"
 #include "swap/swap_config.hpp"
@@ -96,7 +97,19 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
   };
   const char* precision = element == 4 ? "fp32" : "16-bit";
 
-  add(Tier::pageable, 4 * psi_rank, "gradient partition (fp32)");
+  const SubGroup largest_group{"largest", group};
+  if (optimizer_on_nvme && zero.offload_optimizer.keeps_gradients_on_nvme()) {
+    // Accumulated on NVMe: two sub-groups' buffers in host memory.
+    add(Tier::nvme, 4 * psi_rank, "gradient partition (fp32)");
+    // Accumulating micro-steps rewrite at most two sub-groups before a
+    // commit frees their old copies (one when there is only one).
+    const std::uint64_t count = ceil_div(std::max<std::uint64_t>(psi_rank, 1), group);
+    add(Tier::nvme, std::min<std::uint64_t>(2, count) * 4 * group, "copy-on-write headroom for the gradients");
+    add(pool_tier, GradientSwapper::pinned_bytes_needed(std::span(&largest_group, 1), kAlignment),
+        fmt::format("gradient swapper: 2 buffers x {} fp32 elements (sub_group_size)", group));
+  } else {
+    add(Tier::pageable, 4 * psi_rank, "gradient partition (fp32)");
+  }
   if (params_on_nvme) {
     // The param store holds the working copy; a step hands it over one
     // sub-group at a time.
@@ -108,9 +121,8 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
   if (optimizer_on_nvme) {
     add(Tier::nvme, state_bytes(psi_rank),
         fmt::format("optimizer states: {} tensors ({}) x {} elements", tensors, formats, psi_rank));
-    const SubGroup sub_group{"largest", group};
     add(pool_tier,
-        OptimizerSwapper::pinned_bytes_needed(std::span(&sub_group, 1), kind, optimizer_options.overlap,
+        OptimizerSwapper::pinned_bytes_needed(std::span(&largest_group, 1), kind, optimizer_options.overlap,
                                               kAlignment, optimizer_options.moment_format),
         fmt::format("optimizer swapper: {} slot(s) x {} tensors x {} elements (sub_group_size)",
                     optimizer_options.overlap ? 3 : 1, tensors, group));

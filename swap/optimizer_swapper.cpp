@@ -8,6 +8,7 @@
 
 #include "core/error.hpp"
 #include "core/units.hpp"
+#include "swap/gradient_swapper.hpp"
 
 namespace zinf::swap {
 namespace {
@@ -535,8 +536,9 @@ void OptimizerSwapper::roll_back_uncommitted(std::int64_t next) {
   }
 }
 
-void OptimizerSwapper::submit_reads(std::size_t group, Slot& slot) {
+void OptimizerSwapper::submit_reads(std::size_t group, Slot& slot, GradientSwapper* gradients) {
   ZINF_ASSERT(slot.reads.empty() && slot.writes.empty(), "slot reused while busy");
+  if (gradients != nullptr) gradients->prefetch(group);
   for (std::size_t t = 0; t <= states_.size(); ++t) {
     slot.reads.push_back(store_->read(key(group, t == 0 ? "param" : states_[t - 1]),
                                       slot.tensor(t)));
@@ -639,8 +641,8 @@ void OptimizerSwapper::compute(std::size_t group, float* param, void* exp_avg,
 }
 
 void OptimizerSwapper::check_step_inputs(std::span<const cpu_adam::Buffer> grads,
-                                         std::span<const cpu_adam::Buffer> copies) const {
-  if (grads.size() != groups_.size()) {
+                                         std::span<const cpu_adam::Buffer> copies, bool grads_given) const {
+  if (grads_given && grads.size() != groups_.size()) {
     throw Error(ErrorKind::invalid, fmt::format("step: {} gradients given for {} sub-groups",
                                                 grads.size(), groups_.size()));
   }
@@ -649,7 +651,7 @@ void OptimizerSwapper::check_step_inputs(std::span<const cpu_adam::Buffer> grads
                                                 copies.size(), groups_.size()));
   }
   for (std::size_t g = 0; g < groups_.size(); ++g) {
-    if (grads[g].data == nullptr || grads[g].count != groups_[g].elements) {
+    if (grads_given && (grads[g].data == nullptr || grads[g].count != groups_[g].elements)) {
       throw Error(ErrorKind::invalid,
                   fmt::format("step: the gradient of sub-group '{}' has {} elements, not {}",
                               groups_[g].name, grads[g].data ? grads[g].count : 0,
@@ -754,10 +756,31 @@ void OptimizerSwapper::step(std::span<const cpu_adam::Buffer> grads,
     recovery_.finished_step = step_;
     return;
   }
-  step_on_store(grads, param_copies, copied);
+  step_on_store(grads, nullptr, param_copies, copied);
 }
 
-void OptimizerSwapper::step_on_store(std::span<const cpu_adam::Buffer> grads,
+void OptimizerSwapper::step(GradientSwapper& gradients, std::span<const cpu_adam::Buffer> param_copies,
+                            const std::function<void(std::size_t group)>& copied) {
+  ZINF_CHECK(store_ != nullptr, "gradients on NVMe need the optimizer states on NVMe");
+  const auto theirs = gradients.groups();
+  ZINF_CHECK(theirs.size() == groups_.size() &&
+                 std::equal(theirs.begin(), theirs.end(), groups_.begin(),
+                            [](const SubGroup& a, const SubGroup& b) { return a.elements == b.elements; }),
+             "the gradient swapper's sub-groups are not the optimizer's");
+  check_step_inputs({}, param_copies, false);
+  last_stats_ = {};
+  Timed timed(last_stats_.total);
+  const std::uint64_t read_before = gradients.bytes_read();
+  try {
+    step_on_store({}, &gradients, param_copies, copied);
+  } catch (...) {
+    gradients.drain();
+    throw;
+  }
+  last_stats_.bytes_read += gradients.bytes_read() - read_before;
+}
+
+void OptimizerSwapper::step_on_store(std::span<const cpu_adam::Buffer> grads, GradientSwapper* gradients,
                                      std::span<const cpu_adam::Buffer> copies,
                                      const std::function<void(std::size_t group)>& copied) {
   const std::int64_t next = step_ + 1;
@@ -773,8 +796,13 @@ void OptimizerSwapper::step_on_store(std::span<const cpu_adam::Buffer> grads,
     float* first_state = states_.empty() ? nullptr : slot.floats(1);
     float* second_state = states_.size() > 1 ? slot.floats(2) : nullptr;
     const auto kind = options_.optimizer.kind;
+    cpu_adam::Buffer grad = gradients != nullptr ? cpu_adam::Buffer{} : grads[g];
+    if (gradients != nullptr) {
+      Timed timed(last_stats_.read_wait);
+      grad = gradients->await(g);
+    }
     compute(g, slot.floats(0), kind == OptimizerKind::adagrad ? nullptr : first_state,
-            kind == OptimizerKind::adagrad ? first_state : second_state, grads[g],
+            kind == OptimizerKind::adagrad ? first_state : second_state, grad,
             copies.empty() ? cpu_adam::Buffer{} : copies[g]);
     if (copied) copied(g);
   };
@@ -792,21 +820,21 @@ void OptimizerSwapper::step_on_store(std::span<const cpu_adam::Buffer> grads,
     if (!options_.overlap) {
       Slot& slot = *slots_[0];
       for (std::size_t g = 0; g < n; ++g) {
-        submit_reads(g, slot);
+        submit_reads(g, slot, gradients);
         wait_reads(slot);
         run_group(g, slot);
         submit_writes(g, slot, next);
         finish_writes(slot);
       }
     } else {
-      submit_reads(0, *slots_[0]);
+      submit_reads(0, *slots_[0], gradients);
       for (std::size_t g = 0; g < n; ++g) {
         Slot& slot = *slots_[g % 3];
         wait_reads(slot);
         if (g + 1 < n) {
           Slot& following = *slots_[(g + 1) % 3];
           if (following.writing_group) finish_writes(following);  // sub-group g-2
-          submit_reads(g + 1, following);
+          submit_reads(g + 1, following, gradients);
         }
         run_group(g, slot);
         submit_writes(g, slot, next);

@@ -40,6 +40,8 @@
 
 namespace zinf::swap {
 
+class GradientSwapper;
+
 enum class OptimizerKind { adam, adagrad, lion };
 
 struct OptimizerSettings {
@@ -153,6 +155,11 @@ class OptimizerSwapper {
   void step(std::span<const cpu_adam::Buffer> grads,
             std::span<const cpu_adam::Buffer> param_copies = {},
             const std::function<void(std::size_t group)>& copied = {});
+  // The same with the gradients on NVMe (states on NVMe only): each
+  // sub-group's is read through `gradients` beside its states, in the
+  // same pipeline.
+  void step(GradientSwapper& gradients, std::span<const cpu_adam::Buffer> param_copies = {},
+            const std::function<void(std::size_t group)>& copied = {});
 
   // Param groups: set_param_group adds group `index` (the next one) or
   // replaces its settings (a scheduler's lr; between steps only), and
@@ -193,7 +200,7 @@ class OptimizerSwapper {
   struct Slot;
   void read_recovery();
   std::string key(std::size_t group, std::string_view tensor) const;
-  void submit_reads(std::size_t group, Slot& slot);
+  void submit_reads(std::size_t group, Slot& slot, GradientSwapper* gradients);
   void wait_reads(Slot& slot);
   void submit_writes(std::size_t group, Slot& slot, std::int64_t version);
   void wait_writes(Slot& slot);
@@ -216,11 +223,12 @@ class OptimizerSwapper {
   void check_run_boundaries() const;
   // Decays a run's ranges with their own weight decay (decays_itself).
   void decay_ranges(std::size_t group, const Run& run, float* param, const cpu_adam::Buffer& grad) const;
-  void step_on_store(std::span<const cpu_adam::Buffer> grads,
+  // Gradients from `grads`, or read through `gradients` when it is given.
+  void step_on_store(std::span<const cpu_adam::Buffer> grads, GradientSwapper* gradients,
                      std::span<const cpu_adam::Buffer> copies,
                      const std::function<void(std::size_t group)>& copied);
   void check_step_inputs(std::span<const cpu_adam::Buffer> grads,
-                         std::span<const cpu_adam::Buffer> copies) const;
+                         std::span<const cpu_adam::Buffer> copies, bool grads_given = true) const;
   void commit_group(std::size_t group);
   void roll_back_uncommitted(std::int64_t next);
   // Waits out every slot's I/O, ignoring errors (error paths, destructor).

@@ -23,10 +23,12 @@ SwapStoreOptions store_options(const config::Config& config, SwapRole role, int 
                 std::move(context));
   }
   SwapStoreOptions options;
+  const char* role_directory = param ? "param" : role == SwapRole::optimizer ? "optimizer" : "gradients";
   for (const auto& path : paths) {
     options.directories.push_back(std::filesystem::path(path) / "zinf" / fmt::format("rank{}", rank) /
-                                  (param ? "param" : "optimizer"));
+                                  role_directory);
   }
+  options.sync = role != SwapRole::gradients;
   options.aio.block_size = config.aio.block_size;
   options.aio.queue_depth = config.aio.queue_depth;
   options.aio.intra_op_parallelism = config.aio.intra_op_parallelism;

@@ -13,11 +13,14 @@
 
 namespace zinf::swap {
 
-enum class SwapRole { param, optimizer };
+// The gradient store lives under offload_optimizer's nvme_path.
+enum class SwapRole { param, optimizer, gradients };
 
 // The role's nvme_path list, each joined with "zinf/rank<R>/<role>" so the
-// two roles and every rank get their own locked directories. Throws
-// Error{config} naming the key when the role's device is not "nvme".
+// roles and every rank get their own locked directories. Throws
+// Error{config} naming the key when the role's device is not "nvme". The
+// gradient store does not flush (sync false): gradients live for one step
+// and no restart reads them.
 SwapStoreOptions store_options(const config::Config& config, SwapRole role, int rank = 0);
 
 // buffer_count, buffer_size and max_in_cpu (elements) in bytes of

@@ -216,6 +216,10 @@ INSTANTIATE_TEST_SUITE_P(
              "zero_optimization.offload_optimizer.ratio", "between 0 and 1"},
         Trap{"state_format_value", R"({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "state_format": "fp8"}}})",
              "zero_optimization.offload_optimizer.state_format", "must be \"fp32\", \"bf16\" or \"int8\", not the string \"fp8\""},
+        Trap{"gradients_value", R"({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/x", "gradients": "gpu"}}})",
+             "zero_optimization.offload_optimizer.gradients", "must be \"nvme\" or \"cpu\", not the string \"gpu\""},
+        Trap{"gradients_nvme_needs_nvme", R"({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "gradients": "nvme"}}})",
+             "zero_optimization.offload_optimizer.gradients", "\"nvme\" needs zero_optimization.offload_optimizer.device \"nvme\""},
         Trap{"state_format_needs_adam", R"({"optimizer": {"type": "Lion"}, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "state_format": "bf16"}}})",
              "zero_optimization.offload_optimizer.state_format", "compressed states are Adam's two moments; Lion keeps fp32"},
         Trap{"bad_device", R"({"zero_optimization": {"stage": 3, "offload_param": {"device": "disk"}}})",
@@ -278,6 +282,21 @@ TEST(Config, StateFormatReadsEachFormat) {
     EXPECT_TRUE(r.problems.empty()) << problems_of(r);
     EXPECT_EQ(r.config.zero.offload_optimizer.state_format, format) << text;
   }
+}
+
+// offload_optimizer.gradients (zinf's): on NVMe by default with the
+// optimizer there, in host memory when asked or when the optimizer is not.
+TEST(Config, GradientsFollowTheOptimizerToNvmeUnlessCpuIsAsked) {
+  const auto keeps = [](const std::string& block) {
+    const ParseResult r = parse(R"({"zero_optimization": {"stage": 3, "offload_optimizer": )" + block + "}}");
+    EXPECT_TRUE(r.problems.empty()) << problems_of(r);
+    return r.config.zero.offload_optimizer.keeps_gradients_on_nvme();
+  };
+  EXPECT_TRUE(keeps(R"({"device": "nvme", "nvme_path": "/x"})"));
+  EXPECT_TRUE(keeps(R"({"device": "nvme", "nvme_path": "/x", "gradients": "nvme"})"));
+  EXPECT_FALSE(keeps(R"({"device": "nvme", "nvme_path": "/x", "gradients": "cpu"})"));
+  EXPECT_FALSE(keeps(R"({"device": "cpu"})"));
+  EXPECT_FALSE(keeps(R"({"device": "cpu", "gradients": "cpu"})"));
 }
 
 TEST(Config, TheBfloat16SpellingEnablesBf16) {

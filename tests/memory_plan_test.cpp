@@ -118,27 +118,34 @@ TEST(MemoryPlan, OptimizerNoneAndCpuAreTheSameAndParamsOnCpuLeaveTheDevice) {
 }
 
 TEST(MemoryPlan, NvmeOffloadCountsSwapperBuffersAndCopyOnWriteHeadroom) {
-  const MemoryPlan plan = plan_memory(
-      stage3(R"(, "sub_group_size": 1e8,
-              "offload_param": {"device": "nvme", "nvme_path": "/nvme"},
-              "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"})",
-             R"(, "optimizer": {"type": "Lion", "params": {"lr": 1e-4}})"),
-      billion_over_four());
+  const auto plan_for = [](const std::string& gradients) {
+    return plan_memory(
+        stage3(R"(, "sub_group_size": 1e8,
+                "offload_param": {"device": "nvme", "nvme_path": "/nvme"},
+                "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme")" + gradients + "}",
+               R"(, "optimizer": {"type": "Lion", "params": {"lr": 1e-4}})"),
+        billion_over_four());
+  };
+  const MemoryPlan plan = plan_for("");
   // Device: gathered layers and gradients only.
   EXPECT_EQ(plan.chosen.gpu, kDefaultDevice);
-  // Host, pageable: fp32 grads 1e9 + Gloo's copy (the bf16 working copy is
-  // in the param store only); one sub-group of masters at finalize (4 B x
-  // 1e8) and of its working copy on the way to the store (2 B x 1e8).
-  EXPECT_EQ(plan.chosen.pageable, 1000000000ull + kGlooScratch);
+  // Host, pageable: Gloo's copy only (the fp32 grads and the bf16 working
+  // copy are on NVMe); one sub-group of masters at finalize (4 B x 1e8)
+  // and of its working copy on the way to the store (2 B x 1e8).
+  EXPECT_EQ(plan.chosen.pageable, kGlooScratch);
   EXPECT_EQ(plan.transient_host, 400000000ull + 200000000ull);
   // The pinned pool: the param swapper in flight min(5 x 2e8 B buffers, all
-  // 5e8 B) + max_in_cpu cache (all 5e8 B), and the optimizer swapper's 3
-  // slots x 2 tensors (Lion) x 4e8 B padded to 4 KiB.
+  // 5e8 B) + max_in_cpu cache (all 5e8 B), the optimizer swapper's 3
+  // slots x 2 tensors (Lion) x 4e8 B padded to 4 KiB, and the gradient
+  // swapper's 2 buffers of one sub-group (fp32, 4e8 B padded).
   const std::uint64_t slots = 3ull * 2ull * 400003072ull;
-  EXPECT_EQ(plan.chosen.pinned, 500000000ull + 500000000ull + slots);
+  const std::uint64_t gradient_buffers = 2ull * 400003072ull;
+  EXPECT_EQ(plan.chosen.pinned, 500000000ull + 500000000ull + slots + gradient_buffers);
   // NVMe: params 5e8 + one shard headroom 5e7 + Lion states 8 B x 2.5e8 +
-  // two sub-groups of headroom 2 x 8 B x 1e8.
-  EXPECT_EQ(plan.chosen.nvme, 500000000ull + 50000000ull + 2000000000ull + 1600000000ull);
+  // two sub-groups of headroom 2 x 8 B x 1e8 + fp32 grads 4 B x 2.5e8 and
+  // their two sub-groups of headroom 2 x 4 B x 1e8.
+  EXPECT_EQ(plan.chosen.nvme,
+            500000000ull + 50000000ull + 2000000000ull + 1600000000ull + 1000000000ull + 800000000ull);
   bool slots_listed = false;
   for (const auto& buffer : plan.buffers) {
     if (buffer.what.rfind("optimizer swapper", 0) == 0) {
@@ -149,6 +156,13 @@ TEST(MemoryPlan, NvmeOffloadCountsSwapperBuffersAndCopyOnWriteHeadroom) {
   }
   EXPECT_TRUE(slots_listed);
   EXPECT_EQ(plan.stages[2].offloads, "optimizer states on NVMe, param shards on NVMe");
+
+  // "gradients": "cpu" keeps the fp32 grads in host memory (1e9 B) and
+  // takes them off NVMe and out of the pool.
+  const MemoryPlan in_memory = plan_for(R"(, "gradients": "cpu")");
+  EXPECT_EQ(in_memory.chosen.pageable, 1000000000ull + kGlooScratch);
+  EXPECT_EQ(in_memory.chosen.pinned, plan.chosen.pinned - gradient_buffers);
+  EXPECT_EQ(in_memory.chosen.nvme, plan.chosen.nvme - 1800000000ull);
 }
 
 // state_format: the moments in bf16 (2 B each) or int8 codes (1 B + a 4 B
@@ -156,7 +170,7 @@ TEST(MemoryPlan, NvmeOffloadCountsSwapperBuffersAndCopyOnWriteHeadroom) {
 TEST(MemoryPlan, CompressedStateFormatsShrinkTheStatesOnNvmeAndTheSlots) {
   const auto plan_for = [](const std::string& format) {
     return plan_memory(stage3(R"(, "sub_group_size": 1e8, "offload_optimizer": {"device": "nvme",
-                                 "nvme_path": "/nvme", "state_format": ")" + format + R"("})"),
+                                 "nvme_path": "/nvme", "gradients": "cpu", "state_format": ")" + format + R"("})"),
                        billion_over_four());
   };
   const MemoryPlan fp32 = plan_for("fp32"), bf16 = plan_for("bf16"), int8 = plan_for("int8");
@@ -188,19 +202,20 @@ TEST(MemoryPlan, PinMemoryFalseLeavesThePoolPageable) {
               "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"})"),
       billion_over_four());
   EXPECT_EQ(half.chosen.pinned + half.chosen.pageable, plan.chosen.pinned + plan.chosen.pageable);
-  EXPECT_EQ(half.chosen.pageable, 1000000000ull + kGlooScratch);
+  EXPECT_EQ(half.chosen.pageable, kGlooScratch);  // the grads' buffers are in the (locked) pool
 }
 
 TEST(MemoryPlan, OneSubGroupNeedsOneSubGroupOfHeadroom) {
   // 7B over 8 ranks with the default sub_group_size (1e9): each rank's
   // 875M params are one sub-group, so the copy-on-write room is one
-  // sub-group's Adam states (12 B x 875M), not two sub_group_size's.
+  // sub-group's Adam states (12 B x 875M) and grads (4 B x 875M), not two
+  // sub_group_size's.
   PlanInput input;
   input.params = 7000000000;
   input.world_size = 8;
   const MemoryPlan plan = plan_memory(
       stage3(R"(, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"})"), input);
-  EXPECT_EQ(plan.chosen.nvme, 12ull * 875000000ull + 12ull * 875000000ull);
+  EXPECT_EQ(plan.chosen.nvme, 16ull * 875000000ull + 16ull * 875000000ull);
 }
 
 TEST(MemoryPlan, Fp32TrainingCountsFourBytesPerWorkingElement) {

@@ -152,6 +152,77 @@ TEST_P(EngineEquality, StagesZeroOneAndTwoMatchPlainTraining) {
   }
 }
 
+// offload_optimizer.gradients: with the optimizer on NVMe the fp32
+// gradient partition accumulates on NVMe (the default) and the training is
+// the same, bit for bit, as with it in host memory ("cpu"): the same sums,
+// the same norm, the same clipping, over micro-steps, sub-groups that cut
+// shards, and ranks.
+TEST(EngineGradients, OnNvmeTheyTrainBitForBitAsInHostMemory) {
+  if (!gloo_available()) GTEST_SKIP() << "this build has no Gloo communicator";
+  testing::TempDir dir;
+  // Each launch's ranks leave their masters, gradient norms and NVMe bytes
+  // written in a file per rank, compared here.
+  const auto result_file = [&](const std::string& gradients, int rank) {
+    return dir.path() / fmt::format("{}.rank{}.bin", gradients, rank);
+  };
+  const auto launch_with = [&](const std::string& gradients) {
+    const auto outcomes = testing::run_ranks(2, [&](const LaunchEnv& launch) {
+      TrainingRun run;
+      run.world = 2;
+      run.steps = 3;
+      run.accumulation = 3;
+      run.clipping = 0.05;
+      run.persistence = 0;
+      run.offload_param = "nvme";
+      run.offload_optimizer = "nvme";
+      run.gradients = gradients;
+      run.nvme_dir = (dir.path() / gradients).string();
+      std::vector<double> norms;
+      std::uint64_t written = 0;
+      const auto masters = train_span(run, launch, 0, run.steps, "", "", [&](int, Engine& engine) {
+        norms.push_back(engine.stats().last_grad_norm);
+        written = engine.stats().nvme_written_bytes;
+      });
+      std::ofstream out(result_file(gradients, launch.rank), std::ios::binary);
+      out.write(reinterpret_cast<const char*>(&written), sizeof(written));
+      out.write(reinterpret_cast<const char*>(norms.data()), static_cast<std::streamsize>(norms.size() * sizeof(double)));
+      for (const auto& tensor : masters) {
+        out.write(reinterpret_cast<const char*>(tensor.data()),
+                  static_cast<std::streamsize>(tensor.size() * sizeof(float)));
+      }
+    });
+    EXPECT_TRUE(testing::all_succeeded(outcomes)) << gradients << ": " << testing::describe(outcomes);
+  };
+  launch_with("nvme");
+  launch_with("cpu");
+  const auto contents = [](const std::filesystem::path& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  // The tiny model's trainable partition per rank: every param's shard.
+  const TinyModelShape shape;
+  const std::uint64_t n = shape.width;
+  const std::uint64_t partition = shape.layers * ((n * n + 1) / 2 + (n + 1) / 2) + (n + 1) / 2;
+  for (int rank = 0; rank < 2; ++rank) {
+    SCOPED_TRACE(fmt::format("rank {}", rank));
+    const std::string on_nvme = contents(result_file("nvme", rank));
+    const std::string in_memory = contents(result_file("cpu", rank));
+    ASSERT_GT(on_nvme.size(), sizeof(std::uint64_t));
+    // The same norms and masters, bit for bit.
+    EXPECT_TRUE(on_nvme.substr(sizeof(std::uint64_t)) == in_memory.substr(sizeof(std::uint64_t)));
+    std::uint64_t written_nvme = 0, written_memory = 0;
+    std::memcpy(&written_nvme, on_nvme.data(), sizeof(written_nvme));
+    std::memcpy(&written_memory, in_memory.data(), sizeof(written_memory));
+    // Every micro-step (3 steps x 3) wrote the fp32 gradient partition.
+    EXPECT_GE(written_nvme, written_memory + 4 * partition * 9);
+    const auto store = [&](const std::string& gradients) {
+      return dir.path() / gradients / "zinf" / fmt::format("rank{}", rank) / "gradients";
+    };
+    EXPECT_TRUE(std::filesystem::exists(store("nvme") / "zinf.volume"));
+    EXPECT_FALSE(std::filesystem::exists(store("cpu")));  // "cpu": no gradient store
+  }
+}
+
 TEST(EngineStages, BelowStageThreeEveryParamIsGatheredForGoodAndHasNoDeviceShard) {
   const auto config = config::load_config_string(R"({"zero_optimization": {"stage": 2}})");
   auto comm = make_local_communicator();

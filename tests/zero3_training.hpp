@@ -80,6 +80,7 @@ struct TrainingRun {
   double clipping = 0.0;
   std::uint64_t persistence = 100;  // b and v (24) persist, W (576) is sharded
   std::string nvme_dir;
+  std::string gradients;  // offload_optimizer.gradients: "" (the default), "cpu" or "nvme"
   // Where the engine's device memory is: "host" (the lenient stand-in),
   // "strict" (the strict stand-in with its NCCL-like device-memory
   // communicator), "strict-gloo" (the strict stand-in with Gloo's host
@@ -93,6 +94,7 @@ std::string config_json(const TrainingRun& run) {
     if (device == "none") return std::string();
     std::string block = fmt::format(R"("{}": {{"device": "{}")", param ? "offload_param" : "offload_optimizer", device);
     if (device == "nvme") block += fmt::format(R"(, "nvme_path": "{}")", run.nvme_dir);
+    if (!param && !run.gradients.empty()) block += fmt::format(R"(, "gradients": "{}")", run.gradients);
     return block + "},";
   };
   return fmt::format(R"({{

@@ -297,7 +297,7 @@ void Engine::load_checkpoint(const std::filesystem::path& dir, bool optimizer_st
   if (!optimizer_states) step = 0;  // a fresh optimizer over the loaded weights
   optimizer_step_ = step;
   micro_step_ = step * static_cast<std::int64_t>(config_.training.gradient_accumulation_steps);
-  std::fill(grad_partition_.begin(), grad_partition_.end(), 0.0f);
+  clear_gradients();
   release_all_unpersisted();
   place_shards();
   comm_.barrier();

@@ -98,8 +98,10 @@ Engine::~Engine() {
   // The swappers hold pool leases: they go before the pool.
   param_swapper_.reset();
   optimizer_.reset();
+  gradient_swapper_.reset();
   param_store_.reset();
   optimizer_store_.reset();
+  gradient_store_.reset();
   pool_.reset();
 }
 
@@ -380,7 +382,10 @@ void Engine::finalize() {
   // The optimizer over this rank's trainable partition, cut into sub-groups
   // (none when every param is frozen).
   if (optimizer_elements_ > 0) sub_groups_ = swap::sub_groups(config_, optimizer_elements_, "zero3.sub_group.");
-  grad_partition_.assign(optimizer_elements_, 0.0f);
+  for (std::uint64_t begin = 0; const auto& group : sub_groups_) {
+    sub_group_begin_.push_back(begin);
+    begin += group.elements;
+  }
   // With params on NVMe the param store holds the working copy (no image of
   // it in host memory: store_working).
   if (config_.zero.offload_param.device != config::OffloadDevice::nvme) {
@@ -405,6 +410,16 @@ void Engine::finalize() {
     pool_bytes += swap::OptimizerSwapper::pinned_bytes_needed(
         sub_groups_, optimizer_options.optimizer.kind, optimizer_options.overlap,
         optimizer_store_->alignment(), optimizer_options.moment_format);
+  }
+  // The gradient partition on NVMe too (offload_optimizer.gradients), or
+  // in host memory.
+  const bool gradients_on_nvme = optimizer_on_nvme && config_.zero.offload_optimizer.keeps_gradients_on_nvme();
+  if (gradients_on_nvme) {
+    gradient_store_ = std::make_unique<swap::SwapStore>(
+        swap::store_options(config_, swap::SwapRole::gradients, rank));
+    pool_bytes += swap::GradientSwapper::pinned_bytes_needed(sub_groups_, gradient_store_->alignment());
+  } else {
+    grad_partition_.assign(optimizer_elements_, 0.0f);
   }
   if (params_on_nvme) {
     param_store_ = std::make_unique<swap::SwapStore>(swap::store_options(config_, swap::SwapRole::param, rank));
@@ -431,6 +446,9 @@ void Engine::finalize() {
                                                           sub_groups_, optimizer_options);
   } else if (!sub_groups_.empty()) {
     optimizer_ = std::make_unique<swap::OptimizerSwapper>(*cpu_optimizer_, sub_groups_, optimizer_options);
+  }
+  if (gradients_on_nvme) {
+    gradient_swapper_ = std::make_unique<swap::GradientSwapper>(*gradient_store_, *pool_, sub_groups_);
   }
   learning_rate_ = swap::learning_rate_of(optimizer_options.optimizer);
   if (params_on_nvme) {
@@ -475,10 +493,10 @@ void Engine::finalize() {
   finalized_ = true;
   place_shards();
   log().info("zero3: stage {}, rank {} of {}: {} params in {} modules, {} elements in this rank's partition "
-             "({} trainable), {} sub-groups; params {} ({}), optimizer states {}", config_.zero.stage, rank, world,
-             params_.size(), modules_.size(), partition_elements_, optimizer_elements_, sub_groups_.size(),
-             config::to_string(config_.zero.offload_param.device), cpu_adam::to_string(working_),
-             optimizer_on_nvme ? "nvme" : "host memory");
+             "({} trainable), {} sub-groups; params {} ({}), optimizer states {}, gradients {}", config_.zero.stage,
+             rank, world, params_.size(), modules_.size(), partition_elements_, optimizer_elements_,
+             sub_groups_.size(), config::to_string(config_.zero.offload_param.device), cpu_adam::to_string(working_),
+             optimizer_on_nvme ? "nvme" : "host memory", gradients_on_nvme ? "nvme" : "host memory");
 }
 
 void Engine::place_shards(bool frozen_too) {
@@ -864,9 +882,8 @@ void Engine::post_backward(ModuleIndex module) {
           const auto since = Clock::now();
           const std::uint64_t count = target->d.shard_elements;
           const std::uint64_t grad_bytes = count * comm_.world_size() * sizeof(float);
-          float* shard = grad_partition_.data() + target->partition_offset;
           const auto accumulate = [&](const float* reduced) {
-            for (std::uint64_t i = 0; i < count; ++i) shard[i] += scale * reduced[i];
+            accumulate_gradient(target->partition_offset, std::span(reduced, count), scale);
           };
           const BufferCache::Scoped gradient(buffers_, grad, grad_bytes);
           if (options_.copier->host_accessible() && comm_.world_size() == 1) {
@@ -946,12 +963,41 @@ float* Engine::grad(ParamIndex p) {
 
 // ---- the optimizer step ------------------------------------------------------
 
+void Engine::accumulate_gradient(std::uint64_t offset, std::span<const float> values, float scale) {
+  if (!gradient_swapper_) {
+    float* shard = grad_partition_.data() + offset;
+    for (std::size_t i = 0; i < values.size(); ++i) shard[i] += scale * values[i];
+    return;
+  }
+  const std::uint64_t end = offset + values.size();
+  // The sub-group holding the last element, then down: a shard cut by a
+  // sub-group boundary goes to the sub-group backward is already in first.
+  auto g = static_cast<std::size_t>(
+      std::upper_bound(sub_group_begin_.begin(), sub_group_begin_.end(), end - 1) - sub_group_begin_.begin() - 1);
+  for (;; --g) {
+    const std::uint64_t begin = sub_group_begin_[g];
+    const std::uint64_t from = std::max(offset, begin);
+    const std::uint64_t to = std::min(end, begin + sub_groups_[g].elements);
+    gradient_swapper_->accumulate(g, from - begin, values.subspan(from - offset, to - from), scale);
+    if (from == offset) break;
+  }
+}
+
+void Engine::clear_gradients() {
+  if (gradient_swapper_) {
+    gradient_swapper_->clear();
+  } else {
+    std::fill(grad_partition_.begin(), grad_partition_.end(), 0.0f);
+  }
+}
+
 bool Engine::step() {
   require_finalized("step");
   // The trainer's last kernels (reading persistent params, writing
   // gradients) are done before the step rewrites or reduces them.
   options_.copier->wait(trainer_work());
   drain();
+  if (gradient_swapper_) gradient_swapper_->end_micro_step();
   release_all_unpersisted();
   coordinator_->begin_micro_step();
   ++micro_step_;
@@ -963,9 +1009,19 @@ bool Engine::step() {
   if (micro_step_ % static_cast<std::int64_t>(config_.training.gradient_accumulation_steps) != 0) return false;
 
   const auto since = Clock::now();
-  // Global gradient norm over every rank's shards (padding is zero).
+  // Global gradient norm over every rank's shards (padding is zero), summed
+  // per sub-group in order wherever the gradients are (the same value).
   double local = 0.0;
-  for (float g : grad_partition_) local += static_cast<double>(g) * g;
+  for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
+    if (gradient_swapper_) {
+      local += gradient_swapper_->sum_of_squares(g);
+      continue;
+    }
+    double sum = 0.0;
+    const float* values = grad_partition_.data() + sub_group_begin_[g];
+    for (std::uint64_t i = 0; i < sub_groups_[g].elements; ++i) sum += static_cast<double>(values[i]) * values[i];
+    local += sum;
+  }
   float total = static_cast<float>(local);
   // Through a device buffer when the communicator takes device memory
   // only: NCCL cannot read this stack float.
@@ -974,7 +1030,7 @@ bool Engine::step() {
   if (!std::isfinite(norm)) {
     // An overflow (or a NaN): stepping would turn every master into NaN.
     // Skip, as DeepSpeed's fp16 optimizer does, and lower the loss scale.
-    std::fill(grad_partition_.begin(), grad_partition_.end(), 0.0f);
+    clear_gradients();
     good_steps_ = 0;
     const auto& t = config_.training;
     if (working_ == DType::f16 && t.loss_scale == 0 && --hysteresis_left_ == 0) {
@@ -998,7 +1054,11 @@ bool Engine::step() {
     const double coefficient = clip / (norm + 1e-6);
     if (coefficient < 1.0) {
       const float c = static_cast<float>(coefficient);
-      for (float& g : grad_partition_) g *= c;
+      if (gradient_swapper_) {
+        gradient_swapper_->set_read_scale(c);  // applied as the step reads them
+      } else {
+        for (float& g : grad_partition_) g *= c;
+      }
     }
   }
 
@@ -1015,7 +1075,7 @@ bool Engine::step() {
   }
   std::uint64_t offset = 0;
   for (const auto& group : sub_groups_) {
-    grads.push_back({grad_partition_.data() + offset, group.elements, DType::f32});
+    if (!gradient_swapper_) grads.push_back({grad_partition_.data() + offset, group.elements, DType::f32});
     std::byte* copy = working_on_nvme() ? scratch.data() : working_partition_.data() + offset * element_bytes();
     copies.push_back({copy, group.elements, working_});
     group_offsets.push_back(offset);
@@ -1027,9 +1087,13 @@ bool Engine::step() {
       store_working(group_offsets[g], std::span(scratch.data(), sub_groups_[g].elements * element_bytes()));
     };
   }
-  if (optimizer_) optimizer_->step(grads, copies, copied);
+  if (gradient_swapper_) {
+    optimizer_->step(*gradient_swapper_, copies, copied);
+  } else if (optimizer_) {
+    optimizer_->step(grads, copies, copied);
+  }
   ++optimizer_step_;
-  std::fill(grad_partition_.begin(), grad_partition_.end(), 0.0f);
+  clear_gradients();
   place_shards(false);  // the frozen params' shards are as they were
   std::lock_guard lock(stats_mutex_);
   ++stats_.optimizer_steps;
@@ -1103,7 +1167,7 @@ EngineStats Engine::stats() const {
     std::lock_guard lock(stats_mutex_);
     out = stats_;
   }
-  for (const auto* store : {optimizer_store_.get(), param_store_.get()}) {
+  for (const auto* store : {optimizer_store_.get(), param_store_.get(), gradient_store_.get()}) {
     if (store == nullptr) continue;
     for (std::uint64_t bytes : store->stats().written_bytes) out.nvme_written_bytes += bytes;
   }

@@ -55,6 +55,7 @@
 #include "cpu_adam/dtype.hpp"
 #include "pinned_pool/pinned_pool.hpp"
 #include "swap/device_copy.hpp"
+#include "swap/gradient_swapper.hpp"
 #include "swap/optimizer_swapper.hpp"
 #include "swap/param_swapper.hpp"
 #include "swap/swap_store.hpp"
@@ -255,6 +256,12 @@ class Engine {
   bool working_on_nvme() const { return param_swapper_ != nullptr; }
   void set_param_group_ranges();
   std::uint64_t live_elements() const;
+  // Adds scale * values to the gradient partition from element `offset`
+  // on: in memory, or through the gradient swapper (a piece per sub-group,
+  // the highest first: backward reduces the partition from its end).
+  void accumulate_gradient(std::uint64_t offset, std::span<const float> values, float scale);
+  // Every gradient zero again (after a step, a skipped one, a load).
+  void clear_gradients();
 
   std::uint64_t submit(std::function<void()> body);
   void wait_op(std::uint64_t ticket);
@@ -349,7 +356,9 @@ class Engine {
   std::uint64_t optimizer_elements_ = 0;
   std::vector<ParamIndex> trainable_order_;     // the trainable params, in partition order
   double learning_rate_ = 0.0;                  // the optimizer's (set_learning_rate)
-  std::vector<float> grad_partition_;           // fp32, the trainable part, accumulated over micro-steps
+  // fp32, the trainable part, accumulated over micro-steps; empty when the
+  // gradient swapper keeps it on NVMe (offload_optimizer.gradients).
+  std::vector<float> grad_partition_;
   // Working precision, the whole partition: the "cpu" shards, the staging
   // copy of the device ones ("none"); empty with offload_param nvme.
   std::vector<std::byte> working_partition_;
@@ -361,11 +370,14 @@ class Engine {
   std::unordered_map<const Param*, Assembly> assembling_;
   std::vector<float> reduce_scratch_;           // the worker's, for reduced shards
   std::vector<swap::SubGroup> sub_groups_;
+  std::vector<std::uint64_t> sub_group_begin_;  // each sub-group's first partition element
 
   std::unique_ptr<cpu_adam::CpuOptimizer> cpu_optimizer_;
   std::unique_ptr<PinnedPool> pool_;
   std::unique_ptr<swap::SwapStore> optimizer_store_;
   std::unique_ptr<swap::SwapStore> param_store_;
+  std::unique_ptr<swap::SwapStore> gradient_store_;
+  std::unique_ptr<swap::GradientSwapper> gradient_swapper_;
   std::unique_ptr<swap::OptimizerSwapper> optimizer_;  // null when every param is frozen
   std::unique_ptr<swap::ParamSwapper> param_swapper_;
 

@@ -1,0 +1,166 @@
+#include "swap/gradient_swapper.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "core/error.hpp"
+#include "core/units.hpp"
+
+namespace zinf::swap {
+namespace {
+
+std::uint64_t buffer_bytes(std::span<const SubGroup> groups, std::uint64_t alignment) {
+  std::uint64_t largest = 0;
+  for (const auto& group : groups) largest = std::max<std::uint64_t>(largest, group.elements);
+  return std::max<std::uint64_t>(align_up(largest * sizeof(float), alignment), alignment);
+}
+
+}  // namespace
+
+std::uint64_t GradientSwapper::pinned_bytes_needed(std::span<const SubGroup> groups, std::uint64_t alignment) {
+  return 2 * buffer_bytes(groups, alignment);
+}
+
+GradientSwapper::GradientSwapper(SwapStore& store, PinnedPool& pool, std::vector<SubGroup> groups)
+    : store_(store), groups_(std::move(groups)), stored_(groups_.size(), false), sums_(groups_.size(), 0.0) {
+  ZINF_CHECK(!groups_.empty(), "the gradient swapper needs at least one sub-group");
+  const std::uint64_t bytes = buffer_bytes(groups_, store_.alignment());
+  ZINF_CHECK(store_.padded_size(bytes) == bytes, "gradient buffers must hold a padded sub-group");
+  for (auto& buffer : buffers_) buffer.memory = pool.acquire(bytes, std::chrono::milliseconds(0));
+  // Gradients a killed run left behind belong to no step: their space is
+  // reused from the first commit on.
+  for (const auto& stale : store_.keys()) store_.remove(stale);
+  store_.commit();
+}
+
+GradientSwapper::~GradientSwapper() { drain(); }
+
+std::string GradientSwapper::key(std::size_t group) const { return groups_[group].name + "/grad"; }
+
+void GradientSwapper::drain() noexcept {
+  for (auto& buffer : buffers_) {
+    if (!buffer.ticket.valid()) continue;
+    try {
+      store_.wait(buffer.ticket);
+    } catch (...) {  // NOLINT(bugprone-empty-catch): an error path is already leaving
+    }
+    buffer.ticket = {};
+    buffer.writing = buffer.reading = Buffer::none;
+  }
+}
+
+void GradientSwapper::settle(Buffer& buffer) {
+  if (!buffer.ticket.valid()) return;
+  const SwapTicket ticket = buffer.ticket;
+  buffer.ticket = {};
+  buffer.writing = buffer.reading = Buffer::none;
+  store_.wait(ticket);
+}
+
+void GradientSwapper::write_out(Buffer& buffer) {
+  const std::size_t group = buffer.open;
+  const std::size_t n = groups_[group].elements;
+  const float* values = buffer.floats();
+  double sum = 0.0;
+  for (std::size_t i = 0; i < n; ++i) sum += static_cast<double>(values[i]) * values[i];
+  sums_[group] = sum;
+  buffer.ticket = store_.write(key(group), buffer.memory.span(), n * sizeof(float));
+  buffer.open = Buffer::none;
+  buffer.writing = group;
+  stored_[group] = true;
+  bytes_written_ += n * sizeof(float);
+}
+
+GradientSwapper::Buffer& GradientSwapper::open(std::size_t group) {
+  Buffer& current = buffers_[last_opened_];
+  if (current.open == group) return current;
+  // One buffer accumulates while the other's sub-group is written: the
+  // open one goes out now and the next opens in the other buffer, once
+  // that buffer's own write (an older sub-group, maybe this one) is done.
+  if (current.open != Buffer::none) write_out(current);
+  Buffer& next = buffers_[1 - last_opened_];
+  if (next.ticket.valid()) {
+    settle(next);
+    // The extent that write replaced is free again: at most two
+    // sub-groups' rewrites hold disk space twice.
+    store_.commit();
+  }
+  ZINF_ASSERT(next.open == Buffer::none, "a gradient buffer is open twice");
+  if (current.writing == group) settle(current);
+  const std::size_t n = groups_[group].elements;
+  if (stored_[group]) {
+    store_.read_sync(key(group), next.memory.span());
+    bytes_read_ += n * sizeof(float);
+  } else {
+    std::memset(next.memory.data(), 0, n * sizeof(float));
+  }
+  next.open = group;
+  last_opened_ = 1 - last_opened_;
+  return next;
+}
+
+void GradientSwapper::accumulate(std::size_t group, std::uint64_t offset, std::span<const float> values,
+                                 float scale) {
+  ZINF_CHECK(group < groups_.size(), "sub-group index out of range");
+  ZINF_CHECK(offset + values.size() <= groups_[group].elements,
+             fmt::format("gradient elements [{}, {}) are past sub-group '{}' ({} elements)", offset,
+                         offset + values.size(), groups_[group].name, groups_[group].elements));
+  float* target = open(group).floats() + offset;
+  // The same float operation as an accumulation in memory: bit for bit.
+  for (std::size_t i = 0; i < values.size(); ++i) target[i] += scale * values[i];
+}
+
+void GradientSwapper::end_micro_step() {
+  for (auto& buffer : buffers_) {
+    if (buffer.open != Buffer::none) write_out(buffer);
+  }
+  for (auto& buffer : buffers_) settle(buffer);
+  // Recycles the extents the rewrites replaced (no flush: see the header).
+  store_.commit();
+}
+
+void GradientSwapper::clear() {
+  drain();
+  for (auto& buffer : buffers_) buffer.open = Buffer::none;
+  // The next micro-step writes every sub-group afresh: no old copy need
+  // hold space meanwhile.
+  for (std::size_t g = 0; g < groups_.size(); ++g) {
+    if (stored_[g]) store_.remove(key(g));
+  }
+  store_.commit();
+  std::fill(stored_.begin(), stored_.end(), false);
+  std::fill(sums_.begin(), sums_.end(), 0.0);
+  read_scale_ = 1.0f;
+}
+
+void GradientSwapper::prefetch(std::size_t group) {
+  ZINF_CHECK(group < groups_.size(), "sub-group index out of range");
+  Buffer& buffer = buffers_[group % 2];
+  settle(buffer);
+  ZINF_ASSERT(buffer.open == Buffer::none, "prefetch with a sub-group still open: end_micro_step() first");
+  if (stored_[group]) {
+    buffer.ticket = store_.read(key(group), buffer.memory.span());
+  } else {
+    std::memset(buffer.memory.data(), 0, groups_[group].elements * sizeof(float));
+  }
+  buffer.reading = group;
+}
+
+cpu_adam::Buffer GradientSwapper::await(std::size_t group) {
+  Buffer& buffer = buffers_[group % 2];
+  ZINF_ASSERT(buffer.reading == group, "await without its prefetch");
+  const bool read = buffer.ticket.valid();
+  settle(buffer);
+  const std::size_t n = groups_[group].elements;
+  if (read) bytes_read_ += n * sizeof(float);
+  float* values = buffer.floats();
+  if (read_scale_ != 1.0f) {
+    for (std::size_t i = 0; i < n; ++i) values[i] *= read_scale_;
+  }
+  return {values, n, cpu_adam::DType::f32};
+}
+
+}  // namespace zinf::swap

@@ -1,0 +1,115 @@
+// The gradient swapper: an optimizer's fp32 gradients, one tensor per
+// sub-group, accumulated on NVMe over the micro-steps of an optimizer step,
+// so host memory holds two sub-groups' worth instead of the whole gradient
+// partition (4 bytes per trainable element of the rank's partition) — the
+// last host buffer that grew with the model once params and optimizer
+// states are on NVMe. DeepSpeed's ZeRO-Infinity swaps its gradients out the
+// same way.
+//
+// Backward adds each reduced gradient shard into its sub-group's buffer
+// (accumulate). A sub-group stays open in one of two pinned buffers while
+// its shards arrive; opening another writes the older one out, and the
+// writes run while the next sub-group accumulates. A sub-group that already
+// holds this step's gradients (an earlier micro-step, or a param reduced
+// twice) is read back first; one that holds none starts from zeros with no
+// read. end_micro_step() writes what is open; the step then reads each
+// sub-group back through the same two buffers (prefetch/await, driven by
+// the optimizer swapper's pipeline), scaled by the clipping coefficient, and
+// clear() forgets them all for the next step with no I/O.
+//
+// Each write also records the sub-group's sum of squares, so the global
+// gradient norm needs no read: a sub-group's values change only when it is
+// written, and its last write holds its final values.
+//
+// The store is its own (SwapRole::gradients) and never flushed to the disk:
+// no restart reads gradients (a checkpoint is taken at a step boundary,
+// where there are none).
+//
+// Thread use: accumulate() runs on one thread (the engine's worker); the
+// rest on another while accumulate() is not running (the engine drains its
+// worker first).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "cpu_adam/cpu_adam.hpp"
+#include "pinned_pool/pinned_pool.hpp"
+#include "swap/optimizer_swapper.hpp"
+#include "swap/swap_store.hpp"
+
+namespace zinf::swap {
+
+class GradientSwapper {
+ public:
+  // Pinned bytes the swapper leases: two buffers of the largest sub-group.
+  static std::uint64_t pinned_bytes_needed(std::span<const SubGroup> groups, std::uint64_t alignment);
+
+  // Leases its buffers from `pool` now (Error{resource} naming the bytes
+  // when it cannot) and drops whatever gradients an earlier run left in
+  // `store`.
+  GradientSwapper(SwapStore& store, PinnedPool& pool, std::vector<SubGroup> groups);
+  // Waits out any I/O still in flight.
+  ~GradientSwapper();
+  GradientSwapper(const GradientSwapper&) = delete;
+  GradientSwapper& operator=(const GradientSwapper&) = delete;
+
+  // Adds scale * values[i] to element offset + i of sub-group `group`.
+  void accumulate(std::size_t group, std::uint64_t offset, std::span<const float> values, float scale);
+  // The micro-step's backward is over: every open sub-group is written and
+  // the writes waited for.
+  void end_micro_step();
+  // Sub-group `group`'s sum of squares (in double), as of its last write;
+  // 0 for one with no gradient this step.
+  double sum_of_squares(std::size_t group) const { return sums_[group]; }
+  // The step reads every gradient multiplied by `coefficient` (clipping).
+  void set_read_scale(float coefficient) { read_scale_ = coefficient; }
+  // Every gradient is zero again (after a step, a skipped step, a load).
+  void clear();
+
+  // The step's reads, in sub-group order, at most two ahead of use:
+  // prefetch(g) starts reading sub-group g into buffer g % 2 (zeros when it
+  // has no gradient), await(g) waits for it, applies the read scale and
+  // returns the gradient, valid until prefetch(g + 2).
+  void prefetch(std::size_t group);
+  cpu_adam::Buffer await(std::size_t group);
+
+  std::span<const SubGroup> groups() const { return groups_; }
+  std::uint64_t bytes_written() const { return bytes_written_; }
+  std::uint64_t bytes_read() const { return bytes_read_; }
+  // Waits out every buffer's I/O, ignoring errors (error paths).
+  void drain() noexcept;
+
+ private:
+  struct Buffer {
+    PinnedBuffer memory;
+    static constexpr std::size_t none = SIZE_MAX;
+    std::size_t open = none;     // the sub-group accumulating in it
+    std::size_t writing = none;  // the sub-group being written from it
+    std::size_t reading = none;  // the sub-group a step reads into it
+    SwapTicket ticket;           // the write's or the read's
+    float* floats() const { return reinterpret_cast<float*>(memory.data()); }
+  };
+  std::string key(std::size_t group) const;
+  // Starts writing the sub-group open in `buffer`.
+  void write_out(Buffer& buffer);
+  // Waits for the buffer's write or read (rethrowing its error).
+  void settle(Buffer& buffer);
+  // A buffer holding sub-group `group`, open for accumulation.
+  Buffer& open(std::size_t group);
+
+  SwapStore& store_;
+  std::vector<SubGroup> groups_;
+  Buffer buffers_[2];
+  std::size_t last_opened_ = 0;  // the buffer opened most recently
+  std::vector<bool> stored_;     // holds this step's gradients on the store
+  std::vector<double> sums_;
+  float read_scale_ = 1.0f;
+  std::uint64_t bytes_written_ = 0;
+  std::uint64_t bytes_read_ = 0;
+};
+
+}  // namespace zinf::swap

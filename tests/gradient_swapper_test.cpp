@@ -1,0 +1,286 @@
+// The gradient swapper: gradients accumulated on NVMe over micro-steps are
+// those accumulated in memory, bit for bit, whatever order the pieces come
+// in; the norm needs no read; the optimizer steps from them as from memory;
+// clear() forgets them without I/O; an I/O error names file, key and errno;
+// what a killed run left is dropped; the pinned budget is checked up front.
+#include <atomic>
+#include <cstring>
+#include <random>
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include "aio/thread_pool_engine.hpp"
+#include "core/error.hpp"
+#include "swap/gradient_swapper.hpp"
+#include "swap/optimizer_swapper.hpp"
+#include "test_util.hpp"
+
+namespace zinf::swap {
+namespace {
+
+using cpu_adam::Buffer;
+using cpu_adam::DType;
+using testing::TempDir;
+
+const std::vector<SubGroup> kGroups = {{"g0", 1000}, {"g1", 4097}, {"g2", 30001}, {"g3", 7}};
+
+SwapStoreOptions store_options(const std::filesystem::path& dir) {
+  SwapStoreOptions options;
+  options.directories = {dir / "nvme0", dir / "nvme1"};
+  options.aio.block_size = 64 << 10;
+  options.grow_bytes = 1 << 20;
+  options.sync = false;
+  return options;
+}
+
+PinnedPoolOptions pool_options(std::uint64_t bytes = 8 << 20) {
+  PinnedPoolOptions options;
+  options.budget_bytes = bytes;
+  options.allow_unpinned = true;
+  return options;
+}
+
+std::vector<float> random_values(std::size_t n, unsigned seed) {
+  std::mt19937 random(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> values(n);
+  for (auto& v : values) v = normal(random);
+  return values;
+}
+
+// A piece of a sub-group: [offset, offset + values.size()).
+struct Piece {
+  std::size_t group;
+  std::size_t offset;
+  std::vector<float> values;
+  float scale;
+};
+
+// A micro-step's pieces: every sub-group's elements in chunks, the last
+// sub-group first (as backward comes), plus some out of order and some
+// twice (a param used by two modules), so sub-groups are reopened.
+std::vector<Piece> micro_step_pieces(unsigned seed, bool skip_last_group) {
+  std::mt19937 random(seed);
+  std::vector<Piece> pieces;
+  for (std::size_t g = kGroups.size(); g-- > 0;) {
+    if (skip_last_group && g + 1 == kGroups.size()) continue;  // a module with no backward this time
+    std::size_t end = kGroups[g].elements;
+    while (end > 0) {
+      const std::size_t length = std::min<std::size_t>(end, 1 + random() % 3000);
+      pieces.push_back({g, end - length, random_values(length, random()), 0.25f + 0.001f * (random() % 100)});
+      end -= length;
+    }
+  }
+  for (int extra = 0; extra < 4; ++extra) {
+    const std::size_t g = random() % kGroups.size();
+    const std::size_t length = 1 + random() % kGroups[g].elements;
+    const std::size_t offset = random() % (kGroups[g].elements - length + 1);
+    pieces.insert(pieces.begin() + static_cast<std::ptrdiff_t>(random() % pieces.size()),
+                  Piece{g, offset, random_values(length, random()), 0.5f});
+  }
+  return pieces;
+}
+
+double sum_of_squares(const std::vector<float>& values) {
+  double sum = 0.0;
+  for (float v : values) sum += static_cast<double>(v) * v;
+  return sum;
+}
+
+bool same_bits(std::span<const float> a, std::span<const float> b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size_bytes()) == 0;
+}
+
+TEST(GradientSwapper, AccumulatesOverMicroStepsBitForBitAsMemoryDoes) {
+  TempDir dir;
+  SwapStore store(store_options(dir.path()));
+  PinnedPool pool(pool_options());
+  GradientSwapper swapper(store, pool, kGroups);
+  std::vector<std::vector<float>> reference;
+  for (const auto& group : kGroups) reference.emplace_back(group.elements, 0.0f);
+  for (unsigned micro = 0; micro < 3; ++micro) {
+    for (const Piece& piece : micro_step_pieces(micro + 1, micro == 2)) {
+      swapper.accumulate(piece.group, piece.offset, piece.values, piece.scale);
+      float* target = reference[piece.group].data() + piece.offset;
+      for (std::size_t i = 0; i < piece.values.size(); ++i) target[i] += piece.scale * piece.values[i];
+    }
+    swapper.end_micro_step();
+  }
+  for (std::size_t g = 0; g < kGroups.size(); ++g) {
+    EXPECT_EQ(swapper.sum_of_squares(g), sum_of_squares(reference[g])) << kGroups[g].name;
+  }
+  // The step's reads, scaled as clipping asks.
+  const float clip = 0.375f;
+  swapper.set_read_scale(clip);
+  swapper.prefetch(0);
+  for (std::size_t g = 0; g < kGroups.size(); ++g) {
+    if (g + 1 < kGroups.size()) swapper.prefetch(g + 1);
+    const Buffer grad = swapper.await(g);
+    ASSERT_EQ(grad.count, kGroups[g].elements);
+    std::vector<float> want = reference[g];
+    for (float& v : want) v *= clip;
+    EXPECT_TRUE(same_bits({static_cast<const float*>(grad.data), grad.count}, want)) << kGroups[g].name;
+  }
+  std::uint64_t elements = 0;
+  for (const auto& group : kGroups) elements += group.elements;
+  EXPECT_GE(swapper.bytes_written(), 3 * 4 * elements - 4 * kGroups.back().elements);
+  EXPECT_GE(store.stats().written_total + store.stats().written_bytes[0], 1u);
+}
+
+TEST(GradientSwapper, ClearForgetsEveryGradientWithoutReadingOrWriting) {
+  TempDir dir;
+  SwapStore store(store_options(dir.path()));
+  PinnedPool pool(pool_options());
+  GradientSwapper swapper(store, pool, kGroups);
+  const auto ones = std::vector<float>(kGroups[1].elements, 1.0f);
+  swapper.accumulate(1, 0, ones, 1.0f);
+  swapper.end_micro_step();
+  EXPECT_EQ(swapper.sum_of_squares(1), static_cast<double>(kGroups[1].elements));
+  swapper.clear();
+  EXPECT_EQ(swapper.sum_of_squares(1), 0.0);
+  EXPECT_TRUE(store.keys().empty());  // no stale copy holds disk space
+  const std::uint64_t read = swapper.bytes_read();
+  // A fresh accumulation starts from zeros, not from the old values.
+  swapper.accumulate(1, 10, std::span(ones.data(), 5), 2.0f);
+  swapper.end_micro_step();
+  EXPECT_EQ(swapper.bytes_read(), read);
+  EXPECT_EQ(swapper.sum_of_squares(1), 5 * 4.0);
+  swapper.prefetch(0);
+  swapper.prefetch(1);
+  const Buffer none = swapper.await(0);
+  for (std::size_t i = 0; i < none.count; ++i) ASSERT_EQ(static_cast<const float*>(none.data)[i], 0.0f);
+  const Buffer some = swapper.await(1);
+  for (std::size_t i = 0; i < some.count; ++i) {
+    ASSERT_EQ(static_cast<const float*>(some.data)[i], i >= 10 && i < 15 ? 2.0f : 0.0f) << i;
+  }
+}
+
+// The optimizer steps from gradients on NVMe exactly as from the same
+// gradients in memory, pipelined or not.
+TEST(GradientSwapper, TheOptimizerStepsFromThemAsFromMemory) {
+  for (const bool overlap : {true, false}) {
+    SCOPED_TRACE(overlap ? "pipelined" : "in turn");
+    TempDir dir;
+    OptimizerSwapperOptions options;
+    options.optimizer.adam.lr = 1e-2f;
+    options.optimizer.adam.weight_decay = 0.01f;
+    options.overlap = overlap;
+    cpu_adam::CpuOptimizer optimizer(2);
+    PinnedPool pool(pool_options(32 << 20));
+    SwapStore from_memory_store(store_options(dir.path() / "a"));
+    SwapStore from_nvme_store(store_options(dir.path() / "b"));
+    SwapStore gradient_store(store_options(dir.path() / "g"));
+    OptimizerSwapper from_memory(from_memory_store, pool, optimizer, kGroups, options);
+    OptimizerSwapper from_nvme(from_nvme_store, pool, optimizer, kGroups, options);
+    GradientSwapper gradients(gradient_store, pool, kGroups);
+    for (std::size_t g = 0; g < kGroups.size(); ++g) {
+      const auto params = random_values(kGroups[g].elements, 100 + static_cast<unsigned>(g));
+      from_memory.initialize(g, params);
+      from_nvme.initialize(g, params);
+    }
+    for (int step = 1; step <= 3; ++step) {
+      std::vector<std::vector<float>> grads;
+      std::vector<Buffer> buffers;
+      for (std::size_t g = kGroups.size(); g-- > 0;) {
+        auto values = random_values(kGroups[g].elements, 1000 * step + static_cast<unsigned>(g));
+        gradients.accumulate(g, 0, values, 1.0f);
+        grads.insert(grads.begin(), std::move(values));
+      }
+      gradients.end_micro_step();
+      gradients.set_read_scale(0.5f);
+      for (auto& values : grads) {
+        for (float& v : values) v *= 0.5f;
+        buffers.push_back({values.data(), values.size(), DType::f32});
+      }
+      from_memory.step(buffers);
+      from_nvme.step(gradients);
+      gradients.clear();
+      EXPECT_GT(from_nvme.last_step_stats().bytes_read, from_memory.last_step_stats().bytes_read);
+    }
+    for (std::size_t g = 0; g < kGroups.size(); ++g) {
+      std::vector<float> a(kGroups[g].elements), b(kGroups[g].elements);
+      from_memory.read_params(g, a);
+      from_nvme.read_params(g, b);
+      EXPECT_TRUE(same_bits(a, b)) << kGroups[g].name;
+      from_memory.read_state(g, "exp_avg_sq", a);
+      from_nvme.read_state(g, "exp_avg_sq", b);
+      EXPECT_TRUE(same_bits(a, b)) << kGroups[g].name;
+    }
+  }
+}
+
+// Writes fail with ENOSPC once armed (a full disk).
+class FullDevice final : public aio::SyncDevice {
+ public:
+  explicit FullDevice(std::atomic<bool>& armed) : armed_(armed) {}
+  std::int64_t transfer(aio::Op op, const aio::File& file, std::uint64_t offset, std::byte* buffer,
+                        std::uint64_t length) override {
+    if (op == aio::Op::write && armed_.load()) return -ENOSPC;
+    return inner_.transfer(op, file, offset, buffer, length);
+  }
+  std::string_view name() const override { return "full"; }
+
+ private:
+  std::atomic<bool>& armed_;
+  aio::PosixDevice inner_;
+};
+
+TEST(GradientSwapper, AFullDiskIsAnErrorNamingTheFileAndErrno) {
+  TempDir dir;
+  std::atomic<bool> armed{false};
+  const auto options = store_options(dir.path());
+  SwapStore store(options, [&](std::size_t) {
+    return std::make_unique<aio::ThreadPoolEngine>(options.aio, std::make_unique<FullDevice>(armed), 1, "full");
+  });
+  PinnedPool pool(pool_options());
+  GradientSwapper swapper(store, pool, kGroups);
+  const auto values = random_values(kGroups[2].elements, 7);
+  swapper.accumulate(2, 0, values, 1.0f);
+  armed = true;
+  try {
+    swapper.end_micro_step();
+    FAIL() << "the write error was lost";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.kind(), ErrorKind::no_space) << error.what();
+    EXPECT_EQ(error.error_number(), ENOSPC) << error.what();
+    EXPECT_NE(std::string(error.what()).find("zinf.volume"), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("g2/grad"), std::string::npos) << error.what();
+  }
+}
+
+TEST(GradientSwapper, WhatAKilledRunLeftIsDroppedAndTheBudgetIsCheckedFirst) {
+  TempDir dir;
+  {
+    SwapStore store(store_options(dir.path()));
+    PinnedPool pool(pool_options());
+    GradientSwapper swapper(store, pool, kGroups);
+    swapper.accumulate(0, 0, random_values(kGroups[0].elements, 1), 1.0f);
+    swapper.end_micro_step();  // committed: the manifest names g0/grad
+    EXPECT_EQ(store.keys().size(), 1u);
+  }
+  SwapStore store(store_options(dir.path()));
+  EXPECT_EQ(store.keys().size(), 1u);
+  PinnedPool pool(pool_options());
+  GradientSwapper swapper(store, pool, kGroups);
+  EXPECT_TRUE(store.keys().empty());
+  EXPECT_EQ(swapper.sum_of_squares(0), 0.0);
+
+  const std::uint64_t needed = GradientSwapper::pinned_bytes_needed(kGroups, store.alignment());
+  EXPECT_EQ(needed, 2 * ((30001 * 4 + 4095) / 4096 * 4096));
+  PinnedPool small(pool_options(needed / 2));
+  EXPECT_THROW(GradientSwapper(store, small, kGroups), Error);
+}
+
+TEST(GradientSwapper, PiecesPastTheirSubGroupAreRefused) {
+  TempDir dir;
+  SwapStore store(store_options(dir.path()));
+  PinnedPool pool(pool_options());
+  GradientSwapper swapper(store, pool, kGroups);
+  const std::vector<float> values(8, 1.0f);
+  EXPECT_THROW(swapper.accumulate(3, 0, values, 1.0f), Error);  // g3 has 7 elements
+  EXPECT_THROW(swapper.accumulate(4, 0, values, 1.0f), Error);  // no sub-group 4
+}
+
+}  // namespace
+}  // namespace zinf::swap
