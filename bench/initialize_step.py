@@ -50,10 +50,12 @@ def plain_run(args, x, y):
     return times, {}
 
 
-def zinf_run(args, x, y, stage, optimizer_device, param_device, nvme):
+def zinf_run(args, x, y, stage, optimizer_device, param_device, gradients=None, *, nvme):
     zero = {"stage": stage}
     if optimizer_device != "none":
         zero["offload_optimizer"] = {"device": optimizer_device, "nvme_path": nvme}
+        if gradients:
+            zero["offload_optimizer"]["gradients"] = gradients
     if param_device != "none":
         zero["offload_param"] = {"device": param_device, "nvme_path": nvme}
     config = {"train_batch_size": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
@@ -90,7 +92,8 @@ def main():
           f"{torch.get_num_threads()} threads; median step over {args.repeat} runs of {args.steps} steps")
     settings = [("plain PyTorch (AdamW)", None), ("stage 0", (0, "none", "none")), ("stage 2, optimizer cpu",
                 (2, "cpu", "none")), ("stage 3, params and optimizer cpu", (3, "cpu", "cpu")),
-                ("stage 3, params and optimizer nvme", (3, "nvme", "nvme"))]
+                ("stage 3, params and optimizer nvme", (3, "nvme", "nvme")),
+                ("stage 3 nvme, gradients in host memory", (3, "nvme", "nvme", "cpu"))]
     rows, baseline = [], None
     for label, setting in settings:
         runs, timings = [], {}

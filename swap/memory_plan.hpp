@@ -10,8 +10,12 @@
 // in the working precision (2 with fp16/bf16, 4 in fp32 training), k fp32
 // state tensors (master + moments: 3 for Adam, 2 for Adagrad and Lion) and L
 // elements in the largest param, at ZeRO stage 3:
-//   host, always: the fp32 gradient partition (4 Ψr) and the partition in
-//     the working precision (e Ψr; offload_param "cpu" gathers from it);
+//   host: the fp32 gradient partition (4 Ψr) unless offload_optimizer is
+//     "nvme" (then on NVMe, with two sub-groups of copy-on-write room, and
+//     two sub-group buffers in the pinned pool; "gradients": "cpu" keeps
+//     it in host memory), and the partition in the working precision (e
+//     Ψr; offload_param "cpu" gathers from it; "nvme" keeps it in the
+//     param store, one sub-group passing through host memory at a step);
 //     while finalize() builds the masters, one sub-group of fp32 values
 //     more (MemoryPlan::transient_host);
 //   optimizer states: in host memory (4k Ψr) unless offload_optimizer is
