@@ -49,6 +49,7 @@ void GradientSwapper::drain() noexcept {
     }
     buffer.ticket = {};
     buffer.writing = buffer.reading = Buffer::none;
+    buffer.holds = Buffer::none;  // a failed read or write leaves it unknown
   }
 }
 
@@ -57,7 +58,12 @@ void GradientSwapper::settle(Buffer& buffer) {
   const SwapTicket ticket = buffer.ticket;
   buffer.ticket = {};
   buffer.writing = buffer.reading = Buffer::none;
-  store_.wait(ticket);
+  try {
+    store_.wait(ticket);
+  } catch (...) {
+    buffer.holds = Buffer::none;
+    throw;
+  }
 }
 
 void GradientSwapper::write_out(Buffer& buffer) {
@@ -70,6 +76,7 @@ void GradientSwapper::write_out(Buffer& buffer) {
   buffer.ticket = store_.write(key(group), buffer.memory.span(), n * sizeof(float));
   buffer.open = Buffer::none;
   buffer.writing = group;
+  buffer.holds = group;
   stored_[group] = true;
   bytes_written_ += n * sizeof(float);
 }
@@ -91,12 +98,20 @@ GradientSwapper::Buffer& GradientSwapper::open(std::size_t group) {
   ZINF_ASSERT(next.open == Buffer::none, "a gradient buffer is open twice");
   if (current.writing == group) settle(current);
   const std::size_t n = groups_[group].elements;
-  if (stored_[group]) {
+  if (next.holds == group) {
+    // Its own last write came from here: the values are at hand.
+  } else if (current.holds == group) {
+    // The other buffer's (one sub-group, accumulated again): a copy, not a read.
+    std::memcpy(next.memory.data(), current.memory.data(), n * sizeof(float));
+  } else if (stored_[group]) {
     store_.read_sync(key(group), next.memory.span());
     bytes_read_ += n * sizeof(float);
   } else {
     std::memset(next.memory.data(), 0, n * sizeof(float));
   }
+  // The sub-group is about to change: no buffer holds its stored values.
+  if (current.holds == group) current.holds = Buffer::none;
+  next.holds = Buffer::none;
   next.open = group;
   last_opened_ = 1 - last_opened_;
   return next;
@@ -124,7 +139,8 @@ void GradientSwapper::end_micro_step() {
 
 void GradientSwapper::clear() {
   drain();
-  for (auto& buffer : buffers_) buffer.open = Buffer::none;
+  for (auto& buffer : buffers_) buffer.open = buffer.holds = buffer.reading = Buffer::none;
+  last_prefetched_ = 2;
   // The next micro-step writes every sub-group afresh: no old copy need
   // hold space meanwhile.
   for (std::size_t g = 0; g < groups_.size(); ++g) {
@@ -138,20 +154,37 @@ void GradientSwapper::clear() {
 
 void GradientSwapper::prefetch(std::size_t group) {
   ZINF_CHECK(group < groups_.size(), "sub-group index out of range");
-  Buffer& buffer = buffers_[group % 2];
+  ZINF_ASSERT(buffers_[0].open == Buffer::none && buffers_[1].open == Buffer::none,
+              "prefetch with a sub-group still open: end_micro_step() first");
+  // Any buffer but the previous sub-group's (its step may still be
+  // reading it): one that still holds this sub-group if there is one.
+  std::size_t chosen = last_prefetched_ == 0 ? 1 : 0;
+  for (std::size_t i = 0; i < 2; ++i) {
+    if (i != last_prefetched_ && buffers_[i].holds == group) chosen = i;
+  }
+  Buffer& buffer = buffers_[chosen];
+  last_prefetched_ = chosen;
   settle(buffer);
-  ZINF_ASSERT(buffer.open == Buffer::none, "prefetch with a sub-group still open: end_micro_step() first");
-  if (stored_[group]) {
-    buffer.ticket = store_.read(key(group), buffer.memory.span());
-  } else {
-    std::memset(buffer.memory.data(), 0, groups_[group].elements * sizeof(float));
+  // await(group) finds this buffer, not one a past step read it into.
+  if (buffers_[1 - chosen].reading == group) buffers_[1 - chosen].reading = Buffer::none;
+  if (buffer.holds != group) {
+    buffer.holds = Buffer::none;
+    if (stored_[group]) {
+      buffer.ticket = store_.read(key(group), buffer.memory.span());
+    } else {
+      std::memset(buffer.memory.data(), 0, groups_[group].elements * sizeof(float));
+    }
   }
   buffer.reading = group;
 }
 
 cpu_adam::Buffer GradientSwapper::await(std::size_t group) {
-  Buffer& buffer = buffers_[group % 2];
-  ZINF_ASSERT(buffer.reading == group, "await without its prefetch");
+  Buffer* found = nullptr;
+  for (auto& buffer : buffers_) {
+    if (buffer.reading == group) found = &buffer;
+  }
+  ZINF_ASSERT(found != nullptr, "await without its prefetch");
+  Buffer& buffer = *found;
   const bool read = buffer.ticket.valid();
   settle(buffer);
   const std::size_t n = groups_[group].elements;
@@ -159,6 +192,7 @@ cpu_adam::Buffer GradientSwapper::await(std::size_t group) {
   float* values = buffer.floats();
   if (read_scale_ != 1.0f) {
     for (std::size_t i = 0; i < n; ++i) values[i] *= read_scale_;
+    buffer.holds = Buffer::none;
   }
   return {values, n, cpu_adam::DType::f32};
 }

@@ -70,10 +70,12 @@ class GradientSwapper {
   // Every gradient is zero again (after a step, a skipped step, a load).
   void clear();
 
-  // The step's reads, in sub-group order, at most two ahead of use:
-  // prefetch(g) starts reading sub-group g into buffer g % 2 (zeros when it
-  // has no gradient), await(g) waits for it, applies the read scale and
-  // returns the gradient, valid until prefetch(g + 2).
+  // The step's reads, in sub-group order, one ahead of use: prefetch(g)
+  // starts reading sub-group g into the buffer sub-group g - 1 is not
+  // using (zeros when it has no gradient; no I/O when a buffer still holds
+  // it, as the last sub-groups backward wrote, the step's first, do),
+  // await(g) waits for it, applies the read scale and returns the
+  // gradient, valid until prefetch(g + 2).
   void prefetch(std::size_t group);
   cpu_adam::Buffer await(std::size_t group);
 
@@ -90,6 +92,9 @@ class GradientSwapper {
     std::size_t open = none;     // the sub-group accumulating in it
     std::size_t writing = none;  // the sub-group being written from it
     std::size_t reading = none;  // the sub-group a step reads into it
+    // The sub-group whose stored values it holds (since its write), so
+    // reading that sub-group back needs no I/O; none once it changes.
+    std::size_t holds = none;
     SwapTicket ticket;           // the write's or the read's
     float* floats() const { return reinterpret_cast<float*>(memory.data()); }
   };
@@ -105,6 +110,7 @@ class GradientSwapper {
   std::vector<SubGroup> groups_;
   Buffer buffers_[2];
   std::size_t last_opened_ = 0;  // the buffer opened most recently
+  std::size_t last_prefetched_ = 2;  // the buffer the step's last prefetch chose (2: none)
   std::vector<bool> stored_;     // holds this step's gradients on the store
   std::vector<double> sums_;
   float read_scale_ = 1.0f;

@@ -156,6 +156,67 @@ TEST(GradientSwapper, ClearForgetsEveryGradientWithoutReadingOrWriting) {
   }
 }
 
+// The step begins with the sub-groups backward wrote last (the first of
+// the partition): still in the buffers, they are not read back.
+TEST(GradientSwapper, TheSubGroupsWrittenLastAreNotReadBack) {
+  TempDir dir;
+  SwapStore store(store_options(dir.path()));
+  PinnedPool pool(pool_options());
+  GradientSwapper swapper(store, pool, kGroups);
+  std::vector<std::vector<float>> values;
+  for (std::size_t g = 0; g < kGroups.size(); ++g) values.push_back(random_values(kGroups[g].elements, 50 + static_cast<unsigned>(g)));
+  for (std::size_t g = kGroups.size(); g-- > 0;) swapper.accumulate(g, 0, values[g], 1.0f);
+  swapper.end_micro_step();
+  const std::uint64_t before = swapper.bytes_read();
+  swapper.prefetch(0);
+  for (std::size_t g = 0; g < kGroups.size(); ++g) {
+    if (g + 1 < kGroups.size()) swapper.prefetch(g + 1);
+    const Buffer grad = swapper.await(g);
+    EXPECT_TRUE(same_bits({static_cast<const float*>(grad.data), grad.count}, values[g])) << kGroups[g].name;
+    if (g == 1) {
+      EXPECT_EQ(swapper.bytes_read(), before) << "sub-groups 0 and 1 were read back";
+    }
+  }
+  EXPECT_EQ(swapper.bytes_read(), before + 4 * (kGroups[2].elements + kGroups[3].elements));
+}
+
+// Step after step, with one sub-group or several, each step reads the
+// gradients of its own micro-steps (no buffer's leftovers from the last).
+TEST(GradientSwapper, EachStepReadsItsOwnMicroStepsGradients) {
+  for (const auto& groups : {std::vector<SubGroup>{{"only", 3000}}, kGroups}) {
+    SCOPED_TRACE(groups.size());
+    TempDir dir;
+    SwapStore store(store_options(dir.path()));
+    PinnedPool pool(pool_options());
+    GradientSwapper swapper(store, pool, groups);
+    const unsigned micro_steps[] = {1, 1, 1, 2, 1, 3, 1};
+    for (unsigned step = 0; step < std::size(micro_steps); ++step) {
+      std::vector<std::vector<float>> reference;
+      for (const auto& group : groups) reference.emplace_back(group.elements, 0.0f);
+      for (unsigned micro = 0; micro < micro_steps[step]; ++micro) {
+        for (std::size_t g = groups.size(); g-- > 0;) {
+          const auto values = random_values(groups[g].elements, 100 * step + 10 * micro + static_cast<unsigned>(g));
+          swapper.accumulate(g, 0, values, 1.0f);
+          for (std::size_t i = 0; i < values.size(); ++i) reference[g][i] += 1.0f * values[i];
+        }
+        swapper.end_micro_step();
+      }
+      const float scale = step % 2 == 0 ? 1.0f : 0.5f;
+      swapper.set_read_scale(scale);
+      swapper.prefetch(0);
+      for (std::size_t g = 0; g < groups.size(); ++g) {
+        if (g + 1 < groups.size()) swapper.prefetch(g + 1);
+        const Buffer grad = swapper.await(g);
+        std::vector<float> want = reference[g];
+        for (float& v : want) v *= scale;
+        ASSERT_TRUE(same_bits({static_cast<const float*>(grad.data), grad.count}, want))
+            << "step " << step << ", " << groups[g].name;
+      }
+      swapper.clear();
+    }
+  }
+}
+
 // The optimizer steps from gradients on NVMe exactly as from the same
 // gradients in memory, pipelined or not.
 TEST(GradientSwapper, TheOptimizerStepsFromThemAsFromMemory) {
