@@ -98,8 +98,9 @@ struct EngineStats {
   double last_grad_norm = 0.0;            // before clipping
   std::uint64_t skipped_steps = 0;        // non-finite gradients: the optimizer step was skipped
   std::uint64_t order_changes = 0;        // coordinator divergences
-  // Bytes this rank's swap stores (optimizer states, param shards) asked
-  // the NVMe drives to write since the engine started: their wear.
+  // Bytes this rank's swap stores (optimizer states, param shards,
+  // gradients) asked the NVMe drives to write since the engine started:
+  // their wear.
   std::uint64_t nvme_written_bytes = 0;
 };
 
