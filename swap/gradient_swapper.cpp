@@ -50,6 +50,7 @@ void GradientSwapper::drain() noexcept {
     buffer.ticket = {};
     buffer.writing = buffer.reading = Buffer::none;
     buffer.holds = Buffer::none;  // a failed read or write leaves it unknown
+    buffer.dirty = false;
   }
 }
 
@@ -66,17 +67,36 @@ void GradientSwapper::settle(Buffer& buffer) {
   }
 }
 
-void GradientSwapper::write_out(Buffer& buffer) {
+void GradientSwapper::close(Buffer& buffer, bool write) {
   const std::size_t group = buffer.open;
   const std::size_t n = groups_[group].elements;
   const float* values = buffer.floats();
   double sum = 0.0;
   for (std::size_t i = 0; i < n; ++i) sum += static_cast<double>(values[i]) * values[i];
   sums_[group] = sum;
-  buffer.ticket = store_.write(key(group), buffer.memory.span(), n * sizeof(float));
   buffer.open = Buffer::none;
-  buffer.writing = group;
   buffer.holds = group;
+  if (!write) {
+    buffer.dirty = true;
+    return;
+  }
+  buffer.ticket = store_.write(key(group), buffer.memory.span(), n * sizeof(float));
+  buffer.writing = group;
+  stored_[group] = true;
+  bytes_written_ += n * sizeof(float);
+}
+
+void GradientSwapper::flush(Buffer& buffer) {
+  if (!buffer.dirty) return;
+  const std::size_t group = buffer.holds;
+  const std::size_t n = groups_[group].elements;
+  buffer.dirty = false;
+  try {
+    store_.write_sync(key(group), buffer.memory.span(), n * sizeof(float));
+  } catch (...) {
+    buffer.holds = Buffer::none;
+    throw;
+  }
   stored_[group] = true;
   bytes_written_ += n * sizeof(float);
 }
@@ -87,7 +107,7 @@ GradientSwapper::Buffer& GradientSwapper::open(std::size_t group) {
   // One buffer accumulates while the other's sub-group is written: the
   // open one goes out now and the next opens in the other buffer, once
   // that buffer's own write (an older sub-group, maybe this one) is done.
-  if (current.open != Buffer::none) write_out(current);
+  if (current.open != Buffer::none) close(current, true);
   Buffer& next = buffers_[1 - last_opened_];
   if (next.ticket.valid()) {
     settle(next);
@@ -96,6 +116,7 @@ GradientSwapper::Buffer& GradientSwapper::open(std::size_t group) {
     store_.commit();
   }
   ZINF_ASSERT(next.open == Buffer::none, "a gradient buffer is open twice");
+  if (next.holds != group) flush(next);  // its values are needed on the store
   if (current.writing == group) settle(current);
   const std::size_t n = groups_[group].elements;
   if (next.holds == group) {
@@ -110,8 +131,12 @@ GradientSwapper::Buffer& GradientSwapper::open(std::size_t group) {
     std::memset(next.memory.data(), 0, n * sizeof(float));
   }
   // The sub-group is about to change: no buffer holds its stored values.
-  if (current.holds == group) current.holds = Buffer::none;
+  if (current.holds == group) {
+    current.holds = Buffer::none;
+    current.dirty = false;  // its values go on accumulating in `next`
+  }
   next.holds = Buffer::none;
+  next.dirty = false;
   next.open = group;
   last_opened_ = 1 - last_opened_;
   return next;
@@ -128,9 +153,9 @@ void GradientSwapper::accumulate(std::size_t group, std::uint64_t offset, std::s
   for (std::size_t i = 0; i < values.size(); ++i) target[i] += scale * values[i];
 }
 
-void GradientSwapper::end_micro_step() {
+void GradientSwapper::end_micro_step(bool step_follows) {
   for (auto& buffer : buffers_) {
-    if (buffer.open != Buffer::none) write_out(buffer);
+    if (buffer.open != Buffer::none) close(buffer, !step_follows);
   }
   for (auto& buffer : buffers_) settle(buffer);
   // Recycles the extents the rewrites replaced (no flush: see the header).
@@ -139,7 +164,10 @@ void GradientSwapper::end_micro_step() {
 
 void GradientSwapper::clear() {
   drain();
-  for (auto& buffer : buffers_) buffer.open = buffer.holds = buffer.reading = Buffer::none;
+  for (auto& buffer : buffers_) {
+    buffer.open = buffer.holds = buffer.reading = Buffer::none;
+    buffer.dirty = false;
+  }
   last_prefetched_ = 2;
   // The next micro-step writes every sub-group afresh: no old copy need
   // hold space meanwhile.
@@ -168,6 +196,7 @@ void GradientSwapper::prefetch(std::size_t group) {
   // await(group) finds this buffer, not one a past step read it into.
   if (buffers_[1 - chosen].reading == group) buffers_[1 - chosen].reading = Buffer::none;
   if (buffer.holds != group) {
+    flush(buffer);  // a sub-group the step has not taken yet goes to the store first
     buffer.holds = Buffer::none;
     if (stored_[group]) {
       buffer.ticket = store_.read(key(group), buffer.memory.span());
@@ -190,6 +219,7 @@ cpu_adam::Buffer GradientSwapper::await(std::size_t group) {
   const std::size_t n = groups_[group].elements;
   if (read) bytes_read_ += n * sizeof(float);
   float* values = buffer.floats();
+  buffer.dirty = false;  // the step takes it: no one reads it again before clear()
   if (read_scale_ != 1.0f) {
     for (std::size_t i = 0; i < n; ++i) values[i] *= read_scale_;
     buffer.holds = Buffer::none;

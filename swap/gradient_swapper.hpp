@@ -12,10 +12,12 @@
 // writes run while the next sub-group accumulates. A sub-group that already
 // holds this step's gradients (an earlier micro-step, or a param reduced
 // twice) is read back first; one that holds none starts from zeros with no
-// read. end_micro_step() writes what is open; the step then reads each
-// sub-group back through the same two buffers (prefetch/await, driven by
-// the optimizer swapper's pipeline), scaled by the clipping coefficient, and
-// clear() forgets them all for the next step with no I/O.
+// read. end_micro_step() writes what is open, except at the accumulation
+// boundary, where the step takes what is still in the buffers as it is;
+// the step reads each other sub-group back through the same two buffers
+// (prefetch/await, driven by the optimizer swapper's pipeline), scaled by
+// the clipping coefficient, and clear() forgets them all for the next step
+// with no I/O.
 //
 // Each write also records the sub-group's sum of squares, so the global
 // gradient norm needs no read: a sub-group's values change only when it is
@@ -60,8 +62,12 @@ class GradientSwapper {
   // Adds scale * values[i] to element offset + i of sub-group `group`.
   void accumulate(std::size_t group, std::uint64_t offset, std::span<const float> values, float scale);
   // The micro-step's backward is over: every open sub-group is written and
-  // the writes waited for.
-  void end_micro_step();
+  // the writes waited for. With `step_follows` (the accumulation boundary)
+  // the sub-groups still open stay in their buffers unwritten instead: the
+  // step takes them from there (a buffer it needs for another sub-group is
+  // written out first), so a rank whose trainable partition is one
+  // sub-group does no gradient I/O without accumulation.
+  void end_micro_step(bool step_follows = false);
   // Sub-group `group`'s sum of squares (in double), as of its last write;
   // 0 for one with no gradient this step.
   double sum_of_squares(std::size_t group) const { return sums_[group]; }
@@ -95,12 +101,16 @@ class GradientSwapper {
     // The sub-group whose stored values it holds (since its write), so
     // reading that sub-group back needs no I/O; none once it changes.
     std::size_t holds = none;
+    bool dirty = false;          // what it holds is not on the store yet
     SwapTicket ticket;           // the write's or the read's
     float* floats() const { return reinterpret_cast<float*>(memory.data()); }
   };
   std::string key(std::size_t group) const;
-  // Starts writing the sub-group open in `buffer`.
-  void write_out(Buffer& buffer);
+  // Closes the sub-group open in `buffer` (its sum of squares taken) and
+  // starts writing it, or with `write` false keeps it there, dirty.
+  void close(Buffer& buffer, bool write);
+  // Writes a dirty buffer's sub-group to the store (waited for).
+  void flush(Buffer& buffer);
   // Waits for the buffer's write or read (rethrowing its error).
   void settle(Buffer& buffer);
   // A buffer holding sub-group `group`, open for accumulation.

@@ -194,12 +194,16 @@ TEST(GradientSwapper, EachStepReadsItsOwnMicroStepsGradients) {
       std::vector<std::vector<float>> reference;
       for (const auto& group : groups) reference.emplace_back(group.elements, 0.0f);
       for (unsigned micro = 0; micro < micro_steps[step]; ++micro) {
-        for (std::size_t g = groups.size(); g-- > 0;) {
+        // Backward's order (the last sub-group first), or forward's on odd
+        // steps, so the boundary leaves the last sub-groups in the buffers
+        // and the step must write them out to make room.
+        for (std::size_t k = 0; k < groups.size(); ++k) {
+          const std::size_t g = step % 2 == 1 ? k : groups.size() - 1 - k;
           const auto values = random_values(groups[g].elements, 100 * step + 10 * micro + static_cast<unsigned>(g));
           swapper.accumulate(g, 0, values, 1.0f);
           for (std::size_t i = 0; i < values.size(); ++i) reference[g][i] += 1.0f * values[i];
         }
-        swapper.end_micro_step();
+        swapper.end_micro_step(/*step_follows=*/micro + 1 == micro_steps[step]);
       }
       const float scale = step % 2 == 0 ? 1.0f : 0.5f;
       swapper.set_read_scale(scale);
@@ -215,6 +219,29 @@ TEST(GradientSwapper, EachStepReadsItsOwnMicroStepsGradients) {
       swapper.clear();
     }
   }
+}
+
+// At the accumulation boundary a rank with one sub-group keeps its
+// gradients in memory for the step: no gradient I/O at all.
+TEST(GradientSwapper, OneSubGroupWithoutAccumulationNeedsNoIo) {
+  TempDir dir;
+  SwapStore store(store_options(dir.path()));
+  PinnedPool pool(pool_options());
+  const std::vector<SubGroup> one = {{"only", 5000}};
+  GradientSwapper swapper(store, pool, one);
+  for (unsigned step = 0; step < 3; ++step) {
+    const auto values = random_values(5000, step);
+    swapper.accumulate(0, 2500, std::span(values).subspan(2500), 1.0f);  // backward: the end first
+    swapper.accumulate(0, 0, std::span(values).first(2500), 1.0f);
+    swapper.end_micro_step(true);
+    EXPECT_EQ(swapper.sum_of_squares(0), sum_of_squares(values));
+    swapper.prefetch(0);
+    const Buffer grad = swapper.await(0);
+    EXPECT_TRUE(same_bits({static_cast<const float*>(grad.data), grad.count}, values));
+    swapper.clear();
+  }
+  EXPECT_EQ(swapper.bytes_written(), 0u);
+  EXPECT_EQ(swapper.bytes_read(), 0u);
 }
 
 // The optimizer steps from gradients on NVMe exactly as from the same

@@ -997,7 +997,11 @@ bool Engine::step() {
   // gradients) are done before the step rewrites or reduces them.
   options_.copier->wait(trainer_work());
   drain();
-  if (gradient_swapper_) gradient_swapper_->end_micro_step();
+  const bool boundary =
+      (micro_step_ + 1) % static_cast<std::int64_t>(config_.training.gradient_accumulation_steps) == 0;
+  // At the boundary the step takes the sub-groups still in the gradient
+  // swapper's buffers as they are.
+  if (gradient_swapper_) gradient_swapper_->end_micro_step(boundary);
   release_all_unpersisted();
   coordinator_->begin_micro_step();
   ++micro_step_;
@@ -1006,7 +1010,7 @@ bool Engine::step() {
     ++stats_.micro_steps;
     stats_.order_changes = coordinator_->divergences();
   }
-  if (micro_step_ % static_cast<std::int64_t>(config_.training.gradient_accumulation_steps) != 0) return false;
+  if (!boundary) return false;
 
   const auto since = Clock::now();
   // Global gradient norm over every rank's shards (padding is zero), summed
