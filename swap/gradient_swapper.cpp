@@ -153,9 +153,9 @@ void GradientSwapper::accumulate(std::size_t group, std::uint64_t offset, std::s
   for (std::size_t i = 0; i < values.size(); ++i) target[i] += scale * values[i];
 }
 
-void GradientSwapper::end_micro_step(bool step_follows) {
+void GradientSwapper::end_micro_step() {
   for (auto& buffer : buffers_) {
-    if (buffer.open != Buffer::none) close(buffer, !step_follows);
+    if (buffer.open != Buffer::none) close(buffer, false);
   }
   for (auto& buffer : buffers_) settle(buffer);
   // Recycles the extents the rewrites replaced (no flush: see the header).

@@ -12,9 +12,10 @@
 // writes run while the next sub-group accumulates. A sub-group that already
 // holds this step's gradients (an earlier micro-step, or a param reduced
 // twice) is read back first; one that holds none starts from zeros with no
-// read. end_micro_step() writes what is open, except at the accumulation
-// boundary, where the step takes what is still in the buffers as it is;
-// the step reads each other sub-group back through the same two buffers
+// read. What is still open when backward ends stays in the buffers (the
+// partition's first sub-groups: the step's first, and the ones the next
+// micro-step's backward reaches last); the step reads each other
+// sub-group back through the same two buffers
 // (prefetch/await, driven by the optimizer swapper's pipeline), scaled by
 // the clipping coefficient, and clear() forgets them all for the next step
 // with no I/O.
@@ -61,13 +62,13 @@ class GradientSwapper {
 
   // Adds scale * values[i] to element offset + i of sub-group `group`.
   void accumulate(std::size_t group, std::uint64_t offset, std::span<const float> values, float scale);
-  // The micro-step's backward is over: every open sub-group is written and
-  // the writes waited for. With `step_follows` (the accumulation boundary)
-  // the sub-groups still open stay in their buffers unwritten instead: the
-  // step takes them from there (a buffer it needs for another sub-group is
-  // written out first), so a rank whose trainable partition is one
-  // sub-group does no gradient I/O without accumulation.
-  void end_micro_step(bool step_follows = false);
+  // The micro-step's backward is over: the sub-groups still open stay in
+  // their buffers unwritten (their sums of squares taken), for the next
+  // micro-step or the step to take from there; a buffer needed for another
+  // sub-group is written out first. So a rank whose trainable partition is
+  // one or two sub-groups does no gradient I/O at all. Waits for the
+  // writes in flight.
+  void end_micro_step();
   // Sub-group `group`'s sum of squares (in double), as of its last write;
   // 0 for one with no gradient this step.
   double sum_of_squares(std::size_t group) const { return sums_[group]; }

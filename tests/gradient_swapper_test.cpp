@@ -124,8 +124,9 @@ TEST(GradientSwapper, AccumulatesOverMicroStepsBitForBitAsMemoryDoes) {
   }
   std::uint64_t elements = 0;
   for (const auto& group : kGroups) elements += group.elements;
-  EXPECT_GE(swapper.bytes_written(), 3 * 4 * elements - 4 * kGroups.back().elements);
-  EXPECT_GE(store.stats().written_total + store.stats().written_bytes[0], 1u);
+  // Four sub-groups in two buffers: some were written and read back.
+  EXPECT_GT(swapper.bytes_written(), 0u);
+  EXPECT_GT(swapper.bytes_read(), 0u);
 }
 
 TEST(GradientSwapper, ClearForgetsEveryGradientWithoutReadingOrWriting) {
@@ -135,8 +136,11 @@ TEST(GradientSwapper, ClearForgetsEveryGradientWithoutReadingOrWriting) {
   GradientSwapper swapper(store, pool, kGroups);
   const auto ones = std::vector<float>(kGroups[1].elements, 1.0f);
   swapper.accumulate(1, 0, ones, 1.0f);
+  swapper.accumulate(0, 0, std::span(ones.data(), kGroups[0].elements), 1.0f);
+  swapper.accumulate(3, 0, std::span(ones.data(), kGroups[3].elements), 1.0f);  // g1 goes to the store
   swapper.end_micro_step();
   EXPECT_EQ(swapper.sum_of_squares(1), static_cast<double>(kGroups[1].elements));
+  EXPECT_FALSE(store.keys().empty());
   swapper.clear();
   EXPECT_EQ(swapper.sum_of_squares(1), 0.0);
   EXPECT_TRUE(store.keys().empty());  // no stale copy holds disk space
@@ -203,7 +207,7 @@ TEST(GradientSwapper, EachStepReadsItsOwnMicroStepsGradients) {
           swapper.accumulate(g, 0, values, 1.0f);
           for (std::size_t i = 0; i < values.size(); ++i) reference[g][i] += 1.0f * values[i];
         }
-        swapper.end_micro_step(/*step_follows=*/micro + 1 == micro_steps[step]);
+        swapper.end_micro_step();
       }
       const float scale = step % 2 == 0 ? 1.0f : 0.5f;
       swapper.set_read_scale(scale);
@@ -221,27 +225,44 @@ TEST(GradientSwapper, EachStepReadsItsOwnMicroStepsGradients) {
   }
 }
 
-// At the accumulation boundary a rank with one sub-group keeps its
-// gradients in memory for the step: no gradient I/O at all.
-TEST(GradientSwapper, OneSubGroupWithoutAccumulationNeedsNoIo) {
-  TempDir dir;
-  SwapStore store(store_options(dir.path()));
-  PinnedPool pool(pool_options());
-  const std::vector<SubGroup> one = {{"only", 5000}};
-  GradientSwapper swapper(store, pool, one);
-  for (unsigned step = 0; step < 3; ++step) {
-    const auto values = random_values(5000, step);
-    swapper.accumulate(0, 2500, std::span(values).subspan(2500), 1.0f);  // backward: the end first
-    swapper.accumulate(0, 0, std::span(values).first(2500), 1.0f);
-    swapper.end_micro_step(true);
-    EXPECT_EQ(swapper.sum_of_squares(0), sum_of_squares(values));
-    swapper.prefetch(0);
-    const Buffer grad = swapper.await(0);
-    EXPECT_TRUE(same_bits({static_cast<const float*>(grad.data), grad.count}, values));
-    swapper.clear();
+// A rank whose partition is one sub-group keeps its gradients in a buffer
+// from one micro-step to the next and into the step: no gradient I/O at
+// all, with accumulation too. With two, nothing is read back; the one
+// backward leaves first is written once per micro-step (as it is left,
+// while the other accumulates).
+TEST(GradientSwapper, OneOrTwoSubGroupsAreNeverReadBack) {
+  for (const auto& groups : {std::vector<SubGroup>{{"only", 5000}}, std::vector<SubGroup>{{"a", 3000}, {"b", 2000}}}) {
+    SCOPED_TRACE(groups.size());
+    TempDir dir;
+    SwapStore store(store_options(dir.path()));
+    PinnedPool pool(pool_options());
+    GradientSwapper swapper(store, pool, groups);
+    for (unsigned step = 0; step < 3; ++step) {
+      std::vector<std::vector<float>> reference;
+      for (const auto& group : groups) reference.emplace_back(group.elements, 0.0f);
+      for (unsigned micro = 0; micro < step + 1; ++micro) {
+        for (std::size_t g = groups.size(); g-- > 0;) {  // backward: the end first, in two pieces
+          const auto values = random_values(groups[g].elements, 10 * step + micro + 100 * static_cast<unsigned>(g));
+          const std::size_t half = values.size() / 2;
+          swapper.accumulate(g, half, std::span(values).subspan(half), 1.0f);
+          swapper.accumulate(g, 0, std::span(values).first(half), 1.0f);
+          for (std::size_t i = 0; i < values.size(); ++i) reference[g][i] += 1.0f * values[i];
+        }
+        swapper.end_micro_step();
+      }
+      swapper.prefetch(0);
+      for (std::size_t g = 0; g < groups.size(); ++g) {
+        EXPECT_EQ(swapper.sum_of_squares(g), sum_of_squares(reference[g]));
+        if (g + 1 < groups.size()) swapper.prefetch(g + 1);
+        const Buffer grad = swapper.await(g);
+        EXPECT_TRUE(same_bits({static_cast<const float*>(grad.data), grad.count}, reference[g]));
+      }
+      swapper.clear();
+    }
+    EXPECT_EQ(swapper.bytes_read(), 0u);
+    // 1 + 2 + 3 micro-steps.
+    EXPECT_EQ(swapper.bytes_written(), groups.size() == 1 ? 0u : 6 * 4 * groups.back().elements);
   }
-  EXPECT_EQ(swapper.bytes_written(), 0u);
-  EXPECT_EQ(swapper.bytes_read(), 0u);
 }
 
 // The optimizer steps from gradients on NVMe exactly as from the same
@@ -323,10 +344,10 @@ TEST(GradientSwapper, AFullDiskIsAnErrorNamingTheFileAndErrno) {
   });
   PinnedPool pool(pool_options());
   GradientSwapper swapper(store, pool, kGroups);
-  const auto values = random_values(kGroups[2].elements, 7);
-  swapper.accumulate(2, 0, values, 1.0f);
+  // Opening g0 after g2 and g1 writes g2 out (two buffers): that write fails.
   armed = true;
   try {
+    for (std::size_t g : {2, 1, 0}) swapper.accumulate(g, 0, random_values(kGroups[g].elements, 7), 1.0f);
     swapper.end_micro_step();
     FAIL() << "the write error was lost";
   } catch (const Error& error) {
@@ -343,16 +364,17 @@ TEST(GradientSwapper, WhatAKilledRunLeftIsDroppedAndTheBudgetIsCheckedFirst) {
     SwapStore store(store_options(dir.path()));
     PinnedPool pool(pool_options());
     GradientSwapper swapper(store, pool, kGroups);
-    swapper.accumulate(0, 0, random_values(kGroups[0].elements, 1), 1.0f);
-    swapper.end_micro_step();  // committed: the manifest names g0/grad
-    EXPECT_EQ(store.keys().size(), 1u);
+    // Three sub-groups through two buffers: g2 and g1 are written out.
+    for (std::size_t g : {2, 1, 0}) swapper.accumulate(g, 0, random_values(kGroups[g].elements, 1), 1.0f);
+    swapper.end_micro_step();  // committed: the manifest names them
+    EXPECT_EQ(store.keys().size(), 2u);
   }
   SwapStore store(store_options(dir.path()));
-  EXPECT_EQ(store.keys().size(), 1u);
+  EXPECT_EQ(store.keys().size(), 2u);
   PinnedPool pool(pool_options());
   GradientSwapper swapper(store, pool, kGroups);
   EXPECT_TRUE(store.keys().empty());
-  EXPECT_EQ(swapper.sum_of_squares(0), 0.0);
+  EXPECT_EQ(swapper.sum_of_squares(2), 0.0);
 
   const std::uint64_t needed = GradientSwapper::pinned_bytes_needed(kGroups, store.alignment());
   EXPECT_EQ(needed, 2 * ((30001 * 4 + 4095) / 4096 * 4096));

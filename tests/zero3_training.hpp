@@ -81,6 +81,7 @@ struct TrainingRun {
   std::uint64_t persistence = 100;  // b and v (24) persist, W (576) is sharded
   std::string nvme_dir;
   std::string gradients;  // offload_optimizer.gradients: "" (the default), "cpu" or "nvme"
+  std::uint64_t sub_group_size = 500;
   // Where the engine's device memory is: "host" (the lenient stand-in),
   // "strict" (the strict stand-in with its NCCL-like device-memory
   // communicator), "strict-gloo" (the strict stand-in with Gloo's host
@@ -104,11 +105,11 @@ std::string config_json(const TrainingRun& run) {
     "zero_optimization": {{
       "stage": {}, {} {}
       "stage3_param_persistence_threshold": {},
-      "sub_group_size": 500,
+      "sub_group_size": {},
       "stage3_prefetch_bucket_size": 1000
     }}}})",
                      run.accumulation, run.clipping, run.stage, offload(run.offload_param, true),
-                     offload(run.offload_optimizer, false), run.persistence);
+                     offload(run.offload_optimizer, false), run.persistence, run.sub_group_size);
 }
 
 // Registration order: W0, b0, W1, b1, ..., v.

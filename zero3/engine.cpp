@@ -9,6 +9,7 @@
 
 #include "core/error.hpp"
 #include "core/log.hpp"
+#include "core/units.hpp"
 #include "swap/swap_config.hpp"
 
 namespace zinf::zero3 {
@@ -449,6 +450,16 @@ void Engine::finalize() {
   }
   if (gradients_on_nvme) {
     gradient_swapper_ = std::make_unique<swap::GradientSwapper>(*gradient_store_, *pool_, sub_groups_);
+    const auto accumulation = config_.training.gradient_accumulation_steps;
+    if (accumulation > 1 && sub_groups_.size() > 2) {
+      // Each extra micro-step reads back and rewrites the gradients: say
+      // what keeping them in host memory would cost instead.
+      log().info("zero3: the gradients accumulate on NVMe over {} micro-steps: {} read and written per extra "
+                 "micro-step; zero_optimization.offload_optimizer.gradients \"cpu\" keeps them in {} of host "
+                 "memory instead",
+                 accumulation, format_bytes(optimizer_elements_ * sizeof(float)),
+                 format_bytes(optimizer_elements_ * sizeof(float)));
+    }
   }
   learning_rate_ = swap::learning_rate_of(optimizer_options.optimizer);
   if (params_on_nvme) {
@@ -862,8 +873,13 @@ void Engine::post_backward(ModuleIndex module) {
   // The mean over ranks and micro-steps, with the loss scale taken out.
   const float scale = static_cast<float>(
       1.0 / (static_cast<double>(comm_.world_size() * config_.training.gradient_accumulation_steps) * loss_scale_));
-  for (ParamIndex p : params_of_module_[module]) {
-    Param& param = *params_[p];
+  // The module's params from the last registered to the first, as backward
+  // goes over the modules: the reductions then walk the partition down, and
+  // with the gradients on NVMe each sub-group opens about once (a bias
+  // reduced after its weight would reopen the weight's last sub-group).
+  const auto& module_params = params_of_module_[module];
+  for (auto it = module_params.rbegin(); it != module_params.rend(); ++it) {
+    Param& param = *params_[*it];
     if (!param.d.trainable) continue;  // no gradient to reduce
     if (param.grad == nullptr) {
       throw Error(ErrorKind::invalid,
@@ -999,9 +1015,7 @@ bool Engine::step() {
   drain();
   const bool boundary =
       (micro_step_ + 1) % static_cast<std::int64_t>(config_.training.gradient_accumulation_steps) == 0;
-  // At the boundary the step takes the sub-groups still in the gradient
-  // swapper's buffers as they are.
-  if (gradient_swapper_) gradient_swapper_->end_micro_step(boundary);
+  if (gradient_swapper_) gradient_swapper_->end_micro_step();
   release_all_unpersisted();
   coordinator_->begin_micro_step();
   ++micro_step_;
