@@ -192,7 +192,8 @@ std::string offload_text(const config::Config& config, int stage) {
   const char* params = zero.offload_param.device == config::OffloadDevice::none  ? "device"
                        : zero.offload_param.device == config::OffloadDevice::cpu ? "host"
                                                                                  : "NVMe";
-  return fmt::format("optimizer states on {}, param shards on {}",
+  const bool gradients_on_nvme = zero.offload_optimizer.keeps_gradients_on_nvme();
+  return fmt::format("optimizer states {}on {}, param shards on {}", gradients_on_nvme ? "and gradients " : "",
                      zero.offload_optimizer.device == config::OffloadDevice::nvme ? "NVMe" : "host", params);
 }
 

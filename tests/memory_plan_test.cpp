@@ -155,7 +155,7 @@ TEST(MemoryPlan, NvmeOffloadCountsSwapperBuffersAndCopyOnWriteHeadroom) {
     }
   }
   EXPECT_TRUE(slots_listed);
-  EXPECT_EQ(plan.stages[2].offloads, "optimizer states on NVMe, param shards on NVMe");
+  EXPECT_EQ(plan.stages[2].offloads, "optimizer states and gradients on NVMe, param shards on NVMe");
 
   // "gradients": "cpu" keeps the fp32 grads in host memory (1e9 B) and
   // takes them off NVMe and out of the pool.
@@ -163,6 +163,7 @@ TEST(MemoryPlan, NvmeOffloadCountsSwapperBuffersAndCopyOnWriteHeadroom) {
   EXPECT_EQ(in_memory.chosen.pageable, 1000000000ull + kGlooScratch);
   EXPECT_EQ(in_memory.chosen.pinned, plan.chosen.pinned - gradient_buffers);
   EXPECT_EQ(in_memory.chosen.nvme, plan.chosen.nvme - 1800000000ull);
+  EXPECT_EQ(in_memory.stages[2].offloads, "optimizer states on NVMe, param shards on NVMe");
 }
 
 // state_format: the moments in bf16 (2 B each) or int8 codes (1 B + a 4 B
