@@ -332,14 +332,13 @@ void read_offload_optimizer(Reader& r, const json& section, const std::string& p
     const std::string text = value.is_string() ? value.get<std::string>() : std::string();
     if (text == "cpu") {
       c.gradients_on_nvme = false;
-    } else if (text == "nvme") {
-      c.gradients_on_nvme = true;
-    }
-    if (text != "cpu" && text != "nvme") {
+    } else if (text != "nvme") {
       r.problem(path + ".gradients", fmt::format("must be \"nvme\" or \"cpu\", not {}", describe(value)));
-    } else if (text == "nvme" && c.device != OffloadDevice::nvme) {
+    } else if (c.device != OffloadDevice::nvme) {
       r.problem(path + ".gradients",
                 fmt::format("\"nvme\" needs {}.device \"nvme\" (it is \"{}\")", path, to_string(c.device)));
+    } else {
+      c.gradients_on_nvme = true;
     }
   }
   r.read_paths(section, path, c.nvme_path);

@@ -640,23 +640,27 @@ void OptimizerSwapper::compute(std::size_t group, float* param, void* exp_avg,
   if (f32_copy) std::memcpy(copy.data, param, n * sizeof(float));
 }
 
-void OptimizerSwapper::check_step_inputs(std::span<const cpu_adam::Buffer> grads,
-                                         std::span<const cpu_adam::Buffer> copies, bool grads_given) const {
-  if (grads_given && grads.size() != groups_.size()) {
+void OptimizerSwapper::check_grads(std::span<const cpu_adam::Buffer> grads) const {
+  if (grads.size() != groups_.size()) {
     throw Error(ErrorKind::invalid, fmt::format("step: {} gradients given for {} sub-groups",
                                                 grads.size(), groups_.size()));
   }
-  if (!copies.empty() && copies.size() != groups_.size()) {
-    throw Error(ErrorKind::invalid, fmt::format("step: {} param copies given for {} sub-groups",
-                                                copies.size(), groups_.size()));
-  }
   for (std::size_t g = 0; g < groups_.size(); ++g) {
-    if (grads_given && (grads[g].data == nullptr || grads[g].count != groups_[g].elements)) {
+    if (grads[g].data == nullptr || grads[g].count != groups_[g].elements) {
       throw Error(ErrorKind::invalid,
                   fmt::format("step: the gradient of sub-group '{}' has {} elements, not {}",
                               groups_[g].name, grads[g].data ? grads[g].count : 0,
                               groups_[g].elements));
     }
+  }
+}
+
+void OptimizerSwapper::check_step_inputs(std::span<const cpu_adam::Buffer> copies) const {
+  if (!copies.empty() && copies.size() != groups_.size()) {
+    throw Error(ErrorKind::invalid, fmt::format("step: {} param copies given for {} sub-groups",
+                                                copies.size(), groups_.size()));
+  }
+  for (std::size_t g = 0; g < groups_.size(); ++g) {
     if (!copies.empty() && copies[g].data != nullptr && copies[g].count != groups_[g].elements) {
       throw Error(ErrorKind::invalid,
                   fmt::format("step: the param copy of sub-group '{}' has {} elements, not {}",
@@ -692,7 +696,8 @@ void OptimizerSwapper::check_step_inputs(std::span<const cpu_adam::Buffer> grads
 void OptimizerSwapper::step(std::span<const cpu_adam::Buffer> grads,
                             std::span<const cpu_adam::Buffer> param_copies,
                             const std::function<void(std::size_t group)>& copied) {
-  check_step_inputs(grads, param_copies);
+  check_grads(grads);
+  check_step_inputs(param_copies);
   last_stats_ = {};
   Timed timed(last_stats_.total);
   const auto copy_for = [&](std::size_t g) {
@@ -767,7 +772,7 @@ void OptimizerSwapper::step(GradientSwapper& gradients, std::span<const cpu_adam
                  std::equal(theirs.begin(), theirs.end(), groups_.begin(),
                             [](const SubGroup& a, const SubGroup& b) { return a.elements == b.elements; }),
              "the gradient swapper's sub-groups are not the optimizer's");
-  check_step_inputs({}, param_copies, false);
+  check_step_inputs(param_copies);
   last_stats_ = {};
   Timed timed(last_stats_.total);
   const std::uint64_t read_before = gradients.bytes_read();

@@ -227,8 +227,9 @@ class OptimizerSwapper {
   void step_on_store(std::span<const cpu_adam::Buffer> grads, GradientSwapper* gradients,
                      std::span<const cpu_adam::Buffer> copies,
                      const std::function<void(std::size_t group)>& copied);
-  void check_step_inputs(std::span<const cpu_adam::Buffer> grads,
-                         std::span<const cpu_adam::Buffer> copies, bool grads_given = true) const;
+  void check_grads(std::span<const cpu_adam::Buffer> grads) const;
+  // The copies and the swapper's state (no interrupted step).
+  void check_step_inputs(std::span<const cpu_adam::Buffer> copies) const;
   void commit_group(std::size_t group);
   void roll_back_uncommitted(std::int64_t next);
   // Waits out every slot's I/O, ignoring errors (error paths, destructor).

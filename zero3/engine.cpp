@@ -1082,7 +1082,6 @@ bool Engine::step() {
 
   std::vector<cpu_adam::Buffer> grads;
   std::vector<cpu_adam::Buffer> copies;
-  std::vector<std::uint64_t> group_offsets;
   // Params on NVMe: every sub-group's working copy goes through one buffer
   // of the largest sub-group's size, to the param store as each is done.
   std::vector<std::byte> scratch;
@@ -1091,18 +1090,17 @@ bool Engine::step() {
     for (const auto& group : sub_groups_) largest = std::max(largest, group.elements);
     scratch.resize(largest * element_bytes());
   }
-  std::uint64_t offset = 0;
-  for (const auto& group : sub_groups_) {
-    if (!gradient_swapper_) grads.push_back({grad_partition_.data() + offset, group.elements, DType::f32});
+  for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
+    const std::uint64_t offset = sub_group_begin_[g];
+    const std::uint64_t elements = sub_groups_[g].elements;
+    if (!gradient_swapper_) grads.push_back({grad_partition_.data() + offset, elements, DType::f32});
     std::byte* copy = working_on_nvme() ? scratch.data() : working_partition_.data() + offset * element_bytes();
-    copies.push_back({copy, group.elements, working_});
-    group_offsets.push_back(offset);
-    offset += group.elements;
+    copies.push_back({copy, elements, working_});
   }
   std::function<void(std::size_t)> copied;
   if (working_on_nvme()) {
     copied = [&](std::size_t g) {
-      store_working(group_offsets[g], std::span(scratch.data(), sub_groups_[g].elements * element_bytes()));
+      store_working(sub_group_begin_[g], std::span(scratch.data(), sub_groups_[g].elements * element_bytes()));
     };
   }
   if (gradient_swapper_) {
