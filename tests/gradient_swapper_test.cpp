@@ -5,6 +5,7 @@
 // what a killed run left is dropped; the pinned budget is checked up front.
 #include <atomic>
 #include <cstring>
+#include <functional>
 #include <random>
 
 #include <fmt/format.h>
@@ -92,11 +93,31 @@ bool same_bits(std::span<const float> a, std::span<const float> b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size_bytes()) == 0;
 }
 
-TEST(GradientSwapper, AccumulatesOverMicroStepsBitForBitAsMemoryDoes) {
+// A gradient swapper over a fresh store of two directories.
+struct Swapping {
+  explicit Swapping(std::vector<SubGroup> groups = kGroups) : swapper(store, pool, std::move(groups)) {}
   TempDir dir;
-  SwapStore store(store_options(dir.path()));
-  PinnedPool pool(pool_options());
-  GradientSwapper swapper(store, pool, kGroups);
+  SwapStore store{store_options(dir.path())};
+  PinnedPool pool{pool_options()};
+  GradientSwapper swapper;
+};
+
+// Reads every sub-group as the optimizer step does (the next one prefetched
+// before this one is awaited) and hands each gradient to `check`.
+void read_like_a_step(GradientSwapper& swapper,
+                      const std::function<void(std::size_t group, std::span<const float> grad)>& check) {
+  const std::size_t groups = swapper.groups().size();
+  swapper.prefetch(0);
+  for (std::size_t g = 0; g < groups; ++g) {
+    if (g + 1 < groups) swapper.prefetch(g + 1);
+    const Buffer grad = swapper.await(g);
+    check(g, {static_cast<const float*>(grad.data), grad.count});
+  }
+}
+
+TEST(GradientSwapper, AccumulatesOverMicroStepsBitForBitAsMemoryDoes) {
+  Swapping setup;
+  GradientSwapper& swapper = setup.swapper;
   std::vector<std::vector<float>> reference;
   for (const auto& group : kGroups) reference.emplace_back(group.elements, 0.0f);
   for (unsigned micro = 0; micro < 3; ++micro) {
@@ -113,27 +134,21 @@ TEST(GradientSwapper, AccumulatesOverMicroStepsBitForBitAsMemoryDoes) {
   // The step's reads, scaled as clipping asks.
   const float clip = 0.375f;
   swapper.set_read_scale(clip);
-  swapper.prefetch(0);
-  for (std::size_t g = 0; g < kGroups.size(); ++g) {
-    if (g + 1 < kGroups.size()) swapper.prefetch(g + 1);
-    const Buffer grad = swapper.await(g);
-    ASSERT_EQ(grad.count, kGroups[g].elements);
+  read_like_a_step(swapper, [&](std::size_t g, std::span<const float> grad) {
+    ASSERT_EQ(grad.size(), kGroups[g].elements);
     std::vector<float> want = reference[g];
     for (float& v : want) v *= clip;
-    EXPECT_TRUE(same_bits({static_cast<const float*>(grad.data), grad.count}, want)) << kGroups[g].name;
-  }
-  std::uint64_t elements = 0;
-  for (const auto& group : kGroups) elements += group.elements;
+    EXPECT_TRUE(same_bits(grad, want)) << kGroups[g].name;
+  });
   // Four sub-groups in two buffers: some were written and read back.
   EXPECT_GT(swapper.bytes_written(), 0u);
   EXPECT_GT(swapper.bytes_read(), 0u);
 }
 
 TEST(GradientSwapper, ClearForgetsEveryGradientWithoutReadingOrWriting) {
-  TempDir dir;
-  SwapStore store(store_options(dir.path()));
-  PinnedPool pool(pool_options());
-  GradientSwapper swapper(store, pool, kGroups);
+  Swapping setup;
+  GradientSwapper& swapper = setup.swapper;
+  SwapStore& store = setup.store;
   const auto ones = std::vector<float>(kGroups[1].elements, 1.0f);
   swapper.accumulate(1, 0, ones, 1.0f);
   swapper.accumulate(0, 0, std::span(ones.data(), kGroups[0].elements), 1.0f);
@@ -163,24 +178,19 @@ TEST(GradientSwapper, ClearForgetsEveryGradientWithoutReadingOrWriting) {
 // The step begins with the sub-groups backward wrote last (the first of
 // the partition): still in the buffers, they are not read back.
 TEST(GradientSwapper, TheSubGroupsWrittenLastAreNotReadBack) {
-  TempDir dir;
-  SwapStore store(store_options(dir.path()));
-  PinnedPool pool(pool_options());
-  GradientSwapper swapper(store, pool, kGroups);
+  Swapping setup;
+  GradientSwapper& swapper = setup.swapper;
   std::vector<std::vector<float>> values;
   for (std::size_t g = 0; g < kGroups.size(); ++g) values.push_back(random_values(kGroups[g].elements, 50 + static_cast<unsigned>(g)));
   for (std::size_t g = kGroups.size(); g-- > 0;) swapper.accumulate(g, 0, values[g], 1.0f);
   swapper.end_micro_step();
   const std::uint64_t before = swapper.bytes_read();
-  swapper.prefetch(0);
-  for (std::size_t g = 0; g < kGroups.size(); ++g) {
-    if (g + 1 < kGroups.size()) swapper.prefetch(g + 1);
-    const Buffer grad = swapper.await(g);
-    EXPECT_TRUE(same_bits({static_cast<const float*>(grad.data), grad.count}, values[g])) << kGroups[g].name;
+  read_like_a_step(swapper, [&](std::size_t g, std::span<const float> grad) {
+    EXPECT_TRUE(same_bits(grad, values[g])) << kGroups[g].name;
     if (g == 1) {
       EXPECT_EQ(swapper.bytes_read(), before) << "sub-groups 0 and 1 were read back";
     }
-  }
+  });
   EXPECT_EQ(swapper.bytes_read(), before + 4 * (kGroups[2].elements + kGroups[3].elements));
 }
 
@@ -189,10 +199,8 @@ TEST(GradientSwapper, TheSubGroupsWrittenLastAreNotReadBack) {
 TEST(GradientSwapper, EachStepReadsItsOwnMicroStepsGradients) {
   for (const auto& groups : {std::vector<SubGroup>{{"only", 3000}}, kGroups}) {
     SCOPED_TRACE(groups.size());
-    TempDir dir;
-    SwapStore store(store_options(dir.path()));
-    PinnedPool pool(pool_options());
-    GradientSwapper swapper(store, pool, groups);
+    Swapping setup(groups);
+    GradientSwapper& swapper = setup.swapper;
     const unsigned micro_steps[] = {1, 1, 1, 2, 1, 3, 1};
     for (unsigned step = 0; step < std::size(micro_steps); ++step) {
       std::vector<std::vector<float>> reference;
@@ -211,15 +219,11 @@ TEST(GradientSwapper, EachStepReadsItsOwnMicroStepsGradients) {
       }
       const float scale = step % 2 == 0 ? 1.0f : 0.5f;
       swapper.set_read_scale(scale);
-      swapper.prefetch(0);
-      for (std::size_t g = 0; g < groups.size(); ++g) {
-        if (g + 1 < groups.size()) swapper.prefetch(g + 1);
-        const Buffer grad = swapper.await(g);
+      read_like_a_step(swapper, [&](std::size_t g, std::span<const float> grad) {
         std::vector<float> want = reference[g];
         for (float& v : want) v *= scale;
-        ASSERT_TRUE(same_bits({static_cast<const float*>(grad.data), grad.count}, want))
-            << "step " << step << ", " << groups[g].name;
-      }
+        ASSERT_TRUE(same_bits(grad, want)) << "step " << step << ", " << groups[g].name;
+      });
       swapper.clear();
     }
   }
@@ -233,10 +237,8 @@ TEST(GradientSwapper, EachStepReadsItsOwnMicroStepsGradients) {
 TEST(GradientSwapper, OneOrTwoSubGroupsAreNeverReadBack) {
   for (const auto& groups : {std::vector<SubGroup>{{"only", 5000}}, std::vector<SubGroup>{{"a", 3000}, {"b", 2000}}}) {
     SCOPED_TRACE(groups.size());
-    TempDir dir;
-    SwapStore store(store_options(dir.path()));
-    PinnedPool pool(pool_options());
-    GradientSwapper swapper(store, pool, groups);
+    Swapping setup(groups);
+    GradientSwapper& swapper = setup.swapper;
     for (unsigned step = 0; step < 3; ++step) {
       std::vector<std::vector<float>> reference;
       for (const auto& group : groups) reference.emplace_back(group.elements, 0.0f);
@@ -250,13 +252,10 @@ TEST(GradientSwapper, OneOrTwoSubGroupsAreNeverReadBack) {
         }
         swapper.end_micro_step();
       }
-      swapper.prefetch(0);
-      for (std::size_t g = 0; g < groups.size(); ++g) {
+      read_like_a_step(swapper, [&](std::size_t g, std::span<const float> grad) {
         EXPECT_EQ(swapper.sum_of_squares(g), sum_of_squares(reference[g]));
-        if (g + 1 < groups.size()) swapper.prefetch(g + 1);
-        const Buffer grad = swapper.await(g);
-        EXPECT_TRUE(same_bits({static_cast<const float*>(grad.data), grad.count}, reference[g]));
-      }
+        EXPECT_TRUE(same_bits(grad, reference[g]));
+      });
       swapper.clear();
     }
     EXPECT_EQ(swapper.bytes_read(), 0u);
@@ -383,10 +382,8 @@ TEST(GradientSwapper, WhatAKilledRunLeftIsDroppedAndTheBudgetIsCheckedFirst) {
 }
 
 TEST(GradientSwapper, PiecesPastTheirSubGroupAreRefused) {
-  TempDir dir;
-  SwapStore store(store_options(dir.path()));
-  PinnedPool pool(pool_options());
-  GradientSwapper swapper(store, pool, kGroups);
+  Swapping setup;
+  GradientSwapper& swapper = setup.swapper;
   const std::vector<float> values(8, 1.0f);
   EXPECT_THROW(swapper.accumulate(3, 0, values, 1.0f), Error);  // g3 has 7 elements
   EXPECT_THROW(swapper.accumulate(4, 0, values, 1.0f), Error);  // no sub-group 4
