@@ -48,7 +48,7 @@ void GradientSwapper::drain() noexcept {
     } catch (...) {  // NOLINT(bugprone-empty-catch): an error path is already leaving
     }
     buffer.ticket = {};
-    buffer.writing = buffer.reading = Buffer::none;
+    buffer.reading = Buffer::none;
     buffer.holds = Buffer::none;  // a failed read or write leaves it unknown
     buffer.dirty = false;
   }
@@ -58,7 +58,7 @@ void GradientSwapper::settle(Buffer& buffer) {
   if (!buffer.ticket.valid()) return;
   const SwapTicket ticket = buffer.ticket;
   buffer.ticket = {};
-  buffer.writing = buffer.reading = Buffer::none;
+  buffer.reading = Buffer::none;
   try {
     store_.wait(ticket);
   } catch (...) {
@@ -81,7 +81,6 @@ void GradientSwapper::close(Buffer& buffer, bool write) {
     return;
   }
   buffer.ticket = store_.write(key(group), buffer.memory.span(), n * sizeof(float));
-  buffer.writing = group;
   stored_[group] = true;
   bytes_written_ += n * sizeof(float);
 }
@@ -107,6 +106,7 @@ GradientSwapper::Buffer& GradientSwapper::open(std::size_t group) {
   // One buffer accumulates while the other's sub-group is written: the
   // open one goes out now and the next opens in the other buffer, once
   // that buffer's own write (an older sub-group, maybe this one) is done.
+  // (The write just started is never this sub-group's: it was open.)
   if (current.open != Buffer::none) close(current, true);
   Buffer& next = buffers_[1 - last_opened_];
   if (next.ticket.valid()) {
@@ -117,7 +117,6 @@ GradientSwapper::Buffer& GradientSwapper::open(std::size_t group) {
   }
   ZINF_ASSERT(next.open == Buffer::none, "a gradient buffer is open twice");
   if (next.holds != group) flush(next);  // its values are needed on the store
-  if (current.writing == group) settle(current);
   const std::size_t n = groups_[group].elements;
   if (next.holds == group) {
     // Its own last write came from here: the values are at hand.

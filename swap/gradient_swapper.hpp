@@ -97,7 +97,6 @@ class GradientSwapper {
     PinnedBuffer memory;
     static constexpr std::size_t none = SIZE_MAX;
     std::size_t open = none;     // the sub-group accumulating in it
-    std::size_t writing = none;  // the sub-group being written from it
     std::size_t reading = none;  // the sub-group a step reads into it
     // The sub-group whose stored values it holds (since its write), so
     // reading that sub-group back needs no I/O; none once it changes.
