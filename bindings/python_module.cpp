@@ -513,11 +513,6 @@ PYBIND11_MODULE(_zinf, m) {
            },
            py::arg("group"), py::arg("lr") = py::none(), py::arg("betas") = py::none(),
            py::arg("eps") = py::none(), py::arg("weight_decay") = py::none())
-      .def("set_master", [](EngineHandle& h, zinf::zero3::ParamIndex p, std::uintptr_t address, std::uint64_t count) {
-             const auto* values = reinterpret_cast<const float*>(address);
-             py::gil_scoped_release release;
-             h.get().set_master(p, std::span(values, count));
-           })
       .def("finalize", [](EngineHandle& h) {
              py::gil_scoped_release release;
              h.get().finalize();
@@ -538,9 +533,18 @@ PYBIND11_MODULE(_zinf, m) {
              py::gil_scoped_release release;
              h.get().post_backward(m);
            })
-      .def("step", [](EngineHandle& h) {
+      .def("step", [](EngineHandle& h, std::optional<bool> boundary) {
              py::gil_scoped_release release;
-             return h.get().step();
+             return h.get().step(boundary);
+           },
+           py::arg("boundary") = py::none())
+      .def("drop_gradients", [](EngineHandle& h) {
+             py::gil_scoped_release release;
+             h.get().drop_gradients();
+           })
+      .def("empty_partition_cache", [](EngineHandle& h) {
+             py::gil_scoped_release release;
+             h.get().empty_partition_cache();
            })
       // The whole param in the working precision (padded to the gathered
       // size), and its fp32 gradient buffer: views of the engine's memory,
@@ -558,20 +562,38 @@ PYBIND11_MODULE(_zinf, m) {
              return py::memoryview::from_memory(engine.grad(p), static_cast<py::ssize_t>(d.elements * sizeof(float)),
                                                 false);
            })
-      .def("gather_master", [](EngineHandle& h, zinf::zero3::ParamIndex p, std::uintptr_t address, std::uint64_t count) {
+      // The whole fp32 master ("param"), gradient ("grad") or optimizer
+      // state ("exp_avg", ...) of a param, into `count` floats at `address`.
+      .def("gather", [](EngineHandle& h, zinf::zero3::ParamIndex p, const std::string& what, std::uintptr_t address,
+                        std::uint64_t count) {
              std::vector<float> values;
              {
                py::gil_scoped_release release;
-               values = h.get().gather_master(p);
+               auto& engine = h.get();
+               values = what == "param"  ? engine.gather_master(p)
+                        : what == "grad" ? engine.gather_gradient(p)
+                                         : engine.gather_optimizer_state(p, what);
              }
              if (values.size() != count) {
-               throw Error(ErrorKind::invalid, fmt::format("gather_master: {} elements, the buffer holds {}",
+               throw Error(ErrorKind::invalid, fmt::format("gather('{}'): {} elements, the buffer holds {}", what,
                                                            values.size(), count));
              }
              std::memcpy(reinterpret_cast<float*>(address), values.data(), count * sizeof(float));
            })
+      // Replaces the fp32 master ("param") or an optimizer state of a param.
+      .def("set_values", [](EngineHandle& h, zinf::zero3::ParamIndex p, const std::string& what,
+                            std::uintptr_t address, std::uint64_t count) {
+             const auto* values = reinterpret_cast<const float*>(address);
+             py::gil_scoped_release release;
+             if (what == "param") {
+               h.get().set_master(p, std::span(values, count));
+             } else {
+               h.get().set_optimizer_state(p, what, std::span(values, count));
+             }
+           })
       .def("describe", [](EngineHandle& h, zinf::zero3::ParamIndex p) { return describe_param(h.get().describe(p)); })
       .def_property_readonly("param_count", [](EngineHandle& h) { return h.get().param_count(); })
+      .def_property_readonly("cached_device_bytes", [](EngineHandle& h) { return h.get().cached_device_bytes(); })
       .def_property_readonly("loss_scale", [](EngineHandle& h) { return h.get().loss_scale(); })
       .def_property("learning_rate", [](EngineHandle& h) { return h.get().learning_rate(); },
                     [](EngineHandle& h, double lr) { h.get().set_learning_rate(lr); })

@@ -179,6 +179,34 @@ void GradientSwapper::clear() {
   read_scale_ = 1.0f;
 }
 
+void GradientSwapper::copy_out(std::size_t group, std::span<float> out) {
+  ZINF_CHECK(group < groups_.size(), "sub-group index out of range");
+  const std::size_t n = groups_[group].elements;
+  ZINF_CHECK(out.size() == n, fmt::format("copy_out of sub-group '{}': {} floats given for {} elements",
+                                          groups_[group].name, out.size(), n));
+  for (auto& buffer : buffers_) {
+    if (buffer.open == group || buffer.holds == group) {
+      // A write in flight only reads the buffer: its values are current.
+      std::copy(buffer.floats(), buffer.floats() + n, out.begin());
+      return;
+    }
+  }
+  if (!stored_[group]) {
+    std::fill(out.begin(), out.end(), 0.0f);
+    return;
+  }
+  // At most one buffer is open: the other takes the read.
+  Buffer& buffer = buffers_[0].open == Buffer::none ? buffers_[0] : buffers_[1];
+  ZINF_ASSERT(buffer.open == Buffer::none, "both gradient buffers are open");
+  settle(buffer);
+  flush(buffer);  // its sub-group's values are needed on the store
+  buffer.holds = Buffer::none;
+  store_.read_sync(key(group), buffer.memory.span());
+  bytes_read_ += n * sizeof(float);
+  buffer.holds = group;
+  std::copy(buffer.floats(), buffer.floats() + n, out.begin());
+}
+
 void GradientSwapper::prefetch(std::size_t group) {
   ZINF_CHECK(group < groups_.size(), "sub-group index out of range");
   ZINF_ASSERT(buffers_[0].open == Buffer::none && buffers_[1].open == Buffer::none,

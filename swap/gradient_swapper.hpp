@@ -76,6 +76,12 @@ class GradientSwapper {
   void set_read_scale(float coefficient) { read_scale_ = coefficient; }
   // Every gradient is zero again (after a step, a skipped step, a load).
   void clear();
+  // Sub-group `group`'s gradients as accumulated so far (`out` holds its
+  // elements), for a trainer inspecting them between micro-steps
+  // (DeepSpeed's safe_get_full_grad): from a buffer that holds them, or
+  // read back through the buffer not open (written out first if it held
+  // unwritten values). Not during a step.
+  void copy_out(std::size_t group, std::span<float> out);
 
   // The step's reads, in sub-group order, one ahead of use: prefetch(g)
   // starts reading sub-group g into the buffer sub-group g - 1 is not

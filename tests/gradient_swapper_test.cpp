@@ -145,6 +145,42 @@ TEST(GradientSwapper, AccumulatesOverMicroStepsBitForBitAsMemoryDoes) {
   EXPECT_GT(swapper.bytes_read(), 0u);
 }
 
+// safe_get_full_grad between pieces and micro-steps: every sub-group's
+// copy is what has accumulated so far (open, held, unwritten, stored or
+// never touched), and reading it changes nothing of what accumulates.
+TEST(GradientSwapper, CopiesOutWhatHasAccumulatedAndAccumulationGoesOnUnchanged) {
+  Swapping setup;
+  GradientSwapper& swapper = setup.swapper;
+  std::vector<std::vector<float>> reference;
+  for (const auto& group : kGroups) reference.emplace_back(group.elements, 0.0f);
+  const auto expect_copies = [&](const char* when) {
+    for (std::size_t g = 0; g < kGroups.size(); ++g) {
+      std::vector<float> copy(kGroups[g].elements, -1.0f);
+      swapper.copy_out(g, copy);
+      EXPECT_TRUE(same_bits(copy, reference[g])) << kGroups[g].name << " " << when;
+    }
+  };
+  expect_copies("before any");
+  for (unsigned micro = 0; micro < 2; ++micro) {
+    const auto pieces = micro_step_pieces(micro + 7, false);
+    for (std::size_t k = 0; k < pieces.size(); ++k) {
+      const Piece& piece = pieces[k];
+      swapper.accumulate(piece.group, piece.offset, piece.values, piece.scale);
+      float* target = reference[piece.group].data() + piece.offset;
+      for (std::size_t i = 0; i < piece.values.size(); ++i) target[i] += piece.scale * piece.values[i];
+      if (k % 5 == 0) expect_copies("mid micro-step");
+    }
+    expect_copies("at the end of backward");
+    swapper.end_micro_step();
+    expect_copies("after the micro-step");
+  }
+  std::vector<float> wrong(3);
+  EXPECT_THROW(swapper.copy_out(0, wrong), Error);
+  read_like_a_step(swapper, [&](std::size_t g, std::span<const float> grad) {
+    EXPECT_TRUE(same_bits(grad, reference[g])) << kGroups[g].name;
+  });
+}
+
 TEST(GradientSwapper, ClearForgetsEveryGradientWithoutReadingOrWriting) {
   Swapping setup;
   GradientSwapper& swapper = setup.swapper;

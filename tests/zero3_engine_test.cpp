@@ -460,12 +460,19 @@ TEST(EngineFrozen, AModelWithEveryParamFrozenRunsForwardWithNoOptimizer) {
   EXPECT_EQ(engine.gather_master(w), (std::vector<float>{1, 2, 3, 4, 5}));
 }
 
+// Adam (lr 0.5) at stage 3 with params, optimizer states and gradients on
+// NVMe under `dir`, in sub-groups of 7 elements, nothing persistent.
+config::Config adam_all_on_nvme(const std::filesystem::path& dir, int accumulation = 1) {
+  return config::load_config_string(R"({"optimizer": {"type": "Adam", "params": {"lr": 0.5}},
+      "gradient_accumulation_steps": )" + std::to_string(accumulation) + R"(,
+      "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "sub_group_size": 7,
+        "offload_param": {"device": "nvme", "nvme_path": ")" + dir.string() + R"("},
+        "offload_optimizer": {"device": "nvme", "nvme_path": ")" + dir.string() + R"("}}})");
+}
+
 TEST(EngineStages, SetMasterReplacesTheValuesEverywhereAndKeepsTheMoments) {
   testing::TempDir dir;
-  const auto config = config::load_config_string(R"({"optimizer": {"type": "Adam", "params": {"lr": 0.5}},
-      "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "sub_group_size": 7,
-        "offload_param": {"device": "nvme", "nvme_path": ")" + dir.path().string() + R"("},
-        "offload_optimizer": {"device": "nvme", "nvme_path": ")" + dir.path().string() + R"("}}})");
+  const auto config = adam_all_on_nvme(dir.path());
   auto comm = make_local_communicator();
   Engine engine(config, *comm);
   const auto module = engine.add_module("m");
@@ -503,6 +510,67 @@ TEST(EngineStages, SetMasterReplacesTheValuesEverywhereAndKeepsTheMoments) {
   const auto neighbour_after = engine.gather_master(neighbour);
   for (int i = 0; i < 3; ++i) EXPECT_NEAR(neighbour_after[i], neighbour_before[i] - 0.5f, 1e-4) << i;
   EXPECT_THROW(engine.set_master(p, std::vector<float>(3)), Error);
+}
+
+// DeepSpeed's safe_get_full_grad / _optimizer_state / set_full_optimizer_state
+// and set_gradient_accumulation_boundary, with everything on NVMe and
+// sub-groups that cut the params: a param's accumulated gradient read whole
+// between micro-steps (from the open buffer, the other one and the store),
+// windows the trainer closes itself, and moments read and replaced.
+TEST(EngineStages, OneParamsGradientAndMomentsReadWholeAndWindowsTheTrainerCloses) {
+  testing::TempDir dir;
+  const auto config = adam_all_on_nvme(dir.path(), 2);
+  auto comm = make_local_communicator();
+  Engine engine(config, *comm);
+  const auto module = engine.add_module("m");
+  const ParamIndex w = engine.add_param(module, "w", {4, 5}, std::vector<float>(20, 1.0f));
+  const ParamIndex b = engine.add_param(module, "b", {3}, std::vector<float>{3.0f, 4.0f, 5.0f});
+  engine.finalize();
+  const auto backward = [&] {
+    engine.pre_forward(module);
+    engine.post_forward(module);
+    engine.pre_backward(module);
+    for (int i = 0; i < 20; ++i) engine.grad(w)[i] = static_cast<float>(i);
+    std::fill(engine.grad(b), engine.grad(b) + 3, 1.0f);
+    engine.post_backward(module);
+  };
+  const auto expect_gradient = [&](float micro_steps) {
+    // Each micro-step's gradient divided by gradient_accumulation_steps.
+    const auto gw = engine.gather_gradient(w);
+    ASSERT_EQ(gw.size(), 20u);
+    for (int i = 0; i < 20; ++i) EXPECT_EQ(gw[i], micro_steps * static_cast<float>(i) / 2) << i;
+    EXPECT_EQ(engine.gather_gradient(b), std::vector<float>(3, micro_steps / 2));
+  };
+  backward();
+  expect_gradient(1);  // before step(): the last sub-group is still open
+  EXPECT_FALSE(engine.step(false));
+  expect_gradient(1);
+  EXPECT_THROW(engine.save_checkpoint(dir.path() / "inside"), Error);  // a window is open
+  backward();
+  expect_gradient(2);
+  EXPECT_FALSE(engine.step(false));  // the count says boundary; the trainer says not yet
+  backward();
+  expect_gradient(3);
+  EXPECT_TRUE(engine.step(true));
+  EXPECT_EQ(engine.gather_gradient(w), std::vector<float>(20, 0.0f));
+  // Adam's first step: m = (1 - beta1) g, v = (1 - beta2) g^2, g = 1.5 i.
+  const auto m = engine.gather_optimizer_state(w, "exp_avg");
+  const auto v = engine.gather_optimizer_state(w, "exp_avg_sq");
+  for (int i = 0; i < 20; ++i) {
+    const float g = 1.5f * static_cast<float>(i);
+    EXPECT_NEAR(m[i], 0.1f * g, 1e-5f) << i;
+    EXPECT_NEAR(v[i], 0.001f * g * g, 1e-5f * (1 + g * g)) << i;  // 1 - beta2 in float
+  }
+  engine.save_checkpoint(dir.path() / "after");  // three micro-steps, none pending
+  const auto master = engine.gather_master(w);
+  const auto b_moment = engine.gather_optimizer_state(b, "exp_avg");
+  engine.set_optimizer_state(w, "exp_avg", std::vector<float>(20, 0.25f));
+  EXPECT_EQ(engine.gather_optimizer_state(w, "exp_avg"), std::vector<float>(20, 0.25f));
+  EXPECT_EQ(engine.gather_optimizer_state(w, "exp_avg_sq"), v);
+  EXPECT_EQ(engine.gather_master(w), master);
+  EXPECT_EQ(engine.gather_optimizer_state(b, "exp_avg"), b_moment);  // shares a sub-group with w
+  EXPECT_THROW(engine.gather_optimizer_state(w, "momentum_buffer"), Error);
+  EXPECT_THROW(engine.set_optimizer_state(w, "exp_avg", std::vector<float>(3)), Error);
 }
 
 INSTANTIATE_TEST_SUITE_P(WorldSizes, EngineEquality, ::testing::Values(1, 2, 4));

@@ -115,11 +115,11 @@ SafetensorsFile read_file_of_step(const std::filesystem::path& path, std::int64_
 void Engine::save_checkpoint(const std::filesystem::path& dir) {
   require_finalized("save_checkpoint");
   drain();
-  if (micro_step_ % static_cast<std::int64_t>(config_.training.gradient_accumulation_steps) != 0) {
+  if (accumulated_micro_steps_ != 0) {
     throw Error(ErrorKind::invalid,
-                fmt::format("save_checkpoint at micro-step {} is inside a gradient accumulation of {}: "
-                            "save after the step() that runs the optimizer",
-                            micro_step_, config_.training.gradient_accumulation_steps));
+                fmt::format("save_checkpoint at micro-step {} is inside a gradient accumulation ({} micro-steps "
+                            "accumulated): save after the step() that runs the optimizer",
+                            micro_step_, accumulated_micro_steps_));
   }
   const int rank = comm_.rank();
   std::error_code error;
@@ -297,6 +297,7 @@ void Engine::load_checkpoint(const std::filesystem::path& dir, bool optimizer_st
   if (!optimizer_states) step = 0;  // a fresh optimizer over the loaded weights
   optimizer_step_ = step;
   micro_step_ = step * static_cast<std::int64_t>(config_.training.gradient_accumulation_steps);
+  accumulated_micro_steps_ = 0;
   clear_gradients();
   release_all_unpersisted();
   place_shards();

@@ -706,6 +706,11 @@ void Engine::BufferCache::free_idle() {
   idle_ = 0;
 }
 
+void Engine::BufferCache::free_all_idle() {
+  std::lock_guard lock(mutex_);
+  free_idle();
+}
+
 Engine::BufferCache::~BufferCache() { free_idle(); }
 
 // ---- the worker ----------------------------------------------------------
@@ -1007,14 +1012,28 @@ void Engine::clear_gradients() {
   }
 }
 
-bool Engine::step() {
+void Engine::drop_gradients() {
+  require_finalized("drop_gradients");
+  drain();
+  clear_gradients();
+}
+
+void Engine::empty_partition_cache() {
+  require_finalized("empty_partition_cache");
+  drain();
+  release_all_unpersisted();
+  buffers_.free_all_idle();
+}
+
+bool Engine::step(std::optional<bool> boundary_override) {
   require_finalized("step");
   // The trainer's last kernels (reading persistent params, writing
   // gradients) are done before the step rewrites or reduces them.
   options_.copier->wait(trainer_work());
   drain();
-  const bool boundary =
-      (micro_step_ + 1) % static_cast<std::int64_t>(config_.training.gradient_accumulation_steps) == 0;
+  const bool boundary = boundary_override.value_or(
+      (micro_step_ + 1) % static_cast<std::int64_t>(config_.training.gradient_accumulation_steps) == 0);
+  accumulated_micro_steps_ = boundary ? 0 : accumulated_micro_steps_ + 1;
   if (gradient_swapper_) gradient_swapper_->end_micro_step();
   release_all_unpersisted();
   coordinator_->begin_micro_step();
@@ -1136,31 +1155,69 @@ void Engine::set_master(ParamIndex p, std::span<const float> whole) {
     place_shards();
     return;
   }
+  set_optimizer_tensor(param, 0, whole);
+}
+
+template <typename Visit>
+void Engine::for_each_shard_piece(const Param& param, Visit visit) const {
+  const std::uint64_t shard_end = param.partition_offset + param.d.shard_elements;
+  for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
+    const std::uint64_t group_begin = sub_group_begin_[g];
+    const std::uint64_t from = std::max(group_begin, param.partition_offset);
+    const std::uint64_t to = std::min(group_begin + sub_groups_[g].elements, shard_end);
+    if (from < to) visit(g, from, to);
+  }
+}
+
+std::size_t Engine::optimizer_state_index(const Param& param, std::string_view state) const {
+  const auto names = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
+  const auto it = std::find(names.begin(), names.end(), state);
+  if (!param.d.trainable || it == names.end()) {
+    std::string known;
+    for (const auto& name : names) known += (known.empty() ? "" : ", ") + name;
+    throw Error(ErrorKind::invalid,
+                param.d.trainable
+                    ? fmt::format("'{}' has no optimizer state '{}' (this optimizer keeps: {})", param.d.name,
+                                  state, known)
+                    : fmt::format("'{}' is frozen: it has no optimizer state", param.d.name));
+  }
+  return 1 + static_cast<std::size_t>(it - names.begin());
+}
+
+void Engine::set_optimizer_tensor(const Param& param, std::size_t index, std::span<const float> whole) {
   // Each sub-group holding part of this rank's shard is rewritten whole
   // (params and moments at the current step): rare (a user editing a
   // param), so simplicity wins over the bytes.
   const auto names = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
-  std::uint64_t group_begin = 0;
-  for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
-    const std::uint64_t group_end = group_begin + sub_groups_[g].elements;
-    const std::uint64_t from = std::max(group_begin, param.partition_offset);
-    const std::uint64_t to = std::min(group_end, param.partition_offset + param.d.shard_elements);
-    if (from < to) {
-      std::vector<float> master(sub_groups_[g].elements);
-      optimizer_->read_params(g, master);
-      std::vector<std::vector<float>> states(names.size(), std::vector<float>(master.size()));
-      for (std::size_t s = 0; s < names.size(); ++s) optimizer_->read_state(g, names[s], states[s]);
-      for (std::uint64_t i = from; i < to; ++i) {
-        const std::uint64_t element = shard_start + (i - param.partition_offset);
-        if (element < param.d.elements) master[i - group_begin] = whole[element];  // past the end: padding
-      }
-      std::vector<std::span<const float>> views(states.begin(), states.end());
-      optimizer_->initialize(g, master, optimizer_step_, views);
-      set_working(group_begin, master);
+  const std::uint64_t shard_start = static_cast<std::uint64_t>(comm_.rank()) * param.d.shard_elements;
+  for_each_shard_piece(param, [&](std::size_t g, std::uint64_t from, std::uint64_t to) {
+    const std::uint64_t group_begin = sub_group_begin_[g];
+    std::vector<float> master(sub_groups_[g].elements);
+    optimizer_->read_params(g, master);
+    std::vector<std::vector<float>> states(names.size(), std::vector<float>(master.size()));
+    for (std::size_t s = 0; s < names.size(); ++s) optimizer_->read_state(g, names[s], states[s]);
+    std::vector<float>& target = index == 0 ? master : states[index - 1];
+    for (std::uint64_t i = from; i < to; ++i) {
+      const std::uint64_t element = shard_start + (i - param.partition_offset);
+      if (element < param.d.elements) target[i - group_begin] = whole[element];  // past the end: padding
     }
-    group_begin = group_end;
+    std::vector<std::span<const float>> views(states.begin(), states.end());
+    optimizer_->initialize(g, master, optimizer_step_, views);
+    if (index == 0) set_working(group_begin, master);
+  });
+  if (index == 0) place_shards();
+}
+
+void Engine::set_optimizer_state(ParamIndex p, std::string_view state, std::span<const float> whole) {
+  require_finalized("set_optimizer_state");
+  drain();
+  const Param& param = at(p);
+  const std::size_t index = optimizer_state_index(param, state);
+  if (whole.size() != param.d.elements) {
+    throw Error(ErrorKind::invalid, fmt::format("set_optimizer_state('{}', '{}'): {} values for {} elements",
+                                                param.d.name, state, whole.size(), param.d.elements));
   }
-  place_shards();
+  set_optimizer_tensor(param, index, whole);
 }
 
 void Engine::set_learning_rate(double lr) {
@@ -1190,34 +1247,66 @@ EngineStats Engine::stats() const {
   return out;
 }
 
-std::vector<float> Engine::gather_master(ParamIndex p) {
-  require_finalized("gather_master");
-  drain();
-  const Param& param = at(p);
+std::vector<float> Engine::gather_shards(const Param& param,
+                                         const std::function<void(std::size_t, std::span<float>)>& read) {
   const std::uint64_t count = param.d.shard_elements;
   std::vector<float> mine(count, 0.0f);
-  // From the sub-groups that hold this param's shard (the optimizer's
-  // partition holds no frozen one: its working copy is all there is).
-  if (!param.d.trainable) read_working(param, mine);
-  const std::size_t groups = param.d.trainable ? sub_groups_.size() : 0;
-  std::uint64_t group_begin = 0;
-  for (std::size_t g = 0; g < groups; ++g) {
-    const std::uint64_t group_end = group_begin + sub_groups_[g].elements;
-    const std::uint64_t from = std::max(group_begin, param.partition_offset);
-    const std::uint64_t to = std::min(group_end, param.partition_offset + count);
-    if (from < to) {
-      std::vector<float> values(sub_groups_[g].elements);
-      optimizer_->read_params(g, values);
-      std::copy(values.begin() + static_cast<std::ptrdiff_t>(from - group_begin),
-                values.begin() + static_cast<std::ptrdiff_t>(to - group_begin),
-                mine.begin() + static_cast<std::ptrdiff_t>(from - param.partition_offset));
-    }
-    group_begin = group_end;
-  }
+  std::vector<float> values;
+  for_each_shard_piece(param, [&](std::size_t g, std::uint64_t from, std::uint64_t to) {
+    const std::uint64_t group_begin = sub_group_begin_[g];
+    values.resize(sub_groups_[g].elements);
+    read(g, values);
+    std::copy(values.begin() + static_cast<std::ptrdiff_t>(from - group_begin),
+              values.begin() + static_cast<std::ptrdiff_t>(to - group_begin),
+              mine.begin() + static_cast<std::ptrdiff_t>(from - param.partition_offset));
+  });
   std::vector<float> whole(count * comm_.world_size());
   host_all_gather(mine.data(), whole.data(), count * sizeof(float));
   whole.resize(param.d.elements);
   return whole;
+}
+
+std::vector<float> Engine::gather_master(ParamIndex p) {
+  require_finalized("gather_master");
+  drain();
+  const Param& param = at(p);
+  if (!param.d.trainable) {
+    // The optimizer's partition holds no frozen param: its working copy is
+    // all there is.
+    std::vector<float> mine(param.d.shard_elements, 0.0f);
+    read_working(param, mine);
+    std::vector<float> whole(mine.size() * comm_.world_size());
+    host_all_gather(mine.data(), whole.data(), mine.size() * sizeof(float));
+    whole.resize(param.d.elements);
+    return whole;
+  }
+  return gather_shards(param, [this](std::size_t g, std::span<float> out) { optimizer_->read_params(g, out); });
+}
+
+std::vector<float> Engine::gather_optimizer_state(ParamIndex p, std::string_view state) {
+  require_finalized("gather_optimizer_state");
+  drain();
+  const Param& param = at(p);
+  const auto names = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
+  const std::string& name = names[optimizer_state_index(param, state) - 1];
+  return gather_shards(param, [&](std::size_t g, std::span<float> out) { optimizer_->read_state(g, name, out); });
+}
+
+std::vector<float> Engine::gather_gradient(ParamIndex p) {
+  require_finalized("gather_gradient");
+  drain();
+  const Param& param = at(p);
+  if (!param.d.trainable) {
+    throw Error(ErrorKind::invalid, fmt::format("'{}' is frozen: it has no gradient", param.d.name));
+  }
+  return gather_shards(param, [this](std::size_t g, std::span<float> out) {
+    if (gradient_swapper_) {
+      gradient_swapper_->copy_out(g, out);
+    } else {
+      const float* values = grad_partition_.data() + sub_group_begin_[g];
+      std::copy(values, values + out.size(), out.begin());
+    }
+  });
 }
 
 }  // namespace zinf::zero3

@@ -46,6 +46,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -158,8 +159,21 @@ class Engine {
   // optimizer. A non-finite gradient norm (an fp16 overflow) skips the
   // optimizer step instead: the gradients are dropped, the masters stay,
   // stats().skipped_steps counts it, and with fp16's dynamic loss scaling
-  // the scale goes down.
-  bool step();
+  // the scale goes down. `boundary` overrides the count of
+  // gradient_accumulation_steps, as DeepSpeed's
+  // set_gradient_accumulation_boundary does (a trainer closing a window
+  // early, at an epoch's end, or one that sizes its windows itself): true
+  // runs the optimizer on what has accumulated, false only accumulates.
+  // The gradients stay divided by gradient_accumulation_steps either way,
+  // as DeepSpeed's loss is.
+  bool step(std::optional<bool> boundary = std::nullopt);
+  // Forgets the gradients accumulated since the last optimizer step
+  // (DeepSpeed's zero_grad at stages 0 and 1). Between micro-steps.
+  void drop_gradients();
+  // Releases every gathered param not persistent and frees the idle device
+  // buffers kept for reuse (DeepSpeed's empty_partition_cache: memory for
+  // a phase that is not training). Between micro-steps.
+  void empty_partition_cache();
   // What the trainer multiplies its loss by before backward (fp16's loss
   // scale; 1 otherwise). The engine divides the gradients by it.
   double loss_scale() const { return loss_scale_; }
@@ -186,6 +200,19 @@ class Engine {
   // same values; each keeps its shard), the optimizer's moments kept, and
   // writes the working copies back where offload_param says. Collective.
   void set_master(ParamIndex p, std::span<const float> whole);
+  // The whole of one of `p`'s optimizer states (a name from
+  // OptimizerSwapper::state_names(): "exp_avg", "exp_avg_sq"), in fp32,
+  // and its replacement (every rank the same values; the master and the
+  // other states kept). A frozen param has none, and an unknown name is
+  // Error{invalid} naming the states there are. Collective.
+  std::vector<float> gather_optimizer_state(ParamIndex p, std::string_view state);
+  void set_optimizer_state(ParamIndex p, std::string_view state, std::span<const float> whole);
+  // The whole fp32 gradient `p` has accumulated since the last optimizer
+  // step, as the step will take it before clipping: summed over the
+  // micro-steps, averaged over ranks, divided by gradient_accumulation_steps
+  // and the loss scale (zeros before any backward; from NVMe with the
+  // gradients there). Collective.
+  std::vector<float> gather_gradient(ParamIndex p);
 
   // Resumable sharded state: every rank writes its shards and optimizer
   // state into `dir` (created); rank 0 adds the description. With
@@ -261,6 +288,18 @@ class Engine {
   // on: in memory, or through the gradient swapper (a piece per sub-group,
   // the highest first: backward reduces the partition from its end).
   void accumulate_gradient(std::uint64_t offset, std::span<const float> values, float scale);
+  // Calls visit(g, from, to) for each sub-group g that holds part of this
+  // rank's shard of `param`: partition elements [from, to).
+  template <typename Visit>
+  void for_each_shard_piece(const Param& param, Visit visit) const;
+  // This rank's shard of a trainable `param` from tensor `read(g, values)`
+  // fills per sub-group, all-gathered into the whole param.
+  std::vector<float> gather_shards(const Param& param,
+                                   const std::function<void(std::size_t, std::span<float>)>& read);
+  // Rewrites tensor `index` of the optimizer (0 the master, then
+  // state_names()) of `param`'s shard with its part of `whole`.
+  void set_optimizer_tensor(const Param& param, std::size_t index, std::span<const float> whole);
+  std::size_t optimizer_state_index(const Param& param, std::string_view state) const;
   // Every gradient zero again (after a step, a skipped one, a load).
   void clear_gradients();
 
@@ -301,6 +340,7 @@ class Engine {
     // stream); it is waited for before the buffer is handed out or freed.
     void release(void* buffer, std::uint64_t bytes, swap::CopyTicket in_use_until = {}) noexcept;
     std::uint64_t idle_bytes() const;
+    void free_all_idle();
     ~BufferCache();
 
     // A buffer held for one scope (a fresh one, or one adopted from the
@@ -383,6 +423,7 @@ class Engine {
   std::unique_ptr<swap::ParamSwapper> param_swapper_;
 
   std::int64_t micro_step_ = 0;
+  std::int64_t accumulated_micro_steps_ = 0;  // since the last boundary
   std::int64_t optimizer_step_ = 0;
   double loss_scale_ = 1.0;
   std::uint64_t good_steps_ = 0;       // since the last scale change

@@ -13,7 +13,9 @@ own per group (initialize_model.group_lambdas), "freeze": names of params
 made requires_grad=False (the optimizer gets the others, as fine-tuning
 scripts pass them), "device": where the model computes ("cpu" default, or
 "cuda"), "backend": the default group's backend the script asks
-deepspeed.init_distributed for (default gloo)}. Rank 0 writes
+deepspeed.init_distributed for (default gloo), "inspect": after the steps,
+one more backward, then every param's values as deepspeed.utils'
+safe_get_full_* read them}. Rank 0 writes
 {"losses": [...], "state": {name: fp32 tensor}, "lrs": [...]} to `out`.
 """
 import json
@@ -73,6 +75,18 @@ def main():
             engine.step()
             losses.append(float(loss))
         lrs.append(engine.get_lr()[0])
+    inspected = None
+    if run.get("inspect"):
+        # One more micro-step's backward, then every param's whole values
+        # as deepspeed.utils reads them (collective: every rank asks).
+        x, y = batch(run["steps"], 0, rank, engine.train_micro_batch_size_per_gpu())
+        engine.backward(torch.nn.functional.mse_loss(engine(x).float(), y))
+        inspected = {name: {"param": deepspeed.utils.safe_get_full_fp32_param(p),
+                            "grad": deepspeed.utils.safe_get_full_grad(p),
+                            "exp_avg": deepspeed.utils.safe_get_full_optimizer_state(p, "exp_avg"),
+                            "exp_avg_sq": deepspeed.utils.safe_get_full_optimizer_state(p, "exp_avg_sq")}
+                     for name, p in model.named_parameters()}
+        engine.step()  # not a boundary: the window stays open
     if run.get("save"):
         engine.save_checkpoint(run["save"], client_state={"next_step": run["steps"]})
     state = engine.consolidated_state_dict(dtype=torch.float32)
@@ -94,7 +108,8 @@ def main():
                 "sum": float(total), "gathered": gathered.tolist(), "scattered": float(scattered)}
     if rank == 0:
         torch.save({"losses": losses, "state": state, "lrs": lrs, "grad_norm": engine.get_global_grad_norm(),
-                    "steps": engine.global_steps, "timings": engine.timings(), "comm": comm}, run["out"])
+                    "steps": engine.global_steps, "timings": engine.timings(), "comm": comm,
+                    "inspected": inspected}, run["out"])
     engine.close()
 
 

@@ -40,6 +40,7 @@ zinf's collectives run on host memory over Gloo (a Gloo group of its own
 beside an NCCL default group the script made). The C++ engine's
 device-memory path (CUDA copier, NCCL communicator) is not used from Python.
 """
+import contextlib
 import json
 import logging
 import os
@@ -69,6 +70,11 @@ from zinf.utils.zero_to_fp32 import main
 if __name__ == "__main__":
     main()
 """
+
+
+class UsageError(RuntimeError, AssertionError):
+    """An engine call DeepSpeed refuses with an assertion (step() inside
+    no_sync(), no_sync() at stage 2 or 3): catchable as either."""
 
 
 class ZinfOptimizer(torch.optim.Optimizer):
@@ -296,6 +302,12 @@ class ZinfEngine(torch.nn.Module):
         self.micro_steps = 0
         self._step_applied = False
         self._backward_pending = False
+        # set_gradient_accumulation_boundary's override (None: count
+        # micro-steps); backward's scale_wrt_gas for every call when set.
+        self._is_gradient_accumulation_boundary = None
+        self.scale_wrt_gas = None
+        self.inside_no_sync_ctxt = False
+        self._has_gradients = False  # any backward since the last step (or zero_grad at stages 0-1)
         self._timings = {"forward_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
         self._written_at_print, self._steps_at_print = 0, 0
         self._timings_at_print, self._timing_steps_at_print = {}, 0
@@ -409,7 +421,7 @@ class ZinfEngine(torch.nn.Module):
     def _gather_whole(self, p):
         """GatheredParameters: the whole value from the masters."""
         whole = torch.empty(self._shapes[id(p)], dtype=torch.float32)
-        self._engine.gather_master(self._index[id(p)], whole.data_ptr(), whole.numel())
+        self._engine.gather(self._index[id(p)], "param", whole.data_ptr(), whole.numel())
         p.data = whole.to(self._device, self._dtype)
 
     def _release_whole(self, p, write_back, source_rank):
@@ -417,7 +429,7 @@ class ZinfEngine(torch.nn.Module):
             values = p.detach().to("cpu", torch.float32).contiguous()
             if self.world_size > 1:
                 dist.broadcast(values, src=source_rank, group=self._host_group)
-            self._engine.set_master(self._index[id(p)], values.data_ptr(), values.numel())
+            self._engine.set_values(self._index[id(p)], "param", values.data_ptr(), values.numel())
         if id(p) in self._persistent:
             p.data = self._persistent_values(p)
         else:
@@ -606,23 +618,55 @@ class ZinfEngine(torch.nn.Module):
         self._timings["forward_s"] += time.perf_counter() - start
         return out
 
-    def backward(self, loss, retain_graph=False):
+    def backward(self, loss, release_loss=False, retain_graph=False, scale_wrt_gas=True):
         """loss.backward(), with fp16's loss scale applied (the engine takes it
-        out again and averages over ranks and micro-steps)."""
+        out again). As DeepSpeed's, the gradients are those of
+        loss / gradient_accumulation_steps (averaged over ranks), unless
+        scale_wrt_gas is False (or engine.scale_wrt_gas is) or inside
+        no_sync(): then of the loss as given. Returns the loss so scaled."""
         start = time.perf_counter()
-        scale = self._engine.loss_scale
+        if self.scale_wrt_gas is not None:
+            scale_wrt_gas = self.scale_wrt_gas
+        # The engine divides every gradient by gradient_accumulation_steps:
+        # a loss DeepSpeed would not divide is multiplied back here.
+        by_gas = scale_wrt_gas and not self.inside_no_sync_ctxt
+        scale = self._engine.loss_scale * (1 if by_gas else self._accumulation)
         (loss * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
+        self._has_gradients = True
         self._timings["backward_s"] += time.perf_counter() - start
-        return loss
+        return loss / self._accumulation if by_gas and self._accumulation > 1 else loss
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """DeepSpeed's: backward inside it neither divides the loss by
+        gradient_accumulation_steps nor may be followed by step() there. At
+        stages 0 and 1 zinf still reduces each gradient as it comes (the sum
+        DeepSpeed would reduce when the context ends: the same values); at
+        stages 2 and 3, which partition gradients, it is refused as DeepSpeed
+        refuses it."""
+        if self.stage >= 2:
+            raise UsageError(f"no_sync context manager is incompatible with gradient partitioning logic of ZeRO "
+                             f"stage {self.stage}")
+        if self.inside_no_sync_ctxt:
+            raise UsageError("no_sync context manager reentry is unsupported")
+        self.inside_no_sync_ctxt = True
+        try:
+            yield
+        finally:
+            self.inside_no_sync_ctxt = False
 
     def step(self, lr_kwargs=None):
         """After every micro-step's backward; the optimizer runs at each
-        gradient_accumulation_steps-th (is_gradient_accumulation_boundary)."""
+        gradient_accumulation_steps-th (is_gradient_accumulation_boundary),
+        or where set_gradient_accumulation_boundary(True) says."""
+        if self.inside_no_sync_ctxt:
+            raise UsageError("It is illegal to call Engine.step() inside no_sync context manager")
         start = time.perf_counter()
         boundary = self.is_gradient_accumulation_boundary()
         if boundary:
             self._push_groups()
-        stepped = self._engine.step()
+            self._has_gradients = False
+        stepped = self._engine.step(boundary=boundary)
         if stepped:
             self._refresh_persistent()
         self.micro_steps += 1
@@ -646,13 +690,29 @@ class ZinfEngine(torch.nn.Module):
                 self._pushed[k] = settings
 
     def zero_grad(self, set_to_none=True):
-        """Gradients live in the engine (param.grad is emptied as they
-        arrive): nothing to clear but what a caller put there by hand."""
+        """As DeepSpeed's: at stages 0 and 1, where DeepSpeed accumulates in
+        param.grad, the gradients accumulated since the last step are
+        dropped; at stages 2 and 3 the engine's partitioned accumulation is
+        kept (DeepSpeed's is too). param.grad, emptied as gradients arrive,
+        is cleared of anything a caller put there by hand."""
         for _, p in self._named_unique:
             p.grad = None
+        if self.stage <= 1 and self._has_gradients:
+            self._engine.drop_gradients()
+            self._has_gradients = False
 
     def is_gradient_accumulation_boundary(self):
+        if self._is_gradient_accumulation_boundary is not None:
+            return self._is_gradient_accumulation_boundary
         return (self.micro_steps + 1) % self._accumulation == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary):
+        """Overrides the micro-step count, as DeepSpeed's does (Accelerate
+        calls it before each backward): step() after a backward with it True
+        runs the optimizer on what has accumulated, with it False only
+        accumulates. The gradients stay divided by gradient_accumulation_steps
+        either way, as DeepSpeed's are. None goes back to counting."""
+        self._is_gradient_accumulation_boundary = None if is_boundary is None else bool(is_boundary)
 
     def gradient_accumulation_steps(self):
         return self._accumulation
@@ -701,6 +761,10 @@ class ZinfEngine(torch.nn.Module):
 
     def get_lr(self):
         return [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_mom(self):
+        """Each param group's betas (Adam, AdamW, Lion; None for Adagrad)."""
+        return [group.get("betas") for group in self.optimizer.param_groups]
 
     @property
     def lr_scheduler(self):
@@ -823,7 +887,7 @@ class ZinfEngine(torch.nn.Module):
         out = {}
         for name, p in self._named_unique:
             values = torch.empty(self._shapes[id(p)], dtype=torch.float32)
-            self._engine.gather_master(self._index[id(p)], values.data_ptr(), values.numel())
+            self._engine.gather(self._index[id(p)], "param", values.data_ptr(), values.numel())
             out[name] = values.to(dtype or self._dtype)
         return out
 
@@ -876,6 +940,53 @@ class ZinfEngine(torch.nn.Module):
     def close(self):
         """Stops the engine's worker and frees its memory (also at exit)."""
         self._engine.close()
+
+    destroy = close  # DeepSpeed's name
+
+    def empty_partition_cache(self):
+        """Frees what stage 3 keeps gathered between uses (params fetched
+        ahead, idle device buffers), as DeepSpeed's does before a phase that
+        needs the memory (generation, evaluation). Outside forward and
+        backward."""
+        for unit in self._units:
+            if self.stage >= 3 and not (unit.forward_open or unit.backward_open or unit.held_by):
+                self._release(unit)
+        self._engine.empty_partition_cache()
+
+    # -- full values of one param (zinf.utils.safe_get_full_*) ---------------------------------
+    def _full_values(self, p, what):
+        """The whole fp32 master ("param"), gradient ("grad") or optimizer
+        state of `p`, shaped as the param, on the model's device. Collective."""
+        index = self._index.get(id(p))
+        if index is None:
+            raise ValueError("the parameter is not one this engine trains")
+        values = torch.empty(self._shapes[id(p)], dtype=torch.float32)
+        self._engine.gather(index, what, values.data_ptr(), values.numel())
+        return values.to(self._device)
+
+    def _set_full_values(self, p, what, value):
+        index = self._index.get(id(p))
+        if index is None:
+            raise ValueError("the parameter is not one this engine trains")
+        shape = self._shapes[id(p)]
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"a value of shape {tuple(value.shape)} for a parameter of shape {tuple(shape)}")
+        values = value.detach().to("cpu", torch.float32).contiguous()
+        if self.world_size > 1:
+            dist.broadcast(values, src=0, group=self._host_group)  # every rank writes rank 0's
+        self._engine.set_values(index, what, values.data_ptr(), values.numel())
+        if what == "param":
+            self._refresh_param(p)
+
+    def _refresh_param(self, p):
+        """p's tensor after its master changed: a persistent param's (or,
+        below stage 3, every param's) values are the engine's new working copy."""
+        if id(p) in self._persistent:
+            p.data = self._persistent_values(p)
+        else:
+            unit = self._owner[id(p)]
+            if unit.gathered:
+                p.data = self._copy_out(p)
 
 
 def _fill_from_stage(stage):

@@ -1,0 +1,293 @@
+"""The engine calls DeepSpeed scripts make beyond forward/backward/step, with
+DeepSpeed's meaning: set_gradient_accumulation_boundary (Accelerate calls it
+before every backward), backward's scale_wrt_gas, no_sync, zero_grad,
+empty_partition_cache, and zinf.utils' safe_get_full_* / safe_set_full_*
+(one param's whole master, optimizer state or gradient), each checked
+against plain PyTorch."""
+import os
+import sys
+
+import pytest
+import torch
+
+import zinf
+from zinf import utils
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from initialize_model import batch, make_model  # noqa: E402
+from test_initialize import ADAMW, config_for, launch  # noqa: E402
+
+
+def mse(model, x, y):
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def plain_adamw(model):
+    params = ADAMW["params"]
+    return torch.optim.AdamW(model.parameters(), lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"],
+                             weight_decay=params["weight_decay"])
+
+
+def assert_state_equals(engine, plain, atol=2e-5):
+    got = engine.consolidated_state_dict(dtype=torch.float32)
+    for name, value in plain.named_parameters():
+        assert torch.allclose(got[name], value, atol=atol), \
+            f"{name}: max difference {(got[name] - value).abs().max().item()}"
+
+
+# -- set_gradient_accumulation_boundary ------------------------------------------------------
+@pytest.mark.parametrize("stage,optimizer_device", [(1, "none"), (2, "cpu"), (3, "nvme")])
+def test_the_trainer_sets_the_boundary_as_accelerate_does(scratch, stage, optimizer_device):
+    """Windows of 2, 3 and 1 micro-steps under gradient_accumulation_steps 4
+    (a trainer sizing its own windows, the last one cut short by an epoch's
+    end): the optimizer runs after each window's last backward, on the
+    window's gradients divided by 4, as DeepSpeed's do."""
+    accumulation, windows = 4, [2, 3, 1]
+    config = config_for(stage, optimizer_device, nvme=os.path.join(scratch, "nvme"),
+                        gradient_accumulation_steps=accumulation, sub_group_size=200)
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+    plain = make_model()
+    reference = plain_adamw(plain)
+    seen = []
+    for step, size in enumerate(windows):
+        for micro in range(size):
+            engine.set_gradient_accumulation_boundary(micro == size - 1)
+            seen.append(engine.is_gradient_accumulation_boundary())
+            x, y = batch(step, micro, 0, 4)
+            engine.backward(mse(engine, x, y))
+            engine.step()
+            (mse(plain, x, y) / accumulation).backward()
+        reference.step()
+        reference.zero_grad()
+        assert_state_equals(engine, plain)
+    assert seen == [False, True, False, False, True, True]
+    assert engine.global_steps == 3 and engine.micro_steps == 6 and engine.was_step_applied()
+    # Six micro-steps are no multiple of 4, yet no gradient is pending: a
+    # checkpoint may be taken.
+    engine.save_checkpoint(os.path.join(scratch, "ckpt"))
+    # None goes back to counting micro-steps (7 + 1 is a multiple of 4).
+    engine.set_gradient_accumulation_boundary(None)
+    assert not engine.is_gradient_accumulation_boundary()
+    engine.close()
+
+
+def test_a_checkpoint_inside_an_overridden_window_is_refused(scratch):
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(2, gradient_accumulation_steps=1))
+    engine.set_gradient_accumulation_boundary(False)
+    x, y = batch(0, 0, 0, 4)
+    engine.backward(mse(engine, x, y))
+    engine.step()
+    with pytest.raises(ValueError, match="inside a gradient accumulation"):
+        engine.save_checkpoint(os.path.join(scratch, "ckpt"))
+    engine.close()
+
+
+# -- backward(scale_wrt_gas) and no_sync -----------------------------------------------------
+@pytest.mark.parametrize("stage", [0, 3])
+def test_backward_without_scale_wrt_gas_takes_the_loss_as_given(stage):
+    """A trainer that normalises its loss itself (over the whole window's
+    tokens) passes scale_wrt_gas=False: the gradients are those of its loss,
+    not divided again by gradient_accumulation_steps."""
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(stage, gradient_accumulation_steps=2))
+    plain = make_model()
+    reference = plain_adamw(plain)
+    for step in range(2):
+        for micro in range(2):
+            x, y = batch(step, micro, 0, 4)
+            loss = mse(engine, x, y) * (0.25 if micro == 0 else 0.75)  # the trainer's own weights
+            returned = engine.backward(loss, scale_wrt_gas=False)
+            assert returned is loss
+            engine.step()
+            (mse(plain, x, y) * (0.25 if micro == 0 else 0.75)).backward()
+        reference.step()
+        reference.zero_grad()
+    assert_state_equals(engine, plain)
+    # The default divides by gradient_accumulation_steps and says so.
+    x, y = batch(9, 0, 0, 4)
+    loss = mse(engine, x, y)
+    assert torch.allclose(engine.backward(loss), loss / 2)
+    engine.close()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_no_sync_is_refused_where_gradients_are_partitioned(stage):
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(stage, train_batch_size=4))
+    with pytest.raises(AssertionError, match=f"no_sync context manager is incompatible .* ZeRO stage {stage}"):
+        with engine.no_sync():
+            pass
+    assert not engine.inside_no_sync_ctxt
+    engine.close()
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_no_sync_accumulates_undivided_and_zero_grad_drops_it(stage):
+    """DeepSpeed's test_no_sync_ctxt: inside no_sync the loss is not divided
+    by gradient_accumulation_steps, step() is refused, a second no_sync
+    inside the first is refused, and zero_grad (stages 0 and 1) starts the
+    accumulation over, so two identical passes see identical gradients."""
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(stage, gradient_accumulation_steps=2))
+    plain = make_model()
+    params = dict(engine.module.named_parameters())
+    passes = []
+    for _ in range(2):
+        norms = []
+        with engine.no_sync():
+            with pytest.raises(AssertionError, match="reentry"):
+                with engine.no_sync():
+                    pass
+            for micro in range(3):
+                x, y = batch(0, micro, 0, 4)
+                engine.backward(mse(engine, x, y))
+                with pytest.raises(AssertionError, match="illegal to call Engine.step"):
+                    engine.step()
+                norms.append(sum(float(utils.safe_get_full_grad(p).norm()) for p in params.values()))
+        passes.append(norms)
+        engine.zero_grad()
+        plain.zero_grad()
+    assert passes[0] == passes[1]
+    for micro in range(3):
+        x, y = batch(0, micro, 0, 4)
+        mse(plain, x, y).backward()  # undivided
+    with engine.no_sync():
+        for micro in range(3):
+            x, y = batch(0, micro, 0, 4)
+            engine.backward(mse(engine, x, y))
+    for name, p in plain.named_parameters():
+        assert torch.allclose(utils.safe_get_full_grad(params[name]), p.grad, atol=1e-6), name
+    engine.close()
+
+
+def test_zero_grad_keeps_a_partitioned_accumulation_as_deepspeed_does():
+    """At stages 2 and 3 DeepSpeed's zero_grad clears param.grad only: a
+    script calling it every micro-step still steps on the whole window."""
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(2, gradient_accumulation_steps=2))
+    plain = make_model()
+    reference = plain_adamw(plain)
+    for micro in range(2):
+        engine.zero_grad()
+        x, y = batch(0, micro, 0, 4)
+        engine.backward(mse(engine, x, y))
+        engine.step()
+        (mse(plain, x, y) / 2).backward()
+    reference.step()
+    assert_state_equals(engine, plain)
+    engine.close()
+
+
+# -- safe_get_full_* / safe_set_full_* --------------------------------------------------------
+@pytest.mark.parametrize("stage,optimizer_device,param_device", [
+    (0, "none", "none"), (1, "cpu", "none"), (2, "cpu", "none"), (3, "cpu", "cpu"), (3, "nvme", "nvme")])
+def test_full_values_of_one_param_are_plain_pytorchs(scratch, stage, optimizer_device, param_device):
+    """After two steps and a third backward: each param's fp32 master, Adam
+    moments and accumulated gradient read whole equal torch's; writing a
+    master and a moment changes the next step as it changes torch's."""
+    config = config_for(stage, optimizer_device, param_device, nvme=os.path.join(scratch, "nvme"),
+                        gradient_accumulation_steps=2)
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+    plain = make_model()
+    reference = plain_adamw(plain)
+    params = dict(engine.module.named_parameters())
+
+    def micro_step(step, micro):
+        x, y = batch(step, micro, 0, 4)
+        engine.backward(mse(engine, x, y))
+        engine.step()
+        (mse(plain, x, y) / 2).backward()
+
+    for step in range(2):
+        micro_step(step, 0)
+        micro_step(step, 1)
+        reference.step()
+        reference.zero_grad()
+    assert all(utils.safe_get_full_grad(p) is None for p in params.values())  # none since the step
+    micro_step(2, 0)
+    for name, p in plain.named_parameters():
+        mine = params[name]
+        assert torch.allclose(utils.safe_get_full_fp32_param(mine), p, atol=2e-6), name
+        assert utils.safe_get_full_fp32_param(mine).shape == p.shape
+        state = reference.state[p]
+        assert torch.allclose(utils.safe_get_full_optimizer_state(mine, "exp_avg"), state["exp_avg"], atol=1e-6)
+        assert torch.allclose(utils.safe_get_full_optimizer_state(mine, "exp_avg_sq"), state["exp_avg_sq"],
+                              atol=1e-7)
+        assert torch.allclose(utils.safe_get_full_grad(mine), p.grad, atol=1e-6), name
+    # Surgery between micro-steps: a new master for one weight, a zeroed
+    # first moment for another; the window's gradients stay.
+    weight, other = plain.layers[1].weight, plain.layers[2].weight
+    new_weight = torch.linspace(-0.5, 0.5, weight.numel()).view_as(weight)
+    utils.safe_set_full_fp32_param(params["layers.1.weight"], new_weight)
+    utils.safe_set_full_optimizer_state(params["layers.2.weight"], torch.zeros_like(other), "exp_avg")
+    with torch.no_grad():
+        weight.copy_(new_weight)
+    reference.state[other]["exp_avg"].zero_()
+    assert torch.equal(utils.safe_get_full_fp32_param(params["layers.1.weight"]), new_weight)
+    assert torch.allclose(utils.safe_get_full_grad(params["layers.1.weight"]), weight.grad, atol=1e-6)
+    micro_step(2, 1)  # its forward uses the new weight
+    reference.step()
+    assert_state_equals(engine, plain)
+    engine.close()
+
+
+def test_full_values_name_what_they_cannot_give(scratch):
+    model = make_model()
+    model.head.weight.requires_grad_(False)
+    engine, _, _, _ = zinf.initialize(model=model, config=config_for(3, train_batch_size=4))
+    outsider = torch.nn.Parameter(torch.ones(3))
+    assert utils.safe_get_full_fp32_param(outsider) is None  # not zinf's: None, as DeepSpeed's
+    assert utils.safe_get_full_fp32_param(model.head.weight) is None  # frozen: no master
+    assert utils.safe_get_full_optimizer_state(model.head.weight, "exp_avg") is None
+    with pytest.raises(ValueError, match="no optimizer state 'momentum_buffer'.*exp_avg, exp_avg_sq"):
+        utils.safe_get_full_optimizer_state(model.layers[0].weight, "momentum_buffer")
+    with pytest.raises(ValueError, match=r"shape \(3,\) for a parameter of shape \(24, 24\)"):
+        utils.safe_set_full_fp32_param(model.layers[0].weight, torch.ones(3))
+    engine.close()
+
+
+def test_full_values_across_ranks_with_gradients_on_nvme(scratch):
+    """Two ranks, stage 3, everything on NVMe, accumulation over 2 micro-steps
+    and many sub-groups: each rank reads the same whole gradient (averaged
+    over both ranks' micro-batches), masters and moments, equal to plain
+    training on the global batch."""
+    config = config_for(3, "nvme", "nvme", nvme=os.path.join(scratch, "nvme"), gradient_accumulation_steps=2,
+                        sub_group_size=100)
+    codes, errors, result = launch(2, {"config": config, "steps": 2, "inspect": True}, scratch)
+    assert codes == [0, 0], "\n".join(errors)
+    plain = make_model()
+    reference = plain_adamw(plain)
+    for step in range(3):
+        for micro in range(2 if step < 2 else 1):
+            for rank in range(2):
+                x, y = batch(step, micro, rank, 4)
+                (mse(plain, x, y) / 4).backward()
+        if step < 2:
+            reference.step()
+            reference.zero_grad()
+    inspected = result["inspected"]
+    for name, p in plain.named_parameters():
+        got = inspected[name]
+        assert torch.allclose(got["param"], p, atol=2e-6), name
+        assert torch.allclose(got["grad"], p.grad, atol=1e-6), name
+        assert torch.allclose(got["exp_avg"], reference.state[p]["exp_avg"], atol=1e-6), name
+        assert torch.allclose(got["exp_avg_sq"], reference.state[p]["exp_avg_sq"], atol=1e-7), name
+
+
+def test_empty_partition_cache_frees_idle_buffers_and_training_goes_on():
+    config = config_for(3, train_batch_size=4)
+    config["zero_optimization"]["stage3_max_live_parameters"] = 10 ** 6
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+    plain = make_model()
+    reference = plain_adamw(plain)
+    for step in range(2):
+        x, y = batch(step, 0, 0, 4)
+        engine.backward(mse(engine, x, y))
+        engine.step()
+        mse(plain, x, y).backward()
+        reference.step()
+        reference.zero_grad()
+        assert engine._engine.cached_device_bytes > 0
+        engine.empty_partition_cache()
+        assert engine._engine.cached_device_bytes == 0
+        with torch.no_grad():
+            assert torch.allclose(engine(x), plain(x), atol=1e-5)  # an evaluation after it gathers afresh
+    assert_state_equals(engine, plain)
+    engine.close()
