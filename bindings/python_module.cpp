@@ -283,6 +283,15 @@ zinf::swap::ParamGroupSettings group_settings(std::optional<float> lr, std::opti
   return settings;
 }
 
+// `values` into the caller's buffer of `count` floats at `address`.
+void copy_floats_out(const std::vector<float>& values, std::uintptr_t address, std::uint64_t count,
+                     const char* what) {
+  if (values.size() != count) {
+    throw Error(ErrorKind::invalid, fmt::format("{}: {} elements, the buffer holds {}", what, values.size(), count));
+  }
+  std::memcpy(reinterpret_cast<float*>(address), values.data(), count * sizeof(float));
+}
+
 py::dict describe_param(const zinf::zero3::ParamDescription& d) {
   py::dict out;
   out["name"] = d.name;
@@ -562,34 +571,39 @@ PYBIND11_MODULE(_zinf, m) {
              return py::memoryview::from_memory(engine.grad(p), static_cast<py::ssize_t>(d.elements * sizeof(float)),
                                                 false);
            })
-      // The whole fp32 master ("param"), gradient ("grad") or optimizer
-      // state ("exp_avg", ...) of a param, into `count` floats at `address`.
+      // A param's fp32 master ("param"), gradient ("grad") or optimizer
+      // state ("exp_avg", ...): whole ("gather", "set_values") or this
+      // rank's shard ("local", "set_local"), through `count` floats at
+      // `address` (see Engine::gather_values).
       .def("gather", [](EngineHandle& h, zinf::zero3::ParamIndex p, const std::string& what, std::uintptr_t address,
                         std::uint64_t count) {
              std::vector<float> values;
              {
                py::gil_scoped_release release;
-               auto& engine = h.get();
-               values = what == "param"  ? engine.gather_master(p)
-                        : what == "grad" ? engine.gather_gradient(p)
-                                         : engine.gather_optimizer_state(p, what);
+               values = h.get().gather_values(p, what);
              }
-             if (values.size() != count) {
-               throw Error(ErrorKind::invalid, fmt::format("gather('{}'): {} elements, the buffer holds {}", what,
-                                                           values.size(), count));
-             }
-             std::memcpy(reinterpret_cast<float*>(address), values.data(), count * sizeof(float));
+             copy_floats_out(values, address, count, "gather");
            })
-      // Replaces the fp32 master ("param") or an optimizer state of a param.
+      .def("local", [](EngineHandle& h, zinf::zero3::ParamIndex p, const std::string& what, std::uintptr_t address,
+                       std::uint64_t count) {
+             std::vector<float> values;
+             {
+               py::gil_scoped_release release;
+               values = h.get().local_values(p, what);
+             }
+             copy_floats_out(values, address, count, "local");
+           })
       .def("set_values", [](EngineHandle& h, zinf::zero3::ParamIndex p, const std::string& what,
                             std::uintptr_t address, std::uint64_t count) {
              const auto* values = reinterpret_cast<const float*>(address);
              py::gil_scoped_release release;
-             if (what == "param") {
-               h.get().set_master(p, std::span(values, count));
-             } else {
-               h.get().set_optimizer_state(p, what, std::span(values, count));
-             }
+             h.get().set_values(p, what, std::span(values, count));
+           })
+      .def("set_local", [](EngineHandle& h, zinf::zero3::ParamIndex p, const std::string& what,
+                           std::uintptr_t address, std::uint64_t count) {
+             const auto* values = reinterpret_cast<const float*>(address);
+             py::gil_scoped_release release;
+             h.get().set_local_values(p, what, std::span(values, count));
            })
       .def("describe", [](EngineHandle& h, zinf::zero3::ParamIndex p) { return describe_param(h.get().describe(p)); })
       .def_property_readonly("param_count", [](EngineHandle& h) { return h.get().param_count(); })

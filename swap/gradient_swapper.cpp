@@ -141,13 +141,21 @@ GradientSwapper::Buffer& GradientSwapper::open(std::size_t group) {
   return next;
 }
 
+float* GradientSwapper::open_piece(std::size_t group, std::uint64_t offset, std::size_t count) {
+  ZINF_CHECK(group < groups_.size(), "sub-group index out of range");
+  ZINF_CHECK(offset + count <= groups_[group].elements,
+             fmt::format("gradient elements [{}, {}) are past sub-group '{}' ({} elements)", offset,
+                         offset + count, groups_[group].name, groups_[group].elements));
+  return open(group).floats() + offset;
+}
+
+void GradientSwapper::overwrite(std::size_t group, std::uint64_t offset, std::span<const float> values) {
+  std::copy(values.begin(), values.end(), open_piece(group, offset, values.size()));
+}
+
 void GradientSwapper::accumulate(std::size_t group, std::uint64_t offset, std::span<const float> values,
                                  float scale) {
-  ZINF_CHECK(group < groups_.size(), "sub-group index out of range");
-  ZINF_CHECK(offset + values.size() <= groups_[group].elements,
-             fmt::format("gradient elements [{}, {}) are past sub-group '{}' ({} elements)", offset,
-                         offset + values.size(), groups_[group].name, groups_[group].elements));
-  float* target = open(group).floats() + offset;
+  float* target = open_piece(group, offset, values.size());
   // The same float operation as an accumulation in memory: bit for bit.
   for (std::size_t i = 0; i < values.size(); ++i) target[i] += scale * values[i];
 }

@@ -82,6 +82,9 @@ class GradientSwapper {
   // read back through the buffer not open (written out first if it held
   // unwritten values). Not during a step.
   void copy_out(std::size_t group, std::span<float> out);
+  // Replaces elements offset + i of sub-group `group` with values[i]
+  // (DeepSpeed's safe_set_full_grad); the same thread rule as accumulate().
+  void overwrite(std::size_t group, std::uint64_t offset, std::span<const float> values);
 
   // The step's reads, in sub-group order, one ahead of use: prefetch(g)
   // starts reading sub-group g into the buffer sub-group g - 1 is not
@@ -121,6 +124,8 @@ class GradientSwapper {
   void settle(Buffer& buffer);
   // A buffer holding sub-group `group`, open for accumulation.
   Buffer& open(std::size_t group);
+  // Elements [offset, offset + count) of sub-group `group`, opened (checked).
+  float* open_piece(std::size_t group, std::uint64_t offset, std::size_t count);
 
   SwapStore& store_;
   std::vector<SubGroup> groups_;

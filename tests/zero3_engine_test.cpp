@@ -536,10 +536,10 @@ TEST(EngineStages, OneParamsGradientAndMomentsReadWholeAndWindowsTheTrainerClose
   };
   const auto expect_gradient = [&](float micro_steps) {
     // Each micro-step's gradient divided by gradient_accumulation_steps.
-    const auto gw = engine.gather_gradient(w);
+    const auto gw = engine.gather_values(w, "grad");
     ASSERT_EQ(gw.size(), 20u);
     for (int i = 0; i < 20; ++i) EXPECT_EQ(gw[i], micro_steps * static_cast<float>(i) / 2) << i;
-    EXPECT_EQ(engine.gather_gradient(b), std::vector<float>(3, micro_steps / 2));
+    EXPECT_EQ(engine.gather_values(b, "grad"), std::vector<float>(3, micro_steps / 2));
   };
   backward();
   expect_gradient(1);  // before step(): the last sub-group is still open
@@ -552,10 +552,10 @@ TEST(EngineStages, OneParamsGradientAndMomentsReadWholeAndWindowsTheTrainerClose
   backward();
   expect_gradient(3);
   EXPECT_TRUE(engine.step(true));
-  EXPECT_EQ(engine.gather_gradient(w), std::vector<float>(20, 0.0f));
+  EXPECT_EQ(engine.gather_values(w, "grad"), std::vector<float>(20, 0.0f));
   // Adam's first step: m = (1 - beta1) g, v = (1 - beta2) g^2, g = 1.5 i.
-  const auto m = engine.gather_optimizer_state(w, "exp_avg");
-  const auto v = engine.gather_optimizer_state(w, "exp_avg_sq");
+  const auto m = engine.gather_values(w, "exp_avg");
+  const auto v = engine.gather_values(w, "exp_avg_sq");
   for (int i = 0; i < 20; ++i) {
     const float g = 1.5f * static_cast<float>(i);
     EXPECT_NEAR(m[i], 0.1f * g, 1e-5f) << i;
@@ -563,14 +563,32 @@ TEST(EngineStages, OneParamsGradientAndMomentsReadWholeAndWindowsTheTrainerClose
   }
   engine.save_checkpoint(dir.path() / "after");  // three micro-steps, none pending
   const auto master = engine.gather_master(w);
-  const auto b_moment = engine.gather_optimizer_state(b, "exp_avg");
-  engine.set_optimizer_state(w, "exp_avg", std::vector<float>(20, 0.25f));
-  EXPECT_EQ(engine.gather_optimizer_state(w, "exp_avg"), std::vector<float>(20, 0.25f));
-  EXPECT_EQ(engine.gather_optimizer_state(w, "exp_avg_sq"), v);
+  const auto b_moment = engine.gather_values(b, "exp_avg");
+  engine.set_values(w, "exp_avg", std::vector<float>(20, 0.25f));
+  EXPECT_EQ(engine.gather_values(w, "exp_avg"), std::vector<float>(20, 0.25f));
+  EXPECT_EQ(engine.gather_values(w, "exp_avg_sq"), v);
   EXPECT_EQ(engine.gather_master(w), master);
-  EXPECT_EQ(engine.gather_optimizer_state(b, "exp_avg"), b_moment);  // shares a sub-group with w
-  EXPECT_THROW(engine.gather_optimizer_state(w, "momentum_buffer"), Error);
-  EXPECT_THROW(engine.set_optimizer_state(w, "exp_avg", std::vector<float>(3)), Error);
+  EXPECT_EQ(engine.gather_values(b, "exp_avg"), b_moment);  // shares a sub-group with w
+  EXPECT_THROW(engine.gather_values(w, "momentum_buffer"), Error);
+  EXPECT_THROW(engine.set_values(w, "exp_avg", std::vector<float>(3)), Error);
+  // One rank: its shard is the whole param (the local forms), and a
+  // gradient written between micro-steps is what the step takes.
+  EXPECT_EQ(engine.local_values(w, "exp_avg_sq"), v);
+  engine.set_local_values(b, "param", std::vector<float>{-1.0f, -2.0f, -3.0f});
+  EXPECT_EQ(engine.gather_master(b), (std::vector<float>{-1.0f, -2.0f, -3.0f}));
+  EXPECT_EQ(engine.gather_master(w), master);  // shares a sub-group with b
+  backward();
+  std::vector<float> g(20);
+  for (int i = 0; i < 20; ++i) g[i] = (i % 2 == 0 ? 1.0f : -1.0f) * 1e-3f;
+  engine.set_values(w, "grad", g);
+  EXPECT_EQ(engine.gather_values(w, "grad"), g);
+  EXPECT_EQ(engine.gather_values(b, "grad"), std::vector<float>(3, 0.5f));  // untouched
+  backward();  // the window goes on from the written values
+  EXPECT_TRUE(engine.step());
+  const auto m2 = engine.gather_values(w, "exp_avg");
+  for (int i = 0; i < 20; ++i) {
+    EXPECT_NEAR(m2[i], 0.9f * 0.25f + 0.1f * (g[i] + static_cast<float>(i) / 2), 1e-5f) << i;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(WorldSizes, EngineEquality, ::testing::Values(1, 2, 4));

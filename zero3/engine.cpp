@@ -1137,89 +1137,6 @@ bool Engine::step(std::optional<bool> boundary_override) {
   return true;
 }
 
-void Engine::set_master(ParamIndex p, std::span<const float> whole) {
-  require_finalized("set_master");
-  drain();
-  const Param& param = at(p);
-  if (whole.size() != param.d.elements) {
-    throw Error(ErrorKind::invalid, fmt::format("set_master('{}'): {} values for {} elements", param.d.name,
-                                                whole.size(), param.d.elements));
-  }
-  const std::uint64_t shard_start = static_cast<std::uint64_t>(comm_.rank()) * param.d.shard_elements;
-  if (!param.d.trainable) {
-    std::vector<float> shard(param.d.shard_elements, 0.0f);  // past the end: padding
-    for (std::uint64_t i = 0; i < param.d.shard_elements && shard_start + i < param.d.elements; ++i) {
-      shard[i] = whole[shard_start + i];
-    }
-    set_working(param.partition_offset, shard);
-    place_shards();
-    return;
-  }
-  set_optimizer_tensor(param, 0, whole);
-}
-
-template <typename Visit>
-void Engine::for_each_shard_piece(const Param& param, Visit visit) const {
-  const std::uint64_t shard_end = param.partition_offset + param.d.shard_elements;
-  for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
-    const std::uint64_t group_begin = sub_group_begin_[g];
-    const std::uint64_t from = std::max(group_begin, param.partition_offset);
-    const std::uint64_t to = std::min(group_begin + sub_groups_[g].elements, shard_end);
-    if (from < to) visit(g, from, to);
-  }
-}
-
-std::size_t Engine::optimizer_state_index(const Param& param, std::string_view state) const {
-  const auto names = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
-  const auto it = std::find(names.begin(), names.end(), state);
-  if (!param.d.trainable || it == names.end()) {
-    std::string known;
-    for (const auto& name : names) known += (known.empty() ? "" : ", ") + name;
-    throw Error(ErrorKind::invalid,
-                param.d.trainable
-                    ? fmt::format("'{}' has no optimizer state '{}' (this optimizer keeps: {})", param.d.name,
-                                  state, known)
-                    : fmt::format("'{}' is frozen: it has no optimizer state", param.d.name));
-  }
-  return 1 + static_cast<std::size_t>(it - names.begin());
-}
-
-void Engine::set_optimizer_tensor(const Param& param, std::size_t index, std::span<const float> whole) {
-  // Each sub-group holding part of this rank's shard is rewritten whole
-  // (params and moments at the current step): rare (a user editing a
-  // param), so simplicity wins over the bytes.
-  const auto names = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
-  const std::uint64_t shard_start = static_cast<std::uint64_t>(comm_.rank()) * param.d.shard_elements;
-  for_each_shard_piece(param, [&](std::size_t g, std::uint64_t from, std::uint64_t to) {
-    const std::uint64_t group_begin = sub_group_begin_[g];
-    std::vector<float> master(sub_groups_[g].elements);
-    optimizer_->read_params(g, master);
-    std::vector<std::vector<float>> states(names.size(), std::vector<float>(master.size()));
-    for (std::size_t s = 0; s < names.size(); ++s) optimizer_->read_state(g, names[s], states[s]);
-    std::vector<float>& target = index == 0 ? master : states[index - 1];
-    for (std::uint64_t i = from; i < to; ++i) {
-      const std::uint64_t element = shard_start + (i - param.partition_offset);
-      if (element < param.d.elements) target[i - group_begin] = whole[element];  // past the end: padding
-    }
-    std::vector<std::span<const float>> views(states.begin(), states.end());
-    optimizer_->initialize(g, master, optimizer_step_, views);
-    if (index == 0) set_working(group_begin, master);
-  });
-  if (index == 0) place_shards();
-}
-
-void Engine::set_optimizer_state(ParamIndex p, std::string_view state, std::span<const float> whole) {
-  require_finalized("set_optimizer_state");
-  drain();
-  const Param& param = at(p);
-  const std::size_t index = optimizer_state_index(param, state);
-  if (whole.size() != param.d.elements) {
-    throw Error(ErrorKind::invalid, fmt::format("set_optimizer_state('{}', '{}'): {} values for {} elements",
-                                                param.d.name, state, whole.size(), param.d.elements));
-  }
-  set_optimizer_tensor(param, index, whole);
-}
-
 void Engine::set_learning_rate(double lr) {
   require_finalized("set_learning_rate");
   if (!(lr >= 0.0) || !std::isfinite(lr)) {
@@ -1247,66 +1164,151 @@ EngineStats Engine::stats() const {
   return out;
 }
 
-std::vector<float> Engine::gather_shards(const Param& param,
-                                         const std::function<void(std::size_t, std::span<float>)>& read) {
-  const std::uint64_t count = param.d.shard_elements;
-  std::vector<float> mine(count, 0.0f);
+template <typename Visit>
+void Engine::for_each_shard_piece(const Param& param, Visit visit) const {
+  const std::uint64_t shard_end = param.partition_offset + param.d.shard_elements;
+  for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
+    const std::uint64_t group_begin = sub_group_begin_[g];
+    const std::uint64_t from = std::max(group_begin, param.partition_offset);
+    const std::uint64_t to = std::min(group_begin + sub_groups_[g].elements, shard_end);
+    if (from < to) visit(g, from, to);
+  }
+}
+
+std::size_t Engine::optimizer_state_index(const Param& param, std::string_view state) const {
+  const auto names = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
+  const auto it = std::find(names.begin(), names.end(), state);
+  if (it == names.end()) {
+    std::string known;
+    for (const auto& name : names) known += (known.empty() ? "" : ", ") + name;
+    throw Error(ErrorKind::invalid, fmt::format("'{}' has no optimizer state '{}' (this optimizer keeps: {})",
+                                                param.d.name, state, known));
+  }
+  return 1 + static_cast<std::size_t>(it - names.begin());
+}
+
+void Engine::check_values(const Param& param, std::string_view what) const {
+  if (what == "param") return;
+  if (!param.d.trainable) {
+    throw Error(ErrorKind::invalid, fmt::format("'{}' is frozen: it has no {}", param.d.name,
+                                                what == "grad" ? "gradient" : "optimizer state"));
+  }
+  if (what != "grad") optimizer_state_index(param, what);
+}
+
+std::vector<float> Engine::read_shard(const Param& param, std::string_view what) {
+  std::vector<float> shard(param.d.shard_elements, 0.0f);
+  if (!param.d.trainable) {
+    // The optimizer's partition holds no frozen param: its working copy is
+    // all there is.
+    read_working(param, shard);
+    return shard;
+  }
   std::vector<float> values;
   for_each_shard_piece(param, [&](std::size_t g, std::uint64_t from, std::uint64_t to) {
     const std::uint64_t group_begin = sub_group_begin_[g];
     values.resize(sub_groups_[g].elements);
-    read(g, values);
+    if (what == "param") {
+      optimizer_->read_params(g, values);
+    } else if (what != "grad") {
+      optimizer_->read_state(g, what, values);
+    } else if (gradient_swapper_) {
+      gradient_swapper_->copy_out(g, values);
+    } else {
+      const float* partition = grad_partition_.data() + group_begin;
+      std::copy(partition, partition + values.size(), values.begin());
+    }
     std::copy(values.begin() + static_cast<std::ptrdiff_t>(from - group_begin),
               values.begin() + static_cast<std::ptrdiff_t>(to - group_begin),
-              mine.begin() + static_cast<std::ptrdiff_t>(from - param.partition_offset));
+              shard.begin() + static_cast<std::ptrdiff_t>(from - param.partition_offset));
   });
-  std::vector<float> whole(count * comm_.world_size());
-  host_all_gather(mine.data(), whole.data(), count * sizeof(float));
+  return shard;
+}
+
+void Engine::write_shard(const Param& param, std::string_view what, std::span<const float> shard) {
+  if (!param.d.trainable) {
+    set_working(param.partition_offset, shard);
+    place_shards();
+    return;
+  }
+  if (what == "grad") {
+    for_each_shard_piece(param, [&](std::size_t g, std::uint64_t from, std::uint64_t to) {
+      const auto piece = shard.subspan(from - param.partition_offset, to - from);
+      if (gradient_swapper_) {
+        gradient_swapper_->overwrite(g, from - sub_group_begin_[g], piece);
+      } else {
+        std::copy(piece.begin(), piece.end(), grad_partition_.begin() + static_cast<std::ptrdiff_t>(from));
+      }
+    });
+    return;
+  }
+  // Each sub-group holding part of the shard is rewritten whole (params and
+  // moments at the current step): rare (a user editing a param), so
+  // simplicity wins over the bytes.
+  const std::size_t index = what == "param" ? 0 : optimizer_state_index(param, what);
+  const auto names = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
+  for_each_shard_piece(param, [&](std::size_t g, std::uint64_t from, std::uint64_t to) {
+    const std::uint64_t group_begin = sub_group_begin_[g];
+    std::vector<float> master(sub_groups_[g].elements);
+    optimizer_->read_params(g, master);
+    std::vector<std::vector<float>> states(names.size(), std::vector<float>(master.size()));
+    for (std::size_t s = 0; s < names.size(); ++s) optimizer_->read_state(g, names[s], states[s]);
+    std::vector<float>& target = index == 0 ? master : states[index - 1];
+    std::copy(shard.begin() + static_cast<std::ptrdiff_t>(from - param.partition_offset),
+              shard.begin() + static_cast<std::ptrdiff_t>(to - param.partition_offset),
+              target.begin() + static_cast<std::ptrdiff_t>(from - group_begin));
+    std::vector<std::span<const float>> views(states.begin(), states.end());
+    optimizer_->initialize(g, master, optimizer_step_, views);
+    if (index == 0) set_working(group_begin, master);
+  });
+  if (index == 0) place_shards();
+}
+
+std::vector<float> Engine::local_values(ParamIndex p, std::string_view what) {
+  require_finalized("local_values");
+  drain();
+  const Param& param = at(p);
+  check_values(param, what);
+  return read_shard(param, what);
+}
+
+std::vector<float> Engine::gather_values(ParamIndex p, std::string_view what) {
+  require_finalized("gather_values");
+  drain();
+  const Param& param = at(p);
+  check_values(param, what);
+  const std::vector<float> mine = read_shard(param, what);
+  std::vector<float> whole(mine.size() * comm_.world_size());
+  host_all_gather(mine.data(), whole.data(), mine.size() * sizeof(float));
   whole.resize(param.d.elements);
   return whole;
 }
 
-std::vector<float> Engine::gather_master(ParamIndex p) {
-  require_finalized("gather_master");
+void Engine::set_local_values(ParamIndex p, std::string_view what, std::span<const float> shard) {
+  require_finalized("set_local_values");
   drain();
   const Param& param = at(p);
-  if (!param.d.trainable) {
-    // The optimizer's partition holds no frozen param: its working copy is
-    // all there is.
-    std::vector<float> mine(param.d.shard_elements, 0.0f);
-    read_working(param, mine);
-    std::vector<float> whole(mine.size() * comm_.world_size());
-    host_all_gather(mine.data(), whole.data(), mine.size() * sizeof(float));
-    whole.resize(param.d.elements);
-    return whole;
+  check_values(param, what);
+  if (shard.size() != param.d.shard_elements) {
+    throw Error(ErrorKind::invalid, fmt::format("set_local_values('{}', '{}'): {} values for a shard of {}",
+                                                param.d.name, what, shard.size(), param.d.shard_elements));
   }
-  return gather_shards(param, [this](std::size_t g, std::span<float> out) { optimizer_->read_params(g, out); });
+  write_shard(param, what, shard);
 }
 
-std::vector<float> Engine::gather_optimizer_state(ParamIndex p, std::string_view state) {
-  require_finalized("gather_optimizer_state");
+void Engine::set_values(ParamIndex p, std::string_view what, std::span<const float> whole) {
+  require_finalized("set_values");
   drain();
   const Param& param = at(p);
-  const auto names = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
-  const std::string& name = names[optimizer_state_index(param, state) - 1];
-  return gather_shards(param, [&](std::size_t g, std::span<float> out) { optimizer_->read_state(g, name, out); });
-}
-
-std::vector<float> Engine::gather_gradient(ParamIndex p) {
-  require_finalized("gather_gradient");
-  drain();
-  const Param& param = at(p);
-  if (!param.d.trainable) {
-    throw Error(ErrorKind::invalid, fmt::format("'{}' is frozen: it has no gradient", param.d.name));
+  check_values(param, what);
+  if (whole.size() != param.d.elements) {
+    throw Error(ErrorKind::invalid, fmt::format("set_values('{}', '{}'): {} values for {} elements", param.d.name,
+                                                what, whole.size(), param.d.elements));
   }
-  return gather_shards(param, [this](std::size_t g, std::span<float> out) {
-    if (gradient_swapper_) {
-      gradient_swapper_->copy_out(g, out);
-    } else {
-      const float* values = grad_partition_.data() + sub_group_begin_[g];
-      std::copy(values, values + out.size(), out.begin());
-    }
-  });
+  const std::uint64_t start = static_cast<std::uint64_t>(comm_.rank()) * param.d.shard_elements;
+  std::vector<float> shard(param.d.shard_elements, 0.0f);  // past the end: padding
+  for (std::uint64_t i = 0; i < shard.size() && start + i < param.d.elements; ++i) shard[i] = whole[start + i];
+  write_shard(param, what, shard);
 }
 
 }  // namespace zinf::zero3

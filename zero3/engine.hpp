@@ -193,26 +193,29 @@ class Engine {
   // between pre_backward and post_backward of its module.
   float* grad(ParamIndex p);
 
-  // The whole fp32 master weights of `p` (from the optimizer's shards; a
-  // frozen param's working values, widened). Collective.
-  std::vector<float> gather_master(ParamIndex p);
-  // Replaces `p`'s fp32 master weights with `whole` (every rank passes the
-  // same values; each keeps its shard), the optimizer's moments kept, and
-  // writes the working copies back where offload_param says. Collective.
-  void set_master(ParamIndex p, std::span<const float> whole);
-  // The whole of one of `p`'s optimizer states (a name from
-  // OptimizerSwapper::state_names(): "exp_avg", "exp_avg_sq"), in fp32,
-  // and its replacement (every rank the same values; the master and the
-  // other states kept). A frozen param has none, and an unknown name is
-  // Error{invalid} naming the states there are. Collective.
-  std::vector<float> gather_optimizer_state(ParamIndex p, std::string_view state);
-  void set_optimizer_state(ParamIndex p, std::string_view state, std::span<const float> whole);
-  // The whole fp32 gradient `p` has accumulated since the last optimizer
-  // step, as the step will take it before clipping: summed over the
-  // micro-steps, averaged over ranks, divided by gradient_accumulation_steps
-  // and the loss scale (zeros before any backward; from NVMe with the
-  // gradients there). Collective.
-  std::vector<float> gather_gradient(ParamIndex p);
+  // One param's fp32 values, as DeepSpeed's safe_get_full_* / safe_get_local_*
+  // and their setters reach them: `what` is "param" (the master weights; a
+  // frozen param's working values, widened), "grad" (the gradient
+  // accumulated since the last optimizer step, as the step will take it
+  // before clipping: summed over micro-steps, averaged over ranks, divided
+  // by gradient_accumulation_steps and the loss scale; zeros before any
+  // backward; between micro-steps, read from NVMe with the gradients there)
+  // or an optimizer state (OptimizerSwapper::state_names(): "exp_avg",
+  // "exp_avg_sq"). A frozen param has no gradient or state, and an unknown
+  // name is Error{invalid} naming the states there are.
+  //
+  // gather_values: the whole param (all-gathered). set_values: every rank
+  // passes the same whole values and keeps its shard; the other tensors
+  // stay (the moments, when the master changes), and a new master is
+  // written to the working copies where offload_param says. The local_
+  // forms take or give this rank's shard alone (shard_elements, zeros past
+  // the param's end). All collective but local_values.
+  std::vector<float> gather_values(ParamIndex p, std::string_view what);
+  void set_values(ParamIndex p, std::string_view what, std::span<const float> whole);
+  std::vector<float> local_values(ParamIndex p, std::string_view what);
+  void set_local_values(ParamIndex p, std::string_view what, std::span<const float> shard);
+  std::vector<float> gather_master(ParamIndex p) { return gather_values(p, "param"); }
+  void set_master(ParamIndex p, std::span<const float> whole) { set_values(p, "param", whole); }
 
   // Resumable sharded state: every rank writes its shards and optimizer
   // state into `dir` (created); rank 0 adds the description. With
@@ -292,13 +295,11 @@ class Engine {
   // rank's shard of `param`: partition elements [from, to).
   template <typename Visit>
   void for_each_shard_piece(const Param& param, Visit visit) const;
-  // This rank's shard of a trainable `param` from tensor `read(g, values)`
-  // fills per sub-group, all-gathered into the whole param.
-  std::vector<float> gather_shards(const Param& param,
-                                   const std::function<void(std::size_t, std::span<float>)>& read);
-  // Rewrites tensor `index` of the optimizer (0 the master, then
-  // state_names()) of `param`'s shard with its part of `whole`.
-  void set_optimizer_tensor(const Param& param, std::size_t index, std::span<const float> whole);
+  // Refuses what `param` does not have (see gather_values).
+  void check_values(const Param& param, std::string_view what) const;
+  // This rank's shard of one of `param`'s tensors, read and written.
+  std::vector<float> read_shard(const Param& param, std::string_view what);
+  void write_shard(const Param& param, std::string_view what, std::span<const float> shard);
   std::size_t optimizer_state_index(const Param& param, std::string_view state) const;
   // Every gradient zero again (after a step, a skipped one, a load).
   void clear_gradients();

@@ -86,6 +86,24 @@ def main():
                             "exp_avg": deepspeed.utils.safe_get_full_optimizer_state(p, "exp_avg"),
                             "exp_avg_sq": deepspeed.utils.safe_get_full_optimizer_state(p, "exp_avg_sq")}
                      for name, p in model.named_parameters()}
+        # This rank's shards (rank 0's are returned), and values written
+        # whole and read back, as DeepSpeed's test_zero_tensor_fragment does.
+        for name, p in model.named_parameters():
+            inspected[name]["local_exp_avg"] = deepspeed.utils.safe_get_local_optimizer_state(p, "exp_avg")
+            inspected[name]["local_grad"] = deepspeed.utils.safe_get_local_grad(p)
+            generator = torch.Generator().manual_seed(len(name))
+            for key in ("grad", "param", "exp_avg_sq"):
+                value = torch.rand(p.ds_shape, generator=generator)  # zinf sets it at stage 3, as DeepSpeed
+                if key == "grad":
+                    deepspeed.utils.safe_set_full_grad(p, value)
+                    back = deepspeed.utils.safe_get_full_grad(p)
+                elif key == "param":
+                    deepspeed.utils.safe_set_full_fp32_param(p, value)
+                    back = deepspeed.utils.safe_get_full_fp32_param(p)
+                else:
+                    deepspeed.utils.safe_set_full_optimizer_state(p, value, key)
+                    back = deepspeed.utils.safe_get_full_optimizer_state(p, key)
+                assert torch.equal(back, value), f"{name} {key}: written and read back differ"
         engine.step()  # not a boundary: the window stays open
     if run.get("save"):
         engine.save_checkpoint(run["save"], client_state={"next_step": run["steps"]})

@@ -228,6 +228,37 @@ def test_full_values_of_one_param_are_plain_pytorchs(scratch, stage, optimizer_d
     engine.close()
 
 
+@pytest.mark.parametrize("stage,optimizer_device", [(1, "none"), (2, "cpu"), (3, "nvme")])
+def test_a_gradient_written_whole_is_what_the_step_takes(scratch, stage, optimizer_device):
+    """safe_set_full_grad between backward and step (gradient surgery): the
+    optimizer steps on the written values, as torch's does on a replaced
+    .grad; the local forms are stage 3's alone, as DeepSpeed's."""
+    config = config_for(stage, optimizer_device, nvme=os.path.join(scratch, "nvme"), train_batch_size=4)
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+    plain = make_model()
+    reference = plain_adamw(plain)
+    params = dict(engine.module.named_parameters())
+    assert utils.safe_get_full_grad(params["head.bias"]) is None  # no backward yet
+    x, y = batch(0, 0, 0, 4)
+    engine.backward(mse(engine, x, y))
+    mse(plain, x, y).backward()
+    surgery = torch.full_like(plain.layers[0].weight, 0.125)
+    utils.safe_set_full_grad(params["layers.0.weight"], surgery)
+    plain.layers[0].weight.grad = surgery.clone()
+    assert torch.equal(utils.safe_get_full_grad(params["layers.0.weight"]), surgery)
+    if stage < 3:
+        with pytest.raises(AssertionError, match="only defined for ZeRO-3"):
+            utils.safe_get_local_grad(params["layers.0.weight"])
+    else:
+        utils.safe_set_local_grad(params["layers.1.weight"], torch.zeros(24 * 24))
+        plain.layers[1].weight.grad.zero_()
+        assert torch.equal(utils.safe_get_local_grad(params["layers.1.weight"]), torch.zeros(24 * 24))
+    engine.step()
+    reference.step()
+    assert_state_equals(engine, plain)
+    engine.close()
+
+
 def test_full_values_name_what_they_cannot_give(scratch):
     model = make_model()
     model.head.weight.requires_grad_(False)
@@ -269,6 +300,11 @@ def test_full_values_across_ranks_with_gradients_on_nvme(scratch):
         assert torch.allclose(got["grad"], p.grad, atol=1e-6), name
         assert torch.allclose(got["exp_avg"], reference.state[p]["exp_avg"], atol=1e-6), name
         assert torch.allclose(got["exp_avg_sq"], reference.state[p]["exp_avg_sq"], atol=1e-7), name
+        # Rank 0's shard: the first half (rounded up) of the flattened param.
+        shard = (p.numel() + 1) // 2
+        assert got["local_exp_avg"].shape == (shard,) and got["local_grad"].shape == (shard,)
+        assert torch.equal(got["local_exp_avg"], got["exp_avg"].flatten()[:shard]), name
+        assert torch.equal(got["local_grad"], got["grad"].flatten()[:shard]), name
 
 
 def test_empty_partition_cache_frees_idle_buffers_and_training_goes_on():

@@ -391,6 +391,11 @@ class ZinfEngine(torch.nn.Module):
             self._accumulators.append(node)
         for _, p in self._named_unique:
             p.data = self._persistent_values(p) if id(p) in self._persistent else self._empty()
+            if self.stage >= 3:
+                # DeepSpeed's names for a partitioned param's real size
+                # (its .shape is empty between uses).
+                p.ds_shape = self._shapes[id(p)]
+                p.ds_numel = self._shapes[id(p)].numel()
         if self.stage >= 3:
             _stream(p for _, p in self._named_unique if id(p) not in self._persistent)
             for unit in self._units:
@@ -977,6 +982,32 @@ class ZinfEngine(torch.nn.Module):
         self._engine.set_values(index, what, values.data_ptr(), values.numel())
         if what == "param":
             self._refresh_param(p)
+
+    def _local_values(self, p, what):
+        """This rank's shard of `p`'s master, gradient or optimizer state:
+        1-D, as DeepSpeed's ds_tensor (zeros past the param's end)."""
+        index = self._local_index(p)
+        values = torch.empty(self._engine.describe(index)["shard_elements"], dtype=torch.float32)
+        self._engine.local(index, what, values.data_ptr(), values.numel())
+        return values.to(self._device)
+
+    def _set_local_values(self, p, what, value):
+        index = self._local_index(p)
+        shard = self._engine.describe(index)["shard_elements"]
+        values = value.detach().to("cpu", torch.float32).contiguous().view(-1)
+        if values.numel() != shard:
+            raise ValueError(f"{values.numel()} values for this rank's shard of {shard}")
+        self._engine.set_local(index, what, values.data_ptr(), values.numel())
+        if what == "param":
+            self._refresh_param(p)
+
+    def _local_index(self, p):
+        if self.stage < 3:
+            raise UsageError("This API is only defined for ZeRO-3 partitioned parameters")
+        index = self._index.get(id(p))
+        if index is None:
+            raise ValueError("the parameter is not one this engine trains")
+        return index
 
     def _refresh_param(self, p):
         """p's tensor after its master changed: a persistent param's (or,

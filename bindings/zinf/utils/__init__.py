@@ -1,14 +1,21 @@
 """DeepSpeed's ``deepspeed.utils`` helpers that scripts reach for:
 ``zinf.utils.zero_to_fp32`` puts a checkpoint's fp32 weights back together,
-and the ``safe_get_full_*`` / ``safe_set_full_*`` functions read and write one
-parameter's whole fp32 master, optimizer state or gradient wherever the
-engine keeps its shards (host memory or NVMe), as DeepSpeed's do for
-debugging, inspection and surgery between steps.
+and the ``safe_get_*`` / ``safe_set_*`` functions read and write one
+parameter's fp32 master, optimizer state or gradient wherever the engine
+keeps its shards (host memory or NVMe), as DeepSpeed's do for debugging,
+inspection and surgery between micro-steps.
 
-Each is collective when the engine runs on several ranks: every rank calls it
-for the same parameter, in the same order (a setter writes rank 0's value).
-A parameter no zinf engine trains gives None, as in DeepSpeed; so does a
-frozen one (no master, no state, no gradient)."""
+``full`` forms take or give the whole parameter, shaped as it; they are
+collective when the engine runs on several ranks: every rank calls them for
+the same parameter, in the same order (a setter writes rank 0's value).
+``local`` forms take or give this rank's shard, 1-D (DeepSpeed's
+``ds_tensor``: zeros past the parameter's end), at ZeRO stage 3 only, as in
+DeepSpeed; the local setter of a master is collective (the working copies
+are gathered again). A parameter no zinf engine trains gives None, as in
+DeepSpeed; so does a frozen one (no master, no state, no gradient). The
+gradient is the one the next optimizer step takes before clipping (averaged
+over ranks, divided by gradient_accumulation_steps, fp16's loss scale taken
+out), None before any backward since the last step."""
 from . import zero_to_fp32
 from .. import zero as _zero
 
@@ -20,43 +27,76 @@ def _trained_by(param):
     return engine
 
 
-def safe_get_full_fp32_param(param):
-    """The whole fp32 master weights of `param`, shaped as it, on the model's device."""
+def _get(param, what, local):
     engine = _trained_by(param)
-    return None if engine is None else engine._full_values(param, "param")
+    if engine is None or (what == "grad" and not engine._has_gradients):
+        return None
+    return engine._local_values(param, what) if local else engine._full_values(param, what)
+
+
+def _set(param, value, what, local):
+    engine = _trained_by(param)
+    if engine is None:
+        return
+    if local:
+        engine._set_local_values(param, what, value)
+    else:
+        engine._set_full_values(param, what, value)
+    if what == "grad":
+        engine._has_gradients = True
+
+
+def safe_get_full_fp32_param(param):
+    return _get(param, "param", local=False)
 
 
 def safe_set_full_fp32_param(param, value):
-    """Replaces `param`'s fp32 master weights (and its working copy) with
-    `value`; the optimizer's moments stay."""
-    engine = _trained_by(param)
-    if engine is not None:
-        engine._set_full_values(param, "param", value)
+    _set(param, value, "param", local=False)
 
 
 def safe_get_full_optimizer_state(param, optim_state_key):
-    """One optimizer state of `param` ("exp_avg", "exp_avg_sq"), whole, in fp32."""
-    engine = _trained_by(param)
-    return None if engine is None else engine._full_values(param, str(optim_state_key))
+    """optim_state_key: "exp_avg", "exp_avg_sq" (Adam, AdamW), ...: the
+    optimizer's own names; another is a ValueError naming them."""
+    return _get(param, str(optim_state_key), local=False)
 
 
 def safe_set_full_optimizer_state(param, value, optim_state_key):
-    engine = _trained_by(param)
-    if engine is not None:
-        engine._set_full_values(param, str(optim_state_key), value)
+    _set(param, value, str(optim_state_key), local=False)
 
 
 def safe_get_full_grad(param):
-    """The whole fp32 gradient of `param` accumulated since the last optimizer
-    step, as the step takes it before clipping: averaged over ranks, divided
-    by gradient_accumulation_steps (unless the backward was told not to) and
-    with fp16's loss scale taken out. None before any backward since that
-    step."""
-    engine = _trained_by(param)
-    if engine is None or not engine._has_gradients:
-        return None
-    return engine._full_values(param, "grad")
+    return _get(param, "grad", local=False)
 
 
-__all__ = ["zero_to_fp32", "safe_get_full_fp32_param", "safe_set_full_fp32_param", "safe_get_full_optimizer_state",
-           "safe_set_full_optimizer_state", "safe_get_full_grad"]
+def safe_set_full_grad(param, value):
+    _set(param, value, "grad", local=False)
+
+
+def safe_get_local_fp32_param(param):
+    return _get(param, "param", local=True)
+
+
+def safe_set_local_fp32_param(param, value):
+    _set(param, value, "param", local=True)
+
+
+def safe_get_local_optimizer_state(param, optim_state_key):
+    return _get(param, str(optim_state_key), local=True)
+
+
+def safe_set_local_optimizer_state(param, value, optim_state_key):
+    _set(param, value, str(optim_state_key), local=True)
+
+
+def safe_get_local_grad(param):
+    return _get(param, "grad", local=True)
+
+
+def safe_set_local_grad(param, value):
+    _set(param, value, "grad", local=True)
+
+
+__all__ = ["zero_to_fp32", "safe_get_full_fp32_param", "safe_get_full_grad", "safe_get_full_optimizer_state",
+           "safe_set_full_fp32_param", "safe_set_full_grad", "safe_set_full_optimizer_state",
+           "safe_get_local_fp32_param", "safe_get_local_grad", "safe_get_local_optimizer_state",
+           "safe_set_local_fp32_param", "safe_set_local_grad", "safe_set_local_optimizer_state"]
