@@ -103,6 +103,16 @@ void GradientSwapper::flush(Buffer& buffer) {
 GradientSwapper::Buffer& GradientSwapper::open(std::size_t group) {
   Buffer& current = buffers_[last_opened_];
   if (current.open == group) return current;
+  if (current.open == Buffer::none && current.holds == group && !current.ticket.valid()) {
+    // The last buffer opened still holds it, nothing writing from it (one
+    // sub-group accumulated again next micro-step): it reopens in place,
+    // no copy into the other buffer. What the store holds of it (if
+    // anything) is older now; the next close takes the new values.
+    current.holds = Buffer::none;
+    current.dirty = false;
+    current.open = group;
+    return current;
+  }
   // One buffer accumulates while the other's sub-group is written: the
   // open one goes out now and the next opens in the other buffer, once
   // that buffer's own write (an older sub-group, maybe this one) is done.
@@ -121,7 +131,7 @@ GradientSwapper::Buffer& GradientSwapper::open(std::size_t group) {
   if (next.holds == group) {
     // Its own last write came from here: the values are at hand.
   } else if (current.holds == group) {
-    // The other buffer's (one sub-group, accumulated again): a copy, not a read.
+    // The other buffer's, with its write still in flight: a copy, not a read.
     std::memcpy(next.memory.data(), current.memory.data(), n * sizeof(float));
   } else if (stored_[group]) {
     store_.read_sync(key(group), next.memory.span());
