@@ -631,6 +631,7 @@ PYBIND11_MODULE(_zinf, m) {
              out["last_grad_norm"] = s.last_grad_norm;
              out["order_changes"] = s.order_changes;
              out["nvme_written_bytes"] = s.nvme_written_bytes;
+             out["nvme_read_bytes"] = s.nvme_read_bytes;
              return out;
            })
       .def("save_checkpoint", [](EngineHandle& h, const std::string& dir) {

@@ -496,6 +496,7 @@ SwapTicket SwapStore::read(std::string_view key, std::span<std::byte> buffer) {
     throw with_key(error, "swap-in", key);
   }
   lock.lock();
+  read_bytes_ += operation->extent.padded_bytes;
   operations_.emplace(id, std::move(operation));
   return SwapTicket{id};
 }
@@ -718,6 +719,7 @@ SwapStoreStats SwapStore::stats() const {
   SwapStoreStats stats;
   for (std::size_t i = 0; i < volume_->path_count(); ++i) stats.written_bytes.push_back(volume_->bytes_written(i));
   stats.written_total = written_before_ + written_since_open();
+  stats.read_bytes = read_bytes_;
   stats.keys = entries_.size();
   for (const auto& [key, info] : entries_) stats.live_bytes += info.padded_bytes;
   stats.volume_bytes = end_;

@@ -82,6 +82,8 @@ struct SwapStoreStats {
   // this store (the manifest keeps it; commit() updates it).
   std::vector<std::uint64_t> written_bytes;
   std::uint64_t written_total = 0;
+  // Bytes submitted for reads since this store opened (padded).
+  std::uint64_t read_bytes = 0;
 };
 
 struct SwapTicket {
@@ -180,7 +182,8 @@ class SwapStore {
   std::uint64_t written_since_open() const;
 
   std::vector<int> lock_fds_;
-  std::uint64_t written_before_ = 0;  // the manifest's running total when this store opened
+  std::uint64_t written_before_ = 0;
+  std::uint64_t read_bytes_ = 0;  // the manifest's running total when this store opened
   std::unique_ptr<aio::Volume> volume_;
   std::filesystem::path manifest_path_;
   std::uint64_t alignment_ = 4096;

@@ -131,7 +131,7 @@ TEST(SwapStore, ReopenAfterCleanExitFindsEveryTensorAndAttribute) {
   }
 }
 
-TEST(SwapStore, WritesAreCountedPerDirectoryAndTheTotalSurvivesAReopen) {
+TEST(SwapStore, ReadsAndWritesAreCountedAndTheWrittenTotalSurvivesAReopen) {
   TempDir a, b;
   std::uint64_t first_total = 0;
   {
@@ -143,8 +143,10 @@ TEST(SwapStore, WritesAreCountedPerDirectoryAndTheTotalSurvivesAReopen) {
     EXPECT_EQ(stats.written_bytes[0], 128u << 10);
     EXPECT_EQ(stats.written_bytes[1], 128u << 10);
     Payload read(store, payload.size, 0);
-    store.read_sync("k", read.span());  // reads do not count
+    EXPECT_EQ(store.stats().read_bytes, 0u);
+    store.read_sync("k", read.span());  // counted apart from writes
     EXPECT_EQ(store.stats().written_bytes[0], 128u << 10);
+    EXPECT_EQ(store.stats().read_bytes, 256u << 10);
     store.commit();
     first_total = store.stats().written_total;
     EXPECT_EQ(first_total, 256u << 10);

@@ -1159,7 +1159,9 @@ EngineStats Engine::stats() const {
   }
   for (const auto* store : {optimizer_store_.get(), param_store_.get(), gradient_store_.get()}) {
     if (store == nullptr) continue;
-    for (std::uint64_t bytes : store->stats().written_bytes) out.nvme_written_bytes += bytes;
+    const auto store_stats = store->stats();
+    for (std::uint64_t bytes : store_stats.written_bytes) out.nvme_written_bytes += bytes;
+    out.nvme_read_bytes += store_stats.read_bytes;
   }
   return out;
 }

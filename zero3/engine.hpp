@@ -103,6 +103,7 @@ struct EngineStats {
   // gradients) asked the NVMe drives to write since the engine started:
   // their wear.
   std::uint64_t nvme_written_bytes = 0;
+  std::uint64_t nvme_read_bytes = 0;  // and asked them to read
 };
 
 struct ParamDescription {

@@ -11,6 +11,7 @@ fp16 overflow handling and the 16-bit export.
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -558,8 +559,16 @@ def test_the_step_line_reports_nvme_writes_and_drive_lifetime(scratch, capsys):
         engine.step()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("zinf: step")]
     assert len(lines) == 2, lines
-    assert "per step: forward" in lines[1] and "NVMe written" in lines[1] and "a 600 TBW drive lasts" in lines[1], \
+    assert "per step: forward" in lines[1] and "NVMe read" in lines[1] and "a 600 TBW drive lasts" in lines[1], \
         lines
+    # Reads and writes per step and as rates: the second step read back
+    # its masters and moments (12 B per element) and wrote them again.
+    units = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+    found = re.search(r"NVMe read ([\d.]+) (\w+)/step \(([\d.]+) (\w+)/s\), written ([\d.]+) (\w+)/step", lines[1])
+    assert found, lines
+    read = float(found[1]) * units[found[2]]
+    assert read >= 12 * sum(p.numel() for p in make_model().parameters()) and float(found[3]) > 0, lines
+    assert float(found[5]) * units[found[6]] >= read, lines
     # Per-step figures over the interval, not totals since the start: one
     # step per line, so the lines add up to the total (to their rounding).
     forward = [float(line.split("forward ")[1].split("s")[0]) for line in lines]
@@ -567,6 +576,7 @@ def test_the_step_line_reports_nvme_writes_and_drive_lifetime(scratch, capsys):
     # A step rewrites at least the fp32 masters and both Adam moments of every param.
     written = engine.timings()["nvme_written_bytes"]
     assert written >= 2 * 12 * sum(p.numel() for p in make_model().parameters())
+    assert engine.timings()["nvme_read_bytes"] >= read * 0.99
     engine.close()
 
 

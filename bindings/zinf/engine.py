@@ -309,7 +309,7 @@ class ZinfEngine(torch.nn.Module):
         self.inside_no_sync_ctxt = False
         self._has_gradients = False  # any backward since the last step (or zero_grad at stages 0-1)
         self._timings = {"forward_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
-        self._written_at_print, self._steps_at_print = 0, 0
+        self._written_at_print, self._read_at_print, self._steps_at_print = 0, 0, 0
         self._timings_at_print, self._timing_steps_at_print = {}, 0
         self._last_print = time.perf_counter()
 
@@ -792,7 +792,7 @@ class ZinfEngine(torch.nn.Module):
         out.update({"fetch_wait_s": stats["fetch_wait_s"], "fetch_busy_s": stats["fetch_busy_s"],
                     "reduce_busy_s": stats["reduce_busy_s"], "optimizer_step_s": stats["step_s"],
                     "gathers": stats["gathers"], "skipped_steps": stats["skipped_steps"],
-                    "nvme_written_bytes": stats["nvme_written_bytes"]})
+                    "nvme_written_bytes": stats["nvme_written_bytes"], "nvme_read_bytes": stats["nvme_read_bytes"]})
         return out
 
     def _maybe_print(self):
@@ -814,14 +814,24 @@ class ZinfEngine(torch.nn.Module):
                                                         per["fetch_wait_s"], per["reduce_busy_s"],
                                                         t["optimizer_step_s"])
             self._timings_at_print, self._timing_steps_at_print = t, self.global_steps
-        written = self._engine.stats()["nvme_written_bytes"]
-        if written:
-            per_step = (written - self._written_at_print) / max(1, self.global_steps - self._steps_at_print)
-            message += " | NVMe written %.3f GB/step (this rank)" % (per_step / 1e9)
+        stats = self._engine.stats()
+        written, read = stats["nvme_written_bytes"], stats["nvme_read_bytes"]
+        now = time.perf_counter()
+        if written or read:
+            # Per step over the interval, and as rates over its wall time
+            # (what the drives sustained while training, every phase in).
+            steps = max(1, self.global_steps - self._steps_at_print)
+            seconds = max(now - self._last_print, 1e-9)
+            read_step = (read - self._read_at_print) / steps
+            written_step = (written - self._written_at_print) / steps
+            message += " | NVMe read %s/step (%s/s), written %s/step (%s/s) (this rank)" % (
+                _decimal_bytes(read_step), _decimal_bytes(read_step * steps / seconds),
+                _decimal_bytes(written_step), _decimal_bytes(written_step * steps / seconds))
             tbw = self._settings.get("zinf", {}).get("tbw")
-            if tbw and per_step > 0:
-                message += ", a %g TBW drive lasts %.3g steps" % (tbw, tbw * 1e12 / per_step)
-            self._written_at_print, self._steps_at_print = written, self.global_steps
+            if tbw and written_step > 0:
+                message += ", a %g TBW drive lasts %.3g steps" % (tbw, tbw * 1e12 / written_step)
+            self._written_at_print, self._read_at_print, self._steps_at_print = written, read, self.global_steps
+        self._last_print = now
         print(message, flush=True)
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -1018,6 +1028,14 @@ class ZinfEngine(torch.nn.Module):
             unit = self._owner[id(p)]
             if unit.gathered:
                 p.data = self._copy_out(p)
+
+
+def _decimal_bytes(count):
+    """'1.25 GB', '310 MB', '24.6 kB': three significant digits, as drives count."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return "%.3g %s" % (count / size, unit)
+    return "%d B" % count
 
 
 def _fill_from_stage(stage):
