@@ -38,14 +38,18 @@ def assert_state_equals(engine, plain, atol=2e-5):
 
 # -- set_gradient_accumulation_boundary ------------------------------------------------------
 @pytest.mark.parametrize("stage,optimizer_device", [(1, "none"), (2, "cpu"), (3, "nvme")])
-def test_the_trainer_sets_the_boundary_as_accelerate_does(scratch, stage, optimizer_device):
+@pytest.mark.parametrize("step_every_micro_step", [True, False])
+def test_the_trainer_sets_the_boundary_as_accelerate_does(scratch, stage, optimizer_device, step_every_micro_step):
     """Windows of 2, 3 and 1 micro-steps under gradient_accumulation_steps 4
     (a trainer sizing its own windows, the last one cut short by an epoch's
     end): the optimizer runs after each window's last backward, on the
-    window's gradients divided by 4, as DeepSpeed's do."""
+    window's gradients divided by 4, as DeepSpeed's do — whether step() comes
+    after every backward or, as Accelerate 1.x calls it, after the window's
+    last one only."""
     accumulation, windows = 4, [2, 3, 1]
     config = config_for(stage, optimizer_device, nvme=os.path.join(scratch, "nvme"),
-                        gradient_accumulation_steps=accumulation, sub_group_size=200)
+                        gradient_accumulation_steps=accumulation)
+    config["zero_optimization"]["sub_group_size"] = 200  # several sub-groups, gradients on NVMe at stage 3
     engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
     plain = make_model()
     reference = plain_adamw(plain)
@@ -56,19 +60,22 @@ def test_the_trainer_sets_the_boundary_as_accelerate_does(scratch, stage, optimi
             seen.append(engine.is_gradient_accumulation_boundary())
             x, y = batch(step, micro, 0, 4)
             engine.backward(mse(engine, x, y))
-            engine.step()
+            if step_every_micro_step or micro == size - 1:
+                engine.step()
             (mse(plain, x, y) / accumulation).backward()
         reference.step()
         reference.zero_grad()
         assert_state_equals(engine, plain)
     assert seen == [False, True, False, False, True, True]
-    assert engine.global_steps == 3 and engine.micro_steps == 6 and engine.was_step_applied()
+    # DeepSpeed counts a micro-step per step() call.
+    assert engine.global_steps == 3 and engine.micro_steps == (6 if step_every_micro_step else 3)
+    assert engine.was_step_applied()
     # Six micro-steps are no multiple of 4, yet no gradient is pending: a
     # checkpoint may be taken.
     engine.save_checkpoint(os.path.join(scratch, "ckpt"))
-    # None goes back to counting micro-steps (7 + 1 is a multiple of 4).
+    # None goes back to counting micro-steps.
     engine.set_gradient_accumulation_boundary(None)
-    assert not engine.is_gradient_accumulation_boundary()
+    assert engine.is_gradient_accumulation_boundary() == ((engine.micro_steps + 1) % accumulation == 0)
     engine.close()
 
 
@@ -279,8 +286,8 @@ def test_full_values_across_ranks_with_gradients_on_nvme(scratch):
     and many sub-groups: each rank reads the same whole gradient (averaged
     over both ranks' micro-batches), masters and moments, equal to plain
     training on the global batch."""
-    config = config_for(3, "nvme", "nvme", nvme=os.path.join(scratch, "nvme"), gradient_accumulation_steps=2,
-                        sub_group_size=100)
+    config = config_for(3, "nvme", "nvme", nvme=os.path.join(scratch, "nvme"), gradient_accumulation_steps=2)
+    config["zero_optimization"]["sub_group_size"] = 100
     codes, errors, result = launch(2, {"config": config, "steps": 2, "inspect": True}, scratch)
     assert codes == [0, 0], "\n".join(errors)
     plain = make_model()
