@@ -285,9 +285,10 @@ zinf::swap::ParamGroupSettings group_settings(std::optional<float> lr, std::opti
 
 // `values` into the caller's buffer of `count` floats at `address`.
 void copy_floats_out(const std::vector<float>& values, std::uintptr_t address, std::uint64_t count,
-                     const char* what) {
+                     const std::string& param, const std::string& what) {
   if (values.size() != count) {
-    throw Error(ErrorKind::invalid, fmt::format("{}: {} elements, the buffer holds {}", what, values.size(), count));
+    throw Error(ErrorKind::invalid,
+                fmt::format("'{}' of '{}': {} elements, the buffer holds {}", what, param, values.size(), count));
   }
   std::memcpy(reinterpret_cast<float*>(address), values.data(), count * sizeof(float));
 }
@@ -582,7 +583,7 @@ PYBIND11_MODULE(_zinf, m) {
                py::gil_scoped_release release;
                values = h.get().gather_values(p, what);
              }
-             copy_floats_out(values, address, count, "gather");
+             copy_floats_out(values, address, count, h.get().describe(p).name, what);
            })
       .def("local", [](EngineHandle& h, zinf::zero3::ParamIndex p, const std::string& what, std::uintptr_t address,
                        std::uint64_t count) {
@@ -591,7 +592,7 @@ PYBIND11_MODULE(_zinf, m) {
                py::gil_scoped_release release;
                values = h.get().local_values(p, what);
              }
-             copy_floats_out(values, address, count, "local");
+             copy_floats_out(values, address, count, h.get().describe(p).name, what);
            })
       .def("set_values", [](EngineHandle& h, zinf::zero3::ParamIndex p, const std::string& what,
                             std::uintptr_t address, std::uint64_t count) {

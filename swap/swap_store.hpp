@@ -182,8 +182,8 @@ class SwapStore {
   std::uint64_t written_since_open() const;
 
   std::vector<int> lock_fds_;
-  std::uint64_t written_before_ = 0;
-  std::uint64_t read_bytes_ = 0;  // the manifest's running total when this store opened
+  std::uint64_t written_before_ = 0;  // the manifest's running total when this store opened
+  std::uint64_t read_bytes_ = 0;
   std::unique_ptr<aio::Volume> volume_;
   std::filesystem::path manifest_path_;
   std::uint64_t alignment_ = 4096;

@@ -1016,6 +1016,7 @@ void Engine::drop_gradients() {
   require_finalized("drop_gradients");
   drain();
   clear_gradients();
+  accumulated_micro_steps_ = 0;
 }
 
 void Engine::empty_partition_cache() {
@@ -1033,8 +1034,8 @@ bool Engine::step(std::optional<bool> boundary_override) {
   drain();
   const bool boundary = boundary_override.value_or(
       (micro_step_ + 1) % static_cast<std::int64_t>(config_.training.gradient_accumulation_steps) == 0);
-  accumulated_micro_steps_ = boundary ? 0 : accumulated_micro_steps_ + 1;
   if (gradient_swapper_) gradient_swapper_->end_micro_step();
+  accumulated_micro_steps_ = boundary ? 0 : accumulated_micro_steps_ + 1;
   release_all_unpersisted();
   coordinator_->begin_micro_step();
   ++micro_step_;
@@ -1191,11 +1192,19 @@ std::size_t Engine::optimizer_state_index(const Param& param, std::string_view s
 
 void Engine::check_values(const Param& param, std::string_view what) const {
   if (what == "param") return;
+  if (what != "grad") {
+    const auto names = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
+    if (std::find(names.begin(), names.end(), what) == names.end()) {
+      std::string known;
+      for (const auto& name : names) known += ", \"" + name + "\"";
+      throw Error(ErrorKind::invalid, fmt::format("'{}': no values named '{}' (\"param\", \"grad\"{})", param.d.name,
+                                                  what, known));
+    }
+  }
   if (!param.d.trainable) {
     throw Error(ErrorKind::invalid, fmt::format("'{}' is frozen: it has no {}", param.d.name,
                                                 what == "grad" ? "gradient" : "optimizer state"));
   }
-  if (what != "grad") optimizer_state_index(param, what);
 }
 
 std::vector<float> Engine::read_shard(const Param& param, std::string_view what) {
@@ -1295,7 +1304,13 @@ void Engine::set_local_values(ParamIndex p, std::string_view what, std::span<con
     throw Error(ErrorKind::invalid, fmt::format("set_local_values('{}', '{}'): {} values for a shard of {}",
                                                 param.d.name, what, shard.size(), param.d.shard_elements));
   }
-  write_shard(param, what, shard);
+  // Past the param's end the shard is padding, zero whatever the caller
+  // left there (it would count in the gradient norm).
+  const std::uint64_t start = static_cast<std::uint64_t>(comm_.rank()) * param.d.shard_elements;
+  const std::uint64_t real = start >= param.d.elements ? 0 : std::min(shard.size(), param.d.elements - start);
+  std::vector<float> padded(shard.size(), 0.0f);
+  std::copy(shard.begin(), shard.begin() + static_cast<std::ptrdiff_t>(real), padded.begin());
+  write_shard(param, what, padded);
 }
 
 void Engine::set_values(ParamIndex p, std::string_view what, std::span<const float> whole) {

@@ -15,7 +15,7 @@ from zinf import utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from initialize_model import batch, make_model  # noqa: E402
+from initialize_model import ReadsItsChildsWeight, batch, make_model  # noqa: E402
 from test_initialize import ADAMW, config_for, launch  # noqa: E402
 
 
@@ -266,6 +266,40 @@ def test_a_gradient_written_whole_is_what_the_step_takes(scratch, stage, optimiz
     engine.close()
 
 
+def test_a_master_written_while_its_unit_is_gathered_is_the_value_it_computes_with():
+    """Stage 3: a unit gathered on demand (a parent reading its child's
+    weight) stays gathered until backward; a master written meanwhile is
+    the tensor's value at once, though the engine's own gathered buffer is
+    gone."""
+    config = config_for(3, train_batch_size=2, train_micro_batch_size_per_gpu=2)
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    model = ReadsItsChildsWeight()
+    engine, _, _, _ = zinf.initialize(model=model, config=config)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    loss = engine(ids).square().mean()
+    assert model.embed.weight.numel() == 66  # gathered on demand, kept for backward
+    new = torch.linspace(-1, 1, 66).view(11, 6)
+    utils.safe_set_full_fp32_param(model.embed.weight, new)
+    assert torch.equal(model.embed.weight.detach(), new)
+    assert torch.equal(utils.safe_get_full_fp32_param(model.embed.weight), new)
+    engine.backward(loss)
+    engine.step()
+    assert model.embed.weight.numel() == 0  # released after backward, as always
+    engine.close()
+
+
+def test_zero_grad_closes_the_window_a_checkpoint_waits_for(scratch):
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(1, gradient_accumulation_steps=4))
+    x, y = batch(0, 0, 0, 4)
+    engine.backward(mse(engine, x, y))
+    engine.step()
+    with pytest.raises(ValueError, match="inside a gradient accumulation"):
+        engine.save_checkpoint(os.path.join(scratch, "ckpt"))
+    engine.zero_grad()  # stage 1: the window's gradients are gone, and the window with them
+    engine.save_checkpoint(os.path.join(scratch, "ckpt"))
+    engine.close()
+
+
 def test_full_values_name_what_they_cannot_give(scratch):
     model = make_model()
     model.head.weight.requires_grad_(False)
@@ -274,7 +308,7 @@ def test_full_values_name_what_they_cannot_give(scratch):
     assert utils.safe_get_full_fp32_param(outsider) is None  # not zinf's: None, as DeepSpeed's
     assert utils.safe_get_full_fp32_param(model.head.weight) is None  # frozen: no master
     assert utils.safe_get_full_optimizer_state(model.head.weight, "exp_avg") is None
-    with pytest.raises(ValueError, match="no optimizer state 'momentum_buffer'.*exp_avg, exp_avg_sq"):
+    with pytest.raises(ValueError, match="'layers.0.weight': no values named 'momentum_buffer' .*\"exp_avg_sq\""):
         utils.safe_get_full_optimizer_state(model.layers[0].weight, "momentum_buffer")
     with pytest.raises(ValueError, match=r"shape \(3,\) for a parameter of shape \(24, 24\)"):
         utils.safe_set_full_fp32_param(model.layers[0].weight, torch.ones(3))

@@ -309,7 +309,10 @@ class ZinfEngine(torch.nn.Module):
         self.inside_no_sync_ctxt = False
         self._has_gradients = False  # any backward since the last step (or zero_grad at stages 0-1)
         self._timings = {"forward_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
-        self._written_at_print, self._read_at_print, self._steps_at_print = 0, 0, 0
+        # The step line's NVMe bytes count from here (finalize's own writes left out).
+        built = self._engine.stats()
+        self._written_at_print, self._read_at_print = built["nvme_written_bytes"], built["nvme_read_bytes"]
+        self._steps_at_print = 0
         self._timings_at_print, self._timing_steps_at_print = {}, 0
         self._last_print = time.perf_counter()
 
@@ -435,11 +438,9 @@ class ZinfEngine(torch.nn.Module):
             if self.world_size > 1:
                 dist.broadcast(values, src=source_rank, group=self._host_group)
             self._engine.set_values(self._index[id(p)], "param", values.data_ptr(), values.numel())
-        if id(p) in self._persistent:
-            p.data = self._persistent_values(p)
-        else:
-            unit = self._owner[id(p)]
-            p.data = self._copy_out(p) if unit.gathered else self._empty()
+        # Without a write-back a gathered unit's tensor keeps the values
+        # _gather_whole gave it: the masters in the working precision.
+        self._refresh_param(p, values if write_back else None)
 
     def _view(self, p):
         """The engine's whole param, as a tensor over its (host) memory."""
@@ -980,18 +981,19 @@ class ZinfEngine(torch.nn.Module):
         return values.to(self._device)
 
     def _set_full_values(self, p, what, value):
+        """Each rank keeps its shard of `value` (every rank passes the same
+        whole value, as DeepSpeed's setters ask)."""
         index = self._index.get(id(p))
         if index is None:
             raise ValueError("the parameter is not one this engine trains")
         shape = self._shapes[id(p)]
         if tuple(value.shape) != tuple(shape):
-            raise ValueError(f"a value of shape {tuple(value.shape)} for a parameter of shape {tuple(shape)}")
+            raise ValueError(f"{self._name_of(p)}: a value of shape {tuple(value.shape)} for a parameter of shape "
+                             f"{tuple(shape)}")
         values = value.detach().to("cpu", torch.float32).contiguous()
-        if self.world_size > 1:
-            dist.broadcast(values, src=0, group=self._host_group)  # every rank writes rank 0's
         self._engine.set_values(index, what, values.data_ptr(), values.numel())
         if what == "param":
-            self._refresh_param(p)
+            self._refresh_param(p, values)
 
     def _local_values(self, p, what):
         """This rank's shard of `p`'s master, gradient or optimizer state:
@@ -1006,10 +1008,11 @@ class ZinfEngine(torch.nn.Module):
         shard = self._engine.describe(index)["shard_elements"]
         values = value.detach().to("cpu", torch.float32).contiguous().view(-1)
         if values.numel() != shard:
-            raise ValueError(f"{values.numel()} values for this rank's shard of {shard}")
+            raise ValueError(f"{self._name_of(p)}: {values.numel()} values for this rank's shard of {shard}")
         self._engine.set_local(index, what, values.data_ptr(), values.numel())
         if what == "param":
-            self._refresh_param(p)
+            gathered = self._owner[id(p)].gathered and id(p) not in self._persistent
+            self._refresh_param(p, self._full_values(p, "param").cpu() if gathered else None)
 
     def _local_index(self, p):
         if self.stage < 3:
@@ -1019,15 +1022,21 @@ class ZinfEngine(torch.nn.Module):
             raise ValueError("the parameter is not one this engine trains")
         return index
 
-    def _refresh_param(self, p):
-        """p's tensor after its master changed: a persistent param's (or,
-        below stage 3, every param's) values are the engine's new working copy."""
+    def _refresh_param(self, p, whole):
+        """p's tensor after its master changed to `whole` (fp32): a persistent
+        param's (every param's below stage 3) is the engine's new working copy;
+        a gathered one's the new values in the working precision (the
+        engine's gathered buffer may be gone already: a unit gathered on
+        demand stays gathered here until backward); else empty."""
         if id(p) in self._persistent:
             p.data = self._persistent_values(p)
-        else:
-            unit = self._owner[id(p)]
-            if unit.gathered:
-                p.data = self._copy_out(p)
+        elif self._owner[id(p)].gathered and whole is not None:
+            p.data = whole.view(self._shapes[id(p)]).to(self._device, self._dtype)
+        elif not self._owner[id(p)].gathered:
+            p.data = self._empty()
+
+    def _name_of(self, p):
+        return next((n for n, q in self._named_unique if q is p), "a parameter")
 
 
 def _decimal_bytes(count):

@@ -7,7 +7,8 @@ inspection and surgery between micro-steps.
 
 ``full`` forms take or give the whole parameter, shaped as it; they are
 collective when the engine runs on several ranks: every rank calls them for
-the same parameter, in the same order (a setter writes rank 0's value).
+the same parameter, in the same order, and a setter the same value (each
+rank keeps its shard of it, as DeepSpeed's setters do).
 ``local`` forms take or give this rank's shard, 1-D (DeepSpeed's
 ``ds_tensor``: zeros past the parameter's end), at ZeRO stage 3 only, as in
 DeepSpeed; the local setter of a master is collective (the working copies
