@@ -325,8 +325,14 @@ void compare_with_plan(const std::string& json, const zero3::LaunchEnv& launch) 
   const TierBytes& t = plan.chosen;
   // Host and device share RAM here: the host peak (at finalize) and the
   // training peak (device buffers on top of the host's) are both in VmHWM.
+  // The stand-in's params are gathered from the host partition itself: it
+  // keeps no second copy of the shards as device memory.
+  std::uint64_t device_shards = 0;
+  for (const auto& buffer : plan.buffers) {
+    if (buffer.what == "param shards on the device") device_shards += buffer.bytes;
+  }
   const std::uint64_t host = t.pinned + t.pageable;
-  const std::uint64_t planned = host + std::max(plan.transient_host, t.gpu);
+  const std::uint64_t planned = host + std::max(plan.transient_host, t.gpu - device_shards);
   const double slack = 0.10 * static_cast<double>(planned) + 24.0 * 1024 * 1024;
   const double off = static_cast<double>(peak) - static_cast<double>(planned);
   std::uint64_t planned_pool = 0;

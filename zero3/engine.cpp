@@ -518,9 +518,13 @@ void Engine::place_shards(bool frozen_too) {
   const auto device = config_.zero.offload_param.device;
   // "cpu": the partition is the shards; nvme: store_working wrote them.
   // A persistent param is gathered from the host partition (below) and
-  // stays whole: a device shard of it would only duplicate its bytes.
+  // stays whole: a device shard of it would only duplicate its bytes. So
+  // would every device shard where device memory is host memory (the host
+  // stand-in the CPU trainers use): there each param is gathered from the
+  // host partition as with "cpu".
+  const bool separate_device = !options_.copier->host_accessible();
   for (auto& param : params_) {
-    if (device != config::OffloadDevice::none || param->d.persistent) continue;
+    if (device != config::OffloadDevice::none || param->d.persistent || !separate_device) continue;
     if (!frozen_too && !param->d.trainable) continue;
     const std::uint64_t bytes = param->d.shard_elements * esize;
     if (param->device_shard == nullptr) param->device_shard = buffers_.acquire(bytes);
@@ -547,7 +551,7 @@ void Engine::gather_into(Param& param, void* gathered) {
   const std::uint64_t bytes = param.d.shard_elements * esize;
   auto* mine = static_cast<std::byte*>(gathered) + static_cast<std::uint64_t>(comm_.rank()) * bytes;
   const auto device = param.device_shard == nullptr && config_.zero.offload_param.device == config::OffloadDevice::none
-                          ? config::OffloadDevice::cpu  // persistent: from the host partition
+                          ? config::OffloadDevice::cpu  // persistent, or host memory: from the host partition
                           : config_.zero.offload_param.device;
   switch (device) {
     case config::OffloadDevice::none:
