@@ -246,9 +246,8 @@ void resolve_compressed(std::span<const CompressedTensorState> tensors, MomentFo
       copy = static_cast<int>(t.param_copy.dtype);
     }
     const std::size_t end = t.end == 0 ? n : t.end;
-    if (end > n || t.begin > end || t.begin % kQuantBlock != 0) {
-      bad(i, fmt::format("range [{}, {}) of {} elements: it must lie in the tensor and begin on a "
-                         "{}-element moment block", t.begin, end, n, kQuantBlock));
+    if (end > n || t.begin > end) {
+      bad(i, fmt::format("range [{}, {}) of {} elements: it must lie in the tensor", t.begin, end, n));
     }
     Job job{t.param.data, t.grad.data, t.exp_avg, t.exp_avg_sq, t.param_copy.data, n, 0,
             static_cast<int>(t.grad.dtype), static_cast<int>(format) - 1, copy, rounding_salt(step, t.seed),
@@ -282,9 +281,15 @@ struct CpuOptimizer::Impl {
 
   // Splits the concatenation of all jobs' ranges into one contiguous share
   // per thread and calls run(job, begin, end) for each piece of a share.
+  // Pieces are cut on multiples of `grain` of their tensor, even where a
+  // range begins between two: no two threads touch one grain (a cache line,
+  // or an 8-bit moment block decoded and re-encoded whole).
   template <class Run>
   void for_each_range(const Run& run, const std::size_t grain = kGrain) {
-    const auto grains_of = [grain](const Job& job) { return (job.end - job.begin + grain - 1) / grain; };
+    const auto start_of = [grain](const Job& job) { return job.begin - job.begin % grain; };
+    const auto grains_of = [&](const Job& job) {
+      return job.end > job.begin ? (job.end - start_of(job) + grain - 1) / grain : 0;
+    };
     std::size_t total = 0;
     for (const Job& job : jobs) total += grains_of(job);
     const std::size_t threads = pool.size();
@@ -297,7 +302,8 @@ struct CpuOptimizer::Impl {
         const std::size_t from = std::max(first, base);
         const std::size_t to = std::min(last, base + grains);
         if (from < to) {
-          run(job, job.begin + (from - base) * grain, std::min(job.end, job.begin + (to - base) * grain));
+          const std::size_t start = start_of(job);
+          run(job, std::max(job.begin, start + (from - base) * grain), std::min(job.end, start + (to - base) * grain));
         }
         base += grains;
         if (base >= last) break;

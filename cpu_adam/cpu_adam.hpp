@@ -93,8 +93,9 @@ std::size_t moment_bytes(MomentFormat format, std::size_t elements);
 // optional bf16/fp16 param_copy. `seed` tells tensors' rounding apart (a
 // sub-group index, say): the same seed, step and values give the same bits.
 // [begin, end) limits the step to part of the tensor (param groups with
-// their own settings); the moments keep the whole tensor's layout, so begin
-// is a multiple of kMomentBlock. end 0 means param.count.
+// their own settings); the moments keep the whole tensor's layout, and an
+// 8-bit block the range cuts keeps its other elements' values (re-encoded
+// once more). end 0 means param.count.
 struct CompressedTensorState {
   Buffer param;
   Buffer grad;

@@ -55,8 +55,9 @@ using BandwidthKernel = void (*)(void* param, const void* grad, void* exp_avg, v
 
 // Adam over fp32 master params with compressed moments (bf16 or 8-bit
 // block-wise, see kernels_compressed.inc): `count` is the tensor's length
-// (the moments' layout depends on it), [begin, end) the range to step, with
-// begin a multiple of kQuantBlock. `salt` seeds the stochastic rounding of
+// (the moments' layout depends on it), [begin, end) the range to step
+// (8-bit blocks it cuts are decoded and re-encoded whole, their other
+// elements unchanged). `salt` seeds the stochastic rounding of
 // this step and tensor.
 using AdamCompressedKernel = void (*)(const AdamScalars&, std::uint32_t salt, void* param,
                                       const void* grad, void* exp_avg, void* exp_avg_sq,

@@ -252,22 +252,10 @@ void OptimizerSwapper::set_param_group(std::size_t index, const ParamGroupSettin
   ZINF_CHECK(index <= param_groups_.size(),
              fmt::format("param group {} set before group {}", index, param_groups_.size()));
   check_param_group(index, settings);
-  const bool added = index == param_groups_.size();
-  const ParamGroupSettings before = added ? ParamGroupSettings{} : param_groups_[index];
-  if (added) {
+  if (index == param_groups_.size()) {
     param_groups_.push_back(settings);
   } else {
     param_groups_[index] = settings;
-  }
-  try {
-    check_run_boundaries();
-  } catch (...) {
-    if (added) {
-      param_groups_.pop_back();
-    } else {
-      param_groups_[index] = before;
-    }
-    throw;
   }
 }
 
@@ -294,14 +282,7 @@ void OptimizerSwapper::set_param_group_ranges(std::size_t group, std::vector<Par
                                                 groups_[group].name, at, groups_[group].elements));
   }
   if (group_ranges_.size() < groups_.size()) group_ranges_.resize(groups_.size());
-  std::vector<ParamGroupRange> before = std::move(group_ranges_[group]);
   group_ranges_[group] = std::move(ranges);
-  try {
-    check_run_boundaries();
-  } catch (...) {
-    group_ranges_[group] = std::move(before);
-    throw;
-  }
 }
 
 OptimizerSettings OptimizerSwapper::base_settings() const {
@@ -331,24 +312,6 @@ std::vector<OptimizerSwapper::Run> OptimizerSwapper::runs_of(std::size_t group) 
     if (run.decays_itself) set_decay(run.settings, 0.0f);
   }
   return runs;
-}
-
-void OptimizerSwapper::check_run_boundaries() const {
-  if (options_.moment_format != cpu_adam::MomentFormat::int8) return;
-  for (std::size_t g = 0; g < group_ranges_.size(); ++g) {
-    for (const Run& run : runs_of(g)) {
-      if (run.begin % cpu_adam::kMomentBlock == 0) continue;
-      ErrorContext ctx;
-      ctx.key_path = "zero_optimization.offload_optimizer.state_format";
-      throw Error(ErrorKind::config,
-                  fmt::format("param groups with a different lr, betas or eps meet at element {} of sub-group '{}', "
-                              "inside a {}-element block of 8-bit moments (state_format int8), which one step "
-                              "must update whole: use state_format fp32 or bf16, or give the groups the same "
-                              "lr, betas and eps",
-                              run.begin, groups_[g].name, cpu_adam::kMomentBlock),
-                  std::move(ctx));
-    }
-  }
 }
 
 void OptimizerSwapper::decay_ranges(std::size_t group, const Run& run, float* param,
@@ -589,7 +552,8 @@ void OptimizerSwapper::compute(std::size_t group, float* param, void* exp_avg,
     };
     if (format == cpu_adam::MomentFormat::int8) {
       // Block-wise codes keep the whole sub-group's layout: the kernel
-      // steps the run's elements of it (runs meet on block boundaries).
+      // steps the run's elements of it (a block two runs share is decoded
+      // and re-encoded by each, its other elements kept).
       cpu_adam::CompressedTensorState state;
       state.param = {param, n, cpu_adam::DType::f32};
       state.grad = grad;

@@ -171,8 +171,8 @@ class OptimizerSwapper {
   // itself with the kernels' float operations (decoupled: p *= 1 - lr * wd
   // before the update; L2: g += wd * p, which changes the caller's fp32
   // gradients of that range in place). Runs that differ in lr, betas or eps
-  // get a call each; with 8-bit moments they must meet on a moment block
-  // (cpu_adam::kMomentBlock elements), which both calls throw about.
+  // get a call each; with 8-bit moments a block two runs share is stepped
+  // by both calls, each keeping the other's elements (re-encoded once more).
   void set_param_group(std::size_t index, const ParamGroupSettings& settings);
   void set_param_group_ranges(std::size_t group, std::vector<ParamGroupRange> ranges);
   const ParamGroupSettings& param_group(std::size_t index) const;
@@ -219,8 +219,6 @@ class OptimizerSwapper {
   std::vector<Run> runs_of(std::size_t group) const;
   // Param group 0's settings: those of a sub-group without ranges.
   OptimizerSettings base_settings() const;
-  // Throws if runs of a sub-group meet inside an 8-bit moment block.
-  void check_run_boundaries() const;
   // Decays a run's ranges with their own weight decay (decays_itself).
   void decay_ranges(std::size_t group, const Run& run, float* param, const cpu_adam::Buffer& grad) const;
   // Gradients from `grads`, or read through `gradients` when it is given.

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -257,6 +258,61 @@ TEST(CompressedAdam, TracksTheFp32Step) {
       EXPECT_LT(diff / size, bound) << to_string(format) << (second ? " exp_avg_sq" : " exp_avg");
     }
   }
+}
+
+// Param groups with their own lr meeting inside an 8-bit block: the two
+// range steps that share it leave each other's params exactly as they were
+// (here one group's lr is 0), every range's moments track fp32's, and any
+// thread count gives the bits of one thread (threads split on the
+// tensor's blocks, not on the range's start).
+TEST(CompressedAdam, RangesThatCutABlockStepTheirOwnElementsOnly) {
+  const std::size_t n = 5000;
+  const std::size_t cut = 300;  // inside block [256, 512)
+  AdamOptions moving;
+  moving.lr = 1e-2f;
+  AdamOptions still = moving;
+  still.lr = 0.0f;
+  std::vector<std::vector<std::uint8_t>> results;
+  for (std::size_t threads : {1u, 2u, 3u}) {
+    SCOPED_TRACE(threads);
+    CpuOptimizer optimizer(threads);
+    Compressed c(MomentFormat::int8, n, DType::f32, DType::bf16, 11);
+    Compressed f(MomentFormat::fp32, n, DType::f32, std::nullopt, 11);
+    const std::vector<float> start = c.param;
+    for (std::int64_t t = 1; t <= 20; ++t) {
+      for (const auto& [begin, end, options] : {std::tuple{std::size_t{0}, cut, moving},
+                                                 std::tuple{cut, n, still}}) {
+        auto sc = c.state(), sf = f.state();
+        sc.begin = sf.begin = begin;
+        sc.end = sf.end = end;
+        optimizer.adam_step(options, t, MomentFormat::int8, std::span(&sc, 1));
+        optimizer.adam_step(options, t, MomentFormat::fp32, std::span(&sf, 1));
+      }
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      if (i < cut) {
+        ASSERT_NE(c.param[i], start[i]) << i;
+      } else {
+        ASSERT_EQ(c.param[i], start[i]) << i;  // lr 0 and no decay: untouched, the shared block too
+      }
+    }
+    for (bool second : {false, true}) {
+      const auto got = c.moment(second), want = f.moment(second);
+      double diff = 0.0, size = 0.0;
+      for (std::size_t i = 0; i < n; ++i) {
+        diff += std::abs(static_cast<double>(got[i]) - want[i]);
+        size += std::abs(static_cast<double>(want[i]));
+      }
+      EXPECT_LT(diff / size, second ? 0.25 : 0.1) << (second ? "exp_avg_sq" : "exp_avg");
+    }
+    std::vector<std::uint8_t> bits(reinterpret_cast<const std::uint8_t*>(c.param.data()),
+                                   reinterpret_cast<const std::uint8_t*>(c.param.data() + n));
+    bits.insert(bits.end(), c.m.begin(), c.m.end());
+    bits.insert(bits.end(), c.v.begin(), c.v.end());
+    results.push_back(std::move(bits));
+  }
+  EXPECT_EQ(results[0], results[1]);
+  EXPECT_EQ(results[0], results[2]);
 }
 
 // beta2 = 0.999 moves v by 0.1% a step, below half of any code's spacing:

@@ -764,31 +764,37 @@ TEST(OptimizerSwapperParamGroups, CompressedMomentsStepEachRunWithItsSettings) {
   }
 }
 
-TEST(OptimizerSwapperParamGroups, GroupsWithAnotherLrMeetingInsideAnInt8BlockAreRefusedNamingTheKey) {
+// 8-bit moments: a group with another lr may begin anywhere, inside a
+// moment block too; each element steps with its own group's lr (the group
+// with lr 0 keeps its params exactly, though it shares a block with the
+// moving one).
+TEST(OptimizerSwapperParamGroups, GroupsWithAnotherLrMayMeetInsideAnInt8Block) {
   OptimizerSwapperOptions options;
   options.moment_format = cpu_adam::MomentFormat::int8;
-  cpu_adam::CpuOptimizer optimizer(1);
+  cpu_adam::CpuOptimizer optimizer(2);
   OptimizerSwapper host(optimizer, {{"g0", 1000}}, options);
-  ParamGroupSettings no_decay;
-  no_decay.weight_decay = 0.0f;
-  host.set_param_group(0, {});
-  host.set_param_group(1, no_decay);
-  // Weight decay alone may change anywhere: one kernel call, decayed apart.
-  EXPECT_NO_THROW(host.set_param_group_ranges(0, {{0, 100, 0}, {100, 1000, 1}}));
-  ParamGroupSettings faster = no_decay;
-  faster.lr = 0.1f;
-  try {
-    host.set_param_group(1, faster);  // now [0, 100) and [100, 1000) need two calls
-    FAIL() << "an lr boundary inside an 8-bit block was taken";
-  } catch (const Error& error) {
-    EXPECT_EQ(error.kind(), ErrorKind::config);
-    EXPECT_EQ(error.context().key_path, "zero_optimization.offload_optimizer.state_format");
-    EXPECT_NE(std::string(error.what()).find("element 100 of sub-group 'g0'"), std::string::npos) << error.what();
+  ParamGroupSettings moving;
+  moving.lr = 0.1f;
+  moving.weight_decay = 0.0f;
+  ParamGroupSettings still = moving;
+  still.lr = 0.0f;
+  host.set_param_group(0, moving);
+  host.set_param_group(1, still);
+  host.set_param_group_ranges(0, {{0, 100, 0}, {100, 1000, 1}});
+  std::vector<float> params(1000);
+  for (std::size_t i = 0; i < params.size(); ++i) params[i] = 0.001f * static_cast<float>(i);
+  host.initialize(0, params);
+  std::vector<float> grad(1000, 0.5f);
+  for (int step = 0; step < 3; ++step) {
+    const cpu_adam::Buffer grads[] = {{grad.data(), grad.size(), cpu_adam::DType::f32}};
+    host.step(grads);
   }
-  EXPECT_EQ(host.param_group(1), no_decay);  // the refused change left nothing behind
-  host.set_param_group(2, faster);
-  EXPECT_THROW(host.set_param_group_ranges(0, {{0, 100, 0}, {100, 1000, 2}}), Error);
-  EXPECT_NO_THROW(host.set_param_group_ranges(0, {{0, 256, 0}, {256, 1000, 2}}));  // on a block: fine
+  std::vector<float> after(1000);
+  host.read_params(0, after);
+  // Adam moves by lr a step for a steady gradient (m / sqrt(v) = 1, to the
+  // 8-bit codes' precision: measured 0.5%).
+  for (std::size_t i = 0; i < 100; ++i) EXPECT_NEAR(after[i], params[i] - 3 * 0.1f, 0.015f) << i;
+  for (std::size_t i = 100; i < 1000; ++i) ASSERT_EQ(after[i], params[i]) << i;
 }
 
 TEST(OptimizerSwapperParamGroups, BadRangesAndSettingsAreRefused) {
