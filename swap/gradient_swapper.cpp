@@ -103,11 +103,12 @@ void GradientSwapper::flush(Buffer& buffer) {
 GradientSwapper::Buffer& GradientSwapper::open(std::size_t group) {
   Buffer& current = buffers_[last_opened_];
   if (current.open == group) return current;
-  if (current.open == Buffer::none && current.holds == group && !current.ticket.valid()) {
-    // The last buffer opened still holds it, nothing writing from it (one
-    // sub-group accumulated again next micro-step): it reopens in place,
-    // no copy into the other buffer. What the store holds of it (if
-    // anything) is older now; the next close takes the new values.
+  if (current.open == Buffer::none && current.holds == group) {
+    // The last buffer opened still holds it (one sub-group accumulated
+    // again next micro-step): it reopens in place, once any write from it
+    // is done. What the store holds of it (if anything) is older now; the
+    // next close takes the new values.
+    settle(current);
     current.holds = Buffer::none;
     current.dirty = false;
     current.open = group;
@@ -128,21 +129,15 @@ GradientSwapper::Buffer& GradientSwapper::open(std::size_t group) {
   ZINF_ASSERT(next.open == Buffer::none, "a gradient buffer is open twice");
   if (next.holds != group) flush(next);  // its values are needed on the store
   const std::size_t n = groups_[group].elements;
+  // (`current` does not hold it: it would have reopened above, or was
+  // open with another sub-group.)
   if (next.holds == group) {
     // Its own last write came from here: the values are at hand.
-  } else if (current.holds == group) {
-    // The other buffer's, with its write still in flight: a copy, not a read.
-    std::memcpy(next.memory.data(), current.memory.data(), n * sizeof(float));
   } else if (stored_[group]) {
     store_.read_sync(key(group), next.memory.span());
     bytes_read_ += n * sizeof(float);
   } else {
     std::memset(next.memory.data(), 0, n * sizeof(float));
-  }
-  // The sub-group is about to change: no buffer holds its stored values.
-  if (current.holds == group) {
-    current.holds = Buffer::none;
-    current.dirty = false;  // its values go on accumulating in `next`
   }
   next.holds = Buffer::none;
   next.dirty = false;

@@ -128,7 +128,7 @@ void Engine::save_checkpoint(const std::filesystem::path& dir) {
   if (rank == 0) std::filesystem::remove(dir / kDescription, error);
   comm_.barrier();  // nobody writes shards while an old description says "complete"
 
-  const auto states = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
+  const auto states = optimizer_state_names();
   for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
     const std::uint64_t n = sub_groups_[g].elements;
     std::vector<std::vector<float>> tensors(1 + states.size(), std::vector<float>(n));
@@ -261,7 +261,7 @@ void Engine::load_checkpoint(const std::filesystem::path& dir, bool optimizer_st
   }
 
   const int rank = comm_.rank();
-  const auto states = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
+  const auto states = optimizer_state_names();
   std::uint64_t group_begin = 0;
   for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
     const std::uint64_t n = sub_groups_[g].elements;

@@ -1182,22 +1182,16 @@ void Engine::for_each_shard_piece(const Param& param, Visit visit) const {
   }
 }
 
-std::size_t Engine::optimizer_state_index(const Param& param, std::string_view state) const {
-  const auto names = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
-  const auto it = std::find(names.begin(), names.end(), state);
-  if (it == names.end()) {
-    std::string known;
-    for (const auto& name : names) known += (known.empty() ? "" : ", ") + name;
-    throw Error(ErrorKind::invalid, fmt::format("'{}' has no optimizer state '{}' (this optimizer keeps: {})",
-                                                param.d.name, state, known));
-  }
-  return 1 + static_cast<std::size_t>(it - names.begin());
+std::vector<std::string> Engine::optimizer_state_names() const {
+  return swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
 }
 
-void Engine::check_values(const Param& param, std::string_view what) const {
-  if (what == "param") return;
-  if (what != "grad") {
-    const auto names = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
+const Engine::Param& Engine::values_param(ParamIndex p, std::string_view what, const char* call) {
+  require_finalized(call);
+  drain();
+  const Param& param = at(p);
+  if (what != "param" && what != "grad") {
+    const auto names = optimizer_state_names();
     if (std::find(names.begin(), names.end(), what) == names.end()) {
       std::string known;
       for (const auto& name : names) known += ", \"" + name + "\"";
@@ -1205,10 +1199,18 @@ void Engine::check_values(const Param& param, std::string_view what) const {
                                                   what, known));
     }
   }
-  if (!param.d.trainable) {
+  if (what != "param" && !param.d.trainable) {
     throw Error(ErrorKind::invalid, fmt::format("'{}' is frozen: it has no {}", param.d.name,
                                                 what == "grad" ? "gradient" : "optimizer state"));
   }
+  return param;
+}
+
+std::vector<float> Engine::shard_from(const Param& param, std::span<const float> values, std::uint64_t first) const {
+  const std::uint64_t start = static_cast<std::uint64_t>(comm_.rank()) * param.d.shard_elements;
+  std::vector<float> shard(param.d.shard_elements, 0.0f);  // past the param's end: padding
+  for (std::uint64_t i = 0; i < shard.size() && start + i < param.d.elements; ++i) shard[i] = values[first + i];
+  return shard;
 }
 
 std::vector<float> Engine::read_shard(const Param& param, std::string_view what) {
@@ -1260,8 +1262,10 @@ void Engine::write_shard(const Param& param, std::string_view what, std::span<co
   // Each sub-group holding part of the shard is rewritten whole (params and
   // moments at the current step): rare (a user editing a param), so
   // simplicity wins over the bytes.
-  const std::size_t index = what == "param" ? 0 : optimizer_state_index(param, what);
-  const auto names = swap::OptimizerSwapper::state_names(swap::optimizer_swapper_options(config_).optimizer.kind);
+  const auto names = optimizer_state_names();
+  // 0 the master, then the states in names' order (values_param checked the name).
+  const std::size_t index =
+      what == "param" ? 0 : 1 + static_cast<std::size_t>(std::find(names.begin(), names.end(), what) - names.begin());
   for_each_shard_piece(param, [&](std::size_t g, std::uint64_t from, std::uint64_t to) {
     const std::uint64_t group_begin = sub_group_begin_[g];
     std::vector<float> master(sub_groups_[g].elements);
@@ -1280,18 +1284,11 @@ void Engine::write_shard(const Param& param, std::string_view what, std::span<co
 }
 
 std::vector<float> Engine::local_values(ParamIndex p, std::string_view what) {
-  require_finalized("local_values");
-  drain();
-  const Param& param = at(p);
-  check_values(param, what);
-  return read_shard(param, what);
+  return read_shard(values_param(p, what, "local_values"), what);
 }
 
 std::vector<float> Engine::gather_values(ParamIndex p, std::string_view what) {
-  require_finalized("gather_values");
-  drain();
-  const Param& param = at(p);
-  check_values(param, what);
+  const Param& param = values_param(p, what, "gather_values");
   const std::vector<float> mine = read_shard(param, what);
   std::vector<float> whole(mine.size() * comm_.world_size());
   host_all_gather(mine.data(), whole.data(), mine.size() * sizeof(float));
@@ -1300,36 +1297,23 @@ std::vector<float> Engine::gather_values(ParamIndex p, std::string_view what) {
 }
 
 void Engine::set_local_values(ParamIndex p, std::string_view what, std::span<const float> shard) {
-  require_finalized("set_local_values");
-  drain();
-  const Param& param = at(p);
-  check_values(param, what);
+  const Param& param = values_param(p, what, "set_local_values");
   if (shard.size() != param.d.shard_elements) {
     throw Error(ErrorKind::invalid, fmt::format("set_local_values('{}', '{}'): {} values for a shard of {}",
                                                 param.d.name, what, shard.size(), param.d.shard_elements));
   }
-  // Past the param's end the shard is padding, zero whatever the caller
-  // left there (it would count in the gradient norm).
-  const std::uint64_t start = static_cast<std::uint64_t>(comm_.rank()) * param.d.shard_elements;
-  const std::uint64_t real = start >= param.d.elements ? 0 : std::min(shard.size(), param.d.elements - start);
-  std::vector<float> padded(shard.size(), 0.0f);
-  std::copy(shard.begin(), shard.begin() + static_cast<std::ptrdiff_t>(real), padded.begin());
-  write_shard(param, what, padded);
+  // What the caller left past the param's end is zeroed (it would count in
+  // the gradient norm).
+  write_shard(param, what, shard_from(param, shard, 0));
 }
 
 void Engine::set_values(ParamIndex p, std::string_view what, std::span<const float> whole) {
-  require_finalized("set_values");
-  drain();
-  const Param& param = at(p);
-  check_values(param, what);
+  const Param& param = values_param(p, what, "set_values");
   if (whole.size() != param.d.elements) {
     throw Error(ErrorKind::invalid, fmt::format("set_values('{}', '{}'): {} values for {} elements", param.d.name,
                                                 what, whole.size(), param.d.elements));
   }
-  const std::uint64_t start = static_cast<std::uint64_t>(comm_.rank()) * param.d.shard_elements;
-  std::vector<float> shard(param.d.shard_elements, 0.0f);  // past the end: padding
-  for (std::uint64_t i = 0; i < shard.size() && start + i < param.d.elements; ++i) shard[i] = whole[start + i];
-  write_shard(param, what, shard);
+  write_shard(param, what, shard_from(param, whole, static_cast<std::uint64_t>(comm_.rank()) * param.d.shard_elements));
 }
 
 }  // namespace zinf::zero3

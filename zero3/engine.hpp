@@ -296,12 +296,16 @@ class Engine {
   // rank's shard of `param`: partition elements [from, to).
   template <typename Visit>
   void for_each_shard_piece(const Param& param, Visit visit) const;
-  // Refuses what `param` does not have (see gather_values).
-  void check_values(const Param& param, std::string_view what) const;
+  // The param of a gather/set_values call, once the engine is finalized
+  // and idle; refuses values it does not have (see gather_values).
+  const Param& values_param(ParamIndex p, std::string_view what, const char* call);
+  // This rank's shard (zeros past the param's end) from `values`, whose
+  // element `first` is the shard's first.
+  std::vector<float> shard_from(const Param& param, std::span<const float> values, std::uint64_t first) const;
+  std::vector<std::string> optimizer_state_names() const;
   // This rank's shard of one of `param`'s tensors, read and written.
   std::vector<float> read_shard(const Param& param, std::string_view what);
   void write_shard(const Param& param, std::string_view what, std::span<const float> shard);
-  std::size_t optimizer_state_index(const Param& param, std::string_view state) const;
   // Every gradient zero again (after a step, a skipped one, a load).
   void clear_gradients();
 

@@ -585,7 +585,7 @@ class ZinfEngine(torch.nn.Module):
             return
         if id(p) not in self._logged_on_demand:
             self._logged_on_demand.add(id(p))
-            name = next((n for n, q in self._named_unique if q is p), "?")
+            name = self._name_of(p)
             _log.warning("zinf: parameter %s is used outside its module's forward: its unit is gathered on demand "
                          "and kept until backward is done (zinf.zero.register_external_parameter(module, param) "
                          "gathers it with the module that uses it)", name)
@@ -973,9 +973,7 @@ class ZinfEngine(torch.nn.Module):
     def _full_values(self, p, what):
         """The whole fp32 master ("param"), gradient ("grad") or optimizer
         state of `p`, shaped as the param, on the model's device. Collective."""
-        index = self._index.get(id(p))
-        if index is None:
-            raise ValueError("the parameter is not one this engine trains")
+        index = self._trained_index(p)
         values = torch.empty(self._shapes[id(p)], dtype=torch.float32)
         self._engine.gather(index, what, values.data_ptr(), values.numel())
         return values.to(self._device)
@@ -983,9 +981,7 @@ class ZinfEngine(torch.nn.Module):
     def _set_full_values(self, p, what, value):
         """Each rank keeps its shard of `value` (every rank passes the same
         whole value, as DeepSpeed's setters ask)."""
-        index = self._index.get(id(p))
-        if index is None:
-            raise ValueError("the parameter is not one this engine trains")
+        index = self._trained_index(p)
         shape = self._shapes[id(p)]
         if tuple(value.shape) != tuple(shape):
             raise ValueError(f"{self._name_of(p)}: a value of shape {tuple(value.shape)} for a parameter of shape "
@@ -1017,6 +1013,9 @@ class ZinfEngine(torch.nn.Module):
     def _local_index(self, p):
         if self.stage < 3:
             raise UsageError("This API is only defined for ZeRO-3 partitioned parameters")
+        return self._trained_index(p)
+
+    def _trained_index(self, p):
         index = self._index.get(id(p))
         if index is None:
             raise ValueError("the parameter is not one this engine trains")
