@@ -456,7 +456,8 @@ PYBIND11_MODULE(_zinf, m) {
   // reduce_scatter, all_reduce, broadcast and barrier over memoryviews.
   py::class_<EngineHandle>(m, "Engine")
       .def(py::init([](const std::string& config_json, py::object collectives, int rank, int world_size,
-                       const std::string& backend, std::size_t optimizer_threads) {
+                       const std::string& backend, std::size_t optimizer_threads,
+                       bool loss_divided_by_accumulation) {
              const auto config = zinf::config::load_config_string(config_json);
              auto handle = std::make_unique<EngineHandle>();
              if (collectives.is_none()) {
@@ -467,11 +468,12 @@ PYBIND11_MODULE(_zinf, m) {
              }
              zinf::zero3::EngineOptions options;
              options.optimizer_threads = optimizer_threads;
+             options.loss_divided_by_accumulation = loss_divided_by_accumulation;
              handle->engine = std::make_unique<zinf::zero3::Engine>(config, *handle->comm, options);
              return handle;
            }),
            py::arg("config_json"), py::arg("collectives"), py::arg("rank"), py::arg("world_size"),
-           py::arg("backend"), py::arg("optimizer_threads") = 0)
+           py::arg("backend"), py::arg("optimizer_threads") = 0, py::arg("loss_divided_by_accumulation") = false)
       .def("add_module", [](EngineHandle& h, std::string name) { return h.get().add_module(std::move(name)); })
       .def("add_param",
            [](EngineHandle& h, zinf::zero3::ModuleIndex module, std::string name, std::vector<std::int64_t> shape,

@@ -591,6 +591,46 @@ TEST(EngineStages, OneParamsGradientAndMomentsReadWholeAndWindowsTheTrainerClose
   }
 }
 
+// EngineOptions::loss_divided_by_accumulation: a trainer that divides the
+// loss by gradient_accumulation_steps before backward (zinf.initialize, as
+// DeepSpeed) hands in gradients already divided; the engine must not divide
+// them again. The same window with undivided gradients in an engine without
+// the option accumulates and steps to the same values.
+TEST(EngineGradients, ALossTheTrainerDividedIsNotDividedAgain) {
+  const auto adam = config::load_config_string(R"({"optimizer": {"type": "Adam", "params": {"lr": 0.1}},
+      "gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2}})");
+  const auto train = [&](bool divided) {
+    auto comm = make_local_communicator();
+    EngineOptions options;
+    options.loss_divided_by_accumulation = divided;
+    Engine engine(adam, *comm, options);
+    const auto module = engine.add_module("m");
+    const ParamIndex w = engine.add_param(module, "w", {6}, std::vector<float>{1, 2, 3, 4, 5, 6});
+    engine.finalize();
+    std::vector<float> accumulated;
+    for (int micro = 0; micro < 4; ++micro) {
+      engine.pre_forward(module);
+      engine.post_forward(module);
+      engine.pre_backward(module);
+      for (int i = 0; i < 6; ++i) {
+        const float g = static_cast<float>((i + 1) * (micro + 1));
+        engine.grad(w)[i] = divided ? g / 4 : g;
+      }
+      engine.post_backward(module);
+      if (micro == 3) accumulated = engine.gather_values(w, "grad");
+      EXPECT_EQ(engine.step(), micro == 3);
+    }
+    return std::pair(accumulated, engine.gather_master(w));
+  };
+  const auto [divided_grad, divided_master] = train(true);
+  const auto [plain_grad, plain_master] = train(false);
+  // Sum over micro-steps of (i + 1)(micro + 1) / 4 = 2.5 (i + 1).
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(divided_grad[i], 2.5f * static_cast<float>(i + 1)) << i;
+  EXPECT_EQ(divided_grad, plain_grad);
+  EXPECT_EQ(divided_master, plain_master);
+  EXPECT_NE(divided_master, (std::vector<float>{1, 2, 3, 4, 5, 6}));
+}
+
 INSTANTIATE_TEST_SUITE_P(WorldSizes, EngineEquality, ::testing::Values(1, 2, 4));
 
 // The same training on the strict device stand-in (device memory the CPU

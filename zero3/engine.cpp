@@ -879,9 +879,12 @@ void Engine::pre_backward(ModuleIndex module) {
 void Engine::post_backward(ModuleIndex module) {
   require_finalized("post_backward");
   throw_if_failed();
-  // The mean over ranks and micro-steps, with the loss scale taken out.
-  const float scale = static_cast<float>(
-      1.0 / (static_cast<double>(comm_.world_size() * config_.training.gradient_accumulation_steps) * loss_scale_));
+  // The mean over ranks and micro-steps, with the loss scale taken out
+  // (the micro-steps' share already, where the trainer divided the loss).
+  const std::uint64_t micro_steps =
+      options_.loss_divided_by_accumulation ? 1 : config_.training.gradient_accumulation_steps;
+  const float scale =
+      static_cast<float>(1.0 / (static_cast<double>(comm_.world_size() * micro_steps) * loss_scale_));
   // The module's params from the last registered to the first, as backward
   // goes over the modules: the reductions then walk the partition down, and
   // with the gradients on NVMe each sub-group opens about once (a bias

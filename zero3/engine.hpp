@@ -81,6 +81,12 @@ struct EngineOptions {
   // when the pre-hooks return, so kernels queued after them may read at once.
   void* compute_stream = nullptr;
   std::size_t optimizer_threads = 0;  // 0: every hardware thread
+  // The trainer divides each micro-step's loss by
+  // gradient_accumulation_steps before backward, as DeepSpeed's engine
+  // does (so fp16 gradients have DeepSpeed's magnitude under the loss
+  // scale): post_backward then divides by the world size and the loss
+  // scale only. False: the gradients are those of the undivided loss.
+  bool loss_divided_by_accumulation = false;
 };
 
 struct EngineStats {

@@ -368,3 +368,55 @@ def test_empty_partition_cache_frees_idle_buffers_and_training_goes_on():
             assert torch.allclose(engine(x), plain(x), atol=1e-5)  # an evaluation after it gathers afresh
     assert_state_equals(engine, plain)
     engine.close()
+
+
+# -- fp16 ------------------------------------------------------------------------------------
+def test_fp16_gradients_have_deepspeeds_magnitude_under_the_loss_scale():
+    """DeepSpeed divides the loss by gradient_accumulation_steps before it
+    multiplies by the loss scale, so the model's fp16 gradients are
+    scale / gas times the loss's (a static scale chosen for DeepSpeed does
+    not overflow here either)."""
+    from test_initialize import HalfParamsFloatMath
+    accumulation, scale = 4, 2.0 ** 8
+    model, plain = HalfParamsFloatMath(), HalfParamsFloatMath().half()  # zinf casts its model to fp16
+    config = config_for(2, gradient_accumulation_steps=accumulation,
+                        fp16={"enabled": True, "initial_scale_power": 8})
+    engine, _, _, _ = zinf.initialize(model=model, config=config)
+    assert engine.loss_scale == scale
+    seen = []
+    model.first.weight.register_hook(lambda grad: seen.append(grad.detach().clone()))
+    x, y = batch(0, 0, 0, 4)
+    engine.backward(mse(engine, x, y))
+    (mse(plain, x, y) * (scale / accumulation)).backward()
+    assert seen and seen[0].dtype == torch.float16
+    assert torch.equal(seen[0], plain.first.weight.grad)
+    engine.close()
+
+
+class FailsInForward(torch.nn.Module):
+    def __init__(self, error):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.error = error
+
+    def forward(self, x):
+        raise self.error
+
+
+def test_a_forward_error_that_is_not_a_released_params_passes_unchanged():
+    """At stage 3 a shape error may come from a param used outside its
+    unit, and gets zinf's hint; any other error (a dtype without a CPU
+    kernel, out of memory: subclasses trainers catch) keeps its type and
+    message."""
+    class OutOfMemory(RuntimeError):
+        pass
+    for error, hinted in ((RuntimeError("size mismatch, got 2, 2x16,0"), True),
+                          (RuntimeError("'addmm_impl_cpu_' not implemented for 'Half'"), False),
+                          (OutOfMemory("out of memory"), False)):
+        engine, _, _, _ = zinf.initialize(model=FailsInForward(error), config=config_for(3))
+        with pytest.raises(RuntimeError) as raised:
+            engine(torch.zeros(1, 4))
+        assert type(raised.value) is (RuntimeError if hinted else type(error))
+        assert ("register_external_parameter" in str(raised.value)) == hinted
+        assert str(error) in str(raised.value)
+        engine.close()

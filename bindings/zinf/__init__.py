@@ -17,6 +17,9 @@
   ``zinf.lr_schedules``; ``zinf.utils.zero_to_fp32`` puts a checkpoint's
   fp32 weights back together, as DeepSpeed's does; ``zinf.comm`` is
   ``deepspeed.comm`` over the torch.distributed group zinf trains on.
+- ``zinf.ops`` (op builders, ``zinf.ops.adam.DeepSpeedCPUAdam`` ...) and
+  ``zinf.accelerator.get_accelerator()``: DeepSpeed's ``deepspeed.ops`` and
+  ``deepspeed.accelerator`` by the same paths.
 
 Errors: ValueError for bad configuration or arguments, OSError (with errno
 and filename) for I/O, RuntimeError for the rest. Every wait releases the GIL.
@@ -26,8 +29,10 @@ from .aio import aio_handle, aio_read, aio_write, deepspeed_memcpy
 from .optim import CPUAdagrad, CPUAdam, CPULion, DeepSpeedCPUAdagrad, DeepSpeedCPUAdam, DeepSpeedCPULion
 from .swap import TensorSwapper
 from .engine import ZinfEngine, add_config_arguments, init_distributed, initialize
-from . import comm, utils, zero
+from . import accelerator, comm, ops, utils, zero
+from .accelerator import get_accelerator
 
 __all__ = ["__version__", "aio_handle", "aio_read", "aio_write", "deepspeed_memcpy", "CPUAdam", "CPUAdagrad",
            "CPULion", "DeepSpeedCPUAdam", "DeepSpeedCPUAdagrad", "DeepSpeedCPULion", "TensorSwapper",
-           "ZinfEngine", "add_config_arguments", "init_distributed", "initialize", "comm", "utils", "zero"]
+           "ZinfEngine", "add_config_arguments", "init_distributed", "initialize", "accelerator", "comm",
+           "get_accelerator", "ops", "utils", "zero"]

@@ -44,6 +44,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 import weakref
 
@@ -137,29 +138,47 @@ def _batch_sizes(settings, world):
     return micro * accumulation * world, micro, accumulation
 
 
+def _optimizer_kind(optimizer):
+    """(DeepSpeed type name, adam_w_mode or None) for the optimizers zinf's
+    CPU kernels can stand in for: torch's Adam, AdamW and Adagrad, and
+    DeepSpeed's DeepSpeedCPUAdam, FusedAdam, DeepSpeedCPUAdagrad and
+    DeepSpeedCPULion (zinf's, under zinf.ops)."""
+    from .ops.adam import FusedAdam
+    from .optim import CPUAdagrad, CPUAdam, CPULion
+    kinds = {torch.optim.Adam: ("Adam", False), torch.optim.AdamW: ("AdamW", True),
+             torch.optim.Adagrad: ("Adagrad", None), CPUAdagrad: ("Adagrad", None), CPULion: ("Lion", None)}
+    if type(optimizer) in kinds:
+        return kinds[type(optimizer)]
+    if isinstance(optimizer, (CPUAdam, FusedAdam)):
+        # DeepSpeed's Adam classes: decoupled decay unless adam_w_mode is off.
+        return ("AdamW", True) if optimizer.adam_w_mode else ("Adam", False)
+    return None, None
+
+
 def _optimizer_block(optimizer):
-    """The DeepSpeed "optimizer" block for a torch optimizer passed in: its
+    """The DeepSpeed "optimizer" block for an optimizer passed in: its
     type, and its first group's hyperparameters (each group keeps its own:
     see _param_groups). Settings zinf's CPU optimizer has no kernel for are
     refused by name."""
-    kinds = {torch.optim.Adam: "Adam", torch.optim.AdamW: "AdamW", torch.optim.Adagrad: "Adagrad"}
-    kind = kinds.get(type(optimizer))
+    kind, adam_w_mode = _optimizer_kind(optimizer)
     if kind is None:
         raise ValueError(f"optimizer: a {type(optimizer).__name__} cannot be stepped by zinf's CPU optimizer; "
-                         "pass torch.optim.Adam, AdamW or Adagrad, or name the optimizer in the config "
+                         "pass torch.optim.Adam, AdamW or Adagrad, DeepSpeedCPUAdam, FusedAdam, "
+                         "DeepSpeedCPUAdagrad or DeepSpeedCPULion (zinf.ops), or name the optimizer in the config "
                          "(optimizer.type: Adam, AdamW, Adagrad or Lion)")
-    unsupported = {"amsgrad": False, "maximize": False} if kind != "Adagrad" else \
-        {"lr_decay": 0, "initial_accumulator_value": 0, "maximize": False}
+    unsupported = {"Adagrad": {"lr_decay": 0, "initial_accumulator_value": 0, "maximize": False},
+                   "Lion": {"maximize": False}}.get(kind, {"amsgrad": False, "maximize": False})
     for index, group in enumerate(optimizer.param_groups):
         for key, plain in unsupported.items():
             if group.get(key, plain) != plain:
                 raise ValueError(f"optimizer: param group {index} has {key}={group[key]!r}; zinf's CPU {kind} "
                                  f"steps with {key}={plain!r} only")
-    keys = ("lr", "betas", "eps", "weight_decay") if kind != "Adagrad" else ("lr", "eps", "weight_decay")
     first = optimizer.param_groups[0]
-    params = {key: (list(first[key]) if key == "betas" else first[key]) for key in keys}
-    if kind == "Adam":
-        params["adam_w_mode"] = False  # torch's Adam: L2 weight decay
+    params = {key: (list(first[key]) if key == "betas" else first[key]) for key in _GROUP_KEYS[kind.lower()]}
+    if adam_w_mode is not None:
+        params["adam_w_mode"] = adam_w_mode
+        if first.get("bias_correction") is False:
+            params["bias_correction"] = False
     return {"type": kind, "params": params}
 
 
@@ -212,6 +231,10 @@ class _Unit:
         self.backward_open = False
         self.arrived = 0
         self.wanted = 0
+
+
+# What torch says when a forward meets a param whose .data is empty.
+_SHAPE_ERROR = re.compile(r"size|shape|dimension|\d-D")
 
 
 class ZinfEngine(torch.nn.Module):
@@ -267,7 +290,10 @@ class ZinfEngine(torch.nn.Module):
         collectives = TorchCollectives(self._host_group) if world > 1 else None
         backend = collectives.backend if collectives else "local"
         threads = int(settings.get("zinf", {}).get("optimizer_threads", 0))
-        self._engine = _zinf.Engine(json.dumps(settings), collectives, rank, world, backend, threads)
+        # backward() divides the loss by gradient_accumulation_steps, as
+        # DeepSpeed's does: the engine then does not divide again.
+        self._engine = _zinf.Engine(json.dumps(settings), collectives, rank, world, backend, threads,
+                                    loss_divided_by_accumulation=True)
 
         self._on_demand = []
         self._logged_on_demand = set()
@@ -615,7 +641,10 @@ class ZinfEngine(torch.nn.Module):
             else:
                 out = self.module(*args, **kwargs)
         except RuntimeError as error:
-            if self.stage < 3:
+            # Only a shape error can be a released param's (its .data is
+            # empty); others (a dtype the CPU has no kernel for, out of
+            # memory, subclasses callers catch) pass unchanged.
+            if self.stage < 3 or type(error) is not RuntimeError or not _SHAPE_ERROR.search(str(error)):
                 raise
             raise RuntimeError(f"{error}\n(zinf, ZeRO stage 3: a unit's parameters are whole only during its own "
                                "forward and backward; a module that uses another module's parameter directly "
@@ -633,10 +662,12 @@ class ZinfEngine(torch.nn.Module):
         start = time.perf_counter()
         if self.scale_wrt_gas is not None:
             scale_wrt_gas = self.scale_wrt_gas
-        # The engine divides every gradient by gradient_accumulation_steps:
-        # a loss DeepSpeed would not divide is multiplied back here.
+        # As DeepSpeed: the loss divided by gradient_accumulation_steps, then
+        # times fp16's loss scale, before backward (the model's fp16
+        # gradients have DeepSpeed's magnitude); the engine divides by the
+        # world size and the loss scale only.
         by_gas = scale_wrt_gas and not self.inside_no_sync_ctxt
-        scale = self._engine.loss_scale * (1 if by_gas else self._accumulation)
+        scale = self._engine.loss_scale / (self._accumulation if by_gas else 1)
         (loss * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
         self._has_gradients = True
         self._timings["backward_s"] += time.perf_counter() - start

@@ -37,6 +37,60 @@ class DeviceError(ValueError, AssertionError):
     so both `except ValueError` and `except AssertionError` catch it."""
 
 
+def _check_cpu(owner, tensor, where):
+    if tensor.device.type != "cpu":
+        raise DeviceError(f"{owner} steps CPU tensors; {where} is on {tensor.device} and must be 'cpu' "
+                          "(keep the optimizer's params on the CPU: 'offload_optimizer': 'cpu' in your "
+                          "ZeRO config, or use a GPU optimizer)")
+
+
+def kernel_tuple(owner, where, p, grad, states, copy, keep, writebacks):
+    """The kernel's tuple for one param (`owner` names the caller in
+    errors): param, gradient and state tensors checked, non-contiguous ones
+    replaced by contiguous copies (listed in `writebacks` as (original,
+    copy) to copy back after the call), and everything that must outlive
+    the call appended to `keep`."""
+    _check_cpu(owner, p, where)
+    if grad.device.type != "cpu":
+        raise DeviceError(f"the gradient of {where} is on {grad.device} and must be 'cpu'")
+    if grad.shape != p.shape:
+        raise ValueError(f"the gradient of {where} has shape {tuple(grad.shape)}, the param {tuple(p.shape)}")
+    param_dtype = dtype_name(p.dtype, where)
+    work = p.detach()
+    if not work.is_contiguous():
+        work = work.contiguous()
+        writebacks.append((p, work))
+    if grad.dtype not in _GRADS_FOR[p.dtype]:
+        grad = grad.float()
+    grad = grad.contiguous()
+    keep.append(grad)
+    tensors = list(states)
+    for index, tensor in enumerate(tensors):
+        _check_cpu(owner, tensor, f"the state of {where}")
+        if tensor.shape != p.shape:
+            raise ValueError(f"a state tensor of {where} has shape {tuple(tensor.shape)}, the param "
+                             f"{tuple(p.shape)}")
+        if not tensor.is_contiguous():
+            tensors[index] = tensor.contiguous()
+            writebacks.append((tensor, tensors[index]))
+    keep.extend(tensors)
+    first = tensors[0].data_ptr() if tensors else 0
+    second = tensors[1].data_ptr() if len(tensors) > 1 else 0
+    state_dtype = dtype_name(tensors[0].dtype, where) if tensors else "fp32"
+    if any(tensor.dtype != tensors[0].dtype for tensor in tensors):
+        raise ValueError(f"the state tensors of {where} must share one dtype")
+    copy_address, copy_dtype = 0, "fp32"
+    if copy is not None:
+        if p.dtype != torch.float32 or copy.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"the 16-bit copy of {where} must be bfloat16 or float16 of an fp32 param")
+        if copy.numel() != p.numel():
+            raise ValueError(f"the 16-bit copy of {where} has {copy.numel()} elements, the param {p.numel()}")
+        copy_address, _ = cpu_bytes(copy, f"the 16-bit copy of {where}")
+        copy_dtype = dtype_name(copy.dtype, where)
+    return (work.data_ptr(), param_dtype, work.numel(), grad.data_ptr(), dtype_name(grad.dtype, where),
+            first, second, state_dtype, copy_address, copy_dtype)
+
+
 class _CpuOptimizer(torch.optim.Optimizer):
     _states = ()        # state tensors the kernel updates, in kernel order
     _extra_states = ()  # state tensors DeepSpeed also creates (kept, unused)
@@ -59,11 +113,7 @@ class _CpuOptimizer(torch.optim.Optimizer):
         return self._kernel.tier
 
     def _check_device(self, tensor, where):
-        if tensor.device.type != "cpu":
-            name = type(self).__name__
-            raise DeviceError(f"{name} steps CPU tensors; {where} is on {tensor.device} and must be 'cpu' "
-                              "(keep the optimizer's params on the CPU: 'offload_optimizer': 'cpu' in your "
-                              "ZeRO config, or use a GPU optimizer)")
+        _check_cpu(type(self).__name__, tensor, where)
 
     def _init_state(self, state, p):
         if not state:
@@ -77,40 +127,10 @@ class _CpuOptimizer(torch.optim.Optimizer):
         for it; what must outlive the call goes to `keep`, contiguous
         copies to write back to `writebacks`."""
         self._check_device(p, where)
-        if grad.device.type != "cpu":
-            raise DeviceError(f"the gradient of {where} is on {grad.device} and must be 'cpu'")
-        if grad.shape != p.shape:
-            raise ValueError(f"the gradient of {where} has shape {tuple(grad.shape)}, the param {tuple(p.shape)}")
-        param_dtype = dtype_name(p.dtype, where)
-        work = p.detach()
-        if not work.is_contiguous():
-            work = work.contiguous()
-            writebacks.append((p, work))
-        if grad.dtype not in _GRADS_FOR[p.dtype]:
-            grad = grad.float()
-        grad = grad.contiguous()
-        keep.append(grad)
         self._init_state(state, p)
         state["step"] += 1
-        tensors = [state[name] for name in self._states]
-        for index, tensor in enumerate(tensors):
-            if not tensor.is_contiguous():
-                tensors[index] = tensor.contiguous()
-                writebacks.append((tensor, tensors[index]))
-        keep.extend(tensors)
-        first = tensors[0].data_ptr() if tensors else 0
-        second = tensors[1].data_ptr() if len(tensors) > 1 else 0
-        state_dtype = dtype_name(tensors[0].dtype, where) if tensors else "fp32"
-        copy_address, copy_dtype = 0, "fp32"
-        if copy is not None:
-            if p.dtype != torch.float32 or copy.dtype not in (torch.bfloat16, torch.float16):
-                raise ValueError(f"the 16-bit copy of {where} must be bfloat16 or float16 of an fp32 param")
-            if copy.numel() != p.numel():
-                raise ValueError(f"the 16-bit copy of {where} has {copy.numel()} elements, the param {p.numel()}")
-            copy_address, _ = cpu_bytes(copy, f"the 16-bit copy of {where}")
-            copy_dtype = dtype_name(copy.dtype, where)
-        return (work.data_ptr(), param_dtype, work.numel(), grad.data_ptr(), dtype_name(grad.dtype, where),
-                first, second, state_dtype, copy_address, copy_dtype)
+        return kernel_tuple(type(self).__name__, where, p, grad, [state[name] for name in self._states], copy, keep,
+                            writebacks)
 
     def _describe(self, group_index, group, grads, copies, keep, writebacks):
         """One tuple per param with a gradient, grouped by step count."""

@@ -1,0 +1,202 @@
+"""DeepSpeed's op builders (``deepspeed.ops.op_builder``) over zinf's
+prebuilt extension: ``AsyncIOBuilder().load().aio_handle(...)``,
+``CPUAdamBuilder().load().create_adam(...)`` and the rest work as DeepSpeed's
+do, with no compiler and no JIT build at run time. Builders of ops zinf does
+not have (GPU kernels) say so: is_compatible() is False and load() raises
+an error naming what to use instead."""
+import os
+
+import torch
+
+from .. import _zinf
+from .. import aio as _aio
+from ..optim import kernel_tuple
+
+
+class OpBuilder:
+    """What DeepSpeed's builders offer that callers use: NAME, name,
+    absolute_name(), is_compatible(verbose), load(verbose), builder()."""
+    NAME = ""
+    _missing = None  # why the op is not available here, or None
+
+    def __init__(self, name=None):
+        self.name = self.NAME if name is None else name
+
+    def absolute_name(self):
+        return f"zinf.ops.{self.NAME}"
+
+    def is_compatible(self, verbose=False):
+        return self._missing is None
+
+    def load(self, verbose=True):
+        if self._missing is not None:
+            raise RuntimeError(f"{type(self).__name__}: {self._missing}")
+        return self._op()
+
+    jit_load = load
+
+    def builder(self):
+        raise RuntimeError(f"{type(self).__name__}: zinf's ops are prebuilt in its extension; there is nothing to "
+                           "build (pip install zinf builds them)")
+
+    def _op(self):
+        raise NotImplementedError
+
+
+class AsyncIOBuilder(OpBuilder):
+    """async_io: aio_handle, aio_read, aio_write, deepspeed_memcpy, on
+    io_uring (or pread/pwrite where io_uring is refused)."""
+    NAME = "async_io"
+
+    def _op(self):
+        return _aio
+
+
+class _LoadedCpuOptimizer:
+    """The module DeepSpeed's CPU optimizer builders load: optimizers
+    created by integer id, then stepped over (params, grads, states) tensors
+    in place. Tensors must be CPU tensors of one shape; fp32, bf16 or fp16
+    params (fp32 params may have 16-bit gradients); non-contiguous ones are
+    stepped through a copy and written back."""
+
+    def __init__(self, kind, states):
+        self._kind = kind
+        self._state_count = states
+        self._optimizers = {}  # id -> (kernel, options given at creation)
+
+    def _create(self, optimizer_id, options, should_log):
+        threads = int(os.environ.get("ZINF_CPU_ADAM_THREADS", 0)) or torch.get_num_threads()
+        kernel = _zinf.CpuOptimizer(threads)
+        self._optimizers[int(optimizer_id)] = (kernel, options)
+        if should_log:
+            print(f"zinf CPU {self._kind} optimizer {optimizer_id} created, {kernel.tier} kernels, {threads} "
+                  f"threads, {options}", flush=True)
+        return 0
+
+    def _destroy(self, optimizer_id):
+        self._optimizers.pop(int(optimizer_id), None)
+        return 0
+
+    def _step(self, optimizer_id, run, params, grads, *states):
+        try:
+            kernel, options = self._optimizers[int(optimizer_id)]
+        except KeyError:
+            raise ValueError(f"no CPU {self._kind} optimizer has id {optimizer_id}: call "
+                             f"create_{self._kind}({optimizer_id}, ...) first") from None
+        keep, writebacks = [], []
+        description = kernel_tuple(f"{self._kind}_update", "params", params, grads, states, None, keep, writebacks)
+        run(kernel, options, description)
+        for original, work in writebacks:
+            original.detach().copy_(work)
+        return 0
+
+
+class _LoadedCpuAdam(_LoadedCpuOptimizer):
+    def __init__(self):
+        super().__init__("adam", 2)
+
+    def create_adam(self, optimizer_id, alpha=1e-3, betta1=0.9, betta2=0.999, eps=1e-8, weight_decay=0,
+                    adamw_mode=True, should_log=False):
+        return self._create(optimizer_id, dict(adamw_mode=bool(adamw_mode)), should_log)
+
+    def destroy_adam(self, optimizer_id):
+        return self._destroy(optimizer_id)
+
+    def adam_update(self, optimizer_id, step, lr, beta1, beta2, epsilon, weight_decay, bias_correction, params,
+                    grads, exp_avg, exp_avg_sq):
+        """One Adam step at `step` (counted from 1) with these
+        hyperparameters; AdamW or L2 decay as create_adam was told."""
+        def run(kernel, options, description):
+            kernel.adam_step(lr, beta1, beta2, epsilon, weight_decay, options["adamw_mode"], bool(bias_correction),
+                             int(step), [description])
+        return self._step(optimizer_id, run, params, grads, exp_avg, exp_avg_sq)
+
+
+class _LoadedCpuAdagrad(_LoadedCpuOptimizer):
+    def __init__(self):
+        super().__init__("adagrad", 1)
+
+    def create_adagrad(self, optimizer_id, alpha=1e-2, eps=1e-8, weight_decay=0, should_log=False):
+        return self._create(optimizer_id, {}, should_log)
+
+    def destroy_adagrad(self, optimizer_id):
+        return self._destroy(optimizer_id)
+
+    def adagrad_update(self, optimizer_id, step, lr, epsilon, weight_decay, params, grads, exp_avg_sq):
+        def run(kernel, options, description):
+            # The kernel keeps Adagrad's sum of squares in the second state slot.
+            description = description[:5] + (0, description[5]) + description[7:]
+            kernel.adagrad_step(lr, epsilon, weight_decay, int(step), [description])
+        return self._step(optimizer_id, run, params, grads, exp_avg_sq)
+
+
+class _LoadedCpuLion(_LoadedCpuOptimizer):
+    def __init__(self):
+        super().__init__("lion", 1)
+
+    def create_lion(self, optimizer_id, alpha=1e-3, betta1=0.9, betta2=0.999, weight_decay=0, should_log=False):
+        return self._create(optimizer_id, {}, should_log)
+
+    def destroy_lion(self, optimizer_id):
+        return self._destroy(optimizer_id)
+
+    def lion_update(self, optimizer_id, step, lr, beta1, beta2, weight_decay, params, grads, exp_avg):
+        def run(kernel, options, description):
+            kernel.lion_step(lr, beta1, beta2, weight_decay, int(step), [description])
+        return self._step(optimizer_id, run, params, grads, exp_avg)
+
+
+class _LoadedOnce(OpBuilder):
+    """A builder whose op is made on the first load() and shared after (the
+    optimizers a DeepSpeed optimizer creates by id outlive its builder)."""
+    _factory = None
+
+    def _op(self):
+        cls = type(self)
+        if "_loaded" not in cls.__dict__:
+            cls._loaded = cls._factory()
+        return cls._loaded
+
+
+class CPUAdamBuilder(_LoadedOnce):
+    NAME = "cpu_adam"
+    _factory = _LoadedCpuAdam
+
+
+class CPUAdagradBuilder(_LoadedOnce):
+    NAME = "cpu_adagrad"
+    _factory = _LoadedCpuAdagrad
+
+
+class CPULionBuilder(_LoadedOnce):
+    NAME = "cpu_lion"
+    _factory = _LoadedCpuLion
+
+
+class FusedAdamBuilder(OpBuilder):
+    NAME = "fused_adam"
+    _missing = ("zinf has no fused GPU Adam kernel to load; zinf.ops.adam.FusedAdam steps device params with "
+                "torch's fused Adam, and DeepSpeedCPUAdam steps offloaded ones")
+
+
+class FusedLionBuilder(OpBuilder):
+    NAME = "fused_lion"
+    _missing = "zinf has no fused GPU Lion kernel; offloaded Lion is zinf.ops.lion.DeepSpeedCPULion"
+
+
+class GDSBuilder(OpBuilder):
+    NAME = "gds"
+    _missing = ("zinf has no GPUDirect Storage op; GPU tensors go through pinned host memory with "
+                "AsyncIOBuilder().load().aio_handle")
+
+
+ALL_BUILDERS = (AsyncIOBuilder, CPUAdamBuilder, CPUAdagradBuilder, CPULionBuilder, FusedAdamBuilder,
+                FusedLionBuilder, GDSBuilder)
+
+
+def compatible_ops():
+    """{NAME: is_compatible()} for every builder."""
+    return {builder.NAME: builder().is_compatible() for builder in ALL_BUILDERS}
+
+
+__all__ = [builder.__name__ for builder in ALL_BUILDERS] + ["OpBuilder", "compatible_ops"]
