@@ -128,12 +128,15 @@ def test_no_sync_is_refused_where_gradients_are_partitioned(stage):
 
 
 @pytest.mark.parametrize("stage", [0, 1])
-def test_no_sync_accumulates_undivided_and_zero_grad_drops_it(stage):
+@pytest.mark.parametrize("zero_grad_of", ["engine", "optimizer"])
+def test_no_sync_accumulates_undivided_and_zero_grad_drops_it(stage, zero_grad_of):
     """DeepSpeed's test_no_sync_ctxt: inside no_sync the loss is not divided
     by gradient_accumulation_steps, step() is refused, a second no_sync
-    inside the first is refused, and zero_grad (stages 0 and 1) starts the
-    accumulation over, so two identical passes see identical gradients."""
-    engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(stage, gradient_accumulation_steps=2))
+    inside the first is refused, and zero_grad (stages 0 and 1; the engine's
+    or the optimizer initialize returned) starts the accumulation over, so
+    two identical passes see identical gradients."""
+    engine, optimizer, _, _ = zinf.initialize(model=make_model(),
+                                              config=config_for(stage, gradient_accumulation_steps=2))
     plain = make_model()
     params = dict(engine.module.named_parameters())
     passes = []
@@ -150,7 +153,7 @@ def test_no_sync_accumulates_undivided_and_zero_grad_drops_it(stage):
                     engine.step()
                 norms.append(sum(float(utils.safe_get_full_grad(p).norm()) for p in params.values()))
         passes.append(norms)
-        engine.zero_grad()
+        (engine if zero_grad_of == "engine" else optimizer).zero_grad()
         plain.zero_grad()
     assert passes[0] == passes[1]
     for micro in range(3):

@@ -430,18 +430,26 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
     # Stage 2: the params are used by the parent's forward, not their own
     # modules', which stage 3 cannot see (see docs/python.md).
     config = config_for(2, train_batch_size=4, fp16={"enabled": True, "initial_scale_power": 30, "hysteresis": 1})
-    engine, _, _, _ = zinf.initialize(model=model, config=config)
-    assert engine.loss_scale == 2.0 ** 30
+    engine, optimizer, _, _ = zinf.initialize(model=model, config=config)
+    assert engine.loss_scale == 2.0 ** 30 and not optimizer.overflow
     before = engine.consolidated_state_dict(dtype=torch.float32)
     x, y = batch(0, 0, 0, 4)
     # 2^30 x the loss: the fp16 gradients overflow to infinity.
     engine.backward(torch.nn.functional.mse_loss(engine(x) * 1e4, y))
     engine.step()
     assert not engine.was_step_applied()
+    assert optimizer.overflow  # what Accelerate's step_was_skipped reads
     assert engine.loss_scale == 2.0 ** 29
     after = engine.consolidated_state_dict(dtype=torch.float32)
     for name in before:
         assert torch.equal(before[name], after[name]), name
+    # Each skip halves the scale, until the gradients fit in fp16.
+    for _ in range(30):
+        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        engine.step()
+        if engine.was_step_applied():
+            break
+    assert engine.was_step_applied() and not optimizer.overflow
     engine.close()
 
 

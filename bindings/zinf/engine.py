@@ -81,8 +81,11 @@ class UsageError(RuntimeError, AssertionError):
 class ZinfOptimizer(torch.optim.Optimizer):
     """What initialize() returns as the optimizer: the model's parameters in
     param_groups (so torch and DeepSpeed schedulers can set "lr"), stepped by
-    the engine. step() and zero_grad() belong to the engine (engine.step(),
-    engine.zero_grad()); calling them here is a no-op apart from that."""
+    the engine. step() belongs to the engine (engine.step()): here it only
+    runs the closure. zero_grad() is engine.zero_grad(), as DeepSpeed's ZeRO
+    optimizer's drops what its stage keeps in param.grad. `overflow` says
+    whether the last optimizer step was skipped for non-finite gradients
+    (Accelerate's and the HF Trainer's step_was_skipped read it)."""
 
     def __init__(self, params, settings):
         super().__init__(params, dict(settings))
@@ -92,7 +95,12 @@ class ZinfOptimizer(torch.optim.Optimizer):
         return None if closure is None else closure()
 
     def zero_grad(self, set_to_none=True):
-        return None
+        if self._engine is not None:
+            self._engine.zero_grad()
+
+    @property
+    def overflow(self):
+        return self._engine is not None and self._engine._overflow
 
     @property
     def loss_scale(self):
@@ -327,6 +335,7 @@ class ZinfEngine(torch.nn.Module):
         self.global_samples = 0
         self.micro_steps = 0
         self._step_applied = False
+        self._overflow = False  # the last boundary's step was skipped (fp16 overflow)
         self._backward_pending = False
         # set_gradient_accumulation_boundary's override (None: count
         # micro-steps); backward's scale_wrt_gas for every call when set.
@@ -710,6 +719,7 @@ class ZinfEngine(torch.nn.Module):
         self.global_samples += self._micro_batch * self.world_size
         self._step_applied = stepped
         if boundary:
+            self._overflow = not stepped
             self.global_steps += 1
             if self._scheduler is not None and stepped:
                 self._scheduler.step(**(lr_kwargs or {}))
