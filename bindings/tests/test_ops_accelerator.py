@@ -25,10 +25,10 @@ from test_initialize import config_for, train_both  # noqa: E402
 # -- op builders --------------------------------------------------------------------------------
 def test_compatible_ops_say_what_loads_here():
     ops = deepspeed.ops.__compatible_ops__
-    for builder in (AsyncIOBuilder, CPUAdamBuilder, CPUAdagradBuilder, CPULionBuilder):
+    for builder in (AsyncIOBuilder, CPUAdamBuilder, CPUAdagradBuilder, CPULionBuilder, FusedAdamBuilder):
         assert ops[builder.NAME] is True, builder.NAME
         assert builder().is_compatible() and builder().load() is builder().load()
-    for builder in (FusedAdamBuilder, GDSBuilder):
+    for builder in (GDSBuilder,):
         assert ops[builder.NAME] is False
         with pytest.raises(RuntimeError, match=builder.__name__):
             builder().load()
@@ -146,6 +146,37 @@ def test_cpu_lion_op_is_the_published_update():
 
 
 # -- FusedAdam ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode,torch_kind", [(1, torch.optim.AdamW), (0, torch.optim.Adam)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_adam_op_is_torchs_adam_in_both_modes(mode, torch_kind, dtype):
+    """FusedAdamBuilder().load().multi_tensor_adam as DeepSpeed's FusedAdam
+    calls it: [grads, params, exp_avgs, exp_avg_sqs], mode 1 AdamW, mode 0
+    L2; fp32 math written back in the tensors' dtype; a set noop flag (an
+    overflow) leaves everything as it was."""
+    op = FusedAdamBuilder().load()
+    torch.manual_seed(4)
+    params = [torch.randn(33).to(dtype), torch.randn(5, 7).to(dtype)]
+    states = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    references = [torch.nn.Parameter(p.float().clone()) for p in params]
+    torch_optimizer = torch_kind(references, lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
+    no_overflow = torch.zeros(1, dtype=torch.int32)
+    for step in range(1, 5):
+        grads = [torch.randn(p.shape).to(dtype) for p in params]
+        op.multi_tensor_adam(2048 * 32, no_overflow, [grads, params, [m for m, _ in states], [v for _, v in states]],
+                             0.01, 0.9, 0.95, 1e-8, step, mode, 1, 0.05)
+        for reference, grad in zip(references, grads):
+            reference.grad = grad.float()
+        torch_optimizer.step()
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    for param, reference in zip(params, references):
+        torch.testing.assert_close(param.float(), reference.detach(), atol=tolerance, rtol=tolerance)
+    before = [p.clone() for p in params]
+    op.multi_tensor_adam(2048 * 32, torch.ones(1, dtype=torch.int32),
+                         [[torch.ones_like(p) for p in params], params, [m for m, _ in states],
+                          [v for _, v in states]], 0.01, 0.9, 0.95, 1e-8, 5, mode, 1, 0.05)
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+
+
 @pytest.mark.parametrize("adam_w_mode,torch_kind", [(True, torch.optim.AdamW), (False, torch.optim.Adam)])
 def test_fused_adam_is_torchs_adam_or_adamw_by_adam_w_mode(adam_w_mode, torch_kind):
     torch.manual_seed(3)

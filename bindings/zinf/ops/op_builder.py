@@ -173,10 +173,46 @@ class CPULionBuilder(_LoadedOnce):
     _factory = _LoadedCpuLion
 
 
-class FusedAdamBuilder(OpBuilder):
+class _LoadedFusedAdam:
+    """The op FusedAdamBuilder loads: DeepSpeed's multi_tensor_adam over
+    torch tensor arithmetic on the tensors' own device (zinf has no CUDA
+    kernel of its own for it; zinf.ops.adam.FusedAdam steps through torch's
+    fused Adam instead). Math in fp32, written back in each tensor's dtype,
+    as DeepSpeed's kernel does."""
+
+    @torch.no_grad()
+    def multi_tensor_adam(self, chunk_size, noop_flag, tensor_lists, lr, beta1, beta2, epsilon, step, mode,
+                          bias_correction, weight_decay):
+        """tensor_lists = [grads, params, exp_avgs, exp_avg_sqs]; mode 0 adds
+        the weight decay to the gradient (L2), mode 1 decouples it (AdamW);
+        nothing happens while noop_flag is non-zero (an overflow seen)."""
+        if len(tensor_lists) != 4 or len({len(tensors) for tensors in tensor_lists}) != 1:
+            raise ValueError("multi_tensor_adam takes [grads, params, exp_avgs, exp_avg_sqs] of one length")
+        if noop_flag is not None and bool(noop_flag.ne(0).any()):
+            return
+        correction1 = 1 - beta1 ** step if bias_correction else 1.0
+        correction2 = 1 - beta2 ** step if bias_correction else 1.0
+        for grad, param, exp_avg, exp_avg_sq in zip(*tensor_lists):
+            g = grad.float()
+            p, m, v = param.float(), exp_avg.float(), exp_avg_sq.float()  # the tensors themselves when fp32
+            if mode == 0:
+                g = g + weight_decay * p
+            m.mul_(beta1).add_(g, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            update = (m / correction1) / ((v / correction2).sqrt_().add_(epsilon))
+            if mode != 0:
+                update.add_(p, alpha=weight_decay)
+            p.add_(update, alpha=-lr)
+            for original, work in ((param, p), (exp_avg, m), (exp_avg_sq, v)):
+                if work is not original:
+                    original.copy_(work)
+
+
+class FusedAdamBuilder(_LoadedOnce):
+    """fused_adam: multi_tensor_adam on torch arithmetic (see
+    _LoadedFusedAdam); zinf.ops.adam.FusedAdam is usable wherever torch is."""
     NAME = "fused_adam"
-    _missing = ("zinf has no fused GPU Adam kernel to load; zinf.ops.adam.FusedAdam steps device params with "
-                "torch's fused Adam, and DeepSpeedCPUAdam steps offloaded ones")
+    _factory = _LoadedFusedAdam
 
 
 class FusedLionBuilder(OpBuilder):
