@@ -399,3 +399,35 @@ def test_subgroups_are_independent_and_deterministic():
         a.grad, b.grad = torch.randn(64), torch.randn(64)
         optimizer.param_groups[0]["params"] = [a, b]
         optimizer.step_subgroup(2)
+
+
+def test_log_dist_logs_on_the_ranks_named_as_deepspeeds(caplog):
+    """Without a process group every call logs (rank -1); the message
+    carries the rank as DeepSpeed's does."""
+    from zinf.utils import log_dist, logger
+    assert logger.name == "zinf"
+    with caplog.at_level("INFO", logger="zinf"):
+        log_dist("hello", ranks=[0])
+        log_dist("debug only", ranks=[-1], level=10)
+    assert [r.getMessage() for r in caplog.records] == ["[Rank -1] hello"]
+
+
+def test_log_dist_prints_where_nothing_configured_logging(scratch):
+    """A script that set up no logging sees the lines (DeepSpeed's logger
+    has its own handler); inside a process group, only the ranks named."""
+    import subprocess
+    import sys
+    script = "\n".join([
+        "import torch.distributed as dist",
+        "from zinf.utils import log_dist",
+        "log_dist('before the group', ranks=[0])",
+        f"dist.init_process_group('gloo', init_method='file://{scratch}/store', rank=0, world_size=1)",
+        "log_dist('rank zero named', ranks=[0])",
+        "log_dist('every rank', ranks=[-1])",
+        "log_dist('rank one named', ranks=[1])",
+        "log_dist('no rank named')",
+        "dist.destroy_process_group()"])
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[Rank -1] before the group", "[Rank 0] rank zero named", "[Rank 0] every rank"]
