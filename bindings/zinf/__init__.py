@@ -19,7 +19,8 @@
   ``deepspeed.comm`` over the torch.distributed group zinf trains on.
 - ``zinf.ops`` (op builders, ``zinf.ops.adam.DeepSpeedCPUAdam`` ...) and
   ``zinf.accelerator.get_accelerator()``: DeepSpeed's ``deepspeed.ops`` and
-  ``deepspeed.accelerator`` by the same paths.
+  ``deepspeed.accelerator`` by the same paths; ``zinf.checkpointing`` is
+  ``deepspeed.checkpointing`` (activation checkpointing).
 
 Errors: ValueError for bad configuration or arguments, OSError (with errno
 and filename) for I/O, RuntimeError for the rest. Every wait releases the GIL.
@@ -29,10 +30,10 @@ from .aio import aio_handle, aio_read, aio_write, deepspeed_memcpy
 from .optim import CPUAdagrad, CPUAdam, CPULion, DeepSpeedCPUAdagrad, DeepSpeedCPUAdam, DeepSpeedCPULion
 from .swap import TensorSwapper
 from .engine import ZinfEngine, add_config_arguments, init_distributed, initialize
-from . import accelerator, comm, ops, utils, zero
+from . import accelerator, checkpointing, comm, ops, utils, zero
 from .accelerator import get_accelerator
 
 __all__ = ["__version__", "aio_handle", "aio_read", "aio_write", "deepspeed_memcpy", "CPUAdam", "CPUAdagrad",
            "CPULion", "DeepSpeedCPUAdam", "DeepSpeedCPUAdagrad", "DeepSpeedCPULion", "TensorSwapper",
-           "ZinfEngine", "add_config_arguments", "init_distributed", "initialize", "accelerator", "comm",
-           "get_accelerator", "ops", "utils", "zero"]
+           "ZinfEngine", "add_config_arguments", "init_distributed", "initialize", "accelerator", "checkpointing",
+           "comm", "get_accelerator", "ops", "utils", "zero"]
