@@ -156,3 +156,43 @@ def test_refusals_are_clear():
         p.grad = torch.ones(4, device="cuda")
         with pytest.raises(AssertionError, match="CPU"):
             zinf.CPUAdam([p]).step()
+
+
+@pytest.mark.parametrize("torch_kind,zinf_kind,options", [
+    (torch.optim.AdamW, zinf.CPUAdam, dict(lr=0.01, weight_decay=0.01)),
+    (torch.optim.Adagrad, zinf.CPUAdagrad, dict(lr=0.05)),
+])
+def test_a_torch_optimizers_state_dict_loads_and_training_goes_on_as_torchs(torch_kind, zinf_kind, options):
+    """A trainer moving from torch's optimizer to zinf's (or back) keeps its
+    checkpoint: torch's groups lack DeepSpeed's keys (bias_correction) and
+    count steps in tensors, Adagrad names its sum "sum"."""
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(50))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    reference = torch_kind([theirs], **options)
+    for _ in range(2):
+        theirs.grad = torch.randn(50)
+        reference.step()
+    optimizer = zinf_kind([ours], **options)
+    ours.data.copy_(theirs.data)
+    optimizer.load_state_dict(reference.state_dict())
+    assert optimizer.state[ours]["step"] == 2
+    for _ in range(3):
+        ours.grad = torch.randn(50)
+        theirs.grad = ours.grad.clone()
+        optimizer.step()
+        reference.step()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), atol=1e-6, rtol=1e-6)
+    back = torch_kind([torch.nn.Parameter(ours.detach().clone())], **options)
+    if torch_kind is torch.optim.AdamW:
+        back.load_state_dict(optimizer.state_dict())  # and back again
+        assert int(back.state[back.param_groups[0]["params"][0]]["step"]) == 5
+
+
+def test_a_state_dict_of_another_optimizer_is_refused_naming_what_it_has():
+    p = torch.nn.Parameter(torch.randn(4))
+    sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(4)
+    sgd.step()
+    with pytest.raises(ValueError, match=r"has \['momentum_buffer'\], not \['exp_avg', 'exp_avg_sq'\]"):
+        zinf.CPUAdam([p]).load_state_dict(sgd.state_dict())

@@ -95,6 +95,7 @@ class _CpuOptimizer(torch.optim.Optimizer):
     _states = ()        # state tensors the kernel updates, in kernel order
     _extra_states = ()  # state tensors DeepSpeed also creates (kept, unused)
     _takes_sparse = False
+    _torch_state_names = {}  # torch's name of a state tensor -> this optimizer's
     optimizer_id = 0
 
     def __init__(self, params, defaults, fp32_optimizer_states, threads):
@@ -114,6 +115,26 @@ class _CpuOptimizer(torch.optim.Optimizer):
 
     def _check_device(self, tensor, where):
         _check_cpu(type(self).__name__, tensor, where)
+
+    def __setstate__(self, state):
+        """What load_state_dict ends in: a state dict saved by torch's
+        optimizer (or an older zinf) lacks the groups' DeepSpeed keys
+        (bias_correction ...) and counts steps in tensors; the defaults fill
+        the first, the second become ints."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        for param_state in self.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = int(param_state["step"].item())
+            for torch_name, name in self._torch_state_names.items():
+                if torch_name in param_state and name not in param_state:
+                    param_state[name] = param_state.pop(torch_name)
+            if param_state and any(name not in param_state for name in self._states):
+                missing = [name for name in self._states if name not in param_state]
+                raise ValueError(f"{type(self).__name__}.load_state_dict: a param's state has "
+                                 f"{sorted(k for k in param_state if k != 'step')}, not {missing}")
 
     def _init_state(self, state, p):
         if not state:
@@ -278,6 +299,7 @@ class CPUAdagrad(_CpuOptimizer):
     sum); sparse gradients update only the entries they name."""
     _states = ("exp_avg_sq",)
     _takes_sparse = True
+    _torch_state_names = {"sum": "exp_avg_sq"}  # torch's Adagrad keeps it as "sum"
     optimizer_id = 0
 
     def __init__(self, model_params, lr=1e-2, eps=1e-10, weight_decay=0, amsgrad=False,
