@@ -145,7 +145,7 @@ python_ready() {
 step python-stage python_ready
 step python-tests env PYTHONPATH="$python_stage" ZINF_TEST_DIR="$scratch" python3 -m pytest -q -rs -p no:cacheprovider \
   bindings/tests/test_torch_offload_cuda.py bindings/tests/test_initialize_cuda.py bindings/tests/test_torch_offload.py \
-  bindings/tests/test_deepspeed_compat.py
+  bindings/tests/test_deepspeed_compat.py bindings/tests/test_ops_accelerator.py bindings/tests/test_checkpointing.py
 
 # ---- report -----------------------------------------------------------------
 {

@@ -311,3 +311,19 @@ def test_with_a_gpu_the_accelerator_is_cuda():
     event.synchronize()
     assert float(tensor[0]) == 2.0
     assert torch.half in accelerator.supported_dtypes()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: FusedAdam's fused path needs one")
+@pytest.mark.parametrize("adam_w_mode,torch_kind", [(True, torch.optim.AdamW), (False, torch.optim.Adam)])
+def test_fused_adam_on_the_gpu_is_torchs(adam_w_mode, torch_kind):
+    torch.manual_seed(5)
+    ours = torch.nn.Parameter(torch.randn(1000, device="cuda"))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    fused = deepspeed.ops.adam.FusedAdam([ours], lr=0.01, weight_decay=0.1, adam_w_mode=adam_w_mode)
+    reference = torch_kind([theirs], lr=0.01, weight_decay=0.1)
+    for _ in range(5):
+        ours.grad = torch.randn(1000, device="cuda")
+        theirs.grad = ours.grad.clone()
+        fused.step()
+        reference.step()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), atol=1e-5, rtol=1e-5)
