@@ -40,6 +40,7 @@ zinf's collectives run on host memory over Gloo (a Gloo group of its own
 beside an NCCL default group the script made). The C++ engine's
 device-memory path (CUDA copier, NCCL communicator) is not used from Python.
 """
+import collections
 import contextlib
 import json
 import logging
@@ -888,7 +889,11 @@ class ZinfEngine(torch.nn.Module):
             state = {"global_steps": self.global_steps, "global_samples": self.global_samples,
                      "micro_steps": self.micro_steps, "client_state": client_state or {},
                      "lr_scheduler": self._scheduler.state_dict() if self._scheduler is not None else None,
-                     "param_groups": [_group_settings(g, self._kind) for g in self.optimizer.param_groups]}
+                     "param_groups": [_group_settings(g, self._kind) for g in self.optimizer.param_groups],
+                     # What the engine's shards do not hold: the persistent
+                     # buffers (rank 0's, as DeepSpeed saves them) and the
+                     # names tied weights also go by (for zero_to_fp32).
+                     "buffers": self._buffers_to_save(), "aliases": self._tied_aliases()}
             torch.save(state, os.path.join(path, "zinf_engine_state.pt"))
             if save_latest:
                 with open(os.path.join(save_dir, "latest"), "w") as file:
@@ -900,6 +905,30 @@ class ZinfEngine(torch.nn.Module):
             dist.barrier(group=self._host_group)
         return True
 
+    def _buffers_to_save(self):
+        return collections.OrderedDict((key, tensor.detach().to("cpu", copy=True))
+                                       for key, tensor in self._module_entries() if id(tensor) not in self._index)
+
+    def _tied_aliases(self):
+        """{state-dict key: the name the engine holds the param under} for
+        the keys of tied weights beyond their first."""
+        registered = {id(p): name for name, p in self._named_unique}
+        return {key: registered[id(tensor)] for key, tensor in self._module_entries()
+                if id(tensor) in registered and key != registered[id(tensor)]}
+
+    def _load_buffers(self, saved, strict):
+        buffers = {key: tensor for key, tensor in self._module_entries() if id(tensor) not in self._index}
+        if strict:
+            missing, unexpected = sorted(set(buffers) - set(saved)), sorted(set(saved) - set(buffers))
+            if missing or unexpected:
+                raise ValueError(f"load_checkpoint: the checkpoint's buffers differ from the model's (missing "
+                                 f"{missing}, unexpected {unexpected}); load_module_strict=False loads those "
+                                 "both have")
+        with torch.no_grad():
+            for key, tensor in buffers.items():
+                if key in saved:
+                    tensor.copy_(saved[key].to(tensor.device, tensor.dtype))
+
     def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
                         load_lr_scheduler_states=True, load_module_only=False):
         """Restores what save_checkpoint wrote (tag from load_dir/latest when
@@ -908,8 +937,10 @@ class ZinfEngine(torch.nn.Module):
         counters and (with load_lr_scheduler_states) the scheduler, with a
         fresh optimizer (zero moments, its step count from 0);
         load_module_only=True takes the weights alone (fine-tuning from a
-        checkpoint). The params must be those saved (load_module_strict is
-        always strict)."""
+        checkpoint). The params must be those saved; the persistent
+        buffers are restored too, and load_module_strict=False lets the
+        model's and the checkpoint's buffers differ (those both have are
+        loaded)."""
         if tag is None:
             latest = os.path.join(load_dir, "latest")
             if not os.path.exists(latest):
@@ -924,6 +955,8 @@ class ZinfEngine(torch.nn.Module):
         # client_state may hold any picklable object (DeepSpeed's contract):
         # this file is the trainer's own, not weights from elsewhere.
         state = torch.load(os.path.join(path, "zinf_engine_state.pt"), weights_only=False)
+        if "buffers" in state:  # checkpoints from before buffers were saved have none
+            self._load_buffers(state["buffers"], load_module_strict)
         if load_module_only:
             self.micro_steps = 0  # the engine's accumulation starts over with its fresh optimizer
             return path, state["client_state"]
@@ -948,17 +981,58 @@ class ZinfEngine(torch.nn.Module):
             out[name] = values.to(dtype or self._dtype)
         return out
 
+    def _module_entries(self):
+        """(state-dict key, tensor) of the module in load_state_dict's order:
+        every name a parameter goes by (a tied weight under each of its
+        names) and the persistent buffers."""
+        return list(self.module.state_dict(keep_vars=True).items())
+
+    def module_state_16bit(self, exclude_frozen_parameters=False, tied_once=False):
+        """The module's state dict, whole: params from the fp32 masters in
+        the working precision (each gathered once; a tied alias is the same
+        tensor, or left out with tied_once), persistent buffers as this
+        rank holds them, on the CPU. Loads into the model with
+        load_state_dict(strict=True). Collective."""
+        out, whole = collections.OrderedDict(), {}
+        for key, tensor in self._module_entries():
+            if id(tensor) not in self._index:
+                out[key] = tensor.detach().to("cpu", copy=True)
+                continue
+            if exclude_frozen_parameters and not tensor.requires_grad:
+                continue
+            if id(tensor) in whole:
+                if not tied_once:
+                    out[key] = whole[id(tensor)]
+                continue
+            values = torch.empty(self._shapes[id(tensor)], dtype=torch.float32)
+            self._engine.gather(self._index[id(tensor)], "param", values.data_ptr(), values.numel())
+            out[key] = whole[id(tensor)] = values.to(self._dtype)
+        return out
+
+    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters=False):
+        """DeepSpeed's name for module_state_16bit (at every stage here)."""
+        return self.module_state_16bit(exclude_frozen_parameters)
+
+    def module_state_dict(self, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
+        """DeepSpeed's: the module's state dict, here with every parameter
+        whole (stage 3 too) in the working precision. Collective."""
+        state = self.module_state_16bit(exclude_frozen_parameters)
+        out = destination if destination is not None else collections.OrderedDict()
+        for key, value in state.items():
+            out[prefix + key] = value
+        return out
+
     def save_16bit_model(self, save_dir, save_filename="pytorch_model.bin", exclude_frozen_parameters=False):
         """The whole model in the working precision (16-bit with fp16/bf16)
         on rank 0: torch.save of the state dict under DeepSpeed's default
         name, or safetensors for a .safetensors name (a Hugging Face model
         loads either with from_pretrained(save_dir) next to its config).
         exclude_frozen_parameters leaves out those with requires_grad=False
-        (an adapter's export). Collective."""
-        weights = self.consolidated_state_dict()
-        if exclude_frozen_parameters:
-            weights = {name: value for name, value in weights.items()
-                       if dict(self._named_unique)[name].requires_grad}
+        (an adapter's export). The persistent buffers (a norm's running
+        statistics) are saved with the weights, and a tied weight under each
+        of its names (safetensors: under the first only, as Hugging Face's
+        save_pretrained does, since it refuses shared tensors). Collective."""
+        weights = self.module_state_16bit(exclude_frozen_parameters, tied_once=save_filename.endswith(".safetensors"))
         if self.global_rank == 0:
             os.makedirs(save_dir, exist_ok=True)
             target = os.path.join(save_dir, save_filename)

@@ -44,16 +44,30 @@ def _checkpoint_path(checkpoint_dir, tag):
 
 
 def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=None, exclude_frozen_parameters=False):
-    """{name: fp32 tensor} of every parameter, whole (an OrderedDict in the
-    order the engine registered them). `checkpoint_dir` holds `latest` and
-    the tag directories save_checkpoint wrote (or is one of them)."""
+    """The model's state dict in fp32, as DeepSpeed's: every parameter
+    whole (in the order the engine registered them), then a tied weight's
+    other names (the same tensor) and the persistent buffers (16-bit
+    floating ones widened to fp32), so model.load_state_dict(strict=True)
+    takes it. `checkpoint_dir` holds `latest` and the tag directories
+    save_checkpoint wrote (or is one of them)."""
     out = collections.OrderedDict()
 
     def sink(name, shape, trainable, view):
         if trainable or not exclude_frozen_parameters:
             out[name] = torch.frombuffer(view, dtype=torch.float32).clone().view(shape)
 
-    _zinf.consolidate_checkpoint(_checkpoint_path(checkpoint_dir, tag), sink)
+    path = _checkpoint_path(checkpoint_dir, tag)
+    _zinf.consolidate_checkpoint(path, sink)
+    engine_state = os.path.join(path, "zinf_engine_state.pt")
+    if os.path.exists(engine_state):
+        # The trainer's own file (client_state may hold any object).
+        state = torch.load(engine_state, weights_only=False)
+        for alias, name in state.get("aliases", {}).items():
+            if name in out:
+                out[alias] = out[name]
+        for key, buffer in state.get("buffers", {}).items():
+            widen = buffer.is_floating_point() and buffer.element_size() < 4
+            out[key] = buffer.float() if widen else buffer
     return out
 
 
@@ -71,22 +85,34 @@ def convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, output_dir_or_fil
         target = os.path.join(target, "model.safetensors" if safe_serialization else "pytorch_model.bin")
     if target.endswith(".safetensors"):
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, target, metadata={"format": "pt"})
+        # safetensors refuses shared tensors: a tied weight under its first
+        # name only, as Hugging Face's save_pretrained writes it.
+        seen = set()
+        unique = {}
+        for key, value in state_dict.items():
+            if id(value) not in seen:
+                seen.add(id(value))
+                unique[key] = value.contiguous()
+        save_file(unique, target, metadata={"format": "pt"})
     else:
         torch.save(state_dict, target)
     return target
 
 
 def load_state_dict_from_zero_checkpoint(model, checkpoint_dir, tag=None):
-    """Moves `model` to the CPU and loads the checkpoint's fp32 weights into
-    it (params the checkpoint does not hold, such as a tied alias, are
-    left); returns the model. The model is no longer a zinf engine's."""
+    """Moves `model` to the CPU and loads the checkpoint's fp32 weights and
+    its buffers into it (params of the model's dtype; what the checkpoint
+    does not hold is left); returns the model. The model is no longer a
+    zinf engine's."""
     state_dict = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag)
     model = model.cpu()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in state_dict:
                 p.data = state_dict[name].to(p.dtype).view(state_dict[name].shape)
+        for name, buffer in model.named_buffers():
+            if name in state_dict:
+                buffer.data = state_dict[name].to(buffer.dtype).view(state_dict[name].shape)
     return model
 
 
