@@ -5,7 +5,7 @@ torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set.
     python initialize_worker.py RUN.json
 
 RUN.json: {"config": {...}, "steps": K, "out": path, "save": dir|null,
-"load": dir|null, "die_at": step|null, "zero_init": bool (build the model
+"load": dir|null, "die_at": step|null, "module_state_on_rank0": bool, "zero_init": bool (build the model
 under zinf.zero.Init), "bias_decay": weight decay of a param group of the
 biases, or null, "groups": param groups with their own settings
 (initialize_model.param_groups' spec), "group_lambdas": a LambdaLR of its
@@ -107,6 +107,13 @@ def main():
         engine.step()  # not a boundary: the window stays open
     if run.get("save"):
         engine.save_checkpoint(run["save"], client_state={"next_step": run["steps"]})
+    module_state = None
+    if run.get("module_state_on_rank0"):
+        # As scripts save: rank 0 alone; the others go straight on to a
+        # barrier, which a collective on rank 0 would be paired with.
+        if rank == 0:
+            module_state = engine.module_state_dict()
+        deepspeed.comm.barrier()
     state = engine.consolidated_state_dict(dtype=torch.float32)
     # deepspeed.comm, as scripts use it over the group zinf trains on (Gloo:
     # host tensors; an NCCL default group takes the script's GPU tensors).
@@ -127,7 +134,7 @@ def main():
     if rank == 0:
         torch.save({"losses": losses, "state": state, "lrs": lrs, "grad_norm": engine.get_global_grad_norm(),
                     "steps": engine.global_steps, "timings": engine.timings(), "comm": comm,
-                    "inspected": inspected}, run["out"])
+                    "inspected": inspected, "module_state": module_state}, run["out"])
     engine.close()
 
 

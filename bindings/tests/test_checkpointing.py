@@ -18,10 +18,10 @@ from test_initialize import config_for  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def fresh_settings():
-    checkpointing.reset()
+    checkpointing._forget_configuration()
     checkpointing.get_cuda_rng_tracker().reset()
     yield
-    checkpointing.reset()
+    checkpointing._forget_configuration()
 
 
 class Block(torch.nn.Module):
@@ -46,18 +46,20 @@ class Stack(torch.nn.Module):
         torch.manual_seed(11)
         self.blocks = torch.nn.ModuleList(Block(width, tracked) for _ in range(depth))
         self.head = torch.nn.Linear(width, 1)
-        self.checkpointed = checkpointed
+        self.checkpoint = {False: None, True: checkpointing.checkpoint,
+                           "non-reentrant": checkpointing.non_reentrant_checkpoint}[checkpointed]
 
     def forward(self, x):
         for block in self.blocks:
-            x = checkpointing.checkpoint(block, x, 0.5) if self.checkpointed else block(x, 0.5)
+            x = self.checkpoint(block, x, 0.5) if self.checkpoint else block(x, 0.5)
         return self.head(x)
 
 
+@pytest.mark.parametrize("kind", [True, "non-reentrant"])
 @pytest.mark.parametrize("tracked", [False, True])
-def test_a_checkpointed_stack_has_plain_outputs_and_gradients(tracked):
+def test_a_checkpointed_stack_has_plain_outputs_and_gradients(tracked, kind):
     results = []
-    for checkpointed in (False, True):
+    for checkpointed in (False, kind):
         model = Stack(checkpointed, tracked)
         if tracked:
             checkpointing.model_parallel_cuda_manual_seed(1234)
@@ -70,6 +72,7 @@ def test_a_checkpointed_stack_has_plain_outputs_and_gradients(tracked):
                         [block.runs for block in model.blocks]))
     (plain_loss, plain_x, plain_grads, plain_runs), (loss, x_grad, grads, runs) = results
     assert torch.equal(loss, plain_loss)
+    assert len(grads) == len(plain_grads)
     torch.testing.assert_close(x_grad, plain_x, atol=1e-7, rtol=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-7, rtol=1e-6, msg=name)
@@ -123,6 +126,15 @@ class ModelParallel:
 
     def get_model_parallel_rank(self):
         return self.rank
+
+
+def test_reset_between_iterations_keeps_the_configuration():
+    """DeepSpeed's eval loops call reset() (it frees its contiguous
+    buffers): the settings stay."""
+    checkpointing.configure(None, checkpoint_in_cpu=True, profile=True)
+    checkpointing.reset()
+    assert checkpointing.is_configured()
+    assert checkpointing._settings["checkpoint_in_cpu"] and checkpointing._settings["profile"]
 
 
 def test_configure_reads_the_block_and_names_what_it_refuses(tmp_path):

@@ -13,14 +13,34 @@ import zinf
 from zinf.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, load_state_dict_from_zero_checkpoint
 
 
+class Tagged(torch.nn.Linear):
+    """A module with extra state (get_extra_state / set_extra_state), which
+    is not a tensor."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.seen = {"batches": 0}
+
+    def forward(self, x):
+        self.seen["batches"] += 1
+        return super().forward(x)
+
+    def get_extra_state(self):
+        return dict(self.seen)
+
+    def set_extra_state(self, state):
+        self.seen = dict(state)
+
+
 class NormedTied(torch.nn.Module):
     """A batch norm (running statistics), a tied output projection, a
-    persistent counter and a non-persistent scratch buffer."""
+    persistent counter, a non-persistent scratch buffer and a module with
+    extra state."""
 
     def __init__(self, extra_buffer=False):
         super().__init__()
         torch.manual_seed(0)
-        self.embed = torch.nn.Linear(6, 6)
+        self.embed = Tagged(6, 6)
         self.norm = torch.nn.BatchNorm1d(6)
         self.out = torch.nn.Linear(6, 6)
         self.out.weight = self.embed.weight
@@ -70,13 +90,15 @@ def test_the_16bit_model_holds_the_buffers_and_every_tied_name(scratch, stage):
     fresh.load_state_dict(saved)  # strict: the tied name and the buffers are there
     assert torch.equal(fresh.norm.running_mean, model.norm.running_mean)
     assert float(fresh.calls) == 3 and "scratch" not in saved
+    assert fresh.embed.seen == {"batches": 3}
     weights = engine.consolidated_state_dict()
     assert torch.equal(saved["out.weight"], weights["embed.weight"])
     assert engine.module_state_dict().keys() == saved.keys()
     engine.save_16bit_model(os.path.join(scratch, "st"), "model.safetensors")
     from safetensors.torch import load_file
     tensors = load_file(os.path.join(scratch, "st", "model.safetensors"))
-    assert set(saved) - set(tensors) == {"out.weight"}  # a tied weight once, as save_pretrained writes it
+    # A tied weight once, as save_pretrained writes it; extra state is no tensor.
+    assert set(saved) - set(tensors) == {"out.weight", "embed._extra_state"}
     engine.close()
 
 
@@ -93,6 +115,7 @@ def test_a_resumed_model_evaluates_as_the_saved_one(scratch, stage):
     resumed, _, _, _ = zinf.initialize(model=resumed_model, config=config(stage, os.path.join(scratch, "resumed")))
     resumed.load_checkpoint(os.path.join(scratch, "ckpt"))
     assert int(resumed_model.norm.num_batches_tracked) == 3 and float(resumed_model.calls) == 3
+    assert resumed_model.embed.seen == {"batches": 3}  # extra state, through set_extra_state
     torch.testing.assert_close(evaluate(resumed, x), want, atol=1e-6, rtol=1e-6)
     resumed.close()
 
@@ -118,8 +141,26 @@ def test_buffers_that_differ_are_named_unless_not_strict(scratch):
     engine.close()
     model = NormedTied(extra_buffer=True)
     resumed, _, _, _ = zinf.initialize(model=model, config=config(0, scratch))
+    before = resumed.consolidated_state_dict()
     with pytest.raises(ValueError, match=r"missing \['added_later'\]"):
         resumed.load_checkpoint(os.path.join(scratch, "ckpt"))
+    after = resumed.consolidated_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # refused before anything was loaded
     resumed.load_checkpoint(os.path.join(scratch, "ckpt"), load_module_strict=False)
     assert int(model.norm.num_batches_tracked) == 1 and torch.equal(model.added_later, torch.ones(2))
     resumed.close()
+
+
+def test_below_stage_3_rank_0_alone_may_take_the_module_state(scratch):
+    """DeepSpeed's module_state_dict is the module's own state dict:
+    scripts call it on rank 0 only. Below stage 3 zinf's needs no
+    collective either (two ranks; rank 1 does not call it)."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_initialize import launch
+    config = {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "AdamW", "params": {"lr": 0.01}},
+              "zero_optimization": {"stage": 2}, "steps_per_print": 0}
+    codes, errors, result = launch(2, {"config": config, "steps": 2, "module_state_on_rank0": True}, scratch,
+                                   timeout=180)
+    assert codes == [0, 0], errors
+    assert set(result["module_state"]) >= {"layers.0.weight"}

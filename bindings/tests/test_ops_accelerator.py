@@ -151,8 +151,7 @@ def test_cpu_lion_op_is_the_published_update():
 def test_fused_adam_op_is_torchs_adam_in_both_modes(mode, torch_kind, dtype):
     """FusedAdamBuilder().load().multi_tensor_adam as DeepSpeed's FusedAdam
     calls it: [grads, params, exp_avgs, exp_avg_sqs], mode 1 AdamW, mode 0
-    L2; fp32 math written back in the tensors' dtype; a set noop flag (an
-    overflow) leaves everything as it was."""
+    L2; fp32 math written back in the tensors' dtype."""
     op = FusedAdamBuilder().load()
     torch.manual_seed(4)
     params = [torch.randn(33).to(dtype), torch.randn(5, 7).to(dtype)]
@@ -170,11 +169,6 @@ def test_fused_adam_op_is_torchs_adam_in_both_modes(mode, torch_kind, dtype):
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     for param, reference in zip(params, references):
         torch.testing.assert_close(param.float(), reference.detach(), atol=tolerance, rtol=tolerance)
-    before = [p.clone() for p in params]
-    op.multi_tensor_adam(2048 * 32, torch.ones(1, dtype=torch.int32),
-                         [[torch.ones_like(p) for p in params], params, [m for m, _ in states],
-                          [v for _, v in states]], 0.01, 0.9, 0.95, 1e-8, 5, mode, 1, 0.05)
-    assert all(torch.equal(a, b) for a, b in zip(before, params))
 
 
 @pytest.mark.parametrize("adam_w_mode,torch_kind", [(True, torch.optim.AdamW), (False, torch.optim.Adam)])

@@ -183,16 +183,51 @@ def test_a_torch_optimizers_state_dict_loads_and_training_goes_on_as_torchs(torc
         optimizer.step()
         reference.step()
     torch.testing.assert_close(ours.detach(), theirs.detach(), atol=1e-6, rtol=1e-6)
-    back = torch_kind([torch.nn.Parameter(ours.detach().clone())], **options)
-    if torch_kind is torch.optim.AdamW:
-        back.load_state_dict(optimizer.state_dict())  # and back again
+    if torch_kind is torch.optim.AdamW:  # and back again (torch's Adagrad wants its "sum")
+        back = torch_kind([torch.nn.Parameter(ours.detach().clone())], **options)
+        back.load_state_dict(optimizer.state_dict())
         assert int(back.state[back.param_groups[0]["params"][0]]["step"]) == 5
 
 
-def test_a_state_dict_of_another_optimizer_is_refused_naming_what_it_has():
+def test_a_state_dict_it_cannot_continue_is_refused_before_anything_changes():
     p = torch.nn.Parameter(torch.randn(4))
     sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9)
     p.grad = torch.ones(4)
     sgd.step()
+    optimizer = zinf.CPUAdam([p], lr=0.5)
     with pytest.raises(ValueError, match=r"has \['momentum_buffer'\], not \['exp_avg', 'exp_avg_sq'\]"):
-        zinf.CPUAdam([p]).load_state_dict(sgd.state_dict())
+        optimizer.load_state_dict(sgd.state_dict())
+    amsgrad = torch.optim.Adam([p], amsgrad=True)
+    amsgrad.step()
+    with pytest.raises(ValueError, match="param group 0 has amsgrad=True"):
+        optimizer.load_state_dict(amsgrad.state_dict())
+    assert optimizer.param_groups[0]["lr"] == 0.5 and not optimizer.state
+
+
+def test_16bit_params_keep_fp32_states_through_a_state_dict():
+    """torch's load_state_dict casts states to the param's dtype; with
+    fp32_optimizer_states the moments must come back in fp32, unrounded."""
+    p = torch.nn.Parameter(torch.randn(64).bfloat16())
+    optimizer = zinf.CPUAdam([p], lr=0.01)
+    for _ in range(2):
+        p.grad = torch.randn(64).bfloat16()
+        optimizer.step()
+    saved = optimizer.state_dict()
+    restored = zinf.CPUAdam([p], lr=0.01)
+    restored.load_state_dict(saved)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert restored.state[p][key].dtype == torch.float32
+        assert torch.equal(restored.state[p][key], optimizer.state[p][key])
+
+
+def test_a_refused_step_changes_no_step_count():
+    p, q = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    optimizer = zinf.CPUAdam([{"params": [p]}, {"params": [q]}])
+    p.grad, q.grad = torch.randn(5), torch.randn(5)
+    optimizer.step()
+    before = p.detach().clone()
+    p.grad = torch.randn(5)
+    with pytest.raises(ValueError, match="has shape"):
+        optimizer.step(grads={q: torch.randn(6)})  # the second group's gradient is wrong
+    assert optimizer.state[p]["step"] == 1 and optimizer.state[q]["step"] == 1
+    assert torch.equal(p.detach(), before)  # the first group was not stepped either

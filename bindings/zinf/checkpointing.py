@@ -171,7 +171,13 @@ def is_configured():
 
 
 def reset():
-    """Forgets what configure() set (the tracker keeps its states)."""
+    """DeepSpeed's reset() frees its contiguous checkpoint buffers between
+    iterations (eval loops call it); zinf keeps none, so nothing changes:
+    the configuration stays."""
+
+
+def _forget_configuration():
+    """Back to the defaults, unconfigured (for tests)."""
     global _configured
     _settings.clear()
     _settings.update(_DEFAULTS)
@@ -288,9 +294,23 @@ _ALWAYS_DIFFERENTIABLE = torch.empty(0, requires_grad=True)
 def non_reentrant_checkpoint(function, *args):
     """The same through torch's non-reentrant checkpoint (inputs that do
     not require grad still give gradients to the block's params; the kept
-    inputs stay where they are)."""
+    inputs stay where they are). torch restores its own and the device's
+    random states for the recomputation; the tracker's are restored here."""
     import torch.utils.checkpoint
-    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+    forward_states = _TRACKER.get_states()
+    runs = []
+
+    def run(*inputs):
+        runs.append(True)
+        if len(runs) == 1:
+            return function(*inputs)
+        now = _TRACKER.get_states()
+        _TRACKER.set_states(copy.copy(forward_states))  # fork() replaces entries: the saved ones stay
+        try:
+            return function(*inputs)
+        finally:
+            _TRACKER.set_states(now)
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
 __all__ = ["CheckpointFunction", "CudaRNGStatesTracker", "checkpoint", "configure", "get_cuda_rng_tracker",

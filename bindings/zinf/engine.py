@@ -42,6 +42,7 @@ device-memory path (CUDA copier, NCCL communicator) is not used from Python.
 """
 import collections
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -885,6 +886,9 @@ class ZinfEngine(torch.nn.Module):
         tag = str(tag) if tag is not None else f"global_step{self.global_steps}"
         path = os.path.join(save_dir, tag)
         self._engine.save_checkpoint(path)
+        # Built on every rank, so an error here is every rank's (rank 0
+        # failing alone would leave the others at the barrier).
+        buffers, aliases = self._buffers_to_save(), self._tied_aliases()
         if self.global_rank == 0:
             state = {"global_steps": self.global_steps, "global_samples": self.global_samples,
                      "micro_steps": self.micro_steps, "client_state": client_state or {},
@@ -893,7 +897,7 @@ class ZinfEngine(torch.nn.Module):
                      # What the engine's shards do not hold: the persistent
                      # buffers (rank 0's, as DeepSpeed saves them) and the
                      # names tied weights also go by (for zero_to_fp32).
-                     "buffers": self._buffers_to_save(), "aliases": self._tied_aliases()}
+                     "buffers": buffers, "aliases": aliases}
             torch.save(state, os.path.join(path, "zinf_engine_state.pt"))
             if save_latest:
                 with open(os.path.join(save_dir, "latest"), "w") as file:
@@ -906,28 +910,38 @@ class ZinfEngine(torch.nn.Module):
         return True
 
     def _buffers_to_save(self):
-        return collections.OrderedDict((key, tensor.detach().to("cpu", copy=True))
-                                       for key, tensor in self._module_entries() if id(tensor) not in self._index)
+        """The persistent buffers and extra state (what load_state_dict
+        restores beyond the parameters), on the CPU."""
+        out = collections.OrderedDict()
+        for key, value in self._module_entries():
+            if not torch.is_tensor(value):
+                out[key] = copy.deepcopy(value)
+            elif id(value) not in self._index:
+                out[key] = value.detach().to("cpu", copy=True)
+        return out
 
     def _tied_aliases(self):
         """{state-dict key: the name the engine holds the param under} for
         the keys of tied weights beyond their first."""
         registered = {id(p): name for name, p in self._named_unique}
-        return {key: registered[id(tensor)] for key, tensor in self._module_entries()
-                if id(tensor) in registered and key != registered[id(tensor)]}
+        return {key: registered[id(value)] for key, value in self._module_entries()
+                if torch.is_tensor(value) and id(value) in registered and key != registered[id(value)]}
 
-    def _load_buffers(self, saved, strict):
-        buffers = {key: tensor for key, tensor in self._module_entries() if id(tensor) not in self._index}
+    def _check_buffers(self, saved, strict):
+        """Before anything is loaded: the checkpoint's buffers against the
+        model's (names when strict, shapes always)."""
+        buffers = {key: value for key, value in self._module_entries()
+                   if not torch.is_tensor(value) or id(value) not in self._index}
         if strict:
             missing, unexpected = sorted(set(buffers) - set(saved)), sorted(set(saved) - set(buffers))
             if missing or unexpected:
                 raise ValueError(f"load_checkpoint: the checkpoint's buffers differ from the model's (missing "
                                  f"{missing}, unexpected {unexpected}); load_module_strict=False loads those "
                                  "both have")
-        with torch.no_grad():
-            for key, tensor in buffers.items():
-                if key in saved:
-                    tensor.copy_(saved[key].to(tensor.device, tensor.dtype))
+        for key, value in buffers.items():
+            if torch.is_tensor(value) and torch.is_tensor(saved.get(key)) and saved[key].shape != value.shape:
+                raise ValueError(f"load_checkpoint: buffer {key} is {tuple(saved[key].shape)} in the checkpoint, "
+                                 f"{tuple(value.shape)} in the model")
 
     def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
                         load_lr_scheduler_states=True, load_module_only=False):
@@ -948,15 +962,20 @@ class ZinfEngine(torch.nn.Module):
             with open(latest) as file:
                 tag = file.read().strip()
         path = os.path.join(load_dir, str(tag))
+        # client_state may hold any picklable object (DeepSpeed's contract):
+        # this file is the trainer's own, not weights from elsewhere.
+        state = torch.load(os.path.join(path, "zinf_engine_state.pt"), weights_only=False)
+        buffers = state.get("buffers")  # checkpoints from before buffers were saved have none
+        if buffers is not None:
+            self._check_buffers(buffers, load_module_strict)
         self._engine.load_checkpoint(path, optimizer_states=load_optimizer_states and not load_module_only)
         for _, p in self._named_unique:
             if id(p) in self._persistent:
                 p.data = self._persistent_values(p)
-        # client_state may hold any picklable object (DeepSpeed's contract):
-        # this file is the trainer's own, not weights from elsewhere.
-        state = torch.load(os.path.join(path, "zinf_engine_state.pt"), weights_only=False)
-        if "buffers" in state:  # checkpoints from before buffers were saved have none
-            self._load_buffers(state["buffers"], load_module_strict)
+        if buffers:
+            # The module's own loading: buffers copied in place, extra state
+            # through set_extra_state; the params (absent here) are left.
+            self.module.load_state_dict(buffers, strict=False)
         if load_module_only:
             self.micro_steps = 0  # the engine's accumulation starts over with its fresh optimizer
             return path, state["client_state"]
@@ -982,31 +1001,39 @@ class ZinfEngine(torch.nn.Module):
         return out
 
     def _module_entries(self):
-        """(state-dict key, tensor) of the module in load_state_dict's order:
+        """(state-dict key, value) of the module in load_state_dict's order:
         every name a parameter goes by (a tied weight under each of its
-        names) and the persistent buffers."""
+        names), the persistent buffers and any module's extra state."""
         return list(self.module.state_dict(keep_vars=True).items())
 
     def module_state_16bit(self, exclude_frozen_parameters=False, tied_once=False):
-        """The module's state dict, whole: params from the fp32 masters in
-        the working precision (each gathered once; a tied alias is the same
-        tensor, or left out with tied_once), persistent buffers as this
-        rank holds them, on the CPU. Loads into the model with
-        load_state_dict(strict=True). Collective."""
+        """The module's state dict, whole: params in the working precision (a
+        tied alias is the same tensor, or left out with tied_once),
+        persistent buffers and extra state as this rank holds them, on the
+        CPU. Loads into the model with load_state_dict(strict=True).
+        Collective at stage 3 (params not whole on every rank are gathered
+        from the masters); at stages 0-2 every rank's own copy, no
+        collective."""
         out, whole = collections.OrderedDict(), {}
-        for key, tensor in self._module_entries():
-            if id(tensor) not in self._index:
-                out[key] = tensor.detach().to("cpu", copy=True)
+        for key, value in self._module_entries():
+            if not torch.is_tensor(value):
+                out[key] = copy.deepcopy(value)  # a module's get_extra_state()
                 continue
-            if exclude_frozen_parameters and not tensor.requires_grad:
+            if id(value) not in self._index:
+                out[key] = value.detach().to("cpu", copy=True)
                 continue
-            if id(tensor) in whole:
+            if exclude_frozen_parameters and not value.requires_grad:
+                continue
+            if id(value) in whole:
                 if not tied_once:
-                    out[key] = whole[id(tensor)]
+                    out[key] = whole[id(value)]
                 continue
-            values = torch.empty(self._shapes[id(tensor)], dtype=torch.float32)
-            self._engine.gather(self._index[id(tensor)], "param", values.data_ptr(), values.numel())
-            out[key] = whole[id(tensor)] = values.to(self._dtype)
+            if id(value) in self._persistent:  # whole here already (every param below stage 3)
+                out[key] = whole[id(value)] = value.detach().to("cpu", copy=True)
+                continue
+            values = torch.empty(self._shapes[id(value)], dtype=torch.float32)
+            self._engine.gather(self._index[id(value)], "param", values.data_ptr(), values.numel())
+            out[key] = whole[id(value)] = values.to(self._dtype)
         return out
 
     def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters=False):
@@ -1015,7 +1042,9 @@ class ZinfEngine(torch.nn.Module):
 
     def module_state_dict(self, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
         """DeepSpeed's: the module's state dict, here with every parameter
-        whole (stage 3 too) in the working precision. Collective."""
+        whole in the working precision. At stages 0-2 local, as DeepSpeed's
+        (rank 0 alone may call it); at stage 3 collective (DeepSpeed's holds
+        empty partitions there)."""
         state = self.module_state_16bit(exclude_frozen_parameters)
         out = destination if destination is not None else collections.OrderedDict()
         for key, value in state.items():
@@ -1031,14 +1060,17 @@ class ZinfEngine(torch.nn.Module):
         (an adapter's export). The persistent buffers (a norm's running
         statistics) are saved with the weights, and a tied weight under each
         of its names (safetensors: under the first only, as Hugging Face's
-        save_pretrained does, since it refuses shared tensors). Collective."""
+        save_pretrained does, since it refuses shared tensors; and without
+        modules' extra state, which is not a tensor). Collective."""
         weights = self.module_state_16bit(exclude_frozen_parameters, tied_once=save_filename.endswith(".safetensors"))
         if self.global_rank == 0:
             os.makedirs(save_dir, exist_ok=True)
             target = os.path.join(save_dir, save_filename)
             if save_filename.endswith(".safetensors"):
                 from safetensors.torch import save_file
-                save_file({k: v.contiguous() for k, v in weights.items()}, target, metadata={"format": "pt"})
+                # Tensors only: a module's extra state has no safetensors form.
+                save_file({k: v.contiguous() for k, v in weights.items() if torch.is_tensor(v)}, target,
+                          metadata={"format": "pt"})
             else:
                 torch.save(weights, target)
         if self.world_size > 1:

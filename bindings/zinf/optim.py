@@ -116,11 +116,44 @@ class _CpuOptimizer(torch.optim.Optimizer):
     def _check_device(self, tensor, where):
         _check_cpu(type(self).__name__, tensor, where)
 
+    def _state_names(self, param_state):
+        """A saved param state's tensor names as this optimizer calls them
+        (torch's Adagrad says "sum")."""
+        return {self._torch_state_names.get(key, key) for key in param_state}
+
+    def load_state_dict(self, state_dict):
+        """Also takes torch's optimizers' state dicts (AdamW, Adam,
+        Adagrad): their groups lack DeepSpeed's keys (bias_correction ...),
+        their steps are tensors, Adagrad's sum is "sum". What this optimizer
+        cannot continue (another optimizer's state, AMSGrad) is refused
+        before anything changes. With fp32_optimizer_states the states stay
+        fp32 for 16-bit params (torch casts them to the param's dtype)."""
+        name = type(self).__name__
+        for index, group in enumerate(state_dict["param_groups"]):
+            if group.get("amsgrad"):
+                raise ValueError(f"{name}.load_state_dict: param group {index} has amsgrad=True, which zinf's CPU "
+                                 "optimizers do not have")
+        for param_state in state_dict["state"].values():
+            missing = [key for key in self._states if param_state and key not in self._state_names(param_state)]
+            if missing:
+                raise ValueError(f"{name}.load_state_dict: a param's state has "
+                                 f"{sorted(k for k in param_state if k != 'step')}, not {missing}")
+        saved = state_dict["state"]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        super().load_state_dict(state_dict)
+        if self.fp32_optimizer_states:
+            params = [p for group in self.param_groups for p in group["params"]]
+            for saved_id, p in zip(saved_ids, params):
+                for key, value in saved.get(saved_id, {}).items():
+                    key = self._torch_state_names.get(key, key)
+                    if key in self._states + self._extra_states and torch.is_tensor(value) and \
+                            value.dtype == torch.float32:
+                        self.state[p][key] = value.to(torch.float32, copy=True)
+
     def __setstate__(self, state):
-        """What load_state_dict ends in: a state dict saved by torch's
-        optimizer (or an older zinf) lacks the groups' DeepSpeed keys
-        (bias_correction ...) and counts steps in tensors; the defaults fill
-        the first, the second become ints."""
+        """What load_state_dict (and unpickling) ends in: the defaults fill
+        what the groups lack, steps become ints, torch's state names
+        become this optimizer's."""
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -131,10 +164,6 @@ class _CpuOptimizer(torch.optim.Optimizer):
             for torch_name, name in self._torch_state_names.items():
                 if torch_name in param_state and name not in param_state:
                     param_state[name] = param_state.pop(torch_name)
-            if param_state and any(name not in param_state for name in self._states):
-                missing = [name for name in self._states if name not in param_state]
-                raise ValueError(f"{type(self).__name__}.load_state_dict: a param's state has "
-                                 f"{sorted(k for k in param_state if k != 'step')}, not {missing}")
 
     def _init_state(self, state, p):
         if not state:
@@ -144,18 +173,19 @@ class _CpuOptimizer(torch.optim.Optimizer):
                 state[name] = torch.zeros(p.shape, dtype=state_dtype)
 
     def _prepare(self, where, p, grad, state, copy, keep, writebacks):
-        """Checks one param, bumps its step and returns the kernel's tuple
-        for it; what must outlive the call goes to `keep`, contiguous
-        copies to write back to `writebacks`."""
+        """Checks one param and returns the kernel's tuple for it (its step
+        count is bumped by the caller once every param checked out); what
+        must outlive the call goes to `keep`, contiguous copies to write
+        back to `writebacks`."""
         self._check_device(p, where)
         self._init_state(state, p)
-        state["step"] += 1
         return kernel_tuple(type(self).__name__, where, p, grad, [state[name] for name in self._states], copy, keep,
                             writebacks)
 
     def _describe(self, group_index, group, grads, copies, keep, writebacks):
-        """One tuple per param with a gradient, grouped by step count."""
-        by_step = {}
+        """The group's params with a gradient, checked: [(state, kernel
+        tuple)] for the dense ones and [(p, grad, where)] for the sparse."""
+        dense, sparse = [], []
         if copies is not None and len(copies) != len(group["params"]):
             raise ValueError(f"fp16_param_groups[{group_index}] has {len(copies)} tensors for "
                              f"{len(group['params'])} params")
@@ -168,12 +198,14 @@ class _CpuOptimizer(torch.optim.Optimizer):
                 if not self._takes_sparse:
                     raise ValueError(f"{where} has a sparse gradient, which {type(self).__name__} does not take")
                 self._check_device(p, where)
-                self._sparse_step(group, p, grad, where)
+                if grad.shape != p.shape:
+                    raise ValueError(f"the gradient of {where} has shape {tuple(grad.shape)}, the param "
+                                     f"{tuple(p.shape)}")
+                sparse.append((p, grad, where))
                 continue
             copy = copies[index] if copies is not None else None
-            description = self._prepare(where, p, grad, self.state[p], copy, keep, writebacks)
-            by_step.setdefault(self.state[p]["step"], []).append(description)
-        return by_step
+            dense.append((self.state[p], self._prepare(where, p, grad, self.state[p], copy, keep, writebacks)))
+        return dense, sparse
 
     @torch.no_grad()
     def step(self, closure=None, fp16_param_groups=None, grads=None):
@@ -181,20 +213,28 @@ class _CpuOptimizer(torch.optim.Optimizer):
         (DeepSpeed's: per group, a bf16/fp16 tensor per fp32 param) receive
         the updated params rounded, in the same pass. `grads` ({param:
         tensor}) supplies gradients in place of .grad, e.g. bf16 gradients
-        for fp32 params."""
+        for fp32 params. Every param is checked before any is stepped: a
+        refused step changes nothing (params, states, step counts)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        keep, writebacks, plans = [], [], []
         for group_index, group in enumerate(self.param_groups):
             copies = fp16_param_groups[group_index] if fp16_param_groups is not None else None
-            keep, writebacks = [], []
-            by_step = self._describe(group_index, group, grads, copies, keep, writebacks)
+            plans.append((group, *self._describe(group_index, group, grads, copies, keep, writebacks)))
+        for group, dense, sparse in plans:
+            by_step = {}
+            for state, description in dense:
+                state["step"] += 1
+                by_step.setdefault(state["step"], []).append(description)
             for step, tensors in by_step.items():
                 self._run(group, step, tensors)
-            for original, work in writebacks:
-                original.detach().copy_(work)
-            del keep
+            for p, grad, where in sparse:
+                self._sparse_step(group, p, grad, where)
+        for original, work in writebacks:
+            original.detach().copy_(work)
+        del keep
         return loss
 
 
@@ -247,6 +287,7 @@ class CPUAdam(_CpuOptimizer):
         keep, writebacks = [], []
         description = self._prepare(f"param {index} of sub_group_id {subgroup_id}", p, p.grad,
                                     self.state[subgroup_id], None, keep, writebacks)
+        self.state[subgroup_id]["step"] += 1
         self._run(group, self.state[subgroup_id]["step"], [description])
         for original, work in writebacks:
             original.detach().copy_(work)

@@ -30,6 +30,11 @@ class FusedAdam(torch.optim.Adam):
                 all(p.device.type == "cuda" and p.is_floating_point() for p in tensors):
             options["fused"] = True
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False, **options)
+        # torch's fused Adam would take GradScaler's scale into step(); the
+        # decoupled decay below runs before that step, so a skipped step
+        # would still decay. GradScaler unscales and skips by itself instead
+        # (as with DeepSpeed's FusedAdam).
+        self._step_supports_amp_scaling = False
         self.adam_w_mode = 1 if adam_w_mode else 0
         self.set_grad_none = set_grad_none
 

@@ -184,12 +184,11 @@ class _LoadedFusedAdam:
     def multi_tensor_adam(self, chunk_size, noop_flag, tensor_lists, lr, beta1, beta2, epsilon, step, mode,
                           bias_correction, weight_decay):
         """tensor_lists = [grads, params, exp_avgs, exp_avg_sqs]; mode 0 adds
-        the weight decay to the gradient (L2), mode 1 decouples it (AdamW);
-        nothing happens while noop_flag is non-zero (an overflow seen)."""
+        the weight decay to the gradient (L2), mode 1 decouples it (AdamW).
+        noop_flag is not read, as DeepSpeed's kernel does not read it (it
+        lets infinities and NaNs through for the caller to see)."""
         if len(tensor_lists) != 4 or len({len(tensors) for tensors in tensor_lists}) != 1:
             raise ValueError("multi_tensor_adam takes [grads, params, exp_avgs, exp_avg_sqs] of one length")
-        if noop_flag is not None and bool(noop_flag.ne(0).any()):
-            return
         correction1 = 1 - beta1 ** step if bias_correction else 1.0
         correction2 = 1 - beta2 ** step if bias_correction else 1.0
         for grad, param, exp_avg, exp_avg_sq in zip(*tensor_lists):

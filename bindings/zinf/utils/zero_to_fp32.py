@@ -65,8 +65,8 @@ def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=None, exclude_f
         for alias, name in state.get("aliases", {}).items():
             if name in out:
                 out[alias] = out[name]
-        for key, buffer in state.get("buffers", {}).items():
-            widen = buffer.is_floating_point() and buffer.element_size() < 4
+        for key, buffer in state.get("buffers", {}).items():  # and modules' extra state
+            widen = torch.is_tensor(buffer) and buffer.is_floating_point() and buffer.element_size() < 4
             out[key] = buffer.float() if widen else buffer
     return out
 
@@ -90,7 +90,7 @@ def convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, output_dir_or_fil
         seen = set()
         unique = {}
         for key, value in state_dict.items():
-            if id(value) not in seen:
+            if torch.is_tensor(value) and id(value) not in seen:  # extra state has no safetensors form
                 seen.add(id(value))
                 unique[key] = value.contiguous()
         save_file(unique, target, metadata={"format": "pt"})
@@ -113,6 +113,10 @@ def load_state_dict_from_zero_checkpoint(model, checkpoint_dir, tag=None):
         for name, buffer in model.named_buffers():
             if name in state_dict:
                 buffer.data = state_dict[name].to(buffer.dtype).view(state_dict[name].shape)
+        extra = {key: value for key, value in state_dict.items()
+                 if key.endswith(torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX)}
+        if extra:
+            model.load_state_dict(extra, strict=False)
     return model
 
 
