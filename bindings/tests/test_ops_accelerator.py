@@ -14,7 +14,7 @@ import zinf
 import zinf as deepspeed
 from zinf.accelerator import CPU_Accelerator, get_accelerator, set_accelerator
 from zinf.ops.op_builder import (AsyncIOBuilder, CPUAdagradBuilder, CPUAdamBuilder, CPULionBuilder, FusedAdamBuilder,
-                                 GDSBuilder)
+                                 FusedLionBuilder, GDSBuilder)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -25,7 +25,8 @@ from test_initialize import config_for, train_both  # noqa: E402
 # -- op builders --------------------------------------------------------------------------------
 def test_compatible_ops_say_what_loads_here():
     ops = deepspeed.ops.__compatible_ops__
-    for builder in (AsyncIOBuilder, CPUAdamBuilder, CPUAdagradBuilder, CPULionBuilder, FusedAdamBuilder):
+    for builder in (AsyncIOBuilder, CPUAdamBuilder, CPUAdagradBuilder, CPULionBuilder, FusedAdamBuilder,
+                    FusedLionBuilder):
         assert ops[builder.NAME] is True, builder.NAME
         assert builder().is_compatible() and builder().load() is builder().load()
     for builder in (GDSBuilder,):
@@ -40,6 +41,7 @@ def test_optimizer_classes_by_deepspeeds_module_paths():
     assert deepspeed.ops.adam.DeepSpeedCPUAdam is zinf.DeepSpeedCPUAdam
     assert deepspeed.ops.adagrad.DeepSpeedCPUAdagrad is zinf.DeepSpeedCPUAdagrad
     assert deepspeed.ops.lion.DeepSpeedCPULion is zinf.DeepSpeedCPULion
+    assert deepspeed.ops.lion.FusedLion is not None and deepspeed.ops.adam.FusedAdam is not None
 
 
 @pytest.mark.parametrize("size", [1 << 20, 1000 * 1000 + 3])
@@ -195,6 +197,28 @@ def test_fused_adam_is_torchs_adam_or_adamw_by_adam_w_mode(adam_w_mode, torch_ki
         fused.step(scale=2.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_lion_steps_as_zinfs_cpu_lion(dtype):
+    """FusedLion (DeepSpeed's constructor and state keys, stepped by
+    FusedLionBuilder's multi_tensor_lion) against zinf's CPU Lion kernel,
+    itself checked against the published update in test_optim.py."""
+    torch.manual_seed(6)
+    ours = torch.nn.Parameter(torch.randn(300).to(dtype))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    fused = deepspeed.ops.lion.FusedLion([ours], lr=0.01, betas=(0.9, 0.99), weight_decay=0.1)
+    reference = zinf.CPULion([theirs], lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, fp32_optimizer_states=False)
+    for _ in range(4):
+        grad = torch.randn(300).to(dtype)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        fused.step()
+        reference.step()
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ours.detach().float(), theirs.detach().float(), atol=tolerance, rtol=tolerance)
+    assert fused.state[ours]["step"] == 4 and fused.state[ours]["exp_avg"].dtype == dtype
+    fused.zero_grad()
+    assert ours.grad is None
+
+
 # -- an optimizer built by the script, passed to initialize --------------------------------------
 @pytest.mark.parametrize("build,build_reference", [
     (lambda ps: deepspeed.ops.adam.DeepSpeedCPUAdam(ps, lr=0.01, betas=(0.9, 0.99), weight_decay=0.01),
@@ -205,7 +229,9 @@ def test_fused_adam_is_torchs_adam_or_adamw_by_adam_w_mode(adam_w_mode, torch_ki
      lambda ps: torch.optim.AdamW(ps, lr=0.02, weight_decay=0.05)),
     (lambda ps: deepspeed.ops.lion.DeepSpeedCPULion(ps, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1),
      lambda ps: zinf.CPULion(ps, lr=0.003, betas=(0.9, 0.95), weight_decay=0.1)),
-], ids=["cpu-adamw", "cpu-adam-l2", "fused-adam", "cpu-lion"])
+    (lambda ps: deepspeed.ops.lion.FusedLion(ps, lr=0.002, weight_decay=0.05),
+     lambda ps: zinf.CPULion(ps, lr=0.002, weight_decay=0.05)),
+], ids=["cpu-adamw", "cpu-adam-l2", "fused-adam", "cpu-lion", "fused-lion"])
 def test_deepspeeds_optimizers_passed_in_train_as_their_settings_say(build, build_reference):
     """DeepSpeed scripts build DeepSpeedCPUAdam (or FusedAdam, Lion) and
     pass it to initialize; the engine steps what it describes."""

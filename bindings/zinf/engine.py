@@ -151,12 +151,14 @@ def _batch_sizes(settings, world):
 def _optimizer_kind(optimizer):
     """(DeepSpeed type name, adam_w_mode or None) for the optimizers zinf's
     CPU kernels can stand in for: torch's Adam, AdamW and Adagrad, and
-    DeepSpeed's DeepSpeedCPUAdam, FusedAdam, DeepSpeedCPUAdagrad and
-    DeepSpeedCPULion (zinf's, under zinf.ops)."""
+    DeepSpeed's DeepSpeedCPUAdam, FusedAdam, DeepSpeedCPUAdagrad,
+    DeepSpeedCPULion and FusedLion (zinf's, under zinf.ops)."""
     from .ops.adam import FusedAdam
+    from .ops.lion import FusedLion
     from .optim import CPUAdagrad, CPUAdam, CPULion
     kinds = {torch.optim.Adam: ("Adam", False), torch.optim.AdamW: ("AdamW", True),
-             torch.optim.Adagrad: ("Adagrad", None), CPUAdagrad: ("Adagrad", None), CPULion: ("Lion", None)}
+             torch.optim.Adagrad: ("Adagrad", None), CPUAdagrad: ("Adagrad", None), CPULion: ("Lion", None),
+             FusedLion: ("Lion", None)}
     if type(optimizer) in kinds:
         return kinds[type(optimizer)]
     if isinstance(optimizer, (CPUAdam, FusedAdam)):
@@ -174,7 +176,8 @@ def _optimizer_block(optimizer):
     if kind is None:
         raise ValueError(f"optimizer: a {type(optimizer).__name__} cannot be stepped by zinf's CPU optimizer; "
                          "pass torch.optim.Adam, AdamW or Adagrad, DeepSpeedCPUAdam, FusedAdam, "
-                         "DeepSpeedCPUAdagrad or DeepSpeedCPULion (zinf.ops), or name the optimizer in the config "
+                         "DeepSpeedCPUAdagrad, DeepSpeedCPULion or FusedLion (zinf.ops), or name the optimizer in "
+                         "the config "
                          "(optimizer.type: Adam, AdamW, Adagrad or Lion)")
     unsupported = {"Adagrad": {"lr_decay": 0, "initial_accumulator_value": 0, "maximize": False},
                    "Lion": {"maximize": False}}.get(kind, {"amsgrad": False, "maximize": False})

@@ -214,9 +214,35 @@ class FusedAdamBuilder(_LoadedOnce):
     _factory = _LoadedFusedAdam
 
 
-class FusedLionBuilder(OpBuilder):
+class _LoadedFusedLion:
+    """The op FusedLionBuilder loads: DeepSpeed's multi_tensor_lion over
+    torch tensor arithmetic on the tensors' own device, fp32 math written
+    back in each tensor's dtype. The update's sign is torch.sign's (0 where
+    the interpolated momentum is exactly 0, as zinf's CPU Lion and the
+    published update; DeepSpeed's kernel steps by +lr there)."""
+
+    @torch.no_grad()
+    def multi_tensor_lion(self, chunk_size, noop_flag, tensor_lists, lr, beta1, beta2, step, weight_decay):
+        """tensor_lists = [grads, params, exp_avgs]; noop_flag is not read,
+        as DeepSpeed's kernel does not read it."""
+        if len(tensor_lists) != 3 or len({len(tensors) for tensors in tensor_lists}) != 1:
+            raise ValueError("multi_tensor_lion takes [grads, params, exp_avgs] of one length")
+        for grad, param, exp_avg in zip(*tensor_lists):
+            g = grad.float()
+            p, m = param.float(), exp_avg.float()  # the tensors themselves when fp32
+            update = (m * beta1).add_(g, alpha=1 - beta1).sign_()
+            p.mul_(1 - lr * weight_decay).add_(update, alpha=-lr)
+            m.mul_(beta2).add_(g, alpha=1 - beta2)
+            for original, work in ((param, p), (exp_avg, m)):
+                if work is not original:
+                    original.copy_(work)
+
+
+class FusedLionBuilder(_LoadedOnce):
+    """fused_lion: multi_tensor_lion on torch arithmetic (see
+    _LoadedFusedLion), which zinf.ops.lion.FusedLion steps with."""
     NAME = "fused_lion"
-    _missing = "zinf has no fused GPU Lion kernel; offloaded Lion is zinf.ops.lion.DeepSpeedCPULion"
+    _factory = _LoadedFusedLion
 
 
 class GDSBuilder(OpBuilder):
