@@ -423,3 +423,32 @@ def test_a_forward_error_that_is_not_a_released_params_passes_unchanged():
         assert ("register_external_parameter" in str(raised.value)) == hinted
         assert str(error) in str(raised.value)
         engine.close()
+
+
+def test_one_cycle_from_the_config_cycles_the_engines_rate_and_beta1():
+    """DeepSpeed's OneCycle moves beta1 against the rate (and sets beta2 to
+    0.99): the engine steps with the betas the schedule writes, as torch's
+    AdamW under the same schedule does."""
+    from zinf.lr_schedules import OneCycle
+    cycle = {"cycle_min_lr": 0.001, "cycle_max_lr": 0.02, "cycle_first_step_size": 2, "cycle_min_mom": 0.8,
+             "cycle_max_mom": 0.95}
+    config = config_for(2, "cpu", train_batch_size=4, scheduler={"type": "OneCycle", "params": cycle})
+    engine, optimizer, _, scheduler = zinf.initialize(model=make_model(), config=config)
+    assert isinstance(scheduler, OneCycle) and optimizer.param_groups[0]["betas"] == (0.8, 0.99)
+    plain = make_model()
+    params = ADAMW["params"]
+    reference = torch.optim.AdamW(plain.parameters(), lr=1.0, eps=params["eps"], weight_decay=params["weight_decay"])
+    reference_schedule = OneCycle(reference, **cycle)
+    betas_seen = []
+    for step in range(5):
+        x, y = batch(step, 0, 0, 4)
+        engine.backward(mse(engine, x, y))
+        engine.step()
+        mse(plain, x, y).backward()
+        reference.step()
+        reference.zero_grad()
+        reference_schedule.step()
+        betas_seen.append(optimizer.param_groups[0]["betas"][0])
+    assert len(set(betas_seen)) > 2  # beta1 did move
+    assert_state_equals(engine, plain)
+    engine.close()

@@ -227,11 +227,13 @@ def test_from_config_matches_the_constructor():
         is lrs.WarmupCosineLR
     assert lrs.from_config({"type": "WarmupLR"}, Groups(0.1)).get_last_lr() == [0.0]  # params may be left out
     assert lrs.from_config(None, [0.1]) is None  # no block: no schedule, as in DeepSpeed
-    assert sorted(lrs.SCHEDULERS) == ["WarmupCosineLR", "WarmupDecayLR", "WarmupLR"]
+    assert sorted(lrs.SCHEDULERS) == ["LRRangeTest", "OneCycle", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR"]
 
 
 @pytest.mark.parametrize("block, key", [
-    ({"type": "OneCycle", "params": {}}, "scheduler.type"),
+    ({"type": "OneCycle", "params": {}}, "scheduler.params.cycle_min_lr"),
+    ({"type": "OneCycleLR", "params": {}}, "scheduler.type"),  # torch's, but needs an optimizer
+    ({"type": "NoSuchSchedule", "params": {}}, "scheduler.type"),
     ({"type": "warmuplr", "params": {}}, "scheduler.type"),  # DeepSpeed's names are case-sensitive
     ({"params": {}}, "scheduler.type"),
     ({"type": ["WarmupLR"]}, "scheduler.type"),
@@ -262,8 +264,9 @@ def test_config_errors_name_their_key(block, key):
         lrs.from_config(block, [0.1, 0.2])
     message = str(error.value)
     assert message.startswith(key + " ") or message.startswith(key + ":"), message
-    if key == "scheduler.type":
-        assert all(name in message for name in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")), message
+    if key == "scheduler.type" and "needs an optimizer" not in message:
+        assert all(name in message for name in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle",
+                                                "LRRangeTest")), message
 
 
 @pytest.mark.parametrize("kind, key", [
@@ -316,4 +319,84 @@ def test_imports_nothing_from_zinf():
             imported.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or "").split(".")[0])
-    assert imported <= {"inspect", "math", "numbers", "warnings"}, imported
+    # torch only inside the function that builds torch's own schedulers by name.
+    assert imported <= {"inspect", "math", "numbers", "warnings", "torch"}, imported
+    top_level = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    assert "torch" not in top_level
+
+
+def expected_one_cycle(step, lo, hi, first, second, decay_rate=0.0, decay_size=0):
+    """DeepSpeed's 1-cycle rate, written out: a triangle from lo up to hi over `first` iterations and back
+    down over `second`, then lo / (1 + decay_rate * k / decay_size), k iterations past the cycle."""
+    total = first + second
+    if step < total:
+        i = step + 1
+        cycle = math.floor(1 + i / total)
+        x = 1 + i / total - cycle
+        ratio = first / total
+        scale = x / ratio if x <= ratio else (x - 1) / (ratio - 1)
+        return lo + (hi - lo) * scale
+    if decay_size == 0 or decay_rate == 0:
+        return lo
+    return lo / (1 + decay_rate * (step - total + 1) / decay_size)
+
+
+def test_one_cycle_rates_and_momentum():
+    groups = Groups(0.5, 0.5)
+    for group in groups.param_groups:
+        group["betas"] = (0.9, 0.999)
+    schedule = lrs.OneCycle(groups, cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=10,
+                            cycle_second_step_size=20, decay_lr_rate=0.5, decay_step_size=4, cycle_min_mom=0.85,
+                            cycle_max_mom=0.95, decay_mom_rate=0.01)
+    # Not started: the minimum rate and beta1 at its minimum, beta2 set to 0.99 as DeepSpeed does.
+    assert groups.rates() == [0.01, 0.01] and groups.param_groups[0]["betas"] == (0.85, 0.99)
+    seen = run(schedule, 45)
+    for step in (0, 5, 9, 10, 15, 29, 30, 33, 45):
+        want = expected_one_cycle(step, 0.01, 0.1, 10, 20, 0.5, 4)
+        assert seen[step] == approx([want, want]), step
+    schedule.step(4)  # climbing: beta1 goes down as the rate goes up
+    rate_scale = (groups.rates()[0] - 0.01) / (0.1 - 0.01)
+    assert groups.param_groups[1]["betas"] == approx((0.95 - (0.95 - 0.85) * rate_scale, 0.99))
+    schedule.step(31)  # after the cycle: beta1 = max * (1 + rate * k / size)
+    assert groups.param_groups[0]["betas"] == approx((0.95 * (1 + 0.01 * 2 / 4), 0.99))
+
+
+def test_one_cycle_without_betas_cycles_the_rate_only():
+    groups = Groups(0.1)  # Adagrad's groups have no betas
+    with pytest.warns(UserWarning, match="cycle_momentum"):
+        schedule = lrs.OneCycle(groups, 0.001, 0.01, cycle_first_step_size=4)
+    schedule.step(3)
+    assert groups.rates() == approx([0.01]) and "betas" not in groups.param_groups[0]
+
+
+def test_lr_range_test_grows_continuously_or_by_stairs():
+    for staircase in (False, True):
+        groups = Groups(0.3, 0.3)
+        schedule = lrs.LRRangeTest(groups, lr_range_test_min_lr=[0.001, 0.002], lr_range_test_step_size=4,
+                                   lr_range_test_step_rate=2.0, lr_range_test_staircase=staircase)
+        assert groups.rates() == [0.001, 0.002]
+        seen = run(schedule, 12)
+        for step in (0, 2, 3, 7, 12):
+            interval = (step + 1) / 4
+            interval = math.floor(interval) if staircase else interval
+            assert seen[step] == approx([0.001 * (1 + 2 * interval), 0.002 * (1 + 2 * interval)]), (staircase, step)
+
+
+def test_from_config_builds_the_two_and_torchs_by_name():
+    torch = pytest.importorskip("torch")
+    block = {"type": "OneCycle", "params": {"cycle_min_lr": 0.001, "cycle_max_lr": 0.01,
+                                            "cycle_first_step_size": 5}}
+    groups = Groups(0.1)
+    groups.param_groups[0]["betas"] = (0.9, 0.999)
+    assert isinstance(lrs.from_config(block, groups), lrs.OneCycle)
+    block = {"type": "LRRangeTest", "params": {"lr_range_test_min_lr": 0.002}}
+    assert isinstance(lrs.from_config(block, [0.1]), lrs.LRRangeTest)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    step_lr = lrs.from_config({"type": "StepLR", "params": {"step_size": 2, "gamma": 0.5}}, optimizer)
+    assert isinstance(step_lr, torch.optim.lr_scheduler.StepLR)
+    for _ in range(4):
+        optimizer.step()
+        step_lr.step()
+    assert optimizer.param_groups[0]["lr"] == approx(0.025)
+    with pytest.raises(ValueError, match="scheduler.params: StepLR refused them"):
+        lrs.from_config({"type": "StepLR", "params": {"steps": 2}}, optimizer)

@@ -1,4 +1,5 @@
-"""Learning-rate warmup schedules configured like DeepSpeed's: WarmupLR, WarmupDecayLR and WarmupCosineLR.
+"""Learning-rate schedules configured like DeepSpeed's: WarmupLR, WarmupDecayLR, WarmupCosineLR, LRRangeTest and
+OneCycle (and, as DeepSpeed, torch.optim.lr_scheduler's by name).
 
 The values, parameter names, defaults and edge cases follow DeepSpeed's ``deepspeed/runtime/lr_schedules.py``
 (v0.19.5), so a DeepSpeed JSON block ``"scheduler": {"type": "WarmupLR", "params": {...}}`` gives the same learning
@@ -18,7 +19,7 @@ import math
 import numbers
 import warnings
 
-__all__ = ["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "SCHEDULERS", "from_config"]
+__all__ = ["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "LRRangeTest", "OneCycle", "SCHEDULERS", "from_config"]
 
 WARMUP_LOG = "log"
 WARMUP_LINEAR = "linear"
@@ -60,14 +61,11 @@ def _per_group(value, count, name):
     return [_number(value, name)] * count
 
 
-class _WarmupSchedule:
-    """What the three schedules share: the param groups, the warmup curve, stepping and the saved state."""
+class _Schedule:
+    """What every schedule shares: the param groups (or base rates), the iteration counter, stepping, the saved
+    state."""
 
-    def __init__(self, optimizer_or_base_lrs, warmup_num_steps, warmup_type, last_batch_iteration):
-        # DeepSpeed refuses a non-positive or non-integer warmup before anything else.
-        warmup_num_steps = _integer(warmup_num_steps, "warmup_num_steps")
-        if warmup_num_steps <= 0:
-            raise ValueError(f"{_path('warmup_num_steps')} must be positive, got {warmup_num_steps}")
+    def __init__(self, optimizer_or_base_lrs, last_batch_iteration):
         groups = getattr(optimizer_or_base_lrs, "param_groups", None)
         self.optimizer = optimizer_or_base_lrs if groups is not None else None
         try:
@@ -77,16 +75,6 @@ class _WarmupSchedule:
         except (TypeError, ValueError, KeyError):
             raise ValueError("optimizer_or_base_lrs: expected a list of numbers (one per param group) or an object "
                              f"with param_groups holding \"lr\", got {optimizer_or_base_lrs!r}") from None
-        # log(1) would be 0 in the log curve's denominator, so DeepSpeed warms up over at least 2 steps.
-        self.warmup_num_steps = max(2, warmup_num_steps)
-        _resolved(warmup_type, "warmup_type")
-        if warmup_type not in (WARMUP_LOG, WARMUP_LINEAR):
-            # DeepSpeed accepts an unknown curve with a warning and uses "log"; refusing would break its configs.
-            warnings.warn(f"{_path('warmup_type')}: unknown value {warmup_type!r}, using {WARMUP_LOG!r}", stacklevel=3)
-            warmup_type = WARMUP_LOG
-        self.warmup_type = warmup_type
-        # DeepSpeed multiplies by the reciprocal rather than dividing; doing the same keeps the last bit equal.
-        self._inverse_log_warmup = 1.0 / math.log(self.warmup_num_steps)
         self.last_batch_iteration = _integer(last_batch_iteration, "last_batch_iteration")
         self._last_lr = None
 
@@ -95,12 +83,6 @@ class _WarmupSchedule:
         # iteration (resuming) leaves them alone until the next step(), as DeepSpeed does.
         if last_batch_iteration == -1:
             self._last_lr = self._write(self.get_lr())
-
-    def _warmup_fraction(self):
-        """Where the warmup curve is, from 0 at iteration 0 towards 1 at warmup_num_steps."""
-        if self.warmup_type == WARMUP_LOG:
-            return self._inverse_log_warmup * math.log(self.last_batch_iteration + 1)
-        return self.last_batch_iteration / self.warmup_num_steps
 
     def _write(self, lrs):
         if self.optimizer is not None:
@@ -134,6 +116,33 @@ class _WarmupSchedule:
         # Like DeepSpeed, only the counter is restored: get_lr() gives the rate there, the next step() applies
         # the one after it.
         self.last_batch_iteration = _integer(sd["last_batch_iteration"], "last_batch_iteration")
+
+
+class _WarmupSchedule(_Schedule):
+    """What the three warmup schedules share: the warmup curve."""
+
+    def __init__(self, optimizer_or_base_lrs, warmup_num_steps, warmup_type, last_batch_iteration):
+        # DeepSpeed refuses a non-positive or non-integer warmup before anything else.
+        warmup_num_steps = _integer(warmup_num_steps, "warmup_num_steps")
+        if warmup_num_steps <= 0:
+            raise ValueError(f"{_path('warmup_num_steps')} must be positive, got {warmup_num_steps}")
+        super().__init__(optimizer_or_base_lrs, last_batch_iteration)
+        # log(1) would be 0 in the log curve's denominator, so DeepSpeed warms up over at least 2 steps.
+        self.warmup_num_steps = max(2, warmup_num_steps)
+        _resolved(warmup_type, "warmup_type")
+        if warmup_type not in (WARMUP_LOG, WARMUP_LINEAR):
+            # DeepSpeed accepts an unknown curve with a warning and uses "log"; refusing would break its configs.
+            warnings.warn(f"{_path('warmup_type')}: unknown value {warmup_type!r}, using {WARMUP_LOG!r}", stacklevel=3)
+            warmup_type = WARMUP_LOG
+        self.warmup_type = warmup_type
+        # DeepSpeed multiplies by the reciprocal rather than dividing; doing the same keeps the last bit equal.
+        self._inverse_log_warmup = 1.0 / math.log(self.warmup_num_steps)
+
+    def _warmup_fraction(self):
+        """Where the warmup curve is, from 0 at iteration 0 towards 1 at warmup_num_steps."""
+        if self.warmup_type == WARMUP_LOG:
+            return self._inverse_log_warmup * math.log(self.last_batch_iteration + 1)
+        return self.last_batch_iteration / self.warmup_num_steps
 
 
 class WarmupLR(_WarmupSchedule):
@@ -231,8 +240,131 @@ class WarmupCosineLR(_WarmupSchedule):
         return [lr * ratio for lr in self.base_lrs]
 
 
+class LRRangeTest(_Schedule):
+    """The learning-rate range test: each group's rate grows from lr_range_test_min_lr by
+    lr_range_test_step_rate every lr_range_test_step_size iterations, continuously or (staircase) in steps.
+
+    lr = min * (1 + rate * x), x = (i + 1) / size, floored with staircase. Before the first step lr = min.
+    """
+
+    def __init__(self, optimizer_or_base_lrs, lr_range_test_min_lr=1e-3, lr_range_test_step_size=2000,
+                 lr_range_test_step_rate=1.0, lr_range_test_staircase=False, last_batch_iteration=-1):
+        super().__init__(optimizer_or_base_lrs, last_batch_iteration)
+        self.min_lrs = _per_group(lr_range_test_min_lr, len(self.base_lrs), "lr_range_test_min_lr")
+        self.step_size = _number(lr_range_test_step_size, "lr_range_test_step_size")
+        if self.step_size <= 0:
+            raise ValueError(f"{_path('lr_range_test_step_size')} must be positive, got {lr_range_test_step_size}")
+        self.step_rate = _number(lr_range_test_step_rate, "lr_range_test_step_rate")
+        self.staircase = bool(_resolved(lr_range_test_staircase, "lr_range_test_staircase"))
+        if last_batch_iteration == -1:
+            self._last_lr = self._write(list(self.min_lrs))
+
+    def get_lr(self):
+        interval = (self.last_batch_iteration + 1) / self.step_size
+        if self.staircase:
+            interval = math.floor(interval)
+        return [lr * (1 + self.step_rate * interval) for lr in self.min_lrs]
+
+
+class OneCycle(_Schedule):
+    """The 1-cycle policy: the rate climbs from cycle_min_lr to cycle_max_lr over cycle_first_step_size
+    iterations and comes back down over cycle_second_step_size (default: the same), while beta1 moves the other
+    way between cycle_max_mom and cycle_min_mom; after the cycle, with decay_step_size and decay_lr_rate set,
+    lr = cycle_min_lr / (1 + decay_lr_rate * k / decay_step_size) and beta1 = cycle_max_mom * (1 +
+    decay_mom_rate * k / decay_step_size), k iterations past the cycle (held at cycle_min_lr and cycle_max_mom
+    otherwise).
+
+    As DeepSpeed's, the momentum is written as betas = (beta1, 0.99): the schedule sets beta2 to 0.99 too. It
+    cycles only where every param group has betas (Adam, AdamW, Lion), and warns and leaves them otherwise
+    (Adagrad). cycle_first_stair_count and cycle_second_stair_count are accepted and, as in DeepSpeed, unused.
+    """
+
+    def __init__(self, optimizer_or_base_lrs, cycle_min_lr, cycle_max_lr, decay_lr_rate=0.0,
+                 cycle_first_step_size=2000, cycle_second_step_size=None, cycle_first_stair_count=0,
+                 cycle_second_stair_count=None, decay_step_size=0, cycle_momentum=True, cycle_min_mom=0.8,
+                 cycle_max_mom=0.9, decay_mom_rate=0.0, last_batch_iteration=-1):
+        super().__init__(optimizer_or_base_lrs, last_batch_iteration)
+        count = len(self.base_lrs)
+        first = float(_number(cycle_first_step_size, "cycle_first_step_size"))
+        second = first if cycle_second_step_size is None else \
+            float(_number(cycle_second_step_size, "cycle_second_step_size"))
+        if first <= 0 or second <= 0:
+            raise ValueError(f"{_path('cycle_first_step_size')} and cycle_second_step_size must be positive")
+        self.total_size = first + second
+        self.step_ratio = first / self.total_size
+        self.first_stair_count = cycle_first_stair_count
+        self.second_stair_count = cycle_first_stair_count if cycle_second_stair_count is None else \
+            cycle_second_stair_count
+        self.decay_step_size = _number(decay_step_size, "decay_step_size")
+        self.min_lrs = _per_group(cycle_min_lr, count, "cycle_min_lr")
+        self.max_lrs = _per_group(cycle_max_lr, count, "cycle_max_lr")
+        self.decay_lr_rate = _number(decay_lr_rate, "decay_lr_rate")
+        self.skip_lr_decay = math.isclose(self.decay_step_size, 0) or math.isclose(self.decay_lr_rate, 0)
+        self.cycle_momentum = bool(_resolved(cycle_momentum, "cycle_momentum"))
+        if self.cycle_momentum and (self.optimizer is None or
+                                    any("betas" not in group for group in self.optimizer.param_groups)):
+            warnings.warn("scheduler.params.cycle_momentum: the optimizer has no betas (momentum) to cycle; "
+                          "cycling the learning rate only", stacklevel=2)
+            self.cycle_momentum = False
+        self.min_moms = [(_number(cycle_min_mom, "cycle_min_mom"), 0.99)] * count
+        self.max_moms = [(_number(cycle_max_mom, "cycle_max_mom"), 0.99)] * count
+        self.decay_mom_rate = _number(decay_mom_rate, "decay_mom_rate")
+        self.skip_mom_decay = math.isclose(self.decay_step_size, 0) or math.isclose(self.decay_mom_rate, 0)
+        if last_batch_iteration == -1:
+            self._last_lr = self._write(list(self.min_lrs))
+            if self.cycle_momentum:
+                self._write_betas(self.min_moms)
+
+    def _scale_factor(self):
+        iteration = self.last_batch_iteration + 1
+        cycle = math.floor(1 + iteration / self.total_size)
+        x = 1.0 + iteration / self.total_size - cycle
+        return x / self.step_ratio if x <= self.step_ratio else (x - 1) / (self.step_ratio - 1)
+
+    def get_lr(self):
+        if self.last_batch_iteration < self.total_size:
+            scale = self._scale_factor()
+            return [small + (big - small) * scale for small, big in zip(self.min_lrs, self.max_lrs)]
+        if self.skip_lr_decay:
+            return list(self.min_lrs)
+        factor = 1 + self.decay_lr_rate * (self.last_batch_iteration - self.total_size + 1) / self.decay_step_size
+        return [small / factor for small in self.min_lrs]
+
+    def get_mom(self):
+        """Each group's (beta1, beta2) at the current iteration, or None when momentum is not cycled."""
+        if not self.cycle_momentum:
+            return None
+        if self.last_batch_iteration < self.total_size:
+            scale = self._scale_factor()
+            return [(big[0] - (big[0] - small[0]) * scale, small[1]) for small, big in zip(self.min_moms,
+                                                                                           self.max_moms)]
+        if self.skip_mom_decay:
+            return list(self.max_moms)
+        factor = 1 + self.decay_mom_rate * (self.last_batch_iteration - self.total_size + 1) / self.decay_step_size
+        return [(beta1 * factor, beta2) for beta1, beta2 in self.max_moms]
+
+    def _write_betas(self, betas):
+        for group, value in zip(self.optimizer.param_groups, betas):
+            group["betas"] = value
+
+    def step(self, last_batch_iteration=None):
+        super().step(last_batch_iteration)
+        if self.cycle_momentum:
+            self._write_betas(self.get_mom())
+
+
 # The "type" names DeepSpeed accepts for these schedules (case-sensitive, as DeepSpeed looks them up by name).
-SCHEDULERS = {"WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR, "WarmupCosineLR": WarmupCosineLR}
+SCHEDULERS = {"WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR, "WarmupCosineLR": WarmupCosineLR,
+              "LRRangeTest": LRRangeTest, "OneCycle": OneCycle}
+
+
+def _torch_scheduler(name):
+    """torch.optim.lr_scheduler's class of that name, or None."""
+    import torch.optim.lr_scheduler as torch_schedulers
+    found = getattr(torch_schedulers, name, None)
+    base = getattr(torch_schedulers, "LRScheduler", None) or torch_schedulers._LRScheduler
+    ok = isinstance(found, type) and (issubclass(found, base) or found is torch_schedulers.ReduceLROnPlateau)
+    return found if ok and not name.startswith("_") else None
 
 
 def from_config(scheduler_block, optimizer_or_base_lrs):
@@ -250,13 +382,21 @@ def from_config(scheduler_block, optimizer_or_base_lrs):
     kind = scheduler_block.get("type")
     if kind is None:
         raise ValueError(f"scheduler.type is required; supported: {', '.join(SCHEDULERS)}")
-    if not isinstance(kind, str) or kind not in SCHEDULERS:
-        raise ValueError(f"scheduler.type: unsupported {kind!r}; supported: {', '.join(SCHEDULERS)} (DeepSpeed's "
-                         "LRRangeTest, OneCycle and torch.optim.lr_scheduler names are not)")
     params = scheduler_block.get("params")
     params = {} if params is None else params
     if not isinstance(params, dict):
         raise ValueError(f"scheduler.params: expected an object, got {params!r}")
+    if isinstance(kind, str) and kind not in SCHEDULERS and _torch_scheduler(kind) is not None:
+        # As DeepSpeed: a name from torch.optim.lr_scheduler, built on the optimizer with the params.
+        if getattr(optimizer_or_base_lrs, "param_groups", None) is None:
+            raise ValueError(f"scheduler.type: {kind} is torch's and needs an optimizer, not base rates")
+        try:
+            return _torch_scheduler(kind)(optimizer_or_base_lrs, **params)
+        except TypeError as error:
+            raise ValueError(f"scheduler.params: {kind} refused them: {error}") from None
+    if not isinstance(kind, str) or kind not in SCHEDULERS:
+        raise ValueError(f"scheduler.type: unsupported {kind!r}; supported: {', '.join(SCHEDULERS)} and the "
+                         "schedulers of torch.optim.lr_scheduler by name")
     cls = SCHEDULERS[kind]
     # The config keys are the constructor's keyword arguments, as in DeepSpeed (which passes **params).
     accepted = list(inspect.signature(cls).parameters.values())[1:]
