@@ -452,3 +452,27 @@ def test_one_cycle_from_the_config_cycles_the_engines_rate_and_beta1():
     assert len(set(betas_seen)) > 2  # beta1 did move
     assert_state_equals(engine, plain)
     engine.close()
+
+
+def test_the_config_questions_deepspeed_scripts_ask_the_engine():
+    config = config_for(3, "cpu", "cpu", train_batch_size=8, gradient_accumulation_steps=2,
+                        fp16={"enabled": True, "initial_scale_power": 10}, wall_clock_breakdown=True,
+                        scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 4}})
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    from test_initialize import HalfParamsFloatMath
+    engine, optimizer, _, _ = zinf.initialize(model=HalfParamsFloatMath(), config=config)
+    assert engine.get_batch_info() == (8, 4, 2)
+    assert engine.optimizer_name() == "AdamW" and engine.optimizer_params()["lr"] == ADAMW["params"]["lr"]
+    assert engine.scheduler_name() == "WarmupLR" and engine.scheduler_params() == {"warmup_num_steps": 4}
+    assert engine.zero_cpu_offload() and engine.zero_optimization_partition_gradients()
+    assert engine.zero_optimization_partition_weights() and engine.zero_gather_16bit_weights_on_model_save()
+    assert engine.wall_clock_breakdown() and engine.dynamic_loss_scale()
+    assert engine.initial_dynamic_scale() == 1024.0 and optimizer.cur_scale == 1024.0
+    engine.close()
+    model = make_model()
+    engine, _, _, _ = zinf.initialize(model=model, optimizer=zinf.ops.adam.FusedAdam(model.parameters()),
+                                      config={"train_batch_size": 4, "zero_optimization": {"stage": 1}})
+    assert engine.optimizer_name() == "FusedAdam" and engine.scheduler_name() is None
+    assert not engine.zero_optimization_partition_gradients() and not engine.dynamic_loss_scale()
+    assert not engine.zero_cpu_offload() and not engine.zero_gather_16bit_weights_on_model_save()
+    engine.close()

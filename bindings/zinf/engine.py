@@ -108,6 +108,8 @@ class ZinfOptimizer(torch.optim.Optimizer):
     def loss_scale(self):
         return self._engine._engine.loss_scale if self._engine is not None else 1.0
 
+    cur_scale = loss_scale  # DeepSpeed's fp16 optimizers' name (Megatron reads it)
+
 
 def _batch_sizes(settings, world):
     """DeepSpeed's rule: train_batch_size = micro x accumulation x world,
@@ -279,6 +281,7 @@ class ZinfEngine(torch.nn.Module):
             optimizer = optimizer(list(model.parameters()))  # a callable building one
         if optimizer is not None and "optimizer" in settings:
             raise ValueError("optimizer: given both in the config and as an argument (DeepSpeed refuses this too)")
+        self._client_optimizer_name = type(optimizer).__name__ if optimizer is not None else None
         if optimizer is not None:
             settings["optimizer"] = _optimizer_block(optimizer)
             param_groups = optimizer.param_groups
@@ -796,6 +799,50 @@ class ZinfEngine(torch.nn.Module):
 
     def zero_offload_param(self):
         return self._settings["zero_optimization"].get("offload_param", {}).get("device", "none") != "none"
+
+    def zero_cpu_offload(self):
+        return self._settings["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "cpu"
+
+    def zero_optimization_partition_gradients(self):
+        return self.stage >= 2
+
+    def zero_optimization_partition_weights(self):
+        return self.stage >= 3
+
+    def zero_gather_16bit_weights_on_model_save(self):
+        """The config's stage3_gather_16bit_weights_on_model_save (zinf's
+        save_16bit_model gathers whatever it says)."""
+        zero = self._settings["zero_optimization"]
+        return bool(zero.get("stage3_gather_16bit_weights_on_model_save",
+                             zero.get("stage3_gather_fp16_weights_on_model_save", False)))
+
+    def get_batch_info(self):
+        """(train_batch_size, train_micro_batch_size_per_gpu,
+        gradient_accumulation_steps), as DeepSpeed's."""
+        return self._train_batch_size, self._micro_batch, self._accumulation
+
+    def optimizer_name(self):
+        """The optimizer passed in's class name, else the config's type (DeepSpeed's answer)."""
+        return self._client_optimizer_name or self._settings.get("optimizer", {}).get("type")
+
+    def optimizer_params(self):
+        return self._settings.get("optimizer", {}).get("params")
+
+    def scheduler_name(self):
+        return (self._settings.get("scheduler") or {}).get("type")
+
+    def scheduler_params(self):
+        return (self._settings.get("scheduler") or {}).get("params")
+
+    def wall_clock_breakdown(self):
+        return bool(self._settings.get("wall_clock_breakdown", False))
+
+    def dynamic_loss_scale(self):
+        """fp16 with loss_scale 0 (DeepSpeed's "dynamic")."""
+        return self.fp16_enabled() and float(self._settings.get("fp16", {}).get("loss_scale", 0)) == 0
+
+    def initial_dynamic_scale(self):
+        return 2.0 ** int(self._settings.get("fp16", {}).get("initial_scale_power", 16))
 
     @property
     def dp_world_size(self):
