@@ -16,7 +16,7 @@ from zinf import utils
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from initialize_model import ReadsItsChildsWeight, batch, make_model  # noqa: E402
-from test_initialize import ADAMW, config_for, launch  # noqa: E402
+from test_initialize import ADAMW, HalfParamsFloatMath, config_for, launch, train_both  # noqa: E402
 
 
 def mse(model, x, y):
@@ -379,7 +379,6 @@ def test_fp16_gradients_have_deepspeeds_magnitude_under_the_loss_scale():
     multiplies by the loss scale, so the model's fp16 gradients are
     scale / gas times the loss's (a static scale chosen for DeepSpeed does
     not overflow here either)."""
-    from test_initialize import HalfParamsFloatMath
     accumulation, scale = 4, 2.0 ** 8
     model, plain = HalfParamsFloatMath(), HalfParamsFloatMath().half()  # zinf casts its model to fp16
     config = config_for(2, gradient_accumulation_steps=accumulation,
@@ -440,18 +439,12 @@ def test_one_cycle_from_the_config_cycles_the_engines_rate_and_beta1():
     reference = torch.optim.AdamW(plain.parameters(), lr=1.0, eps=params["eps"], weight_decay=params["weight_decay"])
     reference_schedule = OneCycle(reference, **cycle)
     betas_seen = []
-    for step in range(5):
-        x, y = batch(step, 0, 0, 4)
-        engine.backward(mse(engine, x, y))
-        engine.step()
-        mse(plain, x, y).backward()
-        reference.step()
-        reference.zero_grad()
+
+    def after_step(step):
         reference_schedule.step()
         betas_seen.append(optimizer.param_groups[0]["betas"][0])
+    train_both(engine, plain, reference, 5, after_step=after_step)  # then the params are plain's
     assert len(set(betas_seen)) > 2  # beta1 did move
-    assert_state_equals(engine, plain)
-    engine.close()
 
 
 def test_the_config_questions_deepspeed_scripts_ask_the_engine():
@@ -459,7 +452,6 @@ def test_the_config_questions_deepspeed_scripts_ask_the_engine():
                         fp16={"enabled": True, "initial_scale_power": 10}, wall_clock_breakdown=True,
                         scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 4}})
     config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    from test_initialize import HalfParamsFloatMath
     engine, optimizer, _, _ = zinf.initialize(model=HalfParamsFloatMath(), config=config)
     assert engine.get_batch_info() == (8, 4, 2)
     assert engine.optimizer_name() == "AdamW" and engine.optimizer_params()["lr"] == ADAMW["params"]["lr"]

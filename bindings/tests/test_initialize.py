@@ -127,7 +127,7 @@ def config_for(stage, offload_optimizer="none", offload_param="none", nvme=None,
     return config
 
 
-def train_both(engine, plain, reference, steps, before_step=None):
+def train_both(engine, plain, reference, steps, before_step=None, after_step=None):
     """`steps` steps of the engine and of `plain` with the torch optimizer
     `reference` on the same batches; then the engine's params equal plain's.
     Closes the engine."""
@@ -140,6 +140,8 @@ def train_both(engine, plain, reference, steps, before_step=None):
         torch.nn.functional.mse_loss(plain(x), y).backward()
         reference.step()
         reference.zero_grad()
+        if after_step is not None:
+            after_step(step)
     got = engine.consolidated_state_dict()
     for name, value in plain.named_parameters():
         assert torch.allclose(got[name], value, atol=2e-5), name

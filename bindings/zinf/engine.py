@@ -248,6 +248,12 @@ class _Unit:
         self.wanted = 0
 
 
+def _host_copy(value):
+    """A tensor copied to the CPU (detached), anything else (a module's
+    extra state) deep-copied."""
+    return value.detach().to("cpu", copy=True) if torch.is_tensor(value) else copy.deepcopy(value)
+
+
 # What torch says when a forward meets a param whose .data is empty.
 _SHAPE_ERROR = re.compile(r"size|shape|dimension|\d-D")
 
@@ -938,7 +944,9 @@ class ZinfEngine(torch.nn.Module):
         self._engine.save_checkpoint(path)
         # Built on every rank, so an error here is every rank's (rank 0
         # failing alone would leave the others at the barrier).
-        buffers, aliases = self._buffers_to_save(), self._tied_aliases()
+        entries = self._module_entries()
+        buffers = collections.OrderedDict((key, _host_copy(value)) for key, value in self._non_params(entries))
+        aliases = self._tied_aliases(entries)
         if self.global_rank == 0:
             state = {"global_steps": self.global_steps, "global_samples": self.global_samples,
                      "micro_steps": self.micro_steps, "client_state": client_state or {},
@@ -959,29 +967,23 @@ class ZinfEngine(torch.nn.Module):
             dist.barrier(group=self._host_group)
         return True
 
-    def _buffers_to_save(self):
-        """The persistent buffers and extra state (what load_state_dict
-        restores beyond the parameters), on the CPU."""
-        out = collections.OrderedDict()
-        for key, value in self._module_entries():
-            if not torch.is_tensor(value):
-                out[key] = copy.deepcopy(value)
-            elif id(value) not in self._index:
-                out[key] = value.detach().to("cpu", copy=True)
-        return out
+    def _non_params(self, entries):
+        """The (key, value) entries that are not the engine's params: the
+        persistent buffers and modules' extra state, which load_state_dict
+        restores beyond the parameters."""
+        return [(key, value) for key, value in entries if not torch.is_tensor(value) or id(value) not in self._index]
 
-    def _tied_aliases(self):
+    def _tied_aliases(self, entries):
         """{state-dict key: the name the engine holds the param under} for
         the keys of tied weights beyond their first."""
         registered = {id(p): name for name, p in self._named_unique}
-        return {key: registered[id(value)] for key, value in self._module_entries()
+        return {key: registered[id(value)] for key, value in entries
                 if torch.is_tensor(value) and id(value) in registered and key != registered[id(value)]}
 
     def _check_buffers(self, saved, strict):
         """Before anything is loaded: the checkpoint's buffers against the
         model's (names when strict, shapes always)."""
-        buffers = {key: value for key, value in self._module_entries()
-                   if not torch.is_tensor(value) or id(value) not in self._index}
+        buffers = dict(self._non_params(self._module_entries()))
         if strict:
             missing, unexpected = sorted(set(buffers) - set(saved)), sorted(set(saved) - set(buffers))
             if missing or unexpected:
@@ -1066,11 +1068,8 @@ class ZinfEngine(torch.nn.Module):
         collective."""
         out, whole = collections.OrderedDict(), {}
         for key, value in self._module_entries():
-            if not torch.is_tensor(value):
-                out[key] = copy.deepcopy(value)  # a module's get_extra_state()
-                continue
-            if id(value) not in self._index:
-                out[key] = value.detach().to("cpu", copy=True)
+            if not torch.is_tensor(value) or id(value) not in self._index:
+                out[key] = _host_copy(value)  # a buffer, or a module's get_extra_state()
                 continue
             if exclude_frozen_parameters and not value.requires_grad:
                 continue
@@ -1079,7 +1078,7 @@ class ZinfEngine(torch.nn.Module):
                     out[key] = whole[id(value)]
                 continue
             if id(value) in self._persistent:  # whole here already (every param below stage 3)
-                out[key] = whole[id(value)] = value.detach().to("cpu", copy=True)
+                out[key] = whole[id(value)] = _host_copy(value)
                 continue
             values = torch.empty(self._shapes[id(value)], dtype=torch.float32)
             self._engine.gather(self._index[id(value)], "param", values.data_ptr(), values.numel())

@@ -44,6 +44,19 @@ def _check_cpu(owner, tensor, where):
                           "ZeRO config, or use a GPU optimizer)")
 
 
+def cpu_kernel(threads=None):
+    """zinf's CPU optimizer kernels on `threads` threads (default:
+    $ZINF_CPU_ADAM_THREADS, else torch's thread count)."""
+    threads = threads or int(os.environ.get("ZINF_CPU_ADAM_THREADS", 0)) or torch.get_num_threads()
+    return _zinf.CpuOptimizer(threads)
+
+
+def adagrad_tuple(description):
+    """A kernel tuple with its one state moved to the second slot, where the
+    Adagrad kernel keeps the sum of squares."""
+    return description[:5] + (0, description[5]) + description[7:]
+
+
 def kernel_tuple(owner, where, p, grad, states, copy, keep, writebacks):
     """The kernel's tuple for one param (`owner` names the caller in
     errors): param, gradient and state tensors checked, non-contiguous ones
@@ -105,8 +118,7 @@ class _CpuOptimizer(torch.optim.Optimizer):
         cls = type(self)
         self.opt_id = cls.optimizer_id
         cls.optimizer_id = self.opt_id + 1
-        threads = threads or int(os.environ.get("ZINF_CPU_ADAM_THREADS", 0)) or torch.get_num_threads()
-        self._kernel = _zinf.CpuOptimizer(threads)
+        self._kernel = cpu_kernel(threads)
 
     @property
     def kernel_tier(self):
@@ -351,16 +363,13 @@ class CPUAdagrad(_CpuOptimizer):
                          fp32_optimizer_states, threads)
 
     def _run(self, group, step, tensors):
-        # The kernel keeps Adagrad's sum of squares in the exp_avg_sq slot.
-        tensors = [t[:5] + (0, t[5]) + t[7:] for t in tensors]
-        self._kernel.adagrad_step(group["lr"], group["eps"], group["weight_decay"], step, tensors)
+        self._kernel.adagrad_step(group["lr"], group["eps"], group["weight_decay"], step,
+                                  [adagrad_tuple(t) for t in tensors])
 
     def _sparse_step(self, group, p, grad, where):
         """Steps the entries a sparse gradient names: they are gathered
         (param and sum of squares), stepped by the dense kernel and
-        scattered back."""
-        if grad.shape != p.shape:
-            raise ValueError(f"the gradient of {where} has shape {tuple(grad.shape)}, the param {tuple(p.shape)}")
+        scattered back (its shape checked in _describe)."""
         grad = grad.coalesce()
         index = tuple(grad.indices())
         values = grad.values()

@@ -4,13 +4,10 @@ prebuilt extension: ``AsyncIOBuilder().load().aio_handle(...)``,
 do, with no compiler and no JIT build at run time. Builders of ops zinf does
 not have (GPU kernels) say so: is_compatible() is False and load() raises
 an error naming what to use instead."""
-import os
-
 import torch
 
-from .. import _zinf
 from .. import aio as _aio
-from ..optim import kernel_tuple
+from ..optim import adagrad_tuple, cpu_kernel, kernel_tuple
 
 
 class OpBuilder:
@@ -59,18 +56,16 @@ class _LoadedCpuOptimizer:
     params (fp32 params may have 16-bit gradients); non-contiguous ones are
     stepped through a copy and written back."""
 
-    def __init__(self, kind, states):
+    def __init__(self, kind):
         self._kind = kind
-        self._state_count = states
         self._optimizers = {}  # id -> (kernel, options given at creation)
 
     def _create(self, optimizer_id, options, should_log):
-        threads = int(os.environ.get("ZINF_CPU_ADAM_THREADS", 0)) or torch.get_num_threads()
-        kernel = _zinf.CpuOptimizer(threads)
+        kernel = cpu_kernel()
         self._optimizers[int(optimizer_id)] = (kernel, options)
         if should_log:
-            print(f"zinf CPU {self._kind} optimizer {optimizer_id} created, {kernel.tier} kernels, {threads} "
-                  f"threads, {options}", flush=True)
+            print(f"zinf CPU {self._kind} optimizer {optimizer_id} created, {kernel.tier} kernels, {options}",
+                  flush=True)
         return 0
 
     def _destroy(self, optimizer_id):
@@ -93,7 +88,7 @@ class _LoadedCpuOptimizer:
 
 class _LoadedCpuAdam(_LoadedCpuOptimizer):
     def __init__(self):
-        super().__init__("adam", 2)
+        super().__init__("adam")
 
     def create_adam(self, optimizer_id, alpha=1e-3, betta1=0.9, betta2=0.999, eps=1e-8, weight_decay=0,
                     adamw_mode=True, should_log=False):
@@ -114,7 +109,7 @@ class _LoadedCpuAdam(_LoadedCpuOptimizer):
 
 class _LoadedCpuAdagrad(_LoadedCpuOptimizer):
     def __init__(self):
-        super().__init__("adagrad", 1)
+        super().__init__("adagrad")
 
     def create_adagrad(self, optimizer_id, alpha=1e-2, eps=1e-8, weight_decay=0, should_log=False):
         return self._create(optimizer_id, {}, should_log)
@@ -124,15 +119,13 @@ class _LoadedCpuAdagrad(_LoadedCpuOptimizer):
 
     def adagrad_update(self, optimizer_id, step, lr, epsilon, weight_decay, params, grads, exp_avg_sq):
         def run(kernel, options, description):
-            # The kernel keeps Adagrad's sum of squares in the second state slot.
-            description = description[:5] + (0, description[5]) + description[7:]
-            kernel.adagrad_step(lr, epsilon, weight_decay, int(step), [description])
+            kernel.adagrad_step(lr, epsilon, weight_decay, int(step), [adagrad_tuple(description)])
         return self._step(optimizer_id, run, params, grads, exp_avg_sq)
 
 
 class _LoadedCpuLion(_LoadedCpuOptimizer):
     def __init__(self):
-        super().__init__("lion", 1)
+        super().__init__("lion")
 
     def create_lion(self, optimizer_id, alpha=1e-3, betta1=0.9, betta2=0.999, weight_decay=0, should_log=False):
         return self._create(optimizer_id, {}, should_log)
@@ -173,6 +166,14 @@ class CPULionBuilder(_LoadedOnce):
     _factory = _LoadedCpuLion
 
 
+def _write_back(pairs):
+    """(original, fp32 working copy) pairs: the copies written back where
+    they are not the tensors themselves (16-bit tensors)."""
+    for original, work in pairs:
+        if work is not original:
+            original.copy_(work)
+
+
 class _LoadedFusedAdam:
     """The op FusedAdamBuilder loads: DeepSpeed's multi_tensor_adam over
     torch tensor arithmetic on the tensors' own device (zinf has no CUDA
@@ -202,9 +203,7 @@ class _LoadedFusedAdam:
             if mode != 0:
                 update.add_(p, alpha=weight_decay)
             p.add_(update, alpha=-lr)
-            for original, work in ((param, p), (exp_avg, m), (exp_avg_sq, v)):
-                if work is not original:
-                    original.copy_(work)
+            _write_back(((param, p), (exp_avg, m), (exp_avg_sq, v)))
 
 
 class FusedAdamBuilder(_LoadedOnce):
@@ -233,9 +232,7 @@ class _LoadedFusedLion:
             update = (m * beta1).add_(g, alpha=1 - beta1).sign_()
             p.mul_(1 - lr * weight_decay).add_(update, alpha=-lr)
             m.mul_(beta2).add_(g, alpha=1 - beta2)
-            for original, work in ((param, p), (exp_avg, m)):
-                if work is not original:
-                    original.copy_(work)
+            _write_back(((param, p), (exp_avg, m)))
 
 
 class FusedLionBuilder(_LoadedOnce):

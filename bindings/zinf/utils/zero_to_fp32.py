@@ -15,6 +15,7 @@ file.
 """
 import argparse
 import collections
+import itertools
 import os
 
 import torch
@@ -107,12 +108,9 @@ def load_state_dict_from_zero_checkpoint(model, checkpoint_dir, tag=None):
     state_dict = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag)
     model = model.cpu()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
             if name in state_dict:
-                p.data = state_dict[name].to(p.dtype).view(state_dict[name].shape)
-        for name, buffer in model.named_buffers():
-            if name in state_dict:
-                buffer.data = state_dict[name].to(buffer.dtype).view(state_dict[name].shape)
+                tensor.data = state_dict[name].to(tensor.dtype).view(state_dict[name].shape)
         extra = {key: value for key, value in state_dict.items()
                  if key.endswith(torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX)}
         if extra:
