@@ -23,6 +23,7 @@
 #include "core/error.hpp"
 #include "cpu_adam/cpu_adam.hpp"
 #include "pinned_pool/pinned_pool.hpp"
+#include "swap/memory_plan.hpp"
 #include "swap/swap_store.hpp"
 #include "zero3/checkpoint.hpp"
 #include "zero3/communicator.hpp"
@@ -676,5 +677,33 @@ PYBIND11_MODULE(_zinf, m) {
     for (const auto& problem : result.problems) problems.push_back(problem.line());
     return problems;
   });
+  // What the engine will allocate for a config (swap/memory_plan.hpp), per
+  // rank and tier, for the DeepSpeed-style estimators (zinf.runtime.zero).
+  m.def("plan_memory", [](const std::string& json_text, std::uint64_t params, std::uint32_t world_size,
+                          std::uint64_t largest_param, std::uint32_t ranks_per_node) {
+    const auto parsed = zinf::config::parse_config(json_text);
+    if (!parsed.problems.empty()) {
+      throw zinf::Error(zinf::ErrorKind::config, parsed.problems.front().line());
+    }
+    zinf::swap::PlanInput input;
+    input.params = params;
+    input.world_size = world_size;
+    input.largest_param = largest_param;
+    input.ranks_per_node = ranks_per_node;
+    const auto plan = zinf::swap::plan_memory(parsed.config, input);
+    const auto tiers = [](const zinf::swap::TierBytes& t) {
+      return py::dict(py::arg("gpu") = t.gpu, py::arg("pinned") = t.pinned, py::arg("pageable") = t.pageable,
+                      py::arg("nvme") = t.nvme);
+    };
+    py::list stages;
+    for (const auto& stage : plan.stages) {
+      stages.append(py::dict(py::arg("stage") = stage.stage, py::arg("per_rank") = tiers(stage.per_rank),
+                             py::arg("not_possible") = stage.not_possible));
+    }
+    return py::dict(py::arg("stages") = stages, py::arg("chosen_stage") = plan.chosen_stage,
+                    py::arg("per_rank") = tiers(plan.chosen), py::arg("transient_host") = plan.transient_host,
+                    py::arg("ranks_per_node") = plan.ranks_per_node);
+  }, py::arg("config"), py::arg("params"), py::arg("world_size") = 1, py::arg("largest_param") = 0,
+     py::arg("ranks_per_node") = 0);
   m.attr("__version__") = ZINF_VERSION;
 }

@@ -605,12 +605,18 @@ ParseResult parse_config(std::string_view json_text) {
         reader.problem("zinf", fmt::format("must be an object, not {}", describe(value)));
         continue;
       }
-      reader.check_keys(value, "zinf", {"timeout_s", "optimizer_threads", "tbw"});
+      reader.check_keys(value, "zinf", {"timeout_s", "optimizer_threads", "tbw", "collectives"});
       double number = 0;
       std::uint64_t count = 0;
       reader.read_double(value, "timeout_s", "zinf", number, 1e-3, 1e9, "a positive number of seconds");
       reader.read_uint(value, "optimizer_threads", "zinf", count, 0, 4096);
       reader.read_double(value, "tbw", "zinf", number, 1e-6, 1e12, "the drive's rating in TB written, > 0");
+      if (value.contains("collectives")) {
+        const json& collectives = value.at("collectives");
+        if (!collectives.is_string() || (collectives != "auto" && collectives != "host")) {
+          reader.problem("zinf.collectives", fmt::format("must be \"auto\" or \"host\", not {}", describe(collectives)));
+        }
+      }
       continue;
     }
     if (std::find(std::begin(kDeepSpeedTopLevelKeys), std::end(kDeepSpeedTopLevelKeys), key) !=

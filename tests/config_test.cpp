@@ -338,13 +338,16 @@ TEST(Config, LoadFileNamesTheFile) {
 
 }  // namespace
 TEST(Config, ZinfsOwnBlockIsCheckedLikeTheOthers) {
-  ParseResult r = parse(R"({"zinf": {"timeout_s": 60, "optimizer_threads": 2, "tbw": 600}})");
+  ParseResult r = parse(R"({"zinf": {"timeout_s": 60, "optimizer_threads": 2, "tbw": 600, "collectives": "host"}})");
   EXPECT_TRUE(r.problems.empty()) << problems_of(r);
   EXPECT_TRUE(r.warnings.empty());  // not "not a DeepSpeed key"
   r = parse(R"({"zinf": {"tbww": 600, "timeout_s": -1}})");
   ASSERT_EQ(r.problems.size(), 2u) << problems_of(r);
   EXPECT_NE(problems_of(r).find("zinf.tbww: unknown key; did you mean \"tbw\"?"), std::string::npos) << problems_of(r);
   EXPECT_NE(problems_of(r).find("zinf.timeout_s"), std::string::npos) << problems_of(r);
+  r = parse(R"({"zinf": {"collectives": "nccl"}})");
+  ASSERT_EQ(r.problems.size(), 1u) << problems_of(r);
+  EXPECT_NE(problems_of(r).find("zinf.collectives: must be \"auto\" or \"host\""), std::string::npos) << problems_of(r);
   r = parse(R"({"zinf": 3})");
   EXPECT_EQ(r.problems.size(), 1u);
 }

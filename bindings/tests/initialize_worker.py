@@ -13,7 +13,8 @@ own per group (initialize_model.group_lambdas), "freeze": names of params
 made requires_grad=False (the optimizer gets the others, as fine-tuning
 scripts pass them), "device": where the model computes ("cpu" default, or
 "cuda"), "backend": the default group's backend the script asks
-deepspeed.init_distributed for (default gloo), "inspect": after the steps,
+deepspeed.init_distributed for (default gloo), "gpu_per_rank": with
+device "cuda", each rank on GPU LOCAL_RANK, "inspect": after the steps,
 one more backward, then every param's values as deepspeed.utils'
 safe_get_full_* read them}. Rank 0 writes
 {"losses": [...], "state": {name: fp32 tensor}, "lrs": [...]} to `out`.
@@ -38,6 +39,8 @@ def main():
         assert all(p.numel() == 0 for p in model.parameters()), "zero.Init left values in the module"
     else:
         model = make_model()
+    if run.get("device") == "cuda" and run.get("gpu_per_rank"):
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # as DeepSpeed's engine does
     model.to(run.get("device", "cpu"))
     for name, p in model.named_parameters():
         if name in run.get("freeze", []):
@@ -134,7 +137,8 @@ def main():
     if rank == 0:
         torch.save({"losses": losses, "state": state, "lrs": lrs, "grad_norm": engine.get_global_grad_norm(),
                     "steps": engine.global_steps, "timings": engine.timings(), "comm": comm,
-                    "inspected": inspected, "module_state": module_state}, run["out"])
+                    "inspected": inspected, "module_state": module_state,
+                    "collectives": engine.collectives_backend}, run["out"])
     engine.close()
 
 

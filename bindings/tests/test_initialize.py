@@ -180,6 +180,7 @@ def test_training_equals_plain_pytorch(scratch, world, stage, optimizer_device, 
     state, losses, _ = reference(config, steps, world)
     assert_matches(result, state, losses)
     assert result["steps"] == steps
+    assert result["collectives"] == ("gloo" if world > 1 else "local")  # a CPU model: Gloo on host memory
     # zinf.comm (deepspeed.comm) over the same group, from rank 0's side.
     comm = result["comm"]
     assert (comm["rank"], comm["world"], comm["local_rank"]) == (0, world, 0)

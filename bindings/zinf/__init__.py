@@ -20,7 +20,9 @@
 - ``zinf.ops`` (op builders, ``zinf.ops.adam.DeepSpeedCPUAdam`` ...) and
   ``zinf.accelerator.get_accelerator()``: DeepSpeed's ``deepspeed.ops`` and
   ``deepspeed.accelerator`` by the same paths; ``zinf.checkpointing`` is
-  ``deepspeed.checkpointing`` (activation checkpointing).
+  ``deepspeed.checkpointing`` (activation checkpointing); ``zinf.runtime``
+  holds ``deepspeed.runtime``'s paths scripts import from (lr_schedules,
+  utils.see_memory_usage, the zero memory estimators, engine.DeepSpeedEngine).
 
 Errors: ValueError for bad configuration or arguments, OSError (with errno
 and filename) for I/O, RuntimeError for the rest. Every wait releases the GIL.
@@ -30,10 +32,11 @@ from .aio import aio_handle, aio_read, aio_write, deepspeed_memcpy
 from .optim import CPUAdagrad, CPUAdam, CPULion, DeepSpeedCPUAdagrad, DeepSpeedCPUAdam, DeepSpeedCPULion
 from .swap import TensorSwapper
 from .engine import ZinfEngine, add_config_arguments, init_distributed, initialize
-from . import accelerator, checkpointing, comm, ops, utils, zero
+from . import accelerator, checkpointing, comm, ops, runtime, utils, zero
+from .runtime.engine import DeepSpeedEngine
 from .accelerator import get_accelerator
 
 __all__ = ["__version__", "aio_handle", "aio_read", "aio_write", "deepspeed_memcpy", "CPUAdam", "CPUAdagrad",
            "CPULion", "DeepSpeedCPUAdam", "DeepSpeedCPUAdagrad", "DeepSpeedCPULion", "TensorSwapper",
-           "ZinfEngine", "add_config_arguments", "init_distributed", "initialize", "accelerator", "checkpointing",
+           "ZinfEngine", "DeepSpeedEngine", "add_config_arguments", "init_distributed", "initialize", "accelerator", "checkpointing",
            "comm", "get_accelerator", "ops", "utils", "zero"]

@@ -1,12 +1,13 @@
 """The engine's collectives over a torch.distributed process group.
 
 zinf's C++ engine calls these from its worker thread (the GIL taken for the
-call) with memoryviews over its own buffers: host memory on CPU runs, so
-Gloo moves the bytes; the same calls work over NCCL for tensors the views
-describe on the device. All ranks issue the same calls in the same order,
+call) with memoryviews over its own buffers, which are host memory: Gloo
+moves them as they are (TorchCollectives); for a model on GPUs under an
+NCCL group, they are staged through each rank's GPU and NCCL moves them
+(DeviceCollectives). All ranks issue the same calls in the same order,
 which is the engine's contract. Gloo in torch 1.13 has no reduce-scatter:
 it all-reduces a copy and keeps this rank's block (twice the traffic of a
-ring reduce-scatter), and NCCL groups use the real one.
+ring reduce-scatter).
 """
 import atexit
 import fcntl
@@ -52,13 +53,8 @@ class TorchCollectives:
 
     def reduce_scatter(self, send, recv, count):
         total = _floats(send).clone()
-        if self.backend == "nccl" and hasattr(dist, "reduce_scatter"):
-            mine = torch.empty(count, dtype=torch.float32)
-            dist.reduce_scatter(mine, list(total.split(count)), group=self.group)
-        else:
-            dist.all_reduce(total, group=self.group)
-            mine = total[self.rank * count:(self.rank + 1) * count]
-        _floats(recv).copy_(mine)
+        dist.all_reduce(total, group=self.group)
+        _floats(recv).copy_(total[self.rank * count:(self.rank + 1) * count])
 
     def all_reduce(self, data, count, op):
         values = _floats(data)
@@ -74,6 +70,97 @@ class TorchCollectives:
 
     def barrier(self):
         dist.barrier(group=self.group)
+
+
+class DeviceCollectives(TorchCollectives):
+    """The engine's collectives over an NCCL group, for a model on a GPU:
+    each call stages the engine's host buffer through a tensor on `device`
+    (this rank's GPU), runs the collective there and copies the result
+    back. NCCL takes device memory only; over NVLink or InfiniBand the two
+    copies across PCIe cost far less than Gloo's TCP on host memory.
+
+    The engine calls from its worker thread, whose current CUDA stream is
+    the device's default stream: the copy in, the collective (NCCL's stream
+    waits on the current one) and the copy out are ordered on it, and the
+    copy out into pageable host memory returns only when it has landed."""
+
+    def __init__(self, device, group=None):
+        super().__init__(group)
+        self.device = torch.device(device)
+
+    def _in(self, view, dtype):
+        return torch.frombuffer(view, dtype=dtype).to(self.device)
+
+    def all_gather(self, send, recv, nbytes):
+        mine = self._in(send, torch.uint8)
+        gathered = torch.empty(nbytes * self.world_size, dtype=torch.uint8, device=self.device)
+        flat = getattr(dist, "all_gather_into_tensor", None) or dist._all_gather_base
+        flat(gathered, mine, group=self.group)
+        _bytes(recv).copy_(gathered)
+
+    def reduce_scatter(self, send, recv, count):
+        total = self._in(send, torch.float32)
+        mine = torch.empty(count, dtype=torch.float32, device=self.device)
+        flat = getattr(dist, "reduce_scatter_tensor", None) or dist._reduce_scatter_base
+        flat(mine, total, group=self.group)
+        _floats(recv).copy_(mine)
+
+    def all_reduce(self, data, count, op):
+        values = self._in(data, torch.float32)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
+        _floats(data).copy_(values)
+
+    def broadcast(self, data, nbytes, root):
+        values = self._in(data, torch.uint8)
+        dist.broadcast(values, src=root, group=self.group)
+        _bytes(data).copy_(values)
+
+    def barrier(self):
+        # dist.barrier over NCCL guesses the device from the rank (and warns);
+        # a one-element all-reduce on this rank's GPU is a barrier that cannot.
+        dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)
+
+
+def _machine_id():
+    """What tells machines apart: the kernel's boot id (shared by the
+    containers of one machine, which share its GPUs), else the host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            return file.read().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def _gpu_id(device):
+    properties = torch.cuda.get_device_properties(device)
+    uuid = getattr(properties, "uuid", None)  # torch >= 2.2
+    if uuid is not None:
+        return str(uuid)
+    return "%s/%s" % (os.environ.get("CUDA_VISIBLE_DEVICES", ""), device.index)
+
+
+def engine_collectives(device, host, choice="auto"):
+    """The collectives zinf's engine runs over, with `world` > 1 ranks:
+
+    - a model on a GPU under an NCCL default group (the script's
+      init_distributed("nccl") or init_process_group("nccl")), each rank
+      on a GPU of its own: NCCL, staged through that GPU (DeviceCollectives);
+    - otherwise, or with zinf.collectives "host": Gloo on host memory over
+      `host` (host_group()). Ranks sharing a GPU (NCCL refuses them) are
+      logged and use Gloo.
+
+    A collective call: every rank makes it, with the same `choice`."""
+    if choice == "host" or device.type != "cuda" or dist.get_backend() != "nccl":
+        return TorchCollectives(host)
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (_machine_id(), _gpu_id(device)), group=host)
+    if len(set(everyone)) < len(everyone):
+        logging.getLogger("zinf").warning(
+            "zinf: ranks share a GPU (NCCL needs one per rank): the engine's collectives run over Gloo on host "
+            "memory; give each rank its own (torch.cuda.set_device(LOCAL_RANK) before moving the model)")
+        return TorchCollectives(host)
+    return DeviceCollectives(device)
 
 
 _settle_registered = []  # settle_at_exit's handler (or _destroy_own_group) is registered

@@ -35,10 +35,14 @@ Where the model computes: on the device its parameters are on (the CPU, or
 a GPU: model.cuda() before initialize; engine.device says which). The
 engine's state stays in host memory and on NVMe either way, as in
 ZeRO-Offload: gathered parameters are copied to the device before a unit's
-forward and backward, gradients copied back as autograd makes them, and
+forward and backward, and gradients copied back as autograd makes them.
 zinf's collectives run on host memory over Gloo (a Gloo group of its own
-beside an NCCL default group the script made). The C++ engine's
-device-memory path (CUDA copier, NCCL communicator) is not used from Python.
+beside an NCCL default group the script made), except for a model on GPUs
+under an NCCL default group with a GPU per rank: there they are staged
+through each rank's GPU and NCCL moves them (zinf.distributed.
+engine_collectives; "zinf": {"collectives": "host"} keeps Gloo). The C++
+engine's device-memory path (CUDA copier, NCCL communicator) is not used
+from Python.
 """
 import collections
 import contextlib
@@ -56,7 +60,7 @@ import torch.distributed as dist
 from . import _zinf
 from . import lr_schedules
 from . import zero as _zero
-from .distributed import TorchCollectives, host_group, init_from_environment, settle_at_exit
+from .distributed import engine_collectives, host_group, init_from_environment, settle_at_exit
 from .torch import _OnBackward, _OnDemandFetch, _before_backward_of, _load_config, _stream, _units
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -309,8 +313,10 @@ class ZinfEngine(torch.nn.Module):
         self._host_group = host_group() if world > 1 else None
         if world > 1:
             settle_at_exit()
-        collectives = TorchCollectives(self._host_group) if world > 1 else None
+        collectives = engine_collectives(self._device, self._host_group,
+                                         settings.get("zinf", {}).get("collectives", "auto")) if world > 1 else None
         backend = collectives.backend if collectives else "local"
+        self.collectives_backend = backend  # what the engine's collectives go over: local, gloo or nccl
         threads = int(settings.get("zinf", {}).get("optimizer_threads", 0))
         # backward() divides the loss by gradient_accumulation_steps, as
         # DeepSpeed's does: the engine then does not divide again.
@@ -1270,9 +1276,10 @@ def _named_units(model, chosen=None):
 def init_distributed(dist_backend=None, timeout=None, **unused):
     """DeepSpeed's init_distributed: the default process group from
     torchrun's variables, or nothing for a single process. The backend is
-    the script's (None: Gloo); zinf's own collectives run over Gloo on host
-    memory either way (a Gloo group beside an NCCL default). Returns (rank,
-    world size)."""
+    the script's (None: Gloo); zinf's engine runs its own collectives over
+    NCCL when the default group is NCCL and the model is on GPUs (one per
+    rank), else over Gloo on host memory (a Gloo group beside an NCCL
+    default). Returns (rank, world size)."""
     if dist_backend not in (None, "gloo", "nccl"):
         raise ValueError(f"init_distributed: backend {dist_backend!r}: gloo or nccl")
     seconds = timeout.total_seconds() if timeout is not None else None

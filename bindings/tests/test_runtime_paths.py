@@ -1,0 +1,122 @@
+"""DeepSpeed's deepspeed.runtime paths scripts import from, under zinf.runtime:
+the schedulers and context managers by their DeepSpeed module paths, the
+engine class by DeepSpeed's name, see_memory_usage, and the ZeRO memory
+estimators answering with what zinf's engine allocates."""
+import logging
+import os
+import sys
+
+import pytest
+import torch
+
+import zinf
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from initialize_model import make_model  # noqa: E402
+
+GIB = 2**30
+
+
+def test_deepspeeds_runtime_paths_give_zincs_own_objects():
+    from zinf.runtime.lr_schedules import OneCycle, WarmupCosineLR, WarmupDecayLR, WarmupLR
+    from zinf.runtime.zero.partition_parameters import GatheredParameters, Init
+    from zinf.runtime.engine import DeepSpeedEngine
+    assert (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle) == (
+        zinf.lr_schedules.WarmupLR, zinf.lr_schedules.WarmupDecayLR, zinf.lr_schedules.WarmupCosineLR,
+        zinf.lr_schedules.OneCycle)
+    assert (Init, GatheredParameters) == (zinf.zero.Init, zinf.zero.GatheredParameters)
+    assert DeepSpeedEngine is zinf.DeepSpeedEngine is zinf.ZinfEngine
+
+
+def test_activation_checkpointing_by_its_runtime_path_is_zinf_checkpointing():
+    from zinf.runtime.activation_checkpointing import checkpointing
+    import zinf.runtime.activation_checkpointing.checkpointing as by_import
+    assert checkpointing is by_import is zinf.checkpointing
+    checkpointing.configure(None, partition_activations=False, num_checkpoints=3)
+    try:
+        assert zinf.checkpointing.is_configured()  # one module: configured through either path
+    finally:
+        zinf.checkpointing._forget_configuration()
+
+
+def test_the_engine_is_a_deepspeed_engine_to_code_that_checks():
+    # Accelerate and Trainer code asks isinstance(model, DeepSpeedEngine).
+    engine, _, _, _ = zinf.initialize(model=make_model(), config={"train_batch_size": 2})
+    try:
+        assert isinstance(engine, zinf.runtime.engine.DeepSpeedEngine)
+    finally:
+        engine.close()
+
+
+def test_see_memory_usage_logs_only_when_forced(caplog):
+    from zinf.runtime.utils import see_memory_usage
+    with caplog.at_level(logging.INFO, logger="zinf"):
+        see_memory_usage("before the model")
+        assert caplog.records == []  # DeepSpeed's default: force=False says nothing
+        see_memory_usage("after the model", force=True)
+    text = caplog.text
+    assert "after the model" in text and "MA " in text and "Max_CA" in text
+    used = float(text.split("CPU Virtual Memory:  used = ")[1].split(" GB")[0])
+    assert 0 < used < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
+def test_the_zero3_estimate_is_what_zinfs_plan_allocates():
+    from zinf.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    params, largest = 10**9, 10**7
+    host, gpu, largest_bytes = estimate_zero3_model_states_mem_needs(params, largest, additional_buffer_factor=1.0)
+    # Offload of both to the CPU, one rank (swap/memory_plan.hpp): fp32
+    # gradients 4, the bf16 partition 2, master and Adam's moments 12 bytes
+    # per param held; one sub-group (all of it, sub_group_size 1e9) of fp32
+    # masters more while the engine initialises; a host copy of the largest
+    # gradient for the collectives.
+    assert host == 18 * params + 4 * params + 4 * largest
+    assert largest_bytes == 4 * largest
+    assert gpu > 0  # the gathered layers, the gradients awaiting their reduction
+    scaled, _, _ = estimate_zero3_model_states_mem_needs(params, largest)  # DeepSpeed's default factor 1.5
+    assert scaled == int(1.5 * host)
+    _, gpu_with_shards, _ = estimate_zero3_model_states_mem_needs(params, largest, cpu_offload_params=False,
+                                                                  additional_buffer_factor=1.0)
+    assert gpu_with_shards - gpu == 2 * params  # offload_param none: the bf16 shard stays on the GPU
+    # Eight ranks on the node: each holds an eighth of the partitions, and
+    # a gradient copy of its own.
+    per_node, _, _ = estimate_zero3_model_states_mem_needs(params, largest, num_gpus_per_node=8,
+                                                           additional_buffer_factor=1.0)
+    assert per_node == 18 * params + 4 * params + 8 * 4 * largest
+    # Without zero.Init every rank first builds the whole model in fp32.
+    built_whole, _, _ = estimate_zero3_model_states_mem_needs(params, largest, num_gpus_per_node=8, zero_init=False,
+                                                              additional_buffer_factor=1.0)
+    assert built_whole == max(per_node, 8 * 4 * params)
+
+
+def test_the_zero3_table_shows_every_offload_with_nvme(capsys):
+    from zinf.runtime.zero.stage3 import (estimate_zero3_model_states_mem_needs_all_cold,
+                                          estimate_zero3_model_states_mem_needs_all_live)
+    model = make_model()
+    estimate_zero3_model_states_mem_needs_all_live(model, num_gpus_per_node=2, num_nodes=2)
+    out = capsys.readouterr().out
+    assert "HW: Setup with 2 nodes, 2 GPUs per node." in out
+    total = sum(p.numel() for p in model.parameters())
+    assert f"SW: Model with {int(total / 1e6)}M total params" in out
+    estimate_zero3_model_states_mem_needs_all_cold(7 * 10**9, 10**8, num_gpus_per_node=2, num_nodes=2)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "offload_param=" in line]
+    assert len(rows) == 10  # five offload choices, with and without zero_init
+    nvme = next(r for r in rows if "offload_param=nvme, offload_optimizer=nvme, zero_init=1" in r)
+    cpu = next(r for r in rows if "offload_param=cpu , offload_optimizer=cpu , zero_init=1" in r)
+    host = [float(r.split("GB")[0]) for r in (nvme, cpu)]
+    nvme_bytes = [float(r.split("|")[2].split("GB")[0]) for r in (nvme, cpu)]
+    assert host[0] < host[1] and nvme_bytes[0] > 0 == nvme_bytes[1]  # NVMe takes the states off the host
+
+
+def test_the_zero2_estimate_keeps_the_model_whole_on_the_gpu(capsys):
+    from zinf.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
+                                                 estimate_zero2_model_states_mem_needs_all_cold)
+    params = 10**9
+    host, gpu = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=2, additional_buffer_factor=1.0)
+    assert gpu >= 2 * params  # every param whole in bf16 on each GPU
+    assert host >= 2 * 4 * params  # each of the node's two ranks built the model in fp32
+    estimate_zero2_model_states_mem_needs_all_cold(params)
+    out = capsys.readouterr().out
+    assert "SW: Model with 1000M total params." in out
+    assert "offload_optimizer=cpu" in out and "offload_optimizer=none" in out

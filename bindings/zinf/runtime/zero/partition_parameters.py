@@ -1,0 +1,2 @@
+"""``deepspeed.runtime.zero.partition_parameters``: zinf.zero's context managers."""
+from ...zero import GatheredParameters, Init, register_external_parameter, unregister_external_parameter  # noqa: F401
