@@ -115,9 +115,11 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
     // sub-group at a time.
     add(Tier::pageable, element * std::min(group, psi_rank),
         fmt::format("working copy ({}) of one sub-group on its way to the param store", precision), true);
-  } else {
+  } else if (stage == 3 && zero.offload_param.device == config::OffloadDevice::cpu) {
     add(Tier::pageable, element * psi_rank, fmt::format("param partition ({}, the working copy)", precision));
   }
+  // offload_param none: the working copy is on the device (below), as the
+  // shards at stage 3 and inside the whole params below it.
   if (optimizer_on_nvme) {
     add(Tier::nvme, state_bytes(psi_rank),
         fmt::format("optimizer states: {} tensors ({}) x {} elements", tensors, formats, psi_rank));
@@ -144,7 +146,7 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
   } else {
     switch (zero.offload_param.device) {
       case config::OffloadDevice::none:
-        add(Tier::gpu, element * psi_rank, "param shards on the device");
+        add(Tier::gpu, element * psi_rank, "param shards on the device (the working copy)");
         break;
       case config::OffloadDevice::cpu:
         break;  // gathers read the working partition above

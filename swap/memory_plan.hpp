@@ -14,14 +14,16 @@
 //     "nvme" (then on NVMe, with two sub-groups of copy-on-write room, and
 //     two sub-group buffers in the pinned pool; "gradients": "cpu" keeps
 //     it in host memory), and the partition in the working precision (e
-//     Ψr; offload_param "cpu" gathers from it; "nvme" keeps it in the
-//     param store, one sub-group passing through host memory at a step);
+//     Ψr) with offload_param "cpu", which gathers from it ("nvme" keeps it
+//     in the param store, one sub-group passing through host memory at a
+//     step; "none" on the device, below);
 //     while finalize() builds the masters, one sub-group of fp32 values
 //     more (MemoryPlan::transient_host);
 //   optimizer states: in host memory (4k Ψr) unless offload_optimizer is
 //     "nvme", which puts them on NVMe and takes the optimizer swapper's
 //     three slots of one sub-group from the pinned pool;
-//   params: offload_param "none" keeps the shard on the device (e Ψr),
+//   params: offload_param "none" keeps the shard on the device (e Ψr; a
+//     persistent param's is its place in the whole param, with no copy),
 //     "nvme" puts it on NVMe and takes the param swapper's buffers and
 //     max_in_cpu cache from the pinned pool;
 //   the pinned pool is page-locked when pin_memory is true on a block that

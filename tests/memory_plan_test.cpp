@@ -48,10 +48,10 @@ TEST(MemoryPlan, WithoutOffloadTheStatesLiveInHostMemoryAndTheShardsOnTheDevice)
   const MemoryPlan plan = plan_memory(stage3(""), billion_over_four());
   ASSERT_EQ(plan.stages.size(), 3u);
   // zinf runs the optimizer on the CPU: per rank (2.5e8 elements) the fp32
-  // gradient partition (1e9 B), the bf16 working partition (5e8 B) and the
-  // Adam states (12 B each) are host memory, pageable.
+  // gradient partition (1e9 B) and the Adam states (12 B each) are host
+  // memory, pageable; the bf16 working copy is the device shards only.
   // Gloo's reduce-scatter copy of one gradient: 4 B x 1e8.
-  EXPECT_EQ(plan.chosen.pageable, 1000000000ull + 500000000ull + 3000000000ull + kGlooScratch);
+  EXPECT_EQ(plan.chosen.pageable, 1000000000ull + 3000000000ull + kGlooScratch);
   EXPECT_EQ(plan.chosen.pinned + plan.chosen.nvme, 0u);
   // While finalize() builds the masters: one sub-group (all 2.5e8) of fp32.
   EXPECT_EQ(plan.transient_host, 1000000000ull);
@@ -67,12 +67,15 @@ TEST(MemoryPlan, WithoutOffloadTheStatesLiveInHostMemoryAndTheShardsOnTheDevice)
   EXPECT_EQ(listed, plan.chosen.gpu + plan.chosen.pageable);
 }
 
-TEST(MemoryPlan, AFp32BillionOnOneRankNeedsTwentyFourGigabytesOfHostMemory) {
-  // What `zinf-config plan` once got wrong (DeepSpeed's model: 0 B host).
+TEST(MemoryPlan, AFp32BillionOnOneRankNeedsTwentyGigabytesOfHostMemory) {
+  // What `zinf-config plan` once got wrong (DeepSpeed's model: 0 B host):
+  // fp32 gradients and Adam's master and moments, and while finalize()
+  // builds them one sub-group of masters more (the working copy is the
+  // device shards).
   PlanInput input;
   input.params = 1000000000;
   const MemoryPlan plan = plan_memory(stage3("", "", ""), input);
-  EXPECT_EQ(plan.chosen.pageable, 4000000000ull + 4000000000ull + 12000000000ull + kGlooScratch);
+  EXPECT_EQ(plan.chosen.pageable, 4000000000ull + 12000000000ull + kGlooScratch);
   EXPECT_EQ(plan.transient_host, 4000000000ull);
 }
 
@@ -112,9 +115,10 @@ TEST(MemoryPlan, OptimizerNoneAndCpuAreTheSameAndParamsOnCpuLeaveTheDevice) {
   const MemoryPlan params = plan_memory(
       stage3(R"(, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"})"),
       billion_over_four());
-  // Gathers read the working partition already counted: no device shard.
+  // The working copy moves from the device shards to a host partition,
+  // which gathers read.
   EXPECT_EQ(params.chosen.gpu, none.chosen.gpu - 500000000ull);
-  EXPECT_EQ(params.chosen.pageable, none.chosen.pageable);
+  EXPECT_EQ(params.chosen.pageable, none.chosen.pageable + 500000000ull);
 }
 
 TEST(MemoryPlan, NvmeOffloadCountsSwapperBuffersAndCopyOnWriteHeadroom) {
@@ -222,9 +226,9 @@ TEST(MemoryPlan, OneSubGroupNeedsOneSubGroupOfHeadroom) {
 TEST(MemoryPlan, Fp32TrainingCountsFourBytesPerWorkingElement) {
   const MemoryPlan fp32 = plan_memory(stage3("", "", ""), billion_over_four());
   const MemoryPlan bf16 = plan_memory(stage3(""), billion_over_four());
-  // 2 B more per element: the working partition (host) and the device shard
-  // (2.5e8 each), the gathered layers (6.5e8).
-  EXPECT_EQ(fp32.chosen.pageable, bf16.chosen.pageable + 2ull * 250000000ull);
+  // 2 B more per element on the device: the shard (2.5e8, the working
+  // copy) and the gathered layers (6.5e8); the host holds no working copy.
+  EXPECT_EQ(fp32.chosen.pageable, bf16.chosen.pageable);
   EXPECT_EQ(fp32.chosen.gpu, bf16.chosen.gpu + 2ull * 250000000ull + 2ull * 650000000ull);
 }
 
@@ -325,13 +329,20 @@ void compare_with_plan(const std::string& json, const zero3::LaunchEnv& launch) 
   const TierBytes& t = plan.chosen;
   // Host and device share RAM here: the host peak (at finalize) and the
   // training peak (device buffers on top of the host's) are both in VmHWM.
-  // The stand-in's params are gathered from the host partition itself: it
-  // keeps no second copy of the shards as device memory.
+  // The plan models a GPU, where offload_param none keeps the working copy
+  // on the device (the shards at stage 3, inside the whole params below
+  // it); the stand-in keeps it as a host partition instead and gathers
+  // from that, with no device shards.
   std::uint64_t device_shards = 0;
   for (const auto& buffer : plan.buffers) {
-    if (buffer.what == "param shards on the device") device_shards += buffer.bytes;
+    if (buffer.what == "param shards on the device (the working copy)") device_shards += buffer.bytes;
   }
-  const std::uint64_t host = t.pinned + t.pageable;
+  std::uint64_t stand_in_partition = 0;
+  if (config.zero.offload_param.device == config::OffloadDevice::none) {
+    const std::uint64_t element = config.training.precision == config::Precision::fp32 ? 4 : 2;
+    stand_in_partition = element * ((input.params + input.world_size - 1) / input.world_size);
+  }
+  const std::uint64_t host = t.pinned + t.pageable + stand_in_partition;
   const std::uint64_t planned = host + std::max(plan.transient_host, t.gpu - device_shards);
   const double slack = 0.10 * static_cast<double>(planned) + 24.0 * 1024 * 1024;
   const double off = static_cast<double>(peak) - static_cast<double>(planned);

@@ -990,6 +990,103 @@ TEST(StrictDeviceStreams, GradientsWrittenByLateKernelsAreReducedAfterThem) {
   }
 }
 
+// offload_param none on a device the CPU cannot read (a GPU): the device
+// shards are the working copy's only home, with no image of the partition
+// in host memory; a persistent param's shard is its place in the whole
+// param. Frozen values, set values, steps and checkpoints go through them.
+TEST(StrictDeviceMemory, TheWorkingCopyLivesOnTheDeviceWithNoHostImage) {
+  testing::TempDir dir;
+  const auto config = config::load_config_string(
+      R"({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}, "zero_optimization": {"stage": 3,
+          "stage3_param_persistence_threshold": 4, "sub_group_size": 5}})");
+  const std::vector<float> a_start = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+  const std::vector<float> b_start = {-1, -2, -3, -4, -5, -6};
+  const std::vector<float> c_start = {0.5f, 1.5f, 2.5f, 3.5f};
+  struct Built {
+    ParamIndex a, b, c;
+    ModuleIndex module;
+  };
+  const auto build = [&](Engine& engine) {
+    Built m{};
+    m.module = engine.add_module("m");
+    m.a = engine.add_param(m.module, "a", {3, 3}, a_start);
+    m.b = engine.add_param(m.module, "b", {6}, b_start);
+    engine.set_trainable(m.b, false);
+    m.c = engine.add_param(m.module, "c", {4}, c_start);  // at the threshold: persistent
+    engine.finalize();
+    return m;
+  };
+  const auto gathered = [](Engine& engine, const DeviceAccess& access, ParamIndex p) {
+    std::vector<float> out;
+    access.to_host(out, engine.param_f32(p), engine.describe(p).elements);
+    return out;
+  };
+  const std::vector<float> b_set = {7, 8, 9, 10, 11, 12};
+  std::vector<float> a_trained;
+  {
+    auto strict = swap::make_strict_device();
+    auto comm = make_strict_device_communicator(make_local_communicator(), strict);
+    EngineOptions options;
+    options.copier = strict;
+    const DeviceAccess access = copier_access(strict);
+    Engine engine(config, *comm, options);
+    const Built m = build(engine);
+    EXPECT_TRUE(engine.describe(m.c).persistent);
+    EXPECT_FALSE(engine.describe(m.a).persistent);
+    EXPECT_EQ(engine.stats().host_working_bytes, 0u);
+    EXPECT_EQ(gathered(engine, access, m.c), c_start);  // gathered in place from its shard
+    engine.set_master(m.b, b_set);                     // a frozen param's only copy is on the device
+    EXPECT_EQ(engine.gather_master(m.b), b_set);
+    for (int step = 0; step < 2; ++step) {
+      engine.pre_forward(m.module);
+      EXPECT_EQ(gathered(engine, access, m.b), b_set);
+      engine.post_forward(m.module);
+      engine.pre_backward(m.module);
+      access.to_device(engine.grad(m.a), std::vector<float>(9, 0.5f));
+      access.to_device(engine.grad(m.c), std::vector<float>(4, -0.5f));
+      engine.post_backward(m.module);
+      EXPECT_TRUE(engine.step());
+    }
+    a_trained = engine.gather_master(m.a);
+    EXPECT_NE(a_trained, a_start);
+    // What the trainer computes with after the steps is the masters' copy.
+    engine.pre_forward(m.module);
+    EXPECT_EQ(gathered(engine, access, m.a), a_trained);
+    EXPECT_EQ(gathered(engine, access, m.c), engine.gather_master(m.c));
+    EXPECT_NE(engine.gather_master(m.c), c_start);
+    engine.post_forward(m.module);
+    engine.save_checkpoint(dir.path() / "ckpt");
+  }
+  {
+    // The host stand-in (CPU trainers) keeps the partition in host memory
+    // and loads the same checkpoint.
+    auto comm = make_local_communicator();
+    Engine engine(config, *comm);
+    const Built m = build(engine);
+    EXPECT_EQ(engine.stats().host_working_bytes, engine.describe(m.a).shard_elements * 4 +
+                                                     engine.describe(m.b).shard_elements * 4 +
+                                                     engine.describe(m.c).shard_elements * 4);
+    engine.load_checkpoint(dir.path() / "ckpt");
+    EXPECT_EQ(engine.gather_master(m.a), a_trained);
+    EXPECT_EQ(engine.gather_master(m.b), b_set);
+  }
+  {
+    auto strict = swap::make_strict_device();
+    auto comm = make_strict_device_communicator(make_local_communicator(), strict);
+    EngineOptions options;
+    options.copier = strict;
+    const DeviceAccess access = copier_access(strict);
+    Engine engine(config, *comm, options);
+    const Built m = build(engine);
+    engine.load_checkpoint(dir.path() / "ckpt");
+    EXPECT_EQ(engine.gather_master(m.b), b_set);  // the frozen values, back into the device shard
+    engine.pre_forward(m.module);
+    EXPECT_EQ(gathered(engine, access, m.a), a_trained);
+    EXPECT_EQ(gathered(engine, access, m.b), b_set);
+    engine.post_forward(m.module);
+  }
+}
+
 TEST(StrictDeviceStreams, AGatheredBufferIsNotReusedWhileAKernelStillReadsIt) {
   TrainingRun run;
   run.world = 1;

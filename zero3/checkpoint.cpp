@@ -150,15 +150,15 @@ void Engine::save_checkpoint(const std::filesystem::path& dir) {
     const std::uint64_t esize = element_bytes();
     std::vector<TensorToWrite> entries;
     // In host memory the shards are written from where they are; from the
-    // param store (params on NVMe) they are read back for the file (this
-    // rank's frozen partition, for the length of the save).
+    // param store (params on NVMe) or the device they are read back for the
+    // file (this rank's frozen partition, for the length of the save).
     std::vector<std::vector<std::byte>> stored;
     stored.reserve(params_.size());
     for (std::size_t p = 0; p < params_.size(); ++p) {
       const Param& param = *params_[p];
       if (param.d.trainable) continue;
       std::span<const std::byte> shard;
-      if (working_on_nvme()) {
+      if (!working_in_host()) {
         shard = stored.emplace_back(working_shard(param));
       } else {
         shard = std::span(working_partition_.data() + param.partition_offset * esize, param.d.shard_elements * esize);

@@ -93,7 +93,9 @@ Engine::~Engine() {
   for (auto& param : params_) {
     const std::uint64_t gathered = param->d.shard_elements * comm_.world_size();
     if (param->gathered) buffers_.release(param->gathered, gathered * element_bytes());
-    if (param->device_shard) buffers_.release(param->device_shard, param->d.shard_elements * element_bytes());
+    if (param->device_shard && !param->d.persistent) {  // a persistent one's is inside `gathered`
+      buffers_.release(param->device_shard, param->d.shard_elements * element_bytes());
+    }
     if (param->grad) buffers_.release(param->grad, gathered * sizeof(float));
   }
   // The swappers hold pool leases: they go before the pool.
@@ -186,7 +188,7 @@ void Engine::set_working(std::uint64_t offset, std::span<const float> master) {
   // optimizer copy writes it after a step.
   std::vector<std::byte> staged;
   std::byte* out = nullptr;
-  if (working_on_nvme()) {
+  if (!working_in_host()) {
     staged.resize(master.size() * element_bytes());
     out = staged.data();
   } else {
@@ -205,12 +207,12 @@ void Engine::set_working(std::uint64_t offset, std::span<const float> master) {
       break;
     }
   }
-  if (working_on_nvme()) store_working(offset, staged);
+  if (!working_in_host()) store_working(offset, staged);
 }
 
 void Engine::store_working(std::uint64_t offset, std::span<const std::byte> bytes) {
   const std::uint64_t esize = element_bytes();
-  if (!working_on_nvme()) {
+  if (working_in_host()) {
     std::memcpy(working_partition_.data() + offset * esize, bytes.data(), bytes.size());
     return;
   }
@@ -220,6 +222,11 @@ void Engine::store_working(std::uint64_t offset, std::span<const std::byte> byte
     const std::uint64_t to = std::min(end, param->partition_offset + param->d.shard_elements);
     if (from >= to) continue;
     const std::span<const std::byte> piece = bytes.subspan((from - offset) * esize, (to - from) * esize);
+    if (working_on_device_) {
+      copy_to_device(static_cast<std::byte*>(param->device_shard) + (from - param->partition_offset) * esize,
+                     piece.data(), piece.size());
+      continue;
+    }
     const std::uint64_t shard_bytes = param->d.shard_elements * esize;
     if (piece.size() == shard_bytes) {
       param_swapper_->swap_out(param->key, piece);
@@ -253,9 +260,14 @@ void Engine::flush_working() {
 
 std::vector<std::byte> Engine::working_shard(const Param& param) {
   const std::uint64_t bytes = param.d.shard_elements * element_bytes();
-  if (!working_on_nvme()) {
+  if (working_in_host()) {
     const std::byte* shard = working_partition_.data() + param.partition_offset * element_bytes();
     return {shard, shard + bytes};
+  }
+  if (working_on_device_) {
+    std::vector<std::byte> out(bytes);
+    copy_to_host(out.data(), param.device_shard, bytes);
+    return out;
   }
   const auto stored = param_swapper_->fetch(param.key);
   std::vector<std::byte> out(stored.begin(), stored.end());
@@ -387,10 +399,29 @@ void Engine::finalize() {
     sub_group_begin_.push_back(begin);
     begin += group.elements;
   }
-  // With params on NVMe the param store holds the working copy (no image of
-  // it in host memory: store_working).
-  if (config_.zero.offload_param.device != config::OffloadDevice::nvme) {
+  // With params on NVMe the param store holds the working copy, with
+  // offload_param none on a device the CPU cannot read the device shards
+  // do: no image of it in host memory (store_working).
+  working_on_device_ = config_.zero.offload_param.device == config::OffloadDevice::none &&
+                       !options_.copier->host_accessible();
+  if (config_.zero.offload_param.device != config::OffloadDevice::nvme && !working_on_device_) {
     working_partition_.assign(partition_elements_ * element_bytes(), std::byte{0});
+  }
+  if (working_on_device_) {
+    // Each shard's home, before the initial values are written into it
+    // below: a buffer of its own, or for a persistent param (whole on every
+    // rank for good) its place in the gathered buffer, which the all-gather
+    // then fills around it in place: no second copy of its bytes.
+    for (auto& param : params_) {
+      const std::uint64_t bytes = param->d.shard_elements * element_bytes();
+      if (bytes == 0) continue;
+      if (param->d.persistent) {
+        param->gathered = buffers_.acquire(bytes * comm_.world_size());
+        param->device_shard = static_cast<std::byte*>(param->gathered) + static_cast<std::uint64_t>(comm_.rank()) * bytes;
+      } else {
+        param->device_shard = buffers_.acquire(bytes);
+      }
+    }
   }
   const std::size_t threads = options_.optimizer_threads != 0
                                   ? options_.optimizer_threads
@@ -511,25 +542,13 @@ void Engine::finalize() {
 }
 
 void Engine::place_shards(bool frozen_too) {
-  // Shards go where offload_param says, then the persistent params are
-  // gathered for good. Runs with the worker idle, so the collectives here
-  // are in the same order on every rank.
+  // The shards are where offload_param says: store_working wrote them
+  // ("cpu", and "none" where device memory is host memory (the host
+  // stand-in the CPU trainers use): the host partition; nvme: the param
+  // store; "none" on a separate device: the device shards). Then the
+  // persistent params are gathered for good. Runs with the worker idle, so
+  // the collectives here are in the same order on every rank.
   const std::uint64_t esize = element_bytes();
-  const auto device = config_.zero.offload_param.device;
-  // "cpu": the partition is the shards; nvme: store_working wrote them.
-  // A persistent param is gathered from the host partition (below) and
-  // stays whole: a device shard of it would only duplicate its bytes. So
-  // would every device shard where device memory is host memory (the host
-  // stand-in the CPU trainers use): there each param is gathered from the
-  // host partition as with "cpu".
-  const bool separate_device = !options_.copier->host_accessible();
-  for (auto& param : params_) {
-    if (device != config::OffloadDevice::none || param->d.persistent || !separate_device) continue;
-    if (!frozen_too && !param->d.trainable) continue;
-    const std::uint64_t bytes = param->d.shard_elements * esize;
-    if (param->device_shard == nullptr) param->device_shard = buffers_.acquire(bytes);
-    copy_to_device(param->device_shard, working_partition_.data() + param->partition_offset * esize, bytes);
-  }
   if (param_swapper_) {
     flush_working();
     param_swapper_->commit();
@@ -551,7 +570,7 @@ void Engine::gather_into(Param& param, void* gathered) {
   const std::uint64_t bytes = param.d.shard_elements * esize;
   auto* mine = static_cast<std::byte*>(gathered) + static_cast<std::uint64_t>(comm_.rank()) * bytes;
   const auto device = param.device_shard == nullptr && config_.zero.offload_param.device == config::OffloadDevice::none
-                          ? config::OffloadDevice::cpu  // persistent, or host memory: from the host partition
+                          ? config::OffloadDevice::cpu  // device memory is host memory: from the host partition
                           : config_.zero.offload_param.device;
   switch (device) {
     case config::OffloadDevice::none:
@@ -1109,10 +1128,11 @@ bool Engine::step(std::optional<bool> boundary_override) {
 
   std::vector<cpu_adam::Buffer> grads;
   std::vector<cpu_adam::Buffer> copies;
-  // Params on NVMe: every sub-group's working copy goes through one buffer
-  // of the largest sub-group's size, to the param store as each is done.
+  // Params on NVMe or on a separate device: every sub-group's working copy
+  // goes through one buffer of the largest sub-group's size, to the param
+  // store or the device shards as each is done.
   std::vector<std::byte> scratch;
-  if (working_on_nvme()) {
+  if (!working_in_host()) {
     std::uint64_t largest = 0;
     for (const auto& group : sub_groups_) largest = std::max(largest, group.elements);
     scratch.resize(largest * element_bytes());
@@ -1121,11 +1141,11 @@ bool Engine::step(std::optional<bool> boundary_override) {
     const std::uint64_t offset = sub_group_begin_[g];
     const std::uint64_t elements = sub_groups_[g].elements;
     if (!gradient_swapper_) grads.push_back({grad_partition_.data() + offset, elements, DType::f32});
-    std::byte* copy = working_on_nvme() ? scratch.data() : working_partition_.data() + offset * element_bytes();
+    std::byte* copy = working_in_host() ? working_partition_.data() + offset * element_bytes() : scratch.data();
     copies.push_back({copy, elements, working_});
   }
   std::function<void(std::size_t)> copied;
-  if (working_on_nvme()) {
+  if (!working_in_host()) {
     copied = [&](std::size_t g) {
       store_working(sub_group_begin_[g], std::span(scratch.data(), sub_groups_[g].elements * element_bytes()));
     };
@@ -1171,6 +1191,7 @@ EngineStats Engine::stats() const {
     for (std::uint64_t bytes : store_stats.written_bytes) out.nvme_written_bytes += bytes;
     out.nvme_read_bytes += store_stats.read_bytes;
   }
+  out.host_working_bytes = working_partition_.size();
   return out;
 }
 

@@ -110,6 +110,10 @@ struct EngineStats {
   // their wear.
   std::uint64_t nvme_written_bytes = 0;
   std::uint64_t nvme_read_bytes = 0;  // and asked them to read
+  // This rank's working copy held in host memory: the whole partition with
+  // offload_param "cpu" (and "none" on the host stand-in); none with
+  // params on NVMe or on a separate device, where they live instead.
+  std::uint64_t host_working_bytes = 0;
 };
 
 struct ParamDescription {
@@ -288,10 +292,13 @@ class Engine {
   // lives with no image in host memory: a shard the bytes cover whole is
   // written at once, a piece of one waits in `assembling_` for the rest
   // (the next sub-group), and flush_working() completes what is left from
-  // the stored shard. Elsewhere they land in working_partition_.
+  // the stored shard. With offload_param none on a device the CPU cannot
+  // read (a GPU) they are copied into the device shards, the working
+  // copy's only home. Elsewhere they land in working_partition_.
   void store_working(std::uint64_t offset, std::span<const std::byte> bytes);
   void flush_working();
   bool working_on_nvme() const { return param_swapper_ != nullptr; }
+  bool working_in_host() const { return !working_on_nvme() && !working_on_device_; }
   void set_param_group_ranges();
   std::uint64_t live_elements() const;
   // Adds scale * values to the gradient partition from element `offset`
@@ -412,9 +419,12 @@ class Engine {
   // fp32, the trainable part, accumulated over micro-steps; empty when the
   // gradient swapper keeps it on NVMe (offload_optimizer.gradients).
   std::vector<float> grad_partition_;
-  // Working precision, the whole partition: the "cpu" shards, the staging
-  // copy of the device ones ("none"); empty with offload_param nvme.
+  // Working precision, the whole partition: the "cpu" shards, and the
+  // "none" ones where device memory is host memory (the host stand-in);
+  // empty with offload_param nvme, and with "none" on a separate device,
+  // where the device shards are the working copy (working_on_device_).
   std::vector<std::byte> working_partition_;
+  bool working_on_device_ = false;
   struct Assembly {
     std::vector<std::byte> bytes;  // the shard
     std::vector<std::pair<std::uint64_t, std::uint64_t>> pieces;  // byte ranges written

@@ -61,6 +61,16 @@ def test_see_memory_usage_logs_only_when_forced(caplog):
     assert 0 < used < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
+def test_see_memory_usage_prints_where_no_logging_is_set_up(monkeypatch, capsys):
+    # DeepSpeed's logger has a handler of its own: a script that set up no
+    # logging still sees the lines.
+    from zinf.runtime.utils import see_memory_usage
+    monkeypatch.setattr(logging.getLogger("zinf"), "hasHandlers", lambda: False)
+    see_memory_usage("after the optimizer", force=True)
+    out = capsys.readouterr().out
+    assert out.startswith("after the optimizer\nMA ") and "CPU Virtual Memory:  used = " in out
+
+
 def test_the_zero3_estimate_is_what_zinfs_plan_allocates():
     from zinf.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     params, largest = 10**9, 10**7

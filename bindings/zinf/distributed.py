@@ -10,6 +10,7 @@ it all-reduces a copy and keeps this rank's block (twice the traffic of a
 ring reduce-scatter).
 """
 import atexit
+import contextlib
 import fcntl
 import ipaddress
 import logging
@@ -73,52 +74,70 @@ class TorchCollectives:
 
 
 class DeviceCollectives(TorchCollectives):
-    """The engine's collectives over an NCCL group, for a model on a GPU:
+    """The engine's collectives over an NCCL group, for a model on GPUs:
     each call stages the engine's host buffer through a tensor on `device`
     (this rank's GPU), runs the collective there and copies the result
-    back. NCCL takes device memory only; over NVLink or InfiniBand the two
-    copies across PCIe cost far less than Gloo's TCP on host memory.
+    back, as NCCL takes device memory only.
 
-    The engine calls from its worker thread, whose current CUDA stream is
-    the device's default stream: the copy in, the collective (NCCL's stream
-    waits on the current one) and the copy out are ordered on it, and the
-    copy out into pageable host memory returns only when it has landed."""
+    The group is the engine's own (engine_collectives makes it): the
+    engine calls from its worker thread while the script's thread may run
+    collectives of its own on the default group, and two threads sharing
+    one NCCL communicator could issue them in a different order on
+    different ranks. Each call runs on a CUDA stream of its own: the copy
+    in, the collective (NCCL's stream waits on it) and the copy out are
+    ordered there, the copy out into pageable host memory returns once it
+    has landed, and the trainer's kernels on their streams are neither
+    waited for nor held up."""
 
     def __init__(self, device, group=None):
         super().__init__(group)
         self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device)
+
+    @contextlib.contextmanager
+    def _on_stream(self):
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            yield
 
     def _in(self, view, dtype):
         return torch.frombuffer(view, dtype=dtype).to(self.device)
 
     def all_gather(self, send, recv, nbytes):
-        mine = self._in(send, torch.uint8)
-        gathered = torch.empty(nbytes * self.world_size, dtype=torch.uint8, device=self.device)
-        flat = getattr(dist, "all_gather_into_tensor", None) or dist._all_gather_base
-        flat(gathered, mine, group=self.group)
-        _bytes(recv).copy_(gathered)
+        with self._on_stream():
+            mine = self._in(send, torch.uint8)
+            gathered = torch.empty(nbytes * self.world_size, dtype=torch.uint8, device=self.device)
+            flat = getattr(dist, "all_gather_into_tensor", None) or dist._all_gather_base
+            flat(gathered, mine, group=self.group)
+            _bytes(recv).copy_(gathered)
 
     def reduce_scatter(self, send, recv, count):
-        total = self._in(send, torch.float32)
-        mine = torch.empty(count, dtype=torch.float32, device=self.device)
-        flat = getattr(dist, "reduce_scatter_tensor", None) or dist._reduce_scatter_base
-        flat(mine, total, group=self.group)
-        _floats(recv).copy_(mine)
+        with self._on_stream():
+            total = self._in(send, torch.float32)
+            mine = torch.empty(count, dtype=torch.float32, device=self.device)
+            flat = getattr(dist, "reduce_scatter_tensor", None) or dist._reduce_scatter_base
+            flat(mine, total, group=self.group)
+            _floats(recv).copy_(mine)
 
     def all_reduce(self, data, count, op):
-        values = self._in(data, torch.float32)
-        dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
-        _floats(data).copy_(values)
+        with self._on_stream():
+            values = self._in(data, torch.float32)
+            dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
+            _floats(data).copy_(values)
 
     def broadcast(self, data, nbytes, root):
-        values = self._in(data, torch.uint8)
-        dist.broadcast(values, src=root, group=self.group)
-        _bytes(data).copy_(values)
+        with self._on_stream():
+            values = self._in(data, torch.uint8)
+            dist.broadcast(values, src=root, group=self.group)  # every rank is in the group, in rank order
+            _bytes(data).copy_(values)
 
     def barrier(self):
-        # dist.barrier over NCCL guesses the device from the rank (and warns);
-        # a one-element all-reduce on this rank's GPU is a barrier that cannot.
-        dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)
+        # An all-reduce only makes a stream wait; the copy of its result
+        # makes the CPU wait too, so that the engine's checkpoint, which
+        # fences its files with barriers, sees every rank's writes done.
+        with self._on_stream():
+            flag = torch.zeros(1, device=self.device)
+            dist.all_reduce(flag, group=self.group)
+            flag.cpu()
 
 
 def _machine_id():
@@ -132,35 +151,63 @@ def _machine_id():
 
 
 def _gpu_id(device):
-    properties = torch.cuda.get_device_properties(device)
-    uuid = getattr(properties, "uuid", None)  # torch >= 2.2
+    """The GPU's UUID (torch >= 2.2); before that, the physical index
+    CUDA_VISIBLE_DEVICES maps it to, which cannot tell apart containers that
+    each see their own GPU as index 0."""
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
     if uuid is not None:
-        return str(uuid)
-    return "%s/%s" % (os.environ.get("CUDA_VISIBLE_DEVICES", ""), device.index)
+        return "uuid:%s" % uuid
+    visible = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()]
+    return "visible:%s" % visible[device.index] if device.index < len(visible) else "index:%d" % device.index
 
 
-def engine_collectives(device, host, choice="auto"):
-    """The collectives zinf's engine runs over, with `world` > 1 ranks:
+_device_groups = []
 
-    - a model on a GPU under an NCCL default group (the script's
-      init_distributed("nccl") or init_process_group("nccl")), each rank
-      on a GPU of its own: NCCL, staged through that GPU (DeviceCollectives);
-    - otherwise, or with zinf.collectives "host": Gloo on host memory over
-      `host` (host_group()). Ranks sharing a GPU (NCCL refuses them) are
-      logged and use Gloo.
 
-    A collective call: every rank makes it, with the same `choice`."""
-    if choice == "host" or device.type != "cuda" or dist.get_backend() != "nccl":
+def engine_collectives(device, host, choice="auto", timeout_s=None):
+    """The collectives zinf's engine runs over, with more than one rank:
+
+    - under an NCCL default group (the script's init_distributed("nccl")
+      or init_process_group("nccl")), with every rank's model on a GPU of
+      its own: NCCL, over a group of the engine's own, staged through each
+      rank's GPU (DeviceCollectives);
+    - otherwise, or with zinf.collectives "host" on any rank: Gloo on host
+      memory over `host` (host_group()). Ranks that share a GPU (NCCL
+      refuses them) are warned about.
+
+    A collective call under an NCCL default group: every rank makes it, and
+    they agree on the choice before any rank makes a group."""
+    if dist.get_backend() != "nccl":
         return TorchCollectives(host)
-    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    wants = choice != "host" and device.type == "cuda"
+    if wants:
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    mine = (wants, _machine_id(), _gpu_id(device) if wants else None)
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (_machine_id(), _gpu_id(device)), group=host)
-    if len(set(everyone)) < len(everyone):
+    dist.all_gather_object(everyone, mine, group=host)
+    if not all(want for want, _, _ in everyone):
+        return TorchCollectives(host)
+    if len({(machine, gpu) for _, machine, gpu in everyone}) < len(everyone):
         logging.getLogger("zinf").warning(
             "zinf: ranks share a GPU (NCCL needs one per rank): the engine's collectives run over Gloo on host "
-            "memory; give each rank its own (torch.cuda.set_device(LOCAL_RANK) before moving the model)")
+            "memory; give each rank its own (torch.cuda.set_device(LOCAL_RANK) before moving the model)%s",
+            "" if hasattr(torch.cuda.get_device_properties(device), "uuid") else
+            " (this torch tells GPUs apart by CUDA_VISIBLE_DEVICES only: containers that each see their own GPU "
+            "as device 0 look alike; \"zinf\": {\"collectives\": \"host\"} silences this)")
         return TorchCollectives(host)
-    return DeviceCollectives(device)
+    if int(torch.__version__.split(".")[0]) < 2 and not any(name in os.environ for name in (
+            "NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_BLOCKING_WAIT")):
+        # torch 1.13's NCCL groups wait forever for a dead peer unless told
+        # otherwise; with this, its watchdog aborts the process past the
+        # group's timeout (what torch 2 does by default).
+        os.environ["NCCL_ASYNC_ERROR_HANDLING"] = "1"
+    if not _device_groups:
+        kwargs = {}
+        if timeout_s is not None:
+            import datetime
+            kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+        _device_groups.append(dist.new_group(backend="nccl", **kwargs))
+    return DeviceCollectives(device, _device_groups[0])
 
 
 _settle_registered = []  # settle_at_exit's handler (or _destroy_own_group) is registered

@@ -313,8 +313,9 @@ class ZinfEngine(torch.nn.Module):
         self._host_group = host_group() if world > 1 else None
         if world > 1:
             settle_at_exit()
-        collectives = engine_collectives(self._device, self._host_group,
-                                         settings.get("zinf", {}).get("collectives", "auto")) if world > 1 else None
+        own = settings.get("zinf", {})
+        collectives = engine_collectives(self._device, self._host_group, own.get("collectives", "auto"),
+                                         own.get("timeout_s")) if world > 1 else None
         backend = collectives.backend if collectives else "local"
         self.collectives_backend = backend  # what the engine's collectives go over: local, gloo or nccl
         threads = int(settings.get("zinf", {}).get("optimizer_threads", 0))

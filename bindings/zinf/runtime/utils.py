@@ -23,8 +23,8 @@ def _host_memory():
 def see_memory_usage(message, force=False):
     """Logs `message` and the accelerator's memory (allocated, its peak,
     reserved, its peak) and the host's, on rank 0, when `force` is True, as
-    DeepSpeed's does (to the ``zinf`` logger, at INFO); then resets the
-    peaks. Returns nothing."""
+    DeepSpeed's does (to the ``zinf`` logger at INFO, or printed where the
+    script set up no logging); then resets the peaks. Returns nothing."""
     if not force:
         return
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
@@ -33,10 +33,15 @@ def see_memory_usage(message, force=False):
     accelerator = get_accelerator()
     log = logging.getLogger("zinf")
     gib = 2**30
-    log.info(message)
-    log.info("MA %.2f GB Max_MA %.2f GB CA %.2f GB Max_CA %.2f GB", accelerator.memory_allocated() / gib,
-             accelerator.max_memory_allocated() / gib, accelerator.memory_reserved() / gib,
-             accelerator.max_memory_reserved() / gib)
     used, percent = _host_memory()
-    log.info("CPU Virtual Memory:  used = %.2f GB, percent = %.1f%% (pid %d)", used, percent, os.getpid())
+    lines = [message,
+             "MA %.2f GB Max_MA %.2f GB CA %.2f GB Max_CA %.2f GB" % (
+                 accelerator.memory_allocated() / gib, accelerator.max_memory_allocated() / gib,
+                 accelerator.memory_reserved() / gib, accelerator.max_memory_reserved() / gib),
+             "CPU Virtual Memory:  used = %.2f GB, percent = %.1f%% (pid %d)" % (used, percent, os.getpid())]
+    for line in lines:
+        if log.hasHandlers():
+            log.info(line)  # as the script configured logging
+        else:
+            print(line, flush=True)  # no logging set up: shown, as DeepSpeed's own handler shows it
     accelerator.reset_peak_memory_stats()

@@ -18,17 +18,22 @@ def estimate_zero2_model_states_mem_needs(total_params, num_gpus_per_node=1, num
     return host, gpu
 
 
-def estimate_zero2_model_states_mem_needs_all_cold(total_params, num_gpus_per_node=1, num_nodes=1,
-                                                   additional_buffer_factor=1.5):
-    """Prints what ZeRO-2 needs per node's host and per GPU, for each
-    offload_optimizer choice."""
-    rows = [(estimate(2, total_params, 0, num_gpus_per_node, num_nodes, device, "none", False,
+def _table(total_params, largest_layer_params, num_gpus_per_node, num_nodes, additional_buffer_factor):
+    rows = [(estimate(2, total_params, largest_layer_params, num_gpus_per_node, num_nodes, device, "none", False,
                       additional_buffer_factor), f"offload_optimizer={device:4}") for device in ("cpu", "none")]
     print_table(f"{int(total_params / 1e6)}M total params", rows, num_gpus_per_node, num_nodes)
 
 
+def estimate_zero2_model_states_mem_needs_all_cold(total_params, num_gpus_per_node=1, num_nodes=1,
+                                                   additional_buffer_factor=1.5):
+    """Prints what ZeRO-2 needs per node's host and per GPU, for each
+    offload_optimizer choice (the largest layer, which DeepSpeed's
+    arguments do not give, taken as min(total, 1e8) params)."""
+    _table(total_params, 0, num_gpus_per_node, num_nodes, additional_buffer_factor)
+
+
 def estimate_zero2_model_states_mem_needs_all_live(model, num_gpus_per_node=1, num_nodes=1,
                                                    additional_buffer_factor=1.5):
-    """estimate_zero2_model_states_mem_needs_all_cold for `model`'s size."""
-    estimate_zero2_model_states_mem_needs_all_cold(model_to_params(model), num_gpus_per_node, num_nodes,
-                                                   additional_buffer_factor)
+    """estimate_zero2_model_states_mem_needs_all_cold for `model`'s sizes."""
+    total, largest = params_of(model)
+    _table(total, largest, num_gpus_per_node, num_nodes, additional_buffer_factor)
