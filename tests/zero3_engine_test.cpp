@@ -1021,15 +1021,25 @@ TEST(StrictDeviceMemory, TheWorkingCopyLivesOnTheDeviceWithNoHostImage) {
     access.to_host(out, engine.param_f32(p), engine.describe(p).elements);
     return out;
   };
+  // An engine on a strict device of its own, over its communicator.
+  struct OnStrictDevice {
+    std::shared_ptr<swap::StrictDevice> strict = swap::make_strict_device();
+    std::unique_ptr<Communicator> comm = make_strict_device_communicator(make_local_communicator(), strict);
+    DeviceAccess access = copier_access(strict);
+    Engine engine;
+    explicit OnStrictDevice(const config::Config& config)
+        : engine(config, *comm, [this] {
+            EngineOptions options;
+            options.copier = strict;
+            return options;
+          }()) {}
+  };
   const std::vector<float> b_set = {7, 8, 9, 10, 11, 12};
   std::vector<float> a_trained;
   {
-    auto strict = swap::make_strict_device();
-    auto comm = make_strict_device_communicator(make_local_communicator(), strict);
-    EngineOptions options;
-    options.copier = strict;
-    const DeviceAccess access = copier_access(strict);
-    Engine engine(config, *comm, options);
+    OnStrictDevice on(config);
+    Engine& engine = on.engine;
+    const DeviceAccess& access = on.access;
     const Built m = build(engine);
     EXPECT_TRUE(engine.describe(m.c).persistent);
     EXPECT_FALSE(engine.describe(m.a).persistent);
@@ -1071,12 +1081,9 @@ TEST(StrictDeviceMemory, TheWorkingCopyLivesOnTheDeviceWithNoHostImage) {
     EXPECT_EQ(engine.gather_master(m.b), b_set);
   }
   {
-    auto strict = swap::make_strict_device();
-    auto comm = make_strict_device_communicator(make_local_communicator(), strict);
-    EngineOptions options;
-    options.copier = strict;
-    const DeviceAccess access = copier_access(strict);
-    Engine engine(config, *comm, options);
+    OnStrictDevice on(config);
+    Engine& engine = on.engine;
+    const DeviceAccess& access = on.access;
     const Built m = build(engine);
     engine.load_checkpoint(dir.path() / "ckpt");
     EXPECT_EQ(engine.gather_master(m.b), b_set);  // the frozen values, back into the device shard
