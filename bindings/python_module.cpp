@@ -680,7 +680,7 @@ PYBIND11_MODULE(_zinf, m) {
   // What the engine will allocate for a config (swap/memory_plan.hpp), per
   // rank and tier, for the DeepSpeed-style estimators (zinf.runtime.zero).
   m.def("plan_memory", [](const std::string& json_text, std::uint64_t params, std::uint32_t world_size,
-                          std::uint64_t largest_param, std::uint32_t ranks_per_node) {
+                          std::uint64_t largest_param, std::uint32_t ranks_per_node, bool device_is_host) {
     const auto parsed = zinf::config::parse_config(json_text);
     if (!parsed.problems.empty()) {
       throw zinf::Error(zinf::ErrorKind::config, parsed.problems.front().line());
@@ -690,6 +690,7 @@ PYBIND11_MODULE(_zinf, m) {
     input.world_size = world_size;
     input.largest_param = largest_param;
     input.ranks_per_node = ranks_per_node;
+    input.device_is_host = device_is_host;
     const auto plan = zinf::swap::plan_memory(parsed.config, input);
     const auto tiers = [](const zinf::swap::TierBytes& t) {
       return py::dict(py::arg("gpu") = t.gpu, py::arg("pinned") = t.pinned, py::arg("pageable") = t.pageable,
@@ -704,6 +705,6 @@ PYBIND11_MODULE(_zinf, m) {
                     py::arg("per_rank") = tiers(plan.chosen), py::arg("transient_host") = plan.transient_host,
                     py::arg("ranks_per_node") = plan.ranks_per_node);
   }, py::arg("config"), py::arg("params"), py::arg("world_size") = 1, py::arg("largest_param") = 0,
-     py::arg("ranks_per_node") = 0);
+     py::arg("ranks_per_node") = 0, py::arg("device_is_host") = false);
   m.attr("__version__") = ZINF_VERSION;
 }

@@ -115,11 +115,15 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
     // sub-group at a time.
     add(Tier::pageable, element * std::min(group, psi_rank),
         fmt::format("working copy ({}) of one sub-group on its way to the param store", precision), true);
-  } else if (stage == 3 && zero.offload_param.device == config::OffloadDevice::cpu) {
+  } else if (zero.offload_param.device == config::OffloadDevice::cpu || input.device_is_host) {
     add(Tier::pageable, element * psi_rank, fmt::format("param partition ({}, the working copy)", precision));
+  } else {
+    // offload_param none on a device: the working copy is there (below), as
+    // the shards at stage 3 and inside the whole params below it; a step
+    // hands it over one sub-group at a time.
+    add(Tier::pageable, element * std::min(group, psi_rank),
+        fmt::format("working copy ({}) of one sub-group on its way to the device", precision), true);
   }
-  // offload_param none: the working copy is on the device (below), as the
-  // shards at stage 3 and inside the whole params below it.
   if (optimizer_on_nvme) {
     add(Tier::nvme, state_bytes(psi_rank),
         fmt::format("optimizer states: {} tensors ({}) x {} elements", tensors, formats, psi_rank));
@@ -146,7 +150,9 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
   } else {
     switch (zero.offload_param.device) {
       case config::OffloadDevice::none:
-        add(Tier::gpu, element * psi_rank, "param shards on the device (the working copy)");
+        // Where device memory is host memory the partition above is the
+        // shards: no second copy.
+        if (!input.device_is_host) add(Tier::gpu, element * psi_rank, "param shards on the device (the working copy)");
         break;
       case config::OffloadDevice::cpu:
         break;  // gathers read the working partition above

@@ -15,8 +15,9 @@
 //     two sub-group buffers in the pinned pool; "gradients": "cpu" keeps
 //     it in host memory), and the partition in the working precision (e
 //     Ψr) with offload_param "cpu", which gathers from it ("nvme" keeps it
-//     in the param store, one sub-group passing through host memory at a
-//     step; "none" on the device, below);
+//     in the param store, "none" on the device (below), each with one
+//     sub-group passing through host memory at a step; "none" where device
+//     memory is host memory (PlanInput::device_is_host) in the partition);
 //     while finalize() builds the masters, one sub-group of fp32 values
 //     more (MemoryPlan::transient_host);
 //   optimizer states: in host memory (4k Ψr) unless offload_optimizer is
@@ -62,6 +63,10 @@ struct PlanInput {
   std::uint32_t world_size = 1;
   std::uint64_t largest_param = 0;   // elements; 0: min(params, 1e8)
   std::uint32_t ranks_per_node = 0;  // 0: every rank on this machine
+  // The engine's device memory is host memory: zinf.initialize's engine
+  // (and any built without a CUDA copier) keeps the working copy of
+  // offload_param none in a host partition and no device shards.
+  bool device_is_host = false;
 };
 
 struct TierBytes {

@@ -53,8 +53,10 @@ TEST(MemoryPlan, WithoutOffloadTheStatesLiveInHostMemoryAndTheShardsOnTheDevice)
   // Gloo's reduce-scatter copy of one gradient: 4 B x 1e8.
   EXPECT_EQ(plan.chosen.pageable, 1000000000ull + 3000000000ull + kGlooScratch);
   EXPECT_EQ(plan.chosen.pinned + plan.chosen.nvme, 0u);
-  // While finalize() builds the masters: one sub-group (all 2.5e8) of fp32.
-  EXPECT_EQ(plan.transient_host, 1000000000ull);
+  // While finalize() builds the masters: one sub-group (all 2.5e8) of fp32,
+  // and its bf16 working copy on its way to the device shards (a step
+  // passes it through host memory too).
+  EXPECT_EQ(plan.transient_host, 1000000000ull + 500000000ull);
   // Device: the bf16 shard (5e8 B), the gathered layers and the fp32
   // gradients (see kDefaultDevice).
   EXPECT_EQ(plan.chosen.gpu, 500000000ull + kDefaultDevice);
@@ -67,16 +69,16 @@ TEST(MemoryPlan, WithoutOffloadTheStatesLiveInHostMemoryAndTheShardsOnTheDevice)
   EXPECT_EQ(listed, plan.chosen.gpu + plan.chosen.pageable);
 }
 
-TEST(MemoryPlan, AFp32BillionOnOneRankNeedsTwentyGigabytesOfHostMemory) {
+TEST(MemoryPlan, AFp32BillionOnOneRankNeedsTwentyFourGigabytesOfHostMemory) {
   // What `zinf-config plan` once got wrong (DeepSpeed's model: 0 B host):
   // fp32 gradients and Adam's master and moments, and while finalize()
-  // builds them one sub-group of masters more (the working copy is the
-  // device shards).
+  // builds them one sub-group of masters and its working copy on the way
+  // to the device shards.
   PlanInput input;
   input.params = 1000000000;
   const MemoryPlan plan = plan_memory(stage3("", "", ""), input);
   EXPECT_EQ(plan.chosen.pageable, 4000000000ull + 12000000000ull + kGlooScratch);
-  EXPECT_EQ(plan.transient_host, 4000000000ull);
+  EXPECT_EQ(plan.transient_host, 4000000000ull + 4000000000ull);
 }
 
 TEST(MemoryPlan, BelowStageThreeTheParamsAreWholeOnTheDevice) {
@@ -119,6 +121,25 @@ TEST(MemoryPlan, OptimizerNoneAndCpuAreTheSameAndParamsOnCpuLeaveTheDevice) {
   // which gathers read.
   EXPECT_EQ(params.chosen.gpu, none.chosen.gpu - 500000000ull);
   EXPECT_EQ(params.chosen.pageable, none.chosen.pageable + 500000000ull);
+}
+
+TEST(MemoryPlan, WhereDeviceMemoryIsHostMemoryTheWorkingCopyIsAHostPartition) {
+  // zinf.initialize's engine (the host stand-in): offload_param none keeps
+  // the working copy as a host partition, gathered from, with no shards.
+  PlanInput input = billion_over_four();
+  input.device_is_host = true;
+  const MemoryPlan on_host = plan_memory(stage3(""), input);
+  const MemoryPlan on_gpu = plan_memory(stage3(""), billion_over_four());
+  EXPECT_EQ(on_host.chosen.pageable, on_gpu.chosen.pageable + 500000000ull);
+  EXPECT_EQ(on_host.chosen.gpu, on_gpu.chosen.gpu - 500000000ull);
+  EXPECT_EQ(on_host.transient_host, on_gpu.transient_host - 500000000ull);  // no sub-group on its way over
+  // There none costs what cpu costs.
+  const MemoryPlan cpu = plan_memory(stage3(R"(, "offload_param": {"device": "cpu"})"), input);
+  EXPECT_EQ(cpu.chosen.pageable, on_host.chosen.pageable);
+  EXPECT_EQ(cpu.chosen.gpu, on_host.chosen.gpu);
+  // Below stage 3 too: the partition is host memory, the whole params the device's.
+  EXPECT_EQ(on_host.stages[1].per_rank.pageable, on_host.chosen.pageable);
+  EXPECT_EQ(on_gpu.stages[1].per_rank.pageable, on_gpu.chosen.pageable);
 }
 
 TEST(MemoryPlan, NvmeOffloadCountsSwapperBuffersAndCopyOnWriteHeadroom) {
@@ -325,25 +346,13 @@ void compare_with_plan(const std::string& json, const zero3::LaunchEnv& launch) 
   input.params = kLayers * kWidth * kWidth;
   input.world_size = static_cast<std::uint32_t>(launch.world_size);
   input.largest_param = kWidth * kWidth;
+  input.device_is_host = true;  // the host stand-in: offload_param none's working copy is a host partition
   const MemoryPlan plan = plan_memory(config, input);
   const TierBytes& t = plan.chosen;
   // Host and device share RAM here: the host peak (at finalize) and the
   // training peak (device buffers on top of the host's) are both in VmHWM.
-  // The plan models a GPU, where offload_param none keeps the working copy
-  // on the device (the shards at stage 3, inside the whole params below
-  // it); the stand-in keeps it as a host partition instead and gathers
-  // from that, with no device shards.
-  std::uint64_t device_shards = 0;
-  for (const auto& buffer : plan.buffers) {
-    if (buffer.what == "param shards on the device (the working copy)") device_shards += buffer.bytes;
-  }
-  std::uint64_t stand_in_partition = 0;
-  if (config.zero.offload_param.device == config::OffloadDevice::none) {
-    const std::uint64_t element = config.training.precision == config::Precision::fp32 ? 4 : 2;
-    stand_in_partition = element * ((input.params + input.world_size - 1) / input.world_size);
-  }
-  const std::uint64_t host = t.pinned + t.pageable + stand_in_partition;
-  const std::uint64_t planned = host + std::max(plan.transient_host, t.gpu - device_shards);
+  const std::uint64_t host = t.pinned + t.pageable;
+  const std::uint64_t planned = host + std::max(plan.transient_host, t.gpu);
   const double slack = 0.10 * static_cast<double>(planned) + 24.0 * 1024 * 1024;
   const double off = static_cast<double>(peak) - static_cast<double>(planned);
   std::uint64_t planned_pool = 0;

@@ -666,6 +666,31 @@ TEST_P(StrictDeviceEquality, NvmeParamsAndOptimizerMatchPlainTraining) {
   run_world(run);
 }
 
+// Below stage 3 every param is persistent: its working shard is its own
+// place in the whole param, rewritten by each step and gathered in place.
+TEST_P(StrictDeviceEquality, StagesOneAndTwoMatchPlainTraining) {
+  for (int stage : {1, 2}) {
+    SCOPED_TRACE(fmt::format("stage {}", stage));
+    TrainingRun run = run_for_param();
+    run.stage = stage;
+    run.offload_optimizer = "cpu";
+    run.accumulation = 2;
+    run.clipping = 0.05;
+    run_world(run);
+  }
+}
+
+// The optimizer's pipeline on NVMe hands each sub-group's working copy
+// (sub-groups cutting shards) to the device shards as it finishes.
+TEST_P(StrictDeviceEquality, NvmeOptimizerWithTheShardsOnTheDeviceMatchesPlainTraining) {
+  testing::TempDir dir;
+  TrainingRun run = run_for_param();
+  run.offload_optimizer = "nvme";
+  run.nvme_dir = dir.path().string();
+  run.accumulation = 2;
+  run_world(run);
+}
+
 TEST_P(StrictDeviceEquality, CpuOffloadMatchesPlainTraining) {
   TrainingRun run = run_for_param();
   run.offload_param = "cpu";
@@ -1035,7 +1060,7 @@ TEST(StrictDeviceMemory, TheWorkingCopyLivesOnTheDeviceWithNoHostImage) {
           }()) {}
   };
   const std::vector<float> b_set = {7, 8, 9, 10, 11, 12};
-  std::vector<float> a_trained;
+  std::vector<float> a_trained, c_trained;
   {
     OnStrictDevice on(config);
     Engine& engine = on.engine;
@@ -1044,6 +1069,9 @@ TEST(StrictDeviceMemory, TheWorkingCopyLivesOnTheDeviceWithNoHostImage) {
     EXPECT_TRUE(engine.describe(m.c).persistent);
     EXPECT_FALSE(engine.describe(m.a).persistent);
     EXPECT_EQ(engine.stats().host_working_bytes, 0u);
+    // On the device: a's and b's shards and c whole, its shard inside it (fp32).
+    EXPECT_EQ(on.strict->bytes_in_use(), 4 * (engine.describe(m.a).shard_elements +
+                                              engine.describe(m.b).shard_elements + engine.describe(m.c).elements));
     EXPECT_EQ(gathered(engine, access, m.c), c_start);  // gathered in place from its shard
     engine.set_master(m.b, b_set);                     // a frozen param's only copy is on the device
     EXPECT_EQ(engine.gather_master(m.b), b_set);
@@ -1064,6 +1092,7 @@ TEST(StrictDeviceMemory, TheWorkingCopyLivesOnTheDeviceWithNoHostImage) {
     EXPECT_EQ(gathered(engine, access, m.a), a_trained);
     EXPECT_EQ(gathered(engine, access, m.c), engine.gather_master(m.c));
     EXPECT_NE(engine.gather_master(m.c), c_start);
+    c_trained = engine.gather_master(m.c);
     engine.post_forward(m.module);
     engine.save_checkpoint(dir.path() / "ckpt");
   }
@@ -1079,6 +1108,7 @@ TEST(StrictDeviceMemory, TheWorkingCopyLivesOnTheDeviceWithNoHostImage) {
     engine.load_checkpoint(dir.path() / "ckpt");
     EXPECT_EQ(engine.gather_master(m.a), a_trained);
     EXPECT_EQ(engine.gather_master(m.b), b_set);
+    EXPECT_EQ(engine.gather_master(m.c), c_trained);
   }
   {
     OnStrictDevice on(config);
@@ -1090,6 +1120,7 @@ TEST(StrictDeviceMemory, TheWorkingCopyLivesOnTheDeviceWithNoHostImage) {
     engine.pre_forward(m.module);
     EXPECT_EQ(gathered(engine, access, m.a), a_trained);
     EXPECT_EQ(gathered(engine, access, m.b), b_set);
+    EXPECT_EQ(gathered(engine, access, m.c), c_trained);  // rewritten in place and gathered again
     engine.post_forward(m.module);
   }
 }

@@ -46,6 +46,7 @@ struct PlanArguments {
   std::uint32_t world_size = 1;
   std::string largest_param;
   std::uint32_t ranks_per_node = 0;
+  bool python_engine = false;
 };
 
 std::string bytes_cell(std::uint64_t bytes) { return bytes == 0 ? "-" : zinf::format_bytes(bytes); }
@@ -63,6 +64,7 @@ int plan(const PlanArguments& arguments) {
   }
   input.world_size = arguments.world_size;
   input.ranks_per_node = arguments.ranks_per_node;
+  input.device_is_host = arguments.python_engine;
   zinf::swap::MemoryPlan memory;
   try {
     memory = zinf::swap::plan_memory(*config, input);
@@ -143,6 +145,8 @@ int main(int argc, char** argv) {
                            "elements of the largest parameter (default: min(params, 100M))");
   plan_command->add_option("--ranks-per-node", plan_arguments.ranks_per_node,
                            "ranks on this machine (default: all of them)");
+  plan_command->add_flag("--python-engine", plan_arguments.python_engine,
+                         "plan zinf.initialize's engine, which keeps offload_param none's working copy in host memory");
   app.require_subcommand(1);
   try {
     app.parse(argc, argv);

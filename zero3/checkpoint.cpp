@@ -219,6 +219,7 @@ void Engine::save_checkpoint(const std::filesystem::path& dir) {
 void Engine::load_checkpoint(const std::filesystem::path& dir, bool optimizer_states) {
   require_finalized("load_checkpoint");
   drain();
+  options_.copier->wait(trainer_work());  // persistent params are rewritten in place: their readers finish first
   const std::filesystem::path description_path = dir / kDescription;
   const json description = read_description(dir);
   std::int64_t step = 0;

@@ -1267,6 +1267,9 @@ std::vector<float> Engine::read_shard(const Param& param, std::string_view what)
 }
 
 void Engine::write_shard(const Param& param, std::string_view what, std::span<const float> shard) {
+  // The trainer's kernels still queued may read a persistent param, whose
+  // bytes this rewrites in place: they finish first, as before a step.
+  if (what == "param") options_.copier->wait(trainer_work());
   if (!param.d.trainable) {
     set_working(param.partition_offset, shard);
     place_shards();

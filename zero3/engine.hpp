@@ -198,6 +198,9 @@ class Engine {
 
   // The whole parameter in the working precision (device memory), valid
   // between a pre- and post-hook of its module, always for persistent ones.
+  // Read-only to the trainer: a persistent param's buffer holds this rank's
+  // working shard itself (offload_param none on a device), and set_master
+  // is how values change.
   void* param(ParamIndex p);
   const float* param_f32(ParamIndex p);  // fp32 training only
   // The gradient buffer (fp32, the param's elements, device memory), valid

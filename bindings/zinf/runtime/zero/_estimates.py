@@ -2,8 +2,10 @@
 engine allocates (swap/memory_plan.hpp, as `zinf-config plan` prints it)
 rather than DeepSpeed's formulas: zinf steps the optimizer on the CPU
 whatever offload_optimizer says, so its GPU figures are smaller and its
-host figures different. The model is trained in 16-bit (bf16) with
-AdamW, as DeepSpeed's estimates assume."""
+host figures different. The engine planned is zinf.initialize's, which
+keeps its state in host memory whatever the model's device: offload_param
+"none" keeps the working copy in host memory as "cpu" does. The model is
+trained in 16-bit (bf16) with AdamW, as DeepSpeed's estimates assume."""
 import json
 
 from ... import _zinf
@@ -44,7 +46,7 @@ def estimate(stage, total_params, largest_layer_params, num_gpus_per_node, num_n
     config = {"zero_optimization": zero, "bf16": {"enabled": True}, "optimizer": {"type": "AdamW"}}
     ranks = int(num_gpus_per_node)
     plan = _zinf.plan_memory(json.dumps(config), int(total_params), ranks * int(num_nodes),
-                             int(largest_layer_params), ranks)
+                             int(largest_layer_params), ranks, device_is_host=True)
     chosen = next(s for s in plan["stages"] if s["stage"] == stage)
     if chosen["not_possible"]:
         raise ValueError(f"zero_optimization.stage {stage}: {chosen['not_possible']}")
