@@ -118,17 +118,20 @@ class DeviceCollectives(TorchCollectives):
             flat(mine, total, group=self.group)
             _floats(recv).copy_(mine)
 
-    def all_reduce(self, data, count, op):
+    def _in_place(self, view, dtype, collective):
+        """`collective` on a device copy of `view`, the result copied back."""
         with self._on_stream():
-            values = self._in(data, torch.float32)
-            dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
-            _floats(data).copy_(values)
+            values = self._in(view, dtype)
+            collective(values)
+            torch.frombuffer(view, dtype=dtype).copy_(values)
+
+    def all_reduce(self, data, count, op):
+        reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+        self._in_place(data, torch.float32, lambda values: dist.all_reduce(values, op=reduce_op, group=self.group))
 
     def broadcast(self, data, nbytes, root):
-        with self._on_stream():
-            values = self._in(data, torch.uint8)
-            dist.broadcast(values, src=root, group=self.group)  # every rank is in the group, in rank order
-            _bytes(data).copy_(values)
+        # Every rank is in the group, in rank order: its rank is the global one.
+        self._in_place(data, torch.uint8, lambda values: dist.broadcast(values, src=root, group=self.group))
 
     def barrier(self):
         # An all-reduce only makes a stream wait; the copy of its result
@@ -191,7 +194,7 @@ def engine_collectives(device, host, choice="auto", timeout_s=None):
         logging.getLogger("zinf").warning(
             "zinf: ranks share a GPU (NCCL needs one per rank): the engine's collectives run over Gloo on host "
             "memory; give each rank its own (torch.cuda.set_device(LOCAL_RANK) before moving the model)%s",
-            "" if hasattr(torch.cuda.get_device_properties(device), "uuid") else
+            "" if mine[2].startswith("uuid:") else
             " (this torch tells GPUs apart by CUDA_VISIBLE_DEVICES only: containers that each see their own GPU "
             "as device 0 look alike; \"zinf\": {\"collectives\": \"host\"} silences this)")
         return TorchCollectives(host)

@@ -318,7 +318,7 @@ class ZinfEngine(torch.nn.Module):
                                          own.get("timeout_s")) if world > 1 else None
         backend = collectives.backend if collectives else "local"
         self.collectives_backend = backend  # what the engine's collectives go over: local, gloo or nccl
-        threads = int(settings.get("zinf", {}).get("optimizer_threads", 0))
+        threads = int(own.get("optimizer_threads", 0))
         # backward() divides the loss by gradient_accumulation_steps, as
         # DeepSpeed's does: the engine then does not divide again.
         self._engine = _zinf.Engine(json.dumps(settings), collectives, rank, world, backend, threads,
