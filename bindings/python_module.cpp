@@ -698,8 +698,7 @@ PYBIND11_MODULE(_zinf, m) {
     };
     py::list stages;
     for (const auto& stage : plan.stages) {
-      stages.append(py::dict(py::arg("stage") = stage.stage, py::arg("per_rank") = tiers(stage.per_rank),
-                             py::arg("not_possible") = stage.not_possible));
+      stages.append(py::dict(py::arg("stage") = stage.stage, py::arg("per_rank") = tiers(stage.per_rank)));
     }
     return py::dict(py::arg("stages") = stages, py::arg("chosen_stage") = plan.chosen_stage,
                     py::arg("per_rank") = tiers(plan.chosen), py::arg("transient_host") = plan.transient_host,

@@ -300,6 +300,10 @@ void read_aio(Reader& r, const json& root, AioConfig& aio) {
   r.read_bool(section, "single_submit", "aio", aio.single_submit);
   r.read_bool(section, "overlap_events", "aio", aio.overlap_events);
   r.read_bool(section, "use_gds", "aio", aio.use_gds);
+  if (aio.use_gds) {
+    r.warn("aio.use_gds is true: zinf has no GPUDirect Storage path; NVMe traffic goes through pinned host "
+           "memory (io_uring), as with false");
+  }
 }
 
 void read_offload_param(Reader& r, const json& section, const std::string& path, OffloadParamConfig& c) {
@@ -387,6 +391,7 @@ void read_zero(Reader& r, const json& root, ZeroConfig& zero) {
                {"stage", "offload_param", "offload_optimizer", "sub_group_size",
                 "stage3_prefetch_bucket_size", "prefetch_bucket_size",
                 "stage3_param_persistence_threshold", "param_persistence_threshold",
+                "stage3_model_persistence_threshold", "model_persistence_threshold",
                 "stage3_max_live_parameters", "max_live_parameters", "stage3_max_reuse_distance",
                 "max_reuse_distance", "stage3_gather_16bit_weights_on_model_save",
                 "gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
@@ -423,9 +428,11 @@ void read_zero(Reader& r, const json& root, ZeroConfig& zero) {
     r.warn("zero_optimization.cpu_offload_param is deprecated: use offload_param.device \"cpu\"");
     if (legacy && zero.offload_param.device == OffloadDevice::none) zero.offload_param.device = OffloadDevice::cpu;
   }
-  r.read_uint(section, "sub_group_size", path, zero.sub_group_size, 1);
+  // 0 is DeepSpeed's "one param per sub-group": the engine resolves it.
+  r.read_uint(section, "sub_group_size", path, zero.sub_group_size);
   read_stage3_uint(r, section, "prefetch_bucket_size", zero.prefetch_bucket_size);
   read_stage3_uint(r, section, "param_persistence_threshold", zero.param_persistence_threshold);
+  read_stage3_uint(r, section, "model_persistence_threshold", zero.model_persistence_threshold);
   read_stage3_uint(r, section, "max_live_parameters", zero.max_live_parameters);
   read_stage3_uint(r, section, "max_reuse_distance", zero.max_reuse_distance);
   if (section.contains("stage3_gather_fp16_weights_on_model_save")) {
@@ -438,7 +445,8 @@ void read_zero(Reader& r, const json& root, ZeroConfig& zero) {
   zero.overlap_comm = zero.stage == 3;  // DeepSpeed's default depends on the stage
   r.read_bool(section, "overlap_comm", path, zero.overlap_comm);
   r.read_bool(section, "contiguous_gradients", path, zero.contiguous_gradients);
-  r.read_uint(section, "reduce_bucket_size", path, zero.reduce_bucket_size, 1);
+  // 0 is valid, as in DeepSpeed: each gradient is reduced on its own.
+  r.read_uint(section, "reduce_bucket_size", path, zero.reduce_bucket_size);
   r.read_uint(section, "allgather_bucket_size", path, zero.allgather_bucket_size, 1);
 }
 
@@ -534,22 +542,19 @@ void read_training(Reader& r, const json& root, TrainingConfig& training) {
 }
 
 void cross_checks(Reader& r, Config& c) {
-  const ZeroConfig& z = c.zero;
+  ZeroConfig& z = c.zero;
   const std::string param = "zero_optimization.offload_param";
   const std::string optim = "zero_optimization.offload_optimizer";
   if (z.offload_param.device != OffloadDevice::none && z.stage != 3) {
-    r.problem(param + ".device", fmt::format("\"{}\" needs ZeRO stage 3 (zero_optimization.stage is {})",
-                                             to_string(z.offload_param.device), z.stage));
+    // DeepSpeed reads offload_param at stage 3 only and ignores it below;
+    // configs copied from a stage-3 one keep the block. Said, not refused.
+    r.warn(fmt::format("{}.device: \"{}\" is ignored below ZeRO stage 3 (zero_optimization.stage is {}): params "
+                       "stay whole on every rank, as DeepSpeed keeps them",
+                       param, to_string(z.offload_param.device), z.stage));
+    z.offload_param = OffloadParamConfig{};
   }
   if (z.offload_param.device == OffloadDevice::nvme && z.offload_param.nvme_path.empty()) {
     r.problem(param + ".nvme_path", "is required when device is \"nvme\"");
-  }
-  if (z.offload_optimizer.device != OffloadDevice::none && z.stage == 0) {
-    r.problem(optim + ".device", fmt::format("\"{}\" needs ZeRO stage 1, 2 or 3 (zero_optimization.stage is 0)",
-                                             to_string(z.offload_optimizer.device)));
-  }
-  if (z.offload_optimizer.device == OffloadDevice::nvme && z.stage != 3 && z.stage != 0) {
-    r.problem(optim + ".device", fmt::format("\"nvme\" needs ZeRO stage 3 (zero_optimization.stage is {})", z.stage));
   }
   if (z.offload_optimizer.device == OffloadDevice::nvme && z.offload_optimizer.nvme_path.empty()) {
     r.problem(optim + ".nvme_path", "is required when device is \"nvme\"");

@@ -13,7 +13,7 @@
 //   - nvme_path may be a string or a list of paths (striped);
 //   - unknown keys, wrong types and out-of-range values are problems that
 //     name the key path and the rule, with the nearest known key suggested;
-//   - cross-key rules (nvme needs nvme_path, param offload needs stage 3, ...).
+//   - cross-key rules (nvme needs nvme_path, offload_param below stage 3 is ignored, ...).
 // Every problem is collected, so a checker can report them all at once.
 #pragma once
 
@@ -74,9 +74,13 @@ struct ZeroConfig {
   int stage = 0;
   OffloadParamConfig offload_param;
   OffloadOptimizerConfig offload_optimizer;
-  std::uint64_t sub_group_size = 1000000000;
+  std::uint64_t sub_group_size = 1000000000;  // 0: the largest trainable shard (DeepSpeed: a param per sub-group)
   std::uint64_t prefetch_bucket_size = 50000000;
   std::uint64_t param_persistence_threshold = 100000;
+  // At most this many elements persist in all (DeepSpeed's
+  // stage3_model_persistence_threshold): params that would pass it stay
+  // partitioned, the next smaller ones may still persist.
+  std::uint64_t model_persistence_threshold = UINT64_MAX;
   std::uint64_t max_live_parameters = 1000000000;
   std::uint64_t max_reuse_distance = 1000000000;
   bool gather_16bit_weights_on_model_save = false;

@@ -33,21 +33,14 @@ struct StageResult {
   TierBytes tiers;
   std::uint64_t transient_host = 0;
   std::vector<PlannedBuffer> buffers;
-  std::string not_possible;
 };
 
 StageResult plan_stage(const config::Config& config, const PlanInput& input, int stage) {
   StageResult result;
   const auto& zero = config.zero;
-  // What `zinf-config check` refuses is not planned either.
-  if (stage < 3 && zero.offload_optimizer.device == config::OffloadDevice::nvme) {
-    result.not_possible = "offload_optimizer nvme needs stage 3";
-    return result;
-  }
-  if (stage < 3 && zero.offload_param.device != config::OffloadDevice::none) {
-    result.not_possible = "offload_param needs stage 3";
-    return result;
-  }
+  // offload_param means something at stage 3 only (below it the config
+  // reader drops it, as DeepSpeed ignores it).
+  const config::OffloadDevice param_device = stage == 3 ? zero.offload_param.device : config::OffloadDevice::none;
   const std::uint64_t element = working_bytes(config);
   const std::uint64_t psi = input.params;
   const std::uint64_t world = std::max<std::uint32_t>(input.world_size, 1);
@@ -72,13 +65,16 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
                                   : fmt::format("fp32 param + {} moments",
                                                 cpu_adam::to_string(optimizer_options.moment_format));
   const bool optimizer_on_nvme = zero.offload_optimizer.device == config::OffloadDevice::nvme;
-  const bool params_on_nvme = zero.offload_param.device == config::OffloadDevice::nvme;
+  const bool params_on_nvme = param_device == config::OffloadDevice::nvme;
   // The engine's pinned pool holds both swappers' buffers and is locked
   // when a block that swaps asks for pinning (see Engine::finalize).
   const bool pool_locked = (optimizer_on_nvme && zero.offload_optimizer.pin_memory) ||
                            (params_on_nvme && zero.offload_param.pin_memory);
   const Tier pool_tier = pool_locked ? Tier::pinned : Tier::pageable;
-  const std::uint64_t group = std::min(zero.sub_group_size, std::max<std::uint64_t>(psi_rank, 1));
+  // sub_group_size 0 (DeepSpeed: a param per sub-group): the engine's
+  // sub-groups are the largest param's shard.
+  const std::uint64_t sub_group_size = zero.sub_group_size != 0 ? zero.sub_group_size : ceil_div(largest, world);
+  const std::uint64_t group = std::min(sub_group_size, std::max<std::uint64_t>(psi_rank, 1));
 
   auto add = [&](Tier tier, std::uint64_t bytes, std::string what, bool transient = false) {
     if (bytes == 0) return;
@@ -103,7 +99,7 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
     add(Tier::nvme, 4 * psi_rank, "gradient partition (fp32)");
     // Accumulating micro-steps rewrite at most two sub-groups before a
     // commit frees their old copies (one when there is only one).
-    const std::uint64_t count = ceil_div(std::max<std::uint64_t>(psi_rank, 1), group);
+    const std::uint64_t count = ceil_div(std::max<std::uint64_t>(psi_rank, 1), std::max<std::uint64_t>(group, 1));
     add(Tier::nvme, std::min<std::uint64_t>(2, count) * 4 * group, "copy-on-write headroom for the gradients");
     add(pool_tier, GradientSwapper::pinned_bytes_needed(std::span(&largest_group, 1), kAlignment),
         fmt::format("gradient swapper: 2 buffers x {} fp32 elements (sub_group_size)", group));
@@ -115,7 +111,7 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
     // sub-group at a time.
     add(Tier::pageable, element * std::min(group, psi_rank),
         fmt::format("working copy ({}) of one sub-group on its way to the param store", precision), true);
-  } else if (zero.offload_param.device == config::OffloadDevice::cpu || input.device_is_host) {
+  } else if (param_device == config::OffloadDevice::cpu || input.device_is_host) {
     add(Tier::pageable, element * psi_rank, fmt::format("param partition ({}, the working copy)", precision));
   } else {
     // offload_param none on a device: the working copy is there (below), as
@@ -148,7 +144,7 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
     // Nothing partitions the params: each is whole on every rank, for good.
     add(Tier::gpu, element * psi, fmt::format("params, whole on every rank: {} elements", psi));
   } else {
-    switch (zero.offload_param.device) {
+    switch (param_device) {
       case config::OffloadDevice::none:
         // Where device memory is host memory the partition above is the
         // shards: no second copy.
@@ -195,7 +191,9 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
 std::string offload_text(const config::Config& config, int stage) {
   const auto& zero = config.zero;
   if (stage < 3) {
-    return fmt::format("optimizer states on host, params whole on device");
+    return fmt::format("optimizer states {}on {}, params whole on device",
+                       zero.offload_optimizer.keeps_gradients_on_nvme() ? "and gradients " : "",
+                       zero.offload_optimizer.device == config::OffloadDevice::nvme ? "NVMe" : "host");
   }
   const char* params = zero.offload_param.device == config::OffloadDevice::none  ? "device"
                        : zero.offload_param.device == config::OffloadDevice::cpu ? "host"
@@ -250,7 +248,7 @@ MemoryPlan plan_memory(const config::Config& config, const PlanInput& input) {
                                                   : std::max<std::uint32_t>(input.world_size, 1);
   for (int stage = 1; stage <= 3; ++stage) {
     StageResult result = plan_stage(config, input, stage);
-    plan.stages.push_back({stage, result.tiers, offload_text(config, stage), result.not_possible});
+    plan.stages.push_back({stage, result.tiers, offload_text(config, stage)});
   }
   StageResult chosen = plan_stage(config, input, plan.chosen_stage);
   plan.chosen = chosen.tiers;

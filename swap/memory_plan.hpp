@@ -80,7 +80,6 @@ struct StagePlan {
   int stage = 0;
   TierBytes per_rank;
   std::string offloads;  // "optimizer nvme, params nvme", for display
-  std::string not_possible;  // why the config's offloads cannot run at this stage ("" when they can)
 };
 
 enum class Tier { gpu, pinned, pageable, nvme };

@@ -204,12 +204,6 @@ INSTANTIATE_TEST_SUITE_P(
              "zero_optimization.offload_param.nvme_path", "required when device is \"nvme\""},
         Trap{"optimizer_nvme_without_path", R"({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}})",
              "zero_optimization.offload_optimizer.nvme_path", "required"},
-        Trap{"param_offload_needs_stage3", R"({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}})",
-             "zero_optimization.offload_param.device", "needs ZeRO stage 3 (zero_optimization.stage is 2)"},
-        Trap{"optimizer_nvme_needs_stage3", R"({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/x"}}})",
-             "zero_optimization.offload_optimizer.device", "needs ZeRO stage 3"},
-        Trap{"offload_without_zero", R"({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})",
-             "zero_optimization.offload_optimizer.device", "needs ZeRO stage 1, 2 or 3"},
         Trap{"ratio_needs_stage3", R"({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}})",
              "zero_optimization.offload_optimizer.ratio", "needs ZeRO stage 3"},
         Trap{"ratio_range", R"({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 1.5}}})",
@@ -271,6 +265,59 @@ TEST(Config, PipelineFalseIsSaidNotSilentlyIgnored) {
   EXPECT_TRUE(r.problems.empty()) << problems_of(r);
   ASSERT_EQ(r.warnings.size(), 1u);
   EXPECT_NE(r.warnings.front().find("pipeline_read is false"), std::string::npos) << r.warnings.front();
+}
+
+// A stage-3 config turned into a stage-2 one often keeps its offload_param
+// block; DeepSpeed ignores it below stage 3, and so does zinf, saying so.
+TEST(Config, OffloadParamBelowStageThreeIsIgnoredAndSaid) {
+  for (int stage : {0, 1, 2}) {
+    const ParseResult r = parse(fmt::format(R"({{"zero_optimization": {{"stage": {},
+        "offload_param": {{"device": "nvme"}}}}}})", stage));
+    EXPECT_TRUE(r.problems.empty()) << problems_of(r);  // not even the missing nvme_path
+    ASSERT_EQ(r.warnings.size(), 1u) << stage;
+    EXPECT_NE(r.warnings.front().find("zero_optimization.offload_param.device: \"nvme\" is ignored below ZeRO "
+                                      "stage 3 (zero_optimization.stage is " + std::to_string(stage) + ")"),
+              std::string::npos)
+        << r.warnings.front();
+    EXPECT_EQ(r.config.zero.offload_param.device, OffloadDevice::none);
+  }
+  // Its keys are still checked: a typo is a typo at any stage.
+  const ParseResult typo = parse(R"({"zero_optimization": {"stage": 2, "offload_param": {"devise": "cpu"}}})");
+  ASSERT_EQ(typo.problems.size(), 1u);
+  EXPECT_EQ(typo.problems.front().key_path, "zero_optimization.offload_param.devise");
+}
+
+// The optimizer's states can go to host memory or NVMe at every stage (zinf
+// runs stage 0 as stage 1: the states are partitioned either way).
+TEST(Config, OptimizerOffloadIsReadAtEveryStage) {
+  for (int stage : {0, 1, 2, 3}) {
+    for (const char* device : {"cpu", "nvme"}) {
+      const ParseResult r = parse(fmt::format(R"({{"zero_optimization": {{"stage": {},
+          "offload_optimizer": {{"device": "{}", "nvme_path": "/x"}}}}}})", stage, device));
+      EXPECT_TRUE(r.problems.empty()) << stage << device << problems_of(r);
+      EXPECT_TRUE(r.warnings.empty()) << stage << device;
+      EXPECT_EQ(r.config.zero.offload_optimizer.device,
+                std::string_view(device) == "cpu" ? OffloadDevice::cpu : OffloadDevice::nvme);
+    }
+  }
+}
+
+// Hugging Face's own stage-3 test config sets reduce_bucket_size 0, which
+// DeepSpeed reads as "reduce each gradient on its own".
+TEST(Config, ReduceBucketSizeZeroReducesEachGradientAlone) {
+  const ParseResult r = parse(R"({"zero_optimization": {"stage": 3, "reduce_bucket_size": 0,
+                                  "stage3_prefetch_bucket_size": 0}})");
+  EXPECT_TRUE(r.problems.empty()) << problems_of(r);
+  EXPECT_EQ(r.config.zero.reduce_bucket_size, 0u);
+  EXPECT_EQ(r.config.zero.prefetch_bucket_size, 0u);
+}
+
+TEST(Config, GpuDirectStorageAskedForIsSaidToBeAbsent) {
+  const ParseResult r = parse(R"({"aio": {"use_gds": true}})");
+  EXPECT_TRUE(r.problems.empty()) << problems_of(r);
+  ASSERT_EQ(r.warnings.size(), 1u);
+  EXPECT_NE(r.warnings.front().find("aio.use_gds is true: zinf has no GPUDirect Storage path"), std::string::npos);
+  EXPECT_TRUE(parse(R"({"aio": {"use_gds": false}})").warnings.empty());
 }
 
 TEST(Config, StateFormatReadsEachFormat) {

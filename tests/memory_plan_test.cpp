@@ -88,19 +88,30 @@ TEST(MemoryPlan, BelowStageThreeTheParamsAreWholeOnTheDevice) {
   // instead of the shard and the gathered layers; the host part is stage 3's.
   const std::uint64_t grads = 4ull * 600000000ull + 4ull * 25000000ull;
   for (int s : {0, 1}) {
-    EXPECT_EQ(plan.stages[s].not_possible, "");
     EXPECT_EQ(plan.stages[s].per_rank.gpu, 2000000000ull + grads);
     EXPECT_EQ(plan.stages[s].per_rank.pageable, stage3_plan.chosen.pageable);
     EXPECT_EQ(plan.stages[s].offloads, "optimizer states on host, params whole on device");
   }
-  // Offloads that need stage 3 are not planned below it (`check` refuses them).
+  // The optimizer on NVMe below stage 3: the same NVMe and pinned bytes as
+  // at stage 3 (the partition is the same), the params whole on the device.
   const MemoryPlan nvme = plan_memory(
       stage3(R"(, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"})"), billion_over_four());
-  EXPECT_EQ(nvme.stages[0].not_possible, "offload_optimizer nvme needs stage 3");
+  for (int s : {0, 1}) {
+    EXPECT_EQ(nvme.stages[s].per_rank.nvme, nvme.stages[2].per_rank.nvme);
+    EXPECT_GT(nvme.stages[s].per_rank.nvme, 0u);
+    EXPECT_EQ(nvme.stages[s].per_rank.pinned, nvme.stages[2].per_rank.pinned);
+    EXPECT_EQ(nvme.stages[s].per_rank.gpu, 2000000000ull + grads);
+    EXPECT_EQ(nvme.stages[s].offloads, "optimizer states and gradients on NVMe, params whole on device");
+  }
+  // offload_param means nothing below stage 3 (DeepSpeed ignores it there):
+  // those rows are the plain config's.
   const MemoryPlan params = plan_memory(
       stage3(R"(, "offload_param": {"device": "cpu"})"), billion_over_four());
-  EXPECT_EQ(params.stages[1].not_possible, "offload_param needs stage 3");
-  EXPECT_EQ(params.stages[2].not_possible, "");
+  for (int s : {0, 1}) {
+    EXPECT_EQ(params.stages[s].per_rank.gpu, plan.stages[s].per_rank.gpu);
+    EXPECT_EQ(params.stages[s].per_rank.pageable, plan.stages[s].per_rank.pageable);
+  }
+  EXPECT_LT(params.stages[2].per_rank.gpu, plan.stages[2].per_rank.gpu);
   // A stage 0 config is planned as stage 1, which is what the engine runs.
   const auto zero = config::load_config_string(R"({"bf16": {"enabled": true}, "zero_optimization": {"stage": 0}})");
   const MemoryPlan stage0 = plan_memory(zero, billion_over_four());

@@ -17,6 +17,7 @@
 
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "core/config.hpp"
 #include "core/error.hpp"
@@ -145,7 +146,10 @@ TEST_P(EngineEquality, StagesZeroOneAndTwoMatchPlainTraining) {
     TrainingRun run;
     run.world = GetParam();
     run.stage = stage;
-    run.offload_optimizer = stage == 0 ? "none" : "cpu";  // DeepSpeed refuses offload at stage 0
+    // The optimizer offloads at every stage (stage 0 runs as stage 1).
+    run.offload_optimizer = stage == 1 ? "nvme" : stage == 2 ? "cpu" : "none";
+    const testing::TempDir dir;
+    run.nvme_dir = dir.path().string();
     run.accumulation = 2;
     run.clipping = 0.05;
     run_world(run);
@@ -247,6 +251,25 @@ TEST(EngineStages, BelowStageThreeEveryParamIsGatheredForGoodAndHasNoDeviceShard
     EXPECT_NE(std::string(error.what()).find("zero_optimization.offload_param.device"), std::string::npos)
         << error.what();
   }
+}
+
+// stage3_model_persistence_threshold caps the elements that persist in all:
+// in registration order, a param that would pass the cap stays partitioned,
+// a later smaller one may still persist (DeepSpeed's rule).
+TEST(EngineStages, TheModelPersistenceThresholdCapsWhatPersistsInAll) {
+  const auto config = config::load_config_string(R"({"zero_optimization": {"stage": 3,
+      "stage3_param_persistence_threshold": 100, "stage3_model_persistence_threshold": 80}})");
+  auto comm = make_local_communicator();
+  Engine engine(config, *comm);
+  const auto module = engine.add_module("m");
+  std::vector<ParamIndex> params;
+  for (const std::int64_t n : {10, 50, 30, 20, 200}) {
+    params.push_back(engine.add_param(module, fmt::format("p{}", n), {n}, std::vector<float>(n, 1.0f)));
+  }
+  engine.finalize();
+  std::vector<bool> persistent;
+  for (const ParamIndex p : params) persistent.push_back(engine.describe(p).persistent);
+  EXPECT_EQ(persistent, (std::vector<bool>{true, true, false, true, false}));
 }
 
 TEST(EngineStages, TheLearningRateCanBeSetBetweenSteps) {
@@ -930,6 +953,33 @@ TEST_P(EngineCheckpoint, ConsolidatingTheCheckpointGivesTheMastersWhole) {
 TEST(StrictDeviceCheckpoint, ResumeContinuesExactlyOverTheDeviceCommunicator) {
   if (!gloo_available()) GTEST_SKIP() << "this build has no Gloo communicator";
   expect_resume_continues_exactly(2, "strict");
+}
+
+// sub_group_size 0, as axolotl's stage-3 configs write it: DeepSpeed makes
+// each param a sub-group; zinf's sub-groups are then the largest trainable
+// shard. Training is unchanged, the checkpoint records the size that ran
+// and consolidates.
+TEST(EngineSubGroups, SizeZeroMeansTheLargestTrainableShard) {
+  if (!gloo_available()) GTEST_SKIP() << "this build has no Gloo communicator";
+  testing::TempDir dir;
+  TrainingRun run;
+  run.world = 2;
+  run.offload_optimizer = "nvme";
+  run.sub_group_size = 0;
+  run.accumulation = 2;
+  run.nvme_dir = (dir.path() / "nvme").string();
+  const std::string checkpoint = (dir.path() / "ckpt").string();
+  const auto outcomes = testing::run_ranks(run.world, [&](const LaunchEnv& launch) {
+    const auto reference = train_reference(run, config::load_config_string(config_json(run)));
+    expect_close(train_span(run, launch, 0, run.steps, "", checkpoint), reference,
+                 fmt::format("rank {}", launch.rank));
+  });
+  ASSERT_TRUE(testing::all_succeeded(outcomes)) << testing::describe(outcomes);
+  std::ifstream in(std::filesystem::path(checkpoint) / "zinf_checkpoint.json");
+  const auto description = nlohmann::json::parse(in);
+  const std::uint64_t largest_shard = static_cast<std::uint64_t>(run.shape.width * run.shape.width) / 2;
+  EXPECT_EQ(description.at("sub_group_size").get<std::uint64_t>(), largest_shard);
+  EXPECT_EQ(consolidate_checkpoint(checkpoint).size(), 2u * static_cast<std::size_t>(run.shape.layers) + 1);
 }
 
 INSTANTIATE_TEST_SUITE_P(WorldSizes, EngineCheckpoint, ::testing::Values(1, 2, 4));

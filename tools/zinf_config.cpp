@@ -78,11 +78,6 @@ int plan(const PlanArguments& arguments) {
   fmt::print("per rank       {:>12} {:>12} {:>12} {:>12}  offloads\n", "GPU", "pinned host", "pageable",
              "NVMe");
   for (const auto& stage : memory.stages) {
-    if (!stage.not_possible.empty()) {
-      fmt::print("ZeRO stage {}{} {:>12} {:>12} {:>12} {:>12}  not possible: {}\n", stage.stage,
-                 stage.stage == memory.chosen_stage ? "*" : " ", "", "", "", "", stage.not_possible);
-      continue;
-    }
     fmt::print("ZeRO stage {}{} {:>12} {:>12} {:>12} {:>12}  {}\n", stage.stage,
                stage.stage == memory.chosen_stage ? "*" : " ", bytes_cell(stage.per_rank.gpu),
                bytes_cell(stage.per_rank.pinned), bytes_cell(stage.per_rank.pageable),
@@ -90,12 +85,6 @@ int plan(const PlanArguments& arguments) {
   }
   fmt::print("(* the config's stage; activations, framework memory and the params at or below "
              "stage3_param_persistence_threshold are not counted)\n");
-  const auto& chosen = memory.stages[static_cast<std::size_t>(std::clamp(memory.chosen_stage, 1, 3) - 1)];
-  if (!chosen.not_possible.empty()) {
-    fmt::print(stderr, "{}: zero_optimization.stage {}: {}\n", arguments.file, memory.chosen_stage,
-               chosen.not_possible);
-    return 1;
-  }
   if (memory.transient_host > 0) {
     fmt::print("host peak while the engine initialises: {} more per rank\n", zinf::format_bytes(memory.transient_host));
   }

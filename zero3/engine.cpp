@@ -364,12 +364,18 @@ void Engine::finalize() {
   // Shards: every param cut into `world` equal shards (the last padded).
   std::vector<std::uint64_t> gathered_elements;
   std::vector<bool> persistent;
+  std::uint64_t persistent_elements = 0;
   for (auto& param : params_) {
     param->d.shard_elements = (param->d.elements + world - 1) / world;
     // Below stage 3 nothing is partitioned but the optimizer states and
-    // gradients: every param stays whole on every rank.
-    param->d.persistent =
-        config_.zero.stage < 3 || param->d.elements <= config_.zero.param_persistence_threshold;
+    // gradients: every param stays whole on every rank. At stage 3 the
+    // small params do, in registration order, until the model's
+    // persistence budget is spent (a param past it stays partitioned; a
+    // later smaller one may still fit, as in DeepSpeed).
+    const bool small = param->d.elements <= config_.zero.param_persistence_threshold &&
+                       param->d.elements <= config_.zero.model_persistence_threshold - persistent_elements;
+    param->d.persistent = config_.zero.stage < 3 || small;
+    if (config_.zero.stage == 3 && small) persistent_elements += param->d.elements;
     gathered_elements.push_back(param->d.shard_elements * world);
     persistent.push_back(param->d.persistent);
   }
@@ -394,6 +400,19 @@ void Engine::finalize() {
 
   // The optimizer over this rank's trainable partition, cut into sub-groups
   // (none when every param is frozen).
+  if (config_.zero.sub_group_size == 0) {
+    // DeepSpeed reads 0 as one param per sub-group (axolotl's stage-3
+    // configs set it): sub-groups as large as the largest trainable
+    // param's shard buffer the same. Resolved here, so the swappers and
+    // the checkpoint's description see the size that ran.
+    std::uint64_t largest = 1;
+    for (const auto& param : params_) {
+      if (param->d.trainable) largest = std::max(largest, param->d.shard_elements);
+    }
+    config_.zero.sub_group_size = largest;
+    log().info("zero3: zero_optimization.sub_group_size 0: sub-groups of {} elements (the largest trainable "
+               "param's shard)", largest);
+  }
   if (optimizer_elements_ > 0) sub_groups_ = swap::sub_groups(config_, optimizer_elements_, "zero3.sub_group.");
   for (std::uint64_t begin = 0; const auto& group : sub_groups_) {
     sub_group_begin_.push_back(begin);

@@ -160,8 +160,11 @@ def assert_matches(result, want_state, want_losses, atol=2e-5):
 CASES = [
     # (world, stage, offload_optimizer, offload_param, accumulation, clipping)
     (2, 0, "none", "none", 1, 0.0),
+    (1, 0, "nvme", "none", 1, 0.0),
     (2, 1, "none", "none", 2, 0.0),
+    (2, 1, "nvme", "none", 2, 0.05),
     (2, 2, "cpu", "none", 2, 0.05),
+    (2, 2, "nvme", "cpu", 1, 0.0),  # offload_param below stage 3: ignored (said), as DeepSpeed ignores it
     (1, 3, "none", "none", 1, 0.0),
     (2, 3, "cpu", "cpu", 2, 0.05),
     (2, 3, "nvme", "nvme", 1, 0.05),
@@ -181,6 +184,10 @@ def test_training_equals_plain_pytorch(scratch, world, stage, optimizer_device, 
     assert_matches(result, state, losses)
     assert result["steps"] == steps
     assert result["collectives"] == ("gloo" if world > 1 else "local")  # a CPU model: Gloo on host memory
+    ignored = f'offload_param.device: "{param_device}" is ignored below ZeRO stage 3'
+    assert (ignored in errors[0]) == (stage < 3 and param_device != "none"), errors[0]
+    if optimizer_device == "nvme":
+        assert result["timings"]["nvme_written_bytes"] > 0  # the states did go to NVMe
     # zinf.comm (deepspeed.comm) over the same group, from rank 0's side.
     comm = result["comm"]
     assert (comm["rank"], comm["world"], comm["local_rank"]) == (0, world, 0)
@@ -397,8 +404,6 @@ def test_engine_api_counters_and_boundaries():
     ({"train_batch_size": 4, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, "optimizer.type"),
     ({"train_batch_size": 6, "train_micro_batch_size_per_gpu": 4}, "train_batch_size"),
     ({}, "train_batch_size or train_micro_batch_size_per_gpu is required"),
-    ({"train_batch_size": 4, "zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
-     "zero_optimization.offload_param.device"),
     ({"train_batch_size": 4, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}},
      "zero_optimization.offload_optimizer.nvme_path"),
 ])

@@ -811,7 +811,9 @@ class ZinfEngine(torch.nn.Module):
         return self._settings["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
 
     def zero_offload_param(self):
-        return self._settings["zero_optimization"].get("offload_param", {}).get("device", "none") != "none"
+        # Below stage 3 the block is ignored (with a warning), as DeepSpeed ignores it.
+        return self.stage >= 3 and \
+            self._settings["zero_optimization"].get("offload_param", {}).get("device", "none") != "none"
 
     def zero_cpu_offload(self):
         return self._settings["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "cpu"

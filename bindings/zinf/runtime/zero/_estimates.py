@@ -27,9 +27,7 @@ def params_of(model):
 
 def estimate(stage, total_params, largest_layer_params, num_gpus_per_node, num_nodes, optimizer_device,
              param_device, zero_init, additional_buffer_factor):
-    """(host bytes per node, GPU bytes per GPU, NVMe bytes per node); a
-    ValueError, with the plan's reason, where zinf cannot run that
-    combination (none of those the estimators ask for). The host figure is
+    """(host bytes per node, GPU bytes per GPU, NVMe bytes per node). The host figure is
     scaled by additional_buffer_factor, as DeepSpeed scales its own; without
     zero_init each rank first builds the whole model in fp32 (4 bytes per
     param per rank)."""
@@ -48,8 +46,6 @@ def estimate(stage, total_params, largest_layer_params, num_gpus_per_node, num_n
     plan = _zinf.plan_memory(json.dumps(config), int(total_params), ranks * int(num_nodes),
                              int(largest_layer_params), ranks, device_is_host=True)
     chosen = next(s for s in plan["stages"] if s["stage"] == stage)
-    if chosen["not_possible"]:
-        raise ValueError(f"zero_optimization.stage {stage}: {chosen['not_possible']}")
     tiers = chosen["per_rank"]
     host = (tiers["pinned"] + tiers["pageable"] + plan["transient_host"]) * ranks
     if not zero_init:
