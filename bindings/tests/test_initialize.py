@@ -196,6 +196,29 @@ def test_training_equals_plain_pytorch(scratch, world, stage, optimizer_device, 
     assert comm["scattered"] == 0.0 * world  # rank 0's block of the sum of every rank's arange
 
 
+@pytest.mark.parametrize("world,zero_keys", [
+    # Stage 3 as axolotl's and Hugging Face's test configs write it: a param
+    # per sub-group (0), each gradient reduced alone (0), no prefetch (0),
+    # nothing persistent, and the deprecated 16-bit save key.
+    (2, {"stage": 3, "sub_group_size": 0, "reduce_bucket_size": 0, "stage3_prefetch_bucket_size": 0,
+         "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 1e9,
+         "stage3_max_reuse_distance": 1e9, "stage3_gather_fp16_weights_on_model_save": True,
+         "offload_optimizer": {"device": "cpu", "pin_memory": True},
+         "offload_param": {"device": "cpu", "pin_memory": True}}),
+    # A persistence budget smaller than the small params together.
+    (2, {"stage": 3, "stage3_param_persistence_threshold": 100, "stage3_model_persistence_threshold": 40,
+         "overlap_comm": True, "contiguous_gradients": True, "round_robin_gradients": True}),
+])
+def test_configs_as_popular_trainers_write_them_train_as_plain_pytorch(scratch, world, zero_keys):
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+              "optimizer": ADAMW, "zero_optimization": zero_keys, "steps_per_print": 0,
+              "wall_clock_breakdown": False}
+    codes, errors, result = launch(world, {"config": config, "steps": 2}, scratch)
+    assert codes == [0] * world, "\n".join(errors)
+    state, losses, _ = reference(config, 2, world)
+    assert_matches(result, state, losses)
+
+
 def test_comm_in_one_process_answers_rank_zero_of_one():
     from zinf import comm
     assert (comm.get_rank(), comm.get_world_size(), comm.is_initialized()) == (0, 1, False)
