@@ -468,3 +468,55 @@ def test_the_config_questions_deepspeed_scripts_ask_the_engine():
     assert not engine.zero_optimization_partition_gradients() and not engine.dynamic_loss_scale()
     assert not engine.zero_cpu_offload() and not engine.zero_gather_16bit_weights_on_model_save()
     engine.close()
+
+
+# -- ds_id / ds_status: the check scripts make before reading a stage-3 param ----------------
+def test_scripts_that_look_for_ds_id_gather_before_reading_and_save_whole_values():
+    """A saving helper as fine-tuning scripts write it: a param with ds_id
+    is read inside GatheredParameters, whose values are then whole; others
+    are read as they are. At stage 3 every param has ds_id, its ds_status
+    says whether its .data is whole now (inside its unit's forward, inside
+    GatheredParameters, always for a persistent one), and the helper saves
+    the same values as consolidated_state_dict."""
+    from zinf.runtime.zero.partition_parameters import ZeroParamStatus
+    config = config_for(3, "cpu", train_batch_size=4)
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 16  # the biases persist
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+    module = engine.module
+    seen_in_forward = {}
+    first = next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
+    first.register_forward_pre_hook(lambda m, i: seen_in_forward.update(weight=m.weight.ds_status))
+    for step in range(2):
+        x, y = batch(step, 0, 0, 4)
+        engine.backward(mse(engine, x, y))
+        engine.step()
+    assert seen_in_forward["weight"] is ZeroParamStatus.AVAILABLE
+
+    def saved(param):
+        if hasattr(param, "ds_id"):
+            with zinf.zero.GatheredParameters([param]):
+                assert param.ds_status is ZeroParamStatus.AVAILABLE
+                return param.data.detach().cpu().clone()
+        return param.detach().cpu().clone()
+
+    ids = set()
+    for name, p in module.named_parameters():
+        ids.add(p.ds_id)
+        persistent = p.numel() <= 16 and p.ds_numel <= 16
+        assert p.ds_persist == persistent, name
+        assert p.ds_status is (ZeroParamStatus.AVAILABLE if persistent else ZeroParamStatus.NOT_AVAILABLE), name
+    assert len(ids) == len(list(module.parameters()))
+    want = engine.consolidated_state_dict()
+    for name, p in module.named_parameters():
+        got = saved(p)
+        assert got.shape == p.ds_shape and torch.equal(got, want[name]), name
+        assert p.ds_status is (ZeroParamStatus.AVAILABLE if p.ds_persist else ZeroParamStatus.NOT_AVAILABLE), name
+    engine.close()
+
+
+def test_below_stage_three_params_have_no_ds_id():
+    """Below stage 3 params are ordinary tensors, whole all the time: no
+    ds_id, so such helpers read them directly, as under DeepSpeed."""
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(2, train_batch_size=4))
+    assert not any(hasattr(p, "ds_id") or hasattr(p, "ds_status") for p in engine.module.parameters())
+    engine.close()

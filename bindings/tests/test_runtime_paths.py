@@ -132,3 +132,46 @@ def test_the_zero2_estimate_keeps_the_model_whole_on_the_gpu(capsys):
     out = capsys.readouterr().out
     assert "SW: Model with 1000M total params." in out
     assert "offload_optimizer=cpu" in out and "offload_optimizer=none" in out
+
+
+def test_the_utils_scripts_import_by_deepspeeds_paths():
+    from zinf.utils import RepeatingLoader
+    from zinf.utils.logging import log_dist, logger
+    assert (logger, log_dist) == (zinf.utils.logger, zinf.utils.log_dist)
+    # A loop counted in steps: the loader starts again when it runs out.
+    loader = torch.utils.data.DataLoader(list(range(5)), batch_size=2)
+    repeating = iter(RepeatingLoader(loader))
+    assert [next(repeating).tolist() for _ in range(5)] == [[0, 1], [2, 3], [4], [0, 1], [2, 3]]
+
+
+def test_moe_paths_pass_dense_models_and_refuse_experts():
+    """Scripts import deepspeed.moe for an optional MoE mode: their dense
+    models' param groups pass through; expert params and MoE layers, which
+    zinf cannot train right, are refused with the reason."""
+    from zinf.moe.layer import MoE
+    from zinf.moe.utils import (configure_moe_param_groups, has_moe_layers, is_moe_param,
+                                split_params_into_different_moe_groups_for_optimizer,
+                                split_params_into_shared_and_expert_params)
+    model = make_model()
+    params = list(model.parameters())
+    assert has_moe_layers(model) == (False, 0)
+    group = {"params": params, "name": "all", "lr": 0.1}
+    assert split_params_into_different_moe_groups_for_optimizer(group) == [group]
+    assert split_params_into_different_moe_groups_for_optimizer((group,)) == [group]
+    assert configure_moe_param_groups(params)[0]["params"] == params
+    assert split_params_into_shared_and_expert_params(params) == (params, [])
+    expert = torch.nn.Parameter(torch.zeros(3))
+    expert.allreduce = False  # as DeepSpeed's MoE marks its experts
+    assert is_moe_param(expert) and not is_moe_param(params[0])
+    with pytest.raises(ValueError, match="mixture-of-experts param.*no expert parallelism"):
+        split_params_into_different_moe_groups_for_optimizer([group, {"params": [expert], "name": "experts"}])
+    with pytest.raises(ValueError, match="Unknown param group type"):
+        split_params_into_different_moe_groups_for_optimizer(params[0])
+    with pytest.raises(NotImplementedError, match="no mixture-of-experts layer"):
+        MoE(hidden_size=8, expert=torch.nn.Linear(8, 8), num_experts=2)
+
+
+def test_zero_param_status_is_importable_where_deepspeed_has_it():
+    from zinf.runtime.zero.partition_parameters import ZeroParamStatus, ZeroParamType
+    assert zinf.zero.ZeroParamStatus is ZeroParamStatus and zinf.zero.ZeroParamType is ZeroParamType
+    assert {s.name for s in ZeroParamStatus} == {"AVAILABLE", "NOT_AVAILABLE", "INFLIGHT"}

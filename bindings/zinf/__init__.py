@@ -22,7 +22,9 @@
   ``deepspeed.accelerator`` by the same paths; ``zinf.checkpointing`` is
   ``deepspeed.checkpointing`` (activation checkpointing); ``zinf.runtime``
   holds ``deepspeed.runtime``'s paths scripts import from (lr_schedules,
-  utils.see_memory_usage, the zero memory estimators, engine.DeepSpeedEngine).
+  utils.see_memory_usage, the zero memory estimators, engine.DeepSpeedEngine);
+  ``zinf.moe`` has ``deepspeed.moe``'s param group helpers for dense
+  models (zinf has no expert parallelism: MoE layers are refused).
 
 Errors: ValueError for bad configuration or arguments, OSError (with errno
 and filename) for I/O, RuntimeError for the rest. Every wait releases the GIL.
@@ -32,11 +34,11 @@ from .aio import aio_handle, aio_read, aio_write, deepspeed_memcpy
 from .optim import CPUAdagrad, CPUAdam, CPULion, DeepSpeedCPUAdagrad, DeepSpeedCPUAdam, DeepSpeedCPULion
 from .swap import TensorSwapper
 from .engine import ZinfEngine, add_config_arguments, init_distributed, initialize
-from . import accelerator, checkpointing, comm, ops, runtime, utils, zero
+from . import accelerator, checkpointing, comm, moe, ops, runtime, utils, zero
 from .runtime.engine import DeepSpeedEngine
 from .accelerator import get_accelerator
 
 __all__ = ["__version__", "aio_handle", "aio_read", "aio_write", "deepspeed_memcpy", "CPUAdam", "CPUAdagrad",
            "CPULion", "DeepSpeedCPUAdam", "DeepSpeedCPUAdagrad", "DeepSpeedCPULion", "TensorSwapper",
            "ZinfEngine", "DeepSpeedEngine", "add_config_arguments", "init_distributed", "initialize", "accelerator", "checkpointing",
-           "comm", "get_accelerator", "ops", "utils", "zero"]
+           "comm", "get_accelerator", "moe", "ops", "utils", "zero"]

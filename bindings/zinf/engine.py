@@ -452,9 +452,15 @@ class ZinfEngine(torch.nn.Module):
             p.data = self._persistent_values(p) if id(p) in self._persistent else self._empty()
             if self.stage >= 3:
                 # DeepSpeed's names for a partitioned param's real size
-                # (its .shape is empty between uses).
+                # (its .shape is empty between uses), its id and whether
+                # its values are whole now: scripts test hasattr(p, "ds_id")
+                # to know they must gather (GatheredParameters) before
+                # reading a param, and would read an empty tensor else.
                 p.ds_shape = self._shapes[id(p)]
                 p.ds_numel = self._shapes[id(p)].numel()
+                p.ds_id = self._index[id(p)]
+                p.ds_persist = id(p) in self._persistent
+                self._mark(p)
         if self.stage >= 3:
             _stream(p for _, p in self._named_unique if id(p) not in self._persistent)
             for unit in self._units:
@@ -482,11 +488,18 @@ class ZinfEngine(torch.nn.Module):
                 if owner is not unit:
                     unit.borrowed.add(owner)
 
+    def _mark(self, p):
+        """p.ds_status (stage 3) after p.data changed: AVAILABLE when whole."""
+        if self.stage >= 3:
+            whole = tuple(p.data.shape) == tuple(p.ds_shape)
+            p.ds_status = _zero.ZeroParamStatus.AVAILABLE if whole else _zero.ZeroParamStatus.NOT_AVAILABLE
+
     def _gather_whole(self, p):
         """GatheredParameters: the whole value from the masters."""
         whole = torch.empty(self._shapes[id(p)], dtype=torch.float32)
         self._engine.gather(self._index[id(p)], "param", whole.data_ptr(), whole.numel())
         p.data = whole.to(self._device, self._dtype)
+        self._mark(p)
 
     def _release_whole(self, p, write_back, source_rank):
         if write_back:
@@ -547,6 +560,7 @@ class ZinfEngine(torch.nn.Module):
                 for _, p in owner.params:
                     if id(p) not in self._persistent:
                         p.data = self._copy_out(p)
+                        self._mark(p)
                 owner.gathered = True
                 if not backward:
                     owner.forward_open = True
@@ -556,6 +570,7 @@ class ZinfEngine(torch.nn.Module):
             for _, p in unit.params:
                 if id(p) not in self._persistent:
                     p.data = self._empty()
+                    self._mark(p)
             unit.gathered = False
 
     def _make_pre_hook(self, unit):
@@ -1238,6 +1253,7 @@ class ZinfEngine(torch.nn.Module):
             p.data = whole.view(self._shapes[id(p)]).to(self._device, self._dtype)
         elif not self._owner[id(p)].gathered:
             p.data = self._empty()
+        self._mark(p)
 
     def _name_of(self, p):
         return next((n for n, q in self._named_unique if q is p), "a parameter")

@@ -15,6 +15,7 @@ can be built. Initialisation that a parent module applies after its
 children exist (Hugging Face's init_weights) sees the empty parameters and
 does nothing: the values are each module's own reset_parameters().
 """
+import enum
 import functools
 import os
 import shutil
@@ -32,6 +33,23 @@ from .torch import _load_config
 # == is element-wise, so tensors make poor dictionary keys): `_zinf_staged`,
 # a _Staged for one built under Init and not yet in an engine, and
 # `_zinf_engine`, a weak reference to the ZinfEngine holding it.
+
+
+class ZeroParamStatus(enum.Enum):
+    """DeepSpeed's: a stage-3 param's `ds_status`. AVAILABLE while its
+    values are whole in `.data` (its unit's forward or backward, inside
+    GatheredParameters, or always for a persistent param); NOT_AVAILABLE
+    when `.data` is empty. zinf gathers synchronously: never INFLIGHT."""
+    AVAILABLE = 1
+    NOT_AVAILABLE = 2
+    INFLIGHT = 3
+
+
+class ZeroParamType(enum.Enum):
+    """DeepSpeed's param kinds; a zinf stage-3 param is PARTITIONED."""
+    NORMAL = 1
+    PARTITIONED = 2
+    REMOTE = 3
 
 
 def staged(p):

@@ -19,31 +19,33 @@ over ranks, divided by gradient_accumulation_steps, fp16's loss scale taken
 out), None before any backward since the last step.
 
 ``logger`` (the "zinf" logger) and ``log_dist(message, ranks)`` are
-DeepSpeed's ``deepspeed.utils.logger`` and ``log_dist``."""
-import logging
-
-import torch.distributed as _dist
-
+DeepSpeed's ``deepspeed.utils.logger`` and ``log_dist`` (also in
+``zinf.utils.logging``, DeepSpeed's ``deepspeed.utils.logging``);
+``RepeatingLoader`` is DeepSpeed's."""
 from . import zero_to_fp32
+from .logging import log_dist, logger
 from .. import zero as _zero
 
-logger = logging.getLogger("zinf")
 
 
-def log_dist(message, ranks=None, level=logging.INFO):
-    """Logs `message` as "[Rank r] message" on the ranks listed (-1 first:
-    every rank), as DeepSpeed's does: with torch.distributed initialised and
-    no ranks given, nothing; in one process without a group, always."""
-    initialized = _dist.is_available() and _dist.is_initialized()
-    rank = _dist.get_rank() if initialized else -1
-    ranks = list(ranks or [])
-    if initialized and not (ranks and (ranks[0] == -1 or rank in ranks)):
-        return
-    text = f"[Rank {rank}] {message}"
-    if logger.hasHandlers():
-        logger.log(level, text)  # as the script configured logging
-    elif level >= logging.INFO:
-        print(text, flush=True)  # no logging set up: shown, as DeepSpeed's own handler shows it
+class RepeatingLoader:
+    """DeepSpeed's deepspeed.utils.RepeatingLoader: iterates `loader`
+    forever, starting it again each time it runs out (a training loop
+    counted in steps, not epochs)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.data_iter = iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.data_iter)
+        except StopIteration:
+            self.data_iter = iter(self.loader)
+            return next(self.data_iter)
 
 
 def _trained_by(param):
@@ -122,7 +124,7 @@ def safe_set_local_grad(param, value):
     _set(param, value, "grad", local=True)
 
 
-__all__ = ["logger", "log_dist", "zero_to_fp32", "safe_get_full_fp32_param", "safe_get_full_grad", "safe_get_full_optimizer_state",
+__all__ = ["logger", "log_dist", "RepeatingLoader", "zero_to_fp32", "safe_get_full_fp32_param", "safe_get_full_grad", "safe_get_full_optimizer_state",
            "safe_set_full_fp32_param", "safe_set_full_grad", "safe_set_full_optimizer_state",
            "safe_get_local_fp32_param", "safe_get_local_grad", "safe_get_local_optimizer_state",
            "safe_set_local_fp32_param", "safe_set_local_grad", "safe_set_local_optimizer_state"]
