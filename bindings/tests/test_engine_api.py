@@ -520,3 +520,39 @@ def test_below_stage_three_params_have_no_ds_id():
     engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(2, train_batch_size=4))
     assert not any(hasattr(p, "ds_id") or hasattr(p, "ds_status") for p in engine.module.parameters())
     engine.close()
+
+
+# -- set_train_batch_size: a batch-size ramp-up ------------------------------------------------
+@pytest.mark.parametrize("stage,optimizer_device", [(1, "none"), (3, "cpu")])
+def test_a_batch_size_ramp_up_changes_the_window_as_deepspeeds_does(stage, optimizer_device):
+    """Two steps of one micro-batch, then set_train_batch_size doubles the
+    global batch: two steps of two micro-batches, each window's gradient
+    its mean, as plain PyTorch on the same samples. The micro-batch and
+    set_train_micro_batch_size's arithmetic are DeepSpeed's."""
+    config = config_for(stage, optimizer_device, train_batch_size=4, train_micro_batch_size_per_gpu=4)
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+    assert engine.zero_optimization() and engine.config["train_batch_size"] == 4
+    plain = make_model()
+    reference = plain_adamw(plain)
+    sample = 0
+    for step, window in enumerate([1, 1, 2, 2]):
+        if step == 2:
+            with pytest.raises(ValueError, match="multiple of train_micro_batch_size_per_gpu 4"):
+                engine.set_train_batch_size(6)
+            engine.set_train_batch_size(8)
+            assert (engine.gradient_accumulation_steps(), engine.train_batch_size()) == (2, 8)
+        for micro in range(window):
+            assert engine.is_gradient_accumulation_boundary() == (micro == window - 1)
+            x, y = batch(sample, 0, 0, 4)
+            sample += 1
+            engine.backward(mse(engine, x, y))
+            engine.step()
+            (mse(plain, x, y) / window).backward()
+        reference.step()
+        reference.zero_grad()
+    assert engine.global_steps == 4
+    assert_state_equals(engine, plain)
+    engine.set_train_micro_batch_size(2)
+    assert (engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(),
+            engine.train_batch_size()) == (2, 2, 4)
+    engine.close()

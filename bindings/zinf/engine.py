@@ -806,7 +806,37 @@ class ZinfEngine(torch.nn.Module):
     def train_micro_batch_size_per_gpu(self):
         return self._micro_batch
 
+    def set_train_batch_size(self, train_batch_size):
+        """As DeepSpeed's (batch-size ramp-up): the global batch changes
+        through gradient_accumulation_steps, the micro-batch stays. Takes
+        effect from the next window (call it at a boundary)."""
+        per_micro_step = self._micro_batch * self.world_size
+        if not isinstance(train_batch_size, int) or train_batch_size < 1 or train_batch_size % per_micro_step:
+            raise ValueError(f"train_batch_size {train_batch_size!r} must be a positive multiple of "
+                             f"train_micro_batch_size_per_gpu {self._micro_batch} x world size {self.world_size}")
+        self._accumulation = train_batch_size // per_micro_step
+        self._train_batch_size = train_batch_size
+
+    def set_train_micro_batch_size(self, micro_batch_size):
+        """As DeepSpeed's: gradient_accumulation_steps stays, the global
+        batch follows (the samples counted per micro-step change)."""
+        if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+            raise ValueError(f"train_micro_batch_size_per_gpu {micro_batch_size!r} must be a positive integer")
+        self._micro_batch = micro_batch_size
+        self._train_batch_size = micro_batch_size * self._accumulation * self.world_size
+
+    @property
+    def config(self):
+        """The DeepSpeed config the engine runs: a dict, its three batch
+        sizes resolved (a copy: the engine does not read it back)."""
+        return dict(copy.deepcopy(self._settings), train_batch_size=self._train_batch_size,
+                    train_micro_batch_size_per_gpu=self._micro_batch,
+                    gradient_accumulation_steps=self._accumulation)
+
     # What DeepSpeed scripts ask of the config through the engine.
+    def zero_optimization(self):
+        return self.stage > 0
+
     def zero_optimization_stage(self):
         return self.stage
 
