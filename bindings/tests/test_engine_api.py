@@ -556,3 +556,50 @@ def test_a_batch_size_ramp_up_changes_the_window_as_deepspeeds_does(stage, optim
     assert (engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(),
             engine.train_batch_size()) == (2, 2, 4)
     engine.close()
+
+
+# -- engine.optimizer.optimizer: the basic optimizer DeepSpeed's rules pick -------------------
+def _basic(config_optimizer, zero):
+    model = make_model()
+    config = {"train_batch_size": 2, "optimizer": config_optimizer, "zero_optimization": zero}
+    engine, _, _, _ = zinf.initialize(config=config, model=model, model_parameters=model.parameters())
+    basic = engine.optimizer.optimizer
+    assert basic.param_groups is engine.optimizer.param_groups  # one set of groups, as DeepSpeed's wrapper has
+    engine.close()
+    return basic
+
+
+@pytest.mark.parametrize("kind", ["Adam", "AdamW"])
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("torch_adam", [False, True])
+@pytest.mark.parametrize("adam_w_mode", [False, True])
+def test_the_basic_optimizer_is_the_one_deepspeed_would_build(kind, offload, torch_adam, adam_w_mode):
+    """DeepSpeed's table: torch_adam gives torch's class, offload its CPU
+    Adam, else FusedAdam; "AdamW", or "Adam" with adam_w_mode, decouples."""
+    from zinf.ops.adam import DeepSpeedCPUAdam, FusedAdam
+    basic = _basic({"type": kind, "params": {"lr": 1.5e-4, "torch_adam": torch_adam, "adam_w_mode": adam_w_mode}},
+                   {"stage": 2, "offload_optimizer": {"device": "cpu" if offload else "none"}})
+    decoupled = kind == "AdamW" or adam_w_mode
+    if torch_adam:
+        assert type(basic) is (torch.optim.AdamW if decoupled else torch.optim.Adam)
+    else:
+        assert isinstance(basic, DeepSpeedCPUAdam if offload else FusedAdam)
+        assert not isinstance(basic, FusedAdam if offload else DeepSpeedCPUAdam)
+        assert basic.adam_w_mode == decoupled
+    assert basic.param_groups[0]["lr"] == 1.5e-4
+
+
+def test_the_basic_optimizer_for_adagrad_lion_and_a_client_optimizer():
+    from zinf.ops.adagrad import DeepSpeedCPUAdagrad
+    from zinf.ops.lion import DeepSpeedCPULion, FusedLion
+    cpu = {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert isinstance(_basic({"type": "Lion", "params": {}}, {"stage": 2}), FusedLion)
+    assert isinstance(_basic({"type": "Lion", "params": {}}, cpu), DeepSpeedCPULion)
+    assert type(_basic({"type": "Adagrad", "params": {}}, {"stage": 1})) is torch.optim.Adagrad
+    assert isinstance(_basic({"type": "Adagrad", "params": {}}, cpu), DeepSpeedCPUAdagrad)
+    model = make_model()
+    client = torch.optim.AdamW(model.parameters(), lr=0.01)
+    engine, _, _, _ = zinf.initialize(config={"train_batch_size": 2, "zero_optimization": {"stage": 2}},
+                                      model=model, optimizer=client)
+    assert engine.optimizer.optimizer is client
+    engine.close()

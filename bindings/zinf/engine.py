@@ -96,6 +96,20 @@ class ZinfOptimizer(torch.optim.Optimizer):
     def __init__(self, params, settings):
         super().__init__(params, dict(settings))
         self._engine = None
+        self._basic = None
+
+    @property
+    def optimizer(self):
+        """DeepSpeed's ZeRO optimizer wraps a "basic" optimizer, and code
+        (DeepSpeed's own tests among it) checks which one the config chose:
+        the optimizer passed to initialize, or the class DeepSpeed would
+        build (FusedAdam, DeepSpeedCPUAdam with offload_optimizer, torch's
+        with torch_adam, ...) with DeepSpeed's adam_w_mode. It shares these
+        param groups; zinf's engine does the stepping, never this object."""
+        if self._basic is None and self._engine is not None:
+            self._basic = self._engine._basic_optimizer()
+            self._basic.param_groups = self.param_groups
+        return self._basic
 
     def step(self, closure=None):
         return None if closure is None else closure()
@@ -292,6 +306,7 @@ class ZinfEngine(torch.nn.Module):
         if optimizer is not None and "optimizer" in settings:
             raise ValueError("optimizer: given both in the config and as an argument (DeepSpeed refuses this too)")
         self._client_optimizer_name = type(optimizer).__name__ if optimizer is not None else None
+        self._client_optimizer = optimizer
         if optimizer is not None:
             settings["optimizer"] = _optimizer_block(optimizer)
             param_groups = optimizer.param_groups
@@ -762,6 +777,31 @@ class ZinfEngine(torch.nn.Module):
         self._timings["step_s"] += time.perf_counter() - start
         if boundary:
             self._maybe_print()
+
+    def _basic_optimizer(self):
+        """ZinfOptimizer.optimizer: the client's optimizer, or the one
+        DeepSpeed's engine would build for the config (never stepped)."""
+        if self._client_optimizer is not None:
+            return self._client_optimizer
+        from .ops.adam import FusedAdam
+        from .ops.lion import FusedLion
+        from .optim import DeepSpeedCPUAdagrad, DeepSpeedCPUAdam, DeepSpeedCPULion
+        params = self._settings["optimizer"].get("params", {})
+        zero = self._settings.get("zero_optimization", {})
+        on_cpu = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme") or \
+            zero.get("cpu_offload") is True
+        groups = self.optimizer.param_groups
+        if self._kind in ("adam", "adamw"):
+            # A type of "Adam" decouples the decay too unless adam_w_mode is false, as in DeepSpeed.
+            adam_w_mode = self._kind == "adamw" or params.get("adam_w_mode", True) is not False
+            if params.get("torch_adam", False) is True:
+                return (torch.optim.AdamW if adam_w_mode else torch.optim.Adam)(groups)
+            if on_cpu:
+                return DeepSpeedCPUAdam(groups, adamw_mode=adam_w_mode)
+            return FusedAdam(groups, adam_w_mode=adam_w_mode)
+        if self._kind == "adagrad":
+            return DeepSpeedCPUAdagrad(groups) if on_cpu else torch.optim.Adagrad(groups)
+        return DeepSpeedCPULion(groups) if on_cpu else FusedLion(groups)
 
     def _push_groups(self):
         """Each param group's lr (and betas, eps, weight_decay) as the
