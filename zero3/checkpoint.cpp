@@ -232,7 +232,8 @@ void Engine::load_checkpoint(const std::filesystem::path& dir, bool optimizer_st
     }
     if (description.at("sub_group_size").get<std::uint64_t>() != config_.zero.sub_group_size) {
       mismatch(description_path,
-               fmt::format("saved with zero_optimization.sub_group_size {}, this run has {}",
+               fmt::format("saved with zero_optimization.sub_group_size {}, this run has {} (a configured 0 "
+                           "runs as the largest trainable param's shard)",
                            description.at("sub_group_size").get<std::uint64_t>(), config_.zero.sub_group_size));
     }
     const json& params = description.at("params");

@@ -371,7 +371,8 @@ void Engine::finalize() {
     // gradients: every param stays whole on every rank. At stage 3 the
     // small params do, in registration order, until the model's
     // persistence budget is spent (a param past it stays partitioned; a
-    // later smaller one may still fit, as in DeepSpeed).
+    // later smaller one may still fit: DeepSpeed's rule, though it walks
+    // the params in named_parameters() order).
     const bool small = param->d.elements <= config_.zero.param_persistence_threshold &&
                        param->d.elements <= config_.zero.model_persistence_threshold - persistent_elements;
     param->d.persistent = config_.zero.stage < 3 || small;
@@ -400,7 +401,7 @@ void Engine::finalize() {
 
   // The optimizer over this rank's trainable partition, cut into sub-groups
   // (none when every param is frozen).
-  if (config_.zero.sub_group_size == 0) {
+  if (config_.zero.sub_group_size == 0 && optimizer_elements_ > 0) {
     // DeepSpeed reads 0 as one param per sub-group (axolotl's stage-3
     // configs set it): sub-groups as large as the largest trainable
     // param's shard buffer the same. Resolved here, so the swappers and

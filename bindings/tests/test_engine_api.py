@@ -7,6 +7,7 @@ against plain PyTorch."""
 import os
 import sys
 
+import numpy
 import pytest
 import torch
 
@@ -502,7 +503,7 @@ def test_scripts_that_look_for_ds_id_gather_before_reading_and_save_whole_values
     ids = set()
     for name, p in module.named_parameters():
         ids.add(p.ds_id)
-        persistent = p.numel() <= 16 and p.ds_numel <= 16
+        persistent = p.ds_numel <= 16
         assert p.ds_persist == persistent, name
         assert p.ds_status is (ZeroParamStatus.AVAILABLE if persistent else ZeroParamStatus.NOT_AVAILABLE), name
     assert len(ids) == len(list(module.parameters()))
@@ -539,7 +540,7 @@ def test_a_batch_size_ramp_up_changes_the_window_as_deepspeeds_does(stage, optim
         if step == 2:
             with pytest.raises(ValueError, match="multiple of train_micro_batch_size_per_gpu 4"):
                 engine.set_train_batch_size(6)
-            engine.set_train_batch_size(8)
+            engine.set_train_batch_size(numpy.int64(8))  # any integer, as a ramp-up schedule computes it
             assert (engine.gradient_accumulation_steps(), engine.train_batch_size()) == (2, 8)
         for micro in range(window):
             assert engine.is_gradient_accumulation_boundary() == (micro == window - 1)
@@ -603,3 +604,20 @@ def test_the_basic_optimizer_for_adagrad_lion_and_a_client_optimizer():
                                       model=model, optimizer=client)
     assert engine.optimizer.optimizer is client
     engine.close()
+
+
+def test_the_model_persistence_budget_bounds_what_persists():
+    """stage3_model_persistence_threshold: the params that persist (whole on
+    every rank, ds_persist) hold at most that many elements in all; without
+    it every param under the per-param threshold does."""
+    def persisted(extra):
+        config = config_for(3, train_batch_size=4)
+        config["zero_optimization"].update({"stage3_param_persistence_threshold": 30}, **extra)
+        engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+        sizes = [p.ds_numel for p in engine.module.parameters() if p.ds_persist]
+        engine.close()
+        return sizes
+    unbounded = persisted({})
+    assert len(unbounded) == 6 and sum(unbounded) == 24 * 5 + 1  # four biases and the head's weight of 24, its bias
+    bounded = persisted({"stage3_model_persistence_threshold": 50})
+    assert sorted(bounded) == [1, 24, 24]  # two of 24 fit, the others not; the head's bias of 1 still does

@@ -137,6 +137,8 @@ def test_the_zero2_estimate_keeps_the_model_whole_on_the_gpu(capsys):
 def test_the_utils_scripts_import_by_deepspeeds_paths():
     from zinf.utils import RepeatingLoader
     from zinf.utils.logging import log_dist, logger
+    from zinf.runtime.dataloader import RepeatingLoader as by_runtime_path
+    assert by_runtime_path is RepeatingLoader
     assert (logger, log_dist) == (zinf.utils.logger, zinf.utils.log_dist)
     # A loop counted in steps: the loader starts again when it runs out.
     loader = torch.utils.data.DataLoader(list(range(5)), batch_size=2)
@@ -165,6 +167,8 @@ def test_moe_paths_pass_dense_models_and_refuse_experts():
     assert is_moe_param(expert) and not is_moe_param(params[0])
     with pytest.raises(ValueError, match="mixture-of-experts param.*no expert parallelism"):
         split_params_into_different_moe_groups_for_optimizer([group, {"params": [expert], "name": "experts"}])
+    with pytest.raises(ValueError, match="no expert parallelism"):
+        configure_moe_param_groups([group, {"params": [expert], "name": "experts", "moe": True}])
     with pytest.raises(ValueError, match="Unknown param group type"):
         split_params_into_different_moe_groups_for_optimizer(params[0])
     with pytest.raises(NotImplementedError, match="no mixture-of-experts layer"):

@@ -49,6 +49,7 @@ import contextlib
 import copy
 import json
 import logging
+import operator
 import os
 import re
 import time
@@ -848,19 +849,30 @@ class ZinfEngine(torch.nn.Module):
 
     def set_train_batch_size(self, train_batch_size):
         """As DeepSpeed's (batch-size ramp-up): the global batch changes
-        through gradient_accumulation_steps, the micro-batch stays. Takes
-        effect from the next window (call it at a boundary)."""
+        through gradient_accumulation_steps, the micro-batch stays. As in
+        DeepSpeed, a boundary is every gradient_accumulation_steps-th
+        micro-step counted from the first: changed where the micro-steps
+        so far are not a multiple of the new value, the next window is
+        shorter (its loss still divided by the new value)."""
         per_micro_step = self._micro_batch * self.world_size
-        if not isinstance(train_batch_size, int) or train_batch_size < 1 or train_batch_size % per_micro_step:
+        try:
+            count = operator.index(train_batch_size)
+        except TypeError:
+            count = 0
+        if count < 1 or count % per_micro_step:
             raise ValueError(f"train_batch_size {train_batch_size!r} must be a positive multiple of "
                              f"train_micro_batch_size_per_gpu {self._micro_batch} x world size {self.world_size}")
-        self._accumulation = train_batch_size // per_micro_step
-        self._train_batch_size = train_batch_size
+        self._accumulation = count // per_micro_step
+        self._train_batch_size = count
 
     def set_train_micro_batch_size(self, micro_batch_size):
         """As DeepSpeed's: gradient_accumulation_steps stays, the global
         batch follows (the samples counted per micro-step change)."""
-        if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        try:
+            micro_batch_size = operator.index(micro_batch_size)
+        except TypeError:
+            raise ValueError(f"train_micro_batch_size_per_gpu {micro_batch_size!r} must be a positive integer") from None
+        if micro_batch_size < 1:
             raise ValueError(f"train_micro_batch_size_per_gpu {micro_batch_size!r} must be a positive integer")
         self._micro_batch = micro_batch_size
         self._train_batch_size = micro_batch_size * self._accumulation * self.world_size

@@ -76,6 +76,5 @@ def configure_moe_param_groups(model_parameters):
     if model_parameters and isinstance(model_parameters[0], torch.nn.Parameter):
         return split_params_into_different_moe_groups_for_optimizer({"params": model_parameters,
                                                                      "name": "dense-params"})
-    if any("moe" in group for group in model_parameters if isinstance(group, dict)):
-        return model_parameters
+    # Groups already split (a "moe" key) are checked all the same.
     return split_params_into_different_moe_groups_for_optimizer(model_parameters)

@@ -1,0 +1,2 @@
+"""``deepspeed.runtime.dataloader``: RepeatingLoader, where scripts import it from."""
+from ..utils import RepeatingLoader  # noqa: F401
