@@ -37,6 +37,22 @@ def main():
         with deepspeed.zero.Init(config_dict_or_path=run["config"]):
             model = make_model()
         assert all(p.numel() == 0 for p in model.parameters()), "zero.Init left values in the module"
+        if run.get("load_under_init"):
+            # A pretrained checkpoint into the empty model, module by module
+            # as Hugging Face's loader does: rank 0 writes, every rank keeps
+            # its shard of it.
+            state = torch.load(run["load_under_init"])
+            for prefix, module in model.named_modules():
+                own = list(module.parameters(recurse=False))
+                if not own:
+                    continue
+                with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+                    assert all(p.ds_status == deepspeed.zero.ZeroParamStatus.AVAILABLE for p in own)
+                    if int(os.environ.get("RANK", "0")) == 0:
+                        with torch.no_grad():
+                            for name, p in module.named_parameters(recurse=False):
+                                p.copy_(state[f"{prefix}.{name}" if prefix else name])
+                assert all(p.numel() == 0 for p in own)
     else:
         model = make_model()
     if run.get("device") == "cuda" and run.get("gpu_per_rank"):

@@ -75,6 +75,8 @@ def reference(config, steps, world, start_state=None, bias_decay=None, freeze=()
     """Plain single-process training on the global batch: rank r's
     micro-batches of each step, the mean loss over all of them."""
     model = make_model()
+    if start_state is not None:
+        model.load_state_dict(start_state)
     for name, p in model.named_parameters():
         if name in freeze:
             p.requires_grad_(False)
@@ -528,6 +530,24 @@ def test_a_model_built_under_zero_init_trains_as_the_plain_model(scratch):
     assert_matches(result, state, losses)
     # The staging directories are gone once the engine is built.
     assert not [d for d in os.listdir(os.path.join(scratch, "nvme")) if d.startswith("zinf-init.")]
+
+
+@pytest.mark.parametrize("offload", ["nvme", "cpu"])
+def test_a_checkpoint_loaded_into_a_model_built_under_zero_init_is_what_trains(scratch, offload):
+    """The pretrained-model path: a model built empty under zinf.zero.Init
+    on two ranks, a checkpoint written into it module by module inside
+    GatheredParameters(modifier_rank=0) (rank 0 reads the file), then
+    zinf.initialize: training starts from the checkpoint's values, and
+    equals plain training from them."""
+    torch.manual_seed(77)
+    pretrained = {name: torch.randn_like(p) for name, p in make_model().named_parameters()}
+    torch.save(pretrained, os.path.join(scratch, "pretrained.pt"))
+    config = config_for(3, offload, offload, nvme=os.path.join(scratch, "nvme"))
+    codes, errors, result = launch(2, {"config": config, "steps": 2, "zero_init": True,
+                                       "load_under_init": os.path.join(scratch, "pretrained.pt")}, scratch)
+    assert codes == [0, 0], "\n".join(errors)
+    state, losses, _ = reference(config, 2, 2, start_state=pretrained)
+    assert_matches(result, state, losses)
 
 
 def test_gathered_parameters_reads_and_modifies_the_masters():

@@ -477,6 +477,10 @@ class ZinfEngine(torch.nn.Module):
                 p.ds_id = self._index[id(p)]
                 p.ds_persist = id(p) in self._persistent
                 self._mark(p)
+            else:
+                for name in ("ds_id", "ds_persist", "ds_status"):  # Init's; whole params below stage 3
+                    if hasattr(p, name):
+                        delattr(p, name)
         if self.stage >= 3:
             _stream(p for _, p in self._named_unique if id(p) not in self._persistent)
             for unit in self._units:

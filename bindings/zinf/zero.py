@@ -94,6 +94,8 @@ class _Store:
         self._finalizer = weakref.finalize(self, _remove, self._directories)
 
     def save(self, key, values):
+        if self._last[0] == key:
+            self._last = (None, None)
         if self._swapper is None:
             self._host[key] = values.clone()
         else:
@@ -232,15 +234,53 @@ class Init:
             p.data = torch.empty(0, dtype=p.dtype)
             p.ds_shape = shape
             p.ds_numel = shape.numel()
+            p.ds_id = self._count - 1
+            p.ds_persist = False
+            p.ds_status = ZeroParamStatus.NOT_AVAILABLE
             p._zinf_staged = _Staged(self._store, key, shape, start, count)
+
+
+def _gather_staged(p):
+    """A param built under Init, before any engine: its whole values from
+    every rank's shard (collective), in its dtype."""
+    stage = staged(p)
+    rank, world = _world()
+    numel = stage.shape.numel()
+    shard = (numel + world - 1) // world
+    local = torch.zeros(shard, dtype=torch.float32)
+    local[:stage.count] = stage.values()[:stage.count]
+    if world > 1:
+        pieces = [torch.empty(shard, dtype=torch.float32) for _ in range(world)]
+        dist.all_gather(pieces, local, group=host_group())
+        local = torch.cat(pieces)
+    p.data = local[:numel].view(stage.shape).to(p.dtype)
+    p.ds_status = ZeroParamStatus.AVAILABLE
+
+
+def _release_staged(p, write_back, source_rank):
+    """Back to this rank's shard; with write_back, `source_rank`'s values
+    become every rank's shard (what finalize() will build the engine from)."""
+    stage = staged(p)
+    if write_back:
+        values = p.detach().to("cpu", torch.float32).reshape(-1).contiguous()
+        if _world()[1] > 1:
+            dist.broadcast(values, src=source_rank, group=host_group())
+        stage.store.save(stage.key, values[stage.start:stage.start + stage.count].clone())
+        stage.store.commit()
+    p.data = torch.empty(0, dtype=p.dtype)
+    p.ds_status = ZeroParamStatus.NOT_AVAILABLE
 
 
 class GatheredParameters:
     """DeepSpeed's GatheredParameters: inside the context the parameters are
     whole (from the fp32 masters, in the training precision); with
     modifier_rank set, that rank's values when the context ends become the
-    new masters on every rank (optimizer moments kept). Parameters that are
-    not zinf's pass through untouched."""
+    new masters on every rank (optimizer moments kept). Parameters built
+    under Init and not yet in an engine are gathered from the ranks' staged
+    shards, and a modifier's values become those shards (loading a
+    pretrained checkpoint into a model built under Init). Collective: every
+    rank enters it with the same params. Parameters that are not zinf's
+    pass through untouched."""
 
     def __init__(self, params, modifier_rank=None, fwd_module=None, enabled=True):
         if isinstance(params, torch.Tensor):
@@ -258,14 +298,20 @@ class GatheredParameters:
             if engine is not None:
                 self._held.append((engine, p))
                 engine._gather_whole(p)
+            elif staged(p) is not None:
+                self._held.append((None, p))
+                _gather_staged(p)
         return self
 
     def __exit__(self, *exc):
         if not self.enabled:
             return False
+        write_back = self.modifier_rank is not None and exc[0] is None
         for engine, p in self._held:
-            engine._release_whole(p, write_back=self.modifier_rank is not None and exc[0] is None,
-                                  source_rank=self.modifier_rank)
+            if engine is None:
+                _release_staged(p, write_back, self.modifier_rank)
+            else:
+                engine._release_whole(p, write_back=write_back, source_rank=self.modifier_rank)
         return False
 
 
