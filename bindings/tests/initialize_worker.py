@@ -33,9 +33,15 @@ def main():
     with open(sys.argv[1]) as file:
         run = json.load(file)
     deepspeed.init_distributed(dist_backend=run.get("backend"))
-    if run.get("zero_init"):
+    if run.get("zero_init") == "module":
+        model = make_model()  # built as usual, then converted, as DeepSpeed's Init(module=...) does
+        deepspeed.zero.Init(module=model, config_dict_or_path=run["config"])
+    elif run.get("zero_init"):
         with deepspeed.zero.Init(config_dict_or_path=run["config"]):
             model = make_model()
+    else:
+        model = make_model()
+    if run.get("zero_init"):
         assert all(p.numel() == 0 for p in model.parameters()), "zero.Init left values in the module"
         if run.get("load_under_init"):
             # A pretrained checkpoint into the empty model, module by module
@@ -53,8 +59,6 @@ def main():
                             for name, p in module.named_parameters(recurse=False):
                                 p.copy_(state[f"{prefix}.{name}" if prefix else name])
                 assert all(p.numel() == 0 for p in own)
-    else:
-        model = make_model()
     if run.get("device") == "cuda" and run.get("gpu_per_rank"):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # as DeepSpeed's engine does
     model.to(run.get("device", "cpu"))

@@ -519,12 +519,14 @@ def test_the_16bit_export_holds_the_trained_model(scratch):
     engine.close()
 
 
-def test_a_model_built_under_zero_init_trains_as_the_plain_model(scratch):
+@pytest.mark.parametrize("how", [True, "module"])
+def test_a_model_built_under_zero_init_trains_as_the_plain_model(scratch, how):
     """zinf.zero.Init on two ranks with params and optimizer on NVMe: the
-    module holds nothing after construction, each rank stages its shard,
-    and training equals plain training of the model built as usual."""
+    module holds nothing after construction (or after Init(module=model)
+    converts it, DeepSpeed's other form), each rank stages its shard, and
+    training equals plain training of the model built as usual."""
     config = config_for(3, "nvme", "nvme", nvme=os.path.join(scratch, "nvme"), gradient_accumulation_steps=2)
-    codes, errors, result = launch(2, {"config": config, "steps": 3, "zero_init": True}, scratch)
+    codes, errors, result = launch(2, {"config": config, "steps": 3, "zero_init": how}, scratch)
     assert codes == [0, 0], "\n".join(errors)
     state, losses, _ = reference(config, 3, 2)
     assert_matches(result, state, losses)

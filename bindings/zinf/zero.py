@@ -138,16 +138,15 @@ def _subclasses(cls):
 class Init:
     """Builds modules straight into zinf's shards (see the module docstring).
     `remote_device` ("nvme", "cpu", "none") overrides offload_param.device;
-    enabled=False builds the model as usual."""
+    enabled=False builds the model as usual. `module=` converts a model
+    already built, as DeepSpeed's does: its params go to their shards (rank
+    0's values) at once, no context needed."""
 
     _stores = []  # kept alive until the engines that read them are built
 
     def __init__(self, module=None, data_parallel_group=None, mem_efficient_linear=True, remote_device=None,
                  pin_memory=False, config_dict_or_path=None, config=None, enabled=True, dtype=None, mpu=None,
                  **unused):
-        if module is not None:
-            raise ValueError("zinf.zero.Init(module=...): converting a built module is not supported; build it "
-                             "inside the context")
         self.enabled = enabled
         settings = _load_config(config_dict_or_path if config_dict_or_path is not None else config) \
             if (config_dict_or_path is not None or config is not None) else {}
@@ -161,13 +160,22 @@ class Init:
         self._patched = []
         self._store = None
         self._count = 0
+        if module is not None and enabled:
+            self._open_store()
+            for child in module.modules():
+                self._stage(child)
+            self._store.commit()
+
+    def _open_store(self):
+        if self._store is None:
+            self._store = _Store(self._paths)
+            Init._stores.append(self._store)
 
     # -- the patch over every module class's __init__ ---------------------------------
     def __enter__(self):
         if not self.enabled:
             return self
-        self._store = _Store(self._paths)
-        Init._stores.append(self._store)
+        self._open_store()
         for cls in [torch.nn.Module] + list(_subclasses(torch.nn.Module)):
             self._wrap(cls)
         self._original_init_subclass = torch.nn.Module.__dict__.get("__init_subclass__")
