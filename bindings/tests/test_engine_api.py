@@ -621,3 +621,33 @@ def test_the_model_persistence_budget_bounds_what_persists():
     assert len(unbounded) == 6 and sum(unbounded) == 24 * 5 + 1  # four biases and the head's weight of 24, its bias
     bounded = persisted({"stage3_model_persistence_threshold": 50})
     assert sorted(bounded) == [1, 24, 24]  # two of 24 fit, the others not; the head's bias of 1 still does
+
+
+# -- the checkpoint keywords newer DeepSpeed scripts pass --------------------------------------
+def test_a_checkpoint_saved_excluding_frozen_parameters_still_resumes_whole(scratch):
+    """exclude_frozen_parameters=True (what LoRA trainers pass) is taken;
+    zinf's checkpoint keeps the frozen shards anyway, so a fresh engine
+    resumes every value. custom_load_fn is refused with the way out."""
+    config = config_for(3, "cpu", train_batch_size=4)
+
+    def build(frozen_value=None):
+        model = make_model()
+        model.embed.weight.requires_grad_(False)
+        if frozen_value is not None:
+            with torch.no_grad():
+                model.embed.weight.fill_(frozen_value)  # so only the checkpoint can bring the saved value back
+        return zinf.initialize(model=model, config=config)[0]
+    engine = build()
+    x, y = batch(0, 0, 0, 4)
+    engine.backward(mse(engine, x, y))
+    engine.step()
+    engine.save_checkpoint(scratch, tag="t", exclude_frozen_parameters=True)
+    saved = engine.consolidated_state_dict()
+    engine.close()
+    fresh = build(frozen_value=0.0)
+    with pytest.raises(ValueError, match="custom_load_fn"):
+        fresh.load_checkpoint(scratch, tag="t", custom_load_fn=lambda src, dst: None)
+    fresh.load_checkpoint(scratch, tag="t")
+    got = fresh.consolidated_state_dict()
+    assert all(torch.equal(got[name], value) for name, value in saved.items())
+    fresh.close()

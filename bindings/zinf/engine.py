@@ -1045,10 +1045,14 @@ class ZinfEngine(torch.nn.Module):
         print(message, flush=True)
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True):
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True,
+                        exclude_frozen_parameters=False):
         """Every rank's shards and optimizer states under save_dir/tag (tag
         defaults to global_step<N>), the engine's counters and client_state
-        with them, and save_dir/latest naming the tag. Collective."""
+        with them, and save_dir/latest naming the tag. Collective.
+        exclude_frozen_parameters is taken and the frozen params are saved
+        all the same (their shards are part of zinf's checkpoint: a resume
+        needs nothing from elsewhere); it costs their disk space only."""
         tag = str(tag) if tag is not None else f"global_step{self.global_steps}"
         path = os.path.join(save_dir, tag)
         self._engine.save_checkpoint(path)
@@ -1106,7 +1110,7 @@ class ZinfEngine(torch.nn.Module):
                                  f"{tuple(value.shape)} in the model")
 
     def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
-                        load_lr_scheduler_states=True, load_module_only=False):
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
         """Restores what save_checkpoint wrote (tag from load_dir/latest when
         None); returns (path, client_state), or (None, None) with no tag.
         As DeepSpeed: load_optimizer_states=False takes the weights, the
@@ -1116,7 +1120,13 @@ class ZinfEngine(torch.nn.Module):
         checkpoint). The params must be those saved; the persistent
         buffers are restored too, and load_module_strict=False lets the
         model's and the checkpoint's buffers differ (those both have are
-        loaded)."""
+        loaded). custom_load_fn (DeepSpeed's hook for loading the module
+        state dict its own way) is refused: zinf restores the params from
+        its shards, not from a module state dict."""
+        if custom_load_fn is not None:
+            raise ValueError("load_checkpoint(custom_load_fn=...): zinf restores the params from its own shards; "
+                             "load the weights with GatheredParameters(modifier_rank=0) after load_checkpoint "
+                             "instead")
         if tag is None:
             latest = os.path.join(load_dir, "latest")
             if not os.path.exists(latest):
