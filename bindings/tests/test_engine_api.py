@@ -651,3 +651,23 @@ def test_a_checkpoint_saved_excluding_frozen_parameters_still_resumes_whole(scra
     got = fresh.consolidated_state_dict()
     assert all(torch.equal(got[name], value) for name, value in saved.items())
     fresh.close()
+
+
+# -- the dataloader initialize returns, and deepspeed_io ---------------------------------------
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_training_data_comes_back_as_micro_batches(drop_last):
+    """initialize(training_data=) returns a loader of
+    train_micro_batch_size_per_gpu samples (the last one short unless
+    dataloader_drop_last); deepspeed_io builds the same for other data."""
+    data = torch.utils.data.TensorDataset(torch.arange(10.0).view(10, 1))
+    config = dict(config_for(1, train_batch_size=4), dataloader_drop_last=drop_last)
+    engine, _, loader, _ = zinf.initialize(model=make_model(), config=config, training_data=data,
+                                           collate_fn=lambda samples: torch.cat([s[0] for s in samples]))
+    assert loader is engine.training_dataloader
+    sizes = [len(b) for b in loader]
+    assert sizes == ([4, 4] if drop_last else [4, 4, 2])
+    assert torch.equal(torch.cat(list(loader)), torch.arange(8.0 if drop_last else 10.0))
+    assert [len(b[0]) for b in engine.deepspeed_io(data, batch_size=5)] == [5, 5]
+    with pytest.raises(ValueError, match="torch.utils.data.Dataset"):
+        engine.deepspeed_io([1, 2, 3])
+    engine.close()

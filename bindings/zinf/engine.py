@@ -1262,12 +1262,24 @@ class ZinfEngine(torch.nn.Module):
     def _make_dataloader(self, training_data, collate_fn):
         if training_data is None:
             return None
-        sampler = None
-        if self.world_size > 1:
-            sampler = torch.utils.data.distributed.DistributedSampler(training_data, num_replicas=self.world_size,
-                                                                      rank=self.global_rank)
-        return torch.utils.data.DataLoader(training_data, batch_size=self._micro_batch, sampler=sampler,
-                                           collate_fn=collate_fn)
+        return self.deepspeed_io(training_data, collate_fn=collate_fn)
+
+    def deepspeed_io(self, dataset, batch_size=None, route="train", pin_memory=True, data_sampler=None,
+                     collate_fn=None, num_local_io_workers=None):
+        """DeepSpeed's: a DataLoader over `dataset` giving this rank its
+        micro-batches (train_micro_batch_size_per_gpu unless batch_size),
+        a map-style dataset split over the ranks by a DistributedSampler
+        unless data_sampler is given, dataloader_drop_last from the config,
+        pinned batches when the model is on a GPU."""
+        if not isinstance(dataset, torch.utils.data.Dataset):
+            raise ValueError(f"deepspeed_io: the data must be a torch.utils.data.Dataset, not {type(dataset).__name__}")
+        if data_sampler is None and self.world_size > 1 and not isinstance(dataset, torch.utils.data.IterableDataset):
+            data_sampler = torch.utils.data.distributed.DistributedSampler(dataset, num_replicas=self.world_size,
+                                                                           rank=self.global_rank)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size or self._micro_batch, sampler=data_sampler,
+                                           collate_fn=collate_fn, num_workers=num_local_io_workers or 0,
+                                           pin_memory=bool(pin_memory) and self._device.type == "cuda",
+                                           drop_last=bool(self._settings.get("dataloader_drop_last", False)))
 
     def close(self):
         """Stops the engine's worker and frees its memory (also at exit)."""
