@@ -151,9 +151,22 @@ def main():
         dist.all_gather_into_tensor(gathered, torch.tensor([float(rank), 10.0 + rank]))
         scattered = torch.empty(1)
         dist.reduce_scatter_tensor(scattered, torch.arange(float(dist.get_world_size())))
+        world = dist.get_world_size()
+        pieces = [torch.empty(1) for _ in range(world)] if rank == 0 else None
+        dist.gather(torch.tensor([100.0 + rank]), gather_list=pieces, dst=0)
+        swapped = [torch.empty(1) for _ in range(world)]
+        dist.all_to_all(swapped, [torch.tensor([10.0 * rank + r]) for r in range(world)])
+        block = torch.empty(1)
+        dist.reduce_scatter(block, [torch.tensor([float(rank + r)]) for r in range(world)])
+        objects = [{"from": rank}]
+        dist.broadcast_object_list(objects, src=world - 1)
+        dist.monitored_barrier()
         dist.barrier()
         comm = {"rank": dist.get_rank(), "world": dist.get_world_size(), "local_rank": dist.get_local_rank(),
-                "sum": float(total), "gathered": gathered.tolist(), "scattered": float(scattered)}
+                "sum": float(total), "gathered": gathered.tolist(), "scattered": float(scattered),
+                "gather": [float(p) for p in pieces] if pieces else None, "all_to_all": [float(s) for s in swapped],
+                "object": objects[0], "group_ranks": dist.get_all_ranks_from_group(),
+                "reduce_scatter": float(block)}
     if rank == 0:
         torch.save({"losses": losses, "state": state, "lrs": lrs, "grad_norm": engine.get_global_grad_norm(),
                     "steps": engine.global_steps, "timings": engine.timings(), "comm": comm,

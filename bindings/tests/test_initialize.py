@@ -196,6 +196,10 @@ def test_training_equals_plain_pytorch(scratch, world, stage, optimizer_device, 
     assert comm["sum"] == world * (world + 1) / 2
     assert comm["gathered"] == [v for r in range(world) for v in (float(r), 10.0 + r)]
     assert comm["scattered"] == 0.0 * world  # rank 0's block of the sum of every rank's arange
+    assert comm["gather"] == [100.0 + r for r in range(world)]
+    assert comm["all_to_all"] == [10.0 * r for r in range(world)]  # rank r's piece for rank 0
+    assert comm["object"] == {"from": world - 1} and comm["group_ranks"] == list(range(world))
+    assert comm["reduce_scatter"] == sum(float(r) for r in range(world))  # rank 0's block: sum over r of r + 0
 
 
 @pytest.mark.parametrize("world,zero_keys", [
@@ -230,6 +234,18 @@ def test_comm_in_one_process_answers_rank_zero_of_one():
     out = torch.empty(2)
     comm.all_gather_into_tensor(out, torch.tensor([1.0, 2.0]))
     assert t.item() == 3.0 and out.tolist() == [1.0, 2.0]
+    # A single rank's share of the other collectives.
+    pieces = [torch.empty(1)]
+    comm.gather(torch.tensor([5.0]), gather_list=pieces)
+    swapped = [torch.empty(1)]
+    comm.all_to_all(swapped, [torch.tensor([6.0])])
+    mine = torch.empty(1)
+    comm.scatter(mine, scatter_list=[torch.tensor([7.0])])
+    objects = [{"a": 1}]
+    comm.broadcast_object_list(objects, src=0)
+    comm.monitored_barrier()
+    assert (pieces[0].item(), swapped[0].item(), mine.item(), objects) == (5.0, 6.0, 7.0, [{"a": 1}])
+    assert comm.get_all_ranks_from_group() == [0] and comm.has_all_gather_into_tensor()
 
 
 def test_a_scheduler_from_the_config_sets_the_rate_of_every_step(scratch):

@@ -6,6 +6,7 @@ of 1 and its collectives are identities, as scripts run without a launcher
 expect."""
 import os
 
+import torch
 import torch.distributed as _dist
 from torch.distributed import ReduceOp  # noqa: F401  (DeepSpeed re-exports it)
 
@@ -66,6 +67,118 @@ reduce = _collective("reduce")
 all_to_all_single = _collective("all_to_all_single")
 send = _collective("send")
 recv = _collective("recv")
+isend = _collective("isend")
+irecv = _collective("irecv")
+inference_all_reduce = all_reduce  # DeepSpeed's fused inference path; here the plain all-reduce
+
+
+def _one_or(name, alone):
+    """torch.distributed.`name` over a group, or `alone(*args, **kwargs)`
+    in a world of one (what the collective gives a single rank)."""
+    def call(*args, **kwargs):
+        if not is_initialized():
+            alone(*args, **kwargs)
+            return None
+        settle_at_exit()
+        return getattr(_dist, name)(*args, **kwargs)
+    call.__name__ = name
+    call.__doc__ = f"torch.distributed.{name} (in a world of one: what it gives a single rank)."
+    return call
+
+
+def _copy(positional, out, src):
+    """A one-rank collective: `out` <- `src`, the arguments named as
+    torch's signature orders them (`positional`)."""
+    def alone(*args, **kwargs):
+        values = dict(zip(positional, args), **kwargs)
+        target, source = values.get(out), values.get(src)
+        if target is not None and source is not None:
+            (target[0] if isinstance(target, list) else target).copy_(source[0] if isinstance(source, list)
+                                                                      else source)
+    return alone
+
+
+gather = _one_or("gather", _copy(("tensor", "gather_list"), "gather_list", "tensor"))
+scatter = _one_or("scatter", _copy(("tensor", "scatter_list"), "tensor", "scatter_list"))
+broadcast_object_list = _one_or("broadcast_object_list", lambda *args, **kwargs: None)
+
+
+def all_to_all(output_tensor_list, input_tensor_list, group=None, async_op=False):
+    """Rank r's input_tensor_list[j] lands in rank j's output_tensor_list[r].
+    Gloo has no all-to-all: one scatter from each rank in turn there."""
+    if not is_initialized():
+        output_tensor_list[0].copy_(input_tensor_list[0])
+        return None
+    settle_at_exit()
+    if _dist.get_backend(group) != "gloo":
+        return _dist.all_to_all(output_tensor_list, input_tensor_list, group=group, async_op=async_op)
+    me = _dist.get_rank(group)
+    for r in range(_dist.get_world_size(group)):
+        _dist.scatter(output_tensor_list[r], scatter_list=list(input_tensor_list) if r == me else None,
+                      src=get_global_rank(group, r), group=group)
+    return None
+
+
+def reduce_scatter(output, input_list, op=ReduceOp.SUM, group=None, async_op=False):
+    """This rank's block of the reduction of every rank's input_list. Gloo
+    has no reduce-scatter: an all-reduce of the stacked list there."""
+    if not is_initialized():
+        output.copy_(input_list[0])
+        return None
+    settle_at_exit()
+    if _dist.get_backend(group) != "gloo":
+        return _dist.reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+    total = torch.stack([t.reshape(output.shape) for t in input_list])
+    _dist.all_reduce(total, op=op, group=group)
+    output.copy_(total[_dist.get_rank(group)])
+    return None
+
+
+def monitored_barrier(group=None, timeout=None, wait_all_ranks=False):
+    """torch's monitored barrier where the backend has one (Gloo), a plain
+    barrier elsewhere."""
+    if not is_initialized():
+        return
+    settle_at_exit()
+    if _dist.get_backend(group) == "gloo":
+        _dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=wait_all_ranks)
+    else:
+        _dist.barrier(group=group)
+
+
+def get_world_group():
+    return _dist.group.WORLD
+
+
+def get_all_ranks_from_group(group=None):
+    """The global ranks of `group`'s members, in group-rank order."""
+    return [get_global_rank(group, r) for r in range(get_world_size(group))]
+
+
+def has_all_gather_into_tensor():
+    return True  # on every backend (above)
+
+
+def has_reduce_scatter_tensor():
+    return True
+
+
+def has_coalescing_manager():
+    return False
+
+
+def has_all_reduce_coalesced():
+    return False
+
+
+def configure(deepspeed_config=None, enabled=None, prof_all=None, prof_ops=None, verbose=None, debug=None):
+    """DeepSpeed's comms-logger settings: zinf has no comms logger, so
+    there is nothing to configure (the engine's own timings are
+    engine.timings())."""
+
+
+def log_summary(show_straggler=False):
+    """DeepSpeed's comms-logger summary: zinf keeps none; nothing printed."""
 
 
 def all_gather(tensor_list, tensor, group=None, async_op=False):
