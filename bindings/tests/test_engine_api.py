@@ -671,3 +671,36 @@ def test_training_data_comes_back_as_micro_batches(drop_last):
     with pytest.raises(ValueError, match="torch.utils.data.Dataset"):
         engine.deepspeed_io([1, 2, 3])
     engine.close()
+
+
+# -- model_parameters naming part of the model ---------------------------------------------------
+@pytest.mark.parametrize("stage", [2, 3])
+def test_params_left_out_of_model_parameters_keep_their_values(caplog, stage):
+    """Only the first layer handed to the optimizer: it trains as plain
+    AdamW over that layer alone, the rest keep their values (DeepSpeed's
+    optimizer never steps them), and the log says so."""
+    model = make_model()
+    chosen = list(model.layers[0].parameters())
+    engine, _, _, _ = zinf.initialize(model=model, model_parameters=chosen,
+                                      config=config_for(stage, "cpu", train_batch_size=4))
+    assert "8 parameter(s) that require a gradient are not in model_parameters" in caplog.text
+    plain = make_model()
+    params = ADAMW["params"]
+    reference = torch.optim.AdamW(plain.layers[0].parameters(), lr=params["lr"], betas=tuple(params["betas"]),
+                                  eps=params["eps"], weight_decay=params["weight_decay"])
+    for step in range(3):
+        x, y = batch(step, 0, 0, 4)
+        engine.backward(mse(engine, x, y))
+        engine.step()
+        mse(plain, x, y).backward()
+        reference.step()
+        plain.zero_grad()
+    assert_state_equals(engine, plain)
+    untouched = make_model().state_dict()
+    got = engine.consolidated_state_dict()
+    assert not torch.equal(got["layers.0.weight"], untouched["layers.0.weight"])
+    assert all(torch.equal(got[n], untouched[n]) for n in got if not n.startswith("layers.0."))
+    with pytest.raises(ValueError, match="not the model's parameters"):
+        zinf.initialize(model=make_model(), model_parameters=[torch.nn.Parameter(torch.zeros(2))],
+                        config=config_for(stage, train_batch_size=4))
+    engine.close()

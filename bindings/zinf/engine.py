@@ -1458,11 +1458,22 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         for group in groups:
             for p in group["params"]:
                 given.add(id(p))
-        trainable = {id(p) for p in model.parameters() if p.requires_grad}
-        if given != {id(p) for p in model.parameters()} and given != trainable:
-            raise ValueError("model_parameters: zinf trains every parameter of the model that requires a gradient; "
-                             "pass model.parameters(), the ones with requires_grad, or param groups covering them "
-                             "(or leave it out)")
+        own = {id(p) for p in model.parameters()}
+        if not given <= own:
+            raise ValueError("model_parameters: holds tensors that are not the model's parameters; zinf trains "
+                             "the model's own (pass model.parameters(), a subset, or param groups of them)")
+        # Params that require a gradient but were left out: DeepSpeed's
+        # optimizer never steps them, so they keep their values. zinf
+        # freezes them (no gradient is computed for them at all).
+        left_out = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in given]
+        if left_out:
+            _log.warning("zinf.initialize: %d parameter(s) that require a gradient are not in model_parameters "
+                         "(%s%s): they are not trained, as DeepSpeed's optimizer leaves them; zinf sets their "
+                         "requires_grad to False", len(left_out), ", ".join(left_out[:3]),
+                         ", ..." if len(left_out) > 3 else "")
+            for p in model.parameters():
+                if id(p) not in given:
+                    p.requires_grad_(False)
     engine = ZinfEngine(model, settings, optimizer=optimizer, lr_scheduler=lr_scheduler,
                         training_data=training_data, collate_fn=collate_fn, units=units, param_groups=groups)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
