@@ -693,3 +693,21 @@ def test_params_left_out_of_model_parameters_keep_their_values(caplog, stage):
     with pytest.raises(ValueError, match="not the model's parameters"):
         zinf.initialize(model=make_model(), model_parameters=[torch.nn.Parameter(torch.zeros(2))],
                         config=config_for(stage, train_batch_size=4))
+
+
+def test_fp16_auto_cast_hands_the_model_half_inputs():
+    """fp16.auto_cast: floating inputs, nested in tuples, lists and dicts,
+    reach the model as fp16 (integer ones untouched); without it they come
+    as given."""
+    class Records(HalfParamsFloatMath):
+        def forward(self, x, extra=None):
+            self.seen = (x.dtype, extra["ids"].dtype, extra["pair"][0].dtype)
+            return super().forward(x.float())
+    for auto_cast, want in ((True, torch.float16), (False, torch.float32)):
+        model = Records()
+        config = config_for(2, train_batch_size=4, fp16={"enabled": True, "auto_cast": auto_cast})
+        engine, _, _, _ = zinf.initialize(model=model, config=config)
+        x, _ = batch(0, 0, 0, 4)
+        engine(x, extra={"ids": torch.arange(3), "pair": (torch.ones(2), 1)})
+        assert model.seen == (want, torch.int64, want)
+        engine.close()

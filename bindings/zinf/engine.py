@@ -698,6 +698,10 @@ class ZinfEngine(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         start = time.perf_counter()
+        if self.fp16_enabled() and self._settings.get("fp16", {}).get("auto_cast") is True:
+            # fp16.auto_cast, as DeepSpeed's: floating inputs (in lists,
+            # tuples and dicts too) reach the fp16 model as fp16.
+            args, kwargs = _half_inputs(args), _half_inputs(kwargs)
         try:
             if self.stage >= 3:
                 with _OnDemandFetch(self):  # calls self._fetch_on_demand
@@ -1365,6 +1369,16 @@ class ZinfEngine(torch.nn.Module):
 
     def _name_of(self, p):
         return next((n for n, q in self._named_unique if q is p), "a parameter")
+
+
+def _half_inputs(value):
+    if isinstance(value, torch.Tensor):
+        return value.half() if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_half_inputs(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _half_inputs(v) for k, v in value.items()}
+    return value
 
 
 def _decimal_bytes(count):
