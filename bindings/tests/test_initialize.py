@@ -225,6 +225,46 @@ def test_configs_as_popular_trainers_write_them_train_as_plain_pytorch(scratch, 
     assert_matches(result, state, losses)
 
 
+_GROUP_SCRIPT = """
+import json, sys, torch, zinf
+kwargs = json.loads(sys.argv[1])
+rank, world = zinf.init_distributed(**kwargs)
+total = torch.tensor([float(rank + 1)])
+zinf.comm.all_reduce(total)
+print(json.dumps({"rank": rank, "world": world, "local": zinf.comm.get_local_rank(), "sum": float(total)}))
+"""
+
+
+def _group_of_two(envs, kwargs):
+    """Two processes running _GROUP_SCRIPT with these environments and
+    init_distributed arguments: their (exit code, stdout, stderr)."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    base["PYTHONPATH"] = os.pathsep.join(sys.path)
+    procs = [subprocess.Popen([sys.executable, "-c", _GROUP_SCRIPT, json.dumps(kwargs[r])], env=dict(base, **envs[r]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    return [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+
+
+def test_init_distributed_from_an_mpi_launchers_variables_or_explicit_arguments():
+    """DeepSpeed's other ways in: mpirun's variables (Open MPI's here) with
+    MASTER_ADDR exported, or init_method/rank/world_size passed; and an MPI
+    launch without MASTER_ADDR fails naming it."""
+    port = free_port()
+    mpi = [{"OMPI_COMM_WORLD_RANK": str(r), "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": str(r),
+            "MASTER_ADDR": "127.0.0.1"} for r in range(2)]
+    results = _group_of_two(mpi, [{"distributed_port": port}] * 2)
+    assert [code for code, _, _ in results] == [0, 0], results
+    outs = [json.loads(out.splitlines()[-1]) for _, out, _ in results]
+    assert [(o["rank"], o["world"], o["local"], o["sum"]) for o in outs] == [(0, 2, 0, 3.0), (1, 2, 1, 3.0)]
+    tcp = f"tcp://127.0.0.1:{free_port()}"
+    results = _group_of_two([{}, {}], [{"init_method": tcp, "rank": r, "world_size": 2} for r in range(2)])
+    assert [json.loads(out.splitlines()[-1])["sum"] for _, out, _ in results] == [3.0, 3.0], results
+    code, _, err = _group_of_two([{k: v for k, v in m.items() if k != "MASTER_ADDR"} for m in mpi],
+                                 [{}, {}])[0]
+    assert code != 0 and "launched by MPI (OMPI_COMM_WORLD_RANK) without MASTER_ADDR" in err
+
+
 def test_comm_in_one_process_answers_rank_zero_of_one():
     from zinf import comm
     assert (comm.get_rank(), comm.get_world_size(), comm.is_initialized()) == (0, 1, False)

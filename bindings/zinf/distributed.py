@@ -18,6 +18,7 @@ import os
 import socket
 import struct
 import time
+import urllib.parse
 
 import torch
 import torch.distributed as dist
@@ -216,25 +217,36 @@ def engine_collectives(device, host, choice="auto", timeout_s=None):
 _settle_registered = []  # settle_at_exit's handler (or _destroy_own_group) is registered
 
 
-def init_from_environment(timeout_s=None, backend="gloo"):
+def init_from_environment(timeout_s=None, backend="gloo", init_method=None, rank=-1, world_size=-1):
     """Initialises the default process group from torchrun's variables
     (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) when they are set and it
-    is not yet initialised: Gloo unless the script asks for NCCL (zinf's
-    collectives then go over a Gloo group beside it: host_group). Returns
-    (rank, world)."""
+    is not yet initialised, or from an explicit init_method / rank /
+    world_size (DeepSpeed's init_distributed arguments): Gloo unless the
+    script asks for NCCL (zinf's collectives then go over a Gloo group
+    beside it: host_group). Returns (rank, world)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise ValueError("WORLD_SIZE is %d but RANK, MASTER_ADDR or MASTER_PORT is not set: launch with torchrun, "
-                         "or call torch.distributed.init_process_group first" % world)
-    _choose_gloo_interface(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
     import datetime
     kwargs = {}
     if timeout_s is not None:
         kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+    explicit = init_method is not None or (rank >= 0 and world_size >= 1)
+    world = world_size if explicit and world_size >= 1 else int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if explicit:
+        if rank < 0 or world_size < 1:
+            raise ValueError(f"init_distributed: rank ({rank}) and world_size ({world_size}) are both needed "
+                             "with an explicit init_method or rank")
+        kwargs.update(init_method=init_method or "env://", rank=rank, world_size=world_size)
+        address = urllib.parse.urlparse(init_method) if init_method else None
+        if address is not None and address.scheme == "tcp" and address.hostname and address.port:
+            _choose_gloo_interface(address.hostname, address.port)
+    else:
+        if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise ValueError("WORLD_SIZE is %d but RANK, MASTER_ADDR or MASTER_PORT is not set: launch with "
+                             "torchrun, or call torch.distributed.init_process_group first" % world)
+        _choose_gloo_interface(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
     dist.init_process_group(backend, **kwargs)
     # DeepSpeed scripts never destroy the group they got from initialize;
     # a Gloo group left to the interpreter's teardown can abort the process
