@@ -227,6 +227,18 @@ TEST(MemoryPlan, CompressedStateFormatsShrinkTheStatesOnNvmeAndTheSlots) {
   EXPECT_TRUE(listed) << "the plan does not name the format";
 }
 
+// sub_group_size 0 (DeepSpeed: a param per sub-group) plans sub-groups of
+// the largest param's shard, as the engine runs them: the same plan as an
+// explicit sub_group_size of largest / world.
+TEST(MemoryPlan, SubGroupSizeZeroIsPlannedAsTheLargestParamsShard) {
+  const std::string nvme = R"(, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"})";
+  const MemoryPlan zero = plan_memory(stage3(R"(, "sub_group_size": 0)" + nvme), billion_over_four());
+  const MemoryPlan shard = plan_memory(stage3(R"(, "sub_group_size": 25000000)" + nvme), billion_over_four());
+  EXPECT_EQ(zero.chosen.pinned, shard.chosen.pinned);
+  EXPECT_EQ(zero.chosen.nvme, shard.chosen.nvme);
+  EXPECT_GT(zero.chosen.pinned, 0u);
+}
+
 TEST(MemoryPlan, PinMemoryFalseLeavesThePoolPageable) {
   const MemoryPlan plan = plan_memory(
       stage3(R"(, "offload_param": {"device": "nvme", "nvme_path": "/nvme", "pin_memory": false},
