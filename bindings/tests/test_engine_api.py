@@ -666,8 +666,13 @@ def test_training_data_comes_back_as_micro_batches(drop_last):
     assert loader is engine.training_dataloader
     sizes = [len(b) for b in loader]
     assert sizes == ([4, 4] if drop_last else [4, 4, 2])
-    assert torch.equal(torch.cat(list(loader)), torch.arange(8.0 if drop_last else 10.0))
-    assert [len(b[0]) for b in engine.deepspeed_io(data, batch_size=5)] == [5, 5]
+    seen = torch.cat(list(loader))  # shuffled, as DeepSpeed's RandomSampler for one rank
+    assert len(seen) == len(set(seen.tolist())) == (8 if drop_last else 10)
+    # Evaluation keeps the order, and initialize's collate_fn is the default.
+    assert torch.equal(torch.cat(list(engine.deepspeed_io(data, route="eval"))), torch.arange(8.0 if drop_last
+                                                                                              else 10.0))
+    assert [len(b[0]) for b in engine.deepspeed_io(data, batch_size=5,
+                                                   collate_fn=torch.utils.data.default_collate)] == [5, 5]
     with pytest.raises(ValueError, match="torch.utils.data.Dataset"):
         engine.deepspeed_io([1, 2, 3])
     engine.close()
@@ -696,18 +701,18 @@ def test_params_left_out_of_model_parameters_keep_their_values(caplog, stage):
 
 
 def test_fp16_auto_cast_hands_the_model_half_inputs():
-    """fp16.auto_cast: floating inputs, nested in tuples, lists and dicts,
-    reach the model as fp16 (integer ones untouched); without it they come
-    as given."""
+    """fp16.auto_cast: floating positional inputs, nested in tuples, lists
+    and dicts, reach the model as fp16 (integer ones untouched); keyword
+    arguments pass as given, as DeepSpeed's; without it all come as given."""
     class Records(HalfParamsFloatMath):
-        def forward(self, x, extra=None):
-            self.seen = (x.dtype, extra["ids"].dtype, extra["pair"][0].dtype)
+        def forward(self, x, extra, labels=None):
+            self.seen = (x.dtype, extra["ids"].dtype, extra["pair"][0].dtype, labels.dtype)
             return super().forward(x.float())
     for auto_cast, want in ((True, torch.float16), (False, torch.float32)):
         model = Records()
         config = config_for(2, train_batch_size=4, fp16={"enabled": True, "auto_cast": auto_cast})
         engine, _, _, _ = zinf.initialize(model=model, config=config)
-        x, _ = batch(0, 0, 0, 4)
-        engine(x, extra={"ids": torch.arange(3), "pair": (torch.ones(2), 1)})
-        assert model.seen == (want, torch.int64, want)
+        x, y = batch(0, 0, 0, 4)
+        engine(x, {"ids": torch.arange(3), "pair": (torch.ones(2), 1)}, labels=y)
+        assert model.seen == (want, torch.int64, want, torch.float32)
         engine.close()

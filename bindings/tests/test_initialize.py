@@ -260,6 +260,12 @@ def test_init_distributed_from_an_mpi_launchers_variables_or_explicit_arguments(
     tcp = f"tcp://127.0.0.1:{free_port()}"
     results = _group_of_two([{}, {}], [{"init_method": tcp, "rank": r, "world_size": 2} for r in range(2)])
     assert [json.loads(out.splitlines()[-1])["sum"] for _, out, _ in results] == [3.0, 3.0], results
+    # torchrun's variables with init_method="env://", as DeepSpeed scripts pass it.
+    port = free_port()
+    torchrun = [{"RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+                for r in range(2)]
+    results = _group_of_two(torchrun, [{"init_method": "env://"}] * 2)
+    assert [json.loads(out.splitlines()[-1])["sum"] for _, out, _ in results] == [3.0, 3.0], results
     code, _, err = _group_of_two([{k: v for k, v in m.items() if k != "MASTER_ADDR"} for m in mpi],
                                  [{}, {}])[0]
     assert code != 0 and "launched by MPI (OMPI_COMM_WORLD_RANK) without MASTER_ADDR" in err
@@ -286,6 +292,7 @@ def test_comm_in_one_process_answers_rank_zero_of_one():
     comm.monitored_barrier()
     assert (pieces[0].item(), swapped[0].item(), mine.item(), objects) == (5.0, 6.0, 7.0, [{"a": 1}])
     assert comm.get_all_ranks_from_group() == [0] and comm.has_all_gather_into_tensor()
+    assert comm.all_reduce(t, async_op=True).wait() and comm.all_to_all(swapped, [t], async_op=True).wait()
 
 
 def test_a_scheduler_from_the_config_sets_the_rate_of_every_step(scratch):
@@ -606,6 +613,19 @@ def test_a_checkpoint_loaded_into_a_model_built_under_zero_init_is_what_trains(s
     assert codes == [0, 0], "\n".join(errors)
     state, losses, _ = reference(config, 2, 2, start_state=pretrained)
     assert_matches(result, state, losses)
+
+
+def test_gathered_parameters_on_an_init_built_param_listed_twice_writes_it_once():
+    """A tied weight listed under both its names: the modifier's value is
+    its shard, not the empty tensor left after the first release."""
+    with zinf.zero.Init(config_dict_or_path=config_for(3, train_batch_size=4)):
+        model = make_model()
+    weight = model.layers[0].weight
+    with zinf.zero.GatheredParameters([weight, weight], modifier_rank=0):
+        weight.data.fill_(0.25)
+    engine, _, _, _ = zinf.initialize(model=model, config=config_for(3, train_batch_size=4))
+    assert torch.equal(engine.consolidated_state_dict()["layers.0.weight"], torch.full((24, 24), 0.25))
+    engine.close()
 
 
 def test_gathered_parameters_reads_and_modifies_the_masters():

@@ -50,10 +50,25 @@ def barrier(group=None, **kwargs):
         _dist.barrier(group=group, **kwargs)
 
 
+class _Finished:
+    """What an async_op=True call returns where the work is already done
+    (a world of one, or a Gloo stand-in that ran synchronously)."""
+
+    def wait(self, timeout=None):
+        return True
+
+    def is_completed(self):
+        return True
+
+
+def _done(async_op):
+    return _Finished() if async_op else None
+
+
 def _collective(name):
     def call(*args, **kwargs):
         if not is_initialized():
-            return None  # one process: the tensors are already the result
+            return _done(kwargs.get("async_op", False))  # one process: the tensors are already the result
         settle_at_exit()
         return getattr(_dist, name)(*args, **kwargs)
     call.__name__ = name
@@ -78,7 +93,7 @@ def _one_or(name, alone):
     def call(*args, **kwargs):
         if not is_initialized():
             alone(*args, **kwargs)
-            return None
+            return _done(kwargs.get("async_op", False))
         settle_at_exit()
         return getattr(_dist, name)(*args, **kwargs)
     call.__name__ = name
@@ -108,7 +123,7 @@ def all_to_all(output_tensor_list, input_tensor_list, group=None, async_op=False
     Gloo has no all-to-all: one scatter from each rank in turn there."""
     if not is_initialized():
         output_tensor_list[0].copy_(input_tensor_list[0])
-        return None
+        return _done(async_op)
     settle_at_exit()
     if _dist.get_backend(group) != "gloo":
         return _dist.all_to_all(output_tensor_list, input_tensor_list, group=group, async_op=async_op)
@@ -116,7 +131,7 @@ def all_to_all(output_tensor_list, input_tensor_list, group=None, async_op=False
     for r in range(_dist.get_world_size(group)):
         _dist.scatter(output_tensor_list[r], scatter_list=list(input_tensor_list) if r == me else None,
                       src=get_global_rank(group, r), group=group)
-    return None
+    return _done(async_op)
 
 
 def reduce_scatter(output, input_list, op=ReduceOp.SUM, group=None, async_op=False):
@@ -124,14 +139,14 @@ def reduce_scatter(output, input_list, op=ReduceOp.SUM, group=None, async_op=Fal
     has no reduce-scatter: an all-reduce of the stacked list there."""
     if not is_initialized():
         output.copy_(input_list[0])
-        return None
+        return _done(async_op)
     settle_at_exit()
     if _dist.get_backend(group) != "gloo":
         return _dist.reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
     total = torch.stack([t.reshape(output.shape) for t in input_list])
     _dist.all_reduce(total, op=op, group=group)
     output.copy_(total[_dist.get_rank(group)])
-    return None
+    return _done(async_op)
 
 
 def monitored_barrier(group=None, timeout=None, wait_all_ranks=False):
@@ -184,7 +199,7 @@ def log_summary(show_straggler=False):
 def all_gather(tensor_list, tensor, group=None, async_op=False):
     if not is_initialized():
         tensor_list[0].copy_(tensor)
-        return None
+        return _done(async_op)
     settle_at_exit()
     return _dist.all_gather(tensor_list, tensor, group=group, async_op=async_op)
 
@@ -194,7 +209,7 @@ def all_gather_into_tensor(output, tensor, group=None, async_op=False):
     has no flat all-gather: a list of views of `output` takes it)."""
     if not is_initialized():
         output.copy_(tensor.reshape(output.shape))
-        return None
+        return _done(async_op)
     settle_at_exit()
     if _dist.get_backend(group) == "nccl":
         gather = getattr(_dist, "all_gather_into_tensor", None) or _dist._all_gather_base
@@ -208,7 +223,7 @@ def reduce_scatter_tensor(output, tensor, op=ReduceOp.SUM, group=None, async_op=
     this rank's block of it (what zinf's engine does too)."""
     if not is_initialized():
         output.copy_(tensor.reshape(output.shape))
-        return None
+        return _done(async_op)
     settle_at_exit()
     if _dist.get_backend(group) == "nccl":
         scatter = getattr(_dist, "reduce_scatter_tensor", None) or _dist._reduce_scatter_base
@@ -217,7 +232,7 @@ def reduce_scatter_tensor(output, tensor, op=ReduceOp.SUM, group=None, async_op=
     _dist.all_reduce(total, op=op, group=group)
     rank = _dist.get_rank(group)
     output.copy_(total.reshape(-1)[rank * output.numel():(rank + 1) * output.numel()].view(output.shape))
-    return None
+    return _done(async_op)
 
 
 def new_group(ranks=None, **kwargs):

@@ -230,14 +230,21 @@ def init_from_environment(timeout_s=None, backend="gloo", init_method=None, rank
     kwargs = {}
     if timeout_s is not None:
         kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
-    explicit = init_method is not None or (rank >= 0 and world_size >= 1)
-    world = world_size if explicit and world_size >= 1 else int(os.environ.get("WORLD_SIZE", "1"))
+    # "env://" is torchrun's way (DeepSpeed scripts pass it): the
+    # environment's path. Another init_method, or a rank, is explicit;
+    # what it leaves out (-1) comes from the environment, as torch reads it.
+    explicit = init_method not in (None, "env://") or rank >= 0
+    if rank < 0 and "RANK" in os.environ:
+        rank = int(os.environ["RANK"])
+    if world_size < 1:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size
     if world <= 1:
         return 0, 1
     if explicit:
-        if rank < 0 or world_size < 1:
-            raise ValueError(f"init_distributed: rank ({rank}) and world_size ({world_size}) are both needed "
-                             "with an explicit init_method or rank")
+        if rank < 0:
+            raise ValueError(f"init_distributed: init_method {init_method!r} needs this process's rank: pass "
+                             "rank= or set RANK")
         kwargs.update(init_method=init_method or "env://", rank=rank, world_size=world_size)
         address = urllib.parse.urlparse(init_method) if init_method else None
         if address is not None and address.scheme == "tcp" and address.hostname and address.port:

@@ -699,9 +699,10 @@ class ZinfEngine(torch.nn.Module):
     def forward(self, *args, **kwargs):
         start = time.perf_counter()
         if self.fp16_enabled() and self._settings.get("fp16", {}).get("auto_cast") is True:
-            # fp16.auto_cast, as DeepSpeed's: floating inputs (in lists,
-            # tuples and dicts too) reach the fp16 model as fp16.
-            args, kwargs = _half_inputs(args), _half_inputs(kwargs)
+            # fp16.auto_cast, as DeepSpeed's: floating positional inputs
+            # (in lists, tuples and dicts too) reach the fp16 model as
+            # fp16; keyword arguments (labels=...) pass as given.
+            args = _half_inputs(args)
         try:
             if self.stage >= 3:
                 with _OnDemandFetch(self):  # calls self._fetch_on_demand
@@ -1264,6 +1265,7 @@ class ZinfEngine(torch.nn.Module):
         return lr_scheduler
 
     def _make_dataloader(self, training_data, collate_fn):
+        self._collate_fn = collate_fn  # deepspeed_io's default, as DeepSpeed keeps it
         if training_data is None:
             return None
         return self.deepspeed_io(training_data, collate_fn=collate_fn)
@@ -1272,14 +1274,25 @@ class ZinfEngine(torch.nn.Module):
                      collate_fn=None, num_local_io_workers=None):
         """DeepSpeed's: a DataLoader over `dataset` giving this rank its
         micro-batches (train_micro_batch_size_per_gpu unless batch_size),
-        a map-style dataset split over the ranks by a DistributedSampler
-        unless data_sampler is given, dataloader_drop_last from the config,
-        pinned batches when the model is on a GPU."""
+        collated by `collate_fn` or initialize's. The samplers are
+        DeepSpeed's unless data_sampler is given: route "train" shuffles (a
+        DistributedSampler over the ranks, a RandomSampler for one);
+        "eval" and "predict" keep the order (DistributedSampler without
+        shuffling). dataloader_drop_last from the config; pinned batches
+        when the model is on a GPU."""
         if not isinstance(dataset, torch.utils.data.Dataset):
             raise ValueError(f"deepspeed_io: the data must be a torch.utils.data.Dataset, not {type(dataset).__name__}")
-        if data_sampler is None and self.world_size > 1 and not isinstance(dataset, torch.utils.data.IterableDataset):
-            data_sampler = torch.utils.data.distributed.DistributedSampler(dataset, num_replicas=self.world_size,
-                                                                           rank=self.global_rank)
+        if data_sampler is None and not isinstance(dataset, torch.utils.data.IterableDataset):
+            if route in ("eval", "predict"):
+                data_sampler = torch.utils.data.distributed.DistributedSampler(
+                    dataset, num_replicas=self.world_size, rank=self.global_rank, shuffle=False)
+            elif self.world_size > 1:
+                data_sampler = torch.utils.data.distributed.DistributedSampler(
+                    dataset, num_replicas=self.world_size, rank=self.global_rank)
+            else:
+                data_sampler = torch.utils.data.RandomSampler(dataset)
+        if collate_fn is None:
+            collate_fn = self._collate_fn
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size or self._micro_batch, sampler=data_sampler,
                                            collate_fn=collate_fn, num_workers=num_local_io_workers or 0,
                                            pin_memory=bool(pin_memory) and self._device.type == "cuda",
@@ -1430,14 +1443,14 @@ def _from_mpi_launcher(distributed_port):
         return
     for rank_name, size_name, local_name in _MPI_VARIABLES:
         if rank_name in os.environ and size_name in os.environ:
+            if int(os.environ[size_name]) > 1 and "MASTER_ADDR" not in os.environ:
+                raise ValueError(f"init_distributed: launched by MPI ({rank_name}) without MASTER_ADDR: set it to "
+                                 "rank 0's host for every rank (mpirun -x MASTER_ADDR=<host>); zinf does not ask MPI "
+                                 "for it")
             os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ[rank_name], os.environ[size_name]
             if local_name in os.environ:
                 os.environ.setdefault("LOCAL_RANK", os.environ[local_name])
             os.environ.setdefault("MASTER_PORT", str(distributed_port))
-            if int(os.environ["WORLD_SIZE"]) > 1 and "MASTER_ADDR" not in os.environ:
-                raise ValueError(f"init_distributed: launched by MPI ({rank_name}) without MASTER_ADDR: set it to "
-                                 "rank 0's host for every rank (mpirun -x MASTER_ADDR=<host>); zinf does not ask MPI "
-                                 "for it")
             return
 
 

@@ -143,6 +143,7 @@ class Init:
     0's values) at once, no context needed."""
 
     _stores = []  # kept alive until the engines that read them are built
+    _next_id = 0
 
     def __init__(self, module=None, data_parallel_group=None, mem_efficient_linear=True, remote_device=None,
                  pin_memory=False, config_dict_or_path=None, config=None, enabled=True, dtype=None, mpu=None,
@@ -242,7 +243,8 @@ class Init:
             p.data = torch.empty(0, dtype=p.dtype)
             p.ds_shape = shape
             p.ds_numel = shape.numel()
-            p.ds_id = self._count - 1
+            p.ds_id = Init._next_id  # unique across Init contexts (the engine renumbers them)
+            Init._next_id += 1
             p.ds_persist = False
             p.ds_status = ZeroParamStatus.NOT_AVAILABLE
             p._zinf_staged = _Staged(self._store, key, shape, start, count)
@@ -293,7 +295,8 @@ class GatheredParameters:
     def __init__(self, params, modifier_rank=None, fwd_module=None, enabled=True):
         if isinstance(params, torch.Tensor):
             params = [params]
-        self.params = [p for p in params if p is not None]
+        # Once each (a tied weight may be listed under both its names).
+        self.params = list({id(p): p for p in params if p is not None}.values())
         self.modifier_rank = modifier_rank
         self.enabled = enabled
 
