@@ -84,38 +84,26 @@ send = _collective("send")
 recv = _collective("recv")
 isend = _collective("isend")
 irecv = _collective("irecv")
+broadcast_object_list = _collective("broadcast_object_list")
 inference_all_reduce = all_reduce  # DeepSpeed's fused inference path; here the plain all-reduce
 
 
-def _one_or(name, alone):
-    """torch.distributed.`name` over a group, or `alone(*args, **kwargs)`
-    in a world of one (what the collective gives a single rank)."""
-    def call(*args, **kwargs):
-        if not is_initialized():
-            alone(*args, **kwargs)
-            return _done(kwargs.get("async_op", False))
-        settle_at_exit()
-        return getattr(_dist, name)(*args, **kwargs)
-    call.__name__ = name
-    call.__doc__ = f"torch.distributed.{name} (in a world of one: what it gives a single rank)."
-    return call
+def gather(tensor, gather_list=None, dst=0, group=None, async_op=False):
+    if not is_initialized():
+        if gather_list:
+            gather_list[0].copy_(tensor)
+        return _done(async_op)
+    settle_at_exit()
+    return _dist.gather(tensor, gather_list=gather_list, dst=dst, group=group, async_op=async_op)
 
 
-def _copy(positional, out, src):
-    """A one-rank collective: `out` <- `src`, the arguments named as
-    torch's signature orders them (`positional`)."""
-    def alone(*args, **kwargs):
-        values = dict(zip(positional, args), **kwargs)
-        target, source = values.get(out), values.get(src)
-        if target is not None and source is not None:
-            (target[0] if isinstance(target, list) else target).copy_(source[0] if isinstance(source, list)
-                                                                      else source)
-    return alone
-
-
-gather = _one_or("gather", _copy(("tensor", "gather_list"), "gather_list", "tensor"))
-scatter = _one_or("scatter", _copy(("tensor", "scatter_list"), "tensor", "scatter_list"))
-broadcast_object_list = _one_or("broadcast_object_list", lambda *args, **kwargs: None)
+def scatter(tensor, scatter_list=None, src=0, group=None, async_op=False):
+    if not is_initialized():
+        if scatter_list:
+            tensor.copy_(scatter_list[0])
+        return _done(async_op)
+    settle_at_exit()
+    return _dist.scatter(tensor, scatter_list=scatter_list, src=src, group=group, async_op=async_op)
 
 
 def all_to_all(output_tensor_list, input_tensor_list, group=None, async_op=False):

@@ -238,8 +238,7 @@ def init_from_environment(timeout_s=None, backend="gloo", init_method=None, rank
         rank = int(os.environ["RANK"])
     if world_size < 1:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    world = world_size
-    if world <= 1:
+    if world_size <= 1:
         return 0, 1
     if explicit:
         if rank < 0:
@@ -252,7 +251,7 @@ def init_from_environment(timeout_s=None, backend="gloo", init_method=None, rank
     else:
         if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             raise ValueError("WORLD_SIZE is %d but RANK, MASTER_ADDR or MASTER_PORT is not set: launch with "
-                             "torchrun, or call torch.distributed.init_process_group first" % world)
+                             "torchrun, or call torch.distributed.init_process_group first" % world_size)
         _choose_gloo_interface(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
     dist.init_process_group(backend, **kwargs)
     # DeepSpeed scripts never destroy the group they got from initialize;
@@ -262,6 +261,33 @@ def init_from_environment(timeout_s=None, backend="gloo", init_method=None, rank
     atexit.register(_destroy_own_group)
     _settle_registered.append(True)
     return dist.get_rank(), dist.get_world_size()
+
+
+# Where MPI launchers (mpirun of Open MPI, MPICH/Intel MPI, MVAPICH2) put a
+# process's rank, the world's size and its rank on the node.
+_MPI_VARIABLES = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+                  ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+                  ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"))
+
+
+def from_mpi_launcher(distributed_port):
+    """torchrun's variables from an MPI launcher's, where torchrun's are
+    absent (DeepSpeed's auto_mpi_discovery). Rank 0's address cannot come
+    from the environment (DeepSpeed asks MPI through mpi4py): MASTER_ADDR
+    must be set, as with `mpirun -x MASTER_ADDR=host0`."""
+    if "RANK" in os.environ:
+        return
+    for rank_name, size_name, local_name in _MPI_VARIABLES:
+        if rank_name in os.environ and size_name in os.environ:
+            if int(os.environ[size_name]) > 1 and "MASTER_ADDR" not in os.environ:
+                raise ValueError(f"init_distributed: launched by MPI ({rank_name}) without MASTER_ADDR: set it to "
+                                 "rank 0's host for every rank (mpirun -x MASTER_ADDR=<host>); zinf does not ask MPI "
+                                 "for it")
+            os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ[rank_name], os.environ[size_name]
+            if local_name in os.environ:
+                os.environ.setdefault("LOCAL_RANK", os.environ[local_name])
+            os.environ.setdefault("MASTER_PORT", str(distributed_port))
+            return
 
 
 def settle_at_exit():

@@ -61,7 +61,7 @@ import torch.distributed as dist
 from . import _zinf
 from . import lr_schedules
 from . import zero as _zero
-from .distributed import engine_collectives, host_group, init_from_environment, settle_at_exit
+from .distributed import engine_collectives, from_mpi_launcher, host_group, init_from_environment, settle_at_exit
 from .torch import _OnBackward, _OnDemandFetch, _before_backward_of, _load_config, _stream, _units
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -1427,33 +1427,6 @@ def _named_units(model, chosen=None):
     return [(unit, names[id(unit)]) for unit in {id(u): u for u in units}.values()]
 
 
-# Where MPI launchers (mpirun of Open MPI, MPICH/Intel MPI, MVAPICH2) put a
-# process's rank, the world's size and its rank on the node.
-_MPI_VARIABLES = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-                  ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-                  ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK"))
-
-
-def _from_mpi_launcher(distributed_port):
-    """torchrun's variables from an MPI launcher's, where torchrun's are
-    absent (DeepSpeed's auto_mpi_discovery). Rank 0's address cannot come
-    from the environment (DeepSpeed asks MPI through mpi4py): MASTER_ADDR
-    must be set, as with `mpirun -x MASTER_ADDR=host0`."""
-    if "RANK" in os.environ:
-        return
-    for rank_name, size_name, local_name in _MPI_VARIABLES:
-        if rank_name in os.environ and size_name in os.environ:
-            if int(os.environ[size_name]) > 1 and "MASTER_ADDR" not in os.environ:
-                raise ValueError(f"init_distributed: launched by MPI ({rank_name}) without MASTER_ADDR: set it to "
-                                 "rank 0's host for every rank (mpirun -x MASTER_ADDR=<host>); zinf does not ask MPI "
-                                 "for it")
-            os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ[rank_name], os.environ[size_name]
-            if local_name in os.environ:
-                os.environ.setdefault("LOCAL_RANK", os.environ[local_name])
-            os.environ.setdefault("MASTER_PORT", str(distributed_port))
-            return
-
-
 def init_distributed(dist_backend=None, auto_mpi_discovery=True, distributed_port=29500, verbose=True,
                      timeout=None, init_method=None, dist_init_required=None, config=None, rank=-1, world_size=-1,
                      **unused):
@@ -1468,7 +1441,7 @@ def init_distributed(dist_backend=None, auto_mpi_discovery=True, distributed_por
     if dist_backend not in (None, "gloo", "nccl"):
         raise ValueError(f"init_distributed: backend {dist_backend!r}: gloo or nccl")
     if auto_mpi_discovery and init_method is None and rank < 0:
-        _from_mpi_launcher(distributed_port)
+        from_mpi_launcher(distributed_port)
     seconds = timeout.total_seconds() if timeout is not None else None
     return init_from_environment(seconds, backend=dist_backend or "gloo", init_method=init_method, rank=rank,
                                  world_size=world_size)

@@ -269,14 +269,14 @@ def _gather_staged(p):
 
 def _release_staged(p, write_back, source_rank):
     """Back to this rank's shard; with write_back, `source_rank`'s values
-    become every rank's shard (what finalize() will build the engine from)."""
+    become every rank's shard (what finalize() will build the engine from;
+    the caller commits the store)."""
     stage = staged(p)
     if write_back:
         values = p.detach().to("cpu", torch.float32).reshape(-1).contiguous()
         if _world()[1] > 1:
             dist.broadcast(values, src=source_rank, group=host_group())
         stage.store.save(stage.key, values[stage.start:stage.start + stage.count].clone())
-        stage.store.commit()
     p.data = torch.empty(0, dtype=p.dtype)
     p.ds_status = ZeroParamStatus.NOT_AVAILABLE
 
@@ -318,11 +318,16 @@ class GatheredParameters:
         if not self.enabled:
             return False
         write_back = self.modifier_rank is not None and exc[0] is None
+        written = {}  # the Init stores rewritten: committed once each
         for engine, p in self._held:
             if engine is None:
                 _release_staged(p, write_back, self.modifier_rank)
+                written[id(staged(p).store)] = staged(p).store
             else:
                 engine._release_whole(p, write_back=write_back, source_rank=self.modifier_rank)
+        if write_back:
+            for store in written.values():
+                store.commit()
         return False
 
 
