@@ -269,6 +269,9 @@ def test_init_distributed_from_an_mpi_launchers_variables_or_explicit_arguments(
     code, _, err = _group_of_two([{k: v for k, v in m.items() if k != "MASTER_ADDR"} for m in mpi],
                                  [{}, {}])[0]
     assert code != 0 and "launched by MPI (OMPI_COMM_WORLD_RANK) without MASTER_ADDR" in err
+    # An explicit init_method without this process's rank is refused before any rendezvous.
+    with pytest.raises(ValueError, match="needs this process's rank"):
+        zinf.init_distributed(init_method=tcp, world_size=2)
 
 
 def test_comm_in_one_process_answers_rank_zero_of_one():
