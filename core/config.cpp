@@ -252,8 +252,9 @@ class Reader {
   ParseResult& out_;
 };
 
-// zero_optimization keys DeepSpeed knows that zinf does not act on: they
-// load silently so a whole DeepSpeed config loads.
+// zero_optimization keys DeepSpeed knows that zinf's C++ engine does not
+// act on: they load silently so a whole DeepSpeed config loads
+// (ignore_unused_parameters is read by the Python engine).
 constexpr std::string_view kZeroIgnored[] = {
     "allgather_partitions", "reduce_scatter", "round_robin_gradients", "load_from_fp32_weights",
     "elastic_checkpoint", "ignore_unused_parameters", "legacy_stage1", "memory_efficient_linear",
@@ -467,6 +468,13 @@ void read_optimizer(Reader& r, const json& root, std::optional<OptimizerConfig>&
   std::string lower = c.type;
   std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char ch) { return std::tolower(ch); });
   if (lower == "adamw") c.adam_w_mode = true;
+  if (lower == "adagrad") {
+    // DeepSpeed builds torch's Adagrad (or DeepSpeedCPUAdagrad), whose
+    // defaults differ from Adam's: a config that names neither must train
+    // the same here.
+    c.lr = 1e-2;
+    c.eps = 1e-10;
+  }
   if (section.contains("params")) {
     const json& params = section.at("params");
     if (!params.is_object()) {

@@ -92,6 +92,8 @@ struct ZeroConfig {
 
 struct OptimizerConfig {
   std::string type = "AdamW";  // as written: Adam, AdamW, Adagrad, Lion (case-insensitive)
+  // DeepSpeed's defaults for Adam, AdamW and Lion; parse_config gives
+  // Adagrad torch's (lr 1e-2, eps 1e-10).
   double lr = 1e-3;
   double beta1 = 0.9;
   double beta2 = 0.999;

@@ -150,6 +150,21 @@ TEST(ConfigCorpus, PlainAdamMeansDecoupledDecayUnlessSaidOtherwise) {
   EXPECT_FALSE(r.config.optimizer->adam_w_mode);
 }
 
+TEST(ConfigCorpus, AdagradDefaultsAreTorchsNotAdams) {
+  // DeepSpeed builds torch's Adagrad (or DeepSpeedCPUAdagrad) from the
+  // block: lr 1e-2 and eps 1e-10 where the config names neither.
+  ParseResult r = parse(R"({"optimizer": {"type": "Adagrad", "params": {"weight_decay": 0.1}}})");
+  ASSERT_TRUE(r.problems.empty()) << problems_of(r);
+  EXPECT_DOUBLE_EQ(r.config.optimizer->lr, 1e-2);
+  EXPECT_DOUBLE_EQ(r.config.optimizer->eps, 1e-10);
+  r = parse(R"({"optimizer": {"type": "adagrad", "params": {"lr": 0.5, "eps": 1e-6}}})");
+  EXPECT_DOUBLE_EQ(r.config.optimizer->lr, 0.5);
+  EXPECT_DOUBLE_EQ(r.config.optimizer->eps, 1e-6);
+  r = parse(R"({"optimizer": {"type": "Lion"}})");
+  EXPECT_DOUBLE_EQ(r.config.optimizer->lr, 1e-3);
+  EXPECT_DOUBLE_EQ(r.config.optimizer->beta2, 0.999);
+}
+
 TEST(ConfigCorpus, DeprecatedSpellingsLoadWithWarnings) {
   const ParseResult r = parse(R"({
     "aio": {"num_threads": 4},

@@ -14,7 +14,8 @@ made requires_grad=False (the optimizer gets the others, as fine-tuning
 scripts pass them), "device": where the model computes ("cpu" default, or
 "cuda"), "backend": the default group's backend the script asks
 deepspeed.init_distributed for (default gloo), "gpu_per_rank": with
-device "cuda", each rank on GPU LOCAL_RANK, "inspect": after the steps,
+device "cuda", each rank on GPU LOCAL_RANK, "init_in_zero_init": the
+script does not call deepspeed.init_distributed (zinf.zero.Init must), "inspect": after the steps,
 one more backward, then every param's values as deepspeed.utils'
 safe_get_full_* read them}. Rank 0 writes
 {"losses": [...], "state": {name: fp32 tensor}, "lrs": [...]} to `out`.
@@ -32,7 +33,8 @@ from initialize_model import batch, group_lambdas, make_model, param_groups
 def main():
     with open(sys.argv[1]) as file:
         run = json.load(file)
-    deepspeed.init_distributed(dist_backend=run.get("backend"))
+    if not run.get("init_in_zero_init"):
+        deepspeed.init_distributed(dist_backend=run.get("backend"))
     if run.get("zero_init") == "module":
         model = make_model()  # built as usual, then converted, as DeepSpeed's Init(module=...) does
         deepspeed.zero.Init(module=model, config_dict_or_path=run["config"])
@@ -43,6 +45,8 @@ def main():
         model = make_model()
     if run.get("zero_init"):
         assert all(p.numel() == 0 for p in model.parameters()), "zero.Init left values in the module"
+        # Init joined torchrun's group itself where the script had not.
+        assert torch.distributed.get_world_size() == int(os.environ["WORLD_SIZE"])
         if run.get("load_under_init"):
             # A pretrained checkpoint into the empty model, module by module
             # as Hugging Face's loader does: rank 0 writes, every rank keeps

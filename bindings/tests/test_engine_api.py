@@ -118,6 +118,20 @@ def test_backward_without_scale_wrt_gas_takes_the_loss_as_given(stage):
     engine.close()
 
 
+def test_backward_returns_a_16_bit_loss_divided_in_fp32():
+    """DeepSpeed widens the loss before dividing by gradient_accumulation_steps
+    and returns that fp32 loss: a trainer logging it sees the fp32 quotient,
+    not one rounded back to bf16 (DeepSpeed's multi-output model test)."""
+    config = config_for(2, gradient_accumulation_steps=3, bf16={"enabled": True})
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+    x, y = batch(0, 0, 0, 4)
+    loss = (engine(x.bfloat16()) - y.bfloat16()).square().mean()  # torch 1.13 has no bf16 mse_loss on the CPU
+    assert loss.dtype == torch.bfloat16
+    returned = engine.backward(loss)
+    assert returned.dtype == torch.float32 and torch.equal(returned, loss.float() / 3)
+    engine.close()
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_no_sync_is_refused_where_gradients_are_partitioned(stage):
     engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(stage, train_batch_size=4))
@@ -446,6 +460,62 @@ def test_one_cycle_from_the_config_cycles_the_engines_rate_and_beta1():
         betas_seen.append(optimizer.param_groups[0]["betas"][0])
     train_both(engine, plain, reference, 5, after_step=after_step)  # then the params are plain's
     assert len(set(betas_seen)) > 2  # beta1 did move
+
+
+@pytest.mark.parametrize("block, reference", [
+    ({"type": "Adagrad"}, lambda params: torch.optim.Adagrad(params)),  # lr 1e-2, eps 1e-10
+    ({"type": "Adam", "params": {"lr": 0.01}}, lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0)),
+    ({"type": "Lion", "params": {"lr": 0.001}}, None),
+], ids=["adagrad", "adam", "lion"])
+def test_a_config_optimizer_without_hyperparameters_has_its_deepspeed_defaults(block, reference):
+    """DeepSpeed builds torch's or its own optimizer from the block, so the
+    keys a config leaves out take that optimizer's defaults (Adagrad's lr
+    and eps are not Adam's), and every param group holds them, as a torch
+    optimizer's do (DeepSpeed's OneCycle test reads the betas it cycles)."""
+    config = config_for(2, "cpu", optimizer=block)
+    engine, optimizer, _, _ = zinf.initialize(model=make_model(), config=config)
+    want = {"adagrad": {"lr": 1e-2, "eps": 1e-10, "weight_decay": 0.0},
+            "adam": {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+            "lion": {"lr": 0.001, "betas": (0.9, 0.999), "weight_decay": 0.0}}[block["type"].lower()]
+    for group in optimizer.param_groups:
+        assert {key: group[key] for key in want} == want
+    if reference is None:
+        engine.close()
+        return
+    plain = make_model()
+    train_both(engine, plain, reference(plain.parameters()), 3)
+
+
+class WithAnUnusedLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.used = torch.nn.Linear(8, 1)
+        self.unused = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_ignore_unused_parameters_false_makes_a_param_without_gradient_an_error(stage):
+    """DeepSpeed's debugging switch: with it false, a trainable param that
+    took no part in the loss fails the step with an AssertionError naming
+    the key; by default (true) training goes on."""
+    for ignore in (False, True):
+        config = config_for(stage, "cpu", gradient_accumulation_steps=2)
+        config["zero_optimization"]["ignore_unused_parameters"] = ignore
+        engine, _, _, _ = zinf.initialize(model=WithAnUnusedLayer(), config=config)
+        for micro in range(2):
+            x, y = batch(micro, 0, 0, 4)
+            engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+            if ignore or micro == 0:
+                engine.step()
+            else:
+                with pytest.raises(AssertionError, match="ignore_unused_parameters") as raised:
+                    engine.step()
+                assert "(this rank's: unused.weight, unused.bias)" in str(raised.value)
+        engine.close()
 
 
 def test_the_config_questions_deepspeed_scripts_ask_the_engine():

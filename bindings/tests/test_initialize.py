@@ -585,14 +585,19 @@ def test_the_16bit_export_holds_the_trained_model(scratch):
     engine.close()
 
 
-@pytest.mark.parametrize("how", [True, "module"])
-def test_a_model_built_under_zero_init_trains_as_the_plain_model(scratch, how):
+@pytest.mark.parametrize("how, init_in_zero_init", [(True, False), ("module", False), (True, True)],
+                         ids=["context", "module", "context-joins-the-group"])
+def test_a_model_built_under_zero_init_trains_as_the_plain_model(scratch, how, init_in_zero_init):
     """zinf.zero.Init on two ranks with params and optimizer on NVMe: the
     module holds nothing after construction (or after Init(module=model)
     converts it, DeepSpeed's other form), each rank stages its shard, and
-    training equals plain training of the model built as usual."""
+    training equals plain training of the model built as usual. A script
+    that builds under Init before any init_distributed gets the process
+    group from Init, as with DeepSpeed (before, each rank staged the whole
+    model as a world of one)."""
     config = config_for(3, "nvme", "nvme", nvme=os.path.join(scratch, "nvme"), gradient_accumulation_steps=2)
-    codes, errors, result = launch(2, {"config": config, "steps": 3, "zero_init": how}, scratch)
+    codes, errors, result = launch(2, {"config": config, "steps": 3, "zero_init": how,
+                                       "init_in_zero_init": init_in_zero_init}, scratch)
     assert codes == [0, 0], "\n".join(errors)
     state, losses, _ = reference(config, 3, 2)
     assert_matches(result, state, losses)

@@ -179,3 +179,47 @@ def test_zero_param_status_is_importable_where_deepspeed_has_it():
     from zinf.runtime.zero.partition_parameters import ZeroParamStatus, ZeroParamType
     assert zinf.zero.ZeroParamStatus is ZeroParamStatus and zinf.zero.ZeroParamType is ZeroParamType
     assert {s.name for s in ZeroParamStatus} == {"AVAILABLE", "NOT_AVAILABLE", "INFLIGHT"}
+
+
+def test_pipeline_specs_build_and_a_pipeline_module_is_refused():
+    """Files that define pipeline models beside dense ones (DeepSpeed's own
+    test models) import deepspeed.pipe at the top: the specs work, the
+    pipeline itself says zinf has none."""
+    from zinf.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    spec = LayerSpec(torch.nn.Linear, 4, 2, bias=False)
+    built = spec.build()
+    assert isinstance(built, torch.nn.Linear) and built.bias is None and built.weight.shape == (2, 4)
+    assert repr(spec) == "Linear(4, 2, bias=False)"
+    tied = TiedLayerSpec("embed", torch.nn.Embedding, 10, 4, tied_weight_attr="weight")
+    assert tied.key == "embed" and tied.tied_weight_attr == ["weight"]
+    with pytest.raises(RuntimeError, match="torch.nn.Module subclass"):
+        LayerSpec(len)
+    with pytest.raises(NotImplementedError, match="no pipeline parallelism"):
+        PipelineModule(layers=[spec], num_stages=2)
+
+
+def test_version_and_op_facts_by_deepspeeds_paths(monkeypatch):
+    from zinf.git_version_info import compatible_ops, installed_ops, torch_info, version
+    from zinf.ops.op_builder import FusedLambBuilder
+    from zinf.runtime.zero.offload_config import OffloadDeviceEnum
+    from zinf.runtime.zero.partition_parameters import partitioned_param_data_shape
+    from zinf.utils.torch import required_torch_version
+    assert version == zinf.__version__ and torch_info["version"] == ".".join(torch.__version__.split(".")[:2])
+    assert compatible_ops["cpu_adam"] and not compatible_ops["fused_lamb"] and installed_ops == compatible_ops
+    assert not FusedLambBuilder().is_compatible()
+    with pytest.raises(RuntimeError, match="no LAMB"):
+        FusedLambBuilder().load()
+    assert OffloadDeviceEnum("nvme") == "nvme" and OffloadDeviceEnum.cpu.value == "cpu"
+    assert partitioned_param_data_shape == [0]
+    assert required_torch_version(min_version=1.8) and not required_torch_version(max_version=1.0)
+    monkeypatch.setattr(torch, "__version__", "2.2.0a0+git1234")  # a source build's pre-release
+    assert required_torch_version(min_version="2.2", max_version=2.2)
+    assert not required_torch_version(min_version="2.2.1")
+    with pytest.raises(ValueError, match="min_version or max_version"):
+        required_torch_version()
+
+
+def test_lr_schedule_key_names_build_a_scheduler_block():
+    from zinf.runtime.lr_schedules import WARMUP_LR, WARMUP_MAX_LR, WARMUP_NUM_STEPS, from_config
+    schedule = from_config({"type": WARMUP_LR, "params": {WARMUP_MAX_LR: 0.1, WARMUP_NUM_STEPS: 4}}, [0.1])
+    assert type(schedule).__name__ == "WarmupLR" and schedule.warmup_num_steps == 4

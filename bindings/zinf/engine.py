@@ -221,16 +221,28 @@ def _optimizer_block(optimizer):
 _GROUP_KEYS = {"adam": ("lr", "betas", "eps", "weight_decay"), "adamw": ("lr", "betas", "eps", "weight_decay"),
                "adagrad": ("lr", "eps", "weight_decay"), "lion": ("lr", "betas", "weight_decay")}
 
+# What a group holds where neither it nor the config sets a key: the
+# defaults of the optimizer DeepSpeed builds from the block (FusedAdam /
+# DeepSpeedCPUAdam, torch's Adagrad / DeepSpeedCPUAdagrad, FusedLion /
+# DeepSpeedCPULion), as core/config.cpp has them. Every group holds every
+# key, as a torch optimizer's do: schedulers read and write them (OneCycle
+# cycles "betas").
+_ADAM_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+_GROUP_DEFAULTS = {"adam": _ADAM_DEFAULTS, "adamw": _ADAM_DEFAULTS,
+                   "adagrad": {"lr": 1e-2, "eps": 1e-10, "weight_decay": 0.0},
+                   "lion": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0}}
+
 
 def _param_groups(groups, block, named):
     """The optimizer's param groups: the caller's (model_parameters or a
     torch optimizer's), each param once, or one group of every param. A
     group's hyperparameters (lr, betas, eps, weight_decay, as the optimizer
-    has them) are its own where it set them, else the config's; every group
-    has an lr (the config's, or its default 1e-3), which schedulers set."""
+    has them) are its own where it set them, else the config's, else the
+    optimizer's defaults (_GROUP_DEFAULTS)."""
     kind = str(block.get("type", "")).lower()
-    base = {key: value for key, value in block.get("params", {}).items() if key in _GROUP_KEYS[kind]}
-    base.setdefault("lr", 1e-3)  # core/config.hpp's default
+    base = dict(_GROUP_DEFAULTS[kind])
+    base.update({key: value for key, value in block.get("params", {}).items()
+                 if key in _GROUP_KEYS[kind] and value != "auto"})
     if not groups:
         trainable = [p for _, p in named if p.requires_grad]
         groups = [{"params": trainable or [p for _, p in named]}]
@@ -316,7 +328,7 @@ class ZinfEngine(torch.nn.Module):
         if kind not in _OPTIMIZERS:
             raise ValueError(f"optimizer.type: \"{block.get('type')}\" is not stepped by zinf (Adam, AdamW, "
                              "Adagrad, Lion)")
-        lr = block.get("params", {}).get("lr", 1e-3)
+        lr = block.get("params", {}).get("lr", _GROUP_DEFAULTS[kind]["lr"])
         zero = settings.setdefault("zero_optimization", {})
         self.stage = int(zero.get("stage", 0))
         precision = "bf16" if settings.get("bf16", {}).get("enabled") is True else \
@@ -380,6 +392,12 @@ class ZinfEngine(torch.nn.Module):
         self.scale_wrt_gas = None
         self.inside_no_sync_ctxt = False
         self._has_gradients = False  # any backward since the last step (or zero_grad at stages 0-1)
+        # zero_optimization.ignore_unused_parameters false (DeepSpeed's
+        # default is true): at stages 1-2 a trainable param with no gradient
+        # in a window is an error. The ids of those that got one.
+        self._unused_is_error = self.stage in (1, 2) and \
+            settings["zero_optimization"].get("ignore_unused_parameters", True) is False
+        self._got_gradient = set()
         self._timings = {"forward_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
         # The step line's NVMe bytes count from here (finalize's own writes left out).
         built = self._engine.stats()
@@ -633,6 +651,8 @@ class ZinfEngine(torch.nn.Module):
             target = torch.frombuffer(self._engine.grad(self._index[id(p)]), dtype=torch.float32)
             target.view(self._shapes[id(p)]).add_(p.grad.detach().to("cpu"))
             p.grad = None
+            if self._unused_is_error:
+                self._got_gradient.add(id(p))
             unit.arrived += 1
             if unit.arrived == unit.wanted:
                 self._close_backward(unit)
@@ -736,12 +756,15 @@ class ZinfEngine(torch.nn.Module):
         # times fp16's loss scale, before backward (the model's fp16
         # gradients have DeepSpeed's magnitude); the engine divides by the
         # world size and the loss scale only.
-        by_gas = scale_wrt_gas and not self.inside_no_sync_ctxt
-        scale = self._engine.loss_scale / (self._accumulation if by_gas else 1)
+        # The division is in fp32 (a bf16 or fp16 loss is widened first), as
+        # DeepSpeed's, which returns that fp32 loss.
+        if scale_wrt_gas and not self.inside_no_sync_ctxt:
+            loss = loss.float() / self._accumulation
+        scale = self._engine.loss_scale
         (loss * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
         self._has_gradients = True
         self._timings["backward_s"] += time.perf_counter() - start
-        return loss / self._accumulation if by_gas and self._accumulation > 1 else loss
+        return loss
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -762,6 +785,25 @@ class ZinfEngine(torch.nn.Module):
         finally:
             self.inside_no_sync_ctxt = False
 
+    def _refuse_unused_parameters(self):
+        """ignore_unused_parameters false: DeepSpeed's assertion when a
+        trainable param took no part in the window's loss. Every rank raises
+        if any does, so none is left waiting in a collective."""
+        unused = [name for name, p in self._named_unique
+                  if p.requires_grad and id(p) not in self._got_gradient]
+        self._got_gradient.clear()
+        count = torch.tensor([len(unused)], dtype=torch.int64)
+        if self.world_size > 1:
+            dist.all_reduce(count, group=self._host_group)
+        if count.item():
+            where = f"this rank's: {', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}" if unused else \
+                "on another rank"
+            raise UsageError(f"{count.item()} trainable parameter(s) got no gradient since the last step ({where}): "
+                             "they were not used in producing the loss. With zero_optimization."
+                             "ignore_unused_parameters false this is an error, as in DeepSpeed; set it true (the "
+                             "default) to train on, or make every trainable parameter and forward output take part "
+                             "in the loss")
+
     def step(self, lr_kwargs=None):
         """After every micro-step's backward; the optimizer runs at each
         gradient_accumulation_steps-th (is_gradient_accumulation_boundary),
@@ -770,6 +812,8 @@ class ZinfEngine(torch.nn.Module):
             raise UsageError("It is illegal to call Engine.step() inside no_sync context manager")
         start = time.perf_counter()
         boundary = self.is_gradient_accumulation_boundary()
+        if boundary and self._unused_is_error:
+            self._refuse_unused_parameters()
         if boundary:
             self._push_groups()
             self._has_gradients = False

@@ -149,6 +149,12 @@ class Init:
                  pin_memory=False, config_dict_or_path=None, config=None, enabled=True, dtype=None, mpu=None,
                  **unused):
         self.enabled = enabled
+        if enabled and dist.is_available() and not dist.is_initialized():
+            # Each rank stages its own shard, so the ranks must be known now:
+            # as DeepSpeed's Init does, join the process group torchrun's
+            # variables describe (nothing to join for a single process).
+            from .engine import init_distributed
+            init_distributed()
         settings = _load_config(config_dict_or_path if config_dict_or_path is not None else config) \
             if (config_dict_or_path is not None or config is not None) else {}
         block = settings.get("zero_optimization", {}).get("offload_param", {})

@@ -248,8 +248,14 @@ class GDSBuilder(OpBuilder):
                 "AsyncIOBuilder().load().aio_handle")
 
 
+class FusedLambBuilder(OpBuilder):
+    NAME = "fused_lamb"
+    _missing = ("zinf has no LAMB optimizer (its engine steps Adam, AdamW, Adagrad and Lion on the CPU); "
+                "use one of those, or keep LAMB training on DeepSpeed")
+
+
 ALL_BUILDERS = (AsyncIOBuilder, CPUAdamBuilder, CPUAdagradBuilder, CPULionBuilder, FusedAdamBuilder,
-                FusedLionBuilder, GDSBuilder)
+                FusedLambBuilder, FusedLionBuilder, GDSBuilder)
 
 
 def compatible_ops():
