@@ -4,6 +4,7 @@ before every backward), backward's scale_wrt_gas, no_sync, zero_grad,
 empty_partition_cache, and zinf.utils' safe_get_full_* / safe_set_full_*
 (one param's whole master, optimizer state or gradient), each checked
 against plain PyTorch."""
+import itertools
 import os
 import sys
 
@@ -516,6 +517,192 @@ def test_ignore_unused_parameters_false_makes_a_param_without_gradient_an_error(
                     engine.step()
                 assert "(this rank's: unused.weight, unused.bias)" in str(raised.value)
         engine.close()
+
+
+class TopOneExperts(torch.nn.Module):
+    """A mixture-of-experts block: the gate sends each row to one expert,
+    so which experts run changes from batch to batch."""
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Linear(8, 4)
+        self.experts = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(4)])
+
+    def forward(self, x):
+        weights = torch.softmax(self.gate(x), dim=-1)
+        choice = weights.argmax(dim=-1)
+        out = torch.zeros_like(x)
+        for k, expert in enumerate(self.experts):
+            rows = choice == k
+            if rows.any():
+                out[rows] = expert(x[rows]) * weights[rows, k:k + 1]
+        return out
+
+
+class MoeNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Linear(8, 8)
+        self.layers = torch.nn.ModuleList([TopOneExperts() for _ in range(2)])
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(x)
+
+
+class AdamWZeroFilling(torch.optim.AdamW):
+    """torch's AdamW skips a param without a gradient; ZeRO steps it with a
+    zero one (its flat gradient buffer), as here."""
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("leaf", [True, False])
+def test_a_leaf_module_is_gathered_whole_and_trains_as_the_plain_model(leaf):
+    """DeepSpeed's set_z3_leaf_modules for MoE blocks: a flagged module is
+    one stage-3 unit (not a unit per expert) and its params say so; either
+    way the model trains as plain PyTorch."""
+    from zinf.utils import get_z3_leaf_modules, set_z3_leaf_modules, unset_z3_leaf_modules, z3_leaf_parameter
+    model = MoeNet()
+    if leaf:
+        assert set_z3_leaf_modules(model, [TopOneExperts]) == list(model.layers)
+        assert get_z3_leaf_modules(model) == list(model.layers)
+    with pytest.raises(ValueError, match="no module of"):
+        set_z3_leaf_modules(model, ["Conv2d"])
+    config = config_for(3, "cpu", "cpu")
+    engine, _, _, _ = zinf.initialize(model=model, config=config)
+    names = [u.name for u in engine._units]
+    assert ("layers.0" in names) == leaf and ("layers.0.experts.1" in names) == (not leaf), names
+    assert z3_leaf_parameter(model.layers[1].experts[2].weight) == leaf
+    assert not z3_leaf_parameter(model.head.weight)
+    plain = MoeNet()
+    params = ADAMW["params"]
+    reference = AdamWZeroFilling(plain.parameters(), lr=params["lr"], betas=params["betas"], eps=params["eps"],
+                                 weight_decay=params["weight_decay"])
+    train_both(engine, plain, reference, 4)
+    if leaf:
+        unset_z3_leaf_modules(model, [TopOneExperts])
+        assert get_z3_leaf_modules(model) == []
+
+
+def trl_remove_hooks(engine):
+    """TRL's remove_hooks for a DeepSpeed ZeRO-3 engine, as it is written."""
+    offload = engine.optimizer.parameter_offload
+    params = itertools.chain(offload.module.named_parameters(recurse=True), offload.module.ds_external_parameters())
+    for _, param in params:
+        param.ds_active_sub_modules.clear()
+    for hook in offload.forward_hooks:
+        hook.remove()
+    for hook in offload.backward_hooks:
+        hook.remove()
+    offload.forward_hooks = []
+    offload.backward_hooks = []
+
+
+def trl_add_hooks(engine):
+    offload = engine.optimizer.parameter_offload
+    offload._register_deepspeed_module(offload.module)
+
+
+@pytest.mark.parametrize("how", ["trl", "deepspeed"])
+def test_generation_inside_gathered_parameters_keeps_every_param_whole(how):
+    """RLHF trainers generate with every param gathered once: TRL inside
+    GatheredParameters(model.parameters()) with the stage-3 hooks removed
+    through optimizer.parameter_offload, DeepSpeed's
+    unwrap_model_for_generation likewise. The forwards there gather nothing
+    and release nothing (before, a forward emptied the params the context
+    held), give the plain model's outputs, and training goes on after as
+    plain training."""
+    from zinf.runtime.zero import unwrap_model_for_generation
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(3, "cpu", "cpu"))
+    plain = make_model()
+    reference = plain_adamw(plain)
+
+    def train(step):
+        x, y = batch(step, 0, 0, 4)
+        engine.backward(mse(engine, x, y))
+        engine.step()
+        mse(plain, x, y).backward()
+        reference.step()
+        reference.zero_grad()
+
+    train(0)
+    params = list(engine.parameters())
+    assert {id(p) for p in params} == {id(p) for p in engine.module.parameters()}
+    gathers = engine._engine.stats()["gathers"]
+    if how == "trl":
+        context = zinf.zero.GatheredParameters(params)
+    else:
+        context = unwrap_model_for_generation(engine)
+    with context, torch.no_grad():
+        if how == "trl":
+            trl_remove_hooks(engine)
+        for token in range(3):
+            x, _ = batch(50 + token, 0, 0, 4)
+            assert torch.allclose(engine.module(x), plain(x), atol=1e-6)
+            assert all(p.numel() == p.ds_numel for p in params)
+        if how == "trl":
+            trl_add_hooks(engine)
+    assert engine._engine.stats()["gathers"] == gathers
+    assert all(p.numel() == 0 for p in params if not p.ds_persist)
+    for step in range(1, 3):
+        train(step)
+    assert engine._engine.stats()["gathers"] > gathers  # the hooks are back
+    assert_state_equals(engine, plain)
+    engine.close()
+
+
+def test_a_forward_inside_gathered_parameters_leaves_the_params_whole():
+    """Without removing any hook: a unit's forward inside the context uses
+    the held tensors and does not empty them."""
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(3, "cpu", "cpu"))
+    params = list(engine.module.parameters())
+    x, y = batch(0, 0, 0, 4)
+    with torch.no_grad():
+        want = engine(x)
+    with zinf.zero.GatheredParameters(params):
+        with torch.no_grad():
+            assert torch.allclose(engine(x), want)
+        assert all(p.numel() == p.ds_numel for p in params)
+        with zinf.zero.GatheredParameters(params[:2]):  # nested: the inner exit keeps them whole
+            pass
+        assert all(p.numel() == p.ds_numel for p in params)
+    assert all(p.numel() == 0 for p in params if not p.ds_persist)
+    engine.close()
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_a_scheduler_built_on_the_clients_optimizer_steers_the_engine(stage, recwarn):
+    """A script builds its optimizer and a torch scheduler on it, then hands
+    both to initialize (DeepSpeed's ZeRO optimizer shares the client's param
+    groups): the schedule's rates, and a rate the script sets on its own
+    optimizer by hand, are what the engine steps with (before, the engine
+    kept the first rate). torch sees its optimizer step: no warning that the
+    scheduler stepped first."""
+    model, plain = make_model(), make_model()
+    client = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(client, lambda step: 0.5 ** step)
+    config = config_for(stage, train_batch_size=4)
+    del config["optimizer"]
+    engine, _, _, returned = zinf.initialize(model=model, optimizer=client, lr_scheduler=schedule, config=config)
+    assert returned is schedule
+    reference = torch.optim.AdamW(plain.parameters(), lr=0.02, weight_decay=0.01)
+    reference_schedule = torch.optim.lr_scheduler.LambdaLR(reference, lambda step: 0.5 ** step)
+
+    def after_step(step):
+        reference_schedule.step()
+        assert engine.get_lr() == [reference.param_groups[0]["lr"]]
+        if step == 2:  # by hand, on the script's own optimizer
+            client.param_groups[0]["lr"] = reference.param_groups[0]["lr"] = 0.03
+    train_both(engine, plain, reference, 5, after_step=after_step)
+    assert not [w for w in recwarn if "before `optimizer.step()`" in str(w.message)]
 
 
 def test_the_config_questions_deepspeed_scripts_ask_the_engine():

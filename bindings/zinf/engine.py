@@ -47,6 +47,7 @@ from Python.
 import collections
 import contextlib
 import copy
+import functools
 import json
 import logging
 import operator
@@ -112,6 +113,14 @@ class ZinfOptimizer(torch.optim.Optimizer):
             self._basic.param_groups = self.param_groups
         return self._basic
 
+    @property
+    def parameter_offload(self):
+        """Stage 3's parameter coordinator, as DeepSpeed's ZeRO-3 optimizer
+        has it (absent below stage 3, as there)."""
+        if self._engine is None or self._engine.stage < 3:
+            raise AttributeError("parameter_offload: only a ZeRO stage-3 optimizer has one")
+        return _ParameterOffload(self._engine)
+
     def step(self, closure=None):
         return None if closure is None else closure()
 
@@ -128,6 +137,47 @@ class ZinfOptimizer(torch.optim.Optimizer):
         return self._engine._engine.loss_scale if self._engine is not None else 1.0
 
     cur_scale = loss_scale  # DeepSpeed's fp16 optimizers' name (Megatron reads it)
+
+
+class _ParameterOffload:
+    """What trainers reach for in DeepSpeed's stage-3 parameter coordinator:
+    TRL generates inside GatheredParameters(model.parameters()) with the
+    gather/release hooks removed (``forward_hooks``, ``backward_hooks``), and
+    adds them back with ``_register_deepspeed_module(module)`` (before
+    DeepSpeed 0.16.4, ``_register_hooks_recursively``)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.module = engine.module
+
+    @property
+    def forward_hooks(self):
+        return list(self._engine._unit_hooks)
+
+    @forward_hooks.setter
+    def forward_hooks(self, handles):
+        self._engine._unit_hooks = list(handles)
+
+    @property
+    def backward_hooks(self):
+        return []  # zinf's backward gathers come from the forward hooks' autograd nodes
+
+    @backward_hooks.setter
+    def backward_hooks(self, handles):
+        pass
+
+    def _register_deepspeed_module(self, module):
+        if module is not self._engine.module:
+            raise ValueError("_register_deepspeed_module: zinf's engine hooks the module it was built with")
+        self._engine._install_unit_hooks()
+
+    _register_hooks_recursively = _register_deepspeed_module
+
+
+def _external_parameters(module):
+    """DeepSpeed's module.ds_external_parameters(): (name, param) of what
+    register_external_parameter gave `module`."""
+    return [(str(k), p) for k, p in enumerate(module.__dict__.get("_zinf_external_params", ()))]
 
 
 def _batch_sizes(settings, world):
@@ -238,7 +288,10 @@ def _param_groups(groups, block, named):
     torch optimizer's), each param once, or one group of every param. A
     group's hyperparameters (lr, betas, eps, weight_decay, as the optimizer
     has them) are its own where it set them, else the config's, else the
-    optimizer's defaults (_GROUP_DEFAULTS)."""
+    optimizer's defaults (_GROUP_DEFAULTS). The groups given are the ones
+    returned, filled in place: a torch optimizer passed to initialize shares
+    them, as DeepSpeed's ZeRO optimizer shares its client's, so a scheduler
+    built on it (or a script setting its "lr") steers the engine."""
     kind = str(block.get("type", "")).lower()
     base = dict(_GROUP_DEFAULTS[kind])
     base.update({key: value for key, value in block.get("params", {}).items()
@@ -251,7 +304,11 @@ def _param_groups(groups, block, named):
         members = [p for p in group["params"] if id(p) not in seen]
         seen.update(id(p) for p in members)
         if members:
-            out.append({**base, **group, "params": members})
+            for key, value in base.items():
+                group.setdefault(key, value)
+            if len(members) != len(group["params"]):
+                group["params"] = members
+            out.append(group)
     return out
 
 
@@ -398,6 +455,9 @@ class ZinfEngine(torch.nn.Module):
         self._unused_is_error = self.stage in (1, 2) and \
             settings["zero_optimization"].get("ignore_unused_parameters", True) is False
         self._got_gradient = set()
+        # Params GatheredParameters holds whole (id -> contexts open): a unit's
+        # forward inside the context uses them as they are and leaves them.
+        self._held_by_context = collections.Counter()
         self._timings = {"forward_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
         # The step line's NVMe bytes count from here (finalize's own writes left out).
         built = self._engine.stats()
@@ -421,6 +481,11 @@ class ZinfEngine(torch.nn.Module):
             root.loose = loose if units else [p for _, p in self._named_unique]
             units.append(root)
         self._units = units
+        if self.stage >= 3:
+            for unit in units:  # zinf.utils.z3_leaf_parameter reads this
+                if unit.loose is None and getattr(unit.module, "_z3_leaf", False):
+                    for p in unit.module.parameters():
+                        p.ds_z3_leaf_module = unit.module
         self._owner = {}  # param id -> unit
         self._index = {}  # param id -> engine param index
         # The real shapes (.data is emptied at stage 3, and is empty already
@@ -501,9 +566,24 @@ class ZinfEngine(torch.nn.Module):
                         delattr(p, name)
         if self.stage >= 3:
             _stream(p for _, p in self._named_unique if id(p) not in self._persistent)
-            for unit in self._units:
-                unit.module.register_forward_pre_hook(self._make_pre_hook(unit))
-                unit.module.register_forward_hook(self._make_post_hook(unit))
+            for _, p in self._named_unique:
+                p.ds_active_sub_modules = set()  # DeepSpeed's; TRL clears it (zinf counts in its units)
+            for module in model.modules():
+                module.ds_external_parameters = functools.partial(_external_parameters, module)
+            self._unit_hooks = []
+            self._install_unit_hooks()
+
+    def _install_unit_hooks(self):
+        """The forward hooks that gather and release each unit, in
+        self._unit_hooks (what parameter_offload.forward_hooks lists: a
+        trainer generating inside GatheredParameters removes them, as TRL
+        does, and puts them back with _register_deepspeed_module)."""
+        for handle in self._unit_hooks:
+            handle.remove()
+        self._unit_hooks = []
+        for unit in self._units:
+            self._unit_hooks.append(unit.module.register_forward_pre_hook(self._make_pre_hook(unit)))
+            self._unit_hooks.append(unit.module.register_forward_hook(self._make_post_hook(unit)))
 
     def _add_external_users(self, model, names):
         """Modules that use other modules' params (register_external_parameter)
@@ -533,7 +613,11 @@ class ZinfEngine(torch.nn.Module):
             p.ds_status = _zero.ZeroParamStatus.AVAILABLE if whole else _zero.ZeroParamStatus.NOT_AVAILABLE
 
     def _gather_whole(self, p):
-        """GatheredParameters: the whole value from the masters."""
+        """GatheredParameters: the whole value from the masters (once: a
+        context inside another sees the outer one's tensor)."""
+        self._held_by_context[id(p)] += 1
+        if self._held_by_context[id(p)] > 1:
+            return
         whole = torch.empty(self._shapes[id(p)], dtype=torch.float32)
         self._engine.gather(self._index[id(p)], "param", whole.data_ptr(), whole.numel())
         p.data = whole.to(self._device, self._dtype)
@@ -545,6 +629,10 @@ class ZinfEngine(torch.nn.Module):
             if self.world_size > 1:
                 dist.broadcast(values, src=source_rank, group=self._host_group)
             self._engine.set_values(self._index[id(p)], "param", values.data_ptr(), values.numel())
+        self._held_by_context[id(p)] -= 1
+        if self._held_by_context[id(p)] > 0:
+            return  # an outer context still holds it whole
+        del self._held_by_context[id(p)]
         # Without a write-back a gathered unit's tensor keeps the values
         # _gather_whole gave it: the masters in the working precision.
         self._refresh_param(p, values if write_back else None)
@@ -596,7 +684,7 @@ class ZinfEngine(torch.nn.Module):
                 self._engine.pre_forward(owner.index)
             if not owner.gathered:
                 for _, p in owner.params:
-                    if id(p) not in self._persistent:
+                    if id(p) not in self._persistent and not self._held_by_context[id(p)]:
                         p.data = self._copy_out(p)
                         self._mark(p)
                 owner.gathered = True
@@ -606,7 +694,7 @@ class ZinfEngine(torch.nn.Module):
     def _release(self, unit):
         if unit.gathered:
             for _, p in unit.params:
-                if id(p) not in self._persistent:
+                if id(p) not in self._persistent and not self._held_by_context[id(p)]:
                     p.data = self._empty()
                     self._mark(p)
             unit.gathered = False
@@ -826,6 +914,12 @@ class ZinfEngine(torch.nn.Module):
         if boundary:
             self._overflow = not stepped
             self.global_steps += 1
+            if stepped and self._client_optimizer is not None:
+                # The client's optimizer stepped, through the engine: torch's
+                # schedulers built on it check that it did (1.x counts
+                # _step_count, 2.x reads _opt_called) before their first step.
+                self._client_optimizer._step_count = getattr(self._client_optimizer, "_step_count", 0) + 1
+                self._client_optimizer._opt_called = True
             if self._scheduler is not None and stepped:
                 self._scheduler.step(**(lr_kwargs or {}))
         self._timings["step_s"] += time.perf_counter() - start

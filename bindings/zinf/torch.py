@@ -83,7 +83,10 @@ def _has_layer_stack(module):
 def _units(module):
     units = []
     for child in module.children():
-        if isinstance(child, _CONTAINERS) or _has_layer_stack(child):
+        if getattr(child, "_z3_leaf", False):  # zinf.utils.set_z3_leaf_modules: gathered whole
+            if _has_params(child):
+                units.append(child)
+        elif isinstance(child, _CONTAINERS) or _has_layer_stack(child):
             units.extend(_units(child))
         elif _has_params(child):
             units.append(child)

@@ -21,9 +21,12 @@ out), None before any backward since the last step.
 ``logger`` (the "zinf" logger) and ``log_dist(message, ranks)`` are
 DeepSpeed's ``deepspeed.utils.logger`` and ``log_dist`` (also in
 ``zinf.utils.logging``, DeepSpeed's ``deepspeed.utils.logging``);
-``RepeatingLoader`` is DeepSpeed's."""
+``RepeatingLoader`` is DeepSpeed's; ``set_z3_leaf_modules`` and its
+companions (``zinf.utils.z3_leaf_module``) make a module one stage-3 unit."""
 from . import zero_to_fp32
 from .logging import log_dist, logger
+from .z3_leaf_module import (get_z3_leaf_modules, set_z3_leaf_module, set_z3_leaf_modules,  # noqa: F401
+                             unset_z3_leaf_modules, z3_leaf_module, z3_leaf_parameter)
 from .. import zero as _zero
 
 
@@ -127,4 +130,6 @@ def safe_set_local_grad(param, value):
 __all__ = ["logger", "log_dist", "RepeatingLoader", "zero_to_fp32", "safe_get_full_fp32_param", "safe_get_full_grad", "safe_get_full_optimizer_state",
            "safe_set_full_fp32_param", "safe_set_full_grad", "safe_set_full_optimizer_state",
            "safe_get_local_fp32_param", "safe_get_local_grad", "safe_get_local_optimizer_state",
-           "safe_set_local_fp32_param", "safe_set_local_grad", "safe_set_local_optimizer_state"]
+           "safe_set_local_fp32_param", "safe_set_local_grad", "safe_set_local_optimizer_state",
+           "z3_leaf_module", "z3_leaf_parameter", "get_z3_leaf_modules", "set_z3_leaf_module", "set_z3_leaf_modules",
+           "unset_z3_leaf_modules"]

@@ -1,7 +1,30 @@
 """``deepspeed.runtime.zero.stage3``'s memory estimators, with zinf's figures
 (see _estimates): host memory per node, GPU memory per GPU and, which
-DeepSpeed's table lacks, NVMe per node."""
+DeepSpeed's table lacks, NVMe per node; and unwrap_model_for_generation."""
+import contextlib
+
+from ...zero import GatheredParameters
 from ._estimates import NVME_SUB_GROUP, estimate, params_of, print_table
+
+
+@contextlib.contextmanager
+def unwrap_model_for_generation(model):
+    """Every param of `model` (an engine) whole for the block, with stage
+    3's gather/release hooks off: generation runs many forwards, and each
+    would otherwise gather every unit again. Collective over the ranks, as
+    GatheredParameters is; the hooks are back on exit."""
+    with GatheredParameters(list(model.parameters())):
+        optimizer = getattr(model, "optimizer", None)
+        offload = getattr(optimizer, "parameter_offload", None) if optimizer is not None else None
+        if offload is not None:
+            for handle in offload.forward_hooks:
+                handle.remove()
+            offload.forward_hooks = []
+        try:
+            yield model
+        finally:
+            if offload is not None:
+                offload._register_deepspeed_module(offload.module)
 
 # (offload_param, offload_optimizer): DeepSpeed's three rows, and NVMe's.
 _OPTIONS = [("nvme", "nvme"), ("cpu", "nvme"), ("cpu", "cpu"), ("none", "cpu"), ("none", "none")]
