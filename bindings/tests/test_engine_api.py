@@ -25,6 +25,16 @@ def mse(model, x, y):
     return torch.nn.functional.mse_loss(model(x), y)
 
 
+def step_both(engine, plain, reference, step):
+    """One step of the engine and of `plain` with `reference` on one batch."""
+    x, y = batch(step, 0, 0, 4)
+    engine.backward(mse(engine, x, y))
+    engine.step()
+    mse(plain, x, y).backward()
+    reference.step()
+    reference.zero_grad()
+
+
 def plain_adamw(model):
     params = ADAMW["params"]
     return torch.optim.AdamW(model.parameters(), lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"],
@@ -374,12 +384,7 @@ def test_empty_partition_cache_frees_idle_buffers_and_training_goes_on():
     plain = make_model()
     reference = plain_adamw(plain)
     for step in range(2):
-        x, y = batch(step, 0, 0, 4)
-        engine.backward(mse(engine, x, y))
-        engine.step()
-        mse(plain, x, y).backward()
-        reference.step()
-        reference.zero_grad()
+        step_both(engine, plain, reference, step)
         assert engine._engine.cached_device_bytes > 0
         engine.empty_partition_cache()
         assert engine._engine.cached_device_bytes == 0
@@ -625,15 +630,7 @@ def test_generation_inside_gathered_parameters_keeps_every_param_whole(how):
     plain = make_model()
     reference = plain_adamw(plain)
 
-    def train(step):
-        x, y = batch(step, 0, 0, 4)
-        engine.backward(mse(engine, x, y))
-        engine.step()
-        mse(plain, x, y).backward()
-        reference.step()
-        reference.zero_grad()
-
-    train(0)
+    step_both(engine, plain, reference, 0)
     params = list(engine.parameters())
     assert {id(p) for p in params} == {id(p) for p in engine.module.parameters()}
     gathers = engine._engine.stats()["gathers"]
@@ -653,7 +650,7 @@ def test_generation_inside_gathered_parameters_keeps_every_param_whole(how):
     assert engine._engine.stats()["gathers"] == gathers
     assert all(p.numel() == 0 for p in params if not p.ds_persist)
     for step in range(1, 3):
-        train(step)
+        step_both(engine, plain, reference, step)
     assert engine._engine.stats()["gathers"] > gathers  # the hooks are back
     assert_state_equals(engine, plain)
     engine.close()
