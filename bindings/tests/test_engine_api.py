@@ -388,6 +388,7 @@ def test_empty_partition_cache_frees_idle_buffers_and_training_goes_on():
         assert engine._engine.cached_device_bytes > 0
         engine.empty_partition_cache()
         assert engine._engine.cached_device_bytes == 0
+        x, _ = batch(step, 0, 0, 4)
         with torch.no_grad():
             assert torch.allclose(engine(x), plain(x), atol=1e-5)  # an evaluation after it gathers afresh
     assert_state_equals(engine, plain)
