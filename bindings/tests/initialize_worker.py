@@ -15,7 +15,9 @@ scripts pass them), "device": where the model computes ("cpu" default, or
 "cuda"), "backend": the default group's backend the script asks
 deepspeed.init_distributed for (default gloo), "gpu_per_rank": with
 device "cuda", each rank on GPU LOCAL_RANK, "init_in_zero_init": the
-script does not call deepspeed.init_distributed (zinf.zero.Init must), "inspect": after the steps,
+script does not call deepspeed.init_distributed (zinf.zero.Init must),
+"tag_per_rank": save under tag-<rank> (an AssertionError is recorded as
+"tag_error"), "inspect": after the steps,
 one more backward, then every param's values as deepspeed.utils'
 safe_get_full_* read them}. Rank 0 writes
 {"losses": [...], "state": {name: fp32 tensor}, "lrs": [...]} to `out`.
@@ -132,8 +134,16 @@ def main():
                     back = deepspeed.utils.safe_get_full_optimizer_state(p, key)
                 assert torch.equal(back, value), f"{name} {key}: written and read back differ"
         engine.step()  # not a boundary: the window stays open
+    tag_error = None
     if run.get("save"):
-        engine.save_checkpoint(run["save"], client_state={"next_step": run["steps"]})
+        # "tag_per_rank": each rank asks for its own tag (checkpoint.tag_validation's case).
+        tag = f"tag-{rank}" if run.get("tag_per_rank") else None
+        try:
+            engine.save_checkpoint(run["save"], tag=tag, client_state={"next_step": run["steps"]})
+        except AssertionError as error:
+            if not run.get("tag_per_rank"):
+                raise
+            tag_error = str(error)
     module_state = None
     if run.get("module_state_on_rank0"):
         # As scripts save: rank 0 alone; the others go straight on to a
@@ -175,7 +185,7 @@ def main():
         torch.save({"losses": losses, "state": state, "lrs": lrs, "grad_norm": engine.get_global_grad_norm(),
                     "steps": engine.global_steps, "timings": engine.timings(), "comm": comm,
                     "inspected": inspected, "module_state": module_state,
-                    "collectives": engine.collectives_backend}, run["out"])
+                    "collectives": engine.collectives_backend, "tag_error": tag_error}, run["out"])
     engine.close()
 
 

@@ -336,6 +336,39 @@ def test_checkpoint_and_resume_equals_uninterrupted_training(scratch):
     assert resumed["lrs"] == whole["lrs"][2:]
 
 
+@pytest.mark.parametrize("mode", ["Fail", "Warn", "Ignore"])
+def test_checkpoint_tags_that_differ_over_the_ranks_follow_tag_validation(scratch, mode):
+    """DeepSpeed's checkpoint.tag_validation: a tag per rank is an
+    AssertionError on every rank with "Fail"; otherwise the ranks save under
+    rank 0's tag (zinf's shards share one directory: before, the ranks hung
+    in two), with a warning for "Warn", and the checkpoint resumes."""
+    config = config_for(2, "cpu", train_batch_size=8, checkpoint={"tag_validation": mode})
+    checkpoints = os.path.join(scratch, "checkpoints")
+    codes, errors, result = launch(2, {"config": config, "steps": 1, "save": checkpoints, "tag_per_rank": True},
+                                   scratch)
+    assert codes == [0, 0], "\n".join(errors)
+    if mode == "Fail":
+        assert "the tag differs over the ranks" in result["tag_error"] and "tag_validation" in result["tag_error"]
+        assert not os.path.exists(checkpoints)
+        return
+    assert result["tag_error"] is None and os.listdir(checkpoints) and \
+        open(os.path.join(checkpoints, "latest")).read() == "tag-0"
+    assert ("every rank saves under rank 0's tag" in errors[1]) == (mode == "Warn")
+    resume_dir = os.path.join(scratch, "resume")
+    os.makedirs(resume_dir)
+    codes, errors, resumed = launch(2, {"config": config, "steps": 2, "load": checkpoints}, resume_dir)
+    assert codes == [0, 0], "\n".join(errors)
+    assert resumed["steps"] == 2
+
+
+def test_an_unknown_tag_validation_is_a_config_error():
+    with pytest.raises(zinf.DeepSpeedConfigError, match="checkpoint.tag_validation"):
+        zinf.initialize(model=make_model(), config=config_for(1, train_batch_size=4,
+                                                              checkpoint={"tag_validation": "foo"}))
+    from zinf.runtime.config_utils import DeepSpeedConfigError
+    assert DeepSpeedConfigError is zinf.DeepSpeedConfigError and issubclass(DeepSpeedConfigError, ValueError)
+
+
 @pytest.mark.parametrize("how", ["load_module_only", "load_optimizer_states"])
 def test_loading_weights_only_starts_a_fresh_optimizer_from_them(scratch, how):
     # Fine-tuning from a checkpoint: the weights come back, Adam starts over.

@@ -34,11 +34,12 @@ from .aio import aio_handle, aio_read, aio_write, deepspeed_memcpy
 from .optim import CPUAdagrad, CPUAdam, CPULion, DeepSpeedCPUAdagrad, DeepSpeedCPUAdam, DeepSpeedCPULion
 from .swap import TensorSwapper
 from .engine import ZinfEngine, add_config_arguments, init_distributed, initialize
+from .errors import DeepSpeedConfigError
 from . import accelerator, checkpointing, comm, moe, ops, runtime, utils, zero
 from .runtime.engine import DeepSpeedEngine
 from .accelerator import get_accelerator
 
 __all__ = ["__version__", "aio_handle", "aio_read", "aio_write", "deepspeed_memcpy", "CPUAdam", "CPUAdagrad",
            "CPULion", "DeepSpeedCPUAdam", "DeepSpeedCPUAdagrad", "DeepSpeedCPULion", "TensorSwapper",
-           "ZinfEngine", "DeepSpeedEngine", "add_config_arguments", "init_distributed", "initialize", "accelerator", "checkpointing",
+           "ZinfEngine", "DeepSpeedEngine", "DeepSpeedConfigError", "add_config_arguments", "init_distributed", "initialize", "accelerator", "checkpointing",
            "comm", "get_accelerator", "moe", "ops", "utils", "zero"]

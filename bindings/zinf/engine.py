@@ -62,6 +62,7 @@ import torch.distributed as dist
 from . import _zinf
 from . import lr_schedules
 from . import zero as _zero
+from .errors import DeepSpeedConfigError
 from .distributed import engine_collectives, from_mpi_launcher, host_group, init_from_environment, settle_at_exit
 from .torch import _OnBackward, _OnDemandFetch, _before_backward_of, _load_config, _stream, _units
 
@@ -392,9 +393,16 @@ class ZinfEngine(torch.nn.Module):
             "fp16" if settings.get("fp16", {}).get("enabled") is True else "fp32"
         self._dtype = _DTYPES[precision]
 
+        # checkpoint.tag_validation (DeepSpeed's default "Warn"): whether
+        # save_checkpoint's tags must agree over the ranks.
+        mode = settings.get("checkpoint", {}).get("tag_validation", "Warn")
+        if not isinstance(mode, str) or mode.lower() not in ("ignore", "warn", "fail"):
+            raise DeepSpeedConfigError(f"checkpoint.tag_validation: {mode!r} is not one of \"Ignore\", \"Warn\", "
+                                       "\"Fail\"")
+        self._tag_validation = mode.lower()
         problems = _zinf.check_config(json.dumps(settings))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise DeepSpeedConfigError("; ".join(problems))
         self._host_group = host_group() if world > 1 else None
         if world > 1:
             settle_at_exit()
@@ -1197,6 +1205,8 @@ class ZinfEngine(torch.nn.Module):
         all the same (their shards are part of zinf's checkpoint: a resume
         needs nothing from elsewhere); it costs their disk space only."""
         tag = str(tag) if tag is not None else f"global_step{self.global_steps}"
+        if self.world_size > 1:
+            tag = self._agreed_tag(tag)
         path = os.path.join(save_dir, tag)
         self._engine.save_checkpoint(path)
         # Built on every rank, so an error here is every rank's (rank 0
@@ -1223,6 +1233,25 @@ class ZinfEngine(torch.nn.Module):
         if self.world_size > 1:
             dist.barrier(group=self._host_group)
         return True
+
+    def _agreed_tag(self, tag):
+        """The tag every rank saves under: rank 0's. Each rank's shards go in
+        one directory, so tags that differ (a per-rank tag) cannot each get
+        their own as in DeepSpeed; checkpoint.tag_validation "Fail" makes
+        that an AssertionError on every rank, "Warn" (the default) says so."""
+        tags = [tag if self.global_rank == 0 else None]
+        dist.broadcast_object_list(tags, src=0, group=self._host_group)
+        differs = torch.tensor([int(tag != tags[0])], dtype=torch.int64)
+        dist.all_reduce(differs, group=self._host_group)
+        if differs.item():
+            message = (f"save_checkpoint: the tag differs over the ranks ({differs.item()} of {self.world_size} "
+                       f"differ from rank 0's {tags[0]!r}; this rank's is {tag!r})")
+            if self._tag_validation == "fail":
+                raise UsageError(message + ": checkpoint.tag_validation is \"Fail\"")
+            if self._tag_validation == "warn":
+                _log.warning("%s: every rank saves under rank 0's tag (zinf's ranks share one checkpoint "
+                             "directory)", message)
+        return tags[0]
 
     def _non_params(self, entries):
         """The (key, value) entries that are not the engine's params: the

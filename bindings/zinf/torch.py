@@ -48,6 +48,7 @@ import weakref
 import torch as _torch
 
 from . import _zinf
+from .errors import DeepSpeedConfigError
 from .swap import TensorSwapper
 
 _CONTAINERS = (_torch.nn.Sequential, _torch.nn.ModuleList, _torch.nn.ModuleDict)
@@ -61,7 +62,7 @@ def _load_config(config):
     text = config if isinstance(config, str) else json.dumps(config)
     problems = _zinf.check_config(text)
     if problems:
-        raise ValueError("; ".join(problems))
+        raise DeepSpeedConfigError("; ".join(problems))
     return json.loads(text)
 
 
