@@ -17,7 +17,8 @@ deepspeed.init_distributed for (default gloo), "gpu_per_rank": with
 device "cuda", each rank on GPU LOCAL_RANK, "init_in_zero_init": the
 script does not call deepspeed.init_distributed (zinf.zero.Init must),
 "tag_per_rank": save under tag-<rank> (an AssertionError is recorded as
-"tag_error"), "inspect": after the steps,
+"tag_error"), "script_collectives": an all_reduce and a barrier of the
+script's own after every backward, "inspect": after the steps,
 one more backward, then every param's values as deepspeed.utils'
 safe_get_full_* read them}. Rank 0 writes
 {"losses": [...], "state": {name: fp32 tensor}, "lrs": [...]} to `out`.
@@ -101,6 +102,13 @@ def main():
             x, y = x.to(engine.device), y.to(engine.device)
             loss = torch.nn.functional.mse_loss(engine(x).float(), y)
             engine.backward(loss)
+            if run.get("script_collectives"):
+                # As scripts do right after backward, on the default group,
+                # while the engine may still be reducing gradients.
+                ones = torch.ones(3)
+                deepspeed.comm.all_reduce(ones)
+                assert ones.tolist() == [float(world)] * 3, ones
+                deepspeed.comm.barrier()
             engine.step()
             losses.append(float(loss))
         lrs.append(engine.get_lr()[0])

@@ -336,6 +336,20 @@ def test_checkpoint_and_resume_equals_uninterrupted_training(scratch):
     assert resumed["lrs"] == whole["lrs"][2:]
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_scripts_own_collectives_after_backward_do_not_meet_the_engines(scratch, stage):
+    """A script that all-reduces its loss or waits at a barrier right after
+    backward, on the default Gloo group, while the engine reduces gradients
+    on its own thread: the engine's collectives go over a group of their
+    own (before, they shared the default group and the two could pair up
+    differently on each rank and hang), and training equals plain training."""
+    config = config_for(stage, "cpu", gradient_accumulation_steps=2)
+    codes, errors, result = launch(2, {"config": config, "steps": 3, "script_collectives": True}, scratch)
+    assert codes == [0, 0], "\n".join(errors)
+    state, losses, _ = reference(config, 3, 2)
+    assert_matches(result, state, losses)
+
+
 @pytest.mark.parametrize("mode", ["Fail", "Warn", "Ignore"])
 def test_checkpoint_tags_that_differ_over_the_ranks_follow_tag_validation(scratch, mode):
     """DeepSpeed's checkpoint.tag_validation: a tag per rank is an

@@ -321,15 +321,17 @@ _host_groups = []
 
 
 def host_group():
-    """The group zinf's collectives on host memory go over: the default one
-    when it is Gloo, else (an NCCL default a script made) a Gloo group of
-    every rank, made once — a collective call, which every rank makes in
-    zinf.initialize or zinf.zero.Init."""
-    if dist.get_backend() == "gloo":
-        return None
-    if not _host_groups:
-        _host_groups.append(dist.new_group(backend="gloo"))
-    return _host_groups[0]
+    """The group zinf's collectives on host memory go over: a Gloo group of
+    every rank of its own, never the script's default group, even a Gloo
+    one. The engine reduces gradients on a thread of its own while backward
+    runs; on the default group those collectives would interleave with the
+    script's (a barrier, a loss all-reduce) in a different order on each
+    rank, and hang or mix data. Made once per default group (a collective
+    call, which every rank makes in zinf.initialize or zinf.zero.Init)."""
+    default = dist.distributed_c10d._get_default_group()
+    if not _host_groups or _host_groups[0][0] is not default:  # first, or after a new init_process_group
+        _host_groups[:] = [(default, dist.new_group(backend="gloo"))]
+    return _host_groups[0][1]
 
 
 def _is_loopback(host):
