@@ -703,6 +703,31 @@ def test_a_scheduler_built_on_the_clients_optimizer_steers_the_engine(stage, rec
     assert not [w for w in recwarn if "before `optimizer.step()`" in str(w.message)]
 
 
+def test_what_the_engine_has_not_is_asked_of_its_module():
+    """DeepSpeed's engine hands unknown attributes to the module: scripts
+    call the model's own methods (generate, gradient_checkpointing_enable)
+    on the engine."""
+    class WithAMethod(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = make_model()
+            self.note = "model's"
+
+        def forward(self, x):
+            return self.inner(x)
+
+        def magic(self):
+            return 42
+
+    engine, _, _, _ = zinf.initialize(model=WithAMethod(), config=config_for(3, train_batch_size=4))
+    assert engine.magic() == 42 and engine.note == "model's"
+    assert engine.train_batch_size() == 4  # the engine's own come first
+    with pytest.raises(AttributeError, match="nor has its module, a WithAMethod"):
+        engine.no_such_thing
+    assert not hasattr(engine, "no_such_thing")
+    engine.close()
+
+
 def test_the_config_questions_deepspeed_scripts_ask_the_engine():
     config = config_for(3, "cpu", "cpu", train_batch_size=8, gradient_accumulation_steps=2,
                         fp16={"enabled": True, "initial_scale_power": 10}, wall_clock_breakdown=True,

@@ -223,3 +223,14 @@ def test_lr_schedule_key_names_build_a_scheduler_block():
     from zinf.runtime.lr_schedules import WARMUP_LR, WARMUP_MAX_LR, WARMUP_NUM_STEPS, from_config
     schedule = from_config({"type": WARMUP_LR, "params": {WARMUP_MAX_LR: 0.1, WARMUP_NUM_STEPS: 4}}, [0.1])
     assert type(schedule).__name__ == "WarmupLR" and schedule.warmup_num_steps == 4
+
+
+def test_optimizer_names_by_deepspeeds_config_path():
+    from zinf.runtime.config import ADAM_OPTIMIZER, DEEPSPEED_OPTIMIZERS, DeepSpeedConfigError, ZINF_OPTIMIZERS
+    assert ADAM_OPTIMIZER == "adam" and set(ZINF_OPTIMIZERS) <= set(DEEPSPEED_OPTIMIZERS)
+    engine, _, _, _ = zinf.initialize(model=make_model(), config={"train_batch_size": 4,
+                                                                  "optimizer": {"type": ADAM_OPTIMIZER}})
+    assert engine.optimizer_name() == "adam"
+    engine.close()
+    with pytest.raises(DeepSpeedConfigError, match="optimizer.type"):
+        zinf.initialize(model=make_model(), config={"train_batch_size": 4, "optimizer": {"type": "lamb"}})

@@ -348,7 +348,23 @@ _SHAPE_ERROR = re.compile(r"size|shape|dimension|\d-D")
 
 
 class ZinfEngine(torch.nn.Module):
-    """DeepSpeed's DeepSpeedEngine surface over zinf's C++ engine."""
+    """DeepSpeed's DeepSpeedEngine surface over zinf's C++ engine. As
+    DeepSpeed's, an attribute the engine has not is the module's:
+    engine.generate(...), engine.gradient_checkpointing_enable() and a
+    model's own methods work on the engine."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)  # nn.Module's: params, buffers, submodules
+        except AttributeError:
+            module = self.__dict__.get("_modules", {}).get("module")
+            if module is None or name.startswith("__"):
+                raise
+        try:
+            return getattr(module, name)
+        except AttributeError:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}' (nor has its module, "
+                                 f"a {type(module).__name__})") from None
 
     def __init__(self, model, settings, optimizer=None, lr_scheduler=None, training_data=None, collate_fn=None,
                  units=None, param_groups=None):
@@ -384,7 +400,7 @@ class ZinfEngine(torch.nn.Module):
         block = settings.setdefault("optimizer", {"type": "AdamW", "params": {}})
         kind = str(block.get("type", "")).lower()
         if kind not in _OPTIMIZERS:
-            raise ValueError(f"optimizer.type: \"{block.get('type')}\" is not stepped by zinf (Adam, AdamW, "
+            raise DeepSpeedConfigError(f"optimizer.type: \"{block.get('type')}\" is not stepped by zinf (Adam, AdamW, "
                              "Adagrad, Lion)")
         lr = block.get("params", {}).get("lr", _GROUP_DEFAULTS[kind]["lr"])
         zero = settings.setdefault("zero_optimization", {})
