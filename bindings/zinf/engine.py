@@ -400,8 +400,8 @@ class ZinfEngine(torch.nn.Module):
         block = settings.setdefault("optimizer", {"type": "AdamW", "params": {}})
         kind = str(block.get("type", "")).lower()
         if kind not in _OPTIMIZERS:
-            raise DeepSpeedConfigError(f"optimizer.type: \"{block.get('type')}\" is not stepped by zinf (Adam, AdamW, "
-                             "Adagrad, Lion)")
+            raise DeepSpeedConfigError(f"optimizer.type: \"{block.get('type')}\" is not stepped by zinf (Adam, "
+                                       "AdamW, Adagrad, Lion)")
         lr = block.get("params", {}).get("lr", _GROUP_DEFAULTS[kind]["lr"])
         zero = settings.setdefault("zero_optimization", {})
         self.stage = int(zero.get("stage", 0))
