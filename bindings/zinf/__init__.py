@@ -41,5 +41,5 @@ from .accelerator import get_accelerator
 
 __all__ = ["__version__", "aio_handle", "aio_read", "aio_write", "deepspeed_memcpy", "CPUAdam", "CPUAdagrad",
            "CPULion", "DeepSpeedCPUAdam", "DeepSpeedCPUAdagrad", "DeepSpeedCPULion", "TensorSwapper",
-           "ZinfEngine", "DeepSpeedEngine", "DeepSpeedConfigError", "add_config_arguments", "init_distributed", "initialize", "accelerator", "checkpointing",
-           "comm", "get_accelerator", "moe", "ops", "utils", "zero"]
+           "ZinfEngine", "DeepSpeedEngine", "DeepSpeedConfigError", "add_config_arguments", "init_distributed",
+           "initialize", "accelerator", "checkpointing", "comm", "get_accelerator", "moe", "ops", "utils", "zero"]

@@ -59,9 +59,6 @@ _KEY_NAMES = [name for name in list(globals()) if name.isupper()]
 __all__ = ["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "LRRangeTest", "OneCycle", "SCHEDULERS",
            "from_config"] + _KEY_NAMES
 
-WARMUP_LOG = WARMUP_LOG_RATE
-WARMUP_LINEAR = WARMUP_LINEAR_RATE
-
 
 def _path(name):
     return f"scheduler.params.{name}"
@@ -168,17 +165,18 @@ class _WarmupSchedule(_Schedule):
         # log(1) would be 0 in the log curve's denominator, so DeepSpeed warms up over at least 2 steps.
         self.warmup_num_steps = max(2, warmup_num_steps)
         _resolved(warmup_type, "warmup_type")
-        if warmup_type not in (WARMUP_LOG, WARMUP_LINEAR):
+        if warmup_type not in (WARMUP_LOG_RATE, WARMUP_LINEAR_RATE):
             # DeepSpeed accepts an unknown curve with a warning and uses "log"; refusing would break its configs.
-            warnings.warn(f"{_path('warmup_type')}: unknown value {warmup_type!r}, using {WARMUP_LOG!r}", stacklevel=3)
-            warmup_type = WARMUP_LOG
+            warnings.warn(f"{_path('warmup_type')}: unknown value {warmup_type!r}, using {WARMUP_LOG_RATE!r}",
+                          stacklevel=3)
+            warmup_type = WARMUP_LOG_RATE
         self.warmup_type = warmup_type
         # DeepSpeed multiplies by the reciprocal rather than dividing; doing the same keeps the last bit equal.
         self._inverse_log_warmup = 1.0 / math.log(self.warmup_num_steps)
 
     def _warmup_fraction(self):
         """Where the warmup curve is, from 0 at iteration 0 towards 1 at warmup_num_steps."""
-        if self.warmup_type == WARMUP_LOG:
+        if self.warmup_type == WARMUP_LOG_RATE:
             return self._inverse_log_warmup * math.log(self.last_batch_iteration + 1)
         return self.last_batch_iteration / self.warmup_num_steps
 
@@ -193,7 +191,7 @@ class WarmupLR(_WarmupSchedule):
     """
 
     def __init__(self, optimizer_or_base_lrs, warmup_min_lr=0.0, warmup_max_lr=None, warmup_num_steps=1000,
-                 warmup_type=WARMUP_LOG, last_batch_iteration=-1):
+                 warmup_type=WARMUP_LOG_RATE, last_batch_iteration=-1):
         super().__init__(optimizer_or_base_lrs, warmup_num_steps, warmup_type, last_batch_iteration)
         count = len(self.base_lrs)
         self.min_lrs = _per_group(warmup_min_lr, count, "warmup_min_lr")
@@ -222,7 +220,7 @@ class WarmupDecayLR(WarmupLR):
     """
 
     def __init__(self, optimizer_or_base_lrs, total_num_steps, warmup_min_lr=0.0, warmup_max_lr=0.001,
-                 warmup_num_steps=1000, warmup_type=WARMUP_LOG, last_batch_iteration=-1):
+                 warmup_num_steps=1000, warmup_type=WARMUP_LOG_RATE, last_batch_iteration=-1):
         self.total_num_steps = _number(total_num_steps, "total_num_steps")
         super().__init__(optimizer_or_base_lrs, warmup_min_lr, warmup_max_lr, warmup_num_steps, warmup_type,
                          last_batch_iteration)
@@ -247,7 +245,7 @@ class WarmupCosineLR(_WarmupSchedule):
     """
 
     def __init__(self, optimizer_or_base_lrs, total_num_steps, warmup_min_ratio=0.0, warmup_num_steps=1000,
-                 cos_min_ratio=0.0001, warmup_type=WARMUP_LOG, last_batch_iteration=-1):
+                 cos_min_ratio=0.0001, warmup_type=WARMUP_LOG_RATE, last_batch_iteration=-1):
         self.total_num_steps = _number(total_num_steps, "total_num_steps")
         self.warmup_min_ratio = _number(warmup_min_ratio, "warmup_min_ratio")
         self.cos_min_ratio = _number(cos_min_ratio, "cos_min_ratio")
