@@ -703,6 +703,68 @@ def test_a_scheduler_built_on_the_clients_optimizer_steers_the_engine(stage, rec
     assert not [w for w in recwarn if "before `optimizer.step()`" in str(w.message)]
 
 
+def test_the_scheduler_passed_wins_over_the_configs_and_one_without_its_optimizer_is_refused():
+    """DeepSpeed's order: a scheduler (or a callable building one) passed to
+    initialize is used even when the config has a "scheduler" block. A
+    scheduler object given without the optimizer object it was built on
+    (no optimizer, or a callable) is DeepSpeed's AssertionError: its rates
+    would steer an optimizer that never steps."""
+    model = make_model()
+    client = torch.optim.AdamW(model.parameters(), lr=0.02)
+    config = config_for(1, train_batch_size=4, scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 9}})
+    del config["optimizer"]
+    halving = torch.optim.lr_scheduler.LambdaLR(client, lambda step: 0.5 ** step)
+    engine, _, _, returned = zinf.initialize(model=model, optimizer=client, lr_scheduler=halving, config=config)
+    assert returned is halving
+    x, y = batch(0, 0, 0, 4)
+    engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+    engine.step()
+    assert engine.get_lr() == [0.01]
+    engine.close()
+    engine, _, _, returned = zinf.initialize(
+        model=make_model(), optimizer=lambda params: torch.optim.AdamW(params, lr=0.02), config=config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size=30))
+    assert isinstance(returned, torch.optim.lr_scheduler.StepLR) and engine.get_lr() == [0.02]
+    engine.close()
+    # torch's OneCycleLR, built on the engine's optimizer, cycles beta1: the
+    # optimizer's defaults hold every key of its type, as torch's do.
+    engine, optimizer, _, returned = zinf.initialize(
+        model=make_model(), config=config_for(1, train_batch_size=4),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=20))
+    assert optimizer.defaults["betas"] == tuple(ADAMW["params"]["betas"]) and optimizer.defaults["eps"] == 1e-8
+    first = optimizer.param_groups[0]["betas"][0]
+    engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+    engine.step()
+    assert optimizer.param_groups[0]["betas"][0] < first
+    engine.close()
+    unrelated = torch.optim.lr_scheduler.LambdaLR(torch.optim.Adam(make_model().parameters()), lambda step: 1.0)
+    config = config_for(1, train_batch_size=4)
+    for optimizer in (None, lambda params: torch.optim.AdamW(params)):
+        if optimizer is not None:
+            del config["optimizer"]
+        with pytest.raises(AssertionError, match="lr_scheduler: a scheduler object .LambdaLR. is given but"):
+            zinf.initialize(model=make_model(), optimizer=optimizer, lr_scheduler=unrelated, config=config)
+
+
+def test_an_optimizer_callable_gets_the_param_groups_passed_as_model_parameters():
+    """DeepSpeed calls the optimizer callable with model_parameters: a
+    script's groups (no decay for biases) reach the optimizer it builds."""
+    model = make_model()
+    groups = [{"params": [p for name, p in model.named_parameters() if name.endswith("weight")], "weight_decay": 0.1},
+              {"params": [p for name, p in model.named_parameters() if name.endswith("bias")], "weight_decay": 0.0}]
+    config = config_for(2, train_batch_size=4)
+    del config["optimizer"]
+    engine, optimizer, _, _ = zinf.initialize(model=model, model_parameters=groups, config=config,
+                                              optimizer=lambda params: torch.optim.AdamW(params, lr=0.01))
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0]
+    plain = make_model()
+    reference = torch.optim.AdamW([
+        {"params": [p for name, p in plain.named_parameters() if name.endswith("weight")], "weight_decay": 0.1},
+        {"params": [p for name, p in plain.named_parameters() if name.endswith("bias")], "weight_decay": 0.0}],
+        lr=0.01)
+    train_both(engine, plain, reference, 3)
+
+
 def test_what_the_engine_has_not_is_asked_of_its_module():
     """DeepSpeed's engine hands unknown attributes to the module: scripts
     call the model's own methods (generate, gradient_checkpointing_enable)
@@ -996,3 +1058,48 @@ def test_fp16_auto_cast_hands_the_model_half_inputs():
         engine(x, {"ids": torch.arange(3), "pair": (torch.ones(2), 1)}, labels=y)
         assert model.seen == (want, torch.int64, want, torch.float32)
         engine.close()
+
+
+# -- data_types.grad_accum_dtype and amp: refused where DeepSpeed refuses them -----------------
+@pytest.mark.parametrize("precision, accumulate, stage, accepted", [
+    ("fp32", "fp32", 0, True), ("bf16", "fp32", 0, True), ("fp16", "half", 0, True),
+    ("fp32", "bf16", 0, False), ("fp32", "fp16", 0, False), ("fp16", "fp32", 0, False),
+    ("bf16", "bf16", 0, False), ("bf16", "float16", 0, False),
+    ("fp32", "bf16", 1, True), ("fp16", "bf16", 2, True), ("bf16", "bfloat16", 3, True),
+])
+def test_grad_accum_dtype_is_refused_without_zero_where_deepspeed_refuses_it(precision, accumulate, stage, accepted):
+    """Without ZeRO, DeepSpeed accumulates in the model's dtype (fp32 for a
+    bf16 model) and raises NotImplementedError for another; with ZeRO it
+    takes any. zinf accumulates in fp32 and accepts what DeepSpeed accepts,
+    training as the same config without the key does."""
+    def config(with_key):
+        extra = {"data_types": {"grad_accum_dtype": accumulate}} if with_key else {}
+        if precision != "fp32":
+            extra[precision] = {"enabled": True}
+        return config_for(stage, "cpu", train_batch_size=4, **extra)
+    if not accepted:
+        with pytest.raises(NotImplementedError, match="data_types.grad_accum_dtype"):
+            zinf.initialize(model=HalfParamsFloatMath(), config=config(True))
+        return
+    engines = [zinf.initialize(model=HalfParamsFloatMath(), config=config(with_key))[0] for with_key in (True, False)]
+    for step in range(2):
+        x, y = batch(step, 0, 0, 4)
+        for engine in engines:
+            engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+            engine.step()
+    for got, want in zip(engines[0].module.parameters(), engines[1].module.parameters()):
+        assert torch.equal(utils.safe_get_full_fp32_param(got), utils.safe_get_full_fp32_param(want))
+    for engine in engines:
+        engine.close()
+
+
+def test_an_unknown_grad_accum_dtype_and_amp_are_config_errors():
+    with pytest.raises(zinf.DeepSpeedConfigError, match=r"data_types.grad_accum_dtype: 'int4'"):
+        zinf.initialize(model=make_model(), config=config_for(1, "cpu", data_types={"grad_accum_dtype": "int4"}))
+    # Apex amp is not zinf's: refused, as DeepSpeed refuses it with ZeRO
+    # (an AssertionError there), naming the key and what to use instead.
+    for stage in (0, 2):
+        with pytest.raises(AssertionError, match="amp.enabled: .* use \"bf16\""):
+            zinf.initialize(model=make_model(), config=config_for(stage, "cpu", amp={"enabled": True}))
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(0, "cpu", amp={"enabled": False}))
+    engine.close()

@@ -69,6 +69,10 @@ from .torch import _OnBackward, _OnDemandFetch, _before_backward_of, _load_confi
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _log = logging.getLogger("zinf")
 _OPTIMIZERS = {"adam", "adamw", "adagrad", "lion"}
+# data_types.grad_accum_dtype's spellings, DeepSpeed's DtypeEnum's.
+_DTYPE_NAMES = {"fp32": ("fp32", "float32", "float", "torch.float32"),
+                "fp16": ("fp16", "float16", "half", "torch.float16"),
+                "bf16": ("bf16", "bfloat16", "bfloat", "torch.bfloat16")}
 
 
 _ZERO_TO_FP32_SCRIPT = """#!/usr/bin/env python3
@@ -181,6 +185,42 @@ def _external_parameters(module):
     return [(str(k), p) for k, p in enumerate(module.__dict__.get("_zinf_external_params", ()))]
 
 
+def _check_precision_settings(settings, precision, stage):
+    """What DeepSpeed refuses of "amp" and data_types.grad_accum_dtype,
+    refused alike, so a config fails here as it does there.
+
+    zinf accumulates gradients in fp32 at every stage, whatever
+    grad_accum_dtype names: more exact than the 16-bit accumulation it
+    may ask for at stages 1-3, which DeepSpeed accepts. Without ZeRO,
+    DeepSpeed accumulates in the model's dtype, or in fp32 for a bf16
+    model, and raises NotImplementedError for any other choice: so does
+    zinf, rather than train with a type the config did not ask for."""
+    amp = settings.get("amp", {})
+    if isinstance(amp, dict) and amp.get("enabled") is True:
+        raise _AmpRefused("amp.enabled: NVIDIA Apex amp is not part of zinf (and DeepSpeed refuses it with ZeRO); "
+                          "use \"bf16\": {\"enabled\": true} or \"fp16\" for mixed precision")
+    wanted = settings.get("data_types", {}).get("grad_accum_dtype") \
+        if isinstance(settings.get("data_types"), dict) else None
+    if wanted is None:
+        return
+    accumulate = next((name for name, spellings in _DTYPE_NAMES.items() if wanted in spellings), None)
+    if accumulate is None:
+        raise DeepSpeedConfigError(f"data_types.grad_accum_dtype: {wanted!r} is not one of \"fp32\", \"fp16\", "
+                                   "\"bf16\"")
+    if stage > 0 or accumulate == precision or (precision, accumulate) == ("bf16", "fp32"):
+        if precision == accumulate == "bf16" and stage == 0:
+            raise NotImplementedError("data_types.grad_accum_dtype: bf16 gradient accumulation needs ZeRO (stage "
+                                      "1-3), as in DeepSpeed; leave it out or set \"fp32\" without ZeRO")
+        return
+    raise NotImplementedError(f"data_types.grad_accum_dtype: {wanted!r} with a {precision} model is not supported "
+                              "without ZeRO (DeepSpeed refuses it too); use stage 1-3, or leave the key out")
+
+
+class _AmpRefused(DeepSpeedConfigError, AssertionError):
+    """amp.enabled: a config error, and the AssertionError DeepSpeed's
+    engine raises for amp with ZeRO."""
+
+
 def _batch_sizes(settings, world):
     """DeepSpeed's rule: train_batch_size = micro x accumulation x world,
     any two given (or one, the others defaulting) decide the third."""
@@ -284,6 +324,18 @@ _GROUP_DEFAULTS = {"adam": _ADAM_DEFAULTS, "adamw": _ADAM_DEFAULTS,
                    "lion": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0}}
 
 
+def _optimizer_defaults(block):
+    """The config's optimizer hyperparameters over its type's defaults:
+    what a group that sets none has (torch's optimizer.defaults)."""
+    kind = str(block.get("type", "")).lower()
+    base = dict(_GROUP_DEFAULTS[kind])
+    base.update({key: value for key, value in block.get("params", {}).items()
+                 if key in _GROUP_KEYS[kind] and value != "auto"})
+    if "betas" in base:
+        base["betas"] = tuple(base["betas"])  # a JSON list; torch's groups hold a tuple
+    return base
+
+
 def _param_groups(groups, block, named):
     """The optimizer's param groups: the caller's (model_parameters or a
     torch optimizer's), each param once, or one group of every param. A
@@ -293,10 +345,7 @@ def _param_groups(groups, block, named):
     returned, filled in place: a torch optimizer passed to initialize shares
     them, as DeepSpeed's ZeRO optimizer shares its client's, so a scheduler
     built on it (or a script setting its "lr") steers the engine."""
-    kind = str(block.get("type", "")).lower()
-    base = dict(_GROUP_DEFAULTS[kind])
-    base.update({key: value for key, value in block.get("params", {}).items()
-                 if key in _GROUP_KEYS[kind] and value != "auto"})
+    base = _optimizer_defaults(block)
     if not groups:
         trainable = [p for _, p in named if p.requires_grad]
         groups = [{"params": trainable or [p for _, p in named]}]
@@ -388,8 +437,18 @@ class ZinfEngine(torch.nn.Module):
         settings.pop("train_batch_size", None)
         settings.pop("train_micro_batch_size_per_gpu", None)
 
+        if lr_scheduler is not None and hasattr(lr_scheduler, "step") and \
+                not callable(getattr(optimizer, "step", None)):
+            # As DeepSpeed asserts: a scheduler object is built on an
+            # optimizer object, which must be the one given here, else
+            # its rates steer an optimizer that never steps.
+            raise UsageError(f"lr_scheduler: a scheduler object ({type(lr_scheduler).__name__}) is given but the "
+                             f"optimizer is {'not given' if optimizer is None else 'a callable'}; pass the "
+                             "optimizer the scheduler was built on, or a callable building the scheduler")
         if optimizer is not None and not callable(getattr(optimizer, "step", None)):
-            optimizer = optimizer(list(model.parameters()))  # a callable building one
+            # A callable building one, from model_parameters as DeepSpeed
+            # calls it (the script's param groups), else the model's params.
+            optimizer = optimizer(param_groups if param_groups is not None else list(model.parameters()))
         if optimizer is not None and "optimizer" in settings:
             raise ValueError("optimizer: given both in the config and as an argument (DeepSpeed refuses this too)")
         self._client_optimizer_name = type(optimizer).__name__ if optimizer is not None else None
@@ -402,12 +461,12 @@ class ZinfEngine(torch.nn.Module):
         if kind not in _OPTIMIZERS:
             raise DeepSpeedConfigError(f"optimizer.type: \"{block.get('type')}\" is not stepped by zinf (Adam, "
                                        "AdamW, Adagrad, Lion)")
-        lr = block.get("params", {}).get("lr", _GROUP_DEFAULTS[kind]["lr"])
         zero = settings.setdefault("zero_optimization", {})
         self.stage = int(zero.get("stage", 0))
         precision = "bf16" if settings.get("bf16", {}).get("enabled") is True else \
             "fp16" if settings.get("fp16", {}).get("enabled") is True else "fp32"
         self._dtype = _DTYPES[precision]
+        _check_precision_settings(settings, precision, self.stage)
 
         # checkpoint.tag_validation (DeepSpeed's default "Warn"): whether
         # save_checkpoint's tags must agree over the ranks.
@@ -456,7 +515,9 @@ class ZinfEngine(torch.nn.Module):
                 self._engine.set_trainable(self._index[id(p)], False)
         self._engine.finalize()
         self._after_finalize(model)
-        self.optimizer = ZinfOptimizer(groups, {"lr": lr})
+        # defaults as a torch optimizer's hold every key (torch's OneCycleLR
+        # looks for "betas" there before it cycles momentum).
+        self.optimizer = ZinfOptimizer(groups, _optimizer_defaults(self._settings["optimizer"]))
         self.optimizer._engine = self
         self._pushed = [_group_settings(g, kind) for g in groups]
         self._scheduler = self._make_scheduler(lr_scheduler)
@@ -1438,13 +1499,21 @@ class ZinfEngine(torch.nn.Module):
 
     # -- construction helpers ----------------------------------------------------------------
     def _make_scheduler(self, lr_scheduler):
+        """The scheduler passed to initialize (or built by the callable
+        passed), else the config's "scheduler" block: DeepSpeed's order, in
+        which the script's own wins over the config's."""
         block = self._settings.get("scheduler")
-        if lr_scheduler is not None and block is not None:
-            raise ValueError("scheduler: given both in the config and as an argument")
-        if block is not None:
-            return lr_schedules.from_config(block, self.optimizer)
-        if lr_scheduler is not None and not hasattr(lr_scheduler, "step"):
+        if lr_scheduler is None:
+            return lr_schedules.from_config(block, self.optimizer) if block is not None else None
+        if block is not None and self.global_rank == 0:
+            _log.info("zinf.initialize: the lr_scheduler passed is used; the config's \"scheduler\" (%s) is not",
+                      block.get("type"))
+        if not hasattr(lr_scheduler, "step"):
             return lr_scheduler(self.optimizer)  # a callable building one
+        if self._client_optimizer is not None and getattr(lr_scheduler, "optimizer", None) is not \
+                self._client_optimizer and self.global_rank == 0:
+            _log.warning("zinf.initialize: the lr_scheduler passed was built on another optimizer than the one "
+                         "passed; its rates reach no param zinf trains")
         return lr_scheduler
 
     def _make_dataloader(self, training_data, collate_fn):
