@@ -2,6 +2,7 @@
 // through a c10d TCPStore (libtorch's, the store torchrun's workers use).
 #include <arpa/inet.h>
 #include <netdb.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -28,6 +29,23 @@
 
 namespace zinf::zero3 {
 namespace {
+
+// Gloo's TCP pairs write with writev, which cannot pass MSG_NOSIGNAL: a
+// peer rank that dies mid-collective would kill this rank with SIGPIPE
+// (seen as a rare "signal 13" in the dying-rank test) instead of failing
+// the collective with an error that names the peer. Python ignores
+// SIGPIPE already; a C++ trainer that left it at its default gets it
+// ignored here, once, so EPIPE comes back as an error. A handler the
+// trainer installed is left alone.
+void ignore_sigpipe_if_default() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction current {};
+    if (::sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) {
+      ::signal(SIGPIPE, SIG_IGN);
+    }
+  });
+}
 
 // Gloo's rendezvous talks to a gloo Store; this one forwards to c10d's.
 class C10dStoreForGloo final : public gloo::rendezvous::Store {
@@ -135,6 +153,7 @@ class GlooCommunicator final : public Communicator {
                    "address towards MASTER_ADDR {} (GLOO_SOCKET_IFNAME chooses another interface)",
                    rank_, attr.hostname, launch.master_addr);
       }
+      ignore_sigpipe_if_default();
       auto device = gloo::transport::tcp::CreateDevice(attr);
       auto context = std::make_shared<gloo::rendezvous::Context>(rank_, world_size_);
       context->setTimeout(timeout);
