@@ -266,9 +266,9 @@ int train(const std::string& config_path, int steps, const ModelShape& shape, co
         (error.kind() != zinf::ErrorKind::config && error.kind() != zinf::ErrorKind::corrupt)) {
       throw;
     }
-    // A model of another shape (or a damaged earlier run) in the swap
-    // directories: say how to start fresh instead of leaving the user to
-    // find and delete them.
+    // A damaged earlier run in the swap directories (another model's are
+    // reused: the engine starts afresh over them): say how to start fresh
+    // instead of leaving the user to find and delete them.
     throw zinf::Error(error.kind(), fmt::format("{} (the swap files in {} are from an earlier run: pass "
                                                 "--clear-nvme to delete them and start fresh)",
                                                 error.what(), leftovers.front().parent_path().string()));
@@ -343,7 +343,7 @@ int main(int argc, char** argv) {
   app.add_option("--load", load, "resume from this checkpoint");
   app.add_flag("--clear-nvme", clear_nvme,
                "delete the swap files an earlier run left in <nvme_path>/zinf/rank<R> before starting "
-               "(without it they are reused, which only works for the same model)");
+               "(without it their space is reused)");
   CLI11_PARSE(app, argc, argv);
   if (shape.width % shape.heads != 0) {
     std::fprintf(stderr, "gpt_zero3: --width %d is not a multiple of --heads %d\n", shape.width, shape.heads);

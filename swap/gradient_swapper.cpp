@@ -12,6 +12,9 @@
 namespace zinf::swap {
 namespace {
 
+// Rewrites of small sub-groups commit together once this much was written.
+constexpr std::uint64_t kCommitBytes = 64ull << 20;
+
 std::uint64_t buffer_bytes(std::span<const SubGroup> groups, std::uint64_t alignment) {
   std::uint64_t largest = 0;
   for (const auto& group : groups) largest = std::max<std::uint64_t>(largest, group.elements);
@@ -122,9 +125,11 @@ GradientSwapper::Buffer& GradientSwapper::open(std::size_t group) {
   Buffer& next = buffers_[1 - last_opened_];
   if (next.ticket.valid()) {
     settle(next);
-    // The extent that write replaced is free again: at most two
-    // sub-groups' rewrites hold disk space twice.
-    store_.commit();
+    // The extent that write replaced is free again once committed: at
+    // most two sub-groups' rewrites (or kCommitBytes of small ones, whose
+    // commits would otherwise cost more than their writes) hold disk
+    // space twice.
+    store_.commit_after(kCommitBytes);
   }
   ZINF_ASSERT(next.open == Buffer::none, "a gradient buffer is open twice");
   if (next.holds != group) flush(next);  // its values are needed on the store

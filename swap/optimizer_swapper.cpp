@@ -408,9 +408,17 @@ void OptimizerSwapper::read_recovery() {
   step_ = recovery_.finished_step;
 }
 
-void OptimizerSwapper::commit_group(std::size_t group) {
-  store_->commit();
-  if (options_.after_group_committed) options_.after_group_committed(group);
+void OptimizerSwapper::commit_groups(std::int64_t step, bool now) {
+  if (now) {
+    store_->commit();
+  } else if (!store_->commit_after(options_.commit_bytes)) {
+    return;
+  }
+  for (const std::size_t group : uncommitted_) {
+    recovery_.group_steps[group] = step;
+    if (options_.after_group_committed) options_.after_group_committed(group);
+  }
+  uncommitted_.clear();
 }
 
 void OptimizerSwapper::initialize(std::size_t group, std::span<const float> params,
@@ -482,9 +490,11 @@ void OptimizerSwapper::initialize(std::size_t group, std::span<const float> para
       store_->set_attribute(options_.name + ".step", std::to_string(step));
       store_->set_attribute(options_.name + ".step_in_progress", "");
       store_->set_attribute(options_.name + ".state_format", std::string(cpu_adam::to_string(options_.moment_format)));
+      store_->commit();
     }
+  } else if (store_ != nullptr) {
+    store_->commit_after(options_.commit_bytes);  // the last sub-group's commits them all
   }
-  if (store_ != nullptr) store_->commit();
 }
 
 void OptimizerSwapper::roll_back_uncommitted(std::int64_t next) {
@@ -778,12 +788,11 @@ void OptimizerSwapper::step_on_store(std::span<const cpu_adam::Buffer> grads, Gr
   const auto finish_writes = [&](Slot& slot) {
     const std::size_t group = *slot.writing_group;
     wait_writes(slot);
-    {
-      Timed timed(last_stats_.write_wait);
-      commit_group(group);
-    }
-    recovery_.group_steps[group] = next;
+    uncommitted_.push_back(group);
+    Timed timed(last_stats_.write_wait);
+    commit_groups(next, false);
   };
+  uncommitted_.clear();
 
   try {
     if (!options_.overlap) {
@@ -821,13 +830,18 @@ void OptimizerSwapper::step_on_store(std::span<const cpu_adam::Buffer> grads, Gr
     // Nothing may still be reading or writing the slots when the error
     // leaves; the manifest keeps the step marked as interrupted.
     drain_slots();
+    uncommitted_.clear();
     roll_back_uncommitted(next);
     throw;
   }
   step_ = next;
   store_->set_attribute(options_.name + ".step", std::to_string(next));
   store_->set_attribute(options_.name + ".step_in_progress", "");
-  store_->commit();
+  {
+    // The sub-groups not yet committed, with the step's end, in one commit.
+    Timed timed(last_stats_.write_wait);
+    commit_groups(next, true);
+  }
   recovery_.finished_step = next;
   recovery_.interrupted.reset();
 }

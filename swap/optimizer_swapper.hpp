@@ -95,6 +95,12 @@ struct OptimizerSwapperOptions {
   // Called after sub-group k of a step is durable (tests use it to kill the
   // process mid-step; a trainer may use it for progress).
   std::function<void(std::size_t group)> after_group_committed;
+  // A step commits once this many bytes were written since its last
+  // commit, not after every sub-group: a commit (manifest, flushes) costs
+  // milliseconds whatever its size, which a small sub_group_size would pay
+  // thousands of times per step. Sub-groups of at least this size commit
+  // one by one, as with 0. A crash loses at most this much of a step.
+  std::uint64_t commit_bytes = 256ull << 20;
 };
 
 // Where a step stands after a reopen.
@@ -228,7 +234,9 @@ class OptimizerSwapper {
   void check_grads(std::span<const cpu_adam::Buffer> grads) const;
   // The copies and the swapper's state (no interrupted step).
   void check_step_inputs(std::span<const cpu_adam::Buffer> copies) const;
-  void commit_group(std::size_t group);
+  // Commits (when commit_bytes are written, or `now`) and marks the
+  // sub-groups written since the last commit as at `step`.
+  void commit_groups(std::int64_t step, bool now);
   void roll_back_uncommitted(std::int64_t next);
   // Waits out every slot's I/O, ignoring errors (error paths, destructor).
   void drain_slots() noexcept;
@@ -241,6 +249,7 @@ class OptimizerSwapper {
   std::vector<ParamGroupSettings> param_groups_;
   std::vector<std::vector<ParamGroupRange>> group_ranges_;  // per sub-group; empty: the optimizer's
   std::vector<std::unique_ptr<Slot>> slots_;
+  std::vector<std::size_t> uncommitted_;  // sub-groups written, not yet committed
   // Host mode: [group][tensor] where tensor 0 is the param; a compressed
   // moment's bytes are kept in float storage (rounded up to whole floats).
   std::vector<std::vector<std::vector<float>>> host_;

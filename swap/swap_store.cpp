@@ -529,6 +529,7 @@ std::uint64_t SwapStore::wait(SwapTicket ticket) {
     std::lock_guard lock(mutex_);
     writes_in_flight_.erase(operation->key);
     auto [it, inserted] = entries_.try_emplace(operation->key, extent);
+    written_since_commit_ += extent.padded_bytes;
     if (!inserted) {
       pending_free_.push_back(Extent{it->second.offset_bytes, it->second.padded_bytes});
       it->second = extent;
@@ -572,6 +573,12 @@ void SwapStore::remove(std::string_view key) {
   if (it == entries_.end()) return;
   pending_free_.push_back(Extent{it->second.offset_bytes, it->second.padded_bytes});
   entries_.erase(it);
+}
+
+void SwapStore::clear() {
+  for (const auto& key : keys()) remove(key);
+  std::lock_guard lock(mutex_);
+  std::erase_if(attributes_, [](const auto& attribute) { return attribute.first != kWrittenAttribute; });
 }
 
 void SwapStore::revert(std::string_view key) {
@@ -675,6 +682,7 @@ void SwapStore::commit() {
     // anything freed after it.
     recyclable = std::move(pending_free_);
     pending_free_.clear();
+    written_since_commit_ = 0;
   }
   try {
     if (sync_) {
@@ -700,6 +708,15 @@ void SwapStore::commit() {
   ++generation_;
   ++commits_;
   recycle(recyclable);
+}
+
+bool SwapStore::commit_after(std::uint64_t written_bytes) {
+  {
+    std::lock_guard lock(mutex_);
+    if (written_since_commit_ < written_bytes) return false;
+  }
+  commit();
+  return true;
 }
 
 void SwapStore::register_buffers(std::span<const aio::MemoryRegion> regions) {

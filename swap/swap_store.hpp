@@ -136,6 +136,10 @@ class SwapStore {
 
   // Forgets `key`; its extent is reusable after the next commit.
   void remove(std::string_view key);
+  // Forgets every key and attribute (but the running count of bytes
+  // written): an engine starting a run afresh over what an earlier run
+  // left. The space is reusable after the next commit.
+  void clear();
   // Undoes what finished writes and removes did to `key` since the last
   // commit: the key names what the manifest says again (or nothing). For
   // callers that must not commit half of a group of tensors.
@@ -153,6 +157,14 @@ class SwapStore {
   // still in flight are not included (their keys keep the previous extent
   // in the manifest).
   void commit();
+  // commit() once the writes finished since the last commit add up to at
+  // least `written_bytes` (padded), else nothing; returns whether it
+  // committed. For callers that would commit after each of many small
+  // writes, where a commit's fixed cost (the manifest, the flushes) would
+  // outweigh the writes. What it bounds: the work a crash loses, and the
+  // disk space superseded extents hold until the next commit. 0 always
+  // commits.
+  bool commit_after(std::uint64_t written_bytes);
 
   // The volume's engines use `regions` as registered buffers (io_uring).
   void register_buffers(std::span<const aio::MemoryRegion> regions);
@@ -197,6 +209,7 @@ class SwapStore {
   std::map<std::string, std::string, std::less<>> attributes_;
   std::map<std::uint64_t, std::uint64_t> free_;  // offset -> length, coalesced
   std::vector<Extent> pending_free_;
+  std::uint64_t written_since_commit_ = 0;  // padded bytes of writes finished since the last commit
   std::multiset<std::uint64_t> reads_in_flight_;  // extent offsets being read
   std::set<std::string, std::less<>> writes_in_flight_;
   std::unordered_map<std::uint64_t, std::unique_ptr<Operation>> operations_;

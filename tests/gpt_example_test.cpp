@@ -7,8 +7,8 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <fstream>
 #include <cstdio>
+#include <fstream>
 #include <map>
 #include <sstream>
 #include <tuple>
@@ -102,7 +102,7 @@ TEST(GptExample, ACheckpointResumesWhereTheRunStopped) {
   EXPECT_TRUE(std::filesystem::exists(std::filesystem::path(checkpoint) / "zinf_model_weights.safetensors"));
 }
 
-TEST(GptExample, AnEarlierRunsSwapFilesAreReusedOrClearedWithTheNamedFlag) {
+TEST(GptExample, AnEarlierRunsSwapFilesAreReusedAndADamagedOneIsClearedWithTheNamedFlag) {
   TempDir dir;
   const std::string nvme_dir = (dir / "nvme").string();
   const std::string nvme = write_config(
@@ -112,8 +112,16 @@ TEST(GptExample, AnEarlierRunsSwapFilesAreReusedOrClearedWithTheNamedFlag) {
   ASSERT_EQ(run_example("--config " + nvme + " --steps 1" + kSmall).exit_code, 0);
   // The same model again reuses the directory.
   EXPECT_EQ(run_example("--config " + nvme + " --steps 1" + kSmall).exit_code, 0);
-  // Another model is refused with the way out named ...
+  // Another model (another layout of sub-groups) starts afresh over them:
+  // the engine never resumes from swap files, as DeepSpeed overwrites its.
   const std::string wider = " --layers 3 --width 32 --context 16 --batch 4";
+  const Outcome other = run_example("--config " + nvme + " --steps 1" + wider);
+  EXPECT_EQ(other.exit_code, 0) << other.err;
+  EXPECT_NE((other.out + other.err).find("starts afresh"), std::string::npos) << other.out << other.err;
+  // A damaged manifest is refused with the way out named ...
+  const auto manifest = std::filesystem::path(nvme_dir) / "zinf" / "rank0" / "optimizer" / "zinf.manifest";
+  ASSERT_TRUE(std::filesystem::exists(manifest));
+  { std::ofstream(manifest, std::ios::trunc) << "{ not json"; }
   const Outcome refused = run_example("--config " + nvme + " --steps 1" + wider);
   EXPECT_NE(refused.exit_code, 0);
   EXPECT_NE(refused.err.find("--clear-nvme"), std::string::npos) << refused.err;

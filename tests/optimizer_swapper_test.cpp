@@ -73,6 +73,13 @@ OptimizerSwapperOptions adamw(bool overlap) {
   return options;
 }
 
+// Pipelined AdamW committing once `bytes` were written (0: each sub-group).
+OptimizerSwapperOptions adamw_committing_after(std::uint64_t bytes) {
+  OptimizerSwapperOptions options = adamw(true);
+  options.commit_bytes = bytes;
+  return options;
+}
+
 // The expected states after `steps` steps: CpuOptimizer on plain vectors.
 struct Reference {
   explicit Reference(std::int64_t steps, const OptimizerSettings& settings = {}) {
@@ -250,13 +257,18 @@ TEST(OptimizerSwapper, StatesSurviveACleanExitAndTheRunContinuesExactly) {
   for (std::size_t g = 0; g < kGroups.size(); ++g) expect_state(swapper, g, reference);
 }
 
-TEST(OptimizerSwapper, AProcessKilledMidStepReopensDetectablyIncompleteAndIntact) {
+// commit_bytes 0 commits each sub-group; 300 KiB commits sub-groups 0-2
+// together (layers.2 alone passes it), then 3-4 with the step's end: the
+// kill after sub-group 2's commit finds the same state either way.
+class OptimizerSwapperKilled : public ::testing::TestWithParam<std::uint64_t> {};
+
+TEST_P(OptimizerSwapperKilled, AProcessKilledMidStepReopensDetectablyIncompleteAndIntact) {
   TempDir dir;
   const int status = testing::run_in_child([&] {
     cpu_adam::CpuOptimizer optimizer(2);
     SwapStore store(store_options(dir.path()));
     PinnedPool pool(pool_options());
-    OptimizerSwapperOptions options = adamw(true);
+    OptimizerSwapperOptions options = adamw_committing_after(GetParam());
     std::int64_t* current_step = nullptr;
     options.after_group_committed = [&](std::size_t group) {
       // Die in step 3 once sub-groups 0..2 are durable, with the writes of
@@ -315,6 +327,8 @@ TEST(OptimizerSwapper, AProcessKilledMidStepReopensDetectablyIncompleteAndIntact
   for (std::size_t g = 0; g < kGroups.size(); ++g) expect_state(swapper, g, at_four);
 }
 
+INSTANTIATE_TEST_SUITE_P(CommitBytes, OptimizerSwapperKilled, ::testing::Values(0u, 300u << 10));
+
 // Once armed, the write transfer numbered `fail_at` (counting from 1)
 // fails with EIO; everything else goes to the disk.
 class ArmableDevice final : public aio::SyncDevice {
@@ -337,8 +351,9 @@ TEST(OptimizerSwapper, AnIoErrorMidStepLeavesNoTornSubGroupAndBlocksTheNextStep)
   // Fail one write piece at several points of step 2: in every case each
   // sub-group is wholly at step 1 or wholly at step 2, as recovery() says,
   // before and after a reopen, and step() refuses to run over it.
-  for (const int fail_at : {1, 8, 10, 20}) {
-    SCOPED_TRACE(fail_at);
+  for (const auto& [fail_at, commit_bytes] : std::vector<std::pair<int, std::uint64_t>>{
+           {1, 0}, {8, 0}, {10, 0}, {20, 0}, {1, 300 << 10}, {10, 300 << 10}, {20, 300 << 10}}) {
+    SCOPED_TRACE(fmt::format("fail_at {}, commit_bytes {}", fail_at, commit_bytes));
     TempDir dir;
     std::atomic<bool> armed{false};
     std::atomic<int> countdown{fail_at};
@@ -354,7 +369,7 @@ TEST(OptimizerSwapper, AnIoErrorMidStepLeavesNoTornSubGroupAndBlocksTheNextStep)
       SwapStore store(options, engine);
       cpu_adam::CpuOptimizer optimizer(2);
       PinnedPool pool(pool_options());
-      OptimizerSwapper swapper(store, pool, optimizer, kGroups, adamw(true));
+      OptimizerSwapper swapper(store, pool, optimizer, kGroups, adamw_committing_after(commit_bytes));
       for (std::size_t g = 0; g < kGroups.size(); ++g) swapper.initialize(g, initial_params(g));
       Grads first(1);
       swapper.step(first.grad_buffers, first.copy_buffers);
@@ -389,6 +404,46 @@ TEST(OptimizerSwapper, AnIoErrorMidStepLeavesNoTornSubGroupAndBlocksTheNextStep)
       expect_state(reopened, g, group_steps[g] == 2 ? at_two : at_one);
     }
   }
+}
+
+TEST(OptimizerSwapper, SmallSubGroupsCommitTogetherAndStepAsWhenEachCommits) {
+  // A small sub_group_size makes thousands of sub-groups; a commit per
+  // sub-group (manifest, flushes) then costs more than the step. With
+  // commit_bytes the sub-groups commit in batches: the same bits, a few
+  // commits a step, and every state readable after a reopen.
+  const Reference reference(3);
+  std::vector<std::uint64_t> commits;
+  for (const std::uint64_t commit_bytes : {std::uint64_t{0}, std::uint64_t{300} << 10, std::uint64_t{256} << 20}) {
+    SCOPED_TRACE(commit_bytes);
+    TempDir dir;
+    {
+      SwapStore store(store_options(dir.path()));
+      cpu_adam::CpuOptimizer optimizer(2);
+      PinnedPool pool(pool_options());
+      OptimizerSwapper swapper(store, pool, optimizer, kGroups, adamw_committing_after(commit_bytes));
+      for (std::size_t g = 0; g < kGroups.size(); ++g) swapper.initialize(g, initial_params(g));
+      const std::uint64_t before = store.stats().commits;
+      for (std::int64_t step = 1; step <= 3; ++step) {
+        Grads grads(step);
+        swapper.step(grads.grad_buffers, grads.copy_buffers);
+      }
+      commits.push_back(store.stats().commits - before);
+      for (std::size_t g = 0; g < kGroups.size(); ++g) expect_state(swapper, g, reference);
+    }
+    SwapStore store(store_options(dir.path()));
+    cpu_adam::CpuOptimizer optimizer(2);
+    PinnedPool pool(pool_options());
+    OptimizerSwapper reopened(store, pool, optimizer, kGroups, adamw(true));
+    EXPECT_EQ(reopened.step_count(), 3);
+    EXPECT_EQ(reopened.recovery().group_steps, std::vector<std::int64_t>(kGroups.size(), 3));
+    for (std::size_t g = 0; g < kGroups.size(); ++g) expect_state(reopened, g, reference);
+  }
+  // Per step: the marker, one commit per sub-group (or per batch, or
+  // none), and the step's end.
+  EXPECT_EQ(commits[0], 3 * (2 + kGroups.size()));
+  EXPECT_LT(commits[1], commits[0]);
+  EXPECT_GT(commits[1], commits[2]);
+  EXPECT_EQ(commits[2], 3 * 2u);
 }
 
 TEST(OptimizerSwapper, TooSmallAPinnedBudgetFailsBeforeStepZeroNamingTheBytes) {

@@ -19,6 +19,20 @@ using cpu_adam::DType;
 
 namespace {
 
+// The engine starts each run from the model it is given (finalize), or
+// from a checkpoint (load): what an earlier run left in nvme_path, maybe
+// for another model or sub_group_size, is no state of this one. Forgotten
+// and committed, so its layout cannot fail this run, as DeepSpeed
+// overwrites its own swap files.
+void start_afresh(swap::SwapStore& store) {
+  if (!store.keys().empty()) {
+    log().info("zero3: the swap directory held an earlier run's tensors; this run starts afresh and reuses "
+               "their space");
+  }
+  store.clear();
+  store.commit();
+}
+
 using Clock = std::chrono::steady_clock;
 
 std::uint64_t dtype_bytes(DType dtype) { return dtype == DType::f32 ? 4 : 2; }
@@ -459,6 +473,7 @@ void Engine::finalize() {
   if (optimizer_on_nvme) {
     optimizer_store_ = std::make_unique<swap::SwapStore>(
         swap::store_options(config_, swap::SwapRole::optimizer, rank));
+    start_afresh(*optimizer_store_);
     pool_bytes += swap::OptimizerSwapper::pinned_bytes_needed(
         sub_groups_, optimizer_options.optimizer.kind, optimizer_options.overlap,
         optimizer_store_->alignment(), optimizer_options.moment_format);
@@ -475,6 +490,7 @@ void Engine::finalize() {
   }
   if (params_on_nvme) {
     param_store_ = std::make_unique<swap::SwapStore>(swap::store_options(config_, swap::SwapRole::param, rank));
+    start_afresh(*param_store_);
     param_options = swap::param_swapper_options(config_, element_bytes());
     for (std::size_t p = 0; p < params_.size(); ++p) {
       params_[p]->key = fmt::format("p{}:{}", p, params_[p]->d.name);

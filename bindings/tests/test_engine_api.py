@@ -1103,3 +1103,29 @@ def test_an_unknown_grad_accum_dtype_and_amp_are_config_errors():
             zinf.initialize(model=make_model(), config=config_for(stage, "cpu", amp={"enabled": True}))
     engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(0, "cpu", amp={"enabled": False}))
     engine.close()
+
+
+# -- nvme_path reused by the next run ------------------------------------------------------
+def test_a_run_over_an_earlier_runs_swap_files_starts_afresh(scratch):
+    """Scripts keep one nvme_path ("/local_nvme") for every run. The swap
+    files an earlier run left, of another model, sub_group_size or state
+    format, are reused space (DeepSpeed overwrites its own): before, the
+    next run failed on their layout. The run trains as on an empty path;
+    small sub-groups (DeepSpeed's tests use 100 elements) commit in batches."""
+    def run(nvme, sub_group_size, state_format="fp32"):
+        config = config_for(3, "nvme", "nvme", nvme, train_batch_size=4)
+        config["zero_optimization"]["sub_group_size"] = sub_group_size
+        config["zero_optimization"]["offload_optimizer"]["state_format"] = state_format
+        engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+        for step in range(2):
+            x, y = batch(step, 0, 0, 4)
+            engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+            engine.step()
+        values = [utils.safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
+        engine.close()
+        return values
+    fresh = run(os.path.join(scratch, "fresh"), 100)
+    shared = os.path.join(scratch, "shared")
+    run(shared, 300, "bf16")
+    for got, want in zip(run(shared, 100), fresh):
+        assert torch.equal(got, want)
