@@ -1129,3 +1129,18 @@ def test_a_run_over_an_earlier_runs_swap_files_starts_afresh(scratch):
     run(shared, 300, "bf16")
     for got, want in zip(run(shared, 100), fresh):
         assert torch.equal(got, want)
+
+
+def test_thousands_of_sub_groups_under_one_aio_block_are_warned_of(scratch, capfd):
+    """sub_group_size 100 (DeepSpeed's tests use it) on NVMe reads and
+    writes each tiny tensor on its own: the engine says so, naming the key
+    and the size that would not, and trains all the same."""
+    config = config_for(3, "nvme", "none", scratch, train_batch_size=4)
+    config["zero_optimization"]["sub_group_size"] = 50
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 1))
+    engine, _, _, _ = zinf.initialize(model=model, config=config)
+    engine.backward(engine(torch.randn(4, 64)).square().mean())
+    engine.step()
+    engine.close()
+    err = capfd.readouterr().err
+    assert "zero_optimization.sub_group_size 50 makes 85 sub-groups" in err and "at least 262144" in err
