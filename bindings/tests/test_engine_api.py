@@ -703,7 +703,7 @@ def test_a_scheduler_built_on_the_clients_optimizer_steers_the_engine(stage, rec
     assert not [w for w in recwarn if "before `optimizer.step()`" in str(w.message)]
 
 
-def test_the_scheduler_passed_wins_over_the_configs_and_one_without_its_optimizer_is_refused():
+def test_the_scheduler_passed_wins_over_the_configs_and_one_without_its_optimizer_is_refused(recwarn):
     """DeepSpeed's order: a scheduler (or a callable building one) passed to
     initialize is used even when the config has a "scheduler" block. A
     scheduler object given without the optimizer object it was built on
@@ -737,6 +737,8 @@ def test_the_scheduler_passed_wins_over_the_configs_and_one_without_its_optimize
     engine.step()
     assert optimizer.param_groups[0]["betas"][0] < first
     engine.close()
+    # torch sees the returned optimizer step too: no "scheduler stepped first".
+    assert not [w for w in recwarn if "before `optimizer.step()`" in str(w.message)]
     unrelated = torch.optim.lr_scheduler.LambdaLR(torch.optim.Adam(make_model().parameters()), lambda step: 1.0)
     config = config_for(1, train_batch_size=4)
     for optimizer in (None, lambda params: torch.optim.AdamW(params)):

@@ -999,12 +999,15 @@ class ZinfEngine(torch.nn.Module):
         if boundary:
             self._overflow = not stepped
             self.global_steps += 1
-            if stepped and self._client_optimizer is not None:
-                # The client's optimizer stepped, through the engine: torch's
-                # schedulers built on it check that it did (1.x counts
-                # _step_count, 2.x reads _opt_called) before their first step.
-                self._client_optimizer._step_count = getattr(self._client_optimizer, "_step_count", 0) + 1
-                self._client_optimizer._opt_called = True
+            if stepped:
+                # The client's optimizer and the one initialize returned
+                # stepped, through the engine: torch's schedulers built on
+                # either (the HF Trainer builds its own on the returned one)
+                # check that it did (1.x counts _step_count, 2.x reads
+                # _opt_called) before their first step.
+                for optimizer in {id(o): o for o in (self._client_optimizer, self.optimizer) if o is not None}.values():
+                    optimizer._step_count = getattr(optimizer, "_step_count", 0) + 1
+                    optimizer._opt_called = True
             if self._scheduler is not None and stepped:
                 self._scheduler.step(**(lr_kwargs or {}))
         self._timings["step_s"] += time.perf_counter() - start
