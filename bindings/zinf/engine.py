@@ -199,21 +199,18 @@ def _check_precision_settings(settings, precision, stage):
     if isinstance(amp, dict) and amp.get("enabled") is True:
         raise _AmpRefused("amp.enabled: NVIDIA Apex amp is not part of zinf (and DeepSpeed refuses it with ZeRO); "
                           "use \"bf16\": {\"enabled\": true} or \"fp16\" for mixed precision")
-    wanted = settings.get("data_types", {}).get("grad_accum_dtype") \
-        if isinstance(settings.get("data_types"), dict) else None
+    data_types = settings.get("data_types")
+    wanted = data_types.get("grad_accum_dtype") if isinstance(data_types, dict) else None
     if wanted is None:
         return
     accumulate = next((name for name, spellings in _DTYPE_NAMES.items() if wanted in spellings), None)
     if accumulate is None:
         raise DeepSpeedConfigError(f"data_types.grad_accum_dtype: {wanted!r} is not one of \"fp32\", \"fp16\", "
                                    "\"bf16\"")
-    if stage > 0 or accumulate == precision or (precision, accumulate) == ("bf16", "fp32"):
-        if precision == accumulate == "bf16" and stage == 0:
-            raise NotImplementedError("data_types.grad_accum_dtype: bf16 gradient accumulation needs ZeRO (stage "
-                                      "1-3), as in DeepSpeed; leave it out or set \"fp32\" without ZeRO")
-        return
-    raise NotImplementedError(f"data_types.grad_accum_dtype: {wanted!r} with a {precision} model is not supported "
-                              "without ZeRO (DeepSpeed refuses it too); use stage 1-3, or leave the key out")
+    if stage == 0 and (precision, accumulate) not in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "fp32")):
+        raise NotImplementedError(f"data_types.grad_accum_dtype: {wanted!r} with a {precision} model is not "
+                                  "supported without ZeRO (DeepSpeed refuses it too); use stage 1-3, or leave the "
+                                  "key out")
 
 
 class _AmpRefused(DeepSpeedConfigError, AssertionError):
@@ -1005,9 +1002,10 @@ class ZinfEngine(torch.nn.Module):
                 # either (the HF Trainer builds its own on the returned one)
                 # check that it did (1.x counts _step_count, 2.x reads
                 # _opt_called) before their first step.
-                for optimizer in {id(o): o for o in (self._client_optimizer, self.optimizer) if o is not None}.values():
-                    optimizer._step_count = getattr(optimizer, "_step_count", 0) + 1
-                    optimizer._opt_called = True
+                for optimizer in (self._client_optimizer, self.optimizer):
+                    if optimizer is not None:
+                        optimizer._step_count = getattr(optimizer, "_step_count", 0) + 1
+                        optimizer._opt_called = True
             if self._scheduler is not None and stepped:
                 self._scheduler.step(**(lr_kwargs or {}))
         self._timings["step_s"] += time.perf_counter() - start
