@@ -321,7 +321,7 @@ void read_offload_optimizer(Reader& r, const json& section, const std::string& p
                             OffloadOptimizerConfig& c) {
   r.check_keys(section, path,
                {"device", "nvme_path", "buffer_count", "pin_memory", "pipeline_read", "pipeline_write",
-                "fast_init", "ratio", "state_format", "gradients"},
+                "fast_init", "ratio", "state_format", "gradients", "min_swap_bytes"},
                kOptimizerOffloadDeprecated);
   if (section.contains("state_format") && !is_auto(section.at("state_format"))) {
     const json& value = section.at("state_format");
@@ -348,6 +348,11 @@ void read_offload_optimizer(Reader& r, const json& section, const std::string& p
   }
   r.read_paths(section, path, c.nvme_path);
   r.read_uint(section, "buffer_count", path, c.buffer_count);
+  if (section.contains("min_swap_bytes") && !is_auto(section.at("min_swap_bytes"))) {
+    std::uint64_t bytes = 0;
+    r.read_uint(section, "min_swap_bytes", path, bytes);
+    c.min_swap_bytes = bytes;
+  }
   r.read_bool(section, "pin_memory", path, c.pin_memory);
   if (section.contains("pipeline")) {
     r.warn(fmt::format("{}.pipeline is deprecated: it sets pipeline_read and pipeline_write", path));

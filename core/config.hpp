@@ -61,6 +61,11 @@ struct OffloadOptimizerConfig {
   // model), in host memory otherwise. Unset: the default.
   std::optional<bool> gradients_on_nvme;
   bool keeps_gradients_on_nvme() const { return device == OffloadDevice::nvme && gradients_on_nvme.value_or(true); }
+  // With device "nvme": sub-groups whose fp32 params take fewer bytes keep
+  // their states (and gradients) in host memory (zinf's key
+  // "min_swap_bytes"). Unset: max(1 MiB, aio.block_size), DeepSpeed's
+  // rule; 0 swaps every sub-group.
+  std::optional<std::uint64_t> min_swap_bytes;
   std::vector<std::string> nvme_path;
   std::uint64_t buffer_count = 4;
   bool pin_memory = true;

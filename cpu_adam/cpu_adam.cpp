@@ -270,6 +270,8 @@ void resolve_compressed(std::span<const CompressedTensorState> tensors, MomentFo
 // tensor, so two threads never write the same cache line of one array.
 // Compressed steps split on their blocks (kQuantBlock).
 constexpr std::size_t kGrain = 64;
+// Below this many elements a step runs on the calling thread alone.
+constexpr std::size_t kSerialElements = 16384;
 
 }  // namespace
 
@@ -292,8 +294,11 @@ struct CpuOptimizer::Impl {
     };
     std::size_t total = 0;
     for (const Job& job : jobs) total += grains_of(job);
-    const std::size_t threads = pool.size();
-    pool.run([&](std::size_t index) {
+    // A step this small takes less time than waking the workers (tens of
+    // microseconds): the calling thread runs it alone. Each element's
+    // result does not depend on the thread that computes it.
+    const std::size_t threads = total * grain < kSerialElements ? 1 : pool.size();
+    auto share = [&](std::size_t index) {
       const std::size_t first = total * index / threads;
       const std::size_t last = total * (index + 1) / threads;
       std::size_t base = 0;  // grains before the current job
@@ -308,7 +313,12 @@ struct CpuOptimizer::Impl {
         base += grains;
         if (base >= last) break;
       }
-    });
+    };
+    if (threads == 1) {
+      share(0);
+    } else {
+      pool.run(share);
+    }
   }
 };
 

@@ -15,24 +15,47 @@ namespace {
 // Rewrites of small sub-groups commit together once this much was written.
 constexpr std::uint64_t kCommitBytes = 64ull << 20;
 
-std::uint64_t buffer_bytes(std::span<const SubGroup> groups, std::uint64_t alignment) {
+bool stays_resident(const SubGroup& group, std::uint64_t resident_below_bytes) {
+  return group.elements * sizeof(float) < resident_below_bytes;
+}
+
+// 0 when every sub-group is resident.
+std::uint64_t buffer_bytes(std::span<const SubGroup> groups, std::uint64_t alignment,
+                           std::uint64_t resident_below_bytes) {
   std::uint64_t largest = 0;
-  for (const auto& group : groups) largest = std::max<std::uint64_t>(largest, group.elements);
-  return std::max<std::uint64_t>(align_up(largest * sizeof(float), alignment), alignment);
+  for (const auto& group : groups) {
+    if (!stays_resident(group, resident_below_bytes)) largest = std::max<std::uint64_t>(largest, group.elements);
+  }
+  return largest == 0 ? 0 : std::max<std::uint64_t>(align_up(largest * sizeof(float), alignment), alignment);
 }
 
 }  // namespace
 
-std::uint64_t GradientSwapper::pinned_bytes_needed(std::span<const SubGroup> groups, std::uint64_t alignment) {
-  return 2 * buffer_bytes(groups, alignment);
+std::uint64_t GradientSwapper::pinned_bytes_needed(std::span<const SubGroup> groups, std::uint64_t alignment,
+                                                   std::uint64_t resident_below_bytes) {
+  return 2 * buffer_bytes(groups, alignment, resident_below_bytes);
 }
 
-GradientSwapper::GradientSwapper(SwapStore& store, PinnedPool& pool, std::vector<SubGroup> groups)
-    : store_(store), groups_(std::move(groups)), stored_(groups_.size(), false), sums_(groups_.size(), 0.0) {
+GradientSwapper::GradientSwapper(SwapStore& store, PinnedPool& pool, std::vector<SubGroup> groups,
+                                 std::uint64_t resident_below_bytes)
+    : store_(store),
+      groups_(std::move(groups)),
+      stored_(groups_.size(), false),
+      resident_(groups_.size()),
+      sums_(groups_.size(), 0.0) {
   ZINF_CHECK(!groups_.empty(), "the gradient swapper needs at least one sub-group");
-  const std::uint64_t bytes = buffer_bytes(groups_, store_.alignment());
-  ZINF_CHECK(store_.padded_size(bytes) == bytes, "gradient buffers must hold a padded sub-group");
-  for (auto& buffer : buffers_) buffer.memory = pool.acquire(bytes, std::chrono::milliseconds(0));
+  std::size_t largest_resident = 0;
+  for (std::size_t g = 0; g < groups_.size(); ++g) {
+    if (!stays_resident(groups_[g], resident_below_bytes)) continue;
+    resident_[g].assign(groups_[g].elements, 0.0f);
+    largest_resident = std::max(largest_resident, groups_[g].elements);
+  }
+  scaled_.resize(largest_resident);
+  const std::uint64_t bytes = buffer_bytes(groups_, store_.alignment(), resident_below_bytes);
+  ZINF_CHECK(bytes == 0 || store_.padded_size(bytes) == bytes, "gradient buffers must hold a padded sub-group");
+  if (bytes > 0) {
+    for (auto& buffer : buffers_) buffer.memory = pool.acquire(bytes, std::chrono::milliseconds(0));
+  }
   // Gradients a killed run left behind belong to no step: their space is
   // reused from the first commit on.
   for (const auto& stale : store_.keys()) store_.remove(stale);
@@ -156,7 +179,15 @@ float* GradientSwapper::open_piece(std::size_t group, std::uint64_t offset, std:
   ZINF_CHECK(offset + count <= groups_[group].elements,
              fmt::format("gradient elements [{}, {}) are past sub-group '{}' ({} elements)", offset,
                          offset + count, groups_[group].name, groups_[group].elements));
+  if (resident(group)) return resident_[group].data() + offset;
   return open(group).floats() + offset;
+}
+
+double GradientSwapper::sum_of_squares(std::size_t group) const {
+  if (!resident(group)) return sums_[group];  // taken at its last write
+  double sum = 0.0;
+  for (const float value : resident_[group]) sum += static_cast<double>(value) * value;
+  return sum;
 }
 
 void GradientSwapper::overwrite(std::size_t group, std::uint64_t offset, std::span<const float> values) {
@@ -194,6 +225,7 @@ void GradientSwapper::clear() {
   store_.commit();
   std::fill(stored_.begin(), stored_.end(), false);
   std::fill(sums_.begin(), sums_.end(), 0.0);
+  for (auto& values : resident_) std::fill(values.begin(), values.end(), 0.0f);
   read_scale_ = 1.0f;
 }
 
@@ -202,6 +234,10 @@ void GradientSwapper::copy_out(std::size_t group, std::span<float> out) {
   const std::size_t n = groups_[group].elements;
   ZINF_CHECK(out.size() == n, fmt::format("copy_out of sub-group '{}': {} floats given for {} elements",
                                           groups_[group].name, out.size(), n));
+  if (resident(group)) {
+    std::copy(resident_[group].begin(), resident_[group].end(), out.begin());
+    return;
+  }
   for (auto& buffer : buffers_) {
     if (buffer.open == group || buffer.holds == group) {
       // A write in flight only reads the buffer: its values are current.
@@ -227,6 +263,7 @@ void GradientSwapper::copy_out(std::size_t group, std::span<float> out) {
 
 void GradientSwapper::prefetch(std::size_t group) {
   ZINF_CHECK(group < groups_.size(), "sub-group index out of range");
+  if (resident(group)) return;  // at hand, and no buffer is taken
   ZINF_ASSERT(buffers_[0].open == Buffer::none && buffers_[1].open == Buffer::none,
               "prefetch with a sub-group still open: end_micro_step() first");
   // Any buffer but the previous sub-group's (its step may still be
@@ -253,6 +290,14 @@ void GradientSwapper::prefetch(std::size_t group) {
 }
 
 cpu_adam::Buffer GradientSwapper::await(std::size_t group) {
+  if (resident(group)) {
+    auto& values = resident_[group];
+    if (read_scale_ == 1.0f) return {values.data(), values.size(), cpu_adam::DType::f32};
+    // Scaled into a copy: the accumulated values stay as they are, should
+    // the step be retried or the gradients read again before clear().
+    for (std::size_t i = 0; i < values.size(); ++i) scaled_[i] = values[i] * read_scale_;
+    return {scaled_.data(), values.size(), cpu_adam::DType::f32};
+  }
   Buffer* found = nullptr;
   for (auto& buffer : buffers_) {
     if (buffer.reading == group) found = &buffer;

@@ -28,6 +28,10 @@
 // no restart reads gradients (a checkpoint is taken at a step boundary,
 // where there are none).
 //
+// Sub-groups under resident_below_bytes (the optimizer swapper's rule, the
+// same value) accumulate in host memory instead, with no I/O; the calls
+// are the same.
+//
 // Thread use: accumulate() runs on one thread (the engine's worker); the
 // rest on another while accumulate() is not running (the engine drains its
 // worker first).
@@ -48,13 +52,17 @@ namespace zinf::swap {
 
 class GradientSwapper {
  public:
-  // Pinned bytes the swapper leases: two buffers of the largest sub-group.
-  static std::uint64_t pinned_bytes_needed(std::span<const SubGroup> groups, std::uint64_t alignment);
+  // Pinned bytes the swapper leases: two buffers of the largest swapped
+  // sub-group (none when every one is resident).
+  static std::uint64_t pinned_bytes_needed(std::span<const SubGroup> groups, std::uint64_t alignment,
+                                           std::uint64_t resident_below_bytes = 0);
 
   // Leases its buffers from `pool` now (Error{resource} naming the bytes
   // when it cannot) and drops whatever gradients an earlier run left in
-  // `store`.
-  GradientSwapper(SwapStore& store, PinnedPool& pool, std::vector<SubGroup> groups);
+  // `store`. Sub-groups whose fp32 gradients take fewer than
+  // `resident_below_bytes` stay in host memory.
+  GradientSwapper(SwapStore& store, PinnedPool& pool, std::vector<SubGroup> groups,
+                  std::uint64_t resident_below_bytes = 0);
   // Waits out any I/O still in flight.
   ~GradientSwapper();
   GradientSwapper(const GradientSwapper&) = delete;
@@ -71,7 +79,7 @@ class GradientSwapper {
   void end_micro_step();
   // Sub-group `group`'s sum of squares (in double), as of its last write;
   // 0 for one with no gradient this step.
-  double sum_of_squares(std::size_t group) const { return sums_[group]; }
+  double sum_of_squares(std::size_t group) const;
   // The step reads every gradient multiplied by `coefficient` (clipping).
   void set_read_scale(float coefficient) { read_scale_ = coefficient; }
   // Every gradient is zero again (after a step, a skipped step, a load).
@@ -96,6 +104,7 @@ class GradientSwapper {
   cpu_adam::Buffer await(std::size_t group);
 
   std::span<const SubGroup> groups() const { return groups_; }
+  bool resident(std::size_t group) const { return !resident_[group].empty(); }
   std::uint64_t bytes_written() const { return bytes_written_; }
   std::uint64_t bytes_read() const { return bytes_read_; }
   // Waits out every buffer's I/O, ignoring errors (error paths).
@@ -133,6 +142,9 @@ class GradientSwapper {
   std::size_t last_opened_ = 0;  // the buffer opened most recently
   std::size_t last_prefetched_ = 2;  // the buffer the step's last prefetch chose (2: none)
   std::vector<bool> stored_;     // holds this step's gradients on the store
+  // Per sub-group: its gradients when resident, else empty.
+  std::vector<std::vector<float>> resident_;
+  std::vector<float> scaled_;    // a resident sub-group's, read scale applied (await)
   std::vector<double> sums_;
   float read_scale_ = 1.0f;
   std::uint64_t bytes_written_ = 0;

@@ -94,15 +94,29 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
   const char* precision = element == 4 ? "fp32" : "16-bit";
 
   const SubGroup largest_group{"largest", group};
+  // With NVMe, sub-groups under min_swap_bytes stay in host memory: every
+  // one when sub_group_size is that small, else at most the last, shorter
+  // one.
+  const std::uint64_t min_swap = resident_below_bytes(config);
+  const std::uint64_t group_count = ceil_div(std::max<std::uint64_t>(psi_rank, 1), std::max<std::uint64_t>(group, 1));
+  const std::uint64_t last_group = psi_rank - (group_count - 1) * group;
+  const std::uint64_t resident = !optimizer_on_nvme        ? 0
+                                 : 4 * group < min_swap     ? psi_rank
+                                 : 4 * last_group < min_swap ? last_group
+                                                             : 0;
+  const std::uint64_t swapped = psi_rank - resident;
+  const std::uint64_t swapped_groups = ceil_div(swapped, std::max<std::uint64_t>(group, 1));
   if (optimizer_on_nvme && zero.offload_optimizer.keeps_gradients_on_nvme()) {
     // Accumulated on NVMe: two sub-groups' buffers in host memory.
-    add(Tier::nvme, 4 * psi_rank, "gradient partition (fp32)");
+    add(Tier::nvme, 4 * swapped, "gradient partition (fp32)");
+    add(Tier::pageable, 4 * resident, "gradients (fp32) of the sub-groups under min_swap_bytes");
     // Accumulating micro-steps rewrite at most two sub-groups before a
     // commit frees their old copies (one when there is only one).
-    const std::uint64_t count = ceil_div(std::max<std::uint64_t>(psi_rank, 1), std::max<std::uint64_t>(group, 1));
-    add(Tier::nvme, std::min<std::uint64_t>(2, count) * 4 * group, "copy-on-write headroom for the gradients");
-    add(pool_tier, GradientSwapper::pinned_bytes_needed(std::span(&largest_group, 1), kAlignment),
-        fmt::format("gradient swapper: 2 buffers x {} fp32 elements (sub_group_size)", group));
+    add(Tier::nvme, std::min<std::uint64_t>(2, swapped_groups) * 4 * group, "copy-on-write headroom for the gradients");
+    if (swapped > 0) {
+      add(pool_tier, GradientSwapper::pinned_bytes_needed(std::span(&largest_group, 1), kAlignment),
+          fmt::format("gradient swapper: 2 buffers x {} fp32 elements (sub_group_size)", group));
+    }
   } else {
     add(Tier::pageable, 4 * psi_rank, "gradient partition (fp32)");
   }
@@ -121,18 +135,24 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
         fmt::format("working copy ({}) of one sub-group on its way to the device", precision), true);
   }
   if (optimizer_on_nvme) {
-    add(Tier::nvme, state_bytes(psi_rank),
-        fmt::format("optimizer states: {} tensors ({}) x {} elements", tensors, formats, psi_rank));
-    add(pool_tier,
-        OptimizerSwapper::pinned_bytes_needed(std::span(&largest_group, 1), kind, optimizer_options.overlap,
-                                              kAlignment, optimizer_options.moment_format),
-        fmt::format("optimizer swapper: {} slot(s) x {} tensors x {} elements (sub_group_size)",
-                    optimizer_options.overlap ? 3 : 1, tensors, group));
+    if (swapped > 0) {
+      add(Tier::nvme, state_bytes(swapped),
+          fmt::format("optimizer states: {} tensors ({}) x {} elements", tensors, formats, swapped));
+      add(pool_tier,
+          OptimizerSwapper::pinned_bytes_needed(std::span(&largest_group, 1), kind, optimizer_options.overlap,
+                                                kAlignment, optimizer_options.moment_format),
+          fmt::format("optimizer swapper: {} slot(s) x {} tensors x {} elements (sub_group_size)",
+                      optimizer_options.overlap ? 3 : 1, tensors, group));
+    }
+    if (resident > 0) {
+      add(Tier::pageable, state_bytes(resident),
+          fmt::format("optimizer states of the sub-groups under min_swap_bytes ({}), in host memory: {} tensors "
+                      "({}) x {} elements", format_bytes(min_swap), tensors, formats, resident));
+    }
     // Copy-on-write headroom: in the pipeline two sub-groups are written
     // before the older one's commit frees its previous extents (one when
     // there is only one).
-    const std::uint64_t sub_groups = ceil_div(std::max<std::uint64_t>(psi_rank, 1), group);
-    add(Tier::nvme, std::min<std::uint64_t>(2, sub_groups) * state_bytes(group),
+    add(Tier::nvme, std::min<std::uint64_t>(2, swapped_groups) * state_bytes(group),
         "copy-on-write headroom for the optimizer states");
   } else {
     add(Tier::pageable, state_bytes(psi_rank),

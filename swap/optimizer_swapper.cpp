@@ -15,6 +15,19 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// Whether a sub-group stays in host memory beside a store.
+bool stays_resident(const SubGroup& group, std::uint64_t resident_below_bytes) {
+  return group.elements * sizeof(float) < resident_below_bytes;
+}
+
+std::vector<SubGroup> swapped_groups(std::span<const SubGroup> groups, std::uint64_t resident_below_bytes) {
+  std::vector<SubGroup> swapped;
+  for (const auto& group : groups) {
+    if (!stays_resident(group, resident_below_bytes)) swapped.push_back(group);
+  }
+  return swapped;
+}
+
 std::size_t largest_group(std::span<const SubGroup> groups) {
   std::size_t largest = 0;
   for (const auto& group : groups) largest = std::max(largest, group.elements);
@@ -101,9 +114,12 @@ std::vector<std::string> OptimizerSwapper::state_names(OptimizerKind kind) {
 std::uint64_t OptimizerSwapper::pinned_bytes_needed(std::span<const SubGroup> groups,
                                                     OptimizerKind kind, bool overlap,
                                                     std::uint64_t alignment,
-                                                    cpu_adam::MomentFormat format) {
+                                                    cpu_adam::MomentFormat format,
+                                                    std::uint64_t resident_below_bytes) {
+  const std::vector<SubGroup> swapped = swapped_groups(groups, resident_below_bytes);
+  if (swapped.empty()) return 0;
   std::uint64_t slot = 0;
-  for (const std::uint64_t region : region_bytes(groups, 1 + state_names(kind).size(), alignment, format)) {
+  for (const std::uint64_t region : region_bytes(swapped, 1 + state_names(kind).size(), alignment, format)) {
     slot += region;
   }
   return (overlap ? 3 : 1) * slot;
@@ -139,12 +155,16 @@ OptimizerSwapper::OptimizerSwapper(SwapStore& store, PinnedPool& pool,
     ZINF_CHECK(group.elements > 0 && !group.name.empty(),
                "every sub-group needs a name and at least one element");
   }
+  const std::vector<SubGroup> swapped = swapped_groups(groups_, options_.resident_below_bytes);
+  for (const auto& group : groups_) resident_.push_back(stays_resident(group, options_.resident_below_bytes));
+  host_.resize(groups_.size());
   const std::uint64_t needed = pinned_bytes_needed(groups_, options_.optimizer.kind, options_.overlap,
-                                                   store.alignment(), options_.moment_format);
+                                                   store.alignment(), options_.moment_format,
+                                                   options_.resident_below_bytes);
   const std::uint64_t capacity = pool.stats().capacity_bytes;
   if (needed > capacity || pool.alignment() % store.alignment() != 0) {
     const auto largest = std::max_element(
-        groups_.begin(), groups_.end(),
+        swapped.begin(), swapped.end(),
         [](const SubGroup& a, const SubGroup& b) { return a.elements < b.elements; });
     throw Error(ErrorKind::resource,
                 fmt::format("the optimizer swapper needs {} ({} bytes) of pinned memory ({} "
@@ -154,8 +174,8 @@ OptimizerSwapper::OptimizerSwapper(SwapStore& store, PinnedPool& pool,
                             format_bytes(needed), needed, options_.overlap ? 3 : 1, 1 + states_.size(),
                             largest->name, largest->elements, format_bytes(capacity)));
   }
-  const auto regions = region_bytes(groups_, 1 + states_.size(), store.alignment(), options_.moment_format);
-  for (int i = 0; i < (options_.overlap ? 3 : 1); ++i) {
+  const auto regions = region_bytes(swapped, 1 + states_.size(), store.alignment(), options_.moment_format);
+  for (int i = 0; i < (swapped.empty() ? 0 : options_.overlap ? 3 : 1); ++i) {
     auto slot = std::make_unique<Slot>();
     slot->regions = regions;
     std::uint64_t offset = 0;
@@ -178,6 +198,7 @@ OptimizerSwapper::OptimizerSwapper(cpu_adam::CpuOptimizer& optimizer,
   ZINF_CHECK(!groups_.empty(), "the optimizer swapper needs at least one sub-group");
   check_format(options_);
   host_.resize(groups_.size());
+  resident_.assign(groups_.size(), true);
   recovery_.group_steps.assign(groups_.size(), -1);
   for (std::size_t g = 0; g < groups_.size(); ++g) {
     ZINF_CHECK(groups_[g].elements > 0 && !groups_[g].name.empty(),
@@ -382,6 +403,10 @@ void OptimizerSwapper::read_recovery() {
     recovery_.interrupted = std::stoll(*interrupted);
   }
   for (std::size_t g = 0; g < groups_.size(); ++g) {
+    if (resident_[g]) {  // never stored: nothing to recover
+      recovery_.group_steps.push_back(-1);
+      continue;
+    }
     std::optional<std::int64_t> version;
     bool complete = true;
     for (std::size_t t = 0; t <= states_.size(); ++t) {
@@ -454,7 +479,7 @@ void OptimizerSwapper::initialize(std::size_t group, std::span<const float> para
       cpu_adam::encode_moment(options_.moment_format, t == 2, states[t - 1], out, group);
     }
   };
-  if (store_ == nullptr) {
+  if (resident_[group]) {
     // Each tensor built in place: no sub-group-sized temporary on top of the
     // states (it showed in the peak RSS of every run).
     auto& tensors = host_[group];
@@ -492,7 +517,7 @@ void OptimizerSwapper::initialize(std::size_t group, std::span<const float> para
       store_->set_attribute(options_.name + ".state_format", std::string(cpu_adam::to_string(options_.moment_format)));
       store_->commit();
     }
-  } else if (store_ != nullptr) {
+  } else if (store_ != nullptr && !resident_[group]) {
     store_->commit_after(options_.commit_bytes);  // the last sub-group's commits them all
   }
 }
@@ -502,7 +527,7 @@ void OptimizerSwapper::roll_back_uncommitted(std::int64_t next) {
   // what the manifest names, so no later commit can make a torn sub-group
   // (some tensors at the new step, some at the old) durable.
   for (std::size_t g = 0; g < groups_.size(); ++g) {
-    if (recovery_.group_steps[g] == next) continue;
+    if (recovery_.group_steps[g] == next || resident_[g]) continue;
     for (std::size_t t = 0; t <= states_.size(); ++t) {
       store_->revert(key(g, t == 0 ? "param" : states_[t - 1]));
     }
@@ -746,6 +771,13 @@ void OptimizerSwapper::step(GradientSwapper& gradients, std::span<const cpu_adam
                  std::equal(theirs.begin(), theirs.end(), groups_.begin(),
                             [](const SubGroup& a, const SubGroup& b) { return a.elements == b.elements; }),
              "the gradient swapper's sub-groups are not the optimizer's");
+  // The pipeline takes a resident sub-group's gradients in place, between
+  // the prefetches of the swapped ones: both must agree on which are which.
+  for (std::size_t g = 0; g < groups_.size(); ++g) {
+    ZINF_CHECK(gradients.resident(g) == resident_[g],
+               fmt::format("sub-group '{}' is resident in one swapper and not the other: give both the same "
+                           "resident_below_bytes", groups_[g].name));
+  }
   check_step_inputs(param_copies);
   last_stats_ = {};
   Timed timed(last_stats_.total);
@@ -763,27 +795,47 @@ void OptimizerSwapper::step_on_store(std::span<const cpu_adam::Buffer> grads, Gr
                                      std::span<const cpu_adam::Buffer> copies,
                                      const std::function<void(std::size_t group)>& copied) {
   const std::int64_t next = step_ + 1;
-  const std::size_t n = groups_.size();
+  std::vector<std::size_t> swapped;
+  for (std::size_t g = 0; g < groups_.size(); ++g) {
+    if (!resident_[g]) swapped.push_back(g);
+  }
+  const std::size_t n = swapped.size();
   // The marker is durable before any sub-group changes, so a crash from
   // here on is seen as an interrupted step.
   store_->set_attribute(options_.name + ".step_in_progress", std::to_string(next));
   store_->commit();
   recovery_.interrupted = next;
 
-  const auto run_group = [&](std::size_t g, Slot& slot) {
+  // Steps sub-group g's tensors, at `tensors` (param, then the states).
+  const auto run_group = [&](std::size_t g, const std::function<float*(std::size_t)>& tensors) {
     // Adagrad keeps its one state in the exp_avg_sq slot, Lion in exp_avg.
-    float* first_state = states_.empty() ? nullptr : slot.floats(1);
-    float* second_state = states_.size() > 1 ? slot.floats(2) : nullptr;
+    float* first_state = states_.empty() ? nullptr : tensors(1);
+    float* second_state = states_.size() > 1 ? tensors(2) : nullptr;
     const auto kind = options_.optimizer.kind;
     cpu_adam::Buffer grad = gradients != nullptr ? cpu_adam::Buffer{} : grads[g];
     if (gradients != nullptr) {
       Timed timed(last_stats_.read_wait);
       grad = gradients->await(g);
     }
-    compute(g, slot.floats(0), kind == OptimizerKind::adagrad ? nullptr : first_state,
+    compute(g, tensors(0), kind == OptimizerKind::adagrad ? nullptr : first_state,
             kind == OptimizerKind::adagrad ? first_state : second_state, grad,
             copies.empty() ? cpu_adam::Buffer{} : copies[g]);
     if (copied) copied(g);
+  };
+  const auto run_slot = [&](std::size_t g, Slot& slot) {
+    run_group(g, [&slot](std::size_t t) { return slot.floats(t); });
+  };
+  // The resident sub-groups before `end`, in place, in sub-group order
+  // between the swapped ones (copied() sees every sub-group in order).
+  std::size_t resident_next = 0;
+  const auto run_resident_before = [&](std::size_t end) {
+    for (; resident_next < end; ++resident_next) {
+      const std::size_t g = resident_next;
+      if (!resident_[g]) continue;
+      if (gradients != nullptr) gradients->prefetch(g);
+      run_group(g, [&](std::size_t t) { return host_[g][t].data(); });
+      recovery_.group_steps[g] = next;
+    }
   };
   const auto finish_writes = [&](Slot& slot) {
     const std::size_t group = *slot.writing_group;
@@ -795,27 +847,36 @@ void OptimizerSwapper::step_on_store(std::span<const cpu_adam::Buffer> grads, Gr
   uncommitted_.clear();
 
   try {
-    if (!options_.overlap) {
+    if (n == 0) {
+      // Every sub-group is resident.
+    } else if (!options_.overlap) {
       Slot& slot = *slots_[0];
-      for (std::size_t g = 0; g < n; ++g) {
+      for (const std::size_t g : swapped) {
+        run_resident_before(g);
         submit_reads(g, slot, gradients);
         wait_reads(slot);
-        run_group(g, slot);
+        run_slot(g, slot);
         submit_writes(g, slot, next);
         finish_writes(slot);
       }
     } else {
-      submit_reads(0, *slots_[0], gradients);
-      for (std::size_t g = 0; g < n; ++g) {
-        Slot& slot = *slots_[g % 3];
+      // i indexes the swapped sub-groups: read(i+1) ‖ step(i) ‖ write(i-1).
+      run_resident_before(swapped[0]);
+      submit_reads(swapped[0], *slots_[0], gradients);
+      for (std::size_t i = 0; i < n; ++i) {
+        const std::size_t g = swapped[i];
+        Slot& slot = *slots_[i % 3];
         wait_reads(slot);
-        if (g + 1 < n) {
-          Slot& following = *slots_[(g + 1) % 3];
-          if (following.writing_group) finish_writes(following);  // sub-group g-2
-          submit_reads(g + 1, following, gradients);
+        if (i + 1 < n) {
+          Slot& following = *slots_[(i + 1) % 3];
+          if (following.writing_group) finish_writes(following);  // the sub-group i-2
+          submit_reads(swapped[i + 1], following, gradients);
         }
-        run_group(g, slot);
+        run_slot(g, slot);
         submit_writes(g, slot, next);
+        // The resident ones up to the next swapped sub-group run while its
+        // reads and this one's writes are in flight.
+        run_resident_before(i + 1 < n ? swapped[i + 1] : groups_.size());
       }
       // The last sub-groups are still being written: finish them in order.
       std::vector<Slot*> writing;
@@ -826,6 +887,7 @@ void OptimizerSwapper::step_on_store(std::span<const cpu_adam::Buffer> grads, Gr
                 [](const Slot* a, const Slot* b) { return *a->writing_group < *b->writing_group; });
       for (Slot* slot : writing) finish_writes(*slot);
     }
+    run_resident_before(groups_.size());
   } catch (...) {
     // Nothing may still be reading or writing the slots when the error
     // leaves; the manifest keeps the step marked as interrupted.
@@ -866,7 +928,7 @@ void OptimizerSwapper::read_state(std::size_t group, std::string_view state,
                                                 groups_[group].elements));
   }
   const auto format = index == 0 ? cpu_adam::MomentFormat::fp32 : options_.moment_format;
-  if (store_ == nullptr) {
+  if (resident_[group]) {
     ZINF_CHECK(!host_[group].empty(), "sub-group has no state: initialize() it first");
     cpu_adam::decode_moment(format, index == 2, host_[group][index].data(), out);
     return;

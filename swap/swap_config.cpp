@@ -65,9 +65,14 @@ ParamSwapperOptions param_swapper_options(const config::Config& config, std::uin
   return options;
 }
 
+std::uint64_t resident_below_bytes(const config::Config& config) {
+  return config.zero.offload_optimizer.min_swap_bytes.value_or(std::max<std::uint64_t>(1ull << 20, config.aio.block_size));
+}
+
 OptimizerSwapperOptions optimizer_swapper_options(const config::Config& config) {
   OptimizerSwapperOptions options;
   options.overlap = true;
+  options.resident_below_bytes = resident_below_bytes(config);
   switch (config.zero.offload_optimizer.state_format) {
     case config::StateFormat::fp32: options.moment_format = cpu_adam::MomentFormat::fp32; break;
     case config::StateFormat::bf16: options.moment_format = cpu_adam::MomentFormat::bf16; break;

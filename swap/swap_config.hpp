@@ -29,8 +29,15 @@ ParamSwapperOptions param_swapper_options(const config::Config& config,
                                           std::uint64_t element_bytes = 2);
 
 // The "optimizer" block (AdamW when absent) as kernel options; overlap is on
-// (pipeline_read / pipeline_write only force what is already on).
+// (pipeline_read / pipeline_write only force what is already on); sub-groups
+// under resident_below_bytes stay in host memory.
 OptimizerSwapperOptions optimizer_swapper_options(const config::Config& config);
+
+// Bytes of fp32 below which a sub-group's optimizer states and gradients
+// stay in host memory rather than swap: offload_optimizer.min_swap_bytes,
+// else max(1 MiB, aio.block_size) as DeepSpeed's swappers decide (their
+// min_aio_bytes).
+std::uint64_t resident_below_bytes(const config::Config& config);
 
 // Cuts `elements` into sub-groups of `size` (the last one shorter), named
 // "<prefix><index>"; the first form takes zero_optimization.sub_group_size.

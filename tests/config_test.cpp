@@ -227,6 +227,8 @@ INSTANTIATE_TEST_SUITE_P(
              "zero_optimization.offload_optimizer.state_format", "must be \"fp32\", \"bf16\" or \"int8\", not the string \"fp8\""},
         Trap{"gradients_value", R"({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/x", "gradients": "gpu"}}})",
              "zero_optimization.offload_optimizer.gradients", "must be \"nvme\" or \"cpu\", not the string \"gpu\""},
+        Trap{"min_swap_bytes_value", R"({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/x", "min_swap_bytes": -1}}})",
+             "zero_optimization.offload_optimizer.min_swap_bytes", "-1"},
         Trap{"gradients_nvme_needs_nvme", R"({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "gradients": "nvme"}}})",
              "zero_optimization.offload_optimizer.gradients", "\"nvme\" needs zero_optimization.offload_optimizer.device \"nvme\""},
         Trap{"state_format_needs_adam", R"({"optimizer": {"type": "Lion"}, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "state_format": "bf16"}}})",

@@ -593,13 +593,15 @@ TEST_F(CpuAdamErrors, BadDtypeValuesAndEmptyTensorsWithMismatchedLengths) {
 
 TEST(CpuAdamThreads, WorkersUseTheCallersFloatingPointMode) {
   // With flush-to-zero set by the caller, every share flushes, whichever
-  // thread computes it: results equal the single-threaded ones.
+  // thread computes it: results equal the single-threaded ones. Large enough
+  // that the workers take part (small steps run on the caller alone).
+  constexpr std::size_t kElements = 40000;
   const unsigned saved = _mm_getcsr();
   std::vector<float> out1, out2;
   for (std::size_t threads : {1u, 3u}) {
     CpuOptimizer opt(threads);
-    Tensor x(3000, DType::f32, DType::f32, DType::f32, std::nullopt, 0, 8, false);
-    for (std::size_t i = 0; i < 3000; ++i) {
+    Tensor x(kElements, DType::f32, DType::f32, DType::f32, std::nullopt, 0, 8, false);
+    for (std::size_t i = 0; i < kElements; ++i) {
       x.set(x.grad, DType::f32, i, 1e-39f * static_cast<float>(i % 7));  // subnormal
       x.set(x.m, DType::f32, i, 0.0f);  // so (1 - beta1) * g is the whole first moment
     }
@@ -609,7 +611,7 @@ TEST(CpuAdamThreads, WorkersUseTheCallersFloatingPointMode) {
     opt.adam_step(o, 1, std::span(&s, 1));
     _mm_setcsr(saved);
     auto& out = threads == 1 ? out1 : out2;
-    for (std::size_t i = 0; i < 3000; ++i) out.push_back(x.get(x.m, DType::f32, i));
+    for (std::size_t i = 0; i < kElements; ++i) out.push_back(x.get(x.m, DType::f32, i));
   }
   EXPECT_EQ(std::memcmp(out1.data(), out2.data(), out1.size() * 4), 0);
 }

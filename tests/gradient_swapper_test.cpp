@@ -95,7 +95,8 @@ bool same_bits(std::span<const float> a, std::span<const float> b) {
 
 // A gradient swapper over a fresh store of two directories.
 struct Swapping {
-  explicit Swapping(std::vector<SubGroup> groups = kGroups) : swapper(store, pool, std::move(groups)) {}
+  explicit Swapping(std::vector<SubGroup> groups = kGroups, std::uint64_t resident_below_bytes = 0)
+      : swapper(store, pool, std::move(groups), resident_below_bytes) {}
   TempDir dir;
   SwapStore store{store_options(dir.path())};
   PinnedPool pool{pool_options()};
@@ -115,9 +116,18 @@ void read_like_a_step(GradientSwapper& swapper,
   }
 }
 
-TEST(GradientSwapper, AccumulatesOverMicroStepsBitForBitAsMemoryDoes) {
-  Swapping setup;
+// Sub-groups under this many bytes (g0, g1, g3) stay in host memory when
+// it is given: only g2 swaps.
+constexpr std::uint64_t kResidentBelow = 20000;
+
+class GradientSwapperResidency : public ::testing::TestWithParam<std::uint64_t> {};
+
+TEST_P(GradientSwapperResidency, AccumulatesOverMicroStepsBitForBitAsMemoryDoes) {
+  Swapping setup(kGroups, GetParam());
   GradientSwapper& swapper = setup.swapper;
+  for (std::size_t g = 0; g < kGroups.size(); ++g) {
+    EXPECT_EQ(swapper.resident(g), kGroups[g].elements * 4 < GetParam()) << kGroups[g].name;
+  }
   std::vector<std::vector<float>> reference;
   for (const auto& group : kGroups) reference.emplace_back(group.elements, 0.0f);
   for (unsigned micro = 0; micro < 3; ++micro) {
@@ -140,9 +150,22 @@ TEST(GradientSwapper, AccumulatesOverMicroStepsBitForBitAsMemoryDoes) {
     for (float& v : want) v *= clip;
     EXPECT_TRUE(same_bits(grad, want)) << kGroups[g].name;
   });
-  // Four sub-groups in two buffers: some were written and read back.
-  EXPECT_GT(swapper.bytes_written(), 0u);
-  EXPECT_GT(swapper.bytes_read(), 0u);
+  if (GetParam() == 0) {
+    // Four sub-groups in two buffers: some were written and read back.
+    EXPECT_GT(swapper.bytes_written(), 0u);
+    EXPECT_GT(swapper.bytes_read(), 0u);
+  } else {
+    // One swapped sub-group stays in its buffer: no I/O at all.
+    EXPECT_EQ(swapper.bytes_written() + swapper.bytes_read(), 0u);
+  }
+  // Copies out and clear() as for the swapped ones.
+  std::vector<float> out(kGroups[3].elements);
+  swapper.copy_out(3, out);
+  EXPECT_TRUE(same_bits(out, reference[3]));
+  swapper.clear();
+  swapper.copy_out(3, out);
+  EXPECT_EQ(out, std::vector<float>(kGroups[3].elements, 0.0f));
+  EXPECT_EQ(swapper.sum_of_squares(0), 0.0);
 }
 
 // safe_get_full_grad between pieces and micro-steps: every sub-group's
@@ -302,9 +325,10 @@ TEST(GradientSwapper, OneOrTwoSubGroupsAreNeverReadBack) {
 
 // The optimizer steps from gradients on NVMe exactly as from the same
 // gradients in memory, pipelined or not.
-TEST(GradientSwapper, TheOptimizerStepsFromThemAsFromMemory) {
+TEST_P(GradientSwapperResidency, TheOptimizerStepsFromThemAsFromMemory) {
   for (const bool overlap : {true, false}) {
     SCOPED_TRACE(overlap ? "pipelined" : "in turn");
+    const std::uint64_t resident_below = GetParam();
     TempDir dir;
     OptimizerSwapperOptions options;
     options.optimizer.adam.lr = 1e-2f;
@@ -316,8 +340,11 @@ TEST(GradientSwapper, TheOptimizerStepsFromThemAsFromMemory) {
     SwapStore from_nvme_store(store_options(dir.path() / "b"));
     SwapStore gradient_store(store_options(dir.path() / "g"));
     OptimizerSwapper from_memory(from_memory_store, pool, optimizer, kGroups, options);
+    // With resident_below: the small sub-groups' states and gradients in
+    // host memory, stepped between the swapped ones.
+    options.resident_below_bytes = resident_below;
     OptimizerSwapper from_nvme(from_nvme_store, pool, optimizer, kGroups, options);
-    GradientSwapper gradients(gradient_store, pool, kGroups);
+    GradientSwapper gradients(gradient_store, pool, kGroups, resident_below);
     for (std::size_t g = 0; g < kGroups.size(); ++g) {
       const auto params = random_values(kGroups[g].elements, 100 + static_cast<unsigned>(g));
       from_memory.initialize(g, params);
@@ -340,7 +367,12 @@ TEST(GradientSwapper, TheOptimizerStepsFromThemAsFromMemory) {
       from_memory.step(buffers);
       from_nvme.step(gradients);
       gradients.clear();
-      EXPECT_GT(from_nvme.last_step_stats().bytes_read, from_memory.last_step_stats().bytes_read);
+      if (resident_below == 0) {
+        EXPECT_GT(from_nvme.last_step_stats().bytes_read, from_memory.last_step_stats().bytes_read);
+      } else {
+        // g2's states alone move; its gradient never leaves its buffer.
+        EXPECT_EQ(from_nvme.last_step_stats().bytes_read, 3u * 4 * kGroups[2].elements);
+      }
     }
     for (std::size_t g = 0; g < kGroups.size(); ++g) {
       std::vector<float> a(kGroups[g].elements), b(kGroups[g].elements);
@@ -351,6 +383,31 @@ TEST(GradientSwapper, TheOptimizerStepsFromThemAsFromMemory) {
       from_nvme.read_state(g, "exp_avg_sq", b);
       EXPECT_TRUE(same_bits(a, b)) << kGroups[g].name;
     }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllSwappedOrSmallOnesResident, GradientSwapperResidency,
+                         ::testing::Values(std::uint64_t{0}, kResidentBelow));
+
+// Both swappers must agree on which sub-groups are resident: the step's
+// pipeline takes a resident one's gradients between the swapped ones'.
+TEST(GradientSwapper, AnOptimizerWithOtherResidentSubGroupsIsRefused) {
+  TempDir dir;
+  cpu_adam::CpuOptimizer optimizer(1);
+  PinnedPool pool(pool_options(32 << 20));
+  SwapStore optimizer_store(store_options(dir.path() / "o"));
+  SwapStore gradient_store(store_options(dir.path() / "g"));
+  OptimizerSwapperOptions options;
+  options.resident_below_bytes = kResidentBelow;
+  OptimizerSwapper swapper(optimizer_store, pool, optimizer, kGroups, options);
+  for (std::size_t g = 0; g < kGroups.size(); ++g) swapper.initialize(g, random_values(kGroups[g].elements, 7));
+  GradientSwapper gradients(gradient_store, pool, kGroups);
+  gradients.end_micro_step();
+  try {
+    swapper.step(gradients);
+    FAIL() << "stepped";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("resident_below_bytes"), std::string::npos) << error.what();
   }
 }
 

@@ -267,6 +267,33 @@ TEST(MemoryPlan, OneSubGroupNeedsOneSubGroupOfHeadroom) {
   EXPECT_EQ(plan.chosen.nvme, 16ull * 875000000ull + 16ull * 875000000ull);
 }
 
+TEST(MemoryPlan, SubGroupsUnderMinSwapBytesAreCountedInHostMemory) {
+  // 1e6 params on one rank in sub-groups of 100 (400 B of fp32 each, under
+  // DeepSpeed's 1 MiB): Adam's states (12 B) and the grads (4 B) stay in
+  // host memory, none on NVMe or in the pool's slots. min_swap_bytes 0
+  // swaps them all again; with sub-groups of 300000 (1.2 MB) only the last,
+  // 100000 elements (400 KB), stays.
+  PlanInput input;
+  input.params = 1000000;
+  input.world_size = 1;
+  const auto plan_for = [&](const std::string& sub_group_size, const std::string& min_swap) {
+    return plan_memory(stage3(R"(, "sub_group_size": )" + sub_group_size +
+                              R"(, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme")" + min_swap + "}"),
+                       input);
+  };
+  const std::uint64_t kGloo = 4ull * 1000000;  // Gloo's fp32 copy of the largest param (all of it here)
+  const MemoryPlan resident = plan_for("100", "");
+  EXPECT_EQ(resident.chosen.nvme, 0u);
+  EXPECT_EQ(resident.chosen.pinned, 0u);
+  EXPECT_EQ(resident.chosen.pageable, 16ull * 1000000 + kGloo);
+  const MemoryPlan swapped = plan_for("100", R"(, "min_swap_bytes": 0)");
+  EXPECT_EQ(swapped.chosen.nvme, 16ull * 1000000 + 2 * 16ull * 100);
+  EXPECT_EQ(swapped.chosen.pageable, kGloo);
+  const MemoryPlan last_only = plan_for("300000", "");
+  EXPECT_EQ(last_only.chosen.nvme, 16ull * 900000 + 2 * 16ull * 300000);
+  EXPECT_EQ(last_only.chosen.pageable, 16ull * 100000 + kGloo);
+}
+
 TEST(MemoryPlan, Fp32TrainingCountsFourBytesPerWorkingElement) {
   const MemoryPlan fp32 = plan_memory(stage3("", "", ""), billion_over_four());
   const MemoryPlan bf16 = plan_memory(stage3(""), billion_over_four());

@@ -446,6 +446,77 @@ TEST(OptimizerSwapper, SmallSubGroupsCommitTogetherAndStepAsWhenEachCommits) {
   EXPECT_EQ(commits[2], 3 * 2u);
 }
 
+// A swapper of kGroups over the store in `dir`.
+struct OnStore {
+  OnStore(const std::filesystem::path& dir, const OptimizerSwapperOptions& options)
+      : store(store_options(dir)), swapper(store, pool, optimizer, kGroups, options) {}
+  SwapStore store;
+  cpu_adam::CpuOptimizer optimizer{2};
+  PinnedPool pool{pool_options()};
+  OptimizerSwapper swapper;
+};
+
+// DeepSpeed keeps sub-groups too small for an aio request in host memory;
+// so does resident_below_bytes. Mixed with swapped ones, every sub-group
+// steps to the same bits, the param copies come in sub-group order, only
+// the swapped ones move bytes, and a reopen finds the resident ones
+// uninitialised (they were never stored).
+TEST(OptimizerSwapper, SubGroupsUnderResidentBelowBytesStayInMemoryAndStepInOrder) {
+  constexpr std::int64_t kSteps = 3;
+  const Reference reference(kSteps);
+  // layers.0 (4000 B), layers.1 (16388 B) and layers.3 (28 B) under 20000;
+  // everything under 1 MiB.
+  for (const std::uint64_t resident_below : {std::uint64_t{20000}, std::uint64_t{1} << 20}) {
+    for (const bool overlap : {true, false}) {
+      SCOPED_TRACE(fmt::format("resident below {}, {}", resident_below, overlap ? "pipelined" : "in turn"));
+      TempDir dir;
+      OptimizerSwapperOptions options = adamw(overlap);
+      options.resident_below_bytes = resident_below;
+      std::vector<std::size_t> swapped;
+      {
+        OnStore on_store(dir.path(), options);
+        SwapStore& store = on_store.store;
+        OptimizerSwapper& swapper = on_store.swapper;
+        std::uint64_t swapped_elements = 0;
+        for (std::size_t g = 0; g < kGroups.size(); ++g) {
+          EXPECT_EQ(swapper.resident(g), kGroups[g].elements * 4 < resident_below) << kGroups[g].name;
+          if (!swapper.resident(g)) {
+            swapped.push_back(g);
+            swapped_elements += kGroups[g].elements;
+          }
+          swapper.initialize(g, initial_params(g));
+        }
+        if (swapped.empty()) {
+          EXPECT_EQ(swapper.pinned_bytes(), 0u);
+        }
+        std::vector<std::vector<std::uint16_t>> copies;
+        for (std::int64_t step = 1; step <= kSteps; ++step) {
+          Grads grads(step);
+          std::vector<std::size_t> order;
+          swapper.step(grads.grad_buffers, grads.copy_buffers, [&](std::size_t g) { order.push_back(g); });
+          EXPECT_EQ(order, (std::vector<std::size_t>{0, 1, 2, 3, 4}));
+          copies = grads.copies;
+        }
+        for (std::size_t g = 0; g < kGroups.size(); ++g) {
+          expect_state(swapper, g, reference);
+          EXPECT_EQ(copies[g], reference.last_copies[g]) << "bf16 copy of " << kGroups[g].name;
+          EXPECT_EQ(store.find(kGroups[g].name + "/param").has_value(), !swapper.resident(g)) << kGroups[g].name;
+        }
+        EXPECT_EQ(swapper.last_step_stats().bytes_read, 3 * 4 * swapped_elements);
+        EXPECT_EQ(swapper.last_step_stats().bytes_written, 3 * 4 * swapped_elements);
+      }
+      OnStore on_store(dir.path(), options);
+      OptimizerSwapper& reopened = on_store.swapper;
+      for (std::size_t g = 0; g < kGroups.size(); ++g) {
+        const bool stored = std::find(swapped.begin(), swapped.end(), g) != swapped.end();
+        EXPECT_EQ(reopened.recovery().group_steps[g], stored ? kSteps : -1) << kGroups[g].name;
+      }
+      Grads grads(kSteps + 1);
+      EXPECT_THROW(reopened.step(grads.grad_buffers), Error);  // the resident ones need initialize()
+    }
+  }
+}
+
 TEST(OptimizerSwapper, TooSmallAPinnedBudgetFailsBeforeStepZeroNamingTheBytes) {
   TempDir dir;
   SwapStore store(store_options(dir.path()));

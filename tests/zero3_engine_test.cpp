@@ -10,6 +10,7 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <map>
 #include <optional>
 #include <thread>
 #include <string>
@@ -115,6 +116,41 @@ TEST_P(EngineEquality, NvmeParamsAndOptimizerMatchPlainTraining) {
   run_world(run);
 }
 
+// Params and optimizer on NVMe in `dir`, `accumulation` micro-steps a
+// step, clipping below the gradient norm (so it acts).
+TrainingRun all_on_nvme(int world, const testing::TempDir& dir, int accumulation) {
+  TrainingRun run;
+  run.world = world;
+  run.offload_param = "nvme";
+  run.offload_optimizer = "nvme";
+  run.accumulation = accumulation;
+  run.clipping = 0.05;
+  run.nvme_dir = dir.path().string();
+  return run;
+}
+
+// The default min_swap_bytes (DeepSpeed's rule): this model's sub-groups
+// (500 elements) are each under 1 MiB, so their optimizer states and
+// gradients stay in host memory with offload_optimizer nvme, accumulation
+// and clipping included; training is unchanged and the optimizer moves no
+// NVMe bytes (the params, on NVMe, still do).
+TEST_P(EngineEquality, SubGroupsUnderMinSwapBytesStayInHostMemoryAndTrainTheSame) {
+  testing::TempDir dir;
+  TrainingRun run = all_on_nvme(GetParam(), dir, 2);
+  run.min_swap_bytes.reset();
+  run_world(run);
+  run.offload_param = "cpu";
+  const auto outcomes = testing::run_ranks(run.world, [&](const LaunchEnv& launch) {
+    train_span(run, launch, 0, 2, "", "", [](int, Engine& engine) {
+      if (engine.stats().nvme_written_bytes + engine.stats().nvme_read_bytes != 0) {
+        throw std::runtime_error(fmt::format("the optimizer moved {} NVMe bytes",
+                                             engine.stats().nvme_written_bytes + engine.stats().nvme_read_bytes));
+      }
+    });
+  });
+  EXPECT_TRUE(testing::all_succeeded(outcomes)) << testing::describe(outcomes);
+}
+
 TEST_P(EngineEquality, CpuOffloadWithAccumulationAndClippingMatchesPlainTraining) {
   TrainingRun run;
   run.world = GetParam();
@@ -127,14 +163,8 @@ TEST_P(EngineEquality, CpuOffloadWithAccumulationAndClippingMatchesPlainTraining
 
 TEST_P(EngineEquality, NvmeWithAccumulationClippingAndNothingPersistentMatches) {
   testing::TempDir dir;
-  TrainingRun run;
-  run.world = GetParam();
-  run.offload_param = "nvme";
-  run.offload_optimizer = "nvme";
-  run.accumulation = 3;
-  run.clipping = 0.05;
+  TrainingRun run = all_on_nvme(GetParam(), dir, 3);
   run.persistence = 0;
-  run.nvme_dir = dir.path().string();
   run_world(run);
 }
 
@@ -357,7 +387,7 @@ TEST(EngineFrozen, FrozenParamsCostTheOptimizerNothingAndStayAsTheyAre) {
           "bf16": {"enabled": true},
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "sub_group_size": 5,
             "offload_param": {"device": ")" + params_on + R"(", "nvme_path": ")" + nvme + R"("},
-            "offload_optimizer": {"device": "nvme", "nvme_path": ")" + nvme + R"("}}})");
+            "offload_optimizer": {"device": "nvme", "nvme_path": ")" + nvme + R"(", "min_swap_bytes": 0}}})");
     };
     std::vector<float> start_b(6);
     for (std::size_t i = 0; i < start_b.size(); ++i) start_b[i] = 0.25f * static_cast<float>(i) - 0.5f;
@@ -879,7 +909,42 @@ class EngineCheckpoint : public ::testing::TestWithParam<int> {
   }
 };
 
-void expect_resume_continues_exactly(int world, const std::string& device) {
+// Rewrites a checkpoint into the layout of checkpoints written before
+// sub-groups shared files: one file per sub-group, its tensors named
+// "param", "exp_avg", ..., and no "group_file_elements" in the description.
+// Returns the number of files it split.
+int split_into_one_file_per_sub_group(const std::filesystem::path& checkpoint) {
+  int split = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(checkpoint)) {
+    const std::string name = entry.path().filename().string();
+    if (name.find("_group") == std::string::npos) continue;
+    const SafetensorsFile file = read_safetensors(entry.path());
+    if (file.metadata.at("groups") == "1") continue;
+    std::map<std::string, std::vector<TensorToWrite>> groups;  // by sub-group
+    for (const auto& [key, tensor] : file.tensors) {
+      const auto slash = key.find('/');
+      groups[key.substr(0, slash)].push_back(
+          {key.substr(slash + 1), tensor.dtype, tensor.shape,
+           std::span(file.data).subspan(tensor.begin, tensor.end - tensor.begin)});
+    }
+    for (const auto& [group, tensors] : groups) {
+      write_safetensors(checkpoint / fmt::format("zero3_rank{:05}_group{:05}.safetensors",
+                                                 std::stoi(file.metadata.at("rank")), std::stoi(group)),
+                        tensors,
+                        {{"format", file.metadata.at("format")}, {"rank", file.metadata.at("rank")},
+                         {"group", group}, {"optimizer_step", file.metadata.at("optimizer_step")}});
+    }
+    ++split;
+  }
+  std::ifstream in(checkpoint / "zinf_checkpoint.json");
+  auto description = nlohmann::json::parse(in);
+  description.erase("group_file_elements");
+  std::ofstream(checkpoint / "zinf_checkpoint.json") << description.dump(2);
+  return split;
+}
+
+void expect_resume_continues_exactly(int world, const std::string& device,
+                                     const std::function<void(const std::filesystem::path&)>& between = {}) {
   testing::TempDir dir;
   TrainingRun run;
   run.world = world;
@@ -904,6 +969,7 @@ void expect_resume_continues_exactly(int world, const std::string& device) {
   });
   ASSERT_TRUE(testing::all_succeeded(outcomes)) << testing::describe(outcomes);
   EXPECT_TRUE(std::filesystem::exists(std::filesystem::path(checkpoint) / "zinf_checkpoint.json"));
+  if (between) between(checkpoint);
   outcomes = testing::run_ranks(run.world, [&](const LaunchEnv& launch) {
     const auto masters = train_span(run, launch, 2, 5, checkpoint, "");
     if (launch.rank == 0) write_floats(resumed, masters);
@@ -917,6 +983,15 @@ void expect_resume_continues_exactly(int world, const std::string& device) {
 
 TEST_P(EngineCheckpoint, ResumeContinuesExactlyLikeTheUninterruptedRun) {
   expect_resume_continues_exactly(GetParam(), "host");
+}
+
+// Checkpoints saved before sub-groups shared files (one file each) load and
+// resume exactly as they did.
+TEST(EngineCheckpointLayout, AOneFilePerSubGroupCheckpointResumesExactly) {
+  if (!gloo_available()) GTEST_SKIP() << "this build has no Gloo communicator";
+  expect_resume_continues_exactly(2, "host", [](const std::filesystem::path& checkpoint) {
+    EXPECT_EQ(split_into_one_file_per_sub_group(checkpoint), 2);  // a file per rank held them all
+  });
 }
 
 // zero_to_fp32: every param whole from every rank's sub-group files, with no
@@ -946,6 +1021,20 @@ TEST_P(EngineCheckpoint, ConsolidatingTheCheckpointGivesTheMastersWhole) {
   EXPECT_EQ(params[0].shape, (std::vector<std::int64_t>{run.shape.width, run.shape.width}));
   write_floats((dir.path() / "consolidated.bin").string(), consolidated);
   EXPECT_TRUE(read_all(gathered) == read_all((dir.path() / "consolidated.bin").string()));
+  // The rank's sub-groups (of 500 elements) share one file: a save of many
+  // small sub-groups writes a few files, not one each.
+  int group_files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(checkpoint)) {
+    group_files += entry.path().filename().string().find("_group") != std::string::npos;
+  }
+  EXPECT_EQ(group_files, run.world);
+  // And in the layout of before (one file each) it consolidates the same
+  // (at world 4 a rank's partition is one sub-group: nothing to split).
+  EXPECT_EQ(split_into_one_file_per_sub_group(checkpoint), run.world == 4 ? 0 : run.world);
+  consolidated.clear();
+  for (const auto& p : consolidate_checkpoint(checkpoint)) consolidated.push_back(p.values);
+  write_floats((dir.path() / "split.bin").string(), consolidated);
+  EXPECT_TRUE(read_all(gathered) == read_all((dir.path() / "split.bin").string()));
   std::filesystem::remove(std::filesystem::path(checkpoint) / "zero3_rank00000_group00000.safetensors");
   EXPECT_THROW(consolidate_checkpoint(checkpoint), Error);  // a missing shard names its file
 }

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <functional>
 #include <stdexcept>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -82,6 +83,11 @@ struct TrainingRun {
   std::string nvme_dir;
   std::string gradients;  // offload_optimizer.gradients: "" (the default), "cpu" or "nvme"
   std::uint64_t sub_group_size = 500;
+  // offload_optimizer.min_swap_bytes with "nvme": 0 swaps every sub-group,
+  // as these small models' would not by default (each under 1 MiB: the
+  // default keeps them in host memory, as DeepSpeed does); nullopt leaves
+  // the default.
+  std::optional<std::uint64_t> min_swap_bytes = 0;
   // Where the engine's device memory is: "host" (the lenient stand-in),
   // "strict" (the strict stand-in with its NCCL-like device-memory
   // communicator), "strict-gloo" (the strict stand-in with Gloo's host
@@ -95,6 +101,9 @@ std::string config_json(const TrainingRun& run) {
     if (device == "none") return std::string();
     std::string block = fmt::format(R"("{}": {{"device": "{}")", param ? "offload_param" : "offload_optimizer", device);
     if (device == "nvme") block += fmt::format(R"(, "nvme_path": "{}")", run.nvme_dir);
+    if (device == "nvme" && !param && run.min_swap_bytes) {
+      block += fmt::format(R"(, "min_swap_bytes": {})", *run.min_swap_bytes);
+    }
     if (!param && !run.gradients.empty()) block += fmt::format(R"(, "gradients": "{}")", run.gradients);
     return block + "},";
   };

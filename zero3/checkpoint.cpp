@@ -3,10 +3,19 @@
 // <dir>/zinf_checkpoint.json                  the description, written last
 //                                             by rank 0: its presence marks
 //                                             a complete checkpoint
-// <dir>/zero3_rank<R>_group<G>.safetensors    rank R's sub-group G: fp32
-//                                             master params and optimizer
-//                                             states (one file per sub-group
-//                                             bounds the memory a save needs)
+// <dir>/zero3_rank<R>_group<G>.safetensors    rank R's sub-groups G, G+1, ...:
+//                                             fp32 master params and optimizer
+//                                             states. Consecutive sub-groups
+//                                             share a file up to
+//                                             kGroupFileElements (a file in
+//                                             memory at a time bounds what a
+//                                             save needs; thousands of small
+//                                             sub-groups are not thousands of
+//                                             files, each synced); a larger
+//                                             one has its own file. In a file
+//                                             of one sub-group the tensors are
+//                                             "param", "exp_avg", ...; of
+//                                             several, "<g>/param", ...
 // <dir>/zero3_rank<R>_frozen.safetensors      rank R's shards of the frozen
 //                                             params, in the working precision
 //                                             (all they have)
@@ -38,6 +47,36 @@ constexpr const char* kDescription = "zinf_checkpoint.json";
 constexpr const char* kWeights = "zinf_model_weights.safetensors";
 constexpr const char* kFormat = "zinf-zero3-checkpoint";
 constexpr int kVersion = 1;
+// Elements of consecutive sub-groups one file holds (checkpoints without
+// "group_file_elements" in their description, written before, hold one
+// sub-group a file: 0).
+constexpr std::uint64_t kGroupFileElements = 4ull << 20;
+
+// The files' sub-groups [begin, end), consecutive sub-groups together up
+// to `budget` elements (each at least one; 0: one each).
+std::vector<std::pair<std::size_t, std::size_t>> group_files(std::span<const std::uint64_t> elements,
+                                                             std::uint64_t budget) {
+  std::vector<std::pair<std::size_t, std::size_t>> files;
+  for (std::size_t g = 0; g < elements.size();) {
+    std::size_t end = g + 1;
+    std::uint64_t total = elements[g];
+    while (end < elements.size() && total + elements[end] <= budget) total += elements[end++];
+    files.emplace_back(g, end);
+    g = end;
+  }
+  return files;
+}
+
+std::vector<std::uint64_t> elements_of(std::span<const swap::SubGroup> groups) {
+  std::vector<std::uint64_t> elements;
+  for (const auto& group : groups) elements.push_back(group.elements);
+  return elements;
+}
+
+// A sub-group's tensor in a file holding `count` sub-groups.
+std::string group_tensor(std::size_t group, std::size_t count, const std::string& tensor) {
+  return count == 1 ? tensor : fmt::format("{}/{}", group, tensor);
+}
 
 std::filesystem::path group_file(const std::filesystem::path& dir, int rank, std::size_t group) {
   return dir / fmt::format("zero3_rank{:05}_group{:05}.safetensors", rank, group);
@@ -129,20 +168,30 @@ void Engine::save_checkpoint(const std::filesystem::path& dir) {
   comm_.barrier();  // nobody writes shards while an old description says "complete"
 
   const auto states = optimizer_state_names();
-  for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
-    const std::uint64_t n = sub_groups_[g].elements;
-    std::vector<std::vector<float>> tensors(1 + states.size(), std::vector<float>(n));
-    optimizer_->read_params(g, tensors[0]);
-    for (std::size_t s = 0; s < states.size(); ++s) optimizer_->read_state(g, states[s], tensors[1 + s]);
+  std::vector<std::string> names{"param"};
+  names.insert(names.end(), states.begin(), states.end());
+  for (const auto& [first, end] : group_files(elements_of(sub_groups_), kGroupFileElements)) {
+    std::vector<std::vector<float>> tensors;
     std::vector<TensorToWrite> entries;
-    entries.push_back({"param", "F32", {static_cast<std::int64_t>(n)}, as_bytes_of(tensors[0])});
-    for (std::size_t s = 0; s < states.size(); ++s) {
-      entries.push_back({states[s], "F32", {static_cast<std::int64_t>(n)}, as_bytes_of(tensors[1 + s])});
+    tensors.reserve((end - first) * names.size());  // entries point into it
+    for (std::size_t g = first; g < end; ++g) {
+      const std::uint64_t n = sub_groups_[g].elements;
+      for (std::size_t t = 0; t < names.size(); ++t) {
+        auto& values = tensors.emplace_back(n);
+        if (t == 0) {
+          optimizer_->read_params(g, values);
+        } else {
+          optimizer_->read_state(g, names[t], values);
+        }
+        entries.push_back({group_tensor(g, end - first, names[t]), "F32", {static_cast<std::int64_t>(n)},
+                           as_bytes_of(values)});
+      }
     }
-    write_safetensors(group_file(dir, rank, g), entries,
+    write_safetensors(group_file(dir, rank, first), entries,
                       {{"format", kFormat},
                        {"rank", std::to_string(rank)},
-                       {"group", std::to_string(g)},
+                       {"group", std::to_string(first)},
+                       {"groups", std::to_string(end - first)},
                        {"optimizer_step", std::to_string(optimizer_->step_count())}});
   }
 
@@ -202,6 +251,7 @@ void Engine::save_checkpoint(const std::filesystem::path& dir) {
     description["optimizer_step"] = optimizer_step_;
     description["precision"] = config::to_string(config_.training.precision);
     description["sub_group_size"] = config_.zero.sub_group_size;
+    description["group_file_elements"] = kGroupFileElements;
     description["persistence_threshold"] = config_.zero.param_persistence_threshold;
     description["weights_16bit"] = config_.zero.gather_16bit_weights_on_model_save ? kWeights : "";
     json params = json::array();
@@ -223,6 +273,7 @@ void Engine::load_checkpoint(const std::filesystem::path& dir, bool optimizer_st
   const std::filesystem::path description_path = dir / kDescription;
   const json description = read_description(dir);
   std::int64_t step = 0;
+  std::uint64_t file_elements = 0;
   try {
     const int world = description.at("world_size").get<int>();
     if (world != comm_.world_size()) {
@@ -258,6 +309,7 @@ void Engine::load_checkpoint(const std::filesystem::path& dir, bool optimizer_st
       }
     }
     step = description.at("optimizer_step").get<std::int64_t>();
+    file_elements = description.value("group_file_elements", std::uint64_t{0});
   } catch (const json::exception& error) {
     corrupt(description_path, fmt::format("malformed: {}", error.what()));
   }
@@ -265,25 +317,27 @@ void Engine::load_checkpoint(const std::filesystem::path& dir, bool optimizer_st
   const int rank = comm_.rank();
   const auto states = optimizer_state_names();
   std::uint64_t group_begin = 0;
-  for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
-    const std::uint64_t n = sub_groups_[g].elements;
-    const auto file = read_file_of_step(group_file(dir, rank, g), step);
-    const auto read_floats = [&](const std::string& name) {
-      const auto bytes = file.bytes(name, "F32", n * sizeof(float));
-      std::vector<float> values(n);
-      std::memcpy(values.data(), bytes.data(), bytes.size());
-      return values;
-    };
-    const std::vector<float> master = read_floats("param");
-    std::vector<std::vector<float>> state_values;
-    std::vector<std::span<const float>> state_spans;
-    if (optimizer_states) {
-      for (const auto& state : states) state_values.push_back(read_floats(state));
-      for (const auto& values : state_values) state_spans.emplace_back(values);
+  for (const auto& [first, end] : group_files(elements_of(sub_groups_), file_elements)) {
+    const auto file = read_file_of_step(group_file(dir, rank, first), step);
+    for (std::size_t g = first; g < end; ++g) {
+      const std::uint64_t n = sub_groups_[g].elements;
+      const auto read_floats = [&](const std::string& name) {
+        const auto bytes = file.bytes(group_tensor(g, end - first, name), "F32", n * sizeof(float));
+        std::vector<float> values(n);
+        std::memcpy(values.data(), bytes.data(), bytes.size());
+        return values;
+      };
+      const std::vector<float> master = read_floats("param");
+      std::vector<std::vector<float>> state_values;
+      std::vector<std::span<const float>> state_spans;
+      if (optimizer_states) {
+        for (const auto& state : states) state_values.push_back(read_floats(state));
+        for (const auto& values : state_values) state_spans.emplace_back(values);
+      }
+      optimizer_->initialize(g, master, optimizer_states ? step : 0, state_spans);
+      set_working(group_begin, master);
+      group_begin += n;
     }
-    optimizer_->initialize(g, master, optimizer_states ? step : 0, state_spans);
-    set_working(group_begin, master);
-    group_begin += n;
   }
   if (optimizer_elements_ < partition_elements_) {
     const auto file = read_file_of_step(frozen_file(dir, rank), step);
@@ -314,11 +368,13 @@ std::vector<ConsolidatedParam> consolidate_checkpoint(const std::filesystem::pat
   int world = 0;
   std::uint64_t sub_group_size = 0;
   std::int64_t step = 0;
+  std::uint64_t file_elements = 0;
   cpu_adam::DType working = cpu_adam::DType::f32;
   try {
     world = description.at("world_size").get<int>();
     sub_group_size = description.at("sub_group_size").get<std::uint64_t>();
     step = description.at("optimizer_step").get<std::int64_t>();
+    file_elements = description.value("group_file_elements", std::uint64_t{0});
     const auto precision = description.at("precision").get<std::string>();
     if (precision != "fp32" && precision != "bf16" && precision != "fp16") {
       mismatch(description_path, fmt::format("precision '{}' is not fp32, bf16 or fp16", precision));
@@ -352,6 +408,11 @@ std::vector<ConsolidatedParam> consolidate_checkpoint(const std::filesystem::pat
     if (p.trainable) trainable_elements += shard_of(p);
     any_frozen = any_frozen || !p.trainable;
   }
+  std::vector<std::uint64_t> group_elements;
+  for (std::uint64_t begin = 0; begin < trainable_elements; begin += sub_group_size) {
+    group_elements.push_back(std::min(sub_group_size, trainable_elements - begin));
+  }
+  const auto files = group_files(group_elements, file_elements);
   for (int rank = 0; rank < world; ++rank) {
     std::size_t param = 0;       // the trainable param being filled
     std::uint64_t in_param = 0;  // its shard elements filled so far
@@ -359,18 +420,15 @@ std::vector<ConsolidatedParam> consolidate_checkpoint(const std::filesystem::pat
       while (param < out.size() && !out[param].trainable) ++param;
     };
     next_trainable();
-    for (std::uint64_t begin = 0, g = 0; begin < trainable_elements; begin += sub_group_size, ++g) {
-      const std::uint64_t n = std::min(sub_group_size, trainable_elements - begin);
-      const auto file = read_file_of_step(group_file(dir, rank, g), step);
-      const auto bytes = file.bytes("param", "F32", n * sizeof(float));
-      const auto* values = reinterpret_cast<const float*>(bytes.data());
+    // Sub-group values in partition order, into the params they shard.
+    const auto fill = [&](const float* values, std::uint64_t n) {
       for (std::uint64_t i = 0; i < n;) {
         ConsolidatedParam& p = out[param];
         const std::uint64_t shard = shard_of(p);
         const std::uint64_t take = std::min(shard - in_param, n - i);
         // Rank r's shard holds elements [r * shard, (r + 1) * shard); past the end: padding.
-        const std::uint64_t first = static_cast<std::uint64_t>(rank) * shard + in_param;
-        for (std::uint64_t k = 0; k < take && first + k < p.values.size(); ++k) p.values[first + k] = values[i + k];
+        const std::uint64_t at = static_cast<std::uint64_t>(rank) * shard + in_param;
+        for (std::uint64_t k = 0; k < take && at + k < p.values.size(); ++k) p.values[at + k] = values[i + k];
         i += take;
         in_param += take;
         if (in_param == shard) {
@@ -378,6 +436,14 @@ std::vector<ConsolidatedParam> consolidate_checkpoint(const std::filesystem::pat
           ++param;
           next_trainable();
         }
+      }
+    };
+    for (const auto& [first, end] : files) {
+      const auto file = read_file_of_step(group_file(dir, rank, first), step);
+      for (std::size_t g = first; g < end; ++g) {
+        const std::uint64_t n = group_elements[g];
+        const auto bytes = file.bytes(group_tensor(g, end - first, "param"), "F32", n * sizeof(float));
+        fill(reinterpret_cast<const float*>(bytes.data()), n);
       }
     }
     if (any_frozen) {

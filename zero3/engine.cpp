@@ -429,19 +429,6 @@ void Engine::finalize() {
                "param's shard)", largest);
   }
   if (optimizer_elements_ > 0) sub_groups_ = swap::sub_groups(config_, optimizer_elements_, "zero3.sub_group.");
-  if (config_.zero.offload_optimizer.device == config::OffloadDevice::nvme && sub_groups_.size() > 64 &&
-      config_.zero.sub_group_size * sizeof(float) < config_.aio.block_size) {
-    // Each sub-group's tensors are read and written on their own, padded
-    // to 4 KiB: thousands of tensors under one aio block make a step
-    // I/O-bound on requests, not bytes (DeepSpeed keeps tensors under a
-    // block in memory instead). Measured: 8.4 M params in 83928
-    // sub-groups of 100 took 31 s a step here.
-    log().warn("zero3: zero_optimization.sub_group_size {} makes {} sub-groups whose tensors are each under one "
-               "aio block ({} bytes): every step reads and writes each on its own, and slowly; a sub_group_size "
-               "of at least {} (1e8-1e9 is usual) moves the same states in far fewer requests",
-               config_.zero.sub_group_size, sub_groups_.size(), config_.aio.block_size,
-               config_.aio.block_size / sizeof(float));
-  }
   for (std::uint64_t begin = 0; const auto& group : sub_groups_) {
     sub_group_begin_.push_back(begin);
     begin += group.elements;
@@ -489,7 +476,7 @@ void Engine::finalize() {
     start_afresh(*optimizer_store_);
     pool_bytes += swap::OptimizerSwapper::pinned_bytes_needed(
         sub_groups_, optimizer_options.optimizer.kind, optimizer_options.overlap,
-        optimizer_store_->alignment(), optimizer_options.moment_format);
+        optimizer_store_->alignment(), optimizer_options.moment_format, optimizer_options.resident_below_bytes);
   }
   // The gradient partition on NVMe too (offload_optimizer.gradients), or
   // in host memory.
@@ -497,7 +484,8 @@ void Engine::finalize() {
   if (gradients_on_nvme) {
     gradient_store_ = std::make_unique<swap::SwapStore>(
         swap::store_options(config_, swap::SwapRole::gradients, rank));
-    pool_bytes += swap::GradientSwapper::pinned_bytes_needed(sub_groups_, gradient_store_->alignment());
+    pool_bytes += swap::GradientSwapper::pinned_bytes_needed(sub_groups_, gradient_store_->alignment(),
+                                                             optimizer_options.resident_below_bytes);
   } else {
     grad_partition_.assign(optimizer_elements_, 0.0f);
   }
@@ -511,9 +499,10 @@ void Engine::finalize() {
     }
     pool_bytes += swap::ParamSwapper::plan(specs, param_options, param_store_->alignment()).pinned_bytes;
   }
-  if (pool_bytes > 0) {
+  if (optimizer_on_nvme || params_on_nvme) {
     PinnedPoolOptions pool_options;
-    pool_options.budget_bytes = pool_bytes;
+    // (Sub-groups that all stay resident need no buffer: a page, unused.)
+    pool_options.budget_bytes = std::max<std::uint64_t>(pool_bytes, 4096);
     // pin_memory: false, or a memlock limit too low, leaves pageable memory
     // (logged by the pool); correctness does not depend on pinning.
     pool_options.allow_unpinned = true;
@@ -529,7 +518,8 @@ void Engine::finalize() {
     optimizer_ = std::make_unique<swap::OptimizerSwapper>(*cpu_optimizer_, sub_groups_, optimizer_options);
   }
   if (gradients_on_nvme) {
-    gradient_swapper_ = std::make_unique<swap::GradientSwapper>(*gradient_store_, *pool_, sub_groups_);
+    gradient_swapper_ = std::make_unique<swap::GradientSwapper>(*gradient_store_, *pool_, sub_groups_,
+                                                                optimizer_options.resident_below_bytes);
     const auto accumulation = config_.training.gradient_accumulation_steps;
     if (accumulation > 1 && sub_groups_.size() > 2) {
       // Each extra micro-step reads back and rewrites the gradients: say
@@ -539,6 +529,31 @@ void Engine::finalize() {
                  "memory instead",
                  accumulation, format_bytes(optimizer_elements_ * sizeof(float)),
                  format_bytes(optimizer_elements_ * sizeof(float)));
+    }
+  }
+  if (optimizer_on_nvme) {
+    std::size_t resident = 0;
+    std::uint64_t resident_bytes = 0;
+    for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
+      if (!optimizer_->resident(g)) continue;
+      ++resident;
+      for (std::size_t t = 0; t <= swap::OptimizerSwapper::state_names(optimizer_options.optimizer.kind).size(); ++t) {
+        resident_bytes += swap::OptimizerSwapper::tensor_bytes(t, sub_groups_[g].elements, optimizer_options.moment_format);
+      }
+      if (gradients_on_nvme) resident_bytes += sub_groups_[g].elements * sizeof(float);
+    }
+    if (resident > 0) {
+      // Each swapped tensor is an NVMe request of its own: thousands under
+      // one aio block make a step bound on requests, not bytes (8.4 M
+      // params in 83928 sub-groups of 100 took 28 s a step swapped). Worth
+      // a warning when it holds much more host memory than the user planned.
+      log().log(resident_bytes >= (1ull << 30) ? spdlog::level::warn : spdlog::level::info,
+                "zero3: {} of {} sub-groups are under {} of fp32 each (max(1 MiB, aio.block_size)): their optimizer "
+                "states{} stay in host memory ({} in all), as DeepSpeed keeps tensors too small to swap; "
+                "zero_optimization.sub_group_size {} or more swaps them",
+                resident, sub_groups_.size(), format_bytes(optimizer_options.resident_below_bytes),
+                gradients_on_nvme ? " and gradients" : "", format_bytes(resident_bytes),
+                optimizer_options.resident_below_bytes / sizeof(float));
     }
   }
   learning_rate_ = swap::learning_rate_of(optimizer_options.optimizer);

@@ -1133,16 +1133,29 @@ def test_a_run_over_an_earlier_runs_swap_files_starts_afresh(scratch):
         assert torch.equal(got, want)
 
 
-def test_thousands_of_sub_groups_under_one_aio_block_are_warned_of(scratch, capfd):
-    """sub_group_size 100 (DeepSpeed's tests use it) on NVMe reads and
-    writes each tiny tensor on its own: the engine says so, naming the key
-    and the size that would not, and trains all the same."""
+def test_sub_groups_under_min_swap_bytes_stay_in_host_memory(scratch, capfd):
+    """sub_group_size 50 (DeepSpeed's tests use 100) with the optimizer on
+    NVMe: each sub-group's fp32 params are under 1 MiB, so, as DeepSpeed
+    keeps them, their states and gradients stay in host memory (swapped,
+    each tensor would be an NVMe request of its own). The engine says so,
+    naming the key and the size that would swap; the optimizer moves no
+    NVMe bytes, and training equals plain torch."""
     config = config_for(3, "nvme", "none", scratch, train_batch_size=4)
+    del config["zero_optimization"]["offload_optimizer"]["min_swap_bytes"]  # the default
     config["zero_optimization"]["sub_group_size"] = 50
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 1))
+    plain = make_model()
+    model = make_model()
+    model.load_state_dict(plain.state_dict())
     engine, _, _, _ = zinf.initialize(model=model, config=config)
-    engine.backward(engine(torch.randn(4, 64)).square().mean())
-    engine.step()
-    engine.close()
+    reference = torch.optim.AdamW(plain.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
+
+    def no_nvme_traffic(step):
+        timings = engine.timings()
+        assert timings["nvme_written_bytes"] == 0 and timings["nvme_read_bytes"] == 0, timings
+
+    train_both(engine, plain, reference, 3, after_step=no_nvme_traffic)
     err = capfd.readouterr().err
-    assert "zero_optimization.sub_group_size 50 makes 85 sub-groups" in err and "at least 262144" in err
+    groups = -(-sum(p.numel() for p in plain.parameters()) // 50)
+    assert f"zero3: {groups} of {groups} sub-groups are under 1 MiB of fp32 each" in err, err
+    assert "optimizer states and gradients stay in host memory" in err
+    assert "zero_optimization.sub_group_size 262144 or more swaps them" in err
