@@ -463,7 +463,20 @@ void read_optimizer(Reader& r, const json& root, std::optional<OptimizerConfig>&
     r.problem("optimizer", fmt::format("must be an object, not {}", describe(section)));
     return;
   }
-  r.check_keys(section, "optimizer", {"type", "params"});
+  // DeepSpeed reads "type" and "params" and ignores the rest of the block
+  // (its tests put "torch_adam" here): ignored with a warning, a near miss
+  // of the two refused as the typo it is.
+  constexpr std::string_view kOptimizerKeys[] = {"type", "params"};
+  for (const auto& [key, value] : section.items()) {
+    if (key == "type" || key == "params") continue;
+    const auto [nearest, distance] = nearest_key(key, kOptimizerKeys);
+    if (distance <= std::max<std::size_t>(1, key.size() / 3)) {
+      r.problem("optimizer." + key, fmt::format("unknown key; did you mean \"{}\"?", nearest));
+    } else {
+      r.warn(fmt::format("optimizer.{}: DeepSpeed reads only optimizer.type and optimizer.params; ignored{}", key,
+                         key == "torch_adam" ? " (DeepSpeed takes torch_adam from optimizer.params)" : ""));
+    }
+  }
   OptimizerConfig c;
   if (!section.contains("type") || !section.at("type").is_string()) {
     r.problem("optimizer.type", "is required: a name such as \"AdamW\"");

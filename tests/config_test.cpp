@@ -276,6 +276,23 @@ TEST(Config, UnknownTopLevelKeysFarFromDeepSpeedsAreIgnoredWithAWarning) {
   EXPECT_NE(r.warnings.front().find("my_trainer_settings"), std::string::npos);
 }
 
+// DeepSpeed reads only "type" and "params" of the optimizer block (its
+// fp16 tests put "torch_adam" beside them): others are ignored, said; a
+// near miss of the two is the typo it looks like.
+TEST(Config, OptimizerBlockKeysBesideTypeAndParamsAreIgnoredWithAWarning) {
+  const ParseResult r = parse(R"({"optimizer": {"type": "Adam", "torch_adam": true, "params": {"lr": 0.001}}})");
+  EXPECT_TRUE(r.problems.empty()) << problems_of(r);
+  ASSERT_EQ(r.warnings.size(), 1u);
+  EXPECT_NE(r.warnings.front().find("optimizer.torch_adam"), std::string::npos) << r.warnings.front();
+  EXPECT_NE(r.warnings.front().find("from optimizer.params"), std::string::npos) << r.warnings.front();
+  ASSERT_TRUE(r.config.optimizer.has_value());
+  EXPECT_EQ(r.config.optimizer->lr, 0.001);
+  const ParseResult typo = parse(R"({"optimizer": {"type": "Adam", "parms": {"lr": 0.001}}})");
+  ASSERT_EQ(typo.problems.size(), 1u) << problems_of(typo);
+  EXPECT_EQ(typo.problems.front().key_path, "optimizer.parms");
+  EXPECT_NE(typo.problems.front().message.find("did you mean \"params\""), std::string::npos);
+}
+
 TEST(Config, PipelineFalseIsSaidNotSilentlyIgnored) {
   const ParseResult r = parse(R"({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme",
       "nvme_path": "/x", "pipeline_read": false, "pipeline_write": true}}})");

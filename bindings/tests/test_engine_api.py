@@ -805,6 +805,16 @@ def test_the_config_questions_deepspeed_scripts_ask_the_engine():
     assert engine.zero_optimization_partition_weights() and engine.zero_gather_16bit_weights_on_model_save()
     assert engine.wall_clock_breakdown() and engine.dynamic_loss_scale()
     assert engine.initial_dynamic_scale() == 1024.0 and optimizer.cur_scale == 1024.0
+    # DeepSpeed's optimizers' view of the scale (its fp16 tests read it).
+    assert optimizer.dynamic_loss_scale and optimizer.loss_scaler.dynamic
+    assert optimizer.loss_scaler.loss_scale == optimizer.loss_scaler.cur_scale == 1024.0
+    assert optimizer.loss_scaler.scale_window == 1000 and optimizer.loss_scaler.delayed_shift == 2
+    engine.close()
+    # A static scale: loss_scale set.
+    config["fp16"] = {"enabled": True, "loss_scale": 138.0}
+    engine, optimizer, _, _ = zinf.initialize(model=HalfParamsFloatMath(), config=config)
+    assert not optimizer.dynamic_loss_scale and not optimizer.loss_scaler.dynamic
+    assert optimizer.loss_scaler.loss_scale == 138.0 and not engine.dynamic_loss_scale()
     engine.close()
     model = make_model()
     engine, _, _, _ = zinf.initialize(model=model, optimizer=zinf.ops.adam.FusedAdam(model.parameters()),

@@ -143,6 +143,39 @@ class ZinfOptimizer(torch.optim.Optimizer):
 
     cur_scale = loss_scale  # DeepSpeed's fp16 optimizers' name (Megatron reads it)
 
+    @property
+    def dynamic_loss_scale(self):
+        """Whether fp16's loss scale is dynamic (DeepSpeed's fp16 and ZeRO
+        optimizers have the flag)."""
+        return self._engine is not None and self._engine.dynamic_loss_scale()
+
+    @property
+    def loss_scaler(self):
+        """DeepSpeed's optimizers' scaler object, as read: ``loss_scale`` /
+        ``cur_scale`` (now), ``dynamic``, and the fp16 block's settings."""
+        return _LossScaler(self._engine)
+
+
+class _LossScaler:
+    """A read-only view of the engine's loss scale in the shape of
+    DeepSpeed's LossScaler / DynamicLossScaler (the engine owns the scale)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        fp16 = engine._settings.get("fp16", {}) if engine is not None else {}
+        self.dynamic = engine is not None and engine.dynamic_loss_scale()
+        self.scale_factor = 2.0
+        self.scale_window = int(fp16.get("loss_scale_window", 1000))
+        self.min_scale = float(fp16.get("min_loss_scale", 1))
+        self.delayed_shift = int(fp16.get("hysteresis", 2))
+        self.consecutive_hysteresis = bool(fp16.get("consecutive_hysteresis", False))
+
+    @property
+    def loss_scale(self):
+        return self._engine._engine.loss_scale if self._engine is not None else 1.0
+
+    cur_scale = loss_scale
+
 
 class _ParameterOffload:
     """What trainers reach for in DeepSpeed's stage-3 parameter coordinator:
@@ -211,6 +244,13 @@ def _check_precision_settings(settings, precision, stage):
         raise NotImplementedError(f"data_types.grad_accum_dtype: {wanted!r} with a {precision} model is not "
                                   "supported without ZeRO (DeepSpeed refuses it too); use stage 1-3, or leave the "
                                   "key out")
+
+
+class UnsupportedOptimizerError(ValueError, AssertionError):
+    """An optimizer passed to initialize that zinf's CPU kernels cannot
+    stand in for: a ValueError, and the AssertionError DeepSpeed raises for
+    an "untested ZeRO optimizer" unless zero_allow_untested_optimizer is
+    true (zinf cannot step it even then)."""
 
 
 class _AmpRefused(DeepSpeedConfigError, AssertionError):
@@ -283,11 +323,12 @@ def _optimizer_block(optimizer):
     refused by name."""
     kind, adam_w_mode = _optimizer_kind(optimizer)
     if kind is None:
-        raise ValueError(f"optimizer: a {type(optimizer).__name__} cannot be stepped by zinf's CPU optimizer; "
-                         "pass torch.optim.Adam, AdamW or Adagrad, DeepSpeedCPUAdam, FusedAdam, "
-                         "DeepSpeedCPUAdagrad, DeepSpeedCPULion or FusedLion (zinf.ops), or name the optimizer in "
-                         "the config "
-                         "(optimizer.type: Adam, AdamW, Adagrad or Lion)")
+        raise UnsupportedOptimizerError(
+            f"optimizer: a {type(optimizer).__name__} cannot be stepped by zinf's CPU optimizer; pass "
+            "torch.optim.Adam, AdamW or Adagrad, DeepSpeedCPUAdam, FusedAdam, DeepSpeedCPUAdagrad, DeepSpeedCPULion "
+            "or FusedLion (zinf.ops), or name the optimizer in the config (optimizer.type: Adam, AdamW, Adagrad or "
+            "Lion). (DeepSpeed refuses an untested ZeRO optimizer too unless zero_allow_untested_optimizer is true; "
+            "zinf's engine steps only its own kernels, so it cannot run one even then.)")
     unsupported = {"Adagrad": {"lr_decay": 0, "initial_accumulator_value": 0, "maximize": False},
                    "Lion": {"maximize": False}}.get(kind, {"amsgrad": False, "maximize": False})
     for index, group in enumerate(optimizer.param_groups):
