@@ -279,6 +279,38 @@ def test_init_distributed_from_an_mpi_launchers_variables_or_explicit_arguments(
         zinf.init_distributed(init_method=tcp, world_size=2)
 
 
+_ONE_PROCESS_SCRIPT = """
+import json, torch, zinf
+rank, world = zinf.init_distributed()
+made = torch.distributed.is_available() and torch.distributed.is_initialized()
+if made:
+    torch.distributed.barrier()
+    answer = (torch.distributed.get_rank(), torch.distributed.get_world_size())
+else:
+    answer = None
+print(json.dumps({"rank": rank, "world": world, "made": made, "torch": answer}))
+"""
+
+
+def test_torchrun_with_one_process_makes_the_group_a_bare_process_does_not():
+    """torchrun --nproc_per_node 1: DeepSpeed's init_distributed makes a
+    world-1 group, and scripts then call torch.distributed.get_rank() or
+    barrier() themselves. A bare `python train.py` joins nothing."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    base["PYTHONPATH"] = os.pathsep.join(sys.path)
+    torchrun = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(free_port())}
+    results = {}
+    for name, env in (("torchrun", dict(base, **torchrun)), ("bare", base)):
+        out = subprocess.run([sys.executable, "-c", _ONE_PROCESS_SCRIPT], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        results[name] = json.loads(out.stdout.splitlines()[-1])
+    assert results["torchrun"] == {"rank": 0, "world": 1, "made": True, "torch": [0, 1]}
+    assert results["bare"] == {"rank": 0, "world": 1, "made": False, "torch": None}
+
+
 def test_comm_in_one_process_answers_rank_zero_of_one():
     from zinf import comm
     assert (comm.get_rank(), comm.get_world_size(), comm.is_initialized()) == (0, 1, False)

@@ -223,7 +223,9 @@ def init_from_environment(timeout_s=None, backend="gloo", init_method=None, rank
     is not yet initialised, or from an explicit init_method / rank /
     world_size (DeepSpeed's init_distributed arguments): Gloo unless the
     script asks for NCCL (zinf's collectives then go over a Gloo group
-    beside it: host_group). Returns (rank, world)."""
+    beside it: host_group); a world of one too when torchrun launched it
+    (a bare process, without those variables, joins nothing). Returns
+    (rank, world)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     import datetime
@@ -238,7 +240,12 @@ def init_from_environment(timeout_s=None, backend="gloo", init_method=None, rank
         rank = int(os.environ["RANK"])
     if world_size < 1:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    launched = all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    if world_size <= 1 and not (launched or explicit):
+        # A bare single process: nothing to join. (Under torchrun, even with
+        # one process, the group is made, as DeepSpeed makes it: scripts
+        # call torch.distributed.get_rank() or barrier() after
+        # init_distributed.)
         return 0, 1
     if explicit:
         if rank < 0:
