@@ -15,10 +15,6 @@ namespace {
 // Rewrites of small sub-groups commit together once this much was written.
 constexpr std::uint64_t kCommitBytes = 64ull << 20;
 
-bool stays_resident(const SubGroup& group, std::uint64_t resident_below_bytes) {
-  return group.elements * sizeof(float) < resident_below_bytes;
-}
-
 // 0 when every sub-group is resident.
 std::uint64_t buffer_bytes(std::span<const SubGroup> groups, std::uint64_t alignment,
                            std::uint64_t resident_below_bytes) {

@@ -100,10 +100,10 @@ StageResult plan_stage(const config::Config& config, const PlanInput& input, int
   const std::uint64_t min_swap = resident_below_bytes(config);
   const std::uint64_t group_count = ceil_div(std::max<std::uint64_t>(psi_rank, 1), std::max<std::uint64_t>(group, 1));
   const std::uint64_t last_group = psi_rank - (group_count - 1) * group;
-  const std::uint64_t resident = !optimizer_on_nvme        ? 0
-                                 : 4 * group < min_swap     ? psi_rank
-                                 : 4 * last_group < min_swap ? last_group
-                                                             : 0;
+  const std::uint64_t resident = !optimizer_on_nvme                                   ? 0
+                                 : stays_resident(largest_group, min_swap)              ? psi_rank
+                                 : stays_resident(SubGroup{"last", last_group}, min_swap) ? last_group
+                                                                                        : 0;
   const std::uint64_t swapped = psi_rank - resident;
   const std::uint64_t swapped_groups = ceil_div(swapped, std::max<std::uint64_t>(group, 1));
   if (optimizer_on_nvme && zero.offload_optimizer.keeps_gradients_on_nvme()) {

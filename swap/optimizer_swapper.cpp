@@ -15,11 +15,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Whether a sub-group stays in host memory beside a store.
-bool stays_resident(const SubGroup& group, std::uint64_t resident_below_bytes) {
-  return group.elements * sizeof(float) < resident_below_bytes;
-}
-
 std::vector<SubGroup> swapped_groups(std::span<const SubGroup> groups, std::uint64_t resident_below_bytes) {
   std::vector<SubGroup> swapped;
   for (const auto& group : groups) {
@@ -235,6 +230,10 @@ bool same_but_decay(const OptimizerSettings& a, const OptimizerSettings& b) {
 }
 
 }  // namespace
+
+bool stays_resident(const SubGroup& group, std::uint64_t resident_below_bytes) {
+  return group.elements * sizeof(float) < resident_below_bytes;
+}
 
 float learning_rate_of(const OptimizerSettings& settings) {
   switch (settings.kind) {

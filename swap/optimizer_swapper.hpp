@@ -81,6 +81,10 @@ struct ParamGroupRange {
 
 // The lr of `settings`' optimizer kind.
 float learning_rate_of(const OptimizerSettings& settings);
+// Whether a sub-group stays in host memory beside a store: its fp32 params
+// take fewer than `resident_below_bytes` (OptimizerSwapperOptions; the
+// gradient swapper takes the same value).
+bool stays_resident(const SubGroup& group, std::uint64_t resident_below_bytes);
 // The optimizer's settings with a param group's applied.
 OptimizerSettings resolve_settings(const OptimizerSettings& optimizer, const ParamGroupSettings& group);
 // Throws Error{invalid} naming param group `index` and the field that is

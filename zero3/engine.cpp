@@ -532,12 +532,13 @@ void Engine::finalize() {
     }
   }
   if (optimizer_on_nvme) {
+    const std::size_t tensors = 1 + swap::OptimizerSwapper::state_names(optimizer_options.optimizer.kind).size();
     std::size_t resident = 0;
     std::uint64_t resident_bytes = 0;
     for (std::size_t g = 0; g < sub_groups_.size(); ++g) {
       if (!optimizer_->resident(g)) continue;
       ++resident;
-      for (std::size_t t = 0; t <= swap::OptimizerSwapper::state_names(optimizer_options.optimizer.kind).size(); ++t) {
+      for (std::size_t t = 0; t < tensors; ++t) {
         resident_bytes += swap::OptimizerSwapper::tensor_bytes(t, sub_groups_[g].elements, optimizer_options.moment_format);
       }
       if (gradients_on_nvme) resident_bytes += sub_groups_[g].elements * sizeof(float);
