@@ -122,7 +122,9 @@ for variant in $variants; do
       echo "== tsan: building"
       configure build-tsan --buildtype=debugoptimized -Db_sanitize=thread -Db_lundef=false \
         -Dtsan_subset=true -Dbenchmarks=false || { status=1; continue; }
-      TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 run_suites tsan build-tsan
+      # scripts/tsan-suppressions.txt says why each line is there.
+      TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$PWD/scripts/tsan-suppressions.txt" \
+        run_suites tsan build-tsan
       ;;
     *)
       echo "unknown variant $variant" >&2

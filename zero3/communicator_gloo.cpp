@@ -252,7 +252,8 @@ class GlooCommunicator final : public Communicator {
     std::lock_guard lock(mutex_);
     if (failed_) {
       throw Error(ErrorKind::comm, fmt::format("rank {} of {}: {} refused: an earlier collective "
-                                               "failed ({})", rank_, world_size_, op, failure_));
+                                               "failed, a peer rank died or stopped answering ({})",
+                                               rank_, world_size_, op, failure_));
     }
     try {
       body();
