@@ -1169,3 +1169,54 @@ def test_sub_groups_under_min_swap_bytes_stay_in_host_memory(scratch, capfd):
     assert f"zero3: {groups} of {groups} sub-groups are under 1 MiB of fp32 each" in err, err
     assert "optimizer states and gradients stay in host memory" in err
     assert "zero_optimization.sub_group_size 262144 or more swaps them" in err
+
+
+# -- engine.tput_timer: DeepSpeed's ThroughputTimer ---------------------------------------------
+def test_the_throughput_timer_counts_steps_and_times_them_from_the_third(capsys):
+    """engine.tput_timer as DeepSpeed's: the global batch as batch_size,
+    every micro-step counted from forward to step(), global steps at the
+    boundaries, and time summed from global step start_step (2) on, so
+    avg_samples_per_sec() is -inf until a step after the warm-up was timed.
+    The running average goes into the step line."""
+    config = config_for(3, "cpu", gradient_accumulation_steps=2, steps_per_print=3)
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+    timer = engine.tput_timer
+    assert (timer.batch_size, timer.start_step) == (4 * 2, 2)
+    assert not timer.initialized and not timer.started
+    timer.stop()  # before any start: no effect, as DeepSpeed's
+    assert timer.micro_step_count == 0
+    for step in range(3):
+        for micro in range(2):
+            x, y = batch(step, micro, 0, 4)
+            loss = mse(engine, x, y)
+            assert timer.started
+            engine.backward(loss)
+            engine.step()
+            assert not timer.started
+        assert (timer.micro_step_count, timer.global_step_count) == (2 * (step + 1), step + 1)
+        if step < 2:
+            assert timer.total_elapsed_time == 0 and timer.avg_samples_per_sec() == float("-inf")
+    assert timer.total_elapsed_time > 0
+    assert timer.avg_samples_per_sec() == pytest.approx(8 / timer.total_elapsed_time)
+    assert "samples/s" in capsys.readouterr().out  # step 3's line
+    engine.set_train_micro_batch_size(2)
+    assert timer.batch_size == engine.train_batch_size() == 4
+    engine.destroy()
+
+
+def test_throughput_timers_config_is_read_and_checked():
+    """"timers": {"throughput": {"enabled": false}} turns the timer off (it
+    counts nothing); a value that is not a bool is a DeepSpeedConfigError
+    naming its key, raised before the model is built."""
+    config = config_for(2, timers={"throughput": {"enabled": False, "synchronized": False}})
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+    assert not engine.tput_timer.config.enabled and not engine.tput_timer.config.synchronized
+    x, y = batch(0, 0, 0, 4)
+    engine.backward(mse(engine, x, y))
+    engine.step()
+    assert engine.tput_timer.micro_step_count == 0 and not engine.tput_timer.initialized
+    engine.destroy()
+    for timers, key in (({"throughput": {"enabled": "yes"}}, "timers.throughput.enabled"),
+                        ({"throughput": []}, "timers.throughput"), (3, "timers")):
+        with pytest.raises(zinf.DeepSpeedConfigError, match=key.replace(".", r"\.")):
+            zinf.initialize(model=make_model(), config=config_for(2, timers=timers))

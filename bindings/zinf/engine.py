@@ -64,6 +64,7 @@ from . import lr_schedules
 from . import zero as _zero
 from .errors import DeepSpeedConfigError
 from .distributed import engine_collectives, from_mpi_launcher, host_group, init_from_environment, settle_at_exit
+from .utils.timer import ThroughputTimer, throughput_config
 from .torch import _OnBackward, _OnDemandFetch, _before_backward_of, _load_config, _stream, _units
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -471,6 +472,7 @@ class ZinfEngine(torch.nn.Module):
         self.local_rank = int(os.environ.get("LOCAL_RANK", rank))
         batch, micro, accumulation = _batch_sizes(settings, world)
         self._train_batch_size, self._micro_batch, self._accumulation = batch, micro, accumulation
+        tput_config = throughput_config(settings)  # a bad "timers" block fails before the model is built
         settings["gradient_accumulation_steps"] = accumulation
         settings.pop("train_batch_size", None)
         settings.pop("train_micro_batch_size_per_gpu", None)
@@ -582,6 +584,11 @@ class ZinfEngine(torch.nn.Module):
         # forward inside the context uses them as they are and leaves them.
         self._held_by_context = collections.Counter()
         self._timings = {"forward_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
+        # DeepSpeed's engine.tput_timer: samples/s from the third global
+        # step on, in the step line (its own line is not printed: one line
+        # a print).
+        self.tput_timer = ThroughputTimer(tput_config, batch_size=self._train_batch_size,
+                                          steps_per_output=self.steps_per_print(), monitor_memory=False)
         # The step line's NVMe bytes count from here (finalize's own writes left out).
         built = self._engine.stats()
         self._written_at_print, self._read_at_print = built["nvme_written_bytes"], built["nvme_read_bytes"]
@@ -929,6 +936,7 @@ class ZinfEngine(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         start = time.perf_counter()
+        self.tput_timer.start()  # as DeepSpeed's: each micro-step timed from its (last) forward to step()
         if self.fp16_enabled() and self._settings.get("fp16", {}).get("auto_cast") is True:
             # fp16.auto_cast, as DeepSpeed's: floating positional inputs
             # (in lists, tuples and dicts too) reach the fp16 model as
@@ -1050,6 +1058,7 @@ class ZinfEngine(torch.nn.Module):
             if self._scheduler is not None and stepped:
                 self._scheduler.step(**(lr_kwargs or {}))
         self._timings["step_s"] += time.perf_counter() - start
+        self.tput_timer.stop(global_step=boundary, report_speed=False)
         if boundary:
             self._maybe_print()
 
@@ -1138,6 +1147,7 @@ class ZinfEngine(torch.nn.Module):
                              f"train_micro_batch_size_per_gpu {self._micro_batch} x world size {self.world_size}")
         self._accumulation = count // per_micro_step
         self._train_batch_size = count
+        self.tput_timer.batch_size = count
 
     def set_train_micro_batch_size(self, micro_batch_size):
         """As DeepSpeed's: gradient_accumulation_steps stays, the global
@@ -1150,6 +1160,7 @@ class ZinfEngine(torch.nn.Module):
             raise ValueError(f"train_micro_batch_size_per_gpu {micro_batch_size!r} must be a positive integer")
         self._micro_batch = micro_batch_size
         self._train_batch_size = micro_batch_size * self._accumulation * self.world_size
+        self.tput_timer.batch_size = self._train_batch_size
 
     @property
     def config(self):
@@ -1281,6 +1292,9 @@ class ZinfEngine(torch.nn.Module):
             return
         message = f"zinf: step {self.global_steps}, lr {self.get_lr()[0]:.3g}, grad norm " \
                   f"{self.get_global_grad_norm():.4g}"
+        samples_per_s = self.tput_timer.avg_samples_per_sec()
+        if samples_per_s > 0:
+            message += f", {samples_per_s:.4g} samples/s"
         if self._settings.get("wall_clock_breakdown"):
             # Per step, over the steps since the last line (timings() keeps
             # the totals); the optimizer's is the last step's.
