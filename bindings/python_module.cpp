@@ -652,7 +652,8 @@ PYBIND11_MODULE(_zinf, m) {
                h.engine.reset();
              }
              h.comm.reset();
-           });
+           })
+      .def_property_readonly("closed", [](EngineHandle& h) { return !h.engine; });
 
   // A zero3 checkpoint's params whole in fp32, with no engine (zinf.utils.
   // zero_to_fp32): sink(name, shape, trainable, memoryview) per param, the

@@ -630,6 +630,9 @@ TEST(EngineStages, OneParamsGradientAndMomentsReadWholeAndWindowsTheTrainerClose
   engine.set_local_values(b, "param", std::vector<float>{-1.0f, -2.0f, -3.0f});
   EXPECT_EQ(engine.gather_master(b), (std::vector<float>{-1.0f, -2.0f, -3.0f}));
   EXPECT_EQ(engine.gather_master(w), master);  // shares a sub-group with b
+  // The working copies (fp32 here) follow the master, read from NVMe.
+  EXPECT_EQ(engine.local_values(b, "working"), (std::vector<float>{-1.0f, -2.0f, -3.0f}));
+  EXPECT_EQ(engine.local_values(w, "working"), master);
   backward();
   std::vector<float> g(20);
   for (int i = 0; i < 20; ++i) g[i] = (i % 2 == 0 ? 1.0f : -1.0f) * 1e-3f;

@@ -1376,6 +1376,16 @@ void Engine::write_shard(const Param& param, std::string_view what, std::span<co
 }
 
 std::vector<float> Engine::local_values(ParamIndex p, std::string_view what) {
+  if (what == "working") {
+    // The shard as forward gathers it: one param's bytes wherever
+    // offload_param keeps them (not the masters' whole sub-group).
+    require_finalized("local_values");
+    drain();
+    const Param& param = at(p);
+    std::vector<float> shard(param.d.shard_elements, 0.0f);
+    read_working(param, shard);
+    return shard;
+  }
   return read_shard(values_param(p, what, "local_values"), what);
 }
 

@@ -223,7 +223,9 @@ class Engine {
   // stay (the moments, when the master changes), and a new master is
   // written to the working copies where offload_param says. The local_
   // forms take or give this rank's shard alone (shard_elements, zeros past
-  // the param's end). All collective but local_values.
+  // the param's end). All collective but local_values, which also reads
+  // "working": this rank's shard of the working copy (DeepSpeed's
+  // ds_tensor), widened to fp32, frozen params too.
   std::vector<float> gather_values(ParamIndex p, std::string_view what);
   void set_values(ParamIndex p, std::string_view what, std::span<const float> whole);
   std::vector<float> local_values(ParamIndex p, std::string_view what);

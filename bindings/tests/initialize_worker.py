@@ -128,6 +128,14 @@ def main():
         for name, p in model.named_parameters():
             inspected[name]["local_exp_avg"] = deepspeed.utils.safe_get_local_optimizer_state(p, "exp_avg")
             inspected[name]["local_grad"] = deepspeed.utils.safe_get_local_grad(p)
+            # DeepSpeed's ds_tensor: this rank's shard of the working copy,
+            # ceil(numel / world) long, zeros past the param's end.
+            ds_tensor, shard = p.ds_tensor, (p.ds_numel + world - 1) // world
+            assert ds_tensor.shape == (shard,) and ds_tensor.ds_numel == shard, (name, ds_tensor.shape)
+            mine = p.ds_numel - rank * shard  # this rank's part of the param (its shard before padding)
+            assert torch.equal(ds_tensor, deepspeed.utils.safe_get_local_fp32_param(p).to(ds_tensor.dtype)), name
+            assert not ds_tensor[max(mine, 0):].any(), name
+            inspected[name]["ds_tensor"] = ds_tensor
             generator = torch.Generator().manual_seed(len(name))
             for key in ("grad", "param", "exp_avg_sq"):
                 value = torch.rand(p.ds_shape, generator=generator)  # zinf sets it at stage 3, as DeepSpeed

@@ -375,6 +375,7 @@ def test_full_values_across_ranks_with_gradients_on_nvme(scratch):
         assert got["local_exp_avg"].shape == (shard,) and got["local_grad"].shape == (shard,)
         assert torch.equal(got["local_exp_avg"], got["exp_avg"].flatten()[:shard]), name
         assert torch.equal(got["local_grad"], got["grad"].flatten()[:shard]), name
+        assert torch.equal(got["ds_tensor"], got["param"].flatten()[:shard]), name  # fp32 training: the master
 
 
 def test_empty_partition_cache_frees_idle_buffers_and_training_goes_on():
@@ -866,6 +867,53 @@ def test_scripts_that_look_for_ds_id_gather_before_reading_and_save_whole_values
         got = saved(p)
         assert got.shape == p.ds_shape and torch.equal(got, want[name]), name
         assert p.ds_status is (ZeroParamStatus.AVAILABLE if p.ds_persist else ZeroParamStatus.NOT_AVAILABLE), name
+    engine.close()
+
+
+@pytest.mark.parametrize("offload_param", ["none", "cpu", "nvme"])
+def test_ds_tensor_is_this_ranks_shard_in_the_training_dtype(scratch, offload_param):
+    """param.ds_tensor as DeepSpeed's: the shard of the working copy (bf16
+    here), 1-D, on the CPU when offload_param moves it there, read afresh
+    after each step (from NVMe with offload_param nvme); a value a script
+    assigns comes back; params that are not zinf's stage-3 ones (another
+    tensor, a closed engine's) have none."""
+    config = config_for(3, "cpu", offload_param, nvme=os.path.join(scratch, "nvme"), train_batch_size=4,
+                        bf16={"enabled": True})
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+    module = engine.module
+    before = {name: p.ds_tensor for name, p in module.named_parameters()}
+    for step in range(2):
+        x, y = batch(step, 0, 0, 4)
+        engine.backward(torch.nn.functional.mse_loss(engine(x.bfloat16()).float(), y))
+        engine.step()
+    for name, p in module.named_parameters():
+        ds_tensor = p.ds_tensor
+        assert ds_tensor.shape == (p.ds_numel,) and ds_tensor.ds_numel == p.ds_numel, name
+        assert ds_tensor.dtype == torch.bfloat16 and ds_tensor.device.type == "cpu", name
+        assert torch.equal(ds_tensor, utils.safe_get_local_fp32_param(p).bfloat16()), name
+        assert not torch.equal(ds_tensor, before[name]), f"{name}: the values before the steps"
+    weight = module.layers[0].weight
+    mine = torch.zeros(3)
+    weight.ds_tensor = mine
+    assert weight.ds_tensor is mine
+    del weight.ds_tensor
+    assert weight.ds_tensor.shape == (weight.ds_numel,)
+    assert not hasattr(torch.nn.Parameter(torch.ones(3)), "ds_tensor")
+    engine.close()
+    assert not hasattr(weight, "ds_tensor")
+
+
+def test_ds_tensor_under_init_and_below_stage_three():
+    """A param built under zinf.zero.Init has its staged shard as ds_tensor
+    before any engine; below stage 3 the engine's params have none, as
+    DeepSpeed's."""
+    with zinf.zero.Init(config_dict_or_path=config_for(3, train_batch_size=4)):
+        model = make_model()
+    want = make_model()  # make_model seeds itself: Init's shards hold these values
+    for (name, p), q in zip(model.named_parameters(), want.parameters()):
+        assert torch.equal(p.ds_tensor, q.detach().flatten()), name
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(2, train_batch_size=4))
+    assert not any(hasattr(p, "ds_tensor") for p in engine.module.parameters())
     engine.close()
 
 

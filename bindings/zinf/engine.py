@@ -1652,6 +1652,21 @@ class ZinfEngine(torch.nn.Module):
         self._engine.local(index, what, values.data_ptr(), values.numel())
         return values.to(self._device)
 
+    def _local_working(self, p):
+        """param.ds_tensor (zinf.zero._ds_tensor): this rank's shard of the
+        working copy, 1-D, in the training dtype, on the CPU with
+        offload_param cpu or nvme, else on the model's device."""
+        index = self._index.get(id(p))
+        if index is None or self._engine.closed:
+            raise AttributeError("ds_tensor: the parameter is not one this engine partitions (or the engine was "
+                                 "closed)")
+        shard = self._engine.describe(index)["shard_elements"]
+        values = torch.empty(shard, dtype=torch.float32)
+        self._engine.local(index, "working", values.data_ptr(), values.numel())
+        out = values.to(device="cpu" if self.zero_offload_param() else self._device, dtype=self._dtype)
+        out.ds_numel = shard
+        return out
+
     def _set_local_values(self, p, what, value):
         index = self._local_index(p)
         shard = self._engine.describe(index)["shard_elements"]

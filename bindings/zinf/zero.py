@@ -256,6 +256,51 @@ class Init:
             p._zinf_staged = _Staged(self._store, key, shape, start, count)
 
 
+def _ds_tensor(p):
+    """DeepSpeed's ``param.ds_tensor``: this rank's shard of a ZeRO-3
+    param, 1-D, ceil(numel / world) elements (zeros past the param's end),
+    in the param's training dtype, on the CPU when offload_param is cpu or
+    nvme (else on the model's device). Scripts read its shape, numel and
+    dtype (and ``ds_numel``, the shard's length) to size per-rank values.
+
+    A copy, read when asked for (from NVMe with offload_param nvme): writing
+    into it does not reach the engine; zinf.utils.safe_set_local_fp32_param
+    does. A value a script assigns (``p.ds_tensor = t``) is kept and given
+    back. Params that are not partitioned by zinf (below stage 3, or not
+    zinf's) have none, so ``hasattr(p, "ds_tensor")`` tells a ZeRO-3 param
+    as in DeepSpeed."""
+    assigned = p.__dict__.get("_zinf_ds_tensor")
+    if assigned is not None:
+        return assigned
+    engine = engine_of(p)
+    if engine is not None and engine.stage >= 3:
+        return engine._local_working(p)
+    stage = staged(p)
+    if stage is not None:  # built under Init, no engine yet: the staged shard
+        _, world = _world()
+        shard = torch.zeros((stage.shape.numel() + world - 1) // world, dtype=p.dtype)
+        shard[:stage.count] = stage.values()[:stage.count].to(p.dtype)
+        shard.ds_numel = shard.numel()
+        return shard
+    raise AttributeError(f"'{type(p).__name__}' object has no attribute 'ds_tensor' (only a ZeRO-3 parameter of "
+                         "zinf's has one)")
+
+
+def _assign_ds_tensor(p, value):
+    p.__dict__["_zinf_ds_tensor"] = value
+
+
+def _delete_ds_tensor(p):
+    p.__dict__.pop("_zinf_ds_tensor", None)
+
+
+# On the class, as a property: the shard is read when asked for, so it is
+# never stale, and params that are not zinf's raise AttributeError as
+# before (nothing else about torch.nn.Parameter changes).
+if not hasattr(torch.nn.Parameter, "ds_tensor"):
+    torch.nn.Parameter.ds_tensor = property(_ds_tensor, _assign_ds_tensor, _delete_ds_tensor)
+
+
 def _gather_staged(p):
     """A param built under Init, before any engine: its whole values from
     every rank's shard (collective), in its dtype."""
