@@ -826,6 +826,32 @@ def test_the_config_questions_deepspeed_scripts_ask_the_engine():
     engine.close()
 
 
+def test_the_zero_getters_give_the_config_or_deepspeeds_defaults(scratch):
+    """DeepSpeed's engine getters of the zero_optimization and aio blocks:
+    what the config says, else (or for "auto") DeepSpeed's defaults; and
+    save_fp16_model, DeepSpeed's older name of save_16bit_model."""
+    config = config_for(3, "nvme", nvme=os.path.join(scratch, "nvme"), train_batch_size=4,
+                        aio={"block_size": 262144, "queue_depth": "auto"}, dataloader_drop_last=True)
+    config["zero_optimization"].update(reduce_bucket_size="auto", overlap_comm=False, stage3_max_live_parameters=3e7)
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config)
+    assert engine.zero_sub_group_size() == 300 and engine.zero_prefetch_bucket_size() == 700
+    assert engine.zero_param_persistence_threshold() == 30 and engine.zero_max_live_parameters() == 30_000_000
+    assert engine.zero_reduce_bucket_size() == 500_000_000 and engine.zero_overlap_comm() is False
+    assert engine.zero_max_reuse_distance() == 1_000_000_000 and engine.zero_contiguous_gradients() is True
+    assert engine.zero_nvme_offload_optimizer() and engine.zero_use_cpu_optimizer() and engine.dataloader_drop_last()
+    assert engine.aio_config() == {"block_size": 262144, "queue_depth": 8, "intra_op_parallelism": 1,
+                                   "single_submit": False, "overlap_events": True, "use_gds": False}
+    engine.save_fp16_model(scratch)
+    state = torch.load(os.path.join(scratch, "pytorch_model.bin"))
+    assert state.keys() == engine.consolidated_state_dict().keys()
+    engine.close()
+    engine, _, _, _ = zinf.initialize(model=make_model(), config={"train_batch_size": 4, "zero_optimization": {
+        "stage": 2}})
+    assert engine.zero_overlap_comm() is False and engine.zero_sub_group_size() == 1_000_000_000
+    assert not engine.zero_nvme_offload_optimizer() and not engine.dataloader_drop_last()
+    engine.close()
+
+
 # -- ds_id / ds_status: the check scripts make before reading a stage-3 param ----------------
 def test_scripts_that_look_for_ds_id_gather_before_reading_and_save_whole_values():
     """A saving helper as fine-tuning scripts write it: a param with ds_id

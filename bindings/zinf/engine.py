@@ -53,6 +53,7 @@ import logging
 import operator
 import os
 import re
+import sys
 import time
 import weakref
 
@@ -1206,6 +1207,90 @@ class ZinfEngine(torch.nn.Module):
     def zero_optimization_partition_weights(self):
         return self.stage >= 3
 
+    # DeepSpeed's getters of the zero_optimization block, with its defaults
+    # where the config says nothing (or "auto"): scripts and trainers read
+    # them to size their own buffers or to log the setup. zinf's engine
+    # reads the same keys (docs/configuration.md says which it acts on).
+    def _zero_setting(self, default, *keys):
+        zero = self._settings["zero_optimization"]
+        for key in keys:
+            value = zero.get(key)
+            if value is not None and value != "auto":
+                return type(default)(value) if isinstance(default, (bool, int, float)) else value
+        return default
+
+    def zero_allgather_partitions(self):
+        return self._zero_setting(True, "allgather_partitions")
+
+    def zero_allgather_bucket_size(self):
+        return self._zero_setting(500_000_000, "allgather_bucket_size")
+
+    def zero_reduce_scatter(self):
+        return self._zero_setting(True, "reduce_scatter")
+
+    def zero_reduce_bucket_size(self):
+        return self._zero_setting(500_000_000, "reduce_bucket_size")
+
+    def zero_overlap_comm(self):
+        return self._zero_setting(self.stage >= 3, "overlap_comm")  # DeepSpeed: on by default at stage 3 only
+
+    def zero_contiguous_gradients(self):
+        return self._zero_setting(True, "contiguous_gradients")
+
+    def zero_sub_group_size(self):
+        return self._zero_setting(1_000_000_000, "sub_group_size")
+
+    def zero_max_live_parameters(self):
+        return self._zero_setting(1_000_000_000, "stage3_max_live_parameters", "max_live_parameters")
+
+    def zero_max_reuse_distance(self):
+        return self._zero_setting(1_000_000_000, "stage3_max_reuse_distance", "max_reuse_distance")
+
+    def zero_prefetch_bucket_size(self):
+        return self._zero_setting(50_000_000, "stage3_prefetch_bucket_size", "prefetch_bucket_size")
+
+    def zero_param_persistence_threshold(self):
+        return self._zero_setting(100_000, "stage3_param_persistence_threshold", "param_persistence_threshold")
+
+    def zero_model_persistence_threshold(self):
+        return self._zero_setting(sys.maxsize, "stage3_model_persistence_threshold", "model_persistence_threshold")
+
+    def zero_elastic_checkpoint(self):
+        return self._zero_setting(False, "elastic_checkpoint")
+
+    def zero_load_from_fp32_weights(self):
+        return self._zero_setting(True, "load_from_fp32_weights")
+
+    def zero_ignore_unused_parameters(self):
+        return self._zero_setting(True, "ignore_unused_parameters")
+
+    def zero_round_robin_gradients(self):
+        return self._zero_setting(False, "round_robin_gradients")
+
+    def zero_use_cpu_optimizer(self):
+        """True: zinf steps on the CPU whatever offload_optimizer says (so
+        DeepSpeed's "offload_optimizer is cpu or nvme" reads differently
+        for "none")."""
+        return True
+
+    def zero_nvme_offload_optimizer(self):
+        return self._settings["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "nvme"
+
+    def zero_allow_untested_optimizer(self):
+        return bool(self._settings.get("zero_allow_untested_optimizer", False))
+
+    def dataloader_drop_last(self):
+        return bool(self._settings.get("dataloader_drop_last", False))
+
+    def aio_config(self):
+        """The aio block with DeepSpeed's defaults filled in."""
+        aio = {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1, "single_submit": False,
+               "overlap_events": True, "use_gds": False}
+        aio.update({k: v for k, v in self._settings.get("aio", {}).items() if v != "auto"})
+        if "thread_count" in aio and "intra_op_parallelism" not in self._settings.get("aio", {}):
+            aio["intra_op_parallelism"] = aio["thread_count"]  # DeepSpeed's older name
+        return aio
+
     def zero_gather_16bit_weights_on_model_save(self):
         """The config's stage3_gather_16bit_weights_on_model_save (zinf's
         save_16bit_model gathers whatever it says)."""
@@ -1524,6 +1609,11 @@ class ZinfEngine(torch.nn.Module):
         for key, value in state.items():
             out[prefix + key] = value
         return out
+
+    def save_fp16_model(self, save_dir, save_filename="pytorch_model.bin"):
+        """DeepSpeed's older name of save_16bit_model (still in its engine,
+        and in scripts written for it)."""
+        return self.save_16bit_model(save_dir, save_filename)
 
     def save_16bit_model(self, save_dir, save_filename="pytorch_model.bin", exclude_frozen_parameters=False):
         """The whole model in the working precision (16-bit with fp16/bf16)
