@@ -434,6 +434,13 @@ void read_zero(Reader& r, const json& root, ZeroConfig& zero) {
     r.warn("zero_optimization.cpu_offload_param is deprecated: use offload_param.device \"cpu\"");
     if (legacy && zero.offload_param.device == OffloadDevice::none) zero.offload_param.device = OffloadDevice::cpu;
   }
+  if (const auto mics = section.find("mics_shard_size");
+      mics != section.end() && mics->is_number() && mics->get<double>() > 0) {
+    // DeepSpeed's MiCS: a whole replica per group of that many ranks. The
+    // trained values do not depend on it; memory and traffic do.
+    r.warn(fmt::format("zero_optimization.mics_shard_size ({}): zinf shards every parameter over all ranks; "
+                       "MiCS's groups are not made (the same values are trained)", mics->dump()));
+  }
   // 0 is DeepSpeed's "one param per sub-group": the engine resolves it.
   r.read_uint(section, "sub_group_size", path, zero.sub_group_size);
   read_stage3_uint(r, section, "prefetch_bucket_size", zero.prefetch_bucket_size);

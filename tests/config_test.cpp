@@ -276,6 +276,18 @@ TEST(Config, UnknownTopLevelKeysFarFromDeepSpeedsAreIgnoredWithAWarning) {
   EXPECT_NE(r.warnings.front().find("my_trainer_settings"), std::string::npos);
 }
 
+// DeepSpeed's MiCS groups change memory and traffic, not the values: the
+// config loads, saying zinf shards over every rank; its default (-1) and 0
+// say nothing.
+TEST(Config, MicsShardSizeLoadsWithAWarningThatZinfShardsOverEveryRank) {
+  const ParseResult r = parse(R"({"zero_optimization": {"stage": 3, "mics_shard_size": 8}})");
+  EXPECT_TRUE(r.problems.empty()) << problems_of(r);
+  ASSERT_EQ(r.warnings.size(), 1u);
+  EXPECT_NE(r.warnings.front().find("mics_shard_size (8): zinf shards every parameter over all ranks"),
+            std::string::npos) << r.warnings.front();
+  EXPECT_TRUE(parse(R"({"zero_optimization": {"stage": 3, "mics_shard_size": -1}})").warnings.empty());
+}
+
 // DeepSpeed reads only "type" and "params" of the optimizer block (its
 // fp16 tests put "torch_adam" beside them): others are ignored, said; a
 // near miss of the two is the typo it looks like.

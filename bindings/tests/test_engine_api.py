@@ -943,6 +943,29 @@ def test_ds_tensor_under_init_and_below_stage_three():
     engine.close()
 
 
+def test_mics_init_builds_as_init_does(caplog):
+    """DeepSpeed's MiCS_Init: the model built into shards as under Init
+    (every rank's shard; mics_shard_size's groups are not made, which the
+    log says), gathered whole by GatheredParameters and empty after, and
+    the engine built from it trains from the same values."""
+    config = config_for(3, train_batch_size=4)
+    config["zero_optimization"]["mics_shard_size"] = 1
+    zinf.zero.MiCS_Init._said = False
+    with caplog.at_level("INFO", logger="zinf"):
+        with zinf.zero.MiCS_Init(config_dict_or_path=config):
+            model = make_model()
+    assert "mics_shard_size's groups are not made" in caplog.text
+    from zinf.runtime.zero import MiCS_Init
+    assert MiCS_Init is zinf.zero.MiCS_Init  # DeepSpeed's deepspeed.runtime.zero path too
+    weight = model.layers[0].weight
+    with zinf.zero.GatheredParameters(list(model.parameters())):
+        assert torch.equal(weight, make_model().layers[0].weight)
+    assert weight.numel() == 0
+    engine, _, _, _ = zinf.initialize(model=model, config=config)
+    assert torch.equal(engine.consolidated_state_dict()["layers.0.weight"], make_model().layers[0].weight)
+    engine.close()
+
+
 def test_below_stage_three_params_have_no_ds_id():
     """Below stage 3 params are ordinary tensors, whole all the time: no
     ds_id, so such helpers read them directly, as under DeepSpeed."""

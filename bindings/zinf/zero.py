@@ -17,6 +17,7 @@ does nothing: the values are each module's own reset_parameters().
 """
 import enum
 import functools
+import logging
 import os
 import shutil
 import tempfile
@@ -254,6 +255,30 @@ class Init:
             p.ds_persist = False
             p.ds_status = ZeroParamStatus.NOT_AVAILABLE
             p._zinf_staged = _Staged(self._store, key, shape, start, count)
+
+
+class MiCS_Init(Init):  # noqa: N801 (DeepSpeed's name)
+    """DeepSpeed's MiCS_Init, accepted so scripts written for it run: zinf
+    builds the model as Init does, each parameter sharded over every rank.
+    MiCS's groups (zero_optimization.mics_shard_size: a whole replica per
+    group of that many ranks, to keep gathers inside a node) are not made;
+    the values trained are the same, each rank holds less and gathers over
+    more ranks. Said once in the log."""
+
+    _said = False
+
+    def __init__(self, module=None, data_parallel_group=None, sequence_data_parallel_group=None,
+                 mem_efficient_linear=True, remote_device=None, pin_memory=False, config_dict_or_path=None,
+                 config=None, enabled=True, dtype=None, mpu=None):
+        if enabled and not MiCS_Init._said:
+            MiCS_Init._said = True
+            logging.getLogger("zinf").info(
+                "zinf: MiCS_Init builds the model as zero.Init does: every parameter is sharded over all ranks "
+                "(mics_shard_size's groups are not made; the same values are trained)")
+        super().__init__(module=module, data_parallel_group=data_parallel_group,
+                         mem_efficient_linear=mem_efficient_linear, remote_device=remote_device,
+                         pin_memory=pin_memory, config_dict_or_path=config_dict_or_path, config=config,
+                         enabled=enabled, dtype=dtype, mpu=mpu)
 
 
 def _ds_tensor(p):
