@@ -922,6 +922,8 @@ def test_ds_tensor_is_this_ranks_shard_in_the_training_dtype(scratch, offload_pa
     mine = torch.zeros(3)
     weight.ds_tensor = mine
     assert weight.ds_tensor is mine
+    weight.ds_tensor = None
+    assert weight.ds_tensor is None
     del weight.ds_tensor
     assert weight.ds_tensor.shape == (weight.ds_numel,)
     assert not hasattr(torch.nn.Parameter(torch.ones(3)), "ds_tensor")
@@ -940,6 +942,32 @@ def test_ds_tensor_under_init_and_below_stage_three():
         assert torch.equal(p.ds_tensor, q.detach().flatten()), name
     engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(2, train_batch_size=4))
     assert not any(hasattr(p, "ds_tensor") for p in engine.module.parameters())
+    engine.close()
+
+
+def test_ds_grads_remaining_counts_the_backward_passes_still_to_come():
+    """DeepSpeed's module.ds_grads_remaining on each stage-3 unit: one per
+    forward with gradients (a forward under no_grad adds none), 0 once
+    backward is done, as DeepSpeed's test_zero_multiple_run checks with the
+    model called twice; the values train as plain PyTorch's."""
+    engine, _, _, _ = zinf.initialize(model=make_model(), config=config_for(3, train_batch_size=4))
+    plain = make_model()
+    reference = plain_adamw(plain)
+    layers = [m for m in engine.module.modules() if isinstance(m, torch.nn.Linear)]
+    assert layers and all(m.ds_grads_remaining == 0 for m in layers)
+    for step in range(2):
+        x, y = batch(step, 0, 0, 4)
+        loss = mse(engine, x, y) + mse(engine, 2 * x, y)
+        with torch.no_grad():
+            mse(engine, x, y)
+        assert all(m.ds_grads_remaining == 2 for m in layers), [m.ds_grads_remaining for m in layers]
+        engine.backward(loss)
+        assert all(m.ds_grads_remaining == 0 for m in layers)
+        engine.step()
+        (mse(plain, x, y) + mse(plain, 2 * x, y)).backward()
+        reference.step()
+        reference.zero_grad()
+    assert_state_equals(engine, plain)
     engine.close()
 
 

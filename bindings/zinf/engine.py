@@ -701,6 +701,11 @@ class ZinfEngine(torch.nn.Module):
                 p.ds_active_sub_modules = set()  # DeepSpeed's; TRL clears it (zinf counts in its units)
             for module in model.modules():
                 module.ds_external_parameters = functools.partial(_external_parameters, module)
+            for unit in units:
+                # DeepSpeed's count of the backward passes still to reach the
+                # module's outputs (its tests read it): one per forward whose
+                # outputs carry a gradient, 0 again once backward is done.
+                unit.module.ds_grads_remaining = 0
             self._unit_hooks = []
             self._install_unit_hooks()
 
@@ -854,8 +859,18 @@ class ZinfEngine(torch.nn.Module):
                 self._release(owner)
             if not torch.is_grad_enabled():
                 return None
-            return _before_backward_of(outputs, lambda: self._gather(unit, backward=True))
+            wrapped = _before_backward_of(outputs, lambda: self._outputs_reached(unit))
+            if wrapped is not None:
+                module.ds_grads_remaining = getattr(module, "ds_grads_remaining", 0) + 1
+            return wrapped
         return post_hook
+
+    def _outputs_reached(self, unit):
+        """Backward reached the outputs of one of the unit's forwards: its
+        params are gathered for the backward through it."""
+        module = unit.module
+        module.ds_grads_remaining = max(0, getattr(module, "ds_grads_remaining", 1) - 1)
+        self._gather(unit, backward=True)
 
     # -- gradients -------------------------------------------------------------------------
     def _make_grad_hook(self, p):
@@ -903,6 +918,8 @@ class ZinfEngine(torch.nn.Module):
         self._backward_pending = False
         for unit in self._units:
             unit.held_by.clear()
+            if self.stage >= 3:
+                unit.module.ds_grads_remaining = 0  # outputs that did not reach the loss count no more
             if unit.backward_open:
                 self._close_backward(unit)
             if self.stage >= 3:

@@ -294,9 +294,8 @@ def _ds_tensor(p):
     back. Params that are not partitioned by zinf (below stage 3, or not
     zinf's) have none, so ``hasattr(p, "ds_tensor")`` tells a ZeRO-3 param
     as in DeepSpeed."""
-    assigned = p.__dict__.get("_zinf_ds_tensor")
-    if assigned is not None:
-        return assigned
+    if "_zinf_ds_tensor" in p.__dict__:  # a script's own value (None too)
+        return p.__dict__["_zinf_ds_tensor"]
     engine = engine_of(p)
     if engine is not None and engine.stage >= 3:
         return engine._local_working(p)
