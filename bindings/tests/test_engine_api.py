@@ -1341,6 +1341,17 @@ def test_throughput_timers_config_is_read_and_checked():
     engine.step()
     assert engine.tput_timer.micro_step_count == 0 and not engine.tput_timer.initialized
     engine.destroy()
+    # Built by a script, as DeepSpeed's: with report_speed, a line at every
+    # steps_per_output-th global step after the warm-up.
+    from zinf.utils.timer import ThroughputTimer, throughput_config
+    lines = []
+    timer = ThroughputTimer(throughput_config({}), batch_size=6, start_step=1, steps_per_output=2,
+                            logging_fn=lines.append)
+    for _ in range(4):
+        timer.start()
+        timer.stop(global_step=True)
+    assert timer.global_step_count == 4 and len(lines) == 2, lines  # steps 2 and 4
+    assert lines[-1].startswith("epoch=0/micro_step=4/global_step=4, RunningAvgSamplesPerSec=")
     for timers, key in (({"throughput": {"enabled": "yes"}}, "timers.throughput.enabled"),
                         ({"throughput": []}, "timers.throughput"), (3, "timers")):
         with pytest.raises(zinf.DeepSpeedConfigError, match=key.replace(".", r"\.")):

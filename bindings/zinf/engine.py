@@ -861,15 +861,16 @@ class ZinfEngine(torch.nn.Module):
                 return None
             wrapped = _before_backward_of(outputs, lambda: self._outputs_reached(unit))
             if wrapped is not None:
-                module.ds_grads_remaining = getattr(module, "ds_grads_remaining", 0) + 1
+                module.ds_grads_remaining += 1
             return wrapped
         return post_hook
 
     def _outputs_reached(self, unit):
         """Backward reached the outputs of one of the unit's forwards: its
         params are gathered for the backward through it."""
-        module = unit.module
-        module.ds_grads_remaining = max(0, getattr(module, "ds_grads_remaining", 1) - 1)
+        # Not below 0: a second backward through a retained graph reaches
+        # outputs again after the first one's end reset the count.
+        unit.module.ds_grads_remaining = max(0, unit.module.ds_grads_remaining - 1)
         self._gather(unit, backward=True)
 
     # -- gradients -------------------------------------------------------------------------
@@ -918,11 +919,10 @@ class ZinfEngine(torch.nn.Module):
         self._backward_pending = False
         for unit in self._units:
             unit.held_by.clear()
-            if self.stage >= 3:
-                unit.module.ds_grads_remaining = 0  # outputs that did not reach the loss count no more
             if unit.backward_open:
                 self._close_backward(unit)
             if self.stage >= 3:
+                unit.module.ds_grads_remaining = 0  # outputs that did not reach the loss count no more
                 self._release(unit)
 
     # -- DeepSpeed's engine API -------------------------------------------------------------
@@ -1090,8 +1090,7 @@ class ZinfEngine(torch.nn.Module):
         from .optim import DeepSpeedCPUAdagrad, DeepSpeedCPUAdam, DeepSpeedCPULion
         params = self._settings["optimizer"].get("params", {})
         zero = self._settings.get("zero_optimization", {})
-        on_cpu = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme") or \
-            zero.get("cpu_offload") is True
+        on_cpu = self._offload_device("offload_optimizer") in ("cpu", "nvme") or zero.get("cpu_offload") is True
         groups = self.optimizer.param_groups
         if self._kind in ("adam", "adamw"):
             # A type of "Adam" decouples the decay too unless adam_w_mode is false, as in DeepSpeed.
@@ -1207,16 +1206,20 @@ class ZinfEngine(torch.nn.Module):
     def steps_per_print(self):
         return int(self._settings.get("steps_per_print", 10) or 0)
 
+    def _offload_device(self, block):
+        """zero_optimization.<block>.device ("offload_optimizer" or
+        "offload_param"); "none" where the block is absent or null."""
+        return (self._settings["zero_optimization"].get(block) or {}).get("device", "none")
+
     def zero_offload_optimizer(self):
-        return self._settings["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
+        return self._offload_device("offload_optimizer") != "none"
 
     def zero_offload_param(self):
         # Below stage 3 the block is ignored (with a warning), as DeepSpeed ignores it.
-        return self.stage >= 3 and \
-            self._settings["zero_optimization"].get("offload_param", {}).get("device", "none") != "none"
+        return self.stage >= 3 and self._offload_device("offload_param") != "none"
 
     def zero_cpu_offload(self):
-        return self._settings["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "cpu"
+        return self._offload_device("offload_optimizer") == "cpu"
 
     def zero_optimization_partition_gradients(self):
         return self.stage >= 2
@@ -1291,7 +1294,7 @@ class ZinfEngine(torch.nn.Module):
         return True
 
     def zero_nvme_offload_optimizer(self):
-        return self._settings["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "nvme"
+        return self._offload_device("offload_optimizer") == "nvme"
 
     def zero_allow_untested_optimizer(self):
         return bool(self._settings.get("zero_allow_untested_optimizer", False))
